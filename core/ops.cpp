@@ -1,0 +1,683 @@
+// The primitive ops: forward and backward side by side, in the order of the list in core/ops.h.
+#include "core/ops.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "core/error.h"
+
+namespace lowbit::ops {
+
+namespace {
+
+// C = alpha * op(A) op(B) + beta * C, all row-major; op(A) is (M, K), op(B) is (K, N).
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, const float* b,
+          float* c, float beta = 0.f) {
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.f, a,
+              static_cast<int>(trans_a ? m : k), b, static_cast<int>(trans_b ? k : n), beta, c,
+              static_cast<int>(n));
+}
+
+// ---- broadcasting helpers
+
+Shape broadcast_shape(const Shape& a, const Shape& b, const char* op) {
+  const size_t rank = std::max(a.size(), b.size());
+  Shape out(rank);
+  for (size_t i = 0; i < rank; ++i) {
+    const int64_t da = i < rank - a.size() ? 1 : a[i - (rank - a.size())];
+    const int64_t db = i < rank - b.size() ? 1 : b[i - (rank - b.size())];
+    if (da != db && da != 1 && db != 1)
+      fail("{}: shapes {} and {} cannot be broadcast together", op, shape_str(a), shape_str(b));
+    out[i] = da == 1 ? db : da;
+  }
+  return out;
+}
+
+// Strides of `shape` seen from `out` (right-aligned; 0 along broadcast axes).
+std::vector<int64_t> broadcast_strides(const Shape& shape, const Shape& out) {
+  std::vector<int64_t> strides(out.size(), 0);
+  int64_t stride = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    const size_t j = i + (out.size() - shape.size());
+    strides[j] = shape[i] == 1 ? 0 : stride;
+    stride *= shape[i];
+  }
+  return strides;
+}
+
+// Calls fn(out_index, a_index, b_index) for every element of `out`.
+template <typename Fn>
+void for_each_broadcast(const Shape& out, const Shape& a, const Shape& b, Fn fn) {
+  const auto sa = broadcast_strides(a, out);
+  const auto sb = broadcast_strides(b, out);
+  const int64_t n = shape_numel(out);
+  std::vector<int64_t> index(out.size(), 0);
+  int64_t ia = 0, ib = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    fn(i, ia, ib);
+    for (size_t d = out.size(); d-- > 0;) {  // odometer increment
+      ++index[d];
+      ia += sa[d];
+      ib += sb[d];
+      if (index[d] < out[d]) break;
+      ia -= sa[d] * out[d];
+      ib -= sb[d] * out[d];
+      index[d] = 0;
+    }
+  }
+}
+
+// Sums `grad` (of the broadcast shape) down to `shape`: the backward of broadcasting.
+Tensor sum_to(const Tensor& grad, const Shape& shape) {
+  if (grad.shape() == shape) return grad;
+  Tensor out = Tensor::zeros(shape);
+  const float* g = grad.data();
+  float* o = out.data();
+  for_each_broadcast(grad.shape(), shape, shape, [&](int64_t i, int64_t ia, int64_t) { o[ia] += g[i]; });
+  return out;
+}
+
+// Elementwise binary op with broadcasting; f(a, b) computes one value.
+template <typename F>
+Tensor binary(const Tensor& a, const Tensor& b, const char* name, F f) {
+  if (a.shape() == b.shape()) {
+    Tensor out = Tensor::empty(a.shape());
+    const float *pa = a.data(), *pb = b.data();
+    float* po = out.data();
+    const int64_t n = a.numel();
+#pragma omp parallel for if (n > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], pb[i]);
+    return out;
+  }
+  Tensor out = Tensor::empty(broadcast_shape(a.shape(), b.shape(), name));
+  const float *pa = a.data(), *pb = b.data();
+  float* po = out.data();
+  for_each_broadcast(out.shape(), a.shape(), b.shape(),
+                     [&](int64_t i, int64_t ia, int64_t ib) { po[i] = f(pa[ia], pb[ib]); });
+  return out;
+}
+
+template <typename F>
+Tensor unary(const Tensor& a, F f) {
+  Tensor out = Tensor::empty(a.shape());
+  const float* pa = a.data();
+  float* po = out.data();
+  const int64_t n = a.numel();
+#pragma omp parallel for if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i]);
+  return out;
+}
+
+void check_rank(const Tensor& t, int64_t rank, const char* op, const char* what) {
+  if (t.dim() != rank) fail("{}: {} must have rank {}, got shape {}", op, what, rank, shape_str(t.shape()));
+}
+
+}  // namespace
+
+// =============================================================================================
+// 1. add, sub, mul, div
+
+Tensor add(const Tensor& a, const Tensor& b) {
+  Tensor out = binary(a, b, "add", [](float x, float y) { return x + y; });
+  return record(out, "add", {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
+    return std::vector<Tensor>{sum_to(g, sa), sum_to(g, sb)};
+  });
+}
+
+Tensor sub(const Tensor& a, const Tensor& b) {
+  Tensor out = binary(a, b, "sub", [](float x, float y) { return x - y; });
+  return record(out, "sub", {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) {
+    return std::vector<Tensor>{sum_to(g, sa), sum_to(unary(g, [](float v) { return -v; }), sb)};
+  });
+}
+
+Tensor mul(const Tensor& a, const Tensor& b) {
+  Tensor out = binary(a, b, "mul", [](float x, float y) { return x * y; });
+  return record(out, "mul", {a, b}, [a = a.detach(), b = b.detach()](const Tensor& g) {
+    return std::vector<Tensor>{sum_to(binary(g, b, "mul", [](float x, float y) { return x * y; }), a.shape()),
+                               sum_to(binary(g, a, "mul", [](float x, float y) { return x * y; }), b.shape())};
+  });
+}
+
+Tensor div(const Tensor& a, const Tensor& b) {
+  Tensor out = binary(a, b, "div", [](float x, float y) { return x / y; });
+  return record(out, "div", {a, b}, [a = a.detach(), b = b.detach()](const Tensor& g) {
+    // d(a/b)/da = 1/b;  d(a/b)/db = -a/b^2
+    Tensor ga = binary(g, b, "div", [](float x, float y) { return x / y; });
+    Tensor a_over_b2 = binary(a, b, "div", [](float x, float y) { return x / (y * y); });
+    Tensor gb = binary(g, a_over_b2, "mul", [](float x, float y) { return -x * y; });
+    return std::vector<Tensor>{sum_to(ga, a.shape()), sum_to(gb, b.shape())};
+  });
+}
+
+// =============================================================================================
+// 2. neg, add_scalar, mul_scalar
+
+Tensor neg(const Tensor& a) {
+  return record(unary(a, [](float x) { return -x; }), "neg", {a},
+                [](const Tensor& g) { return std::vector<Tensor>{unary(g, [](float x) { return -x; })}; });
+}
+
+Tensor add_scalar(const Tensor& a, float s) {
+  return record(unary(a, [s](float x) { return x + s; }), "add_scalar", {a},
+                [](const Tensor& g) { return std::vector<Tensor>{g}; });
+}
+
+Tensor mul_scalar(const Tensor& a, float s) {
+  return record(unary(a, [s](float x) { return x * s; }), "mul_scalar", {a}, [s](const Tensor& g) {
+    return std::vector<Tensor>{unary(g, [s](float x) { return x * s; })};
+  });
+}
+
+// =============================================================================================
+// 3. matmul: C = op(A) op(B)
+
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+  check_rank(a, 2, "matmul", "a");
+  check_rank(b, 2, "matmul", "b");
+  const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
+  const int64_t kb = trans_b ? b.size(1) : b.size(0), n = trans_b ? b.size(0) : b.size(1);
+  if (k != kb)
+    fail("matmul: shapes {}{} and {}{} do not agree on the inner dimension", shape_str(a.shape()),
+         trans_a ? "^T" : "", shape_str(b.shape()), trans_b ? "^T" : "");
+  Tensor out = Tensor::empty({m, n});
+  if (m > 0 && n > 0) {
+    if (k == 0) std::fill(out.values().begin(), out.values().end(), 0.f);
+    else gemm(trans_a, trans_b, m, n, k, a.data(), b.data(), out.data());
+  }
+  return record(out, "matmul", {a, b}, [a = a.detach(), b = b.detach(), trans_a, trans_b, m, n, k](const Tensor& g) {
+    // With opA = op(A), opB = op(B):  d opA = dC opB^T,  d opB = opA^T dC; transpose back where needed.
+    Tensor da = Tensor::empty(a.shape()), db = Tensor::empty(b.shape());
+    if (!trans_a) gemm(false, !trans_b, m, k, n, g.data(), b.data(), da.data());  // dA = dC opB^T
+    else gemm(trans_b, true, k, m, n, b.data(), g.data(), da.data());             // dA = opB dC^T
+    if (!trans_b) gemm(!trans_a, false, k, n, m, a.data(), g.data(), db.data());  // dB = opA^T dC
+    else gemm(true, trans_a, n, k, m, g.data(), a.data(), db.data());             // dB = dC^T opA
+    return std::vector<Tensor>{da, db};
+  });
+}
+
+// =============================================================================================
+// 4. sum, mean
+
+Tensor sum(const Tensor& a) {
+  double total = 0;
+  for (float v : a.values()) total += v;
+  return record(Tensor::scalar(static_cast<float>(total)), "sum", {a},
+                [shape = a.shape()](const Tensor& g) { return std::vector<Tensor>{Tensor::full(shape, g.item())}; });
+}
+
+namespace {
+// Views a as (outer, len, inner) around `axis`.
+struct AxisSplit {
+  int64_t outer = 1, len = 1, inner = 1;
+  Shape reduced;
+};
+AxisSplit split_axis(const Shape& shape, int64_t axis, bool keepdim, const char* op) {
+  const auto rank = static_cast<int64_t>(shape.size());
+  if (axis < -rank || axis >= rank) fail("{}: axis {} is out of range for shape {}", op, axis, shape_str(shape));
+  if (axis < 0) axis += rank;
+  AxisSplit s;
+  for (int64_t i = 0; i < rank; ++i) {
+    if (i < axis) s.outer *= shape[i];
+    else if (i > axis) s.inner *= shape[i];
+    if (i != axis) s.reduced.push_back(shape[i]);
+    else if (keepdim) s.reduced.push_back(1);
+  }
+  s.len = shape[axis];
+  return s;
+}
+}  // namespace
+
+Tensor sum(const Tensor& a, int64_t axis, bool keepdim) {
+  const AxisSplit s = split_axis(a.shape(), axis, keepdim, "sum");
+  Tensor out = Tensor::zeros(s.reduced);
+  const float* pa = a.data();
+  float* po = out.data();
+  for (int64_t o = 0; o < s.outer; ++o)
+    for (int64_t l = 0; l < s.len; ++l)
+      for (int64_t i = 0; i < s.inner; ++i) po[o * s.inner + i] += pa[(o * s.len + l) * s.inner + i];
+  return record(out, "sum_axis", {a}, [s, shape = a.shape()](const Tensor& g) {
+    Tensor da = Tensor::empty(shape);
+    for (int64_t o = 0; o < s.outer; ++o)
+      for (int64_t l = 0; l < s.len; ++l)
+        for (int64_t i = 0; i < s.inner; ++i) da.data()[(o * s.len + l) * s.inner + i] = g.data()[o * s.inner + i];
+    return std::vector<Tensor>{da};
+  });
+}
+
+Tensor mean(const Tensor& a) { return mul_scalar(sum(a), 1.f / static_cast<float>(std::max<int64_t>(a.numel(), 1))); }
+
+Tensor mean(const Tensor& a, int64_t axis, bool keepdim) {
+  return mul_scalar(sum(a, axis, keepdim), 1.f / static_cast<float>(std::max<int64_t>(a.size(axis), 1)));
+}
+
+// =============================================================================================
+// 5. relu, exp, log
+
+Tensor relu(const Tensor& a) {
+  return record(unary(a, [](float x) { return x > 0.f ? x : 0.f; }), "relu", {a}, [a = a.detach()](const Tensor& g) {
+    return std::vector<Tensor>{binary(g, a, "relu", [](float gv, float x) { return x > 0.f ? gv : 0.f; })};
+  });
+}
+
+Tensor exp(const Tensor& a) {
+  Tensor out = unary(a, [](float x) { return std::exp(x); });
+  return record(out, "exp", {a}, [y = out.detach()](const Tensor& g) {
+    return std::vector<Tensor>{binary(g, y, "exp", [](float gv, float yv) { return gv * yv; })};
+  });
+}
+
+Tensor log(const Tensor& a) {
+  return record(unary(a, [](float x) { return std::log(x); }), "log", {a}, [a = a.detach()](const Tensor& g) {
+    return std::vector<Tensor>{binary(g, a, "log", [](float gv, float x) { return gv / x; })};
+  });
+}
+
+// =============================================================================================
+// 6. reshape
+
+Tensor reshape(const Tensor& a, const Shape& shape) {
+  Shape resolved = shape;
+  int64_t known = 1, infer = -1;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] == -1 && infer < 0) infer = static_cast<int64_t>(i);
+    else if (shape[i] < 0) fail("reshape: bad target shape {}", shape_str(shape));
+    else known *= shape[i];
+  }
+  if (infer >= 0) resolved[static_cast<size_t>(infer)] = known == 0 ? 0 : a.numel() / known;
+  if (shape_numel(resolved) != a.numel())
+    fail("reshape: cannot view shape {} as {}", shape_str(a.shape()), shape_str(shape));
+  Tensor out = a.detach();
+  out.impl()->shape = resolved;
+  return record(out, "reshape", {a}, [old = a.shape()](const Tensor& g) {
+    Tensor dg = g.detach();
+    dg.impl()->shape = old;
+    return std::vector<Tensor>{dg};
+  });
+}
+
+Tensor flatten(const Tensor& a) {
+  if (a.dim() < 1) fail("flatten: needs at least one dimension, got a scalar");
+  return reshape(a, {a.size(0), -1});
+}
+
+// =============================================================================================
+// 7. transpose
+
+namespace {
+Tensor transpose_values(const Tensor& a) {
+  const int64_t r = a.size(0), c = a.size(1);
+  Tensor out = Tensor::empty({c, r});
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < c; ++j) out.data()[j * r + i] = a.data()[i * c + j];
+  return out;
+}
+}  // namespace
+
+Tensor transpose(const Tensor& a) {
+  check_rank(a, 2, "transpose", "input");
+  return record(transpose_values(a), "transpose", {a},
+                [](const Tensor& g) { return std::vector<Tensor>{transpose_values(g)}; });
+}
+
+// =============================================================================================
+// 8. conv2d: im2col + one sgemm for the whole batch
+//
+// cols is (C*K*K, N*OH*OW): column (n, oh, ow) holds the input patch under the kernel at that
+// output position (0 where the kernel hangs over the zero padding). Then
+//   y' = w (OUT, C*K*K) x cols  ->  (OUT, N*OH*OW),  permuted to y (N, OUT, OH, OW).
+
+namespace {
+struct ConvGeometry {
+  int64_t n, c, h, w, out, k, stride, padding, oh, ow;
+  int64_t rows() const { return c * k * k; }
+  int64_t cols() const { return n * oh * ow; }
+};
+
+void im2col(const ConvGeometry& g, const float* x, float* cols) {
+#pragma omp parallel for
+  for (int64_t row = 0; row < g.rows(); ++row) {
+    const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
+    float* dst = cols + row * g.cols();
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t oy = 0; oy < g.oh; ++oy) {
+        const int64_t iy = oy * g.stride - g.padding + ki;
+        const float* src = x + ((n * g.c + ci) * g.h + iy) * g.w;
+        for (int64_t ox = 0; ox < g.ow; ++ox) {
+          const int64_t ix = ox * g.stride - g.padding + kj;
+          *dst++ = (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) ? src[ix] : 0.f;
+        }
+      }
+  }
+}
+
+// The adjoint of im2col: adds each column entry back to the input pixel it came from.
+void col2im(const ConvGeometry& g, const float* cols, float* dx) {
+#pragma omp parallel for
+  for (int64_t plane = 0; plane < g.n * g.c; ++plane) {  // one (n, c) plane per iteration: no races
+    const int64_t n = plane / g.c, ci = plane % g.c;
+    float* dst = dx + plane * g.h * g.w;
+    for (int64_t ki = 0; ki < g.k; ++ki)
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        const float* src = cols + ((ci * g.k + ki) * g.k + kj) * g.cols() + n * g.oh * g.ow;
+        for (int64_t oy = 0; oy < g.oh; ++oy) {
+          const int64_t iy = oy * g.stride - g.padding + ki;
+          if (iy < 0 || iy >= g.h) continue;
+          for (int64_t ox = 0; ox < g.ow; ++ox) {
+            const int64_t ix = ox * g.stride - g.padding + kj;
+            if (ix >= 0 && ix < g.w) dst[iy * g.w + ix] += src[oy * g.ow + ox];
+          }
+        }
+      }
+  }
+}
+}  // namespace
+
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding) {
+  check_rank(x, 4, "conv2d", "input");
+  check_rank(w, 4, "conv2d", "weight");
+  if (w.size(1) != x.size(1) || w.size(2) != w.size(3))
+    fail("conv2d: weight {} does not fit input {} (expected (OUT, {}, K, K))", shape_str(w.shape()),
+         shape_str(x.shape()), x.size(1));
+  if (b.defined() && (b.dim() != 1 || b.size(0) != w.size(0)))
+    fail("conv2d: bias {} does not fit weight {}", shape_str(b.shape()), shape_str(w.shape()));
+  if (stride < 1 || padding < 0) fail("conv2d: stride must be >= 1 and padding >= 0");
+  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2), stride, padding, 0, 0};
+  if (g.h + 2 * padding < g.k || g.w + 2 * padding < g.k)
+    fail("conv2d: kernel {} is larger than the padded input {}", g.k, shape_str(x.shape()));
+  g.oh = (g.h + 2 * padding - g.k) / stride + 1;
+  g.ow = (g.w + 2 * padding - g.k) / stride + 1;
+
+  auto cols = std::make_shared<std::vector<float>>(static_cast<size_t>(g.rows() * g.cols()));
+  im2col(g, x.data(), cols->data());
+  std::vector<float> y_cm(static_cast<size_t>(g.out * g.cols()));  // (OUT, N*OH*OW)
+  gemm(false, false, g.out, g.cols(), g.rows(), w.data(), cols->data(), y_cm.data());
+  Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
+  const int64_t hw = g.oh * g.ow;
+#pragma omp parallel for
+  for (int64_t plane = 0; plane < g.n * g.out; ++plane) {
+    const int64_t n = plane / g.out, o = plane % g.out;
+    const float bias = b.defined() ? b.data()[o] : 0.f;
+    const float* src = y_cm.data() + o * g.cols() + n * hw;
+    float* dst = y.data() + plane * hw;
+    for (int64_t i = 0; i < hw; ++i) dst[i] = src[i] + bias;
+  }
+
+  return record(y, "conv2d", {x, w, b}, [g, cols, w = w.detach(), has_bias = b.defined()](const Tensor& dy) {
+    const int64_t hw = g.oh * g.ow;
+    std::vector<float> dy_cm(static_cast<size_t>(g.out * g.cols()));  // dy permuted to (OUT, N*OH*OW)
+#pragma omp parallel for
+    for (int64_t plane = 0; plane < g.n * g.out; ++plane) {
+      const int64_t n = plane / g.out, o = plane % g.out;
+      std::copy_n(dy.data() + plane * hw, hw, dy_cm.data() + o * g.cols() + n * hw);
+    }
+    Tensor dw = Tensor::empty(w.shape());  // dw = dy' cols^T
+    gemm(false, true, g.out, g.rows(), g.cols(), dy_cm.data(), cols->data(), dw.data());
+    std::vector<float> dcols(static_cast<size_t>(g.rows() * g.cols()));  // dcols = w^T dy'
+    gemm(true, false, g.rows(), g.cols(), g.out, w.data(), dy_cm.data(), dcols.data());
+    Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
+    col2im(g, dcols.data(), dx.data());
+    Tensor db;
+    if (has_bias) {
+      db = Tensor::zeros({g.out});
+      for (int64_t o = 0; o < g.out; ++o) {
+        double acc = 0;
+        for (int64_t i = 0; i < g.cols(); ++i) acc += dy_cm[static_cast<size_t>(o * g.cols() + i)];
+        db.data()[o] = static_cast<float>(acc);
+      }
+    }
+    return std::vector<Tensor>{dx, dw, db};
+  });
+}
+
+// =============================================================================================
+// 9. max_pool2d, avg_pool2d
+
+namespace {
+struct PoolGeometry {
+  int64_t n, c, h, w, k, stride, oh, ow;
+};
+PoolGeometry pool_geometry(const Tensor& x, int64_t kernel, int64_t stride, const char* op) {
+  check_rank(x, 4, op, "input");
+  if (kernel < 1 || stride < 1) fail("{}: kernel and stride must be >= 1", op);
+  if (x.size(2) < kernel || x.size(3) < kernel)
+    fail("{}: kernel {} is larger than the input {}", op, kernel, shape_str(x.shape()));
+  return {x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride,
+          (x.size(2) - kernel) / stride + 1, (x.size(3) - kernel) / stride + 1};
+}
+}  // namespace
+
+Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
+  const PoolGeometry g = pool_geometry(x, kernel, stride, "max_pool2d");
+  Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
+  auto argmax = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(y.numel()));  // index within the plane
+#pragma omp parallel for
+  for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
+    const float* src = x.data() + plane * g.h * g.w;
+    for (int64_t oy = 0; oy < g.oh; ++oy)
+      for (int64_t ox = 0; ox < g.ow; ++ox) {
+        int64_t best = (oy * g.stride) * g.w + ox * g.stride;
+        for (int64_t ki = 0; ki < g.k; ++ki)
+          for (int64_t kj = 0; kj < g.k; ++kj) {
+            const int64_t i = (oy * g.stride + ki) * g.w + ox * g.stride + kj;
+            if (src[i] > src[best]) best = i;  // first maximum wins ties
+          }
+        const int64_t o = (plane * g.oh + oy) * g.ow + ox;
+        y.data()[o] = src[best];
+        (*argmax)[static_cast<size_t>(o)] = static_cast<int32_t>(best);
+      }
+  }
+  return record(y, "max_pool2d", {x}, [g, argmax](const Tensor& dy) {
+    Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
+    const int64_t per_plane = g.oh * g.ow;
+#pragma omp parallel for
+    for (int64_t plane = 0; plane < g.n * g.c; ++plane)
+      for (int64_t i = 0; i < per_plane; ++i) {
+        const int64_t o = plane * per_plane + i;
+        dx.data()[plane * g.h * g.w + (*argmax)[static_cast<size_t>(o)]] += dy.data()[o];
+      }
+    return std::vector<Tensor>{dx};
+  });
+}
+
+Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
+  const PoolGeometry g = pool_geometry(x, kernel, stride, "avg_pool2d");
+  const float inv = 1.f / static_cast<float>(g.k * g.k);
+  Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
+#pragma omp parallel for
+  for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
+    const float* src = x.data() + plane * g.h * g.w;
+    for (int64_t oy = 0; oy < g.oh; ++oy)
+      for (int64_t ox = 0; ox < g.ow; ++ox) {
+        float acc = 0.f;
+        for (int64_t ki = 0; ki < g.k; ++ki)
+          for (int64_t kj = 0; kj < g.k; ++kj) acc += src[(oy * g.stride + ki) * g.w + ox * g.stride + kj];
+        y.data()[(plane * g.oh + oy) * g.ow + ox] = acc * inv;
+      }
+  }
+  return record(y, "avg_pool2d", {x}, [g, inv](const Tensor& dy) {
+    Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
+#pragma omp parallel for
+    for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
+      float* dst = dx.data() + plane * g.h * g.w;
+      for (int64_t oy = 0; oy < g.oh; ++oy)
+        for (int64_t ox = 0; ox < g.ow; ++ox) {
+          const float share = dy.data()[(plane * g.oh + oy) * g.ow + ox] * inv;
+          for (int64_t ki = 0; ki < g.k; ++ki)
+            for (int64_t kj = 0; kj < g.k; ++kj) dst[(oy * g.stride + ki) * g.w + ox * g.stride + kj] += share;
+        }
+    }
+    return std::vector<Tensor>{dx};
+  });
+}
+
+// =============================================================================================
+// 10. batch_norm
+//
+// Per channel c over the m = N*H*W values x_i:  mu = mean(x_i), var = mean((x_i - mu)^2),
+// xhat_i = (x_i - mu) / sqrt(var + eps),  y_i = gamma * xhat_i + beta.
+// Backward (training, through the batch statistics), with g_i = dy_i * gamma:
+//   dx_i = (1 / sqrt(var + eps)) * (g_i - mean(g) - xhat_i * mean(g * xhat)).
+
+Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
+                  Tensor& running_var, bool training, float momentum, float eps) {
+  if (x.dim() != 2 && x.dim() != 4) fail("batch_norm: input must be (N, C) or (N, C, H, W), got {}", shape_str(x.shape()));
+  const int64_t n = x.size(0), c = x.size(1), hw = x.dim() == 4 ? x.size(2) * x.size(3) : 1;
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&gamma, &beta, &running_mean, &running_var})
+    if (t->dim() != 1 || t->size(0) != c)
+      fail("batch_norm: parameter of shape {} does not fit input {} (expected ({},))", shape_str(t->shape()),
+           shape_str(x.shape()), c);
+  const int64_t m = n * hw;
+  if (training && m < 2) fail("batch_norm: training needs more than one value per channel, got input {}", shape_str(x.shape()));
+
+  std::vector<float> mu(static_cast<size_t>(c)), inv_std(static_cast<size_t>(c));
+#pragma omp parallel for
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double mean_c, var_c;
+    if (training) {
+      double s = 0, s2 = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* p = x.data() + (i * c + ch) * hw;
+        for (int64_t j = 0; j < hw; ++j) s += p[j];
+      }
+      mean_c = s / static_cast<double>(m);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* p = x.data() + (i * c + ch) * hw;
+        for (int64_t j = 0; j < hw; ++j) s2 += (p[j] - mean_c) * (p[j] - mean_c);
+      }
+      var_c = s2 / static_cast<double>(m);
+      running_mean.data()[ch] = static_cast<float>((1 - momentum) * running_mean.data()[ch] + momentum * mean_c);
+      running_var.data()[ch] = static_cast<float>((1 - momentum) * running_var.data()[ch] +
+                                                  momentum * var_c * static_cast<double>(m) / static_cast<double>(m - 1));
+    } else {
+      mean_c = running_mean.data()[ch];
+      var_c = running_var.data()[ch];
+    }
+    mu[static_cast<size_t>(ch)] = static_cast<float>(mean_c);
+    inv_std[static_cast<size_t>(ch)] = static_cast<float>(1.0 / std::sqrt(var_c + eps));
+  }
+
+  Tensor y = Tensor::empty(x.shape());
+  Tensor xhat = Tensor::empty(x.shape());
+#pragma omp parallel for
+  for (int64_t plane = 0; plane < n * c; ++plane) {
+    const int64_t ch = plane % c;
+    const float m_c = mu[static_cast<size_t>(ch)], s_c = inv_std[static_cast<size_t>(ch)];
+    const float g_c = gamma.data()[ch], b_c = beta.data()[ch];
+    for (int64_t j = 0; j < hw; ++j) {
+      const float h = (x.data()[plane * hw + j] - m_c) * s_c;
+      xhat.data()[plane * hw + j] = h;
+      y.data()[plane * hw + j] = g_c * h + b_c;
+    }
+  }
+
+  return record(y, "batch_norm", {x, gamma, beta},
+                [xhat, inv_std, gamma = gamma.detach(), training, n, c, hw, m](const Tensor& dy) {
+    Tensor dx = Tensor::empty(xhat.shape()), dgamma = Tensor::zeros({c}), dbeta = Tensor::zeros({c});
+#pragma omp parallel for
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double sum_dy = 0, sum_dy_xhat = 0;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < hw; ++j) {
+          const int64_t at = (i * c + ch) * hw + j;
+          sum_dy += dy.data()[at];
+          sum_dy_xhat += static_cast<double>(dy.data()[at]) * xhat.data()[at];
+        }
+      dgamma.data()[ch] = static_cast<float>(sum_dy_xhat);
+      dbeta.data()[ch] = static_cast<float>(sum_dy);
+      const float g_c = gamma.data()[ch], s_c = inv_std[static_cast<size_t>(ch)];
+      const float mean_g = training ? static_cast<float>(g_c * sum_dy / static_cast<double>(m)) : 0.f;
+      const float mean_g_xhat = training ? static_cast<float>(g_c * sum_dy_xhat / static_cast<double>(m)) : 0.f;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < hw; ++j) {
+          const int64_t at = (i * c + ch) * hw + j;
+          dx.data()[at] = s_c * (g_c * dy.data()[at] - mean_g - xhat.data()[at] * mean_g_xhat);
+        }
+    }
+    return std::vector<Tensor>{dx, dgamma, dbeta};
+  });
+}
+
+// =============================================================================================
+// 11. dropout
+
+Tensor dropout(const Tensor& x, float p, bool training, Rng& rng) {
+  if (!(p >= 0.f && p < 1.f)) fail("dropout: p must be in [0, 1), got {}", p);
+  if (!training || p == 0.f) return x;
+  auto mask = std::make_shared<std::vector<float>>(static_cast<size_t>(x.numel()));
+  const float keep_scale = 1.f / (1.f - p);
+  for (float& m : *mask) m = rng.uniform() < p ? 0.f : keep_scale;
+  Tensor y = Tensor::empty(x.shape());
+  for (int64_t i = 0; i < x.numel(); ++i) y.data()[i] = x.data()[i] * (*mask)[static_cast<size_t>(i)];
+  return record(y, "dropout", {x}, [mask](const Tensor& dy) {
+    Tensor dx = Tensor::empty(dy.shape());
+    for (int64_t i = 0; i < dy.numel(); ++i) dx.data()[i] = dy.data()[i] * (*mask)[static_cast<size_t>(i)];
+    return std::vector<Tensor>{dx};
+  });
+}
+
+// =============================================================================================
+// 12. log_softmax: y_j = x_j - max - log(sum_k exp(x_k - max));  dx_j = dy_j - exp(y_j) * sum_k dy_k
+
+namespace {
+Tensor log_softmax_values(const Tensor& x) {
+  const int64_t n = x.size(0), k = x.size(1);
+  Tensor y = Tensor::empty(x.shape());
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = x.data() + i * k;
+    const float mx = *std::max_element(row, row + k);
+    double s = 0;
+    for (int64_t j = 0; j < k; ++j) s += std::exp(static_cast<double>(row[j] - mx));
+    const float lse = mx + static_cast<float>(std::log(s));
+    for (int64_t j = 0; j < k; ++j) y.data()[i * k + j] = row[j] - lse;
+  }
+  return y;
+}
+}  // namespace
+
+Tensor log_softmax(const Tensor& x) {
+  check_rank(x, 2, "log_softmax", "input");
+  Tensor y = log_softmax_values(x);
+  return record(y, "log_softmax", {x}, [y = y.detach()](const Tensor& dy) {
+    const int64_t n = y.size(0), k = y.size(1);
+    Tensor dx = Tensor::empty(y.shape());
+    for (int64_t i = 0; i < n; ++i) {
+      double s = 0;
+      for (int64_t j = 0; j < k; ++j) s += dy.data()[i * k + j];
+      for (int64_t j = 0; j < k; ++j)
+        dx.data()[i * k + j] = dy.data()[i * k + j] - std::exp(y.data()[i * k + j]) * static_cast<float>(s);
+    }
+    return std::vector<Tensor>{dx};
+  });
+}
+
+// =============================================================================================
+// 13. cross_entropy: loss = -(1/N) sum_i log_softmax(x)_i[label_i];  dx = (softmax(x) - onehot) / N
+
+Tensor cross_entropy(const Tensor& logits, std::span<const int32_t> labels) {
+  check_rank(logits, 2, "cross_entropy", "logits");
+  const int64_t n = logits.size(0), k = logits.size(1);
+  if (static_cast<int64_t>(labels.size()) != n)
+    fail("cross_entropy: {} labels for logits of shape {}", labels.size(), shape_str(logits.shape()));
+  for (int32_t label : labels)
+    if (label < 0 || label >= k) fail("cross_entropy: label {} is out of range [0, {})", label, k);
+  Tensor logp = log_softmax_values(logits);
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total -= logp.data()[i * k + labels[static_cast<size_t>(i)]];
+  Tensor loss = Tensor::scalar(static_cast<float>(total / static_cast<double>(std::max<int64_t>(n, 1))));
+  return record(loss, "cross_entropy", {logits},
+                [logp, labels = std::vector<int32_t>(labels.begin(), labels.end()), n, k](const Tensor& g) {
+    Tensor dx = Tensor::empty(logp.shape());
+    const float scale = g.item() / static_cast<float>(n);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j)
+        dx.data()[i * k + j] = (std::exp(logp.data()[i * k + j]) - (j == labels[static_cast<size_t>(i)] ? 1.f : 0.f)) * scale;
+    return std::vector<Tensor>{dx};
+  });
+}
+
+}  // namespace lowbit::ops

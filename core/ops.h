@@ -1,0 +1,82 @@
+// The primitive differentiable ops of lowbit: each has a forward and a backward, side by side
+// in core/ops.cpp, in the order of this list. Everything else (Linear, flatten, ...) is built from them.
+//
+//   1. add, sub, mul, div          elementwise with numpy broadcasting (row vector, per-channel vector)
+//   2. neg, add_scalar, mul_scalar
+//   3. matmul                      2-D, optional transposes, OpenBLAS cblas_sgemm
+//   4. sum, mean                   over everything, or along one axis
+//   5. relu, exp, log
+//   6. reshape                     (flatten is reshape to (N, -1))
+//   7. transpose                   2-D
+//   8. conv2d                      NCHW, square kernel, stride, zero padding, optional bias; im2col + sgemm
+//   9. max_pool2d, avg_pool2d      square window, stride, no padding
+//  10. batch_norm                  per channel (dim 1); batch statistics in training, running ones in eval
+//  11. dropout                     seeded; identity in eval
+//  12. log_softmax                 along the last axis of a 2-D tensor
+//  13. cross_entropy               fused log-softmax + negative log-likelihood, mean over the batch
+//
+// Shape letters (STYLE.md rule 6): N batch, C channels in, OUT channels/features out, IN features in,
+// H, W height and width, K kernel size.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+
+namespace lowbit::ops {
+
+// 1.
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+// 2.
+Tensor neg(const Tensor& a);
+Tensor add_scalar(const Tensor& a, float s);
+Tensor mul_scalar(const Tensor& a, float s);
+// 3. a is (M, K) (or (K, M) if trans_a), b is (K, N) (or (N, K) if trans_b); result is (M, N).
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
+// 4.
+Tensor sum(const Tensor& a);
+Tensor sum(const Tensor& a, int64_t axis, bool keepdim = false);
+Tensor mean(const Tensor& a);
+Tensor mean(const Tensor& a, int64_t axis, bool keepdim = false);
+// 5.
+Tensor relu(const Tensor& a);
+Tensor exp(const Tensor& a);
+Tensor log(const Tensor& a);
+// 6.
+Tensor reshape(const Tensor& a, const Shape& shape);  // one dim may be -1
+Tensor flatten(const Tensor& a);                      // (N, ...) -> (N, rest)
+// 7.
+Tensor transpose(const Tensor& a);
+// 8. x is (N, C, H, W), w is (OUT, C, K, K), b is (OUT) or undefined; y is (N, OUT, OH, OW).
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride = 1, int64_t padding = 0);
+// 9. x is (N, C, H, W); y is (N, C, (H - K) / stride + 1, (W - K) / stride + 1).
+Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride);
+Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride);
+// 10. x is (N, C, H, W) or (N, C); gamma, beta, running_mean, running_var are (C).
+// In training mode the running statistics are updated in place:
+// running = (1 - momentum) * running + momentum * batch (unbiased variance, as PyTorch).
+Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
+                  Tensor& running_var, bool training, float momentum = 0.1f, float eps = 1e-5f);
+// 11. Zeroes each value with probability p and scales the rest by 1 / (1 - p).
+Tensor dropout(const Tensor& x, float p, bool training, Rng& rng = global_rng());
+// 12. x is (N, OUT).
+Tensor log_softmax(const Tensor& x);
+// 13. logits is (N, OUT), labels has N entries in [0, OUT); the mean loss, a scalar.
+Tensor cross_entropy(const Tensor& logits, std::span<const int32_t> labels);
+
+}  // namespace lowbit::ops
+
+namespace lowbit {
+inline Tensor operator+(const Tensor& a, const Tensor& b) { return ops::add(a, b); }
+inline Tensor operator-(const Tensor& a, const Tensor& b) { return ops::sub(a, b); }
+inline Tensor operator*(const Tensor& a, const Tensor& b) { return ops::mul(a, b); }
+inline Tensor operator/(const Tensor& a, const Tensor& b) { return ops::div(a, b); }
+inline Tensor operator-(const Tensor& a) { return ops::neg(a); }
+inline Tensor operator*(const Tensor& a, float s) { return ops::mul_scalar(a, s); }
+inline Tensor operator+(const Tensor& a, float s) { return ops::add_scalar(a, s); }
+}  // namespace lowbit
