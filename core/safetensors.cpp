@@ -283,11 +283,11 @@ StFile parse_safetensors(std::span<const std::byte> bytes, const std::string& pa
   }
   uint64_t header_size = 0;
   std::memcpy(&header_size, bytes.data(), 8);
-  if (header_size > bytes.size() - 8) {
-    fail("{}: header length {} exceeds file size {} ({})", path, header_size, bytes.size(), kBadFileHint);
-  }
   if (header_size > kMaxHeaderBytes) {
     fail("{}: header length {} is above the 100 MiB limit ({})", path, header_size, kBadFileHint);
+  }
+  if (header_size > bytes.size() - 8) {
+    fail("{}: header length {} exceeds file size {} ({})", path, header_size, bytes.size(), kBadFileHint);
   }
   std::string_view header_text(reinterpret_cast<const char*>(bytes.data() + 8), header_size);
   std::span<const std::byte> data = bytes.subspan(8 + header_size);
