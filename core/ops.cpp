@@ -632,8 +632,8 @@ Tensor log_softmax_values(const Tensor& x) {
     const float mx = *std::max_element(row, row + k);
     double s = 0;
     for (int64_t j = 0; j < k; ++j) s += std::exp(static_cast<double>(row[j] - mx));
-    const float lse = mx + static_cast<float>(std::log(s));
-    for (int64_t j = 0; j < k; ++j) y.data()[i * k + j] = row[j] - lse;
+    const float log_s = static_cast<float>(std::log(s));  // subtract mx first: mx + log_s would round at large mx
+    for (int64_t j = 0; j < k; ++j) y.data()[i * k + j] = (row[j] - mx) - log_s;
   }
   return y;
 }

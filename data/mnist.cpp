@@ -1,0 +1,113 @@
+// MNIST-style folder loading, normalisation statistics and the validation split.
+#include "data/mnist.h"
+
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <filesystem>
+#include <numeric>
+#include <system_error>
+
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace lowbit::data {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// The first existing file among the common names of one of the four files, e.g. stem
+// "train-images" and kind "idx3-ubyte"; throws naming every name tried.
+std::string find_file(const fs::path& dir, const std::string& stem, const std::string& kind, const std::string& what) {
+  const std::vector<std::string> names = {stem + "-" + kind, stem + "-" + kind + ".gz", stem + "." + kind,
+                                          stem + "." + kind + ".gz"};
+  for (const std::string& name : names) {
+    std::error_code ec;
+    if (fs::is_regular_file(dir / name, ec)) return (dir / name).string();
+  }
+  fail("data folder '{}' has no {} file: tried {}", dir.string(), what, fmt::join(names, ", "));
+}
+
+Dataset load_split(const fs::path& dir, const std::string& stem, const char* name) {
+  const std::string images_path = find_file(dir, stem + "-images", "idx3-ubyte", fmt::format("{} images", name));
+  const std::string labels_path = find_file(dir, stem + "-labels", "idx1-ubyte", fmt::format("{} labels", name));
+  Dataset data{read_idx_images(images_path), read_idx_labels(labels_path)};
+  const int64_t label_count = static_cast<int64_t>(data.labels.size());
+  if (data.images.count != label_count) {
+    fail(
+        "{} images and labels disagree: '{}' holds {} images but '{}' holds {} labels (files from different "
+        "data sets?)",
+        name, images_path, data.images.count, labels_path, label_count);
+  }
+  if (data.images.count == 0) fail("'{}' holds no images; the {} set must not be empty", images_path, name);
+  for (int64_t i = 0; i < label_count; ++i) {
+    if (data.labels[i] >= kNumClasses) {
+      fail("'{}': label {} at index {} is out of range: expected classes 0..{} (is this an MNIST-style data set?)",
+           labels_path, data.labels[i], i, kNumClasses - 1);
+    }
+  }
+  return data;
+}
+
+}  // namespace
+
+MnistData load_mnist(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) {
+    fail("data folder '{}' does not exist (install Debian's dataset-fashion-mnist or pass --data DIR)", dir);
+  }
+  if (!fs::is_directory(dir, ec)) fail("'{}' is not a folder: --data expects the folder holding the IDX files", dir);
+  MnistData data{load_split(dir, "train", "training"), load_split(dir, "t10k", "test")};
+  const IdxImages& train = data.train.images;
+  const IdxImages& test = data.test.images;
+  if (train.rows != test.rows || train.cols != test.cols) {
+    fail("data folder '{}': training images are {}x{} but test images are {}x{} (files from different data sets?)", dir,
+         train.rows, train.cols, test.rows, test.cols);
+  }
+  return data;
+}
+
+Normalization compute_normalization(const IdxImages& images) {
+  if (images.pixels.empty()) fail("cannot compute a normalisation from an empty set of images");
+  std::array<uint64_t, 256> histogram{};
+  for (uint8_t pixel : images.pixels) ++histogram[pixel];
+  const double n = static_cast<double>(images.pixels.size());
+  double mean = 0;
+  for (int p = 0; p < 256; ++p) mean += static_cast<double>(histogram[p]) * (p / 255.0);
+  mean /= n;
+  double variance = 0;
+  for (int p = 0; p < 256; ++p) {
+    const double d = p / 255.0 - mean;
+    variance += static_cast<double>(histogram[p]) * d * d;
+  }
+  variance /= n;
+  const double std = std::sqrt(variance);
+  if (std == 0)
+    fail("cannot normalise: all {} pixels have the value {} (standard deviation 0)", images.pixels.size(), mean * 255);
+  return Normalization{static_cast<float>(mean), static_cast<float>(std)};
+}
+
+std::pair<std::vector<int64_t>, std::vector<int64_t>> split_validation(int64_t n, double fraction, uint64_t seed) {
+  if (n < 0) fail("split_validation: the number of examples must be >= 0, got {}", n);
+  if (!(fraction >= 0.0 && fraction < 1.0)) {
+    fail("validation fraction must be in [0, 1), got {} (for example 0.1 keeps 10% for validation)", fraction);
+  }
+  const int64_t validation_count = std::llround(static_cast<double>(n) * fraction);
+  if (n > 0 && validation_count >= n) {
+    fail("validation fraction {} of {} examples leaves no training examples; use a smaller fraction", fraction, n);
+  }
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  Rng rng(seed);
+  rng.shuffle(std::span<int64_t>(order));
+  std::vector<int64_t> validation(order.begin(), order.begin() + validation_count);
+  std::vector<int64_t> train(order.begin() + validation_count, order.end());
+  std::sort(validation.begin(), validation.end());
+  std::sort(train.begin(), train.end());
+  return {std::move(train), std::move(validation)};
+}
+
+}  // namespace lowbit::data

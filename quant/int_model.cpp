@@ -1,0 +1,589 @@
+// The integer model file: IntModel ⇄ safetensors container, validated on the way in (docs/int-graph-format.md).
+#include "quant/int_model.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <initializer_list>
+#include <optional>
+#include <set>
+#include <unordered_set>
+#include <utility>
+
+#include <fmt/ranges.h>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "quant/runtime/int4.h"
+
+namespace lowbit::quant {
+
+namespace {
+
+using json = nlohmann::json;
+using runtime::Op;
+using runtime::OpKind;
+
+constexpr int kMaxGraphJsonDepth = 6;  // graph object → ops array → op object → weight_scales array
+constexpr const char* kBadFileHint = "the file is damaged or was not written by lowbit";
+const std::set<std::string> kMetadataKeys = {"format", "format_version", "graph", "mode", "model"};
+const std::set<std::string> kModes = {"int8", "w4a8", "w4a4", "mixed"};
+
+// ---- op kinds and their fields ------------------------------------------------------------------
+
+struct KindInfo {
+  OpKind kind;
+  const char* name;                           // the spelling in the file
+  std::initializer_list<const char*> fields;  // exactly these keys (the writer emits them in this order)
+};
+
+const KindInfo kKinds[] = {
+    {OpKind::Input, "input", {"kind", "name", "output_scale"}},
+    {OpKind::Conv2d,
+     "conv2d",
+     {"kind", "name", "weight_bits", "in_channels", "out_channels", "kernel", "stride", "padding", "input_zero_point",
+      "zero_point", "act_min", "act_max", "output_scale", "weight_scales"}},
+    {OpKind::Linear,
+     "linear",
+     {"kind", "name", "weight_bits", "in_channels", "out_channels", "input_zero_point", "zero_point", "act_min",
+      "act_max", "output_scale", "weight_scales"}},
+    {OpKind::MaxPool2d, "max_pool2d", {"kind", "name", "kernel", "stride", "padding", "output_scale"}},
+    {OpKind::AvgPool2d,
+     "avg_pool2d",
+     {"kind", "name", "kernel", "stride", "padding", "input_zero_point", "output_scale"}},
+    {OpKind::Flatten, "flatten", {"kind", "name", "output_scale"}},
+};
+
+const KindInfo& kind_info(OpKind kind) {
+  for (const KindInfo& info : kKinds) {
+    if (info.kind == kind) return info;
+  }
+  fail("int model: unknown op kind {} (internal error)", static_cast<int>(kind));
+}
+
+const KindInfo* kind_info(std::string_view name) {
+  for (const KindInfo& info : kKinds) {
+    if (name == info.name) return &info;
+  }
+  return nullptr;
+}
+
+bool is_weighted(OpKind kind) { return kind == OpKind::Conv2d || kind == OpKind::Linear; }
+
+std::string tensor_name(size_t op_index, const char* what) { return fmt::format("ops.{}.{}", op_index, what); }
+
+// The stored shape of a weighted op's weight tensor: (OUT, C, K, K) / (OUT, IN) for 8 bits,
+// (OUT, row bytes) for packed int4. Sizes must already be range-checked.
+std::vector<int64_t> weight_shape(const Op& op) {
+  if (op.weight_bits == 4) {
+    return {op.out_channels, static_cast<int64_t>(runtime::int4_packed_size(runtime::weight_row_length(op)))};
+  }
+  if (op.kind == OpKind::Conv2d) return {op.out_channels, op.in_channels, op.kernel, op.kernel};
+  return {op.out_channels, op.in_channels};
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+// A JSON value for an error message, cut short if it is long.
+std::string short_dump(const json& value) {
+  std::string text = value.dump();
+  if (text.size() > 40) text = text.substr(0, 37) + "...";
+  return text;
+}
+
+// =====================================================================================================
+// Writing
+// =====================================================================================================
+
+// A float as the JSON number with the fewest digits that reads back to the same float (0.0173, not
+// 0.01730000041425228); the exact double of f if that decimal would not round back (never seen, but cheap).
+double json_float(float f) {
+  if (!std::isfinite(f)) return static_cast<double>(f);  // dumped as null: the reader refuses it
+  const double shortest = std::strtod(fmt::format("{}", f).c_str(), nullptr);
+  return static_cast<float>(shortest) == f ? shortest : static_cast<double>(f);
+}
+
+std::vector<double> json_floats(const std::vector<float>& values) {
+  std::vector<double> out;
+  for (float v : values) out.push_back(json_float(v));
+  return out;
+}
+
+// ordered_json: the keys come out in the order written here, so the header reads top-down.
+using ordered_json = nlohmann::ordered_json;
+
+ordered_json op_to_json(const IntModel& model, size_t i) {
+  const Op& op = model.graph.ops[i];
+  ordered_json j = ordered_json::object();
+  j["kind"] = kind_info(op.kind).name;
+  j["name"] = op.name;
+  if (is_weighted(op.kind)) {
+    j["weight_bits"] = op.weight_bits;
+    j["in_channels"] = op.in_channels;
+    j["out_channels"] = op.out_channels;
+  }
+  if (op.kind == OpKind::Conv2d || op.kind == OpKind::MaxPool2d || op.kind == OpKind::AvgPool2d) {
+    j["kernel"] = op.kernel;
+    j["stride"] = op.stride;
+    j["padding"] = op.padding;
+  }
+  if (is_weighted(op.kind) || op.kind == OpKind::AvgPool2d) j["input_zero_point"] = op.input_zero_point;
+  if (is_weighted(op.kind)) {
+    j["zero_point"] = op.requant.zero_point;
+    j["act_min"] = op.requant.act_min;
+    j["act_max"] = op.requant.act_max;
+  }
+  j["output_scale"] = json_float(model.op_output_scales[i]);
+  if (is_weighted(op.kind)) j["weight_scales"] = json_floats(model.weight_scales[i]);
+  return j;
+}
+
+StFile to_st_file(const IntModel& model) {
+  ordered_json graph = ordered_json::object();
+  graph["input_shape"] = {model.graph.in_channels, model.graph.in_height, model.graph.in_width};
+  graph["input_scale"] = json_float(model.input_scale);
+  graph["input_zero_point"] = model.input_zero_point;
+  graph["norm_mean"] = json_float(model.norm.mean);
+  graph["norm_std"] = json_float(model.norm.std);
+  graph["output_scale"] = json_float(model.output_scale);
+  graph["ops"] = ordered_json::array();
+  for (size_t i = 0; i < model.graph.ops.size(); ++i) graph["ops"].push_back(op_to_json(model, i));
+
+  StFile file;
+  file.metadata["format"] = kIntModelFormat;
+  file.metadata["format_version"] = std::to_string(kIntModelVersion);
+  file.metadata["model"] = model.model_name;
+  file.metadata["mode"] = model.mode;
+  file.metadata["graph"] = graph.dump();
+  for (size_t i = 0; i < model.graph.ops.size(); ++i) {
+    const Op& op = model.graph.ops[i];
+    if (op.kind == OpKind::Input) {
+      file.tensors.emplace_back(tensor_name(i, "input_table"),
+                                make_st_tensor<int8_t>(DType::I8, {256}, std::span<const int8_t>(op.input_table)));
+    }
+    if (!is_weighted(op.kind)) continue;
+    const DType weight_dtype = op.weight_bits == 4 ? DType::U8 : DType::I8;
+    const auto out = static_cast<int64_t>(op.out_channels);
+    const std::span<const int8_t> weight(op.weight);
+    file.tensors.emplace_back(tensor_name(i, "weight"), make_st_tensor<int8_t>(weight_dtype, weight_shape(op), weight));
+    file.tensors.emplace_back(tensor_name(i, "bias"), make_st_tensor<int32_t>(DType::I32, {out}, op.bias));
+    file.tensors.emplace_back(tensor_name(i, "multiplier"),
+                              make_st_tensor<int32_t>(DType::I32, {out}, op.requant.multiplier));
+    file.tensors.emplace_back(tensor_name(i, "shift"), make_st_tensor<int32_t>(DType::I32, {out}, op.requant.shift));
+  }
+  return file;
+}
+
+// =====================================================================================================
+// Reading: every value is checked (type, then range) before it is used, and sizes before allocations.
+// =====================================================================================================
+
+// Reads JSON fields of one object; `where` prefixes every message ("PATH: graph op 2 'fc1' (linear)").
+class FieldReader {
+ public:
+  FieldReader(const json& object, std::string where) : object_(object), where_(std::move(where)) {}
+
+  const std::string& where() const { return where_; }
+
+  // The object must have exactly these keys.
+  void require_exactly(std::initializer_list<const char*> fields, std::string_view what) const {
+    for (const char* field : fields) {
+      if (!object_.contains(field)) fail("{}: field '{}' missing ({}; {})", where_, field, what, kBadFileHint);
+    }
+    for (const auto& item : object_.items()) {
+      const bool known = std::any_of(fields.begin(), fields.end(), [&](const char* f) { return item.key() == f; });
+      if (!known) {
+        fail("{}: unexpected field '{}' ({} has exactly the fields {}; written by a newer or different writer?)",
+             where_, item.key(), what, fmt::join(fields, ", "));
+      }
+    }
+  }
+
+  // An integer in [lo, hi] (a JSON integer: 2.0 and "2" are refused).
+  int64_t integer(const char* field, int64_t lo, int64_t hi) const {
+    return integer_value(object_.at(field), field, lo, hi);
+  }
+
+  int64_t integer_value(const json& value, std::string_view field, int64_t lo, int64_t hi) const {
+    if (!value.is_number_integer()) {
+      fail("{}: '{}' must be an integer in [{}, {}], found {} {} ({})", where_, field, lo, hi, value.type_name(),
+           short_dump(value), kBadFileHint);
+    }
+    const bool in_range = value.is_number_unsigned() ? value.get<uint64_t>() <= static_cast<uint64_t>(hi) &&
+                                                           static_cast<int64_t>(value.get<uint64_t>()) >= lo
+                                                     : value.get<int64_t>() >= lo && value.get<int64_t>() <= hi;
+    if (!in_range) fail("{}: '{}' must be in [{}, {}], found {}", where_, field, lo, hi, short_dump(value));
+    return value.is_number_unsigned() ? static_cast<int64_t>(value.get<uint64_t>()) : value.get<int64_t>();
+  }
+
+  // A finite float; if positive, also > 0. Decoded through double, so no float overflow goes unnoticed.
+  float number(const char* field, bool positive) const { return number_value(object_.at(field), field, positive); }
+
+  float number_value(const json& value, std::string_view field, bool positive) const {
+    const char* expected = positive ? "a finite number > 0" : "a finite number";
+    if (!value.is_number()) {
+      fail("{}: '{}' must be {}, found {} {} ({})", where_, field, expected, value.type_name(), short_dump(value),
+           kBadFileHint);
+    }
+    const double d = value.get<double>();
+    const bool finite_float = std::isfinite(d) && std::fabs(d) <= FLT_MAX;
+    const float f = finite_float ? static_cast<float>(d) : 0.f;
+    if (!finite_float || (positive && !(f > 0.f))) {
+      fail("{}: '{}' must be {}, found {} (scales are positive and finite)", where_, field, expected,
+           short_dump(value));
+    }
+    return f;
+  }
+
+  std::string string(const char* field, size_t max_length) const {
+    const json& value = object_.at(field);
+    if (!value.is_string()) {
+      fail("{}: '{}' must be a string, found {} {} ({})", where_, field, value.type_name(), short_dump(value),
+           kBadFileHint);
+    }
+    const auto& s = value.get_ref<const std::string&>();
+    if (s.size() > max_length) {
+      fail("{}: '{}' is {} bytes long, at most {} allowed", where_, field, s.size(), max_length);
+    }
+    return s;
+  }
+
+  const json& array(const char* field, size_t min_size, size_t max_size) const {
+    const json& value = object_.at(field);
+    if (!value.is_array()) {
+      fail("{}: '{}' must be an array, found {} {} ({})", where_, field, value.type_name(), short_dump(value),
+           kBadFileHint);
+    }
+    if (value.size() < min_size || value.size() > max_size) {
+      fail("{}: '{}' must have {} entries, found {}", where_, field,
+           min_size == max_size ? std::to_string(min_size) : fmt::format("{} to {}", min_size, max_size),
+           value.size());
+    }
+    return value;
+  }
+
+ private:
+  const json& object_;
+  std::string where_;
+};
+
+// Parses the graph JSON, refusing duplicate keys (nlohmann would keep the last) and deep nesting.
+json parse_graph_json(const std::string& text, const std::string& path) {
+  std::vector<std::unordered_set<std::string>> open_objects;
+  auto on_event = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (depth > kMaxGraphJsonDepth) {
+      fail("{}: metadata 'graph' nests deeper than {} levels ({})", path, kMaxGraphJsonDepth, kBadFileHint);
+    }
+    if (event == json::parse_event_t::object_start) open_objects.emplace_back();
+    if (event == json::parse_event_t::object_end) open_objects.pop_back();
+    if (event == json::parse_event_t::key) {
+      const auto& key = parsed.get_ref<const std::string&>();
+      if (!open_objects.back().insert(key).second) {
+        fail("{}: metadata 'graph' has the key '{}' twice in one object ({})", path, key, kBadFileHint);
+      }
+    }
+    return true;
+  };
+  json graph;
+  try {
+    graph = json::parse(text.begin(), text.end(), on_event);
+  } catch (const json::exception& e) {
+    fail("{}: metadata 'graph' is not valid JSON: {} ({})", path, e.what(), kBadFileHint);
+  }
+  if (!graph.is_object()) {
+    fail("{}: metadata 'graph' must be a JSON object, found {} ({})", path, graph.type_name(), kBadFileHint);
+  }
+  return graph;
+}
+
+// The format tag, the version and the exact set of metadata keys.
+void check_metadata(const StFile& file, const std::string& path) {
+  const auto format = file.metadata.find("format");
+  if (format == file.metadata.end()) {
+    fail("{}: not a lowbit integer model (no 'format' in __metadata__, expected '{}')", path, kIntModelFormat);
+  }
+  if (format->second == "lowbit-checkpoint") {
+    fail("{}: not a lowbit integer model (format 'lowbit-checkpoint'): float checkpoints are converted with "
+         "eval --int8 --model FILE",
+         path);
+  }
+  if (format->second != kIntModelFormat) {
+    fail("{}: not a lowbit integer model (format '{}', expected '{}')", path, format->second, kIntModelFormat);
+  }
+  const auto version = file.metadata.find("format_version");
+  if (version == file.metadata.end()) {
+    fail("{}: metadata field 'format_version' missing (expected '{}'; {})", path, kIntModelVersion, kBadFileHint);
+  }
+  const std::string& v = version->second;
+  const bool is_number = !v.empty() && v.size() <= 9 && std::all_of(v.begin(), v.end(), [](char ch) {
+    return ch >= '0' && ch <= '9';
+  });
+  if (!is_number) {
+    fail("{}: format_version '{}' is not a whole number (expected '{}'; {})", path, v.substr(0, 40), kIntModelVersion,
+         kBadFileHint);
+  }
+  const int number = std::stoi(v);
+  if (number > kIntModelVersion) {
+    fail("{}: format version {} is newer than this lowbit (reads {}): upgrade lowbit", path, number, kIntModelVersion);
+  }
+  if (number != kIntModelVersion) {
+    fail("{}: format version {} is not supported (this lowbit reads {}; convert the model again)", path, number,
+         kIntModelVersion);
+  }
+  for (const std::string& key : kMetadataKeys) {
+    if (!file.metadata.contains(key)) {
+      fail("{}: metadata field '{}' missing (an integer model has {}; {})", path, key, fmt::join(kMetadataKeys, ", "),
+           kBadFileHint);
+    }
+  }
+  for (const auto& [key, value] : file.metadata) {
+    if (!kMetadataKeys.contains(key)) {
+      fail("{}: unexpected metadata field '{}' (an integer model of format version {} has exactly {})", path,
+           key.substr(0, 40), kIntModelVersion, fmt::join(kMetadataKeys, ", "));
+    }
+  }
+}
+
+// Copies one tensor after checking that it is present with the expected dtype and shape.
+class TensorReader {
+ public:
+  TensorReader(const StFile& file, std::string path) : file_(file), path_(std::move(path)) {}
+
+  template <typename T>
+  std::vector<T> read(const std::string& name, DType dtype, const std::vector<int64_t>& shape, std::string_view what) {
+    const StTensor* tensor = file_.find(name);
+    if (tensor == nullptr) {
+      fail("{}: tensor '{}' missing ({}, {} {}; {})", path_, name, what, dtype_name(dtype), shape_string(shape),
+           kBadFileHint);
+    }
+    used_.insert(name);
+    if (tensor->dtype != dtype) {
+      fail("{}: tensor '{}' has dtype {}, expected {} ({})", path_, name, dtype_name(tensor->dtype), dtype_name(dtype),
+           what);
+    }
+    if (tensor->shape != shape) {
+      fail("{}: tensor '{}' has shape {}, expected {} ({})", path_, name, shape_string(tensor->shape),
+           shape_string(shape), what);
+    }
+    return st_values<T>(*tensor, dtype, fmt::format("{}: tensor '{}'", path_, name));
+  }
+
+  // Every tensor in the file must have been read.
+  void check_no_extra() const {
+    for (const auto& [name, tensor] : file_.tensors) {
+      if (!used_.contains(name)) {
+        fail("{}: unexpected tensor '{}' (no op of the graph uses it; {})", path_, name.substr(0, 60), kBadFileHint);
+      }
+    }
+  }
+
+ private:
+  const StFile& file_;
+  std::string path_;
+  std::set<std::string> used_;
+};
+
+// One op: its JSON fields, then its tensors.
+Op read_op(const json& value, size_t i, const std::string& path, IntModel& model, TensorReader& tensors) {
+  const std::string where = fmt::format("{}: graph op {}", path, i);
+  if (!value.is_object()) fail("{}: must be a JSON object, found {} ({})", where, value.type_name(), kBadFileHint);
+  if (!value.contains("kind")) fail("{}: field 'kind' missing ({})", where, kBadFileHint);
+  if (!value.contains("name")) fail("{}: field 'name' missing ({})", where, kBadFileHint);
+  const FieldReader head(value, where);
+  const std::string kind_name = head.string("kind", 64);
+  const KindInfo* info = kind_info(kind_name);
+  if (info == nullptr) {
+    fail("{}: unknown op kind '{}' (known: input, conv2d, linear, max_pool2d, avg_pool2d, flatten)", where, kind_name);
+  }
+  Op op;
+  op.kind = info->kind;
+  op.name = head.string("name", kIntModelMaxNameLength);
+  const FieldReader f(value, fmt::format("{} '{}' ({})", where, op.name, kind_name));
+  f.require_exactly(info->fields, fmt::format("a {} op", kind_name));
+
+  if (is_weighted(op.kind)) {
+    op.weight_bits = static_cast<int>(f.integer("weight_bits", 4, 8));
+    if (op.weight_bits != 4 && op.weight_bits != 8) {
+      fail("{}: 'weight_bits' must be 8 or 4, found {}", f.where(), op.weight_bits);
+    }
+    op.in_channels = f.integer("in_channels", 1, kIntModelMaxChannels);
+    op.out_channels = f.integer("out_channels", 1, kIntModelMaxChannels);
+  }
+  if (op.kind == OpKind::Conv2d || op.kind == OpKind::MaxPool2d || op.kind == OpKind::AvgPool2d) {
+    op.kernel = f.integer("kernel", 1, kIntModelMaxKernel);
+    op.stride = f.integer("stride", 1, kIntModelMaxKernel);
+    op.padding = f.integer("padding", 0, kIntModelMaxKernel);
+  }
+  if (is_weighted(op.kind) || op.kind == OpKind::AvgPool2d) {
+    op.input_zero_point = static_cast<int32_t>(f.integer("input_zero_point", -128, 127));
+  }
+  if (is_weighted(op.kind)) {
+    op.requant.zero_point = static_cast<int32_t>(f.integer("zero_point", -128, 127));
+    op.requant.act_min = static_cast<int32_t>(f.integer("act_min", -128, 127));
+    op.requant.act_max = static_cast<int32_t>(f.integer("act_max", -128, 127));
+  }
+  model.op_output_scales.push_back(f.number("output_scale", true));
+
+  std::vector<float> weight_scales;
+  if (is_weighted(op.kind)) {
+    const auto out = static_cast<size_t>(op.out_channels);
+    const json& scales = f.array("weight_scales", out, out);  // one per output channel
+    weight_scales.reserve(out);
+    for (size_t c = 0; c < out; ++c) {
+      weight_scales.push_back(f.number_value(scales[c], fmt::format("weight_scales[{}]", c), true));
+    }
+  }
+  model.weight_scales.push_back(std::move(weight_scales));
+
+  // Tensors. Sizes are range-checked above, so the expected shapes cannot overflow.
+  if (op.kind == OpKind::Input) {
+    const auto table = tensors.read<int8_t>(tensor_name(i, "input_table"), DType::I8, {256},
+                                            "the Input op's 256-entry pixel → code table");
+    std::copy(table.begin(), table.end(), op.input_table.begin());
+  }
+  if (is_weighted(op.kind)) {
+    const std::string what =
+        fmt::format("op {} '{}' ({}, {}-bit weights, {})", i, op.name, kind_name, op.weight_bits,
+                    op.weight_bits == 4 ? "packed int4 rows (OUT, row bytes)"
+                                        : (op.kind == OpKind::Conv2d ? "(OUT, C, K, K)" : "(OUT, IN)"));
+    op.weight = tensors.read<int8_t>(tensor_name(i, "weight"), op.weight_bits == 4 ? DType::U8 : DType::I8,
+                                     weight_shape(op), what);
+    const std::vector<int64_t> per_channel = {op.out_channels};
+    op.bias = tensors.read<int32_t>(tensor_name(i, "bias"), DType::I32, per_channel,
+                                    fmt::format("op {} '{}': int32 bias, one per output channel", i, op.name));
+    op.requant.multiplier =
+        tensors.read<int32_t>(tensor_name(i, "multiplier"), DType::I32, per_channel,
+                              fmt::format("op {} '{}': requantization multiplier, one per output channel", i, op.name));
+    op.requant.shift =
+        tensors.read<int32_t>(tensor_name(i, "shift"), DType::I32, per_channel,
+                              fmt::format("op {} '{}': requantization shift, one per output channel", i, op.name));
+  }
+  return op;
+}
+
+// Checks of the whole model that runtime::validate() does not make (it knows nothing of the model's
+// input zero point, its mode or which op yields the logits).
+void check_model(const IntModel& model, const std::string& path) {
+  const auto& ops = model.graph.ops;
+  if (ops.front().kind != OpKind::Input) {
+    fail("{}: graph op 0 must be an 'input' op, found '{}' ({})", path, kind_info(ops.front().kind).name, kBadFileHint);
+  }
+  if (ops.back().kind != OpKind::Linear) {
+    fail("{}: the last graph op must be a 'linear' op (it yields the logits), found '{}' ('{}')", path,
+         kind_info(ops.back().kind).name, ops.back().name);
+  }
+  int32_t zero_point = model.input_zero_point;
+  std::string source = "the input codes' input_zero_point";
+  for (size_t i = 1; i < ops.size(); ++i) {
+    const Op& op = ops[i];
+    if (op.kind == OpKind::Input) fail("{}: graph op {} '{}' is an 'input' op; only op 0 may be", path, i, op.name);
+    if (model.mode == "int8" && is_weighted(op.kind) && op.weight_bits != 8) {
+      fail("{}: graph op {} '{}' has {}-bit weights but the mode is 'int8' (use mode 'mixed')", path, i, op.name,
+           op.weight_bits);
+    }
+    if ((is_weighted(op.kind) || op.kind == OpKind::AvgPool2d) && op.input_zero_point != zero_point) {
+      fail("{}: graph op {} '{}': input_zero_point {} must equal {} ({}) ({})", path, i, op.name, op.input_zero_point,
+           zero_point, source, kBadFileHint);
+    }
+    if (is_weighted(op.kind)) {
+      zero_point = op.requant.zero_point;
+      source = fmt::format("the zero_point of op {} '{}'", i, op.name);
+    }
+  }
+}
+
+IntModel from_st_file(const StFile& file, const std::string& path) {
+  check_metadata(file, path);
+  IntModel model;
+  model.model_name = file.metadata.at("model");
+  if (model.model_name.empty() || model.model_name.size() > kIntModelMaxNameLength) {
+    fail("{}: metadata 'model' must be a name of 1 to {} bytes, found {} bytes", path, kIntModelMaxNameLength,
+         model.model_name.size());
+  }
+  model.mode = file.metadata.at("mode");
+  if (!kModes.contains(model.mode)) {
+    fail("{}: metadata 'mode' must be one of {}, found '{}'", path, fmt::join(kModes, ", "), model.mode.substr(0, 40));
+  }
+
+  const json graph = parse_graph_json(file.metadata.at("graph"), path);
+  const FieldReader g(graph, path + ": metadata 'graph'");
+  g.require_exactly({"input_shape", "input_scale", "input_zero_point", "norm_mean", "norm_std", "output_scale", "ops"},
+                    "the graph object");
+  const json& shape = g.array("input_shape", 3, 3);
+  model.graph.in_channels = g.integer_value(shape[0], "input_shape[0] (C)", 1, kIntModelMaxChannels);
+  model.graph.in_height = g.integer_value(shape[1], "input_shape[1] (H)", 1, kIntModelMaxChannels);
+  model.graph.in_width = g.integer_value(shape[2], "input_shape[2] (W)", 1, kIntModelMaxChannels);
+  model.input_scale = g.number("input_scale", true);
+  model.input_zero_point = static_cast<int32_t>(g.integer("input_zero_point", -128, 127));
+  model.norm.mean = g.number("norm_mean", false);
+  model.norm.std = g.number("norm_std", true);
+  model.output_scale = g.number("output_scale", true);
+
+  const json& ops = g.array("ops", 2, kIntModelMaxOps);
+  TensorReader tensors(file, path);
+  for (size_t i = 0; i < ops.size(); ++i) model.graph.ops.push_back(read_op(ops[i], i, path, model, tensors));
+  tensors.check_no_extra();
+  check_model(model, path);
+  try {
+    runtime::validate(model.graph);
+  } catch (const runtime::RuntimeError& e) {
+    fail("{}: {}", path, e.what());
+  }
+  return model;
+}
+
+}  // namespace
+
+// =====================================================================================================
+// API
+// =====================================================================================================
+
+int64_t IntModel::num_classes() const {
+  if (graph.ops.empty()) return 0;
+  try {
+    return runtime::output_shapes(graph).back().size();
+  } catch (const runtime::RuntimeError& e) {
+    fail("int model '{}': {}", model_name, e.what());
+  }
+}
+
+void save_int_model(const std::string& path, const IntModel& model) {
+  const std::string where = fmt::format("{}: refusing to write an invalid integer model", path);
+  const size_t n = model.graph.ops.size();
+  if (model.op_output_scales.size() != n || model.weight_scales.size() != n) {
+    fail("{}: op_output_scales and weight_scales need one entry per op ({}), found {} and {}", where, n,
+         model.op_output_scales.size(), model.weight_scales.size());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (!is_weighted(model.graph.ops[i].kind) && !model.weight_scales[i].empty()) {
+      fail("{}: weight_scales[{}] must be empty: op {} '{}' has no weights", where, i, i, model.graph.ops[i].name);
+    }
+  }
+  try {
+    runtime::validate(model.graph);  // sizes and ranges, so that the tensors below can be laid out
+  } catch (const runtime::RuntimeError& e) {
+    fail("{}: {}", where, e.what());
+  }
+  const StFile file = to_st_file(model);
+  from_st_file(file, where);  // the file must load back: one set of checks for writer and reader
+  save_safetensors(path, file);
+}
+
+IntModel load_int_model(const std::string& path) { return from_st_file(load_safetensors(path), path); }
+
+IntModel parse_int_model(std::span<const std::byte> bytes, const std::string& path_for_errors) {
+  return from_st_file(parse_safetensors(bytes, path_for_errors), path_for_errors);
+}
+
+int64_t int_model_file_bytes(const std::string& path) {
+  std::error_code error;
+  const auto size = std::filesystem::file_size(path, error);
+  if (error) fail("{}: cannot read the file size: {} (check the path)", path, error.message());
+  return static_cast<int64_t>(size);
+}
+
+}  // namespace lowbit::quant

@@ -1,0 +1,120 @@
+// prepare: turns a float model into its quantization-aware twin. Conv2d+BatchNorm2d(+ReLU) and
+// Linear(+ReLU) are fused into one block each; fake-quant nodes sit on every weight and on every
+// activation the integer graph will hold (the normalised network input included).
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "nn/zoo.h"
+#include "quant/fake_quant.h"
+
+namespace lowbit::quant {
+
+struct QConfig {
+  int weight_bits = 8;      // default width of every weight (2..8)
+  int activation_bits = 8;  // default width of every activation after a block (2..8)
+  int input_bits = 8;       // the network input
+  ObserverKind activation_observer = ObserverKind::MovingAverage;
+  bool learn_scale = false;  // LSQ on weights and activations
+  // Per-block overrides, by the block's index among the quantized blocks (0 = first conv/linear).
+  std::map<int, int> block_weight_bits;
+  std::map<int, int> block_activation_bits;
+  std::string mode_name() const;  // "int8", "w4a8", "w4a4" or "mixed"
+};
+
+// Parses "w8a8" / "w4a8" / "w4a4" (or any "wNaM") into weight and activation bits.
+QConfig parse_bits(const std::string& text);
+
+// Conv2d [+ BatchNorm2d] [+ ReLU] as one block. During QAT the BatchNorm is folded into the conv
+// weight and bias with the running statistics *before* the weight is fake-quantized (eq. 8), so
+// what is trained is exactly what convert() lowers. Until the BN statistics are frozen, each
+// training step also runs the float conv once (without grad) to update them.
+class QConvBlock : public nn::Module {
+ public:
+  QConvBlock(std::shared_ptr<nn::Conv2d> conv, std::shared_ptr<nn::BatchNorm2d> bn, bool relu,
+             std::shared_ptr<FakeQuantize> input_fq, std::shared_ptr<FakeQuantize> weight_fq,
+             std::shared_ptr<FakeQuantize> output_fq);
+  Tensor forward(const Tensor& x) override;
+  std::string describe() const override;
+  int64_t macs(const Shape& in, const Shape& out) const override { return conv->macs(in, out); }
+
+  // The conv weight and bias with the BatchNorm folded in (differentiable): eq. 8.
+  std::pair<Tensor, Tensor> folded_weight_and_bias() const;
+
+  std::shared_ptr<nn::Conv2d> conv;
+  std::shared_ptr<nn::BatchNorm2d> bn;  // null when there is none
+  bool relu;
+  bool bn_frozen = false;
+  std::shared_ptr<FakeQuantize> input_fq;  // the node that quantized this block's input (not owned as a child)
+  std::shared_ptr<FakeQuantize> weight_fq, output_fq;
+};
+
+// Linear [+ ReLU] as one block.
+class QLinearBlock : public nn::Module {
+ public:
+  QLinearBlock(std::shared_ptr<nn::Linear> linear, bool relu, std::shared_ptr<FakeQuantize> input_fq,
+               std::shared_ptr<FakeQuantize> weight_fq, std::shared_ptr<FakeQuantize> output_fq);
+  Tensor forward(const Tensor& x) override;
+  std::string describe() const override;
+  int64_t macs(const Shape& in, const Shape& out) const override { return linear->macs(in, out); }
+
+  std::shared_ptr<nn::Linear> linear;
+  bool relu;
+  std::shared_ptr<FakeQuantize> input_fq;
+  std::shared_ptr<FakeQuantize> weight_fq, output_fq;
+};
+
+// The bias of a quantized block, fake-quantized to its int32 code at scale s_in·s_w[c] (eq. 5),
+// so the fake-quant model adds exactly what the integer graph adds.
+Tensor fake_quantize_bias(const Tensor& bias, const FakeQuantize& input_fq, const FakeQuantize& weight_fq);
+
+// Quantizes the normalised input (the first node of a prepared model).
+class QuantInput : public nn::Module {
+ public:
+  explicit QuantInput(std::shared_ptr<FakeQuantize> fq);
+  Tensor forward(const Tensor& x) override { return fq->forward(x); }
+  std::string describe() const override { return "QuantInput"; }
+  std::shared_ptr<FakeQuantize> fq;
+};
+
+// An average pool re-quantizes its output with its input's qparams (the integer op keeps them).
+class QAvgPool : public nn::Module {
+ public:
+  QAvgPool(std::shared_ptr<nn::AvgPool2d> pool, std::shared_ptr<FakeQuantize> input_fq);
+  Tensor forward(const Tensor& x) override;
+  std::string describe() const override { return pool->describe(); }
+  std::shared_ptr<nn::AvgPool2d> pool;
+  std::shared_ptr<FakeQuantize> input_fq;
+};
+
+// A prepared model: the same forward interface as nn::Model, the layers replaced by blocks.
+class QatModel : public nn::Model {
+ public:
+  QatModel(std::string name, std::shared_ptr<nn::Sequential> layers, QConfig config);
+  QConfig config;
+  // Every fake-quant node, with a name for reports ("layers.1.weight_fq").
+  std::vector<std::pair<std::string, std::shared_ptr<FakeQuantize>>> fake_quant_nodes() const;
+  void set_observing(bool on);     // observers watch (training mode only)
+  void set_fake_quant(bool on);    // fake-quantize (off = the float model)
+  void freeze_bn_stats();          // use, but stop updating, the BatchNorm running statistics
+};
+
+// Fuses and instruments a copy of `model` (the float model is left untouched). Throws for a
+// layer order the integer graph cannot run (e.g. a ReLU not after Conv2d/BatchNorm/Linear).
+std::shared_ptr<QatModel> prepare_qat(const nn::Model& model, const QConfig& config);
+
+// Post-training calibration: runs `batches` through the model in eval-like mode with observers on
+// and fake-quant off, then switches fake-quant on. No weight changes.
+class Calibrator {
+ public:
+  explicit Calibrator(QatModel& model);
+  void observe(const Tensor& batch);
+  void finish();
+
+ private:
+  QatModel& model_;
+};
+
+}  // namespace lowbit::quant

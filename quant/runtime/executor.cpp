@@ -1,0 +1,138 @@
+// The executor: plans buffers once, then runs each op's kernel in order (im2col + GEMM for Conv2d).
+#include "quant/runtime/executor.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+namespace lowbit::quant::runtime {
+
+namespace {
+
+constexpr int64_t kChunkRows = 4096;  // GEMM rows (output positions) per chunk: buffers stay cache-sized
+
+bool is_weighted(const Op& op) { return op.kind == OpKind::Conv2d || op.kind == OpKind::Linear; }
+
+}  // namespace
+
+Executor::Executor(const Graph& graph, int threads, Kernels kernels)
+    : graph_(graph), threads_(std::max(threads, 1)), fast_(kernels == Kernels::Fastest && cpu_has_avx2()) {
+  validate(graph_);
+  shapes_ = output_shapes(graph_);
+  packed_.resize(graph_.ops.size());
+  outputs_.resize(graph_.ops.size());
+  if (fast_) {
+    for (size_t i = 0; i < graph_.ops.size(); ++i) {
+      const Op& op = graph_.ops[i];
+      if (is_weighted(op)) packed_[i] = pack_weights(op.weight, op.weight_bits, weight_row_length(op), op.out_channels);
+    }
+  }
+}
+
+int64_t Executor::num_classes() const { return shapes_.back().size(); }
+
+std::span<const int8_t> Executor::op_output(size_t op_index) const {
+  return {outputs_.at(op_index).data(), static_cast<size_t>(batch_ * shapes_[op_index].size())};
+}
+
+Shape Executor::input_shape(size_t op_index) const {
+  return op_index == 0 ? Shape{graph_.in_channels, graph_.in_height, graph_.in_width} : shapes_[op_index - 1];
+}
+
+int64_t Executor::images_per_chunk(size_t op_index) const {
+  const Shape& out = shapes_[op_index];
+  return std::max<int64_t>(1, kChunkRows / (out.h * out.w));
+}
+
+void Executor::plan(int64_t batch) {
+  if (batch <= capacity_) return;
+  size_t cols = 0, acc = 0, workspace = 0;
+  for (size_t i = 0; i < graph_.ops.size(); ++i) {
+    const Op& op = graph_.ops[i];
+    outputs_[i].resize(static_cast<size_t>(batch * shapes_[i].size()));
+    if (!is_weighted(op)) continue;
+    const int64_t rows = std::min(batch, images_per_chunk(i)) * shapes_[i].h * shapes_[i].w;
+    if (op.kind == OpKind::Conv2d) cols = std::max(cols, static_cast<size_t>(rows * weight_row_length(op)));
+    acc = std::max(acc, static_cast<size_t>(rows * op.out_channels));
+    if (fast_) workspace = std::max(workspace, qgemm_packed_workspace_size(rows, packed_[i]));
+  }
+  cols_.resize(cols);
+  acc_.resize(acc);
+  workspace_.resize(workspace);
+  capacity_ = batch;
+}
+
+// Conv2d / Linear on chunks of images: (im2col →) GEMM to int32 (eq. 5) → requantize to (N, OUT, HO, WO) (eq. 6).
+void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch) {
+  const Op& op = graph_.ops[op_index];
+  const Shape in = input_shape(op_index), out = shapes_[op_index];
+  const int64_t positions = out.h * out.w, row_length = weight_row_length(op);
+  const int64_t chunk = images_per_chunk(op_index);
+  for (int64_t first = 0; first < batch; first += chunk) {
+    const int64_t images = std::min(chunk, batch - first), rows = images * positions;
+    const int8_t* xc = x + first * in.size();
+    std::span<const int8_t> gemm_x(xc, static_cast<size_t>(rows * row_length));
+    if (op.kind == OpKind::Conv2d) {
+      std::span<int8_t> cols(cols_.data(), static_cast<size_t>(rows * row_length));
+      im2col({xc, static_cast<size_t>(images * in.size())}, op.input_zero_point, cols, images, in.c, in.h, in.w,
+             op.kernel, op.stride, op.padding, threads_);
+      gemm_x = cols;
+    }
+    std::span<int32_t> acc(acc_.data(), static_cast<size_t>(rows * op.out_channels));
+    if (fast_) {
+      qgemm_packed(gemm_x, op.input_zero_point, packed_[op_index], op.bias, acc, rows, workspace_, threads_);
+    } else if (op.weight_bits == 8) {
+      qgemm_s8_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels, threads_);
+    } else {
+      qgemm_s4_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels, threads_);
+    }
+    const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
+    if (fast_) {
+      requantize_to_nchw(acc, op.requant, yc, images, positions, op.out_channels, threads_);
+    } else {
+      requantize_to_nchw_ref(acc, op.requant, yc, images, positions, op.out_channels, threads_);
+    }
+  }
+}
+
+std::span<const int8_t> Executor::run(std::span<const uint8_t> images, int64_t batch) {
+  const Shape in{graph_.in_channels, graph_.in_height, graph_.in_width};
+  if (batch < 0 || static_cast<int64_t>(images.size()) != batch * in.size()) {
+    throw RuntimeError("runtime executor: expected " + std::to_string(batch) + " images of " +
+                       std::to_string(in.size()) + " pixels (C·H·W), found " + std::to_string(images.size()) +
+                       " pixels");
+  }
+  plan(batch);
+  batch_ = batch;
+  for (size_t i = 0; i < graph_.ops.size(); ++i) {
+    const Op& op = graph_.ops[i];
+    const Shape x_shape = input_shape(i);
+    const int8_t* x = i == 0 ? nullptr : outputs_[i - 1].data();
+    int8_t* y = outputs_[i].data();
+    const auto y_size = static_cast<size_t>(batch * shapes_[i].size());
+    const auto x_size = static_cast<size_t>(batch * x_shape.size());
+    switch (op.kind) {
+      case OpKind::Input:
+        input_lookup(images, op.input_table, {y, y_size}, threads_);
+        break;
+      case OpKind::Conv2d:
+      case OpKind::Linear:
+        run_weighted(i, x, y, batch);
+        break;
+      case OpKind::MaxPool2d:
+        maxpool2d({x, x_size}, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel, op.stride, op.padding,
+                  threads_);
+        break;
+      case OpKind::AvgPool2d:
+        avgpool2d({x, x_size}, op.input_zero_point, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel,
+                  op.stride, op.padding, threads_);
+        break;
+      case OpKind::Flatten:
+        if (y_size > 0) std::memcpy(y, x, y_size);  // (N, C, H, W) and (N, C·H·W) are the same bytes
+        break;
+    }
+  }
+  return op_output(graph_.ops.size() - 1);
+}
+
+}  // namespace lowbit::quant::runtime

@@ -1,0 +1,51 @@
+// Runs a validated integer graph on batches of uint8 images: int8 logits out, integer instructions only.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "quant/runtime/graph.h"
+#include "quant/runtime/kernels.h"
+
+namespace lowbit::quant::runtime {
+
+class Executor {
+ public:
+  enum class Kernels { Fastest, Reference };  // Fastest: AVX2 when the CPU has it; Reference: plain loops only
+
+  // Validates the graph (throws RuntimeError) and re-lays the weights out for the fast kernels.
+  explicit Executor(const Graph& graph, int threads = 1, Kernels kernels = Kernels::Fastest);
+
+  // images is (N, C·H·W) uint8 pixels; returns (N, classes) int8 logits, a view into an internal buffer
+  // valid until the next call. Buffers are planned on the first call and grow only with the batch:
+  // later calls with a batch no larger allocate nothing.
+  std::span<const int8_t> run(std::span<const uint8_t> images, int64_t batch);
+
+  int64_t num_classes() const;
+  // The (N, C, H, W) codes that ops[op_index] produced in the last run, and its per-image shape.
+  std::span<const int8_t> op_output(size_t op_index) const;
+  const Shape& op_shape(size_t op_index) const { return shapes_[op_index]; }
+  const Graph& graph() const { return graph_; }
+  bool uses_avx2() const { return fast_; }
+
+ private:
+  Shape input_shape(size_t op_index) const;
+  int64_t images_per_chunk(size_t op_index) const;  // a weighted op runs on chunks of images
+  void plan(int64_t batch);
+  void run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch);
+
+  Graph graph_;
+  int threads_ = 1;
+  bool fast_ = false;
+  std::vector<Shape> shapes_;                 // output shape of ops[i]
+  std::vector<PackedWeights> packed_;         // ops[i]'s weights for qgemm_packed (fast path, weighted ops)
+  int64_t capacity_ = 0;                      // the batch the buffers are sized for
+  int64_t batch_ = 0;                         // the batch of the last run
+  std::vector<std::vector<int8_t>> outputs_;  // (N, shapes_[i]) codes of every op
+  std::vector<int8_t> cols_;                  // im2col rows of one chunk, (ROWS, C·K·K)
+  std::vector<int32_t> acc_;                  // int32 accumulators of one chunk, (ROWS, OUT)
+  std::vector<int32_t> workspace_;            // packed x of one chunk for qgemm_packed
+};
+
+}  // namespace lowbit::quant::runtime

@@ -1,0 +1,83 @@
+// The integer inference graph: ops, their quantization parameters, output shapes and validation.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace lowbit::quant::runtime {
+
+// Thrown by validate() and the Executor for a graph that cannot run. The message is one line:
+// which op, what was expected, what was found.
+struct RuntimeError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+enum class OpKind { Input, Conv2d, Linear, MaxPool2d, AvgPool2d, Flatten };
+
+// Requantization of one op's int32 accumulators to int8 codes (docs/quantization.md eq. 6).
+struct Requant {                          // per output channel
+  std::vector<int32_t> multiplier;        // m[c] in [2^30, 2^31)
+  std::vector<int32_t> shift;             // n[c] in [1, 62]
+  int32_t zero_point = 0;                 // z_out
+  int32_t act_min = -128, act_max = 127;  // clamp (a fused ReLU tightens act_min to max(qmin, z_out))
+};
+
+// One op. Activations are int8 codes laid out (N, C, H, W); a Linear's input is (N, IN, 1, 1).
+struct Op {
+  OpKind kind = OpKind::Input;
+  std::string name;  // e.g. "features.0" (for reports and error messages)
+
+  // Input: pixel p (uint8) → code input_table[p] (the normalisation is folded in by convert).
+  std::array<int8_t, 256> input_table{};
+
+  // Conv2d / Linear
+  int weight_bits = 8;                          // 8 or 4
+  int64_t in_channels = 0, out_channels = 0;    // Linear: in_features, out_features
+  int64_t kernel = 1, stride = 1, padding = 0;  // Conv2d, MaxPool2d, AvgPool2d (square)
+  // w is (OUT, C, K, K) for Conv2d, (OUT, IN) for Linear, row-major, symmetric per output channel.
+  //   8 bits: one int8 code in [−127, 127] per element.
+  //   4 bits: codes in [−8, 7] packed two per byte (int4.h), ONE ROW PER OUTPUT CHANNEL: each row
+  //           of IN (or C·K·K) codes starts on a byte boundary and takes (IN + 1) / 2 bytes.
+  std::vector<int8_t> weight;
+  std::vector<int32_t> bias;     // (OUT), scale s_in·s_w[c], zero point 0
+  int32_t input_zero_point = 0;  // z_in (also the zero point of an AvgPool2d, whose in and out share qparams)
+  Requant requant;
+};
+
+struct Graph {
+  int64_t in_channels = 1, in_height = 28, in_width = 28;
+  std::vector<Op> ops;  // ops[0] is Input; executed in order, each consumes the previous output
+};
+
+// Shape of one image's activation (C, H, W); a flat vector is (C, 1, 1).
+struct Shape {
+  int64_t c = 0, h = 1, w = 1;
+  int64_t size() const { return c * h * w; }
+  bool operator==(const Shape&) const = default;
+};
+
+const char* to_string(OpKind kind);
+
+// Output size of a sliding window: (size + 2·padding − kernel) / stride + 1 (may be <= 0 if it does not fit).
+int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding);
+
+// The number of codes in one output row of a Conv2d / Linear weight: IN, or C·K·K.
+int64_t weight_row_length(const Op& op);
+
+// The output shape of op given its input shape. Throws RuntimeError if the input does not fit.
+Shape output_shape(const Op& op, const Shape& input, size_t op_index = 0);
+
+// The output shape of every op (index i ↔ ops[i]); throws like validate() on shapes that do not chain.
+std::vector<Shape> output_shapes(const Graph& graph);
+
+// Checks that: ops[0] is the only Input; every shape chains; every parameter is in range
+// (weights in [−127, 127] or packed int4 with zero padding nibbles, bias and requant sizes,
+// multipliers in [2^30, 2^31), shifts in [1, 62], zero points inside [act_min, act_max] ⊆ [−128, 127]);
+// each op's z_in equals the z_out that produced its input; and no int32 accumulator can overflow:
+// |bias[c]| + Σ_k |w[c,k]|·max|x − z_in| < 2^31 over the input's code range. Throws RuntimeError.
+void validate(const Graph& graph);
+
+}  // namespace lowbit::quant::runtime

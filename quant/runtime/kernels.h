@@ -1,0 +1,111 @@
+// The integer kernels: plain reference loops (the definitions) and AVX2 versions that match them bit for bit.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "quant/runtime/graph.h"
+
+namespace lowbit::quant::runtime {
+
+// Every kernel takes explicit dimensions and a thread count; the result never depends on the thread count.
+// Activations are int8 codes; weights are symmetric per output channel (z = 0).
+
+// =====================================================================================================
+// GEMM to int32 accumulators (docs/quantization.md eq. 5):
+//   y[n][o] = b[o] + Σ_k w[o][k]·(x[n][k] − z_in)
+// No partial sum can overflow once validate() has bounded |b| + Σ|w|·max|x − z_in| below 2^31.
+// =====================================================================================================
+
+// x is (N, IN) codes, w is (OUT, IN) int8 in [−127, 127], b is (OUT); y is (N, OUT) int32.
+void qgemm_s8_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w,
+                  std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t in, int64_t out,
+                  int threads = 1);
+
+// x is (N, IN) codes, w is (OUT, (IN + 1) / 2) packed int4 rows (int4.h), b is (OUT); y is (N, OUT) int32.
+void qgemm_s4_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w,
+                  std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t in, int64_t out,
+                  int threads = 1);
+
+// Same signatures and results; AVX2 when the CPU has it (re-laying w out on every call), else the reference.
+// The Executor instead packs once (pack_weights) and calls qgemm_packed.
+void qgemm_s8(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, std::span<const int32_t> b,
+              std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads = 1);
+void qgemm_s4(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, std::span<const int32_t> b,
+              std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads = 1);
+
+// True if the AVX2 kernels can run on this CPU (and OS).
+bool cpu_has_avx2();
+
+// Weights re-laid-out once for the AVX2 GEMM, in panels of kPanelChannels output channels.
+// Each int32 "unit" holds the codes of one channel for a few consecutive k:
+//   8 bits: 2 codes as int16 (low half = even k) — the operand of vpmaddwd;
+//   4 bits: 4 codes as int8 (nibbles sign-extended; byte i = k + i) — the operand of vpmaddubsw.
+// units is (OUT / 16 panels, K_UNITS, 16); channels past OUT and codes past IN are 0.
+struct PackedWeights {
+  static constexpr int64_t kPanelChannels = 16;
+  int bits = 8;
+  int64_t in = 0, out = 0;
+  int64_t codes_per_unit = 2;     // 2 (8 bits) or 4 (4 bits)
+  int64_t k_units = 0;            // IN / codes_per_unit rounded up (to even for 4 bits)
+  std::vector<int32_t> units;     // (PANELS, K_UNITS, 16)
+  std::vector<int32_t> row_sums;  // (PANELS · 16): Σ_k w[o][k], folds the zero point out of the inner loop
+};
+
+// w is (OUT, IN) int8 (bits 8) or packed int4 rows (bits 4).
+PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int64_t out);
+
+// int32 elements of workspace that qgemm_packed needs for n rows of x.
+size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w);
+
+// x is (N, IN) codes, w is packed (OUT, IN), b is (OUT); y is (N, OUT) int32 — equal to qgemm_s8_ref/qgemm_s4_ref.
+// Requires cpu_has_avx2(). workspace holds qgemm_packed_workspace_size(n, w) int32 (no allocation here).
+void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
+                  std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads = 1);
+
+// =====================================================================================================
+// Conv2d. HO, WO are the output height and width: HO = (H + 2·padding − K) / stride + 1.
+// =====================================================================================================
+
+// Direct loops, the definition (docs/quantization.md eq. 5); padding positions hold z_in, the real value 0.
+// x is (N, C, H, W) codes, w is (OUT, C, K, K) int8 or packed int4 rows of C·K·K codes, b is (OUT);
+// y is (N, OUT, HO, WO) int32.
+void qconv2d_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, int weight_bits,
+                 std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t c, int64_t height, int64_t width,
+                 int64_t out, int64_t k, int64_t stride, int64_t padding, int threads = 1);
+
+// Gathers every K×K window into a row, so the convolution becomes one GEMM with w as (OUT, C·K·K).
+// x is (N, C, H, W) codes; cols is (N·HO·WO, C·K·K), columns ordered (c, kh, kw) like w;
+// positions in the padding get the code z_in.
+void im2col(std::span<const int8_t> x, int32_t x_zero_point, std::span<int8_t> cols, int64_t n, int64_t c,
+            int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads = 1);
+
+// =====================================================================================================
+// Requantization (reference and AVX2), pooling and input (one version each: plain loops, memory bound).
+// =====================================================================================================
+
+// acc is (N, P, OUT) int32 (P positions: HO·WO for a Conv2d, 1 for a Linear); y is (N, OUT, P) codes
+// y[n][o][p] = requantize(acc[n][p][o], m[o], n[o], z_out, act_min, act_max) (docs/quantization.md eq. 6).
+void requantize_to_nchw_ref(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
+                            int64_t positions, int64_t out, int threads = 1);
+// Same signature and result; 8 channels at a time with AVX2 when the CPU has it, else the reference.
+void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
+                        int64_t positions, int64_t out, int threads = 1);
+
+// x is (N, C, H, W); y is (N, C, HO, WO): the largest code of each window (padding is ignored).
+void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height, int64_t width,
+               int64_t k, int64_t stride, int64_t padding, int threads = 1);
+
+// x is (N, C, H, W); y is (N, C, HO, WO): z + round_half_away(Σ (q − z) / (K·K)) over each window
+// (docs/quantization.md eq. 7); padding positions hold z (real 0) and count, like PyTorch's count_include_pad.
+void avgpool2d(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> y, int64_t n, int64_t c, int64_t height,
+               int64_t width, int64_t k, int64_t stride, int64_t padding, int threads = 1);
+
+// images is (N, SIZE) uint8 pixels; y is (N, SIZE) codes: y = table[pixel].
+void input_lookup(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
+                  int threads = 1);
+
+}  // namespace lowbit::quant::runtime

@@ -1,0 +1,358 @@
+// AVX2 integer GEMMs (vpmaddwd for int8 weights, vpmaddubsw for int4), bit-exact with qgemm_s8_ref / qgemm_s4_ref.
+#include <immintrin.h>
+
+#include <vector>
+
+#include "quant/runtime/int4.h"
+#include "quant/runtime/kernels.h"
+
+namespace lowbit::quant::runtime {
+
+// How the fast GEMM works (x is (N, IN), w is (OUT, IN); y is (N, OUT)):
+//
+// 1. Fold the zero point out of the inner loop (docs/quantization.md eq. 5):
+//      y[n][o] = b[o] + Σ_k w·(x − z_in) = (b[o] − z_in·Σ_k w[o][k]) + Σ_k w[o][k]·x[n][k]
+//    Σ_k w[o][k] is computed once by pack_weights. The kernels add in wrapping 32-bit arithmetic; the
+//    result equals the reference because validate() guarantees the true value fits in int32, and
+//    arithmetic modulo 2^32 is exact for any value that fits.
+// 2. Re-lay w out once into panels of 16 output channels (PackedWeights), and x, per call, into rows of
+//    units, so the micro-kernel reads both operands sequentially. Each int32 "unit" holds the codes of
+//    one row (or channel) at a few consecutive k: two int16 for 8-bit weights, four u8 for 4-bit weights.
+// 3. The micro-kernel keeps an MR × 16 tile of int32 accumulators in registers (2 ymm per row) and walks
+//    a block of K: per unit it broadcasts one x unit per row and multiplies it with the two weight vectors.
+//      int8 weights: vpmaddwd on int16 pairs: x·w products are at most 128·127, a pair at most 32512 —
+//        no overflow. (vpmaddubsw is NOT safe for int8 weights: u8 × s8 pair sums reach 2·255·127 = 64770
+//        and saturate int16.)
+//      int4 weights: vpmaddubsw on (x + 128) as u8 times w as s8, then vpmaddwd with 1s to int32. Proof
+//        that nothing saturates: |(x + 128)·w| <= 255·8 = 2040, a vpmaddubsw pair <= 4080, and the
+//        kernel adds two such results in int16 (vpaddw) before widening: <= 8160 < 32767.
+//        The +128 is folded like z_in: y = (b − (z_in + 128)·Σw) + Σ w·(x + 128).
+// 4. Tiles of (4·MR rows × 128 channels) go to the threads; every y element is computed by exactly one
+//    thread in a fixed order, so results do not depend on the thread count.
+
+namespace {
+
+constexpr int64_t kPanel = PackedWeights::kPanelChannels;  // 16 output channels: 2 ymm of int32
+constexpr int64_t kRowsS8 = 6;                             // MR for int8 weights: 12 accumulators
+constexpr int64_t kRowsS4 = 4;                             // MR for int4 weights: 8 accumulators
+constexpr int64_t kRowBlocksPerTile = 4;                   // a tile is 4 row blocks ...
+constexpr int64_t kPanelsPerTile = 8;                      // ... by 8 panels (128 channels)
+constexpr int64_t kKBlockUnits = 256;                      // units of K per pass (even, for the int4 kernel)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t rows_per_block(int bits) { return bits == 8 ? kRowsS8 : kRowsS4; }
+
+// The int8 code of unit position `byte` (0..3) as the u8 operand of vpmaddubsw: x + 128.
+inline uint32_t biased_byte(int8_t code, int byte) {
+  return static_cast<uint32_t>(static_cast<uint8_t>(code + 128)) << (8 * byte);
+}
+inline uint32_t int16_half(int32_t code, int half) {
+  return static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(code))) << (16 * half);
+}
+
+// ---- AVX2 region: raw pointers only (no std:: templates get instantiated with AVX2 code) ---------------
+#pragma GCC push_options
+#pragma GCC target("avx2")
+
+inline __m256i load8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void store8(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+
+// x is (N, IN) codes; xp is (ROWS, K_UNITS) units, ROWS = N rounded up to MR: row r of x as int16 pairs
+// (8 bits) or as biased u8 quads x + 128 (4 bits). Codes past IN and rows past N are 0 (their weights
+// are 0 too, or the rows are never stored).
+void pack_x(const int8_t* x, int64_t n, int64_t in, int bits, int64_t k_units, int32_t* xp, int threads) {
+  const int64_t rows = ceil_div(n, rows_per_block(bits)) * rows_per_block(bits);
+  const int64_t per_unit = bits == 8 ? 2 : 4;
+  const int64_t full_units = in / per_unit;  // units with every code inside the row
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    int32_t* dst = xp + row * k_units;
+    int64_t ku = 0;
+    if (row < n) {
+      const int8_t* src = x + row * in;
+      if (bits == 8) {
+        for (; ku + 8 <= full_units; ku += 8) {  // 16 codes → 16 int16 = 8 units
+          const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * ku));
+          store8(dst + ku, _mm256_cvtepi8_epi16(codes));
+        }
+        for (; ku < full_units; ++ku)
+          dst[ku] = static_cast<int32_t>(int16_half(src[2 * ku], 0) | int16_half(src[2 * ku + 1], 1));
+      } else {
+        const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
+        for (; ku + 8 <= full_units; ku += 8) {                          // 32 codes = 8 units
+          const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 4 * ku));
+          store8(dst + ku, _mm256_xor_si256(codes, bias));
+        }
+        for (; ku < full_units; ++ku) {
+          const int8_t* q = src + 4 * ku;
+          dst[ku] = static_cast<int32_t>(biased_byte(q[0], 0) | biased_byte(q[1], 1) | biased_byte(q[2], 2) |
+                                         biased_byte(q[3], 3));
+        }
+      }
+      for (; ku < k_units; ++ku) {  // the partial unit and the padding units
+        uint32_t unit = 0;
+        for (int64_t i = 0; i < per_unit; ++i) {
+          const int64_t k = ku * per_unit + i;
+          if (k < in)
+            unit |= bits == 8 ? int16_half(src[k], static_cast<int>(i)) : biased_byte(src[k], static_cast<int>(i));
+        }
+        dst[ku] = static_cast<int32_t>(unit);
+      }
+    }
+    for (; ku < k_units; ++ku) dst[ku] = 0;  // rows past N
+  }
+}
+
+// xp holds 6 rows of int16-pair units, row r at xp + r·x_stride; wp is (K_UNITS, 16) int16-pair units;
+// tile is (6, 16) int32: tile = Σ over K_UNITS units of x·w. The 12 accumulators live in registers
+// (the loops are fully unrolled).
+// noipa: compiled on its own, GCC 12 keeps every accumulator in a register; inlined into run_tiles (or
+// specialised for its caller) it spills some to the stack and runs at about half the speed.
+__attribute__((noipa)) void micro_kernel_s8(const int32_t* xp, int64_t x_stride, const int32_t* wp, int64_t k_units,
+                                            int32_t* tile) {
+  const int32_t* xr[kRowsS8];
+#pragma GCC unroll 6
+  for (int r = 0; r < kRowsS8; ++r) xr[r] = xp + r * x_stride;
+  __m256i acc[kRowsS8][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < kRowsS8; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t ku = 0; ku < k_units; ++ku) {
+    const __m256i w0 = load8(wp), w1 = load8(wp + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < kRowsS8; ++r) {
+      const __m256i x = _mm256_set1_epi32(xr[r][ku]);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(x, w0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(x, w1));
+    }
+    wp += kPanel;
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kRowsS8; ++r) {
+    store8(tile + r * kPanel, acc[r][0]);
+    store8(tile + r * kPanel + 8, acc[r][1]);
+  }
+}
+
+// xp holds 4 rows of units of 4 u8 codes (x + 128), row r at xp + r·x_stride; wp is (K_UNITS, 16) units of
+// 4 s8 weights; tile is (4, 16) int32: tile = Σ over K_UNITS units of (x + 128)·w. K_UNITS is even: two
+// units per step, whose vpmaddubsw pairs (<= 4080 each) are added in int16 (<= 8160) before vpmaddwd
+// with 1s widens them.
+__attribute__((noipa)) void micro_kernel_s4(const int32_t* xp, int64_t x_stride, const int32_t* wp, int64_t k_units,
+                                            int32_t* tile) {
+  const int32_t* xr[kRowsS4];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRowsS4; ++r) xr[r] = xp + r * x_stride;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[kRowsS4][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRowsS4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t ku = 0; ku < k_units; ku += 2) {
+    const __m256i w00 = load8(wp), w01 = load8(wp + 8), w10 = load8(wp + kPanel), w11 = load8(wp + kPanel + 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowsS4; ++r) {
+      const __m256i x0 = _mm256_set1_epi32(xr[r][ku]), x1 = _mm256_set1_epi32(xr[r][ku + 1]);
+      const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w00), _mm256_maddubs_epi16(x1, w10));
+      const __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w01), _mm256_maddubs_epi16(x1, w11));
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(s0, ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(s1, ones));
+    }
+    wp += 2 * kPanel;
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRowsS4; ++r) {
+    store8(tile + r * kPanel, acc[r][0]);
+    store8(tile + r * kPanel + 8, acc[r][1]);
+  }
+}
+
+// sums (ROWS, 16) += tile (ROWS, 16).
+void add_tile(const int32_t* tile, int64_t rows, int32_t* sums) {
+  for (int64_t i = 0; i < rows * kPanel; i += 8) store8(sums + i, _mm256_add_epi32(load8(sums + i), load8(tile + i)));
+}
+
+// Runs every (row block, panel) micro-kernel and writes y = Σ x·w + offset (wrapping, see above), where
+// offset[o] = b[o] − z_eff·Σ_k w[o][k]. xp is (ROWS, K_UNITS) from pack_x; y is (N, OUT).
+// A tile (4 row blocks × 8 panels) walks K in blocks of kKBlockUnits: the weight block of one panel
+// (16 × 256 units = 16 KB) stays in L1 while the x blocks of the 4 row blocks (6 KB each) pass by it.
+// (Blocking chosen by measuring 1024³ on the target CPU; see tools/bench_qgemm.cpp.)
+void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums, int bits, int64_t k_units,
+               const int32_t* b, int32_t z_eff, int32_t* y, int64_t n, int64_t out, int threads) {
+  const int64_t mr = rows_per_block(bits);
+  const int64_t row_blocks = ceil_div(n, mr), panels = ceil_div(out, kPanel);
+  const int64_t row_tiles = ceil_div(row_blocks, kRowBlocksPerTile), panel_tiles = ceil_div(panels, kPanelsPerTile);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t t = 0; t < row_tiles * panel_tiles; ++t) {
+    const int64_t rt = t / panel_tiles, pt = t % panel_tiles;
+    const int64_t rb0 = rt * kRowBlocksPerTile, rb1 = min_i64(row_blocks, rb0 + kRowBlocksPerTile);
+    const int64_t p0 = pt * kPanelsPerTile, p1 = min_i64(panels, p0 + kPanelsPerTile);
+    alignas(32) int32_t sums[kPanelsPerTile][kRowBlocksPerTile][kRowsS8 * kPanel];  // (panel, row block) tiles
+    alignas(32) int32_t tile[kRowsS8 * kPanel];                                     // kRowsS8 >= kRowsS4
+    for (int64_t k0 = 0; k0 < k_units; k0 += kKBlockUnits) {
+      const int64_t kb = min_i64(kKBlockUnits, k_units - k0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int32_t* wb = units + (p * k_units + k0) * kPanel;
+        for (int64_t rb = rb0; rb < rb1; ++rb) {
+          const int32_t* xb = xp + rb * mr * k_units + k0;  // row rb·MR at unit k0
+          int32_t* sum = sums[p - p0][rb - rb0];
+          int32_t* target = k0 == 0 ? sum : tile;  // the first K block writes the sums, later ones add
+          if (bits == 8) {
+            micro_kernel_s8(xb, k_units, wb, kb, target);
+          } else {
+            micro_kernel_s4(xb, k_units, wb, kb, target);
+          }
+          if (k0 > 0) add_tile(tile, mr, sum);
+        }
+      }
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t channels = min_i64(kPanel, out - p * kPanel);
+      alignas(32) int32_t offset[kPanel] = {};  // b[o] − z_eff·Σ_k w[o][k], wrapping
+      for (int64_t j = 0; j < channels; ++j) {
+        const int64_t o = p * kPanel + j;
+        offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
+                                         static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(row_sums[o]));
+      }
+      const __m256i offset0 = load8(offset), offset1 = load8(offset + 8);
+      for (int64_t rb = rb0; rb < rb1; ++rb) {
+        const int32_t* sum = sums[p - p0][rb - rb0];
+        const int64_t rows = min_i64(mr, n - rb * mr);
+        for (int64_t r = 0; r < rows; ++r) {
+          int32_t* yr = y + (rb * mr + r) * out + p * kPanel;
+          const int32_t* sr = sum + r * kPanel;
+          if (channels == kPanel) {
+            store8(yr, _mm256_add_epi32(load8(sr), offset0));
+            store8(yr + 8, _mm256_add_epi32(load8(sr + 8), offset1));
+          } else {
+            for (int64_t j = 0; j < channels; ++j) {
+              yr[j] = static_cast<int32_t>(static_cast<uint32_t>(sr[j]) + static_cast<uint32_t>(offset[j]));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// acc is (N, P, OUT) int32; y is (N, OUT, P) codes — requantize_to_nchw_ref, 8 channels per step
+// (docs/quantization.md eqs. 6–7). Per lane, with the sign taken off first:
+//   |acc|·m as an unsigned 64-bit product (vpmuludq on even and odd lanes), + 2^(n−1), >> n (vpsrlvq),
+//   saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max anyway since |z_out| <= 128),
+//   then the sign put back, z_out added and the result clamped: the reference's single rounding exactly.
+void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, const int32_t* shift, int32_t zero_point,
+                             int32_t act_min, int32_t act_max, int8_t* y, int64_t n, int64_t positions, int64_t out,
+                             int threads) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i one = _mm256_set1_epi64x(1), limit = _mm256_set1_epi64x(0xFFFF);
+  const __m256i z = _mm256_set1_epi32(zero_point), lo = _mm256_set1_epi32(act_min), hi = _mm256_set1_epi32(act_max);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t o = 0; o < out; o += 8) {
+      const int64_t count = min_i64(8, out - o);
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
+      const __m256i m = _mm256_maskload_epi32(multiplier + o, mask);
+      const __m256i shift_even =
+          _mm256_and_si256(_mm256_maskload_epi32(shift + o, mask), _mm256_set1_epi64x(0xFFFFFFFF));
+      const __m256i shift_odd = _mm256_srli_epi64(_mm256_maskload_epi32(shift + o, mask), 32);
+      const __m256i half_even = _mm256_sllv_epi64(one, _mm256_sub_epi64(shift_even, one));
+      const __m256i half_odd = _mm256_sllv_epi64(one, _mm256_sub_epi64(shift_odd, one));
+      int8_t* yo = y + (i * out + o) * positions;
+      for (int64_t p = 0; p < positions; ++p) {
+        const __m256i a = _mm256_maskload_epi32(acc + (i * positions + p) * out + o, mask);
+        const __m256i sign = _mm256_srai_epi32(a, 31);
+        const __m256i magnitude = _mm256_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
+        __m256i even = _mm256_mul_epu32(magnitude, m);
+        __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(magnitude, 32), _mm256_srli_epi64(m, 32));
+        even = _mm256_srlv_epi64(_mm256_add_epi64(even, half_even), shift_even);
+        odd = _mm256_srlv_epi64(_mm256_add_epi64(odd, half_odd), shift_odd);
+        even = _mm256_blendv_epi8(even, limit, _mm256_cmpgt_epi64(even, limit));
+        odd = _mm256_blendv_epi8(odd, limit, _mm256_cmpgt_epi64(odd, limit));
+        const __m256i rounded = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b10101010);
+        __m256i q = _mm256_add_epi32(_mm256_sub_epi32(_mm256_xor_si256(rounded, sign), sign), z);
+        q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+        alignas(32) int32_t codes[8];
+        store8(codes, q);
+        for (int64_t j = 0; j < count; ++j) yo[j * positions + p] = static_cast<int8_t>(codes[j]);
+      }
+    }
+  }
+}
+
+#pragma GCC pop_options
+// ---- end of the AVX2 region ----------------------------------------------------------------------------
+
+}  // namespace
+
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2"); }
+
+PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int64_t out) {
+  PackedWeights pw;
+  pw.bits = bits;
+  pw.in = in;
+  pw.out = out;
+  pw.codes_per_unit = bits == 8 ? 2 : 4;
+  pw.k_units = ceil_div(in, pw.codes_per_unit);
+  if (bits == 4) pw.k_units += pw.k_units % 2;  // the int4 kernel takes two units per step
+  if (pw.k_units == 0) pw.k_units = 2;          // IN = 0: one step of zero units, so y = b
+  const int64_t panels = ceil_div(out, kPanel);
+  std::vector<uint32_t> units(static_cast<size_t>(panels * pw.k_units * kPanel), 0);
+  pw.row_sums.assign(static_cast<size_t>(panels * kPanel), 0);
+  const auto row_bytes = static_cast<int64_t>(int4_packed_size(in));
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t k = 0; k < in; ++k) {
+      const int32_t code = bits == 8 ? w[o * in + k] : unpack_int4_at(w.subspan(o * row_bytes, row_bytes), k);
+      pw.row_sums[o] += code;
+      const int64_t ku = k / pw.codes_per_unit, i = k % pw.codes_per_unit;
+      uint32_t& unit = units[((o / kPanel) * pw.k_units + ku) * kPanel + o % kPanel];
+      unit |= bits == 8 ? int16_half(code, static_cast<int>(i))
+                        : static_cast<uint32_t>(static_cast<uint8_t>(code)) << (8 * i);
+    }
+  }
+  pw.units.assign(units.begin(), units.end());  // same bits, as int32
+  return pw;
+}
+
+size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
+  const int64_t mr = rows_per_block(w.bits);
+  return static_cast<size_t>(ceil_div(n, mr) * mr * w.k_units);
+}
+
+void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
+                  std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads) {
+  pack_x(x.data(), n, w.in, w.bits, w.k_units, workspace.data(), threads);
+  const int32_t z_eff = w.bits == 8 ? x_zero_point : x_zero_point + 128;
+  run_tiles(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(), n, w.out,
+            threads);
+}
+
+namespace {
+
+void qgemm_fast(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, int bits,
+                std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
+  const PackedWeights pw = pack_weights(w, bits, in, out);
+  std::vector<int32_t> workspace(qgemm_packed_workspace_size(n, pw));
+  qgemm_packed(x, x_zero_point, pw, b, y, n, workspace, threads);
+}
+
+}  // namespace
+
+void qgemm_s8(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, std::span<const int32_t> b,
+              std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
+  if (!cpu_has_avx2()) return qgemm_s8_ref(x, x_zero_point, w, b, y, n, in, out, threads);
+  qgemm_fast(x, x_zero_point, w, 8, b, y, n, in, out, threads);
+}
+
+void qgemm_s4(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, std::span<const int32_t> b,
+              std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
+  if (!cpu_has_avx2()) return qgemm_s4_ref(x, x_zero_point, w, b, y, n, in, out, threads);
+  qgemm_fast(x, x_zero_point, w, 4, b, y, n, in, out, threads);
+}
+
+void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
+                        int64_t positions, int64_t out, int threads) {
+  if (!cpu_has_avx2()) return requantize_to_nchw_ref(acc, rq, y, n, positions, out, threads);
+  requantize_to_nchw_avx2(acc.data(), rq.multiplier.data(), rq.shift.data(), rq.zero_point, rq.act_min, rq.act_max,
+                          y.data(), n, positions, out, threads);
+}
+
+}  // namespace lowbit::quant::runtime

@@ -1,0 +1,106 @@
+// Proves the runtime is integer-only: no floating-point instruction in its object files, no float type in its source.
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int kMaxReportedLines = 20;
+
+// Mnemonics of floating-point arithmetic or conversion: SSE/AVX scalar and packed (…ss, …sd, …ps, …pd),
+// FMA, every conversion touching a real type (cvt…), and the x87 unit (every mnemonic starting with f).
+// Integer SIMD (vpmaddwd, vpaddd, …) starts with "p"/"vp" and never matches; plain moves, shuffles and
+// logic (vmovups, vxorps, vpermilps) are allowed.
+const std::regex kFloatMnemonic(
+    "^v?(add|sub|mul|div|sqrt|max|min|rcp|rsqrt|round|dp|hadd|hsub|addsub|cmp|comi|ucomi|getexp|getmant|scalef|range|"
+    "reduce|fixupimm)(ss|sd|ps|pd|sh|ph)$"
+    "|^vf(n)?m(add|sub|addsub|subadd)[0-9]*(ss|sd|ps|pd|ph|sh)$"
+    "|cvt"
+    "|^f[a-z0-9]*$");
+
+// Prefix words objdump prints before the mnemonic.
+bool is_prefix(const std::string& word) {
+  return word == "lock" || word == "rep" || word == "repz" || word == "repnz" || word == "repe" || word == "repne" ||
+         word == "notrack" || word == "bnd" || word == "data16" || word == "addr32" || word == "cs" || word == "ds";
+}
+
+std::string run_command(const std::string& command) {
+  std::string output;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return output;
+  char buffer[4096];
+  while (fgets(buffer, sizeof buffer, pipe) != nullptr) output += buffer;
+  pclose(pipe);
+  return output;
+}
+
+}  // namespace
+
+TEST_CASE("the object files of lowbit_runtime contain no floating-point instruction") {
+  const fs::path objects = fs::path(LOWBIT_BIN_DIR) / ".." / "quant" / "CMakeFiles" / "lowbit_runtime.dir" / "runtime";
+  REQUIRE_MESSAGE(fs::is_directory(objects), "no object directory ", objects.string());
+  REQUIRE_MESSAGE(!run_command("objdump --version").empty(), "objdump is needed (binutils)");
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::directory_iterator(objects)) {
+    if (entry.path().extension() == ".o") files.push_back(entry.path());
+  }
+  REQUIRE(files.size() >= 4);  // graph, executor, kernels_ref, kernels_avx2
+  int offending = 0;
+  int64_t instructions = 0;
+  for (const fs::path& file : files) {
+    std::istringstream listing(run_command("objdump -d --no-show-raw-insn '" + file.string() + "'"));
+    std::string line;
+    while (std::getline(listing, line)) {
+      // Instruction lines look like "  4f:\tvpmaddwd %ymm1,%ymm2,%ymm3".
+      const size_t tab = line.find(":\t");
+      if (tab == std::string::npos) continue;
+      std::istringstream words(line.substr(tab + 2));
+      std::string mnemonic;
+      while (words >> mnemonic && is_prefix(mnemonic)) {
+      }
+      if (mnemonic.empty() || mnemonic.front() == '(') continue;
+      ++instructions;
+      if (std::regex_search(mnemonic, kFloatMnemonic) && ++offending <= kMaxReportedLines) {
+        std::printf("%s: %s\n", file.filename().c_str(), line.c_str());
+      }
+    }
+  }
+  MESSAGE(instructions, " instructions checked in ", files.size(), " object files");
+  CHECK(instructions > 1000);
+  CHECK(offending == 0);
+}
+
+TEST_CASE("the runtime sources never name a real-number type") {
+  const fs::path sources = fs::path(LOWBIT_SOURCE_DIR) / "quant" / "runtime";
+  const std::regex kRealType("\\b(float|double|long double|_Float[0-9]+|__bf16|_Float16)\\b");
+  int offending = 0;
+  for (const auto& entry : fs::directory_iterator(sources)) {
+    std::ifstream in(entry.path());
+    std::string line;
+    for (int number = 1; std::getline(in, line); ++number) {
+      if (std::regex_search(line, kRealType) && ++offending <= kMaxReportedLines) {
+        std::printf("%s:%d: %s\n", entry.path().filename().c_str(), number, line.c_str());
+      }
+    }
+  }
+  CHECK(offending == 0);
+}
+
+TEST_CASE("the float-detecting pattern catches what it must and passes integer SIMD") {
+  for (const char* bad : {"addss", "vaddps", "vmulsd", "divss", "sqrtss", "vfmadd231ps", "vfnmadd132sd", "cvtsi2ss",
+                          "cvttss2si", "vcvtdq2ps", "cvtps2dq", "maxss", "vminps", "fadd", "fmulp", "fld", "fistp"}) {
+    CHECK_MESSAGE(std::regex_search(std::string(bad), kFloatMnemonic), bad);
+  }
+  for (const char* good : {"vpmaddwd", "vpmaddubsw", "vpaddd", "paddd", "vpmaxsd", "pminsd", "vpmulld", "vmovups",
+                           "vxorps", "vpbroadcastd", "imul", "add", "sub", "mov", "vpsrad", "vpermilps", "sar"}) {
+    CHECK_MESSAGE(!std::regex_search(std::string(good), kFloatMnemonic), good);
+  }
+}

@@ -1,0 +1,352 @@
+// Tests of the runtime kernels: AVX2 GEMMs bit-exact with the reference, and each integer op against real arithmetic.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#include "core/rng.h"
+#include "quant/runtime/int4.h"
+#include "quant/runtime/kernels.h"
+#include "quant/runtime/requantize.h"
+
+namespace rt = lowbit::quant::runtime;
+
+namespace {
+
+constexpr int kOutputLsbTolerance = 1;  // an integer op may differ from real arithmetic by one output code
+constexpr int kMaxReportedMismatches = 5;
+
+int32_t random_in(lowbit::Rng& rng, int64_t lo, int64_t hi) {
+  return static_cast<int32_t>(lo + static_cast<int64_t>(rng.below(static_cast<uint64_t>(hi - lo + 1))));
+}
+
+std::vector<int8_t> random_codes(lowbit::Rng& rng, size_t count, int lo, int hi) {
+  std::vector<int8_t> v(count);
+  for (auto& c : v) c = static_cast<int8_t>(random_in(rng, lo, hi));
+  return v;
+}
+
+// (OUT, IN) int4 codes → packed rows, one row per output channel.
+std::vector<int8_t> pack_rows_int4(const std::vector<int8_t>& codes, int64_t out, int64_t in) {
+  const auto row_bytes = static_cast<int64_t>(rt::int4_packed_size(in));
+  std::vector<int8_t> packed(out * row_bytes);
+  for (int64_t o = 0; o < out; ++o) {
+    rt::pack_int4(std::span(codes).subspan(o * in, in), std::span(packed).subspan(o * row_bytes, row_bytes));
+  }
+  return packed;
+}
+
+// Counts differing elements, printing the first few.
+template <typename T>
+int count_mismatches(const std::vector<T>& got, const std::vector<T>& want, const char* what) {
+  int mismatches = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (got[i] != want[i] && ++mismatches <= kMaxReportedMismatches) {
+      std::printf("%s[%zu]: got %lld want %lld\n", what, i, static_cast<long long>(got[i]),
+                  static_cast<long long>(want[i]));
+    }
+  }
+  return mismatches;
+}
+
+// M = m·2^(−n) with m in [2^30, 2^31) — what convert computes on the real side.
+void quantize_multiplier(double real, int32_t& m, int32_t& n) {
+  int exponent = 0;
+  const double mantissa = std::frexp(real, &exponent);  // real = mantissa·2^exponent, mantissa in [0.5, 1)
+  auto q = static_cast<int64_t>(std::llround(mantissa * static_cast<double>(int64_t{1} << 31)));
+  n = 31 - exponent;
+  if (q == (int64_t{1} << 31)) {
+    q /= 2;
+    --n;
+  }
+  m = static_cast<int32_t>(q);
+}
+
+struct GemmShape {
+  int64_t n, in, out;
+};
+
+}  // namespace
+
+TEST_CASE("qgemm_s8 and qgemm_s4 are bit-exact with the reference on random shapes, any thread count") {
+  if (!rt::cpu_has_avx2()) MESSAGE("this CPU has no AVX2: the fast kernels fall back to the reference");
+  const std::vector<GemmShape> shapes = {{1, 1, 1},       {7, 13, 5},    {33, 65, 17},  {6, 16, 16},
+                                         {5, 3, 40},      {13, 100, 31}, {64, 784, 25}, {2, 9, 130},
+                                         {100, 257, 129}, {49, 150, 16}, {3, 0, 5}};
+  lowbit::Rng rng(42);
+  for (const GemmShape& s : shapes) {
+    for (const int32_t z : {-128, -1, 0, 37, 127, random_in(rng, -128, 127)}) {
+      for (const int bits : {8, 4}) {
+        CAPTURE(s.n);
+        CAPTURE(s.in);
+        CAPTURE(s.out);
+        CAPTURE(z);
+        CAPTURE(bits);
+        const auto x = random_codes(rng, s.n * s.in, -128, 127);
+        const auto codes =
+            bits == 8 ? random_codes(rng, s.out * s.in, -127, 127) : random_codes(rng, s.out * s.in, -8, 7);
+        const auto w = bits == 8 ? codes : pack_rows_int4(codes, s.out, s.in);
+        std::vector<int32_t> b(s.out);
+        for (auto& v : b) v = random_in(rng, -(1 << 20), 1 << 20);
+        std::vector<int32_t> want(s.n * s.out), got1(s.n * s.out), got2(s.n * s.out), packed(s.n * s.out);
+        const auto ref = bits == 8 ? rt::qgemm_s8_ref : rt::qgemm_s4_ref;
+        const auto fast = bits == 8 ? rt::qgemm_s8 : rt::qgemm_s4;
+        ref(x, z, w, b, want, s.n, s.in, s.out, 1);
+        fast(x, z, w, b, got1, s.n, s.in, s.out, 1);
+        fast(x, z, w, b, got2, s.n, s.in, s.out, 2);
+        CHECK(count_mismatches(got1, want, "1 thread") == 0);
+        CHECK(count_mismatches(got2, want, "2 threads") == 0);
+        if (rt::cpu_has_avx2()) {
+          const rt::PackedWeights pw = rt::pack_weights(w, bits, s.in, s.out);
+          std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(s.n, pw));
+          rt::qgemm_packed(x, z, pw, b, packed, s.n, workspace, 2);
+          CHECK(count_mismatches(packed, want, "packed") == 0);
+        }
+        // The reference itself: codes unpacked and multiplied in 64 bits.
+        std::vector<int32_t> plain(s.n * s.out);
+        for (int64_t i = 0; i < s.n; ++i) {
+          for (int64_t o = 0; o < s.out; ++o) {
+            int64_t acc = b[o];
+            for (int64_t k = 0; k < s.in; ++k) acc += int64_t{codes[o * s.in + k]} * (x[i * s.in + k] - z);
+            plain[i * s.out + o] = static_cast<int32_t>(acc);
+          }
+        }
+        CHECK(count_mismatches(want, plain, "reference") == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("im2col then GEMM equals the direct convolution, padding holding z_in") {
+  struct ConvShape {
+    int64_t n, c, h, w, out, k, stride, padding;
+  };
+  const std::vector<ConvShape> shapes = {{2, 1, 28, 28, 6, 5, 1, 2},
+                                         {1, 6, 14, 14, 16, 5, 1, 0},
+                                         {3, 3, 9, 7, 5, 3, 2, 1},
+                                         {1, 2, 5, 5, 3, 1, 1, 0},
+                                         {2, 4, 6, 6, 17, 3, 1, 1}};
+  lowbit::Rng rng(5);
+  for (const ConvShape& s : shapes) {
+    for (const int bits : {8, 4}) {
+      const int32_t z = random_in(rng, -128, 127);
+      CAPTURE(bits);
+      CAPTURE(z);
+      const int64_t ho = rt::pooled_size(s.h, s.k, s.stride, s.padding),
+                    wo = rt::pooled_size(s.w, s.k, s.stride, s.padding);
+      const int64_t row = s.c * s.k * s.k, rows = s.n * ho * wo;
+      const auto x = random_codes(rng, s.n * s.c * s.h * s.w, -128, 127);
+      const auto codes = random_codes(rng, s.out * row, bits == 8 ? -127 : -8, bits == 8 ? 127 : 7);
+      const auto w = bits == 8 ? codes : pack_rows_int4(codes, s.out, row);
+      std::vector<int32_t> b(s.out);
+      for (auto& v : b) v = random_in(rng, -1000, 1000);
+      std::vector<int32_t> direct(s.n * s.out * ho * wo);
+      rt::qconv2d_ref(x, z, w, bits, b, direct, s.n, s.c, s.h, s.w, s.out, s.k, s.stride, s.padding, 1);
+      std::vector<int8_t> cols(rows * row);
+      rt::im2col(x, z, cols, s.n, s.c, s.h, s.w, s.k, s.stride, s.padding, 2);
+      std::vector<int32_t> acc(rows * s.out);
+      (bits == 8 ? rt::qgemm_s8 : rt::qgemm_s4)(cols, z, w, b, acc, rows, row, s.out, 2);
+      std::vector<int32_t> nchw(direct.size());  // (N, HO·WO, OUT) → (N, OUT, HO·WO)
+      for (int64_t i = 0; i < s.n; ++i) {
+        for (int64_t p = 0; p < ho * wo; ++p) {
+          for (int64_t o = 0; o < s.out; ++o) nchw[(i * s.out + o) * ho * wo + p] = acc[(i * ho * wo + p) * s.out + o];
+        }
+      }
+      CHECK(count_mismatches(nchw, direct, "conv") == 0);
+    }
+  }
+}
+
+TEST_CASE("Conv2d (conv + requantize) is within one output LSB of real arithmetic") {
+  // Real-valued layer: x real = s_in·(q − z_in), w real = s_w[o]·w, bias real = s_in·s_w[o]·b.
+  const int64_t n = 2, c = 3, h = 7, w = 6, out = 4, k = 3, stride = 1, padding = 1;
+  const int64_t ho = rt::pooled_size(h, k, stride, padding), wo = rt::pooled_size(w, k, stride, padding);
+  const double s_in = 0.02, s_out = 0.05;
+  const int32_t z_in = -7, z_out = 3;
+  const std::vector<double> s_w = {0.004, 0.0013, 0.009, 0.0021};
+  for (const bool relu : {false, true}) {
+    lowbit::Rng rng(relu ? 9 : 8);
+    const auto x = random_codes(rng, n * c * h * w, -128, 127);
+    const auto wq = random_codes(rng, out * c * k * k, -127, 127);
+    std::vector<int32_t> b(out);
+    for (auto& v : b) v = random_in(rng, -3000, 3000);
+    rt::Requant rq;
+    rq.zero_point = z_out;
+    rq.act_min = relu ? z_out : -128;
+    for (int64_t o = 0; o < out; ++o) {
+      int32_t m = 0, shift = 0;
+      quantize_multiplier(s_in * s_w[o] / s_out, m, shift);
+      rq.multiplier.push_back(m);
+      rq.shift.push_back(shift);
+    }
+    std::vector<int32_t> acc(n * out * ho * wo);
+    rt::qconv2d_ref(x, z_in, wq, 8, b, acc, n, c, h, w, out, k, stride, padding, 1);
+    std::vector<int8_t> got(acc.size());
+    // acc is already (N, OUT, HO, WO): requantize each element with its channel's multiplier.
+    for (int64_t i = 0; i < n * out; ++i) {
+      const int64_t o = i % out;
+      for (int64_t p = 0; p < ho * wo; ++p) {
+        got[i * ho * wo + p] =
+            rt::requantize(acc[i * ho * wo + p], rq.multiplier[o], rq.shift[o], rq.zero_point, rq.act_min, rq.act_max);
+      }
+    }
+    int worst = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t o = 0; o < out; ++o) {
+        for (int64_t oh = 0; oh < ho; ++oh) {
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            double real = s_in * s_w[o] * b[o];
+            for (int64_t ci = 0; ci < c; ++ci) {
+              for (int64_t kh = 0; kh < k; ++kh) {
+                for (int64_t kw = 0; kw < k; ++kw) {
+                  const int64_t ih = oh - padding + kh, iw = ow - padding + kw;
+                  if (ih < 0 || ih >= h || iw < 0 || iw >= w) continue;  // real 0
+                  real += s_in * (x[((i * c + ci) * h + ih) * w + iw] - z_in) * s_w[o] *
+                          wq[((o * c + ci) * k + kh) * k + kw];
+                }
+              }
+            }
+            if (relu) real = std::max(real, 0.0);
+            const double want = std::clamp(z_out + std::round(real / s_out), -128.0, 127.0);
+            const int diff = std::abs(got[((i * out + o) * ho + oh) * wo + ow] - static_cast<int>(want));
+            worst = std::max(worst, diff);
+          }
+        }
+      }
+    }
+    CAPTURE(relu);
+    CHECK(worst <= kOutputLsbTolerance);
+  }
+}
+
+TEST_CASE("Linear (GEMM + requantize_to_nchw) is within one output LSB of real arithmetic") {
+  const int64_t n = 5, in = 37, out = 9;
+  const double s_in = 0.031, s_out = 0.11;
+  const int32_t z_in = 12, z_out = -20;
+  lowbit::Rng rng(21);
+  const auto x = random_codes(rng, n * in, -128, 127);
+  const auto codes = random_codes(rng, out * in, -8, 7);  // int4 weights
+  const auto w = pack_rows_int4(codes, out, in);
+  std::vector<double> s_w(out);
+  rt::Requant rq;
+  rq.zero_point = z_out;
+  std::vector<int32_t> b(out);
+  for (int64_t o = 0; o < out; ++o) {
+    s_w[o] = 0.01 + 0.003 * static_cast<double>(o);
+    b[o] = random_in(rng, -500, 500);
+    int32_t m = 0, shift = 0;
+    quantize_multiplier(s_in * s_w[o] / s_out, m, shift);
+    rq.multiplier.push_back(m);
+    rq.shift.push_back(shift);
+  }
+  std::vector<int32_t> acc(n * out);
+  rt::qgemm_s4(x, z_in, w, b, acc, n, in, out, 1);
+  std::vector<int8_t> got(n * out);
+  rt::requantize_to_nchw(acc, rq, got, n, 1, out, 1);
+  int worst = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t o = 0; o < out; ++o) {
+      double real = s_in * s_w[o] * b[o];
+      for (int64_t k = 0; k < in; ++k) real += s_in * (x[i * in + k] - z_in) * s_w[o] * codes[o * in + k];
+      const double want = std::clamp(z_out + std::round(real / s_out), -128.0, 127.0);
+      worst = std::max(worst, std::abs(got[i * out + o] - static_cast<int>(want)));
+    }
+  }
+  CHECK(worst <= kOutputLsbTolerance);
+}
+
+TEST_CASE("requantize_to_nchw transposes (N, P, OUT) accumulators into (N, OUT, P) codes") {
+  rt::Requant rq;
+  rq.multiplier = {int32_t{1} << 30, int32_t{1} << 30};       // M = 0.5 for both channels
+  rq.shift = {31, 30};                                        // channel 1: M = 1
+  const std::vector<int32_t> acc = {10, 10, 20, 20, -3, -3};  // N = 1, P = 3, OUT = 2
+  for (const auto kernel : {rt::requantize_to_nchw_ref, rt::requantize_to_nchw}) {
+    std::vector<int8_t> y(6);
+    kernel(acc, rq, y, 1, 3, 2, 1);
+    CHECK(y == std::vector<int8_t>{5, 10, -2, 10, 20, -3});  // −1.5 → −2: ties away from zero
+  }
+}
+
+TEST_CASE("requantize_to_nchw is bit-exact with the reference on random and extreme values") {
+  lowbit::Rng rng(77);
+  const std::vector<int32_t> edges = {INT32_MIN, INT32_MIN + 1, -65536, -1, 0, 1, 65535, INT32_MAX - 1, INT32_MAX};
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t n = random_in(rng, 1, 3), positions = random_in(rng, 1, 7), out = random_in(rng, 1, 21);
+    rt::Requant rq;
+    rq.act_min = random_in(rng, -128, 127);
+    rq.act_max = random_in(rng, rq.act_min, 127);
+    rq.zero_point = random_in(rng, rq.act_min, rq.act_max);
+    for (int64_t o = 0; o < out; ++o) {
+      const int kind = random_in(rng, 0, 3);  // edges of the multiplier and shift ranges, or random
+      rq.multiplier.push_back(kind == 0   ? rt::kMultiplierMin
+                              : kind == 1 ? rt::kMultiplierMax
+                                          : random_in(rng, rt::kMultiplierMin, rt::kMultiplierMax));
+      rq.shift.push_back(kind == 2 ? (random_in(rng, 0, 1) ? 1 : 62) : random_in(rng, 1, 62));
+    }
+    std::vector<int32_t> acc(n * positions * out);
+    for (auto& a : acc) {
+      const bool edge = random_in(rng, 0, 2) == 0;
+      a = edge ? edges[rng.below(edges.size())]
+               : static_cast<int32_t>(static_cast<int64_t>(rng.next_u64()) >> (32 + random_in(rng, 0, 31)));
+    }
+    std::vector<int8_t> want(acc.size()), got(acc.size());
+    rt::requantize_to_nchw_ref(acc, rq, want, n, positions, out, 1);
+    rt::requantize_to_nchw(acc, rq, got, n, positions, out, 1 + trial % 2);
+    CAPTURE(trial);
+    CHECK(count_mismatches(got, want, "requantize") == 0);
+  }
+}
+
+TEST_CASE("pooling matches real arithmetic, input lookup maps pixels") {
+  const int64_t n = 2, c = 3, h = 7, w = 8;
+  lowbit::Rng rng(17);
+  const auto x = random_codes(rng, n * c * h * w, -128, 127);
+  struct Window {
+    int64_t k, stride, padding;
+  };
+  for (const Window win : {Window{2, 2, 0}, Window{3, 2, 1}, Window{3, 1, 1}, Window{1, 1, 0}}) {
+    for (const int32_t z : {-128, -9, 0, 100}) {
+      const int64_t ho = rt::pooled_size(h, win.k, win.stride, win.padding);
+      const int64_t wo = rt::pooled_size(w, win.k, win.stride, win.padding);
+      std::vector<int8_t> maxed(n * c * ho * wo), averaged(n * c * ho * wo);
+      rt::maxpool2d(x, maxed, n, c, h, w, win.k, win.stride, win.padding, 2);
+      rt::avgpool2d(x, z, averaged, n, c, h, w, win.k, win.stride, win.padding, 2);
+      int max_errors = 0, avg_errors = 0;
+      for (int64_t plane = 0; plane < n * c; ++plane) {
+        for (int64_t oh = 0; oh < ho; ++oh) {
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            double best = -1e9, real_sum = 0;  // real values in units of the scale: q − z
+            for (int64_t kh = 0; kh < win.k; ++kh) {
+              for (int64_t kw = 0; kw < win.k; ++kw) {
+                const int64_t ih = oh * win.stride - win.padding + kh, iw = ow * win.stride - win.padding + kw;
+                if (ih < 0 || ih >= h || iw < 0 || iw >= w) continue;  // padding: real 0 in the average
+                const double q = x[(plane * h + ih) * w + iw];
+                best = std::max(best, q);
+                real_sum += q - z;
+              }
+            }
+            const double mean = real_sum / static_cast<double>(win.k * win.k);
+            const double want_avg = std::clamp(z + std::round(mean), -128.0, 127.0);  // std::round: ties away
+            const int64_t at = (plane * ho + oh) * wo + ow;
+            max_errors += maxed[at] != static_cast<int8_t>(best);
+            avg_errors += averaged[at] != static_cast<int8_t>(want_avg);
+          }
+        }
+      }
+      CAPTURE(win.k);
+      CAPTURE(win.padding);
+      CAPTURE(z);
+      CHECK(max_errors == 0);
+      CHECK(avg_errors == 0);
+    }
+  }
+  std::array<int8_t, 256> table{};
+  for (int p = 0; p < 256; ++p) table[p] = static_cast<int8_t>(p / 2 - 64);
+  const std::vector<uint8_t> pixels = {0, 1, 2, 128, 255};
+  std::vector<int8_t> codes(pixels.size());
+  rt::input_lookup(pixels, table, codes, 1);
+  CHECK(codes == std::vector<int8_t>{-64, -64, -63, 0, 63});
+}

@@ -1,0 +1,150 @@
+// Micro benchmark of the runtime's integer GEMMs: GOP/s (2 ops per multiply-add) of reference and AVX2 kernels.
+//
+// Build (until it is wired into CMake), from the repository root:
+//   g++ -O2 -std=c++20 -fopenmp -I. tools/bench_qgemm.cpp quant/runtime/*.cpp -o bench_qgemm
+// Run: ./bench_qgemm [threads]     (one line per GEMM shape, 1024³ first; then whole graphs in images/s)
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "quant/runtime/executor.h"
+#include "quant/runtime/int4.h"
+#include "quant/runtime/kernels.h"
+
+namespace rt = lowbit::quant::runtime;
+
+namespace {
+
+struct Shape {
+  const char* what;
+  int64_t n, in, out;
+};
+
+uint64_t next(uint64_t& state) {  // splitmix64: inputs only need to look random
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Best wall time in seconds of `repeats` runs of f.
+template <typename F>
+double best_seconds(int repeats, F&& f) {
+  double best = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+// A Conv2d / Linear with random int8 codes and multipliers that keep activations spread out.
+rt::Op weighted(uint64_t& state, rt::OpKind kind, int64_t in, int64_t out, int64_t k, int64_t padding) {
+  rt::Op op;
+  op.kind = kind;
+  op.in_channels = in;
+  op.out_channels = out;
+  op.kernel = k;
+  op.padding = padding;
+  op.input_zero_point = -128;
+  const int64_t row = kind == rt::OpKind::Conv2d ? in * k * k : in;
+  for (int64_t i = 0; i < out * row; ++i)
+    op.weight.push_back(static_cast<int8_t>(static_cast<int>(next(state) % 31) - 15));
+  for (int64_t o = 0; o < out; ++o) {
+    op.bias.push_back(0);
+    op.requant.multiplier.push_back(int32_t{1} << 30);
+    op.requant.shift.push_back(40);
+  }
+  op.requant.zero_point = -128;
+  op.requant.act_min = -128;  // ReLU
+  return op;
+}
+
+rt::Op simple(rt::OpKind kind, int64_t k = 1, int64_t stride = 1) {
+  rt::Op op;
+  op.kind = kind;
+  op.kernel = k;
+  op.stride = stride;
+  for (int p = 0; p < 256; ++p) op.input_table[p] = static_cast<int8_t>(p - 128);
+  return op;
+}
+
+// Images per second of whole integer graphs shaped like the canonical models (random weights).
+void bench_models(int threads) {
+  uint64_t state = 7;
+  rt::Graph mlp, lenet5;
+  mlp.ops = {simple(rt::OpKind::Input), simple(rt::OpKind::Flatten),
+             weighted(state, rt::OpKind::Linear, 784, 256, 1, 0), weighted(state, rt::OpKind::Linear, 256, 128, 1, 0),
+             weighted(state, rt::OpKind::Linear, 128, 10, 1, 0)};
+  lenet5.ops = {simple(rt::OpKind::Input),
+                weighted(state, rt::OpKind::Conv2d, 1, 6, 5, 2),
+                simple(rt::OpKind::MaxPool2d, 2, 2),
+                weighted(state, rt::OpKind::Conv2d, 6, 16, 5, 0),
+                simple(rt::OpKind::MaxPool2d, 2, 2),
+                simple(rt::OpKind::Flatten),
+                weighted(state, rt::OpKind::Linear, 400, 120, 1, 0),
+                weighted(state, rt::OpKind::Linear, 120, 84, 1, 0),
+                weighted(state, rt::OpKind::Linear, 84, 10, 1, 0)};
+  const int64_t batch = 256;
+  std::vector<uint8_t> images(batch * 28 * 28);
+  for (auto& p : images) p = static_cast<uint8_t>(next(state));
+  for (const auto& [name, graph] : {std::pair{"mlp", &mlp}, std::pair{"lenet5", &lenet5}}) {
+    for (const auto kernels : {rt::Executor::Kernels::Reference, rt::Executor::Kernels::Fastest}) {
+      rt::Executor executor(*graph, threads, kernels);
+      const double seconds =
+          best_seconds(kernels == rt::Executor::Kernels::Fastest ? 20 : 2, [&] { executor.run(images, batch); });
+      std::printf("%-8s %-9s batch %lld: %10.0f images/s\n", name,
+                  kernels == rt::Executor::Kernels::Fastest ? "fastest" : "reference", static_cast<long long>(batch),
+                  static_cast<double>(batch) / seconds);
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int threads = argc > 1 ? std::atoi(argv[1]) : 1;
+  const std::vector<Shape> shapes = {
+      {"square 1024^3", 1024, 1024, 1024},
+      {"mlp fc1 batch 256 (256x784)", 256, 784, 256},
+      {"mlp fc2 batch 256 (128x256)", 256, 256, 128},
+      {"lenet5 conv1 im2col batch 64", 64 * 28 * 28, 25, 6},
+      {"lenet5 conv2 im2col batch 64", 64 * 10 * 10, 150, 16},
+      {"lenet5 fc1 batch 256 (120x400)", 256, 400, 120},
+      {"convbn conv2 im2col batch 16", 16 * 14 * 14, 288, 64},
+      {"convbn fc1 batch 256 (128x3136)", 256, 3136, 128},
+  };
+  std::printf("threads %d, AVX2 %s\n", threads, rt::cpu_has_avx2() ? "yes" : "no");
+  std::printf("%-34s %10s %10s %10s\n", "shape (N x IN -> OUT)", "ref GOP/s", "s8 GOP/s", "s4 GOP/s");
+  uint64_t state = 1;
+  for (const Shape& s : shapes) {
+    std::vector<int8_t> x(s.n * s.in), w8(s.out * s.in), codes4(s.out * s.in);
+    for (auto& v : x) v = static_cast<int8_t>(next(state));
+    for (auto& v : w8) v = static_cast<int8_t>(static_cast<int>(next(state) % 255) - 127);
+    for (auto& v : codes4) v = static_cast<int8_t>(static_cast<int>(next(state) % 16) - 8);
+    const auto row_bytes = static_cast<int64_t>(rt::int4_packed_size(s.in));
+    std::vector<int8_t> w4(s.out * row_bytes);
+    for (int64_t o = 0; o < s.out; ++o) {
+      rt::pack_int4(std::span(codes4).subspan(o * s.in, s.in), std::span(w4).subspan(o * row_bytes, row_bytes));
+    }
+    std::vector<int32_t> b(s.out, 0), y(s.n * s.out);
+    const double ops = 2.0 * static_cast<double>(s.n) * static_cast<double>(s.in) * static_cast<double>(s.out);
+    const int repeats = std::clamp(static_cast<int>(2e9 / ops), 3, 200);
+    const double ref =
+        best_seconds(std::max(1, repeats / 20), [&] { rt::qgemm_s8_ref(x, 3, w8, b, y, s.n, s.in, s.out, threads); });
+    double gops8 = 0, gops4 = 0;
+    if (rt::cpu_has_avx2()) {
+      const rt::PackedWeights p8 = rt::pack_weights(w8, 8, s.in, s.out), p4 = rt::pack_weights(w4, 4, s.in, s.out);
+      std::vector<int32_t> workspace(
+          std::max(rt::qgemm_packed_workspace_size(s.n, p8), rt::qgemm_packed_workspace_size(s.n, p4)));
+      gops8 = ops / 1e9 / best_seconds(repeats, [&] { rt::qgemm_packed(x, 3, p8, b, y, s.n, workspace, threads); });
+      gops4 = ops / 1e9 / best_seconds(repeats, [&] { rt::qgemm_packed(x, 3, p4, b, y, s.n, workspace, threads); });
+    }
+    std::printf("%-34s %10.1f %10.1f %10.1f\n", s.what, ops / 1e9 / ref, gops8, gops4);
+  }
+  bench_models(threads);
+  return 0;
+}
