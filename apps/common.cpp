@@ -2,6 +2,7 @@
 #include "apps/common.h"
 
 #include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -18,7 +19,9 @@ int run_main(CLI::App& app, int argc, char** argv, const std::function<void()>& 
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    std::cerr << app.get_name() << ": error: " << e.what() << " (see --help)\n";
+    return 2;
   }
   try {
     body();
@@ -152,6 +155,25 @@ void check_output_path(const std::string& path) {
   if (!dir.empty() && !std::filesystem::is_directory(dir))
     fail("cannot write '{}': folder '{}' does not exist (create it first)", path, dir.string());
   if (std::filesystem::is_directory(p)) fail("cannot write '{}': it is a folder (give a file name)", path);
+}
+
+int64_t float_weight_bytes(const nn::Module& model) {
+  int64_t n = 0;
+  for (const auto& [name, t] : model.named_parameters()) n += t.numel();
+  for (const auto& [name, t] : model.named_buffers()) n += t.numel();
+  return 4 * n;
+}
+
+int64_t int_model_bytes(const quant::IntModel& model) {
+  const auto tmp = std::filesystem::temp_directory_path() / fmt::format("lowbit-size-{}.safetensors", ::getpid());
+  quant::save_int_model(tmp.string(), model);
+  const int64_t bytes = quant::int_model_file_bytes(tmp.string());
+  std::filesystem::remove(tmp);
+  return bytes;
+}
+
+quant::QParams int_output_qparams(const quant::IntModel& model) {
+  return quant::QParams{model.output_scale, model.graph.ops.back().requant.zero_point};
 }
 
 // ---------------------------------------------------------------------------------------------

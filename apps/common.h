@@ -55,6 +55,13 @@ std::string sibling_path(const std::string& path, const std::string& tag);
 // Checks that the folder an output file goes into exists (before hours of training).
 void check_output_path(const std::string& path);
 
+// Bytes of a model's float32 weights: 4 × (parameters + buffers), optimizer state not included.
+int64_t float_weight_bytes(const nn::Module& model);
+// Bytes the integer model takes as a file (written to a temporary file, measured, removed).
+int64_t int_model_bytes(const quant::IntModel& model);
+// The qparams of the integer graph's logits, for evaluate_model's output_qparams.
+quant::QParams int_output_qparams(const quant::IntModel& model);
+
 // ---- evaluation
 
 struct EvalResult {

@@ -200,7 +200,9 @@ int64_t count_blocks(const nn::Model& model) {
 }
 
 void run(Settings s) {
-  if (s.epochs < 0) fail("--epochs must be >= 0, got {}", s.epochs);
+  if (s.epochs < 1 && s.from.empty())
+    fail("--epochs must be >= 1, got {} (to fine-tune a trained model without float training, use --qat --from FILE)",
+         s.epochs);
   if (s.qat_epochs < 1 && s.qat) fail("--qat-epochs must be >= 1, got {}", s.qat_epochs);
   if (!(s.lr > 0)) fail("--lr must be > 0, got {}", s.lr);
   if (s.batch_size < 1) fail("--batch-size must be >= 1, got {}", s.batch_size);
