@@ -1,0 +1,402 @@
+#!/usr/bin/env python3
+"""lowbit vs PyTorch, in one run on one machine: training and inference speed, as ratios.
+
+For each model (mlp, lenet5, convbn) this measures, with lowbit's own programs:
+  * float training images/s: one full epoch of `train --epochs 1 --log L` (the log's images_per_second);
+  * inference: `eval --json --batch-size 1` (latency_us_median) and `--batch-size 256`
+    (images_per_second) of the fp32 model and of the integer models int8 (w8a8), w4a8 and w4a4,
+    made with `train --qat --bits B --dry-run` (a few batches: accuracy is irrelevant for speed);
+and runs the PyTorch peer (/work/shared/bench/peer/peer.py) with the same models and threads, or
+reuses its JSON (--peer-json). It prints a table (ours, PyTorch's best, ratio; ratio > 1 means lowbit
+is faster) and writes the same as JSON (--out). See docs/benchmarks.md.
+
+The whole run holds /tmp/bench.lock (flock), like `flock /tmp/bench.lock peer.py`, so it does not
+overlap other timing jobs that honour the lock. Python 3 standard library only.
+
+    /usr/bin/python3 tools/bench.py                          # everything (~25-35 min with the peer)
+    /usr/bin/python3 tools/bench.py --models mlp --quick     # smoke test, a few minutes
+    /usr/bin/python3 tools/bench.py --peer-json peer.json    # reuse a peer run
+"""
+import argparse
+import datetime
+import fcntl
+import glob
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("mlp", "lenet5", "convbn")
+BITS = (("w8a8", "int8"), ("w4a8", "w4a8"), ("w4a4", "w4a4"))  # --bits, integer mode written by train
+LOCK = "/tmp/bench.lock"
+T0 = time.perf_counter()
+
+# Table columns: key, header, unit, higher_is_better.
+COLUMNS = (
+    ("train", "train img/s", "img/s", True),
+    ("fp32_b1", "fp32 b1 µs", "us", False),
+    ("fp32_b256", "fp32 b256 img/s", "img/s", True),
+    ("int8_b1", "int8 b1 µs", "us", False),
+    ("int8_b256", "int8 b256 img/s", "img/s", True),
+    ("w4a8_b1", "w4a8 b1 µs", "us", False),
+    ("w4a8_b256", "w4a8 b256 img/s", "img/s", True),
+    ("w4a4_b1", "w4a4 b1 µs", "us", False),
+    ("w4a4_b256", "w4a4 b256 img/s", "img/s", True),
+)
+
+
+def log(msg):
+    print(f"[bench {time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU used by other processes while we time something (same definition as the peer's foreign_cpu:
+# the fraction of all CPUs busy with anything but this process and its children).
+# ------------------------------------------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot():
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:9]]
+    except OSError:
+        return None
+    ru_c, ru_s = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+    own = (ru_c.ru_utime + ru_c.ru_stime + ru_s.ru_utime + ru_s.ru_stime) * CLK_TCK
+    return sum(v) - v[3] - v[4], sum(v), own
+
+
+def foreign_cpu(a, b):
+    if a is None or b is None or b[1] - a[1] <= 0:
+        return None
+    return round(max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1])), 3)
+
+
+def run(cmd, capture=True):
+    """Runs cmd, returns (stdout, foreign_cpu). Fails loudly with the program's stderr."""
+    log("$ " + " ".join(cmd))
+    for attempt in range(6):  # a binary being relinked by a concurrent build is briefly not executable
+        try:
+            a = cpu_snapshot()
+            p = subprocess.run(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+            b = cpu_snapshot()
+            break
+        except OSError as e:
+            if attempt == 5:
+                raise SystemExit(f"bench: cannot run {cmd[0]}: {e}")
+            log(f"cannot run {cmd[0]} ({e.strerror}); retrying in 10 s")
+            time.sleep(10)
+    if p.returncode != 0:
+        sys.stderr.write(p.stderr[-4000:])
+        raise SystemExit(f"bench: command failed (exit {p.returncode}): {' '.join(cmd)}")
+    return p.stdout if capture else "", foreign_cpu(a, b)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# ------------------------------------------------------------------------------------------------
+# ours
+# ------------------------------------------------------------------------------------------------
+def ours_train(args, model, work):
+    """images/s of one full float training epoch (the `--log` line of phase fp32)."""
+    log_path = os.path.join(work, f"{model}.train.jsonl")
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    cmd = [os.path.join(args.bin, "train"), "--model", model, "--epochs", "1", "--threads", str(args.threads),
+           "--log", log_path, "--out", os.path.join(work, f"{model}.float.safetensors")] + args.data_flag
+    _, foreign = run(cmd)
+    with open(log_path) as fh:
+        lines = [json.loads(line) for line in fh if line.strip()]
+    rates = [x["images_per_second"] for x in lines if x.get("phase", "fp32") == "fp32"]
+    if not rates:
+        raise SystemExit(f"bench: {log_path} has no fp32 epoch line")
+    return {"images_per_second": rates[-1], "seconds": lines[-1].get("seconds"), "foreign_cpu": foreign}
+
+
+def ours_make_models(args, model, work):
+    """Dry-run QAT for every bit width; returns {mode: file} with the fp32 sibling under 'fp32'."""
+    files = {}
+    for bits, mode in BITS:
+        out = os.path.join(work, f"{model}.{bits}.safetensors")
+        run([os.path.join(args.bin, "train"), "--model", model, "--qat", "--bits", bits, "--epochs", "1",
+             "--qat-epochs", "1", "--dry-run", "--threads", str(args.threads), "--out", out] + args.data_flag)
+        stem = out[: -len(".safetensors")]
+        found = [f for f in glob.glob(stem + ".*.safetensors") if not f.endswith(".fp32.safetensors")]
+        expected = f"{stem}.{mode}.safetensors"
+        if expected not in found:
+            if len(found) != 1:
+                raise SystemExit(f"bench: cannot find the integer model train wrote for {out}: {found}")
+            log(f"note: {bits} wrote {found[0]} (expected mode '{mode}')")
+            expected = found[0]
+        files[mode] = expected
+        if "fp32" not in files and os.path.exists(stem + ".fp32.safetensors"):
+            files["fp32"] = stem + ".fp32.safetensors"
+    if "fp32" not in files:
+        raise SystemExit(f"bench: train --qat wrote no .fp32.safetensors sibling in {work}")
+    return files
+
+
+def ours_eval(args, path, batch):
+    """Median over --repeats eval runs of images_per_second and latency_us_median."""
+    runs = []
+    for _ in range(args.repeats):
+        out, foreign = run([os.path.join(args.bin, "eval"), "--json", "--threads", str(args.threads),
+                            "--batch-size", str(batch), "--model", path] + args.data_flag)
+        text = out.strip()
+        j = json.loads(text[text.index("{"):])
+        runs.append({"images_per_second": j.get("images_per_second"), "latency_us_median": j.get("latency_us_median"),
+                     "mode": j.get("mode"), "accuracy": j.get("accuracy"), "foreign_cpu": foreign})
+    return {"batch": batch, "mode": runs[0]["mode"],
+            "images_per_second": median(r["images_per_second"] for r in runs),
+            "latency_us_median": median(r["latency_us_median"] for r in runs),
+            "runs": runs}
+
+
+def ours_model(args, model, work):
+    R = {}
+    if args.quick and model == "convbn":
+        log("convbn: --quick skips the full float training epoch")
+        R["train"] = None
+    else:
+        R["train"] = ours_train(args, model, work)
+    files = ours_make_models(args, model, work)
+    R["files"] = {k: os.path.basename(v) for k, v in files.items()}
+    R["inference"] = {}
+    for mode in ("fp32",) + tuple(m for _, m in BITS):
+        R["inference"][mode] = {"b1": ours_eval(args, files[mode], 1), "b256": ours_eval(args, files[mode], 256)}
+    return R
+
+
+def ours_figures(R):
+    f = {"train": R["train"]["images_per_second"] if R.get("train") else None}
+    for mode, res in R["inference"].items():
+        f[f"{mode}_b1"] = res["b1"]["latency_us_median"]
+        f[f"{mode}_b256"] = res["b256"]["images_per_second"]
+    return f
+
+
+# ------------------------------------------------------------------------------------------------
+# the peer
+# ------------------------------------------------------------------------------------------------
+def run_peer(args, models, path):
+    cmd = [args.python, args.peer, "--models", *models, "--epochs", "1", "--qat-epochs", "0",
+           "--threads", str(args.threads), "--bench-threads", str(args.threads), "--out", path]
+    if args.quick:
+        cmd += ["--b1-calls", "2000", "--b256-reps", "2", "--bench-tries", "1", "--epoch-tries", "1",
+                "--max-wait-total", "30"]
+        if "convbn" in models:
+            cmd += ["--convbn-epochs", "0"]  # as ours: no convbn training in --quick
+    log("$ " + " ".join(cmd) + "   (stderr follows)")
+    a = cpu_snapshot()
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+    b = cpu_snapshot()
+    if p.returncode != 0 or not os.path.exists(path):
+        raise SystemExit(f"bench: the peer failed (exit {p.returncode}); rerun with --skip-peer or --peer-json")
+    with open(path) as fh:
+        return json.load(fh), foreign_cpu(a, b)
+
+
+def peer_figures(P, threads):
+    """PyTorch's best figure per column (best over engines and eager/TorchScript), with where it came from.
+
+    PyTorch has no 4-bit kernels: its W4A8 model runs on the int8 kernels (4-bit codes stored in int8)
+    at int8 speed, and it has no W4A4 at all, so the w4a8/w4a4 columns compare against its int8 figure."""
+    f, src = {}, {}
+    if not P or "error" in P:
+        return f, src
+    eps = [e["images_per_s"] for e in (P.get("fp32") or {}).get("epochs", []) if "images_per_s" in e]
+    f["train"] = statistics.mean(eps) if eps else None
+    src["train"] = f"fp32 training, mean of {len(eps)} epoch(s)" if eps else None
+    key = f"threads{threads}"
+    inf = P.get("inference", {})
+    for kind, names in (("fp32", ["fp32"]), ("int8", [k for k in inf if k.startswith("int8_")])):
+        best_b1 = best_b256 = None
+        for name in names:
+            t = (inf.get(name) or {}).get(key)
+            if not isinstance(t, dict):
+                continue
+            for variant in ("b1", "b1_torchscript"):
+                v = (t.get(variant) or {}).get("median_us")
+                if v is not None and (best_b1 is None or v < best_b1[0]):
+                    best_b1 = (v, f"{name} {'TorchScript' if 'torchscript' in variant else 'eager'}")
+            v = (t.get("b256") or {}).get("images_per_s")
+            if v is not None and (best_b256 is None or v > best_b256[0]):
+                best_b256 = (v, name)
+        for col, best in ((f"{kind}_b1", best_b1), (f"{kind}_b256", best_b256)):
+            f[col], src[col] = (best[0], best[1]) if best else (None, None)
+    for mode in ("w4a8", "w4a4"):
+        for b in ("b1", "b256"):
+            f[f"{mode}_{b}"] = f.get(f"int8_{b}")
+            src[f"{mode}_{b}"] = f"int8 kernels ({src.get(f'int8_{b}')})" if src.get(f"int8_{b}") else None
+    return f, src
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------
+def ratio(ours, peer, higher_is_better):
+    if not ours or not peer:
+        return None
+    return round(ours / peer if higher_is_better else peer / ours, 3)
+
+
+def fmt(v, unit):
+    if v is None:
+        return "—"
+    return f"{v:.1f}" if unit == "us" else f"{v:,.0f}"
+
+
+def table(rows):
+    lines = ["| model | figure | lowbit | PyTorch best | ratio |", "|---|---|---:|---:|---:|"]
+    for model, cols in rows.items():
+        for key, header, unit, _ in COLUMNS:
+            c = cols[key]
+            r = "—" if c["ratio"] is None else f"{c['ratio']:.2f}×"
+            lines.append(f"| {model} | {header} | {fmt(c['ours'], unit)} | {fmt(c['peer'], unit)} | {r} |")
+    return "\n".join(lines)
+
+
+def machine_meta(args):
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", ROOT, "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+    except OSError:
+        rev, dirty = None, None
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "git": rev, "git_dirty": dirty, "threads": args.threads,
+            "quick": args.quick, "repeats": args.repeats, "loadavg_start": os.getloadavg()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: mlp,lenet5,convbn")
+    ap.add_argument("--threads", type=int, default=2, help="threads for ours and for the peer")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: no convbn training, one eval run per figure, a short peer run")
+    ap.add_argument("--repeats", type=int, default=None, help="eval runs per figure, median kept (default 3; --quick 1)")
+    ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--peer-json", help="reuse this peer.py result instead of running the peer")
+    ap.add_argument("--skip-peer", action="store_true", help="measure lowbit only")
+    ap.add_argument("--peer-out", help="where to keep the peer's own JSON (default: OUT with .peer.json)")
+    ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"), help="folder with train and eval")
+    ap.add_argument("--peer", default="/work/shared/bench/peer/peer.py")
+    ap.add_argument("--python", default="/usr/bin/python3", help="interpreter with torch, for the peer")
+    ap.add_argument("--data", help="data folder for train/eval (default: theirs)")
+    ap.add_argument("--work-dir", help="keep the models here (default: a temporary folder, removed)")
+    ap.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK}")
+    args = ap.parse_args()
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        ap.error(f"--models: unknown {bad}; choose from {','.join(MODELS)}")
+    if args.threads < 1:
+        ap.error("--threads must be >= 1 (the peer needs an explicit count)")
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    args.data_flag = ["--data", args.data] if args.data else []
+    for prog in ("train", "eval"):
+        if not os.access(os.path.join(args.bin, prog), os.X_OK):
+            ap.error(f"{os.path.join(args.bin, prog)} is missing: build first (cmake --build build)")
+    peer_json = None
+    if args.peer_json:
+        with open(args.peer_json) as fh:
+            peer_json = json.load(fh)
+        missing = [m for m in models if m not in peer_json.get("models", {})]
+        pthreads = peer_json.get("meta", {}).get("bench_threads", [])
+        if missing:
+            log(f"warning: {args.peer_json} has no {missing}")
+        if args.threads not in pthreads:
+            log(f"warning: {args.peer_json} was benchmarked with threads {pthreads}, not {args.threads}")
+
+    lock_fh = None
+    if not args.no_lock:
+        lock_fh = open(LOCK, "a")
+        try:
+            fcntl.flock(lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for {LOCK} (another timing job is running)")
+            fcntl.flock(lock_fh, fcntl.LOCK_EX)
+
+    meta = machine_meta(args)
+    work = args.work_dir or tempfile.mkdtemp(prefix="lowbit-bench-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        ours = {}
+        for m in models:
+            ours[m] = ours_model(args, m, work)
+        peer_foreign = None
+        if args.skip_peer:
+            peer_json = None
+        elif peer_json is None:
+            peer_out = args.peer_out or (os.path.splitext(args.out)[0] + ".peer.json")
+            peer_json, peer_foreign = run_peer(args, models, peer_out)
+            meta["peer_json"] = os.path.abspath(peer_out)
+        else:
+            meta["peer_json"] = os.path.abspath(args.peer_json)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        if lock_fh:
+            lock_fh.close()
+    meta["loadavg_end"] = os.getloadavg()
+    meta["total_runtime_s"] = round(time.perf_counter() - T0, 1)
+    if peer_json:
+        pm = peer_json.get("meta", {})
+        meta["peer"] = {"date": pm.get("date"), "torch": pm.get("torch"), "args": pm.get("args"),
+                        "reused": bool(args.peer_json), "foreign_cpu": peer_foreign}
+
+    rows, result = {}, {"meta": meta, "models": {}}
+    for m in models:
+        of = ours_figures(ours[m])
+        pf, psrc = peer_figures((peer_json or {}).get("models", {}).get(m), args.threads)
+        rows[m] = {key: {"ours": of.get(key), "peer": pf.get(key), "peer_source": psrc.get(key),
+                         "ratio": ratio(of.get(key), pf.get(key), hib), "unit": unit,
+                         "ratio_means": "ours/peer" if hib else "peer/ours"}
+                   for key, _, unit, hib in COLUMNS}
+        result["models"][m] = {"figures": rows[m], "ours": ours[m]}
+
+    text = table(rows)
+    foreign = [r["foreign_cpu"] for m in models for res in ours[m]["inference"].values() for b in res.values()
+               for r in b["runs"]]
+    foreign += [ours[m]["train"]["foreign_cpu"] for m in models if ours[m].get("train")]
+    foreign = [f for f in foreign if f is not None]
+    meta["ours_max_foreign_cpu"] = max(foreign) if foreign else None
+    print(f"\nlowbit vs PyTorch, {args.threads} thread(s), {meta['cpu']}; ratio > 1: lowbit is faster "
+          f"(throughput ours/peer, latency peer/ours){' [--quick]' if args.quick else ''}\n")
+    print(text)
+    if meta["ours_max_foreign_cpu"] and meta["ours_max_foreign_cpu"] > 0.05:
+        print(f"\nWARNING: other processes used up to {meta['ours_max_foreign_cpu']:.0%} of the CPUs during our "
+              f"timings (load average {meta['loadavg_start'][0]:.1f} at the start): the figures are not meaningful; "
+              f"rerun on a quiet machine.")
+    result["table_markdown"] = text
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+        fh.write("\n")
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
