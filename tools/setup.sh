@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Sets up a Debian 12 machine for lowbit, builds it in Release and runs the main job or the tests.
+#
+#   bash tools/setup.sh run    install what is missing, build, train LeNet-5 with QAT on Fashion-MNIST,
+#                              convert it to the integer graph and evaluate the int8 model
+#   bash tools/setup.sh test   install what is missing, build with warnings as errors, run every test
+#   bash tools/setup.sh deps   only install what is missing (LOWBIT_CI_PACKAGES=1 adds clang for CI)
+#
+# Run as root (or with sudo available) from anywhere; the build goes to build/ in the repository.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD="${LOWBIT_BUILD_DIR:-$ROOT/build}"
+JOBS="$(nproc)"
+
+PACKAGES=(build-essential cmake libopenblas-dev libfmt-dev nlohmann-json3-dev doctest-dev zlib1g-dev
+          libcli11-dev dataset-fashion-mnist binutils python3-numpy)
+CI_PACKAGES=(clang libclang-rt-14-dev)
+
+# Installs the packages that are not installed yet; silent when everything is present.
+install_missing() {
+  local wanted=("${PACKAGES[@]}") missing=() pkg
+  if [[ "${LOWBIT_CI_PACKAGES:-0}" == 1 ]]; then wanted+=("${CI_PACKAGES[@]}"); fi
+  for pkg in "${wanted[@]}"; do
+    if [[ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null)" != installed ]]; then missing+=("$pkg"); fi
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
+  echo "== installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Configures (Release) and builds into $BUILD; extra arguments go to the configure step.
+build() {
+  echo "== building lowbit (Release) in $BUILD"
+  cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+  cmake --build "$BUILD" -j "$JOBS"
+}
+
+case "${1:-}" in
+  run)
+    install_missing
+    build
+    mkdir -p "$ROOT/out"
+    cd "$ROOT"
+    echo "== training lenet5 with QAT on Fashion-MNIST, converting it to the integer graph"
+    "$BUILD/bin/train" --model lenet5 --qat --out out/lenet5.qat.safetensors
+    echo "== evaluating the integer (int8) model"
+    "$BUILD/bin/eval" --int8 --model out/lenet5.qat.int8.safetensors
+    ;;
+  test)
+    install_missing
+    build -DLOWBIT_WERROR=ON
+    echo "== running the tests"
+    cd "$BUILD"
+    ctest --output-on-failure -j2
+    ;;
+  deps)
+    install_missing
+    ;;
+  *)
+    echo "usage: bash tools/setup.sh run|test|deps" >&2
+    exit 2
+    ;;
+esac
