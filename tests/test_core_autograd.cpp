@@ -206,7 +206,13 @@ TEST_CASE("no memory growth over many training steps") {
   for (int i = 0; i < kMeasuredSteps; ++i) step();
   const double growth = resident_mb() - before;
   INFO("resident set grew by ", growth, " MB over ", kMeasuredSteps, " steps");
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer keeps freed memory in quarantine on purpose, so the resident set says nothing
+  // here; its own leak checker (detect_leaks=1 in .ci/run) covers this build instead.
+  (void)growth;
+#else
   CHECK(growth < kMaxRssGrowthMb);
+#endif
   CHECK(last_logits.expired());
   for (Tensor* p : net.parameters()) CHECK(p->impl().use_count() == 1);
 }
