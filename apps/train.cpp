@@ -61,6 +61,15 @@ void restore_rng(const std::string& text, const std::string& path) {
   global_rng().set_state(st);
 }
 
+// Puts the optimizer state ("optim.*" tensors) and the RNG of a --resume checkpoint back.
+void restore_training_state(const nn::Checkpoint& resume, optim::Optimizer& optimizer) {
+  nn::NamedTensors state;
+  for (auto& [name, st] : resume.file.tensors)
+    if (name.starts_with("optim.")) state.emplace_back(name, resume.tensor(name));
+  optimizer.load_state(state, std::stoll(resume.meta("steps")));
+  restore_rng(resume.meta("rng_state"), resume.path);
+}
+
 // One phase of training (float, or QAT through fake-quant): epochs [first, last).
 struct Phase {
   std::string name;  // "fp32" or "qat"
@@ -262,11 +271,7 @@ void run(Settings s) {
     int64_t first = 0;
     if (resume_phase == "fp32") {
       nn::load_weights(*model, resume);
-      nn::NamedTensors state;
-      for (auto& [name, st] : resume.file.tensors)
-        if (name.starts_with("optim.")) state.emplace_back(name, resume.tensor(name));
-      optimizer->load_state(state, std::stoll(resume.meta("steps")));
-      restore_rng(resume.meta("rng_state"), s.resume);
+      restore_training_state(resume, *optimizer);
       first = resume_epoch;
     }
     Phase phase{"fp32", *model, *optimizer, make_schedule(s, s.lr, s.epochs), first, s.epochs, float_path, nullptr};
@@ -292,11 +297,7 @@ void run(Settings s) {
   if (resume_phase == "qat") {
     qat = apps::qat_model_from_checkpoint(resume);
     optimizer = make_optimizer(s, qat->parameters(), s.qat_lr);
-    nn::NamedTensors state;
-    for (auto& [name, st] : resume.file.tensors)
-      if (name.starts_with("optim.")) state.emplace_back(name, resume.tensor(name));
-    optimizer->load_state(state, std::stoll(resume.meta("steps")));
-    restore_rng(resume.meta("rng_state"), s.resume);
+    restore_training_state(resume, *optimizer);
     first = resume_epoch;
   }
   {
@@ -322,8 +323,7 @@ void run(Settings s) {
   const quant::IntModel int_model = quant::convert(*qat, norm, {1, data.test.images.rows, data.test.images.cols});
   const std::string int_path = apps::sibling_path(s.out, int_model.mode);
   quant::save_int_model(int_path, int_model);
-  const auto out_qp = quant::QParams{int_model.output_scale, int_model.graph.ops.back().requant.zero_point};
-  const apps::EvalResult fq = apps::evaluate_model(*qat, data.test, norm, 500, out_qp);
+  const apps::EvalResult fq = apps::evaluate_model(*qat, data.test, norm, 500, apps::int_output_qparams(int_model));
   const apps::EvalResult iq = apps::evaluate_int(int_model, data.test, 256, std::max(1, num_threads()));
   const apps::Agreement agree = apps::agreement(fq, iq);
   std::cout << fmt::format("float accuracy      {:.2f}%\n", 100 * float_acc);
