@@ -46,7 +46,6 @@ void lower_block(rt::Op& op, const Tensor& w, const Tensor& b, bool relu, QParam
   op.requant.zero_point = out.zero_point;
   op.requant.act_min = relu ? std::max(out_range.qmin, out.zero_point) : out_range.qmin;
   op.requant.act_max = out_range.qmax;
-  std::vector<float> scales;
   for (int64_t c = 0; c < op.out_channels; ++c) {
     const QParams wp = w_params[static_cast<size_t>(c)];
     op.bias.push_back(b.defined() ? quantize_bias(b.data()[c], in.scale, wp.scale) : 0);
@@ -54,9 +53,7 @@ void lower_block(rt::Op& op, const Tensor& w, const Tensor& b, bool relu, QParam
         quantize_multiplier(static_cast<double>(in.scale) * wp.scale / static_cast<double>(out.scale));
     op.requant.multiplier.push_back(m.multiplier);
     op.requant.shift.push_back(m.shift);
-    scales.push_back(wp.scale);
   }
-  model.weight_scales.push_back(scales);
   model.op_output_scales.push_back(out.scale);
 }
 
@@ -89,7 +86,6 @@ IntModel convert(const QatModel& qat, const Normalization& norm, const Shape& in
             static_cast<int8_t>(quantize(normalize_pixel(static_cast<uint8_t>(p), norm), current, q->fq->range()));
       model.input_scale = current.scale;
       model.input_zero_point = current.zero_point;
-      model.weight_scales.emplace_back();
       model.op_output_scales.push_back(current.scale);
     } else if (auto q = std::dynamic_pointer_cast<QConvBlock>(layer)) {
       auto [w, b] = q->folded_weight_and_bias();
@@ -113,7 +109,6 @@ IntModel convert(const QatModel& qat, const Normalization& norm, const Shape& in
       op.stride = pool->stride;
       op.input_zero_point = current.zero_point;
       op.requant.zero_point = current.zero_point;
-      model.weight_scales.emplace_back();
       model.op_output_scales.push_back(current.scale);
     } else if (auto avg = std::dynamic_pointer_cast<QAvgPool>(layer)) {
       op.kind = rt::OpKind::AvgPool2d;
@@ -124,13 +119,11 @@ IntModel convert(const QatModel& qat, const Normalization& norm, const Shape& in
       const QRange r = avg->input_fq->range();
       op.requant.act_min = r.qmin;
       op.requant.act_max = r.qmax;
-      model.weight_scales.emplace_back();
       model.op_output_scales.push_back(current.scale);
     } else if (std::dynamic_pointer_cast<nn::Flatten>(layer)) {
       op.kind = rt::OpKind::Flatten;
       op.input_zero_point = current.zero_point;
       op.requant.zero_point = current.zero_point;
-      model.weight_scales.emplace_back();
       model.op_output_scales.push_back(current.scale);
     } else if (std::dynamic_pointer_cast<nn::Dropout>(layer)) {
       continue;  // identity at inference

@@ -28,7 +28,7 @@ using json = nlohmann::json;
 using runtime::Op;
 using runtime::OpKind;
 
-constexpr int kMaxGraphJsonDepth = 6;  // graph object → ops array → op object → weight_scales array
+constexpr int kMaxGraphJsonDepth = 4;  // graph object → ops array → op object → its fields
 constexpr const char* kBadFileHint = "the file is damaged or was not written by lowbit";
 const std::set<std::string> kMetadataKeys = {"format", "format_version", "graph", "mode", "model"};
 const std::set<std::string> kModes = {"int8", "w4a8", "w4a4", "mixed"};
@@ -46,11 +46,11 @@ const KindInfo kKinds[] = {
     {OpKind::Conv2d,
      "conv2d",
      {"kind", "name", "weight_bits", "in_channels", "out_channels", "kernel", "stride", "padding", "input_zero_point",
-      "zero_point", "act_min", "act_max", "output_scale", "weight_scales"}},
+      "zero_point", "act_min", "act_max", "output_scale"}},
     {OpKind::Linear,
      "linear",
      {"kind", "name", "weight_bits", "in_channels", "out_channels", "input_zero_point", "zero_point", "act_min",
-      "act_max", "output_scale", "weight_scales"}},
+      "act_max", "output_scale"}},
     {OpKind::MaxPool2d, "max_pool2d", {"kind", "name", "kernel", "stride", "padding", "output_scale"}},
     {OpKind::AvgPool2d,
      "avg_pool2d",
@@ -107,12 +107,6 @@ double json_float(float f) {
   return static_cast<float>(shortest) == f ? shortest : static_cast<double>(f);
 }
 
-std::vector<double> json_floats(const std::vector<float>& values) {
-  std::vector<double> out;
-  for (float v : values) out.push_back(json_float(v));
-  return out;
-}
-
 // ordered_json: the keys come out in the order written here, so the header reads top-down.
 using ordered_json = nlohmann::ordered_json;
 
@@ -138,7 +132,6 @@ ordered_json op_to_json(const IntModel& model, size_t i) {
     j["act_max"] = op.requant.act_max;
   }
   j["output_scale"] = json_float(model.op_output_scales[i]);
-  if (is_weighted(op.kind)) j["weight_scales"] = json_floats(model.weight_scales[i]);
   return j;
 }
 
@@ -173,7 +166,9 @@ StFile to_st_file(const IntModel& model) {
     file.tensors.emplace_back(tensor_name(i, "bias"), make_st_tensor<int32_t>(DType::I32, {out}, op.bias));
     file.tensors.emplace_back(tensor_name(i, "multiplier"),
                               make_st_tensor<int32_t>(DType::I32, {out}, op.requant.multiplier));
-    file.tensors.emplace_back(tensor_name(i, "shift"), make_st_tensor<int32_t>(DType::I32, {out}, op.requant.shift));
+    // Shifts are in [1, 62] (validate() checked), so one byte each: U8 on disk, int32 in memory.
+    const std::vector<uint8_t> shift(op.requant.shift.begin(), op.requant.shift.end());
+    file.tensors.emplace_back(tensor_name(i, "shift"), make_st_tensor<uint8_t>(DType::U8, {out}, shift));
   }
   return file;
 }
@@ -428,17 +423,6 @@ Op read_op(const json& value, size_t i, const std::string& path, IntModel& model
   }
   model.op_output_scales.push_back(f.number("output_scale", true));
 
-  std::vector<float> weight_scales;
-  if (is_weighted(op.kind)) {
-    const auto out = static_cast<size_t>(op.out_channels);
-    const json& scales = f.array("weight_scales", out, out);  // one per output channel
-    weight_scales.reserve(out);
-    for (size_t c = 0; c < out; ++c) {
-      weight_scales.push_back(f.number_value(scales[c], fmt::format("weight_scales[{}]", c), true));
-    }
-  }
-  model.weight_scales.push_back(std::move(weight_scales));
-
   // Tensors. Sizes are range-checked above, so the expected shapes cannot overflow.
   if (op.kind == OpKind::Input) {
     const auto table = tensors.read<int8_t>(tensor_name(i, "input_table"), DType::I8, {256},
@@ -458,9 +442,10 @@ Op read_op(const json& value, size_t i, const std::string& path, IntModel& model
     op.requant.multiplier =
         tensors.read<int32_t>(tensor_name(i, "multiplier"), DType::I32, per_channel,
                               fmt::format("op {} '{}': requantization multiplier, one per output channel", i, op.name));
-    op.requant.shift =
-        tensors.read<int32_t>(tensor_name(i, "shift"), DType::I32, per_channel,
+    const auto shift =
+        tensors.read<uint8_t>(tensor_name(i, "shift"), DType::U8, per_channel,
                               fmt::format("op {} '{}': requantization shift, one per output channel", i, op.name));
+    op.requant.shift.assign(shift.begin(), shift.end());  // range-checked by runtime::validate()
   }
   return op;
 }
@@ -554,14 +539,8 @@ int64_t IntModel::num_classes() const {
 void save_int_model(const std::string& path, const IntModel& model) {
   const std::string where = fmt::format("{}: refusing to write an invalid integer model", path);
   const size_t n = model.graph.ops.size();
-  if (model.op_output_scales.size() != n || model.weight_scales.size() != n) {
-    fail("{}: op_output_scales and weight_scales need one entry per op ({}), found {} and {}", where, n,
-         model.op_output_scales.size(), model.weight_scales.size());
-  }
-  for (size_t i = 0; i < n; ++i) {
-    if (!is_weighted(model.graph.ops[i].kind) && !model.weight_scales[i].empty()) {
-      fail("{}: weight_scales[{}] must be empty: op {} '{}' has no weights", where, i, i, model.graph.ops[i].name);
-    }
+  if (model.op_output_scales.size() != n) {
+    fail("{}: op_output_scales needs one entry per op ({}), found {}", where, n, model.op_output_scales.size());
   }
   try {
     runtime::validate(model.graph);  // sizes and ranges, so that the tensors below can be laid out

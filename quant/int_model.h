@@ -14,7 +14,7 @@
 namespace lowbit::quant {
 
 inline constexpr const char* kIntModelFormat = "lowbit-int-graph";  // __metadata__["format"]
-inline constexpr int kIntModelVersion = 1;                          // __metadata__["format_version"]
+inline constexpr int kIntModelVersion = 2;                          // __metadata__["format_version"]
 
 // Limits a file must respect (checked before any value is used as a size).
 inline constexpr int64_t kIntModelMaxChannels = 65536;  // channels, features, input height / width
@@ -30,8 +30,7 @@ struct IntModel {
   float input_scale = 1.f;  // qparams of the Input op's codes: x = input_scale · (code − input_zero_point)
   int32_t input_zero_point = 0;
   float output_scale = 1.f;  // real logit = output_scale · (code − graph.ops.back().requant.zero_point)
-  std::vector<float> op_output_scales;            // one per op (for reports; not needed to run)
-  std::vector<std::vector<float>> weight_scales;  // per op: s_w[c] for Conv2d / Linear, empty otherwise
+  std::vector<float> op_output_scales;  // one per op (for reports; not needed to run)
 
   // The number of logits: the size of the last op's output (0 for an empty graph).
   int64_t num_classes() const;

@@ -114,7 +114,6 @@ IntModel small_model() {
   m.graph.ops.push_back(weighted(OpKind::Linear, "classifier.0", 4, 27, 5, 1, 0, -128, -3, -3));
   m.graph.ops.push_back(weighted(OpKind::Linear, "classifier.2", 8, 5, 3, 1, 0, -3, 2, -128));
   m.op_output_scales = {0.0173f, 0.05f, 0.05f, 0.05f, 0.05f, 0.1f, 0.125f};
-  m.weight_scales = {{}, {0.01f, 0.02f, 0.03f}, {}, {}, {}, {0.1f, 0.2f, 0.3f, 0.4f, 0.5f}, {1e-3f, 2e-3f, 3e-3f}};
   return m;
 }
 
@@ -127,7 +126,6 @@ void check_same(const IntModel& a, const IntModel& b) {
   CHECK(a.input_zero_point == b.input_zero_point);
   CHECK(a.output_scale == b.output_scale);
   CHECK(a.op_output_scales == b.op_output_scales);
-  CHECK(a.weight_scales == b.weight_scales);
   CHECK(a.graph.in_channels == b.graph.in_channels);
   CHECK(a.graph.in_height == b.graph.in_height);
   CHECK(a.graph.in_width == b.graph.in_width);
@@ -219,7 +217,7 @@ TEST_CASE("int model: save / load round trip is exact, file size, num_classes") 
   check_same(model, parse_int_model(bytes, path));
   StFile file = load_safetensors(path);
   CHECK(file.metadata.at("format") == kIntModelFormat);
-  CHECK(file.metadata.at("format_version") == "1");
+  CHECK(file.metadata.at("format_version") == "2");
   CHECK(tensor(file, "ops.5.weight").dtype == DType::U8);
   CHECK(tensor(file, "ops.5.weight").shape == std::vector<int64_t>{5, 14});
   CHECK(tensor(file, "ops.1.weight").shape == std::vector<int64_t>{3, 1, 3, 3});
@@ -246,7 +244,6 @@ TEST_CASE("int model: float report fields round trip bit for bit (shortest decim
     IntModel model = small_model();
     std::vector<float*> fields = {&model.input_scale, &model.output_scale, &model.norm.std};
     for (auto& s : model.op_output_scales) fields.push_back(&s);
-    for (auto& s : model.weight_scales[1]) fields.push_back(&s);
     for (float* field : fields) {
       state = state * 1664525u + 1013904223u;
       uint32_t bits = state & 0x7F7FFFFFu;  // positive, exponent below 255: finite
@@ -280,10 +277,8 @@ TEST_CASE("int model: save refuses an invalid model and leaves the old file unto
   no_logits.graph.ops.pop_back();
   no_logits.graph.ops.back().requant.act_min = -128;
   no_logits.op_output_scales.pop_back();
-  no_logits.weight_scales.pop_back();
   no_logits.graph.ops.push_back(window(OpKind::Flatten, "flatten2", 1, 1, 0));
   no_logits.op_output_scales.push_back(0.1f);
-  no_logits.weight_scales.emplace_back();
   CHECK_THROWS_WITH_AS(save_int_model(path, no_logits), doctest::Contains("must be a 'linear' op"), Error);
 
   IntModel overflow = small_model();
@@ -316,9 +311,11 @@ TEST_CASE("int model: format tag and version") {
 
   file = good_file(dir);
   file.metadata["format_version"] = "7";
-  CHECK_CONTAINS(load_error(file, dir), "format version 7 is newer than this lowbit (reads 1): upgrade lowbit");
+  CHECK_CONTAINS(load_error(file, dir), "format version 7 is newer than this lowbit (reads 2): upgrade lowbit");
   file.metadata["format_version"] = "0";
   CHECK_CONTAINS(load_error(file, dir), "format version 0 is not supported");
+  file.metadata["format_version"] = "1";  // version 1 kept float weight scales in the graph JSON
+  CHECK_CONTAINS(load_error(file, dir), "format version 1 is not supported (this lowbit reads 2; convert the model again)");
   file.metadata["format_version"] = "1.0";
   CHECK_CONTAINS(load_error(file, dir), "is not a whole number");
   file.metadata["format_version"] = "99999999999999999999";
@@ -404,13 +401,13 @@ TEST_CASE("int model: NaN, infinite, zero and negative scales") {
                  "'input_scale' must be a finite number > 0");
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][3]["output_scale"] = -0.5; }),
                  "'output_scale' must be a finite number > 0, found -0.5");
-  CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][1]["weight_scales"][2] = 1e39; }),  // overflows float
-                 "'weight_scales[2]' must be a finite number > 0");
-  CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][1]["weight_scales"][0] = 1e-50; }),  // underflows float
-                 "'weight_scales[0]' must be a finite number > 0");
+  CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][1]["output_scale"] = 1e39; }),  // overflows float
+                 "'output_scale' must be a finite number > 0");
+  CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][5]["output_scale"] = 1e-50; }),  // underflows float
+                 "'output_scale' must be a finite number > 0");
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["norm_std"] = 0; }), "'norm_std' must be a finite number > 0");
-  CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][1]["weight_scales"].erase(0); }),
-                 "'weight_scales' must have 3 entries, found 2");
+  CHECK_CONTAINS(graph_error(dir, [](json& g) { g["input_shape"].erase(0); }),
+                 "'input_shape' must have 3 entries, found 2");
   // A NaN written into the raw JSON text is not JSON at all.
   TempDir dir2("scales_text");
   StFile file = good_file(dir2);
@@ -512,7 +509,7 @@ TEST_CASE("int model: tensors missing, extra, of the wrong dtype or shape") {
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][5]["weight_bits"] = 8; }),
                  "tensor 'ops.5.weight' has dtype U8, expected I8");
   file = good_file(dir);
-  tensor(file, "ops.6.shift") = make_st_tensor<int32_t>(DType::I32, {4}, std::vector<int32_t>{36, 36, 36, 36});
+  tensor(file, "ops.6.shift") = make_st_tensor<uint8_t>(DType::U8, {4}, std::vector<uint8_t>{36, 36, 36, 36});
   CHECK_CONTAINS(load_error(file, dir), "tensor 'ops.6.shift' has shape [4], expected [3]");
   file = good_file(dir);
   tensor(file, "ops.0.input_table") = make_st_tensor<int8_t>(DType::I8, {255}, std::vector<int8_t>(255));
@@ -522,10 +519,10 @@ TEST_CASE("int model: tensors missing, extra, of the wrong dtype or shape") {
 TEST_CASE("int model: values validate() refuses: shifts, multipliers, weights, accumulator overflow") {
   TempDir dir("values");
   StFile file = good_file(dir);
-  set_i32(tensor(file, "ops.1.shift"), 1, 63);
+  tensor(file, "ops.1.shift").bytes[1] = std::byte{63};
   CHECK_CONTAINS(load_error(file, dir), "requant.shift of output channel 1 must be in [1, 62], found 63");
   file = good_file(dir);
-  set_i32(tensor(file, "ops.6.shift"), 0, 0);
+  tensor(file, "ops.6.shift").bytes[0] = std::byte{0};
   CHECK_CONTAINS(load_error(file, dir), "requant.shift of output channel 0 must be in [1, 62], found 0");
   file = good_file(dir);
   set_i32(tensor(file, "ops.5.multiplier"), 2, 12345);
