@@ -120,6 +120,17 @@ TEST_CASE("qgemm_s8 and qgemm_s4 are bit-exact with the reference on random shap
   }
 }
 
+// (N, HO·WO, OUT) GEMM rows → (N, OUT, HO·WO), the direct convolution's layout.
+std::vector<int32_t> rows_to_nchw(const std::vector<int32_t>& acc, int64_t n, int64_t positions, int64_t out) {
+  std::vector<int32_t> nchw(acc.size());
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t p = 0; p < positions; ++p) {
+      for (int64_t o = 0; o < out; ++o) nchw[(i * out + o) * positions + p] = acc[(i * positions + p) * out + o];
+    }
+  }
+  return nchw;
+}
+
 TEST_CASE("im2col then GEMM equals the direct convolution, padding holding z_in") {
   struct ConvShape {
     int64_t n, c, h, w, out, k, stride, padding;
@@ -128,7 +139,10 @@ TEST_CASE("im2col then GEMM equals the direct convolution, padding holding z_in"
                                          {1, 6, 14, 14, 16, 5, 1, 0},
                                          {3, 3, 9, 7, 5, 3, 2, 1},
                                          {1, 2, 5, 5, 3, 1, 1, 0},
-                                         {2, 4, 6, 6, 17, 3, 1, 1}};
+                                         {2, 4, 6, 6, 17, 3, 1, 1},
+                                         {1, 2, 20, 19, 4, 17, 1, 1},   // window rows longer than 32 bytes
+                                         {2, 9, 7, 8, 3, 1, 3, 0},      // 1×1 windows, stride 3
+                                         {1, 3, 11, 11, 33, 4, 2, 3}};  // even K, padding wider than needed
   lowbit::Rng rng(5);
   for (const ConvShape& s : shapes) {
     for (const int bits : {8, 4}) {
@@ -149,13 +163,19 @@ TEST_CASE("im2col then GEMM equals the direct convolution, padding holding z_in"
       rt::im2col(x, z, cols, s.n, s.c, s.h, s.w, s.k, s.stride, s.padding, 2);
       std::vector<int32_t> acc(rows * s.out);
       (bits == 8 ? rt::qgemm_s8 : rt::qgemm_s4)(cols, z, w, b, acc, rows, row, s.out, 2);
-      std::vector<int32_t> nchw(direct.size());  // (N, HO·WO, OUT) → (N, OUT, HO·WO)
-      for (int64_t i = 0; i < s.n; ++i) {
-        for (int64_t p = 0; p < ho * wo; ++p) {
-          for (int64_t o = 0; o < s.out; ++o) nchw[(i * s.out + o) * ho * wo + p] = acc[(i * ho * wo + p) * s.out + o];
-        }
+      CHECK(count_mismatches(rows_to_nchw(acc, s.n, ho * wo, s.out), direct, "conv") == 0);
+      if (!rt::cpu_has_avx2()) continue;
+      // The executor's fast path: windows packed straight into the GEMM's layout, for any thread count.
+      const rt::PackedWeights pw = rt::pack_weights(w, bits, row, s.out);
+      for (const int threads : {1, 2, 3}) {
+        CAPTURE(threads);
+        std::vector<int32_t> xp(rt::qgemm_packed_workspace_size(rows, pw), 0x5A5A5A5A);  // junk: all overwritten
+        std::vector<int16_t> planes(rt::im2col_packed_planes_size(s.n, s.c, s.h, s.w, s.padding));
+        rt::im2col_packed(x, z, pw, xp, planes, s.n, s.c, s.h, s.w, s.k, s.stride, s.padding, threads);
+        std::vector<int32_t> fused(rows * s.out);
+        rt::qgemm_prepacked(xp, z, pw, b, fused, rows, threads);
+        CHECK(count_mismatches(rows_to_nchw(fused, s.n, ho * wo, s.out), direct, "im2col_packed") == 0);
       }
-      CHECK(count_mismatches(nchw, direct, "conv") == 0);
     }
   }
 }

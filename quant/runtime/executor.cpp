@@ -10,6 +10,10 @@ namespace lowbit::quant::runtime {
 namespace {
 
 constexpr int64_t kChunkRows = 4096;  // GEMM rows (output positions) per chunk: buffers stay cache-sized
+// Below this many multiply-adds (or bytes, for the memory-bound ops) per thread, an op runs on one thread:
+// starting and joining a parallel region costs microseconds, and on a busy machine a descheduled worker
+// turns every join into a scheduler tick — the batch-1 latency tail.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 19;
 
 bool is_weighted(const Op& op) { return op.kind == OpKind::Conv2d || op.kind == OpKind::Linear; }
 
@@ -29,6 +33,10 @@ Executor::Executor(const Graph& graph, int threads, Kernels kernels)
   }
 }
 
+int Executor::threads_for(int64_t work) const {
+  return static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, threads_));
+}
+
 int64_t Executor::num_classes() const { return shapes_.back().size(); }
 
 std::span<const int8_t> Executor::op_output(size_t op_index) const {
@@ -46,19 +54,25 @@ int64_t Executor::images_per_chunk(size_t op_index) const {
 
 void Executor::plan(int64_t batch) {
   if (batch <= capacity_) return;
-  size_t cols = 0, acc = 0, workspace = 0;
+  size_t cols = 0, acc = 0, workspace = 0, planes = 0;
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
     outputs_[i].resize(static_cast<size_t>(batch * shapes_[i].size()));
     if (!is_weighted(op)) continue;
-    const int64_t rows = std::min(batch, images_per_chunk(i)) * shapes_[i].h * shapes_[i].w;
-    if (op.kind == OpKind::Conv2d) cols = std::max(cols, static_cast<size_t>(rows * weight_row_length(op)));
+    const int64_t images = std::min(batch, images_per_chunk(i)), rows = images * shapes_[i].h * shapes_[i].w;
+    const Shape in = input_shape(i);
+    if (op.kind == OpKind::Conv2d && fast_) {
+      planes = std::max(planes, im2col_packed_planes_size(images, in.c, in.h, in.w, op.padding));
+    } else if (op.kind == OpKind::Conv2d) {
+      cols = std::max(cols, static_cast<size_t>(rows * weight_row_length(op)));
+    }
     acc = std::max(acc, static_cast<size_t>(rows * op.out_channels));
     if (fast_) workspace = std::max(workspace, qgemm_packed_workspace_size(rows, packed_[i]));
   }
   cols_.resize(cols);
   acc_.resize(acc);
   workspace_.resize(workspace);
+  planes_.resize(planes);
   capacity_ = batch;
 }
 
@@ -71,26 +85,36 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
   for (int64_t first = 0; first < batch; first += chunk) {
     const int64_t images = std::min(chunk, batch - first), rows = images * positions;
     const int8_t* xc = x + first * in.size();
-    std::span<const int8_t> gemm_x(xc, static_cast<size_t>(rows * row_length));
-    if (op.kind == OpKind::Conv2d) {
-      std::span<int8_t> cols(cols_.data(), static_cast<size_t>(rows * row_length));
-      im2col({xc, static_cast<size_t>(images * in.size())}, op.input_zero_point, cols, images, in.c, in.h, in.w,
-             op.kernel, op.stride, op.padding, threads_);
-      gemm_x = cols;
-    }
     std::span<int32_t> acc(acc_.data(), static_cast<size_t>(rows * op.out_channels));
-    if (fast_) {
-      qgemm_packed(gemm_x, op.input_zero_point, packed_[op_index], op.bias, acc, rows, workspace_, threads_);
-    } else if (op.weight_bits == 8) {
-      qgemm_s8_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels, threads_);
+    const std::span<const int8_t> xs(xc, static_cast<size_t>(images * in.size()));
+    const int threads = threads_for(rows * row_length * op.out_channels);
+    if (fast_ && op.kind == OpKind::Conv2d) {
+      // The windows go straight into the GEMM's packed layout (no int8 cols buffer, no second packing).
+      im2col_packed(xs, op.input_zero_point, packed_[op_index], workspace_, planes_, images, in.c, in.h, in.w,
+                    op.kernel, op.stride, op.padding, threads);
+      qgemm_prepacked(workspace_, op.input_zero_point, packed_[op_index], op.bias, acc, rows, threads);
+    } else if (fast_) {
+      qgemm_packed(xs, op.input_zero_point, packed_[op_index], op.bias, acc, rows, workspace_, threads);
     } else {
-      qgemm_s4_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels, threads_);
+      std::span<const int8_t> gemm_x = xs;
+      if (op.kind == OpKind::Conv2d) {
+        std::span<int8_t> cols(cols_.data(), static_cast<size_t>(rows * row_length));
+        im2col(xs, op.input_zero_point, cols, images, in.c, in.h, in.w, op.kernel, op.stride, op.padding, threads);
+        gemm_x = cols;
+      }
+      if (op.weight_bits == 8) {
+        qgemm_s8_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels,
+                     threads);
+      } else {
+        qgemm_s4_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels,
+                     threads);
+      }
     }
     const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
     if (fast_) {
-      requantize_to_nchw(acc, op.requant, yc, images, positions, op.out_channels, threads_);
+      requantize_to_nchw(acc, op.requant, yc, images, positions, op.out_channels, threads);
     } else {
-      requantize_to_nchw_ref(acc, op.requant, yc, images, positions, op.out_channels, threads_);
+      requantize_to_nchw_ref(acc, op.requant, yc, images, positions, op.out_channels, threads);
     }
   }
 }
@@ -111,9 +135,10 @@ std::span<const int8_t> Executor::run(std::span<const uint8_t> images, int64_t b
     int8_t* y = outputs_[i].data();
     const auto y_size = static_cast<size_t>(batch * shapes_[i].size());
     const auto x_size = static_cast<size_t>(batch * x_shape.size());
+    const int threads = threads_for(static_cast<int64_t>(x_size + y_size));
     switch (op.kind) {
       case OpKind::Input:
-        input_lookup(images, op.input_table, {y, y_size}, threads_);
+        input_lookup(images, op.input_table, {y, y_size}, threads);
         break;
       case OpKind::Conv2d:
       case OpKind::Linear:
@@ -121,11 +146,11 @@ std::span<const int8_t> Executor::run(std::span<const uint8_t> images, int64_t b
         break;
       case OpKind::MaxPool2d:
         maxpool2d({x, x_size}, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel, op.stride, op.padding,
-                  threads_);
+                  threads);
         break;
       case OpKind::AvgPool2d:
         avgpool2d({x, x_size}, op.input_zero_point, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel,
-                  op.stride, op.padding, threads_);
+                  op.stride, op.padding, threads);
         break;
       case OpKind::Flatten:
         if (y_size > 0) std::memcpy(y, x, y_size);  // (N, C, H, W) and (N, C·H·W) are the same bytes

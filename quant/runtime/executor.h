@@ -32,6 +32,7 @@ class Executor {
  private:
   Shape input_shape(size_t op_index) const;
   int64_t images_per_chunk(size_t op_index) const;  // a weighted op runs on chunks of images
+  int threads_for(int64_t work) const;               // threads worth starting for this much work
   void plan(int64_t batch);
   void run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch);
 
@@ -46,6 +47,7 @@ class Executor {
   std::vector<int8_t> cols_;                  // im2col rows of one chunk, (ROWS, C·K·K)
   std::vector<int32_t> acc_;                  // int32 accumulators of one chunk, (ROWS, OUT)
   std::vector<int32_t> workspace_;            // packed x of one chunk for qgemm_packed
+  std::vector<int16_t> planes_;               // padded images of one chunk for im2col_packed
 };
 
 }  // namespace lowbit::quant::runtime

@@ -66,6 +66,20 @@ size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w);
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads = 1);
 
+// Conv2d's im2col written straight into qgemm_packed's x layout: the same GEMM rows as im2col() followed by
+// the packing qgemm_packed does, without the int8 cols buffer in between (it costs as much as the GEMM on
+// small convolutions). x is (N, C, H, W) codes; xp is (ROWS, K_UNITS) units of the N·HO·WO windows, ROWS
+// rounded up to the micro-kernel's rows (qgemm_packed_workspace_size(N·HO·WO, w) elements); planes is
+// scratch for the padded, widened images (im2col_packed_planes_size elements). Requires cpu_has_avx2().
+size_t im2col_packed_planes_size(int64_t n, int64_t c, int64_t height, int64_t width, int64_t padding);
+void im2col_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<int32_t> xp,
+                   std::span<int16_t> planes, int64_t n, int64_t c, int64_t height, int64_t width, int64_t k,
+                   int64_t stride, int64_t padding, int threads = 1);
+
+// qgemm_packed on x already packed (by im2col_packed): xp is (ROWS, K_UNITS) units of N rows.
+void qgemm_prepacked(std::span<const int32_t> xp, int32_t x_zero_point, const PackedWeights& w,
+                     std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int threads = 1);
+
 // =====================================================================================================
 // Conv2d. HO, WO are the output height and width: HO = (H + 2·padding − K) / stride + 1.
 // =====================================================================================================

@@ -1,6 +1,7 @@
 // AVX2 integer GEMMs (vpmaddwd for int8 weights, vpmaddubsw for int4), bit-exact with qgemm_s8_ref / qgemm_s4_ref.
 #include <immintrin.h>
 
+#include <cstring>
 #include <vector>
 
 #include "quant/runtime/int4.h"
@@ -320,9 +321,124 @@ size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads) {
   pack_x(x.data(), n, w.in, w.bits, w.k_units, workspace.data(), threads);
+  qgemm_prepacked(workspace, x_zero_point, w, b, y, n, threads);
+}
+
+void qgemm_prepacked(std::span<const int32_t> xp, int32_t x_zero_point, const PackedWeights& w,
+                     std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int threads) {
   const int32_t z_eff = w.bits == 8 ? x_zero_point : x_zero_point + 128;
-  run_tiles(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(), n, w.out,
+  run_tiles(xp.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(), n, w.out,
             threads);
+}
+
+// ---- im2col into the packed layout -----------------------------------------------------------------------
+
+namespace {
+
+// Padded plane rows are read 32 bytes at a time; this many bytes after the last plane keep that inside.
+constexpr int64_t kPlaneSlackBytes = 32;
+
+// The x operand of one code as the GEMM reads it: int16 for 8-bit weights, x + 128 as u8 for 4-bit weights.
+template <typename T>
+T widen(int32_t code) {
+  if constexpr (sizeof(T) == 2) {
+    return static_cast<T>(code);
+  } else {
+    return static_cast<T>(code + 128);
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+
+// dst[j] = widen<T>(src[j]) for j < count, 16 at a time.
+template <typename T>
+void widen_row(const int8_t* src, T* dst, int64_t count) {
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) {
+    const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+    if constexpr (sizeof(T) == 2) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_cvtepi8_epi16(codes));
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm_xor_si128(codes, _mm_set1_epi8(static_cast<char>(0x80))));
+    }
+  }
+  for (; j < count; ++j) dst[j] = widen<T>(src[j]);
+}
+
+// planes is (N, C, H + 2·padding, W + 2·padding) operands with the padding set to z_in; every window row
+// is then K contiguous operands, copied to its place in the packed row (c, kh, kw order, like pack_x).
+// A window row is copied as one 32-byte move when that stays inside the packed row: its excess lands on the
+// places the next window rows (or the zeroing of the row's padding units) overwrite.
+template <typename T>
+void im2col_packed_impl(const int8_t* x, int32_t x_zero_point, int64_t k_units, int64_t mr, int32_t* xp, T* planes,
+                        int64_t n, int64_t c, int64_t height, int64_t width, int64_t k, int64_t stride,
+                        int64_t padding, int threads) {
+  const int64_t hp = height + 2 * padding, wp = width + 2 * padding;
+  const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
+  const T pad = widen<T>(x_zero_point);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t plane = 0; plane < n * c; ++plane) {
+    const int8_t* src = x + plane * height * width;
+    T* dst = planes + plane * hp * wp;
+    for (int64_t r = 0; r < hp; ++r) {
+      const int64_t ih = r - padding;
+      T* line = dst + r * wp;
+      if (ih < 0 || ih >= height) {
+        for (int64_t j = 0; j < wp; ++j) line[j] = pad;
+        continue;
+      }
+      for (int64_t j = 0; j < padding; ++j) line[j] = line[padding + width + j] = pad;
+      widen_row(src + ih * width, line + padding, width);
+    }
+  }
+  const int64_t row_elements = k_units * static_cast<int64_t>(sizeof(int32_t) / sizeof(T));
+  const int64_t used = c * k * k, segment_bytes = k * static_cast<int64_t>(sizeof(T));
+  const int64_t move_elements = kPlaneSlackBytes / static_cast<int64_t>(sizeof(T));  // one 32-byte move
+  const int64_t rows = n * ho * wo, padded_rows = ceil_div(rows, mr) * mr;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t nh = 0; nh < n * ho; ++nh) {
+    const int64_t i = nh / ho, oh = nh % ho;
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      T* row = reinterpret_cast<T*>(xp + (nh * wo + ow) * k_units);
+      T* out = row;
+      for (int64_t ci = 0; ci < c; ++ci) {
+        const T* window = planes + ((i * c + ci) * hp + oh * stride) * wp + ow * stride;
+        for (int64_t kh = 0; kh < k; ++kh, out += k) {
+          const T* src = window + kh * wp;
+          if (segment_bytes <= kPlaneSlackBytes && (out - row) + move_elements <= row_elements) {
+            std::memcpy(out, src, kPlaneSlackBytes);  // a constant size: one vector move, not a call
+          } else {
+            for (int64_t j = 0; j < k; ++j) out[j] = src[j];
+          }
+        }
+      }
+      for (int64_t j = used; j < row_elements; ++j) row[j] = 0;  // a few elements: no memset call
+    }
+  }
+  std::memset(xp + rows * k_units, 0, static_cast<size_t>((padded_rows - rows) * k_units) * sizeof(int32_t));
+}
+
+#pragma GCC pop_options
+
+}  // namespace
+
+size_t im2col_packed_planes_size(int64_t n, int64_t c, int64_t height, int64_t width, int64_t padding) {
+  return static_cast<size_t>(n * c * (height + 2 * padding) * (width + 2 * padding) + kPlaneSlackBytes / 2);
+}
+
+void im2col_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<int32_t> xp,
+                   std::span<int16_t> planes, int64_t n, int64_t c, int64_t height, int64_t width, int64_t k,
+                   int64_t stride, int64_t padding, int threads) {
+  const int64_t mr = rows_per_block(w.bits);
+  if (w.bits == 8) {
+    im2col_packed_impl<int16_t>(x.data(), x_zero_point, w.k_units, mr, xp.data(), planes.data(), n, c, height, width,
+                                k, stride, padding, threads);
+  } else {
+    im2col_packed_impl<uint8_t>(x.data(), x_zero_point, w.k_units, mr, xp.data(),
+                                reinterpret_cast<uint8_t*>(planes.data()), n, c, height, width, k, stride, padding,
+                                threads);
+  }
 }
 
 namespace {

@@ -156,6 +156,16 @@ void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_
   for (int64_t plane = 0; plane < n * c; ++plane) {
     const int8_t* xp = x.data() + plane * height * width;
     int8_t* yp = y.data() + plane * ho * wo;
+    if (k == 2 && stride == 2 && padding == 0) {  // the common 2×2 pool: no window clipping, 4 codes each
+      for (int64_t oh = 0; oh < ho; ++oh) {
+        const int8_t* top = xp + 2 * oh * width;
+        const int8_t* bottom = top + width;
+        for (int64_t ow = 0; ow < wo; ++ow) {
+          yp[oh * wo + ow] = std::max(std::max(top[2 * ow], top[2 * ow + 1]), std::max(bottom[2 * ow], bottom[2 * ow + 1]));
+        }
+      }
+      continue;
+    }
     for (int64_t oh = 0; oh < ho; ++oh) {
       const int64_t ih0 = std::max<int64_t>(oh * stride - padding, 0);
       const int64_t ih1 = std::min(oh * stride - padding + k, height);
