@@ -45,7 +45,8 @@ constexpr int64_t kFaithfulnessImages = 500;
 // End-to-end Fashion-MNIST QAT run.
 constexpr int64_t kTrainSubset = 2000;
 constexpr int64_t kTestSubset = 1000;
-constexpr double kMaxAccuracyDrop = 0.02;  // int8 ≥ float − 2 points
+constexpr double kMaxAccuracyDrop = 0.02;   // int8 ≥ float − 2 points
+constexpr double kMaxAccuracyDrop4 = 0.03;  // W4A8 ≥ float − 3 points
 constexpr double kMinFloatAccuracy = 0.60;  // the 1-epoch float model must have learned (measured 0.712)
 
 // The 4-bit activation range [−8, 7] used by the hand examples.
@@ -264,7 +265,7 @@ TEST_CASE("fake-quant eval forward matches the integer graph on random images") 
 // ============================================================================================
 // End to end on Fashion-MNIST (skipped when the data set is not installed)
 
-TEST_CASE("QAT on a Fashion-MNIST subset: the integer model keeps the float accuracy") {
+TEST_CASE("QAT on a Fashion-MNIST subset: the int8 and W4A8 integer models keep the float accuracy") {
   if (!std::filesystem::exists(data::kDefaultDataDir)) {
     MESSAGE("skipped: ", data::kDefaultDataDir, " not found");
     return;
@@ -293,41 +294,48 @@ TEST_CASE("QAT on a Fashion-MNIST subset: the integer model keeps the float accu
   optim::Adam float_opt(model->parameters(), {.lr = 1e-3f});
   run_epoch(*model, float_opt, 0);
 
-  const auto qat = quant::prepare_qat(*model, quant::parse_bits("w8a8"));
-  optim::Adam qat_opt(qat->parameters(), {.lr = 1e-4f});
-  run_epoch(*qat, qat_opt, 1);  // observers on (training mode)
-  qat->eval();
   model->eval();
-  const quant::IntModel int_model = quant::convert(*qat, norm, {1, 28, 28});
-
-  // The first kTestSubset test images through the float model, the fake-quant model and the integer graph.
+  // The first kTestSubset test images through the float model, then each fake-quant model and its graph.
   const int64_t n = kTestSubset, classes = data::kNumClasses;
   const std::span<const uint8_t> pixels(mnist.test.images.pixels.data(), static_cast<size_t>(n * 28 * 28));
   const Tensor images = normalize_images(pixels, {n, 1, 28, 28}, norm);
-  Tensor float_logits, fq_logits;
+  const auto accuracy = [&](auto&& predicted) {
+    int64_t correct = 0;
+    for (int64_t i = 0; i < n; ++i) correct += predicted(i) == mnist.test.labels[static_cast<size_t>(i)];
+    return static_cast<double>(correct) / static_cast<double>(n);
+  };
+  Tensor float_logits;
   {
     NoGradGuard no_grad;
     float_logits = model->forward(images);
-    fq_logits = qat->forward(images);
   }
-  quant::runtime::Executor executor(int_model.graph);
-  const auto codes = executor.run(pixels, n);
-  int64_t float_correct = 0, int_correct = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t label = mnist.test.labels[static_cast<size_t>(i)];
-    float_correct += argmax_row(float_logits.data(), i, classes) == label;
-    int_correct += argmax_row(codes.data(), i, classes) == label;
-  }
-  const double float_acc = static_cast<double>(float_correct) / static_cast<double>(n);
-  const double int_acc = static_cast<double>(int_correct) / static_cast<double>(n);
-  const Faithfulness f = compare_codes(logits_to_codes(fq_logits, int_model), codes, n, classes);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  // Measured (seeded, 2.3 s): float 0.712, int8 0.769 (the int8 model had one more epoch, of QAT),
-  // fake-quant/int argmax agreement 1.000, max code diff 0.
-  MESSAGE("float ", float_acc, ", int8 ", int_acc, ", fake-quant/int agreement ", f.argmax_agreement,
-          ", max code diff ", f.max_code_diff, ", ", seconds, " s");
+  const double float_acc = accuracy([&](int64_t i) { return argmax_row(float_logits.data(), i, classes); });
   CHECK(float_acc >= kMinFloatAccuracy);
-  CHECK(int_acc >= float_acc - kMaxAccuracyDrop);
-  CHECK(f.argmax_agreement >= kMinArgmaxAgreement);
-  CHECK(f.max_code_diff <= kMaxCodeDiff);
+
+  for (const char* bits : {"w8a8", "w4a8"}) {
+    CAPTURE(bits);
+    // One QAT epoch from the float model (prepare_qat copies its weights), observers on, then convert.
+    const auto qat = quant::prepare_qat(*model, quant::parse_bits(bits));
+    optim::Adam qat_opt(qat->parameters(), {.lr = 1e-4f});
+    run_epoch(*qat, qat_opt, 1);
+    qat->eval();
+    const quant::IntModel int_model = quant::convert(*qat, norm, {1, 28, 28});
+    Tensor fq_logits;
+    {
+      NoGradGuard no_grad;
+      fq_logits = qat->forward(images);
+    }
+    quant::runtime::Executor executor(int_model.graph);
+    const auto codes = executor.run(pixels, n);
+    const double int_acc = accuracy([&](int64_t i) { return argmax_row(codes.data(), i, classes); });
+    const Faithfulness f = compare_codes(logits_to_codes(fq_logits, int_model), codes, n, classes);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    // Measured (seeded): float 0.712; int8 0.769 and W4A8 0.767 (one more epoch, of QAT);
+    // fake-quant/int argmax agreement 1.000 for both, max code diff 0 (int8) and 1 (W4A8).
+    MESSAGE(std::string(bits), ": float ", float_acc, ", integer ", int_acc, ", fake-quant/int agreement ", f.argmax_agreement,
+            ", max code diff ", f.max_code_diff, ", ", seconds, " s");
+    CHECK(int_acc >= float_acc - (std::string(bits) == "w8a8" ? kMaxAccuracyDrop : kMaxAccuracyDrop4));
+    CHECK(f.argmax_agreement >= kMinArgmaxAgreement);
+    CHECK(f.max_code_diff <= kMaxCodeDiff);
+  }
 }
