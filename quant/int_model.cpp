@@ -1,20 +1,19 @@
 // The integer model file: IntModel ⇄ safetensors container, validated on the way in (docs/int-graph-format.md).
 #include "quant/int_model.h"
 
+#include <fmt/ranges.h>
+
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <initializer_list>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
 #include <unordered_set>
 #include <utility>
-
-#include <fmt/ranges.h>
-
-#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/safetensors.h"
@@ -255,8 +254,7 @@ class FieldReader {
     }
     if (value.size() < min_size || value.size() > max_size) {
       fail("{}: '{}' must have {} entries, found {}", where_, field,
-           min_size == max_size ? std::to_string(min_size) : fmt::format("{} to {}", min_size, max_size),
-           value.size());
+           min_size == max_size ? std::to_string(min_size) : fmt::format("{} to {}", min_size, max_size), value.size());
     }
     return value;
   }
@@ -302,9 +300,10 @@ void check_metadata(const StFile& file, const std::string& path) {
     fail("{}: not a lowbit integer model (no 'format' in __metadata__, expected '{}')", path, kIntModelFormat);
   }
   if (format->second == "lowbit-checkpoint") {
-    fail("{}: not a lowbit integer model (format 'lowbit-checkpoint'): float checkpoints are converted with "
-         "eval --int8 --model FILE",
-         path);
+    fail(
+        "{}: not a lowbit integer model (format 'lowbit-checkpoint'): float checkpoints are converted with "
+        "eval --int8 --model FILE",
+        path);
   }
   if (format->second != kIntModelFormat) {
     fail("{}: not a lowbit integer model (format '{}', expected '{}')", path, format->second, kIntModelFormat);
@@ -314,9 +313,8 @@ void check_metadata(const StFile& file, const std::string& path) {
     fail("{}: metadata field 'format_version' missing (expected '{}'; {})", path, kIntModelVersion, kBadFileHint);
   }
   const std::string& v = version->second;
-  const bool is_number = !v.empty() && v.size() <= 9 && std::all_of(v.begin(), v.end(), [](char ch) {
-    return ch >= '0' && ch <= '9';
-  });
+  const bool is_number =
+      !v.empty() && v.size() <= 9 && std::all_of(v.begin(), v.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
   if (!is_number) {
     fail("{}: format_version '{}' is not a whole number (expected '{}'; {})", path, v.substr(0, 40), kIntModelVersion,
          kBadFileHint);

@@ -315,7 +315,8 @@ TEST_CASE("int model: format tag and version") {
   file.metadata["format_version"] = "0";
   CHECK_CONTAINS(load_error(file, dir), "format version 0 is not supported");
   file.metadata["format_version"] = "1";  // version 1 kept float weight scales in the graph JSON
-  CHECK_CONTAINS(load_error(file, dir), "format version 1 is not supported (this lowbit reads 2; convert the model again)");
+  CHECK_CONTAINS(load_error(file, dir),
+                 "format version 1 is not supported (this lowbit reads 2; convert the model again)");
   file.metadata["format_version"] = "1.0";
   CHECK_CONTAINS(load_error(file, dir), "is not a whole number");
   file.metadata["format_version"] = "99999999999999999999";
@@ -553,8 +554,8 @@ TEST_CASE("int model: truncated at every byte position: an error, never a crash"
   }
   // Truncated files on disk too, at a few positions (header length, header, data).
   for (size_t size : {size_t{0}, size_t{5}, size_t{8}, size_t{40}, bytes.size() / 2, bytes.size() - 1}) {
-    std::ofstream(path, std::ios::binary | std::ios::trunc).write(reinterpret_cast<const char*>(bytes.data()),
-                                                                    static_cast<std::streamsize>(size));
+    std::ofstream(path, std::ios::binary | std::ios::trunc)
+        .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(size));
     CHECK_THROWS_WITH_AS(load_int_model(path), doctest::Contains("m.int.safetensors"), Error);
   }
 }

@@ -138,10 +138,10 @@ TEST_CASE("fake_quantize per channel (axis 0): each row uses its own qparams") {
   // Row 0: s = 0.5, z = −3 (as above). Row 1: s = 0.25, z = 0, reals 0.25·q in [−2.0, 1.75].
   const Tensor x = Tensor::from({2, 3}, {0.26f, 5.3f, -3.0f, 0.3f, -0.375f, 2.0f});
   const std::vector<double> expected = {
-      0.5, 5.0, -2.5,  // row 0 as in the per-tensor case
-      0.25,            // 0.3/0.25 = 1.2 → 1 → 0.25
-      -0.5,            // −1.5 is a tie → −2 → −0.5
-      1.75,            // 8 → clamped to 7 → 1.75
+      0.5,  5.0, -2.5,  // row 0 as in the per-tensor case
+      0.25,             // 0.3/0.25 = 1.2 → 1 → 0.25
+      -0.5,             // −1.5 is a tie → −2 → −0.5
+      1.75,             // 8 → clamped to 7 → 1.75
   };
   const Tensor y = quant::fake_quantize(x, {{0.5f, -3}, {0.25f, 0}}, kRange4);
   check_all_close(test::to_doubles(y), expected, kExactAtol, 0, "fake_quantize per channel");
@@ -225,10 +225,10 @@ TEST_CASE("fake-quant eval forward matches the integer graph on random images") 
       auto bn = std::make_shared<nn::BatchNorm2d>(4);
       randomize_bn(*bn, rng);
       nn::Model model("tiny", std::make_shared<nn::Sequential>(std::vector<std::shared_ptr<nn::Module>>{
-                                  std::make_shared<nn::Conv2d>(1, 4, 3, 1, 1, false), bn,
-                                  std::make_shared<nn::ReLU>(), std::make_shared<nn::MaxPool2d>(2),
-                                  std::make_shared<nn::Flatten>(), std::make_shared<nn::Linear>(4 * 4 * 4, 16),
-                                  std::make_shared<nn::ReLU>(), std::make_shared<nn::Linear>(16, kClasses)}));
+                                  std::make_shared<nn::Conv2d>(1, 4, 3, 1, 1, false), bn, std::make_shared<nn::ReLU>(),
+                                  std::make_shared<nn::MaxPool2d>(2), std::make_shared<nn::Flatten>(),
+                                  std::make_shared<nn::Linear>(4 * 4 * 4, 16), std::make_shared<nn::ReLU>(),
+                                  std::make_shared<nn::Linear>(16, kClasses)}));
       model.eval();
       const auto qat = quant::prepare_qat(model, quant::parse_bits(bits));
 
@@ -332,8 +332,8 @@ TEST_CASE("QAT on a Fashion-MNIST subset: the int8 and W4A8 integer models keep 
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     // Measured (seeded): float 0.712; int8 0.769 and W4A8 0.767 (one more epoch, of QAT);
     // fake-quant/int argmax agreement 1.000 for both, max code diff 0 (int8) and 1 (W4A8).
-    MESSAGE(std::string(bits), ": float ", float_acc, ", integer ", int_acc, ", fake-quant/int agreement ", f.argmax_agreement,
-            ", max code diff ", f.max_code_diff, ", ", seconds, " s");
+    MESSAGE(std::string(bits), ": float ", float_acc, ", integer ", int_acc, ", fake-quant/int agreement ",
+            f.argmax_agreement, ", max code diff ", f.max_code_diff, ", ", seconds, " s");
     CHECK(int_acc >= float_acc - (std::string(bits) == "w8a8" ? kMaxAccuracyDrop : kMaxAccuracyDrop4));
     CHECK(f.argmax_agreement >= kMinArgmaxAgreement);
     CHECK(f.max_code_diff <= kMaxCodeDiff);

@@ -221,19 +221,23 @@ TEST_CASE("Executor: fast kernels equal the reference on a LeNet-5 shaped graph,
     g.ops.push_back(weighted_op(rng, rt::OpKind::Linear, "f1", bits, 400, 120, 1, 0, -128, -128, true, unused));
     g.ops.push_back(weighted_op(rng, rt::OpKind::Linear, "f2", bits, 120, 84, 1, 0, -128, -128, true, unused));
     g.ops.push_back(weighted_op(rng, rt::OpKind::Linear, "f3", bits, 84, 10, 1, 0, -128, 5, false, unused));
-    const int64_t batch = 9;
-    const auto images = random_images(rng, batch * 28 * 28);
-    rt::Executor reference(g, 1, rt::Executor::Kernels::Reference);
-    const auto want = reference.run(images, batch);
-    for (const int threads : {1, 2}) {
-      rt::Executor fast(g, threads);
-      const auto got = fast.run(images, batch);
-      CAPTURE(bits);
-      CAPTURE(threads);
-      CHECK(count_mismatches(got, want) == 0);
-      for (size_t i = 0; i < g.ops.size(); ++i) CHECK(count_mismatches(fast.op_output(i), reference.op_output(i)) == 0);
-      // The logits are not constant: the test exercises real values.
-      CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));
+    // 9 images: one slice, each op split over the threads; 37: the batch split into one slice per thread.
+    for (const int64_t batch : {9, 37}) {
+      const auto images = random_images(rng, batch * 28 * 28);
+      rt::Executor reference(g, 1, rt::Executor::Kernels::Reference);
+      const auto want = reference.run(images, batch);
+      for (const int threads : {1, 2, 3}) {
+        rt::Executor fast(g, threads);
+        const auto got = fast.run(images, batch);
+        CAPTURE(bits);
+        CAPTURE(batch);
+        CAPTURE(threads);
+        CHECK(count_mismatches(got, want) == 0);
+        for (size_t i = 0; i < g.ops.size(); ++i)
+          CHECK(count_mismatches(fast.op_output(i), reference.op_output(i)) == 0);
+        // The logits are not constant: the test exercises real values.
+        CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));
+      }
     }
   }
 }

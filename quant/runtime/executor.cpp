@@ -14,6 +14,7 @@ constexpr int64_t kChunkRows = 4096;  // GEMM rows (output positions) per chunk:
 // starting and joining a parallel region costs microseconds, and on a busy machine a descheduled worker
 // turns every join into a scheduler tick — the batch-1 latency tail.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 19;
+constexpr int64_t kMinImagesPerSlice = 8;  // smaller batches split each op over the threads instead
 
 bool is_weighted(const Op& op) { return op.kind == OpKind::Conv2d || op.kind == OpKind::Linear; }
 
@@ -33,8 +34,13 @@ Executor::Executor(const Graph& graph, int threads, Kernels kernels)
   }
 }
 
-int Executor::threads_for(int64_t work) const {
-  return static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, threads_));
+int Executor::threads_for(int64_t work, int max_threads) const {
+  return static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, max_threads));
+}
+
+// A batch of at least kMinImagesPerSlice images per thread is split into one slice per thread.
+int Executor::slices(int64_t batch) const {
+  return static_cast<int>(std::clamp<int64_t>(batch / kMinImagesPerSlice, 1, threads_));
 }
 
 int64_t Executor::num_classes() const { return shapes_.back().size(); }
@@ -52,6 +58,8 @@ int64_t Executor::images_per_chunk(size_t op_index) const {
   return std::max<int64_t>(1, kChunkRows / (out.h * out.w));
 }
 
+// Each thread gets its own scratch, sized for the largest chunk any slice of any batch up to this one
+// can run (a chunk is at most kChunkRows GEMM rows, so this stays small).
 void Executor::plan(int64_t batch) {
   if (batch <= capacity_) return;
   size_t cols = 0, acc = 0, workspace = 0, planes = 0;
@@ -69,15 +77,18 @@ void Executor::plan(int64_t batch) {
     acc = std::max(acc, static_cast<size_t>(rows * op.out_channels));
     if (fast_) workspace = std::max(workspace, qgemm_packed_workspace_size(rows, packed_[i]));
   }
-  cols_.resize(cols);
-  acc_.resize(acc);
-  workspace_.resize(workspace);
-  planes_.resize(planes);
+  scratch_.resize(static_cast<size_t>(threads_));
+  for (Scratch& sc : scratch_) {
+    sc.cols.resize(cols);
+    sc.acc.resize(acc);
+    sc.workspace.resize(workspace);
+    sc.planes.resize(planes);
+  }
   capacity_ = batch;
 }
 
 // Conv2d / Linear on chunks of images: (im2col →) GEMM to int32 (eq. 5) → requantize to (N, OUT, HO, WO) (eq. 6).
-void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch) {
+void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch, Scratch& sc, int max_threads) {
   const Op& op = graph_.ops[op_index];
   const Shape in = input_shape(op_index), out = shapes_[op_index];
   const int64_t positions = out.h * out.w, row_length = weight_row_length(op);
@@ -85,29 +96,27 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
   for (int64_t first = 0; first < batch; first += chunk) {
     const int64_t images = std::min(chunk, batch - first), rows = images * positions;
     const int8_t* xc = x + first * in.size();
-    std::span<int32_t> acc(acc_.data(), static_cast<size_t>(rows * op.out_channels));
+    std::span<int32_t> acc(sc.acc.data(), static_cast<size_t>(rows * op.out_channels));
     const std::span<const int8_t> xs(xc, static_cast<size_t>(images * in.size()));
-    const int threads = threads_for(rows * row_length * op.out_channels);
+    const int threads = threads_for(rows * row_length * op.out_channels, max_threads);
     if (fast_ && op.kind == OpKind::Conv2d) {
       // The windows go straight into the GEMM's packed layout (no int8 cols buffer, no second packing).
-      im2col_packed(xs, op.input_zero_point, packed_[op_index], workspace_, planes_, images, in.c, in.h, in.w,
+      im2col_packed(xs, op.input_zero_point, packed_[op_index], sc.workspace, sc.planes, images, in.c, in.h, in.w,
                     op.kernel, op.stride, op.padding, threads);
-      qgemm_prepacked(workspace_, op.input_zero_point, packed_[op_index], op.bias, acc, rows, threads);
+      qgemm_prepacked(sc.workspace, op.input_zero_point, packed_[op_index], op.bias, acc, rows, threads);
     } else if (fast_) {
-      qgemm_packed(xs, op.input_zero_point, packed_[op_index], op.bias, acc, rows, workspace_, threads);
+      qgemm_packed(xs, op.input_zero_point, packed_[op_index], op.bias, acc, rows, sc.workspace, threads);
     } else {
       std::span<const int8_t> gemm_x = xs;
       if (op.kind == OpKind::Conv2d) {
-        std::span<int8_t> cols(cols_.data(), static_cast<size_t>(rows * row_length));
+        std::span<int8_t> cols(sc.cols.data(), static_cast<size_t>(rows * row_length));
         im2col(xs, op.input_zero_point, cols, images, in.c, in.h, in.w, op.kernel, op.stride, op.padding, threads);
         gemm_x = cols;
       }
       if (op.weight_bits == 8) {
-        qgemm_s8_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels,
-                     threads);
+        qgemm_s8_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels, threads);
       } else {
-        qgemm_s4_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels,
-                     threads);
+        qgemm_s4_ref(gemm_x, op.input_zero_point, op.weight, op.bias, acc, rows, row_length, op.out_channels, threads);
       }
     }
     const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
@@ -128,21 +137,40 @@ std::span<const int8_t> Executor::run(std::span<const uint8_t> images, int64_t b
   }
   plan(batch);
   batch_ = batch;
+  const int count = slices(batch);
+  if (count == 1) {
+    run_images(images.data(), 0, batch, scratch_[0], threads_);  // the kernels split each op over threads
+  } else {
+    // One parallel region per call: each thread runs every op on its own images, with one-thread kernels.
+    // Images are independent, so the codes are those of any other split.
+#pragma omp parallel for num_threads(count) schedule(static)
+    for (int s = 0; s < count; ++s) {
+      const int64_t first = batch * s / count, last = batch * (s + 1) / count;
+      run_images(images.data(), first, last - first, scratch_[static_cast<size_t>(s)], 1);
+    }
+  }
+  return op_output(graph_.ops.size() - 1);
+}
+
+// Images [first, first + batch) of the call through every op, in order.
+void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, Scratch& sc, int max_threads) {
+  const Shape in{graph_.in_channels, graph_.in_height, graph_.in_width};
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
     const Shape x_shape = input_shape(i);
-    const int8_t* x = i == 0 ? nullptr : outputs_[i - 1].data();
-    int8_t* y = outputs_[i].data();
+    const int8_t* x = i == 0 ? nullptr : outputs_[i - 1].data() + first * x_shape.size();
+    int8_t* y = outputs_[i].data() + first * shapes_[i].size();
     const auto y_size = static_cast<size_t>(batch * shapes_[i].size());
     const auto x_size = static_cast<size_t>(batch * x_shape.size());
-    const int threads = threads_for(static_cast<int64_t>(x_size + y_size));
+    const int threads = threads_for(static_cast<int64_t>(x_size + y_size), max_threads);
     switch (op.kind) {
       case OpKind::Input:
-        input_lookup(images, op.input_table, {y, y_size}, threads);
+        input_lookup({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table, {y, y_size},
+                     threads);
         break;
       case OpKind::Conv2d:
       case OpKind::Linear:
-        run_weighted(i, x, y, batch);
+        run_weighted(i, x, y, batch, sc, max_threads);
         break;
       case OpKind::MaxPool2d:
         maxpool2d({x, x_size}, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel, op.stride, op.padding,
@@ -157,7 +185,6 @@ std::span<const int8_t> Executor::run(std::span<const uint8_t> images, int64_t b
         break;
     }
   }
-  return op_output(graph_.ops.size() - 1);
 }
 
 }  // namespace lowbit::quant::runtime

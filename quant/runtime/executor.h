@@ -32,9 +32,18 @@ class Executor {
  private:
   Shape input_shape(size_t op_index) const;
   int64_t images_per_chunk(size_t op_index) const;  // a weighted op runs on chunks of images
-  int threads_for(int64_t work) const;               // threads worth starting for this much work
+  // Scratch of one slice of the batch (one per thread): reused by every op, sized by plan().
+  struct Scratch {
+    std::vector<int8_t> cols;        // im2col rows of one chunk, (ROWS, C·K·K) (reference path)
+    std::vector<int32_t> acc;        // int32 accumulators of one chunk, (ROWS, OUT)
+    std::vector<int32_t> workspace;  // packed x of one chunk for qgemm_packed
+    std::vector<int16_t> planes;     // padded images of one chunk for im2col_packed
+  };
+  int threads_for(int64_t work, int max_threads) const;  // threads worth starting for this much work
+  int slices(int64_t batch) const;                       // how many threads split the batch between them
   void plan(int64_t batch);
-  void run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch);
+  void run_images(const uint8_t* pixels, int64_t first, int64_t batch, Scratch& sc, int max_threads);
+  void run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch, Scratch& sc, int max_threads);
 
   Graph graph_;
   int threads_ = 1;
@@ -44,10 +53,7 @@ class Executor {
   int64_t capacity_ = 0;                      // the batch the buffers are sized for
   int64_t batch_ = 0;                         // the batch of the last run
   std::vector<std::vector<int8_t>> outputs_;  // (N, shapes_[i]) codes of every op
-  std::vector<int8_t> cols_;                  // im2col rows of one chunk, (ROWS, C·K·K)
-  std::vector<int32_t> acc_;                  // int32 accumulators of one chunk, (ROWS, OUT)
-  std::vector<int32_t> workspace_;            // packed x of one chunk for qgemm_packed
-  std::vector<int16_t> planes_;               // padded images of one chunk for im2col_packed
+  std::vector<Scratch> scratch_;              // one per thread
 };
 
 }  // namespace lowbit::quant::runtime

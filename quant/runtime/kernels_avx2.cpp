@@ -360,7 +360,8 @@ void widen_row(const int8_t* src, T* dst, int64_t count) {
     if constexpr (sizeof(T) == 2) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_cvtepi8_epi16(codes));
     } else {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm_xor_si128(codes, _mm_set1_epi8(static_cast<char>(0x80))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                       _mm_xor_si128(codes, _mm_set1_epi8(static_cast<char>(0x80))));
     }
   }
   for (; j < count; ++j) dst[j] = widen<T>(src[j]);
@@ -372,8 +373,8 @@ void widen_row(const int8_t* src, T* dst, int64_t count) {
 // places the next window rows (or the zeroing of the row's padding units) overwrite.
 template <typename T>
 void im2col_packed_impl(const int8_t* x, int32_t x_zero_point, int64_t k_units, int64_t mr, int32_t* xp, T* planes,
-                        int64_t n, int64_t c, int64_t height, int64_t width, int64_t k, int64_t stride,
-                        int64_t padding, int threads) {
+                        int64_t n, int64_t c, int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding,
+                        int threads) {
   const int64_t hp = height + 2 * padding, wp = width + 2 * padding;
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const T pad = widen<T>(x_zero_point);
@@ -432,8 +433,8 @@ void im2col_packed(std::span<const int8_t> x, int32_t x_zero_point, const Packed
                    int64_t stride, int64_t padding, int threads) {
   const int64_t mr = rows_per_block(w.bits);
   if (w.bits == 8) {
-    im2col_packed_impl<int16_t>(x.data(), x_zero_point, w.k_units, mr, xp.data(), planes.data(), n, c, height, width,
-                                k, stride, padding, threads);
+    im2col_packed_impl<int16_t>(x.data(), x_zero_point, w.k_units, mr, xp.data(), planes.data(), n, c, height, width, k,
+                                stride, padding, threads);
   } else {
     im2col_packed_impl<uint8_t>(x.data(), x_zero_point, w.k_units, mr, xp.data(),
                                 reinterpret_cast<uint8_t*>(planes.data()), n, c, height, width, k, stride, padding,

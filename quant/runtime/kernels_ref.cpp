@@ -161,7 +161,8 @@ void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_
         const int8_t* top = xp + 2 * oh * width;
         const int8_t* bottom = top + width;
         for (int64_t ow = 0; ow < wo; ++ow) {
-          yp[oh * wo + ow] = std::max(std::max(top[2 * ow], top[2 * ow + 1]), std::max(bottom[2 * ow], bottom[2 * ow + 1]));
+          yp[oh * wo + ow] =
+              std::max(std::max(top[2 * ow], top[2 * ow + 1]), std::max(bottom[2 * ow], bottom[2 * ow + 1]));
         }
       }
       continue;
