@@ -64,7 +64,8 @@ inline void unpack_int4(std::span<const int8_t> packed, std::span<int8_t> codes)
 
 // The layout, pinned at compile time.
 static_assert(int4_packed_size(0) == 0 && int4_packed_size(3) == 2 && int4_packed_size(4) == 2);
-#ifndef LOWBIT_EXERCISES  // exercise 07: the student's versions are not constexpr
+// Exercise 07: the student's versions are not constexpr.
+#ifndef LOWBIT_EXERCISES
 static_assert(pack_int4_pair(1, 2) == 0x21);  // low nibble first
 static_assert(pack_int4_pair(-1, 0) == 0x0F && pack_int4_pair(0, -8) == int8_t(0x80));
 static_assert(unpack_int4_nibble(int8_t(0x8F), 0) == -1 && unpack_int4_nibble(int8_t(0x8F), 1) == -8);

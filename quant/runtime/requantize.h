@@ -56,12 +56,14 @@ constexpr int8_t requantize(int32_t acc, int32_t multiplier, int shift, int32_t 
 // Worked examples, checked by the compiler.
 static_assert(rounding_divide_half_away(3, 2) == 2 && rounding_divide_half_away(-3, 2) == -2);
 static_assert(rounding_divide_half_away(4, 3) == 1 && rounding_divide_half_away(-5, 3) == -2);
-#ifndef LOWBIT_EXERCISES  // exercise 05: the student's versions are not constexpr
+// Exercise 05: the student's versions are not constexpr.
+#ifndef LOWBIT_EXERCISES
 static_assert(rounding_right_shift_half_away(5, 1) == 3);    //  2.5 →  3
 static_assert(rounding_right_shift_half_away(-5, 1) == -3);  // −2.5 → −3
 static_assert(rounding_right_shift_half_away(-3, 2) == -1);  // −0.75 → −1
 static_assert(rounding_right_shift_half_away(-2, 2) == -1);  // −0.5 → −1
 static_assert(rounding_right_shift_half_away(-1, 2) == 0);   // −0.25 → 0
+
 static_assert(requantize(100, int32_t{1} << 30, 31, 3, -128, 127) == 53);  // M = 2^30·2^−31 = 0.5: 3 + 50
 static_assert(requantize(100, int32_t{1} << 30, 31, 3, 0, 40) == 40);      // clamped to act_max
 #endif

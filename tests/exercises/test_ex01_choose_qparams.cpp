@@ -1,4 +1,4 @@
-// Exercise 01 checks: choose_qparams turns an observed range into a scale and a zero point (docs/quantization.md eq. 4).
+// Exercise 01 checks: choose_qparams turns an observed range into a scale and a zero point (eq. 4).
 #include <doctest/doctest.h>
 
 #include <limits>

@@ -1,5 +1,4 @@
-// Exercise 03 checks: fake_quantize rounds onto the grid (forward) and lets the gradient through only
-// where the value was not clamped (the straight-through estimator, docs/quantization.md "Fake quantization").
+// Exercise 03 checks: fake_quantize rounds onto the grid; its backward is the straight-through estimator.
 #include <doctest/doctest.h>
 
 #include <vector>
@@ -68,10 +67,10 @@ TEST_CASE("per channel along axis 0: row c uses params[c], in the forward and th
   Tensor x = Tensor::from({2, 3}, {0.75f, 5.25f, -2.5f, -2.f, -2.125f, 0.125f}).set_requires_grad(true);
   const Tensor y = quant::fake_quantize(x, {kHalfStep, {0.25f, 0}}, kRange4);
   const std::vector<double> expected = {
-      1.0, 5.0, -2.5,  // row 0: tie → 2; 11 clamped to 7; −5 → −8 = qmin
-      -2.0,            // −8 = qmin: inside
-      -2.0,            // −8.5 is a tie → −9 → clamped to −8
-      0.25,            // 0.5 is a tie → 1
+      1.0,  5.0, -2.5,  // row 0: tie → 2; 11 clamped to 7; −5 → −8 = qmin
+      -2.0,             // −8 = qmin: inside
+      -2.0,             // −8.5 is a tie → −9 → clamped to −8
+      0.25,             // 0.5 is a tie → 1
   };
   check_all_close(to_doubles(y), expected, kExactAtol, 0, "per-channel forward");
   y.backward(Tensor::from({2, 3}, {1.f, 1.f, 1.f, 1.f, 1.f, 1.f}));

@@ -15,14 +15,14 @@ constexpr int64_t kTwoTo60 = int64_t{1} << 60;
 }  // namespace
 
 TEST_CASE("rounding_right_shift_half_away: x / 2^n to nearest, ties away from zero") {
-  CHECK(rounding_right_shift_half_away(5, 1) == 3);         //  2.5  →  3
-  CHECK(rounding_right_shift_half_away(-5, 1) == -3);       // −2.5  → −3 (not −2)
-  CHECK(rounding_right_shift_half_away(3, 1) == 2);         //  1.5  →  2
-  CHECK(rounding_right_shift_half_away(-3, 2) == -1);       // −0.75 → −1
-  CHECK(rounding_right_shift_half_away(-2, 2) == -1);       // −0.5  → −1
-  CHECK(rounding_right_shift_half_away(-1, 2) == 0);        // −0.25 →  0
-  CHECK(rounding_right_shift_half_away(1, 2) == 0);         //  0.25 →  0
-  CHECK(rounding_right_shift_half_away(6, 2) == 2);         //  1.5  →  2
+  CHECK(rounding_right_shift_half_away(5, 1) == 3);    //  2.5  →  3
+  CHECK(rounding_right_shift_half_away(-5, 1) == -3);  // −2.5  → −3 (not −2)
+  CHECK(rounding_right_shift_half_away(3, 1) == 2);    //  1.5  →  2
+  CHECK(rounding_right_shift_half_away(-3, 2) == -1);  // −0.75 → −1
+  CHECK(rounding_right_shift_half_away(-2, 2) == -1);  // −0.5  → −1
+  CHECK(rounding_right_shift_half_away(-1, 2) == 0);   // −0.25 →  0
+  CHECK(rounding_right_shift_half_away(1, 2) == 0);    //  0.25 →  0
+  CHECK(rounding_right_shift_half_away(6, 2) == 2);    //  1.5  →  2
   CHECK(rounding_right_shift_half_away(0, 5) == 0);
   CHECK(rounding_right_shift_half_away(1003, 3) == 125);    //  125.375
   CHECK(rounding_right_shift_half_away(1004, 3) == 126);    //  125.5

@@ -29,16 +29,16 @@ TEST_CASE("one output: y = b + w·(x − z_in)") {
 }
 
 TEST_CASE("hand example: N = 2, IN = 3, OUT = 2, z_in = 3") {
-  const std::vector<int8_t> x = {3, 5, -1,   // row 0: x − z_in = (0, 2, −4)
-                                 10, 3, 0};  // row 1: x − z_in = (7, 0, −3)
-  const std::vector<int8_t> w = {1, -2, 4,   // channel 0
-                                 127, 0, -127};
+  const std::vector<int8_t> x = {3,  5, -1,   // row 0: x − z_in = (0, 2, −4)
+                                 10, 3, 0};   // row 1: x − z_in = (7, 0, −3)
+  const std::vector<int8_t> w = {1,   -2, 4,  // channel 0
+                                 127, 0,  -127};
   const std::vector<int32_t> b = {10, -5};
   const std::vector<int32_t> expected = {
-      10 + 0 - 4 - 16,         // y[0][0] = −10
-      -5 + 0 + 0 + 508,        // y[0][1] = 503
-      10 + 7 + 0 - 12,         // y[1][0] = 5
-      -5 + 889 + 0 + 381,      // y[1][1] = 1265
+      10 + 0 - 4 - 16,     // y[0][0] = −10
+      -5 + 0 + 0 + 508,    // y[0][1] = 503
+      10 + 7 + 0 - 12,     // y[1][0] = 5
+      -5 + 889 + 0 + 381,  // y[1][1] = 1265
   };
   CHECK(gemm(x, 3, w, b, 2, 3, 2) == expected);
 }

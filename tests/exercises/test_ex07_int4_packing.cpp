@@ -17,12 +17,12 @@ constexpr int8_t byte(unsigned hex) { return static_cast<int8_t>(static_cast<uin
 
 TEST_CASE("pack_int4_pair: the even code in the low nibble, the odd code in the high nibble") {
   CHECK(pack_int4_pair(1, 2) == byte(0x21));
-  CHECK(pack_int4_pair(-1, 0) == byte(0x0F));   // −1 is 1111 in four bits
+  CHECK(pack_int4_pair(-1, 0) == byte(0x0F));  // −1 is 1111 in four bits
   CHECK(pack_int4_pair(0, -1) == byte(0xF0));
-  CHECK(pack_int4_pair(0, -8) == byte(0x80));   // −8 is 1000
+  CHECK(pack_int4_pair(0, -8) == byte(0x80));  // −8 is 1000
   CHECK(pack_int4_pair(7, -8) == byte(0x87));
-  CHECK(pack_int4_pair(-8, 7) == byte(0x78));   // the low code's sign bits must not reach the high nibble
-  CHECK(pack_int4_pair(5, -3) == byte(0xD5));   // −3 is 1101
+  CHECK(pack_int4_pair(-8, 7) == byte(0x78));  // the low code's sign bits must not reach the high nibble
+  CHECK(pack_int4_pair(5, -3) == byte(0xD5));  // −3 is 1101
   CHECK(pack_int4_pair(-1, -1) == byte(0xFF));
 }
 

@@ -7,6 +7,7 @@ namespace lowbit::quant {
 
 // M = m·2^(−n) with m in [2^30, 2^31) and n in [runtime::kShiftMin, runtime::kShiftMax] (eq. 6).
 QuantizedMultiplier quantize_multiplier(double real_multiplier) {
+  // Your code here (then delete the throw).
   throw Error("exercise 04: quantize_multiplier is not implemented yet");
 }
 

@@ -1,8 +1,8 @@
-// Exercise 06: your qgemm_s8_ref, the int8 GEMM with an input zero point (quant/runtime/kernels.h; the task is
-// docs/exercises/06-int8-gemm.md). Integer code only: this file is compiled into the integer runtime.
+// Exercise 06: your int8 GEMM with a zero point (quant/runtime/kernels.h; docs/exercises/06-int8-gemm.md).
 #include "core/error.h"
 #include "quant/runtime/kernels.h"
 
+// Integer code only (no float, no double): this file is compiled into the integer runtime.
 namespace lowbit::quant::runtime {
 
 // x is (N, IN) codes, w is (OUT, IN) int8, b is (OUT); y is (N, OUT) int32 (eq. 5):
@@ -10,6 +10,7 @@ namespace lowbit::quant::runtime {
 // `threads` may be ignored (a single thread is always correct).
 void qgemm_s8_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w,
                   std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
+  // Your code here (then delete the throw).
   throw Error("exercise 06: qgemm_s8_ref is not implemented yet");
 }
 
