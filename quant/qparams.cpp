@@ -25,6 +25,9 @@ QRange weight_range(int bits) {
   return {-((1 << (bits - 1)) - 1), (1 << (bits - 1)) - 1};
 }
 
+// Exercise 01 (docs/exercises/01-choose-qparams.md): the student build compiles
+// docs/exercises/student/ex01_choose_qparams.cpp instead of this definition.
+#ifndef LOWBIT_EXERCISES
 QParams choose_qparams(float min, float max, QRange range, bool symmetric) {
   if (!std::isfinite(min) || !std::isfinite(max))
     fail("choose_qparams: range [{}, {}] is not finite (the observed tensor holds NaN or inf: check the "
@@ -43,6 +46,7 @@ QParams choose_qparams(float min, float max, QRange range, bool symmetric) {
   const auto zero_point = static_cast<int32_t>(std::clamp(z, static_cast<float>(range.qmin), static_cast<float>(range.qmax)));
   return {scale, zero_point};
 }
+#endif  // LOWBIT_EXERCISES
 
 int32_t quantize_bias(float bias, float input_scale, float weight_scale) {
   const QParams p = bias_qparams(input_scale, weight_scale);
@@ -53,6 +57,9 @@ int32_t quantize_bias(float bias, float input_scale, float weight_scale) {
   return quantize(bias, p, kBiasRange);
 }
 
+// Exercise 04 (docs/exercises/04-quantize-multiplier.md): the student build compiles
+// docs/exercises/student/ex04_quantize_multiplier.cpp instead of this definition.
+#ifndef LOWBIT_EXERCISES
 QuantizedMultiplier quantize_multiplier(double real_multiplier) {
   if (!std::isfinite(real_multiplier) || real_multiplier <= 0)
     fail("requantization multiplier {} must be finite and positive (a scale is zero, negative or not finite)",
@@ -70,6 +77,7 @@ QuantizedMultiplier quantize_multiplier(double real_multiplier) {
          "degenerate)", real_multiplier);
   return {static_cast<int32_t>(m), shift};
 }
+#endif  // LOWBIT_EXERCISES
 
 double sqnr_db(const std::vector<float>& reference, const std::vector<float>& approximation) {
   if (reference.size() != approximation.size()) fail("sqnr_db: {} vs {} values", reference.size(), approximation.size());

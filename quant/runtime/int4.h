@@ -23,6 +23,12 @@ inline constexpr int32_t kInt4Max = 7;
 
 constexpr size_t int4_packed_size(size_t count) { return (count + 1) / 2; }
 
+// Exercise 07 (docs/exercises/07-int4-packing.md): the student build only declares the next two
+// functions and compiles docs/exercises/student/ex07_int4_packing.cpp instead.
+#ifdef LOWBIT_EXERCISES
+int8_t pack_int4_pair(int8_t low, int8_t high);
+int8_t unpack_int4_nibble(int8_t byte, int nibble);
+#else
 // One byte from two codes (low = even index, high = odd index).
 constexpr int8_t pack_int4_pair(int8_t low, int8_t high) {
   return static_cast<int8_t>(
@@ -34,14 +40,17 @@ constexpr int8_t unpack_int4_nibble(int8_t byte, int nibble) {
   const auto bits = static_cast<uint8_t>(static_cast<uint8_t>(byte) >> (4 * nibble));
   return static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(bits << 4)) >> 4);
 }
+#endif  // LOWBIT_EXERCISES
+
+// The stream functions below are inline, not constexpr, so that they also build on the student's versions.
 
 // Element i of a packed stream.
-constexpr int8_t unpack_int4_at(std::span<const int8_t> packed, size_t i) {
+inline int8_t unpack_int4_at(std::span<const int8_t> packed, size_t i) {
   return unpack_int4_nibble(packed[i / 2], static_cast<int>(i % 2));
 }
 
 // codes (COUNT) in [−8, 7] → packed (int4_packed_size(COUNT)).
-constexpr void pack_int4(std::span<const int8_t> codes, std::span<int8_t> packed) {
+inline void pack_int4(std::span<const int8_t> codes, std::span<int8_t> packed) {
   for (size_t i = 0; i < codes.size(); i += 2) {
     const int8_t high = i + 1 < codes.size() ? codes[i + 1] : int8_t{0};
     packed[i / 2] = pack_int4_pair(codes[i], high);
@@ -49,15 +58,18 @@ constexpr void pack_int4(std::span<const int8_t> codes, std::span<int8_t> packed
 }
 
 // packed (int4_packed_size(COUNT)) → codes (COUNT).
-constexpr void unpack_int4(std::span<const int8_t> packed, std::span<int8_t> codes) {
+inline void unpack_int4(std::span<const int8_t> packed, std::span<int8_t> codes) {
   for (size_t i = 0; i < codes.size(); ++i) codes[i] = unpack_int4_at(packed, i);
 }
 
 // The layout, pinned at compile time.
 static_assert(int4_packed_size(0) == 0 && int4_packed_size(3) == 2 && int4_packed_size(4) == 2);
+// Exercise 07: the student's versions are not constexpr.
+#ifndef LOWBIT_EXERCISES
 static_assert(pack_int4_pair(1, 2) == 0x21);  // low nibble first
 static_assert(pack_int4_pair(-1, 0) == 0x0F && pack_int4_pair(0, -8) == int8_t(0x80));
 static_assert(unpack_int4_nibble(int8_t(0x8F), 0) == -1 && unpack_int4_nibble(int8_t(0x8F), 1) == -8);
 static_assert(unpack_int4_nibble(0x70, 1) == 7 && unpack_int4_nibble(0x07, 0) == 7);
+#endif
 
 }  // namespace lowbit::quant::runtime

@@ -18,6 +18,19 @@ inline constexpr int32_t kMultiplierMax = INT32_MAX;
 inline constexpr int kShiftMin = 1;  // n in [1, 62]
 inline constexpr int kShiftMax = 62;
 
+// sum / count rounded to nearest, ties away from zero (docs/quantization.md eq. 7). count > 0.
+constexpr int32_t rounding_divide_half_away(int32_t sum, int32_t count) {
+  const int64_t twice = 2 * int64_t{sum};
+  const int64_t q = twice >= 0 ? (twice + count) / (2 * int64_t{count}) : -((-twice + count) / (2 * int64_t{count}));
+  return static_cast<int32_t>(q);
+}
+
+// Exercise 05 (docs/exercises/05-requantize.md): the student build only declares the next two
+// functions and compiles docs/exercises/student/ex05_requantize.cpp instead.
+#ifdef LOWBIT_EXERCISES
+int64_t rounding_right_shift_half_away(int64_t x, int n);
+int8_t requantize(int32_t acc, int32_t multiplier, int shift, int32_t zero_point, int32_t act_min, int32_t act_max);
+#else
 // x / 2^n rounded to nearest, ties away from zero (docs/quantization.md eq. 7). n in [1, 62]:
 //   x >= 0 ? (x + 2^(n−1)) >> n : −((−x + 2^(n−1)) >> n)
 // so −2.5 → −3 like +2.5 → +3. Written without a branch (signs of accumulators are unpredictable):
@@ -30,13 +43,6 @@ constexpr int64_t rounding_right_shift_half_away(int64_t x, int n) {
   return (magnitude_rounded ^ sign) - sign;
 }
 
-// sum / count rounded to nearest, ties away from zero (docs/quantization.md eq. 7). count > 0.
-constexpr int32_t rounding_divide_half_away(int32_t sum, int32_t count) {
-  const int64_t twice = 2 * int64_t{sum};
-  const int64_t q = twice >= 0 ? (twice + count) / (2 * int64_t{count}) : -((-twice + count) / (2 * int64_t{count}));
-  return static_cast<int32_t>(q);
-}
-
 // One int32 accumulator to an int8 code with a single rounding in 64 bits (docs/quantization.md eq. 6):
 //   out = clamp(z_out + rounding_right_shift_half_away((int64)acc·m, n), act_min, act_max).
 // |acc·m| <= 2^31·(2^31 − 1) < 2^62, so the product is exact in int64.
@@ -45,16 +51,21 @@ constexpr int8_t requantize(int32_t acc, int32_t multiplier, int shift, int32_t 
   const int64_t scaled = rounding_right_shift_half_away(int64_t{acc} * multiplier, shift);
   return static_cast<int8_t>(std::clamp<int64_t>(zero_point + scaled, act_min, act_max));
 }
+#endif  // LOWBIT_EXERCISES
 
 // Worked examples, checked by the compiler.
+static_assert(rounding_divide_half_away(3, 2) == 2 && rounding_divide_half_away(-3, 2) == -2);
+static_assert(rounding_divide_half_away(4, 3) == 1 && rounding_divide_half_away(-5, 3) == -2);
+// Exercise 05: the student's versions are not constexpr.
+#ifndef LOWBIT_EXERCISES
 static_assert(rounding_right_shift_half_away(5, 1) == 3);    //  2.5 →  3
 static_assert(rounding_right_shift_half_away(-5, 1) == -3);  // −2.5 → −3
 static_assert(rounding_right_shift_half_away(-3, 2) == -1);  // −0.75 → −1
 static_assert(rounding_right_shift_half_away(-2, 2) == -1);  // −0.5 → −1
 static_assert(rounding_right_shift_half_away(-1, 2) == 0);   // −0.25 → 0
-static_assert(rounding_divide_half_away(3, 2) == 2 && rounding_divide_half_away(-3, 2) == -2);
-static_assert(rounding_divide_half_away(4, 3) == 1 && rounding_divide_half_away(-5, 3) == -2);
+
 static_assert(requantize(100, int32_t{1} << 30, 31, 3, -128, 127) == 53);  // M = 2^30·2^−31 = 0.5: 3 + 50
 static_assert(requantize(100, int32_t{1} << 30, 31, 3, 0, 40) == 40);      // clamped to act_max
+#endif
 
 }  // namespace lowbit::quant::runtime
