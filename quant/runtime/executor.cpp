@@ -9,7 +9,7 @@ namespace lowbit::quant::runtime {
 
 namespace {
 
-constexpr int64_t kChunkRows = 4096;  // GEMM rows (output positions) per chunk: buffers stay cache-sized
+constexpr int64_t kChunkRows = 1024;  // GEMM rows (output positions) per chunk: its accumulators stay in L2
 // Below this many multiply-adds (or bytes, for the memory-bound ops) per thread, an op runs on one thread:
 // starting and joining a parallel region costs microseconds, and on a busy machine a descheduled worker
 // turns every join into a scheduler tick — the batch-1 latency tail.

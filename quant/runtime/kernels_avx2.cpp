@@ -39,6 +39,7 @@ constexpr int64_t kRowsS4 = 4;                             // MR for int4 weight
 constexpr int64_t kRowBlocksPerTile = 4;                   // a tile is 4 row blocks ...
 constexpr int64_t kPanelsPerTile = 8;                      // ... by 8 panels (128 channels)
 constexpr int64_t kKBlockUnits = 256;                      // units of K per pass (even, for the int4 kernel)
+constexpr int64_t kRequantPositionBlock = 32;              // positions per block in requantize_to_nchw
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -248,32 +249,42 @@ void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, cons
   const __m256i z = _mm256_set1_epi32(zero_point), lo = _mm256_set1_epi32(act_min), hi = _mm256_set1_epi32(act_max);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t o = 0; o < out; o += 8) {
-      const int64_t count = min_i64(8, out - o);
-      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
-      const __m256i m = _mm256_maskload_epi32(multiplier + o, mask);
-      const __m256i shift_even =
-          _mm256_and_si256(_mm256_maskload_epi32(shift + o, mask), _mm256_set1_epi64x(0xFFFFFFFF));
-      const __m256i shift_odd = _mm256_srli_epi64(_mm256_maskload_epi32(shift + o, mask), 32);
-      const __m256i half_even = _mm256_sllv_epi64(one, _mm256_sub_epi64(shift_even, one));
-      const __m256i half_odd = _mm256_sllv_epi64(one, _mm256_sub_epi64(shift_odd, one));
-      int8_t* yo = y + (i * out + o) * positions;
-      for (int64_t p = 0; p < positions; ++p) {
-        const __m256i a = _mm256_maskload_epi32(acc + (i * positions + p) * out + o, mask);
-        const __m256i sign = _mm256_srai_epi32(a, 31);
-        const __m256i magnitude = _mm256_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
-        __m256i even = _mm256_mul_epu32(magnitude, m);
-        __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(magnitude, 32), _mm256_srli_epi64(m, 32));
-        even = _mm256_srlv_epi64(_mm256_add_epi64(even, half_even), shift_even);
-        odd = _mm256_srlv_epi64(_mm256_add_epi64(odd, half_odd), shift_odd);
-        even = _mm256_blendv_epi8(even, limit, _mm256_cmpgt_epi64(even, limit));
-        odd = _mm256_blendv_epi8(odd, limit, _mm256_cmpgt_epi64(odd, limit));
-        const __m256i rounded = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b10101010);
-        __m256i q = _mm256_add_epi32(_mm256_sub_epi32(_mm256_xor_si256(rounded, sign), sign), z);
-        q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
-        alignas(32) int32_t codes[8];
-        store8(codes, q);
-        for (int64_t j = 0; j < count; ++j) yo[j * positions + p] = static_cast<int8_t>(codes[j]);
+    // Blocks of positions: the block's accumulator rows stay in L1 while every channel block reads them
+    // (walking all positions per channel block would stream the whole (P, OUT) array OUT / 8 times).
+    for (int64_t p0 = 0; p0 < positions; p0 += kRequantPositionBlock) {
+      const int64_t p1 = min_i64(positions, p0 + kRequantPositionBlock);
+      for (int64_t o = 0; o < out; o += 8) {
+        const int64_t count = min_i64(8, out - o);
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
+        const __m256i m = _mm256_maskload_epi32(multiplier + o, mask);
+        const __m256i shift_even =
+            _mm256_and_si256(_mm256_maskload_epi32(shift + o, mask), _mm256_set1_epi64x(0xFFFFFFFF));
+        const __m256i shift_odd = _mm256_srli_epi64(_mm256_maskload_epi32(shift + o, mask), 32);
+        const __m256i half_even = _mm256_sllv_epi64(one, _mm256_sub_epi64(shift_even, one));
+        const __m256i half_odd = _mm256_sllv_epi64(one, _mm256_sub_epi64(shift_odd, one));
+        int8_t* yo = y + (i * out + o) * positions;
+        for (int64_t p = p0; p < p1; ++p) {
+          const __m256i a = _mm256_maskload_epi32(acc + (i * positions + p) * out + o, mask);
+          const __m256i sign = _mm256_srai_epi32(a, 31);
+          const __m256i magnitude = _mm256_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
+          __m256i even = _mm256_mul_epu32(magnitude, m);
+          __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(magnitude, 32), _mm256_srli_epi64(m, 32));
+          even = _mm256_srlv_epi64(_mm256_add_epi64(even, half_even), shift_even);
+          odd = _mm256_srlv_epi64(_mm256_add_epi64(odd, half_odd), shift_odd);
+          even = _mm256_blendv_epi8(even, limit, _mm256_cmpgt_epi64(even, limit));
+          odd = _mm256_blendv_epi8(odd, limit, _mm256_cmpgt_epi64(odd, limit));
+          const __m256i rounded = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b10101010);
+          __m256i q = _mm256_add_epi32(_mm256_sub_epi32(_mm256_xor_si256(rounded, sign), sign), z);
+          q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+          alignas(32) int32_t codes[8];
+          store8(codes, q);
+          if (count == 8) {
+#pragma GCC unroll 8
+            for (int64_t j = 0; j < 8; ++j) yo[j * positions + p] = static_cast<int8_t>(codes[j]);
+          } else {
+            for (int64_t j = 0; j < count; ++j) yo[j * positions + p] = static_cast<int8_t>(codes[j]);
+          }
+        }
       }
     }
   }
