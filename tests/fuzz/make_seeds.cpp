@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "data/gzip.h"
+#include "data/idx.h"
 #include "nn/checkpoint.h"
 #include "tests/fuzz/fuzz_models.h"
 
