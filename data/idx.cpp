@@ -22,7 +22,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr size_t kChunkBytes = size_t{1} << 20;  // read granularity (gzread takes an unsigned length)
+constexpr size_t kChunkBytes = size_t{1} << 20;       // read granularity (zlib takes an unsigned length)
+constexpr size_t kFirstChunkBytes = size_t{1} << 16;  // gzip: the first allocation for data of unknown length
 constexpr uint8_t kIdxUnsignedByte = 0x08;
 
 const char* dtype_name(uint8_t dtype) {
@@ -147,7 +148,7 @@ class ByteSource {
   bool refill() {
     const size_t kept = zlib_.avail_in;
     std::memmove(input_.data(), zlib_.next_in, kept);
-    input_.resize(kInputBufferBytes);
+    input_.resize(std::min<uint64_t>(kInputBufferBytes, std::max<uint64_t>(input_size_, kept + 1)));  // small inputs, small buffer
     const size_t got = read_raw(input_.data() + kept, input_.size() - kept);
     input_.resize(kept + got);
     zlib_.next_in = input_.data();
@@ -301,10 +302,11 @@ IdxFile read_idx(ByteSource& source, const std::string& path, uint32_t expected_
       fail("'{}' changed while being read (expected {} bytes of data)", path, data_bytes);
     }
   } else {
-    // The decompressed size is unknown up front: grow chunk by chunk as data really arrives.
+    // The decompressed size is unknown up front: grow as data really arrives, doubling from 64 KiB,
+    // so memory never exceeds about twice what the stream has delivered.
     while (file.data.size() < data_bytes) {
       const size_t old_size = file.data.size();
-      const size_t want = std::min<uint64_t>(kChunkBytes, data_bytes - old_size);
+      const size_t want = std::min<uint64_t>({kChunkBytes, std::max(kFirstChunkBytes, old_size), data_bytes - old_size});
       file.data.resize(old_size + want);
       const size_t arrived = source.read(file.data.data() + old_size, want);
       if (arrived < want) {
