@@ -148,7 +148,8 @@ class ByteSource {
   bool refill() {
     const size_t kept = zlib_.avail_in;
     std::memmove(input_.data(), zlib_.next_in, kept);
-    input_.resize(std::min<uint64_t>(kInputBufferBytes, std::max<uint64_t>(input_size_, kept + 1)));  // small inputs, small buffer
+    input_.resize(std::min<uint64_t>(kInputBufferBytes,
+                                     std::max<uint64_t>(input_size_, kept + 1)));  // small inputs, small buffer
     const size_t got = read_raw(input_.data() + kept, input_.size() - kept);
     input_.resize(kept + got);
     zlib_.next_in = input_.data();
@@ -199,9 +200,9 @@ class ByteSource {
   }
 
   std::string path_;
-  std::FILE* file_ = nullptr;          // the file, or
-  std::span<const uint8_t> memory_;    // the bytes in memory
-  uint64_t raw_offset_ = 0;            // memory only: raw bytes handed out so far
+  std::FILE* file_ = nullptr;        // the file, or
+  std::span<const uint8_t> memory_;  // the bytes in memory
+  uint64_t raw_offset_ = 0;          // memory only: raw bytes handed out so far
   uint64_t input_size_ = 0;
   bool gzipped_ = false;
   z_stream zlib_{};
@@ -306,7 +307,8 @@ IdxFile read_idx(ByteSource& source, const std::string& path, uint32_t expected_
     // so memory never exceeds about twice what the stream has delivered.
     while (file.data.size() < data_bytes) {
       const size_t old_size = file.data.size();
-      const size_t want = std::min<uint64_t>({kChunkBytes, std::max(kFirstChunkBytes, old_size), data_bytes - old_size});
+      const size_t want =
+          std::min<uint64_t>({kChunkBytes, std::max(kFirstChunkBytes, old_size), data_bytes - old_size});
       file.data.resize(old_size + want);
       const size_t arrived = source.read(file.data.data() + old_size, want);
       if (arrived < want) {

@@ -115,8 +115,8 @@ void check_refused(const std::vector<Case>& cases, const std::string& path,
     CHECK(message.find(c.phrase) != std::string::npos);
     CHECK(message.find(path) != std::string::npos);
     CHECK(message.find('\n') == std::string::npos);
-    CHECK_MESSAGE(largest_allocation <= bound, "largest allocation ", largest_allocation.load(), " bytes for a file of ",
-                  c.bytes.size(), " bytes");
+    CHECK_MESSAGE(largest_allocation <= bound, "largest allocation ", largest_allocation.load(),
+                  " bytes for a file of ", c.bytes.size(), " bytes");
   }
 }
 
@@ -160,8 +160,8 @@ TEST_CASE("corrupt safetensors files: one per class, a clear message, no unjusti
       {"bytes after the last tensor", container(tensor_header("U8", "[1]", "[0,1]"), "ab"), "trailing bytes"},
       {"dtype/shape/byte-count mismatch", container(tensor_header("F32", "[3]", "[0,8]"), "12345678"), "need 12"},
       {"unknown dtype", container(tensor_header("BF16", "[4]", "[0,8]"), "12345678"), "unknown dtype"},
-      {"dims whose product overflows 64 bits",
-       container(tensor_header("F32", "[4294967296,4294967296]", "[0,0]")), "overflows 64 bits"},
+      {"dims whose product overflows 64 bits", container(tensor_header("F32", "[4294967296,4294967296]", "[0,0]")),
+       "overflows 64 bits"},
       {"duplicate JSON keys", container(R"({"t":{"dtype":"U8","dtype":"I8","shape":[0],"data_offsets":[0,0]}})"),
        "has the key 'dtype' twice"},
       {"negative size", container(tensor_header("U8", "[-1]", "[0,0]")), "negative shape entry -1"},
@@ -244,9 +244,7 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
     }
     return serialize(file);
   };
-  const auto set_i32 = [](int32_t value) {
-    return [value](StTensor& t) { std::memcpy(t.bytes.data(), &value, 4); };
-  };
+  const auto set_i32 = [](int32_t value) { return [value](StTensor& t) { std::memcpy(t.bytes.data(), &value, 4); }; };
   std::string duplicate_key = good.metadata.at("graph");
   duplicate_key.insert(1, R"("ops":[],)");  // "ops" twice in the graph object
   StFile duplicated = good;
@@ -277,7 +275,9 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
       {"multiplier out of range", tensor_edit("ops.5.multiplier", set_i32(-7)),
        "requant.multiplier of output channel 0 must be in"},
       {"unknown op name", graph_edit([](json& g) { g["ops"][4]["kind"] = "gelu"; }), "unknown op kind 'gelu'"},
-      {"ops whose shapes do not chain", graph_edit([](json& g) { g["input_shape"] = {1, 9, 9}; }),
+      {"ops whose shapes do not chain", graph_edit([](json& g) {
+         g["input_shape"] = {1, 9, 9};
+       }),
        "expected input (IN 8, 1, 1)"},
       {"negative size", graph_edit([](json& g) { g["ops"][1]["out_channels"] = -2; }),
        "'out_channels' must be in [1, 65536], found -2"},
@@ -285,7 +285,11 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
        "'in_channels' must be in [1, 65536], found 4611686018427387904"},
       {"tensor dtype mismatch", tensor_edit("ops.5.bias", [](StTensor& t) { t.dtype = DType::F32; }),
        "tensor 'ops.5.bias' has dtype F32, expected I32"},
-      {"tensor shape mismatch", tensor_edit("ops.1.weight", [](StTensor& t) { t.shape = {5, 2}; }),
+      {"tensor shape mismatch",
+       tensor_edit("ops.1.weight",
+                   [](StTensor& t) {
+                     t.shape = {5, 2};
+                   }),
        "tensor 'ops.1.weight' has shape [5, 2], expected [2, 5]"},
   };
   check_refused(cases, path, [&](const Bytes& bytes) { quant::parse_int_model(bytes, path); });
@@ -335,7 +339,8 @@ TEST_CASE("corrupt IDX files, plain and gzip: one per class, a clear message, no
       {"wrong magic (a label file)", to_bytes(data_fixtures::idx_labels_bytes({1, 2})), "is this a label file?"},
       {"unsupported dtype", to_bytes(idx_header(0x00000D03, {1, 1, 1})), "data type byte 0x0d (float32)"},
       {"dims whose product overflows 64 bits",
-       to_bytes(idx_header(data::kIdxImageMagic, {0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF})), "overflow a 64-bit byte count"},
+       to_bytes(idx_header(data::kIdxImageMagic, {0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF})),
+       "overflow a 64-bit byte count"},
       {"huge size", to_bytes(idx_header(data::kIdxImageMagic, {65536, 256, 256})), "resource limit"},
       {"zero-sized images", to_bytes(idx_header(data::kIdxImageMagic, {3, 0, 28})), "rows and cols must be at least 1"},
       {"gzip: truncated in the member header", cut(good_gz, 5), "is truncated"},

@@ -31,16 +31,28 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 constexpr int64_t kEpochs = 6;
-constexpr int kRandomKills = 4;        // at a random moment of the run
-constexpr int kKillsDuringWrite = 3;   // as soon as the checkpoint's temporary file appears
+constexpr int kRandomKills = 4;       // at a random moment of the run
+constexpr int kKillsDuringWrite = 3;  // as soon as the checkpoint's temporary file appears
 constexpr auto kPollInterval = std::chrono::microseconds(100);
 constexpr auto kRunTimeout = std::chrono::seconds(60);
 
 // The `train` command line, pinned to one thread; --resume when a checkpoint exists.
 std::vector<std::string> train_args(const std::string& data, const std::string& out, bool resume) {
-  std::vector<std::string> args = {std::string(LOWBIT_BIN_DIR) + "/train", "--model", "mlp", "--epochs",
-                                   std::to_string(kEpochs), "--threads", "1", "--seed", "5", "--batch-size", "32",
-                                   "--data", data, "--out", out};
+  std::vector<std::string> args = {std::string(LOWBIT_BIN_DIR) + "/train",
+                                   "--model",
+                                   "mlp",
+                                   "--epochs",
+                                   std::to_string(kEpochs),
+                                   "--threads",
+                                   "1",
+                                   "--seed",
+                                   "5",
+                                   "--batch-size",
+                                   "32",
+                                   "--data",
+                                   data,
+                                   "--out",
+                                   out};
   if (resume) args.insert(args.end(), {"--resume", out});
   return args;
 }
@@ -72,9 +84,7 @@ struct Child {
 };
 
 // The temporary file a save by process `pid` writes before renaming it over `path` (core/safetensors.h).
-bool writing_checkpoint(const std::string& path, pid_t pid) {
-  return fs::exists(path + ".tmp-" + std::to_string(pid));
-}
+bool writing_checkpoint(const std::string& path, pid_t pid) { return fs::exists(path + ".tmp-" + std::to_string(pid)); }
 
 std::vector<std::byte> file_bytes(const std::string& path) {
   const auto bytes = data_fixtures::read_bytes(path);
@@ -110,8 +120,8 @@ TEST_CASE("train killed at random moments and during checkpoint writes resumes t
   TempDir dir("crash_resume");
   const std::string data = dir / "data";
   fs::create_directories(data);
-  data_fixtures::write_mnist_folder(
-      data, {.train_count = 960, .test_count = 64, .rows = 28, .cols = 28, .gzip = false});
+  data_fixtures::write_mnist_folder(data,
+                                    {.train_count = 960, .test_count = 64, .rows = 28, .cols = 28, .gzip = false});
 
   // The uninterrupted run, timed: the random kills fall inside this duration.
   const std::string reference = dir / "reference.safetensors";

@@ -89,7 +89,7 @@ TEST_CASE("requantize_to_nchw (fast and reference) equals the exact rounding for
     if (z % 3 == 0) rq.act_min = -128, rq.act_max = 127;  // no clamp beyond int8 itself
     for (int shift = rt::kShiftMin; shift <= rt::kShiftMax; ++shift) {
       rq.shift.push_back(shift);
-      rq.multiplier.push_back(shift % 5 == 0 ? rt::kMultiplierMin
+      rq.multiplier.push_back(shift % 5 == 0   ? rt::kMultiplierMin
                               : shift % 7 == 0 ? rt::kMultiplierMax
                                                : random_in(rng, rt::kMultiplierMin, rt::kMultiplierMax));
     }
@@ -337,7 +337,8 @@ TEST_CASE("int4: unpack ∘ pack and pack ∘ unpack are identities, odd and eve
     rt::unpack_int4(bytes, unpacked);
     rt::pack_int4(unpacked, repacked);
     failures += repacked != bytes;
-    failures += std::any_of(unpacked.begin(), unpacked.end(), [](int8_t c) { return c < rt::kInt4Min || c > rt::kInt4Max; });
+    failures +=
+        std::any_of(unpacked.begin(), unpacked.end(), [](int8_t c) { return c < rt::kInt4Min || c > rt::kInt4Max; });
   }
   CHECK(failures == 0);
 }

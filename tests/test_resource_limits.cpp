@@ -33,7 +33,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr rlim_t kAddressSpaceLimit = rlim_t{768} << 20;  // a process limited to 768 MiB of address space
-constexpr uint32_t kImages = 1'400'000;                    // 1.4 M images of 28×28: 1.1 GB, over the limit
+constexpr uint32_t kImages = 1'400'000;                   // 1.4 M images of 28×28: 1.1 GB, over the limit
 constexpr int kExitBadAlloc = 3, kExitLowbitError = 4, kExitLoaded = 5;
 
 // The images file of a folder whose training set is larger than the limit: a sparse plain file (no disk
@@ -115,9 +115,9 @@ TEST_CASE("train on a data set larger than memory allows: one 'out of memory' li
   write_huge_images(data + "/train-images-idx3-ubyte", false);
   const std::string err = dir / "stderr.txt";
   // The limit is set by the shell for the program alone (ulimit -v takes KiB).
-  const std::string command = "ulimit -v " + std::to_string(kAddressSpaceLimit >> 10) + " && " LOWBIT_BIN_DIR
-                              "/train --model mlp --epochs 1 --dry-run --threads 1 --data " + data + " --out " +
-                              (dir / "never.safetensors") + " 2> " + err;
+  const std::string command = "ulimit -v " + std::to_string(kAddressSpaceLimit >> 10) +
+                              " && " LOWBIT_BIN_DIR "/train --model mlp --epochs 1 --dry-run --threads 1 --data " +
+                              data + " --out " + (dir / "never.safetensors") + " 2> " + err;
   const int status = std::system(("bash -c '" + command + "'").c_str());
   const auto bytes = data_fixtures::read_bytes(err);
   const std::string message(bytes.begin(), bytes.end());

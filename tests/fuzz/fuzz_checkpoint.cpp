@@ -1,4 +1,5 @@
-// libFuzzer target: the checkpoint reader (safetensors container, format tag, load_weights); the body is fuzz_targets.h.
+// libFuzzer target: the checkpoint reader (safetensors container, format tag, load_weights); the body is
+// fuzz_targets.h.
 #include <cstddef>
 #include <cstdint>
 #include <span>

@@ -32,8 +32,8 @@ inline std::vector<uint8_t> idx_bytes(uint32_t magic, const std::vector<uint32_t
 }
 
 inline void write(const fs::path& path, const std::vector<uint8_t>& bytes) {
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
-                                              static_cast<std::streamsize>(bytes.size()));
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
 
 inline void write_idx_seeds(const fs::path& dir) {
@@ -58,8 +58,8 @@ inline void write_idx_seeds(const fs::path& dir) {
 inline void write_checkpoint_seeds(const fs::path& dir) {
   const auto model = tiny_float_model();
   // The metadata train writes, and one optimizer tensor.
-  const std::map<std::string, std::string> metadata = {{"model", "tiny"},     {"phase", "fp32"},   {"epoch", "1"},
-                                                       {"norm_mean", "0.1"},  {"norm_std", "0.3"}, {"steps", "10"},
+  const std::map<std::string, std::string> metadata = {{"model", "tiny"},       {"phase", "fp32"},   {"epoch", "1"},
+                                                       {"norm_mean", "0.1"},    {"norm_std", "0.3"}, {"steps", "10"},
                                                        {"rng_state", "1,2,3,4"}};
   nn::save_checkpoint((dir / "tiny.safetensors").string(), *model, metadata,
                       {{"optim.step", Tensor::from({1}, std::vector<float>{10.f})}});
