@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <new>
+#include <span>
 #include <system_error>
 
 #include "core/error.h"
@@ -20,7 +22,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr size_t kChunkBytes = size_t{1} << 20;  // read granularity (gzread takes an unsigned length)
+constexpr size_t kChunkBytes = size_t{1} << 20;       // read granularity (zlib takes an unsigned length)
+constexpr size_t kFirstChunkBytes = size_t{1} << 16;  // gzip: the first allocation for data of unknown length
 constexpr uint8_t kIdxUnsignedByte = 0x08;
 
 const char* dtype_name(uint8_t dtype) {
@@ -43,12 +46,14 @@ const char* dtype_name(uint8_t dtype) {
 }
 
 // ============================================================================ byte source
-// One open file, plain or gzip (sniffed from the first two bytes). read() hands out the
-// (decompressed) bytes in order; every zlib problem becomes a lowbit::Error naming the path.
-// zlib decompresses ahead into its own buffer, so a problem may surface before the bytes
-// preceding it have been handed out: messages therefore give no byte position.
+// The bytes of one input, plain or gzip (sniffed from the first two bytes), from an open file or
+// from memory. read() hands out the (decompressed) bytes in order; gzip goes through zlib's
+// inflate in both cases, so a file and the same bytes in memory are read by the same code.
+// Every problem becomes a lowbit::Error naming the path. inflate works ahead of what has been
+// handed out, so a problem may surface before the bytes preceding it: messages give no byte position.
 class ByteSource {
  public:
+  // Opens the file at `path`.
   explicit ByteSource(const std::string& path) : path_(path) {
     std::error_code ec;
     const fs::file_status status = fs::status(path, ec);
@@ -56,30 +61,24 @@ class ByteSource {
     if (fs::is_directory(status)) fail("'{}' is a folder, expected an IDX file", path);
     file_ = std::fopen(path.c_str(), "rb");
     if (file_ == nullptr) fail("cannot open IDX file '{}': {} (check its permissions)", path, std::strerror(errno));
-    std::array<uint8_t, 2> magic{};
-    const size_t got = std::fread(magic.data(), 1, magic.size(), file_);
-    gzipped_ = got == 2 && magic[0] == 0x1f && magic[1] == 0x8b;
-    if (!gzipped_) {
-      file_size_ = fs::file_size(path, ec);
-      if (ec) fail("cannot read the size of IDX file '{}': {}", path, ec.message());
-      std::rewind(file_);
-      return;
-    }
-    std::fclose(file_);
-    file_ = nullptr;
-    gz_ = gzopen(path.c_str(), "rb");
-    if (gz_ == nullptr) fail("cannot open gzip file '{}': {}", path, std::strerror(errno));
-    gzbuffer(gz_, 1u << 17);
+    input_size_ = fs::file_size(path, ec);
+    if (ec) fail("cannot read the size of IDX file '{}': {}", path, ec.message());
+    start();
+  }
+  // Reads `memory` (which must outlive the source); `path` only names it in messages.
+  ByteSource(std::span<const uint8_t> memory, const std::string& path)
+      : path_(path), memory_(memory), input_size_(memory.size()) {
+    start();
   }
   ~ByteSource() {
     if (file_ != nullptr) std::fclose(file_);
-    if (gz_ != nullptr) gzclose_r(gz_);
+    if (gzipped_) inflateEnd(&zlib_);
   }
   ByteSource(const ByteSource&) = delete;
   ByteSource& operator=(const ByteSource&) = delete;
 
   bool gzipped() const { return gzipped_; }
-  uint64_t file_size() const { return file_size_; }  // plain files only
+  uint64_t input_size() const { return input_size_; }  // bytes of the file (compressed, for gzip)
   uint64_t bytes_read() const { return bytes_read_; }
 
   // Reads up to n bytes; returns fewer only where the data ends.
@@ -87,24 +86,15 @@ class ByteSource {
     size_t total = 0;
     while (total < n) {
       const size_t want = std::min(kChunkBytes, n - total);
-      size_t got = 0;
-      if (gzipped_) {
-        const int result = gzread(gz_, destination + total, static_cast<unsigned>(want));
-        if (result < 0) check_gzip_status();  // throws
-        got = static_cast<size_t>(std::max(result, 0));
-      } else {
-        got = std::fread(destination + total, 1, want, file_);
-        if (got < want && std::ferror(file_)) fail("read error in IDX file '{}': {}", path_, std::strerror(errno));
-      }
+      const size_t got = gzipped_ ? inflate_into(destination + total, want) : read_raw(destination + total, want);
       total += got;
       bytes_read_ += got;
       if (got == 0) break;
     }
-    if (total < n && gzipped_) check_gzip_status();  // a short gzip read may hide truncation
     return total;
   }
 
-  // Called after the last expected byte: refuses trailing data and, for gzip, makes zlib read
+  // Called after the last expected byte: refuses trailing data and, for gzip, makes inflate read
   // and verify the stream's trailer (CRC-32 and length), which it only does when asked for more.
   void finish(const std::string& described) {
     uint8_t extra = 0;
@@ -118,44 +108,106 @@ class ByteSource {
       fail(
           "'{}' has {} bytes after the {} its header describes; the header and the data disagree "
           "(trailing data is refused)",
-          path_, file_size_ - (bytes_read_ - 1), described);
-    }
-    if (gzipped_) {
-      const int result = gzclose_r(gz_);
-      gz_ = nullptr;
-      if (result == Z_BUF_ERROR) truncated_gzip("unexpected end of file");
-      if (result != Z_OK) fail("cannot finish reading gzip file '{}' (zlib error {})", path_, result);
+          path_, input_size_ - (bytes_read_ - 1), described);
     }
   }
 
  private:
-  // zlib reports a stream that ends early as Z_BUF_ERROR, bad data or a CRC mismatch as Z_DATA_ERROR.
-  void check_gzip_status() {
-    int errnum = Z_OK;
-    const char* message = gzerror(gz_, &errnum);
-    if (errnum == Z_OK) return;
-    if (errnum == Z_BUF_ERROR) truncated_gzip(message);
-    if (errnum == Z_ERRNO) fail("read error in gzip file '{}': {}", path_, std::strerror(errno));
-    fail("gzip file '{}' is corrupt: zlib reports '{}' (re-download or re-copy the file)", path_, strip_path(message));
+  static constexpr size_t kInputBufferBytes = size_t{1} << 17;
+
+  // Sniffs the gzip magic; for gzip, sets up inflate (16 + MAX_WBITS: a gzip wrapper, 32 KiB window).
+  void start() {
+    std::array<uint8_t, 2> magic{};
+    const size_t got = read_raw(magic.data(), magic.size());
+    gzipped_ = got == 2 && magic[0] == 0x1f && magic[1] == 0x8b;
+    if (!gzipped_) {  // back to the start
+      raw_offset_ = 0;
+      if (file_ != nullptr) std::rewind(file_);
+      return;
+    }
+    input_.assign(magic.begin(), magic.end());
+    zlib_.next_in = input_.data();
+    zlib_.avail_in = 2;
+    if (inflateInit2(&zlib_, 16 + MAX_WBITS) != Z_OK) throw std::bad_alloc();
   }
-  // gzerror prefixes its message with "path: "; the path is already in ours.
-  std::string strip_path(const char* message) const {
-    const std::string text = message;
-    const std::string prefix = path_ + ": ";
-    return text.starts_with(prefix) ? text.substr(prefix.size()) : text;
+
+  // Up to n raw (undecompressed) bytes; fewer only at the end of the input.
+  size_t read_raw(uint8_t* destination, size_t n) {
+    if (file_ == nullptr) {
+      const size_t got = std::min<uint64_t>(n, memory_.size() - raw_offset_);
+      if (got > 0) std::memcpy(destination, memory_.data() + raw_offset_, got);
+      raw_offset_ += got;
+      return got;
+    }
+    const size_t got = std::fread(destination, 1, n, file_);
+    if (got < n && std::ferror(file_)) fail("read error in IDX file '{}': {}", path_, std::strerror(errno));
+    return got;
   }
+
+  // Keeps the compressed bytes inflate has not consumed yet and appends more; false at the end of the input.
+  bool refill() {
+    const size_t kept = zlib_.avail_in;
+    std::memmove(input_.data(), zlib_.next_in, kept);
+    input_.resize(std::min<uint64_t>(kInputBufferBytes,
+                                     std::max<uint64_t>(input_size_, kept + 1)));  // small inputs, small buffer
+    const size_t got = read_raw(input_.data() + kept, input_.size() - kept);
+    input_.resize(kept + got);
+    zlib_.next_in = input_.data();
+    zlib_.avail_in = static_cast<uInt>(input_.size());
+    return got > 0;
+  }
+
+  // After the end of one gzip member: another member follows (read on) or the rest is ignored, as
+  // gunzip does. Returns true if reading goes on.
+  bool next_member() {
+    if (zlib_.avail_in < 2) refill();
+    if (zlib_.avail_in < 2 || zlib_.next_in[0] != 0x1f || zlib_.next_in[1] != 0x8b) return false;
+    if (inflateReset(&zlib_) != Z_OK) fail("gzip file '{}': zlib cannot restart (internal error)", path_);
+    member_ended_ = false;
+    return true;
+  }
+
+  // Up to n decompressed bytes; fewer only at the end of the (last) gzip member.
+  size_t inflate_into(uint8_t* destination, size_t n) {
+    zlib_.next_out = destination;
+    zlib_.avail_out = static_cast<uInt>(n);
+    while (zlib_.avail_out > 0 && !done_) {
+      if (member_ended_ && !next_member()) {
+        done_ = true;
+        break;
+      }
+      if (zlib_.avail_in == 0 && !refill()) truncated_gzip("unexpected end of file");
+      const int result = inflate(&zlib_, Z_NO_FLUSH);
+      if (result == Z_STREAM_END) {
+        member_ended_ = true;
+      } else if (result == Z_MEM_ERROR) {
+        throw std::bad_alloc();
+      } else if (result == Z_BUF_ERROR) {  // no progress possible: inflate wants more input
+        if (!refill()) truncated_gzip("unexpected end of file");
+      } else if (result != Z_OK) {
+        fail("gzip file '{}' is corrupt: zlib reports '{}' (re-download or re-copy the file)", path_,
+             zlib_.msg != nullptr ? zlib_.msg : "unknown error");
+      }
+    }
+    return n - zlib_.avail_out;
+  }
+
   [[noreturn]] void truncated_gzip(const char* message) {
     fail(
         "gzip file '{}' is truncated: the compressed stream ends early (zlib: '{}'); re-download or "
         "re-copy the file",
-        path_, strip_path(message));
+        path_, message);
   }
 
   std::string path_;
-  std::FILE* file_ = nullptr;
-  gzFile gz_ = nullptr;
+  std::FILE* file_ = nullptr;        // the file, or
+  std::span<const uint8_t> memory_;  // the bytes in memory
+  uint64_t raw_offset_ = 0;          // memory only: raw bytes handed out so far
+  uint64_t input_size_ = 0;
   bool gzipped_ = false;
-  uint64_t file_size_ = 0;
+  z_stream zlib_{};
+  std::vector<uint8_t> input_;  // gzip: compressed bytes read but not yet consumed by inflate
+  bool member_ended_ = false, done_ = false;
   uint64_t bytes_read_ = 0;
 };
 
@@ -192,8 +244,7 @@ uint32_t big_endian_u32(const uint8_t* bytes) {
 
 // Reads and checks the header, then the data it announces. The rank comes from the expected
 // magic: 3 for images (count, rows, cols), 1 for labels (count).
-IdxFile read_idx(const std::string& path, uint32_t expected_magic) {
-  ByteSource source(path);
+IdxFile read_idx(ByteSource& source, const std::string& path, uint32_t expected_magic) {
   const size_t rank = expected_magic & 0xFF;
   const size_t header_bytes = 4 + 4 * rank;
   std::vector<uint8_t> header(header_bytes);
@@ -233,7 +284,7 @@ IdxFile read_idx(const std::string& path, uint32_t expected_magic) {
         path, described, data_bytes, kMaxIdxDataBytes);
   }
   if (!source.gzipped()) {
-    const uint64_t available = source.file_size() - header_bytes;
+    const uint64_t available = source.input_size() - header_bytes;
     if (available < data_bytes) {
       fail(
           "'{}' is truncated: the header says {} ({} bytes of data) but the file holds only {} bytes after "
@@ -252,10 +303,12 @@ IdxFile read_idx(const std::string& path, uint32_t expected_magic) {
       fail("'{}' changed while being read (expected {} bytes of data)", path, data_bytes);
     }
   } else {
-    // The decompressed size is unknown up front: grow chunk by chunk as data really arrives.
+    // The decompressed size is unknown up front: grow as data really arrives, doubling from 64 KiB,
+    // so memory never exceeds about twice what the stream has delivered.
     while (file.data.size() < data_bytes) {
       const size_t old_size = file.data.size();
-      const size_t want = std::min<uint64_t>(kChunkBytes, data_bytes - old_size);
+      const size_t want =
+          std::min<uint64_t>({kChunkBytes, std::max(kFirstChunkBytes, old_size), data_bytes - old_size});
       file.data.resize(old_size + want);
       const size_t arrived = source.read(file.data.data() + old_size, want);
       if (arrived < want) {
@@ -272,10 +325,7 @@ IdxFile read_idx(const std::string& path, uint32_t expected_magic) {
   return file;
 }
 
-}  // namespace
-
-IdxImages read_idx_images(const std::string& path) {
-  IdxFile file = read_idx(path, kIdxImageMagic);
+IdxImages to_images(IdxFile file) {
   IdxImages images;
   images.count = file.dims[0];
   images.rows = file.dims[1];
@@ -284,6 +334,26 @@ IdxImages read_idx_images(const std::string& path) {
   return images;
 }
 
-std::vector<uint8_t> read_idx_labels(const std::string& path) { return std::move(read_idx(path, kIdxLabelMagic).data); }
+}  // namespace
+
+IdxImages read_idx_images(const std::string& path) {
+  ByteSource source(path);
+  return to_images(read_idx(source, path, kIdxImageMagic));
+}
+
+std::vector<uint8_t> read_idx_labels(const std::string& path) {
+  ByteSource source(path);
+  return std::move(read_idx(source, path, kIdxLabelMagic).data);
+}
+
+IdxImages parse_idx_images(std::span<const uint8_t> bytes, const std::string& path_for_errors) {
+  ByteSource source(bytes, path_for_errors);
+  return to_images(read_idx(source, path_for_errors, kIdxImageMagic));
+}
+
+std::vector<uint8_t> parse_idx_labels(std::span<const uint8_t> bytes, const std::string& path_for_errors) {
+  ByteSource source(bytes, path_for_errors);
+  return std::move(read_idx(source, path_for_errors, kIdxLabelMagic).data);
+}
 
 }  // namespace lowbit::data

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -43,5 +44,10 @@ IdxImages read_idx_images(const std::string& path);
 
 // Reads an IDX label file (magic 0x00000801, one uint8 per example), same rules as above.
 std::vector<uint8_t> read_idx_labels(const std::string& path);
+
+// The same from the file's bytes in memory (plain or gzip; fuzzers call these). path_for_errors
+// names the input in messages, exactly like the path of the functions above.
+IdxImages parse_idx_images(std::span<const uint8_t> bytes, const std::string& path_for_errors);
+std::vector<uint8_t> parse_idx_labels(std::span<const uint8_t> bytes, const std::string& path_for_errors);
 
 }  // namespace lowbit::data

@@ -41,8 +41,11 @@ void save_checkpoint(const std::string& path, const Module& model, std::map<std:
   save_safetensors(path, file);
 }
 
-Checkpoint read_checkpoint(const std::string& path) {
-  Checkpoint checkpoint{path, load_safetensors(path)};
+namespace {
+
+// The format tag and version of a container just read.
+Checkpoint checked(Checkpoint checkpoint) {
+  const std::string& path = checkpoint.path;
   const std::string format = checkpoint.meta_or("format", "");
   if (format != kCheckpointFormat)
     fail("{}: not a lowbit checkpoint (format '{}', expected '{}'; integer models are read with eval --int8)", path,
@@ -52,6 +55,14 @@ Checkpoint read_checkpoint(const std::string& path) {
     fail("{}: checkpoint format version {} is not supported (this lowbit reads version {}; upgrade lowbit)", path,
          version, kCheckpointVersion);
   return checkpoint;
+}
+
+}  // namespace
+
+Checkpoint read_checkpoint(const std::string& path) { return checked({path, load_safetensors(path)}); }
+
+Checkpoint parse_checkpoint(std::span<const std::byte> bytes, const std::string& path_for_errors) {
+  return checked({path_for_errors, parse_safetensors(bytes, path_for_errors)});
 }
 
 void load_weights(Module& model, const Checkpoint& checkpoint) {

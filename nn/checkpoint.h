@@ -1,7 +1,9 @@
 // Float and QAT checkpoints: a Module's parameters and buffers in the safetensors layout.
 #pragma once
 
+#include <cstddef>
 #include <map>
+#include <span>
 #include <string>
 
 #include "core/safetensors.h"
@@ -32,6 +34,9 @@ void save_checkpoint(const std::string& path, const Module& model, std::map<std:
 
 // Reads and validates the container and the format tag/version.
 Checkpoint read_checkpoint(const std::string& path);
+
+// The same from the file's bytes in memory (fuzzers call this); path_for_errors names it in messages.
+Checkpoint parse_checkpoint(std::span<const std::byte> bytes, const std::string& path_for_errors);
 
 // Copies the checkpoint's tensors into `model`: every parameter and buffer must be there with the
 // same shape, and every non-"optim." tensor of the file must belong to the model.

@@ -15,7 +15,7 @@ JOBS="$(nproc)"
 
 PACKAGES=(build-essential cmake libopenblas-dev libfmt-dev nlohmann-json3-dev doctest-dev zlib1g-dev
           libcli11-dev dataset-fashion-mnist binutils python3-numpy)
-CI_PACKAGES=(clang libclang-rt-14-dev)
+CI_PACKAGES=(clang libclang-rt-14-dev libomp-14-dev)  # libomp: OpenMP for the clang fuzz build
 
 # Installs the packages that are not installed yet; silent when everything is present.
 install_missing() {

@@ -1,0 +1,105 @@
+// Tiny valid models for the fuzzers: the seed files are written from them, the checkpoint target loads into one.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nn/layers.h"
+#include "nn/zoo.h"
+#include "quant/int_model.h"
+#include "quant/runtime/int4.h"
+
+namespace lowbit::fuzz {
+
+// x is (N, 1, 4, 4): Conv2d(1, 2, 3, pad 1, no bias), BatchNorm2d(2), ReLU, Flatten, Linear(32, 3).
+inline std::shared_ptr<nn::Model> tiny_float_model() {
+  auto layers = std::make_shared<nn::Sequential>();
+  layers->append(std::make_shared<nn::Conv2d>(1, 2, 3, 1, 1, false));
+  layers->append(std::make_shared<nn::BatchNorm2d>(2));
+  layers->append(std::make_shared<nn::ReLU>());
+  layers->append(std::make_shared<nn::Flatten>());
+  layers->append(std::make_shared<nn::Linear>(32, 3));
+  return std::make_shared<nn::Model>("tiny", layers);
+}
+
+// One Conv2d / Linear op with small weights and valid requantization (validate() accepts it).
+inline quant::runtime::Op tiny_weighted_op(quant::runtime::OpKind kind, std::string name, int bits, int64_t in,
+                                           int64_t out, int64_t kernel, int64_t padding, int32_t z_in, int32_t z_out,
+                                           int32_t act_min) {
+  namespace rt = quant::runtime;
+  rt::Op op;
+  op.kind = kind;
+  op.name = std::move(name);
+  op.weight_bits = bits;
+  op.in_channels = in;
+  op.out_channels = out;
+  op.kernel = kernel;
+  op.padding = padding;
+  op.input_zero_point = z_in;
+  const int64_t row = rt::weight_row_length(op);
+  std::vector<int8_t> codes(static_cast<size_t>(out * row));
+  for (size_t i = 0; i < codes.size(); ++i) codes[i] = static_cast<int8_t>(static_cast<int>(i * 5 % 11) - 5);
+  if (bits == 8) {
+    op.weight = codes;
+  } else {  // packed row by row (int4.h)
+    const size_t row_bytes = rt::int4_packed_size(static_cast<size_t>(row));
+    op.weight.resize(static_cast<size_t>(out) * row_bytes);
+    for (int64_t c = 0; c < out; ++c) {
+      rt::pack_int4(std::span<const int8_t>(codes).subspan(c * row, row),
+                    std::span<int8_t>(op.weight).subspan(c * row_bytes, row_bytes));
+    }
+  }
+  for (int64_t c = 0; c < out; ++c) {
+    op.bias.push_back(static_cast<int32_t>(40 * c - 30));
+    op.requant.multiplier.push_back((int32_t{1} << 30) + static_cast<int32_t>(c * 9973));
+    op.requant.shift.push_back(static_cast<int32_t>(33 + c % 2));
+  }
+  op.requant.zero_point = z_out;
+  op.requant.act_min = act_min;
+  op.requant.act_max = 127;
+  return op;
+}
+
+// Input (1, 5, 5) → Conv2d 4-bit 1→2 k3 pad 1 + ReLU (rows of 9 codes: a padding nibble) → MaxPool2d 2
+// → AvgPool2d 3 s1 pad 1 → Flatten (8) → Linear 8-bit 8→3: every op kind, both weight widths.
+inline quant::IntModel tiny_int_model() {
+  namespace rt = quant::runtime;
+  quant::IntModel m;
+  m.model_name = "tiny";
+  m.mode = "mixed";
+  m.norm = {0.25f, 0.5f};
+  m.input_scale = 0.0156f;
+  m.input_zero_point = -64;
+  m.output_scale = 0.25f;
+  m.graph.in_channels = 1;
+  m.graph.in_height = 5;
+  m.graph.in_width = 5;
+  rt::Op input;
+  input.name = "input";
+  for (int p = 0; p < 256; ++p) input.input_table[p] = static_cast<int8_t>(p / 2 - 64);
+  m.graph.ops.push_back(input);
+  m.graph.ops.push_back(tiny_weighted_op(rt::OpKind::Conv2d, "features.0", 4, 1, 2, 3, 1, -64, -128, -128));
+  rt::Op max_pool;
+  max_pool.kind = rt::OpKind::MaxPool2d;
+  max_pool.name = "features.2";
+  max_pool.kernel = max_pool.stride = 2;
+  m.graph.ops.push_back(max_pool);
+  rt::Op avg_pool;
+  avg_pool.kind = rt::OpKind::AvgPool2d;
+  avg_pool.name = "features.3";
+  avg_pool.kernel = 3;
+  avg_pool.padding = 1;
+  avg_pool.input_zero_point = -128;
+  m.graph.ops.push_back(avg_pool);
+  rt::Op flatten;
+  flatten.kind = rt::OpKind::Flatten;
+  flatten.name = "flatten";
+  m.graph.ops.push_back(flatten);
+  m.graph.ops.push_back(tiny_weighted_op(rt::OpKind::Linear, "classifier", 8, 8, 3, 1, 0, -128, 0, -128));
+  m.op_output_scales = {0.0156f, 0.05f, 0.05f, 0.05f, 0.05f, 0.25f};
+  m.weight_scales = {{}, {0.01f, 0.02f}, {}, {}, {}, {1e-3f, 2e-3f, 3e-3f}};
+  return m;
+}
+
+}  // namespace lowbit::fuzz
