@@ -448,52 +448,53 @@ void write_atomically(const std::string& path, const std::string& text) {
 // the three modes
 
 // --layer: one block's quantization step by step.
-void print_layer(const quant::LayerStats& s, const Tensor& weight, const Settings& s_, int64_t stats_images) {
-  std::cout << fmt::format("{}  {}  ({} observer)\n", s.layer, s.description, s_.observer);
-  const quant::QRange wr = quant::weight_range(s.weight_bits);
+void print_layer(const quant::LayerStats& l, const std::string& observer, int64_t stats_images) {
+  const Tensor& weight = l.weight;
+  std::cout << fmt::format("{}  {}  ({} observer)\n", l.layer, l.description, observer);
+  const quant::QRange wr = quant::weight_range(l.weight_bits);
   std::cout << fmt::format(
       "weights: {} values in {} output channels; symmetric per channel, codes [{}, {}], "
       "scale = max|w| / {}\n",
-      weight.numel(), s.weight_qparams.size(), wr.qmin, wr.qmax, wr.qmax);
-  std::cout << fmt::format("  {:>7} {:>10} {:>10} {:>10} {:>10}\n", "channel", "min", "max", "scale", "zero point");
-  const int64_t per = weight.numel() / static_cast<int64_t>(s.weight_qparams.size());
-  const size_t shown = std::min<size_t>(4, s.weight_qparams.size());
+      weight.numel(), l.weight_qparams.size(), wr.qmin, wr.qmax, wr.qmax);
+  std::cout << fmt::format("  {:>7} {:>10} {:>10} {:>10} {:>11}\n", "channel", "min", "max", "scale", "zero point");
+  const int64_t per = weight.numel() / static_cast<int64_t>(l.weight_qparams.size());
+  const size_t shown = std::min<size_t>(4, l.weight_qparams.size());
   for (size_t c = 0; c < shown; ++c) {
     const float* row = weight.data() + static_cast<int64_t>(c) * per;
     const auto [lo, hi] = std::minmax_element(row, row + per);
-    std::cout << fmt::format("  {:>7} {:>10.5f} {:>10.5f} {:>10.6f} {:>10}\n", c, *lo, *hi, s.weight_qparams[c].scale,
-                             s.weight_qparams[c].zero_point);
+    std::cout << fmt::format("  {:>7} {:>10.5f} {:>10.5f} {:>10.6f} {:>11}\n", c, *lo, *hi, l.weight_qparams[c].scale,
+                             l.weight_qparams[c].zero_point);
   }
-  if (shown < s.weight_qparams.size())
-    std::cout << fmt::format("  ... {} more channels\n", s.weight_qparams.size() - shown);
+  if (shown < l.weight_qparams.size())
+    std::cout << fmt::format("  ... {} more channels\n", l.weight_qparams.size() - shown);
   std::cout << "channel 0, first weights: float -> code q = round(w / s) -> dequantized s*q (error)\n";
   for (int64_t i = 0; i < std::min<int64_t>(5, per); ++i) {
     const float w = weight.data()[i];
-    const int32_t q = quant::quantize(w, s.weight_qparams[0], wr);
-    const float back = quant::dequantize(q, s.weight_qparams[0]);
+    const int32_t q = quant::quantize(w, l.weight_qparams[0], wr);
+    const float back = quant::dequantize(q, l.weight_qparams[0]);
     std::cout << fmt::format("  {:>10.6f} -> {:>4} -> {:>10.6f} ({:+.6f})\n", w, q, back, back - w);
   }
-  std::cout << fmt::format("weight SQNR at {} bits: {}; by bit width:", s.weight_bits, db(s.weight_sqnr_db));
+  std::cout << fmt::format("weight SQNR at {} bits: {}; by bit width:", l.weight_bits, db(l.weight_sqnr_db));
   for (int bits : kSweepBits) std::cout << fmt::format(" {}:{}", bits, db(quant::weight_sqnr_db(weight, bits)));
   std::cout << "\n";
 
-  const quant::QRange ar = quant::activation_range(s.activation_bits);
-  const quant::QParams ap = s.activation_qparams;
+  const quant::QRange ar = quant::activation_range(l.activation_bits);
+  const quant::QParams ap = l.activation_qparams;
   std::cout << fmt::format("output activations ({} calibration images): asymmetric per tensor, codes [{}, {}]\n",
                            stats_images, ar.qmin, ar.qmax);
   std::cout << fmt::format(
       "  observed range [{:.5f}, {:.5f}], clipping range [{:.5f}, {:.5f}], scale {:.6f}, zero point {}\n",
-      s.activation_minmax.first, s.activation_minmax.second, s.activation_clip.first, s.activation_clip.second,
+      l.activation_minmax.first, l.activation_minmax.second, l.activation_clip.first, l.activation_clip.second,
       ap.scale, ap.zero_point);
   std::cout << "  quantile: float -> code q = round(x / s) + z -> dequantized s*(q - z) (error)\n";
-  for (size_t i = 0; i < s.activation_quantiles.size(); ++i) {
-    const float x = s.activation_quantiles[i];
+  for (size_t i = 0; i < l.activation_quantiles.size(); ++i) {
+    const float x = l.activation_quantiles[i];
     const int32_t q = quant::quantize(x, ap, ar);
     const float back = quant::dequantize(q, ap);
     std::cout << fmt::format("  {:>8} {:>10.5f} -> {:>4} -> {:>10.5f} ({:+.5f})\n",
                              fmt::format("{}%", 100 * quant::kActivationQuantiles[i]), x, q, back, back - x);
   }
-  std::cout << fmt::format("output SQNR at {} bits: {}\n", s.activation_bits, db(s.activation_sqnr_db));
+  std::cout << fmt::format("output SQNR at {} bits: {}\n", l.activation_bits, db(l.activation_sqnr_db));
 }
 
 void print_sweep(const std::vector<quant::BitWidthPoint>& sweep, int64_t float_bytes, const Settings& s, int64_t calib,
@@ -561,23 +562,8 @@ void run(Settings s) {
   r.layers = quant::layer_stats(*qat, normalised_batches(data.train, m.norm, r.stats_images), s.bins);
 
   if (!s.layer.empty()) {
-    for (size_t b = 0; b < r.layers.size(); ++b) {
-      if (r.layers[b].layer != s.layer) continue;
-      size_t block = 0;
-      for (size_t i = 0; i < qat->layers->size(); ++i) {
-        Tensor w;
-        if (auto c = std::dynamic_pointer_cast<quant::QConvBlock>(qat->layers->at(i))) {
-          NoGradGuard no_grad;
-          w = c->folded_weight_and_bias().first.detach();
-        } else if (auto l = std::dynamic_pointer_cast<quant::QLinearBlock>(qat->layers->at(i))) {
-          w = l->linear->weight;
-        } else {
-          continue;
-        }
-        if (block++ == b) print_layer(r.layers[b], w, s, r.stats_images);
-      }
-      return;
-    }
+    for (const auto& l : r.layers)
+      if (l.layer == s.layer) return print_layer(l, s.observer, r.stats_images);
     std::string names;
     for (const auto& l : r.layers) names += (names.empty() ? "" : ", ") + l.layer;
     fail("--layer '{}' is not a quantized layer of {} (choose one of: {})", s.layer, r.model_name, names);
@@ -587,8 +573,10 @@ void run(Settings s) {
   auto evaluate = [&](quant::QatModel& q) { return apps::evaluate_model(q, test, m.norm, 250).accuracy(); };
   std::vector<std::pair<int, int>> pairs;
   for (int bits : kSweepBits) {
-    pairs.emplace_back(bits, 8);
-    if (bits != 8) pairs.emplace_back(8, bits), pairs.emplace_back(bits, bits);
+    pairs.emplace_back(bits, 8);  // weights only
+    if (bits == 8) continue;
+    pairs.emplace_back(8, bits);     // activations only
+    pairs.emplace_back(bits, bits);  // both
   }
   r.sweep = quant::bit_width_sweep(*float_model, config, pairs, calibrate, evaluate);
   if (s.sweep) {
@@ -657,8 +645,11 @@ int main(int argc, char** argv) {
   app.add_option("--out", s.out, "HTML report to write (default: MODEL.report.html next to the model)");
   app.add_flag("--json", s.json, "print the report's numbers as one JSON object on stdout");
   app.add_option("--log", s.log, "training log written by 'train --log' (the report draws its curves)");
-  app.add_option("--bits", s.bits, "bit widths for a float checkpoint (wNaM, N, M in 2..8)")->capture_default_str();
-  app.add_option("--observer", s.observer, "activation observer for a float checkpoint")
+  app.add_option("--bits", s.bits,
+                 "bit widths for a float checkpoint (wNaM, N, M in 2..8; a QAT checkpoint keeps its own)")
+      ->capture_default_str();
+  app.add_option("--observer", s.observer,
+                 "activation observer for a float checkpoint (a QAT checkpoint keeps its own)")
       ->check(CLI::IsMember({"minmax", "ema", "percentile", "mse"}))
       ->capture_default_str();
   app.add_option("--calib", s.calib, "training images to calibrate on")

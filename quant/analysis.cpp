@@ -172,6 +172,7 @@ std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& 
     s.weight_bits = v.weight_fq->bits();
     s.activation_bits = v.output_fq->bits();
     s.weight_qparams = v.weight_fq->qparams();
+    s.weight = v.weight;
     const std::vector<float> w = values_of(v.weight);
     s.weight_minmax = min_max(w);
     s.weight_clip = {0.f, 0.f};

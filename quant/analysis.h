@@ -80,6 +80,7 @@ struct LayerStats {
   Histogram weight_histogram;
   double weight_sqnr_db = 0;
   std::vector<QParams> weight_qparams;  // one per output channel
+  Tensor weight;                        // (OUT, ...) the float weight as it is quantized
   // The block's float output (after the fused ReLU), over every calibration batch.
   std::pair<float, float> activation_minmax, activation_clip;
   Histogram activation_histogram;
