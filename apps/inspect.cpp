@@ -448,7 +448,7 @@ void write_atomically(const std::string& path, const std::string& text) {
 // the three modes
 
 // --layer: one block's quantization step by step.
-void print_layer(const quant::LayerStats& l, const std::string& observer, int64_t stats_images) {
+void print_layer(const quant::LayerStats& l, const std::string& observer, int64_t calib, int64_t stats_images) {
   const Tensor& weight = l.weight;
   std::cout << fmt::format("{}  {}  ({} observer)\n", l.layer, l.description, observer);
   const quant::QRange wr = quant::weight_range(l.weight_bits);
@@ -480,12 +480,12 @@ void print_layer(const quant::LayerStats& l, const std::string& observer, int64_
 
   const quant::QRange ar = quant::activation_range(l.activation_bits);
   const quant::QParams ap = l.activation_qparams;
-  std::cout << fmt::format("output activations ({} calibration images): asymmetric per tensor, codes [{}, {}]\n",
-                           stats_images, ar.qmin, ar.qmax);
+  std::cout << fmt::format("output activations: asymmetric per tensor, codes [{}, {}]\n", ar.qmin, ar.qmax);
+  std::cout << fmt::format("  range over the first {} calibration images [{:.5f}, {:.5f}]\n", stats_images,
+                           l.activation_minmax.first, l.activation_minmax.second);
   std::cout << fmt::format(
-      "  observed range [{:.5f}, {:.5f}], clipping range [{:.5f}, {:.5f}], scale {:.6f}, zero point {}\n",
-      l.activation_minmax.first, l.activation_minmax.second, l.activation_clip.first, l.activation_clip.second,
-      ap.scale, ap.zero_point);
+      "  clipping range from all {} calibration images [{:.5f}, {:.5f}]: scale {:.6f}, zero point {}\n", calib,
+      l.activation_clip.first, l.activation_clip.second, ap.scale, ap.zero_point);
   std::cout << "  quantile: float -> code q = round(x / s) + z -> dequantized s*(q - z) (error)\n";
   for (size_t i = 0; i < l.activation_quantiles.size(); ++i) {
     const float x = l.activation_quantiles[i];
@@ -563,7 +563,7 @@ void run(Settings s) {
 
   if (!s.layer.empty()) {
     for (const auto& l : r.layers)
-      if (l.layer == s.layer) return print_layer(l, s.observer, r.stats_images);
+      if (l.layer == s.layer) return print_layer(l, s.observer, r.calib, r.stats_images);
     std::string names;
     for (const auto& l : r.layers) names += (names.empty() ? "" : ", ") + l.layer;
     fail("--layer '{}' is not a quantized layer of {} (choose one of: {})", s.layer, r.model_name, names);
@@ -612,6 +612,8 @@ void run(Settings s) {
   }
   std::cout << fmt::format("{}: {} {} checkpoint quantized as {} ({} observer, {} calibration images)\n", s.model,
                            r.model_name, r.kind, r.mode, r.observer, r.calib);
+  std::cout << fmt::format("ranges and SQNR: weights, and block outputs over the first {} calibration images\n",
+                           r.stats_images);
   std::cout << fmt::format("  {:<10} {:>20} {:>11} {:>18} {:>18} {:>11}\n", "layer", "weight range", "weight SQNR",
                            "output range", "output clip", "output SQNR");
   for (const auto& l : r.layers)

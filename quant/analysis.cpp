@@ -216,13 +216,17 @@ std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& 
     s.activation_clip = clipping_range(s.activation_qparams, range);
     s.activation_histogram = histogram_of(outputs[b], std::min(s.activation_minmax.first, s.activation_clip.first),
                                           std::max(s.activation_minmax.second, s.activation_clip.second), bins);
-    std::vector<float> sorted = outputs[b];
-    std::sort(sorted.begin(), sorted.end());
+    // SQNR, then the quantiles (sorting in place: the order no longer matters).
+    std::vector<float>& x = outputs[b];
+    std::vector<float> x_hat(x.size());
+    const QParams p = s.activation_qparams;
+    for (size_t i = 0; i < x.size(); ++i) x_hat[i] = dequantize(quantize(x[i], p, range), p);
+    s.activation_sqnr_db = sqnr_db(x, x_hat);
+    x_hat = {};
+    std::sort(x.begin(), x.end());
     for (double q : kActivationQuantiles)
-      s.activation_quantiles.push_back(sorted[static_cast<size_t>(q * static_cast<double>(sorted.size() - 1))]);
-    const auto count = static_cast<int64_t>(outputs[b].size());
-    const Tensor a = Tensor::from({count}, std::move(outputs[b]));
-    s.activation_sqnr_db = sqnr_db(values_of(a), fake_quantized_values(a, {s.activation_qparams}, range));
+      s.activation_quantiles.push_back(x[static_cast<size_t>(q * static_cast<double>(x.size() - 1))]);
+    x = {};
   }
   return stats;
 }
