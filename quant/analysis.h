@@ -4,7 +4,6 @@
 
 #include <functional>
 #include <memory>
-#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -72,7 +71,7 @@ double weight_sqnr_db(const Tensor& w, int bits);
 // What a quantized block holds, measured on calibration batches.
 struct LayerStats {
   std::string layer;        // the float model's name, "layers.0"
-  std::string description;  // "Q[Conv2d(1, 6, 5, pad 2) + ReLU] w8 a8"
+  std::string description;  // "Q[Conv2d(1, 6, kernel=5, padding=2) + ReLU] w8 a8"
   int weight_bits = 8, activation_bits = 8;
   // Weights (BatchNorm folded in): their min and max, the clipping range the per-channel scales
   // cover (widest channel), the histogram, and the SQNR of the quantized weights.
@@ -81,7 +80,7 @@ struct LayerStats {
   double weight_sqnr_db = 0;
   std::vector<QParams> weight_qparams;  // one per output channel
   Tensor weight;                        // (OUT, ...) the float weight as it is quantized
-  // The block's float output (after the fused ReLU), over every calibration batch.
+  // The block's float output (after the fused ReLU) over all the batches layer_stats was given.
   std::pair<float, float> activation_minmax, activation_clip;
   Histogram activation_histogram;
   double activation_sqnr_db = 0;

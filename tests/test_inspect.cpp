@@ -12,6 +12,7 @@
 #include <string>
 
 #include "data_fixtures.h"
+#include "quant/analysis.h"
 
 using namespace lowbit;
 using data_fixtures::TempDir;
@@ -174,6 +175,55 @@ std::vector<std::string> console_lines(const std::string& err) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// the analysis behind the report
+
+TEST_CASE("histogram_of: equal-width bins, values outside the range in the end bins") {
+  const std::vector<float> values{-1.f, -0.5f, 0.f, 0.5f, 1.f, 5.f, -7.f};
+  const quant::Histogram h = quant::histogram_of(values, -1.f, 1.f, 4);
+  CHECK(h.bin_width() == doctest::Approx(0.5));
+  CHECK(h.counts == std::vector<int64_t>{2, 1, 1, 3});  // -7 and -1 | -0.5 | 0 | 0.5, 1 and 5
+}
+
+TEST_CASE("clipping_range: the real values of qmin and qmax, r = s·(q − z)") {
+  const auto [lo, hi] = quant::clipping_range({0.1f, -128}, quant::activation_range(8));
+  CHECK(lo == doctest::Approx(0.0));
+  CHECK(hi == doctest::Approx(25.5));
+  const auto [wlo, whi] = quant::clipping_range({0.01f, 0}, quant::weight_range(4));
+  CHECK(wlo == doctest::Approx(-0.07));
+  CHECK(whi == doctest::Approx(0.07));
+}
+
+TEST_CASE("weight_sqnr_db: about 6 dB more per bit") {
+  Rng rng(5);
+  const Tensor w = Tensor::randn({16, 64}, rng);
+  for (int bits = 3; bits < 8; ++bits) {
+    CAPTURE(bits);
+    const double gain = quant::weight_sqnr_db(w, bits + 1) - quant::weight_sqnr_db(w, bits);
+    CHECK(gain > 5.0);
+    CHECK(gain < 7.5);
+  }
+}
+
+TEST_CASE("float_model_of: the float parameters and BatchNorm statistics come back out of a QAT model") {
+  manual_seed(3);
+  auto model = nn::build_model("convbn");
+  for (auto& [name, t] : model->named_buffers())  // non-trivial running statistics
+    for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] += 0.25f * static_cast<float>(i % 5);
+  const auto qat = quant::prepare_qat(*model, quant::QConfig{});
+  const auto back = quant::float_model_of(*qat);
+  auto want = model->named_parameters(), got = back->named_parameters();
+  const auto want_b = model->named_buffers(), got_b = back->named_buffers();
+  want.insert(want.end(), want_b.begin(), want_b.end());
+  got.insert(got.end(), got_b.begin(), got_b.end());
+  REQUIRE(want.size() == got.size());
+  for (size_t k = 0; k < want.size(); ++k) {
+    CAPTURE(want[k].first);
+    CHECK(got[k].first == want[k].first);
+    CHECK(std::equal(want[k].second.data(), want[k].second.data() + want[k].second.numel(), got[k].second.data()));
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // the report
