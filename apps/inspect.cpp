@@ -336,14 +336,22 @@ std::vector<Series> sweep_series(const std::vector<quant::BitWidthPoint>& sweep)
   return out;
 }
 
+// Where the qparams under inspection come from.
+std::string qparams_origin(const Report& r) {
+  if (r.kind == "qat") return fmt::format("qparams as trained, {} observer", r.observer);
+  return fmt::format("{} observer, {} calibration images", r.observer, r.calib);
+}
+
 std::string html_report(const Report& r) {
   std::string h = "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>lowbit inspect: " +
                   escape(r.model_path) + "</title>\n<style>\n" + kCss + "\n</style>\n</head>\n<body>\n";
   h += "<h1>lowbit inspect: " + escape(r.model_path) + "</h1>\n";
   h += fmt::format(
-      "<p>{} {} checkpoint, quantized as <b>{}</b> ({} observer, {} calibration images); accuracies on "
-      "the first {} test images; histograms over the first {} calibration images.</p>\n",
-      escape(r.model_name), escape(r.kind), escape(r.mode), escape(r.observer), r.calib, r.images, r.stats_images);
+      "<p>{} {} checkpoint, quantized as <b>{}</b> ({}); accuracies on the first {} test images; histograms "
+      "over the first {} calibration images; the bit-width sweep and the sensitivity table calibrate on {} "
+      "images ({} observer).</p>\n",
+      escape(r.model_name), escape(r.kind), escape(r.mode), escape(qparams_origin(r)), r.images, r.stats_images,
+      r.calib, escape(r.observer));
 
   h += "<h2>Accuracy and fake-quant vs integer agreement</h2>\n";
   std::vector<std::vector<std::string>> acc{{"float32", percent(r.float_accuracy)},
@@ -610,8 +618,8 @@ void run(Settings s) {
     std::cout << to_json(r, s.out).dump() << "\n";
     return;
   }
-  std::cout << fmt::format("{}: {} {} checkpoint quantized as {} ({} observer, {} calibration images)\n", s.model,
-                           r.model_name, r.kind, r.mode, r.observer, r.calib);
+  std::cout << fmt::format("{}: {} {} checkpoint quantized as {} ({})\n", s.model, r.model_name, r.kind, r.mode,
+                           qparams_origin(r));
   std::cout << fmt::format("ranges and SQNR: weights, and block outputs over the first {} calibration images\n",
                            r.stats_images);
   std::cout << fmt::format("  {:<10} {:>20} {:>11} {:>18} {:>18} {:>11}\n", "layer", "weight range", "weight SQNR",
