@@ -302,7 +302,11 @@ void run(Settings s) {
   }
   {
     // Calibrate once on float activations so the first QAT step starts from sensible ranges.
-    if (first == 0) apps::calibrate(*qat, data.train, norm, 1000);
+    if (first == 0) {
+      apps::calibrate(*qat, data.train, norm, 1000);
+      std::cerr << fmt::format("post-training quantization (calibrated on 1000 images, before QAT): {} acc {:.2f}%\n",
+                               val_idx.empty() ? "test" : "val", 100 * trainer.evaluate(*qat));
+    }
     qat->train();
     data::DataLoader probe(data.train, train_idx, {.batch_size = s.batch_size});
     const int64_t batches = s.dry_run ? std::min(kDryRunBatches, probe.batches_per_epoch()) : probe.batches_per_epoch();

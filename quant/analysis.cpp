@@ -1,9 +1,13 @@
-// Sensitivity analysis and greedy mixed-precision selection.
+// Per-layer statistics, bit-width sweeps, sensitivity analysis and greedy mixed-precision selection.
 #include "quant/analysis.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
 
 #include "core/error.h"
+#include "core/ops.h"
 
 namespace lowbit::quant {
 
@@ -13,8 +17,10 @@ std::vector<BlockInfo> quantized_blocks(const nn::Model& model) {
     auto layer = model.layers->at(i);
     const std::string name = fmt::format("layers.{}", i);
     const int block = static_cast<int>(out.size());
-    if (auto c = std::dynamic_pointer_cast<nn::Conv2d>(layer)) out.push_back({block, name, c->weight.numel(), c->out_channels});
-    if (auto l = std::dynamic_pointer_cast<nn::Linear>(layer)) out.push_back({block, name, l->weight.numel(), l->out_features});
+    if (auto c = std::dynamic_pointer_cast<nn::Conv2d>(layer))
+      out.push_back({block, name, c->weight.numel(), c->out_channels});
+    if (auto l = std::dynamic_pointer_cast<nn::Linear>(layer))
+      out.push_back({block, name, l->weight.numel(), l->out_features});
   }
   return out;
 }
@@ -73,6 +79,209 @@ QConfig choose_mixed_precision(const nn::Model& model, const QConfig& base, cons
     config.block_weight_bits[s.block.block] = low_bits;
   }
   return config;
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-layer ranges, histograms and SQNR
+
+Histogram histogram_of(std::span<const float> values, float lo, float hi, int bins) {
+  if (bins < 1) fail("histogram_of: {} bins (need at least 1)", bins);
+  if (!(lo <= hi)) fail("histogram_of: empty range [{}, {}]", lo, hi);
+  if (lo == hi) hi = lo + std::max(1e-6f, std::abs(lo) * 1e-6f);
+  Histogram h{lo, hi, std::vector<int64_t>(static_cast<size_t>(bins), 0)};
+  const float width = h.bin_width();
+  for (float v : values) {
+    const auto bin = static_cast<int64_t>(std::floor((v - lo) / width));
+    ++h.counts[static_cast<size_t>(std::clamp<int64_t>(bin, 0, bins - 1))];
+  }
+  return h;
+}
+
+std::pair<float, float> clipping_range(QParams p, QRange range) {
+  return {dequantize(range.qmin, p), dequantize(range.qmax, p)};
+}
+
+std::vector<float> fake_quantized_values(const Tensor& x, const std::vector<QParams>& params, QRange range) {
+  // x is (OUT, ...) with one QParams per OUT row, or any shape with one QParams.
+  const int64_t n = x.numel();
+  const int64_t per = params.size() == 1 ? n : n / static_cast<int64_t>(params.size());
+  if (params.empty() || (params.size() > 1 && (x.dim() == 0 || x.size(0) != static_cast<int64_t>(params.size()))))
+    fail("fake_quantized_values: {} qparams for a tensor of shape {}", params.size(), shape_str(x.shape()));
+  std::vector<float> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const QParams p = params[static_cast<size_t>(params.size() == 1 ? 0 : i / per)];
+    out[static_cast<size_t>(i)] = dequantize(quantize(x.data()[i], p, range), p);
+  }
+  return out;
+}
+
+namespace {
+// Per-channel symmetric qparams from each row's min and max (what PerChannelMinMaxObserver proposes).
+std::vector<QParams> weight_qparams_at(const Tensor& w, int bits) {
+  PerChannelMinMaxObserver observer(weight_range(bits), true);
+  observer.observe(w);
+  return observer.qparams();
+}
+
+std::vector<float> values_of(const Tensor& x) { return {x.data(), x.data() + x.numel()}; }
+
+std::pair<float, float> min_max(std::span<const float> v) {
+  if (v.empty()) return {0.f, 0.f};
+  const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+  return {*lo, *hi};
+}
+
+// The block's weight as it is quantized (BatchNorm folded in) and its fake-quant nodes.
+struct BlockView {
+  std::shared_ptr<nn::Module> module;
+  Tensor weight;
+  std::shared_ptr<FakeQuantize> weight_fq, output_fq;
+};
+
+std::optional<BlockView> block_view(const std::shared_ptr<nn::Module>& layer) {
+  if (auto c = std::dynamic_pointer_cast<QConvBlock>(layer)) {
+    NoGradGuard no_grad;
+    return BlockView{layer, c->folded_weight_and_bias().first.detach(), c->weight_fq, c->output_fq};
+  }
+  if (auto l = std::dynamic_pointer_cast<QLinearBlock>(layer))
+    return BlockView{layer, l->linear->weight, l->weight_fq, l->output_fq};
+  return std::nullopt;
+}
+}  // namespace
+
+double weight_sqnr_db(const Tensor& w, int bits) {
+  return sqnr_db(values_of(w), fake_quantized_values(w, weight_qparams_at(w, bits), weight_range(bits)));
+}
+
+std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& batches, int bins) {
+  if (batches.empty()) fail("layer_stats: no calibration batches (give at least one image)");
+  const std::vector<BlockInfo> names = quantized_blocks(*nn::build_model(model.name));
+  std::vector<LayerStats> stats;
+  std::vector<BlockView> views;
+  for (size_t i = 0; i < model.layers->size(); ++i)
+    if (auto v = block_view(model.layers->at(i))) views.push_back(*v);
+  if (views.size() != names.size())
+    fail("layer_stats: model '{}' has {} quantized blocks, its float architecture {}", model.name, views.size(),
+         names.size());
+
+  // Weights.
+  for (size_t b = 0; b < views.size(); ++b) {
+    const BlockView& v = views[b];
+    LayerStats s;
+    s.layer = names[b].layer;
+    s.description = v.module->describe();
+    s.weight_bits = v.weight_fq->bits();
+    s.activation_bits = v.output_fq->bits();
+    s.weight_qparams = v.weight_fq->qparams();
+    s.weight = v.weight;
+    const std::vector<float> w = values_of(v.weight);
+    s.weight_minmax = min_max(w);
+    s.weight_clip = {0.f, 0.f};
+    for (const QParams& p : s.weight_qparams) {
+      const auto [lo, hi] = clipping_range(p, v.weight_fq->range());
+      s.weight_clip = {std::min(s.weight_clip.first, lo), std::max(s.weight_clip.second, hi)};
+    }
+    s.weight_histogram = histogram_of(w, std::min(s.weight_minmax.first, s.weight_clip.first),
+                                      std::max(s.weight_minmax.second, s.weight_clip.second), bins);
+    s.weight_sqnr_db = sqnr_db(w, fake_quantized_values(v.weight, s.weight_qparams, v.weight_fq->range()));
+    stats.push_back(s);
+  }
+
+  // Activations: every block's float output over all batches.
+  NoGradGuard no_grad;
+  model.eval();
+  model.set_fake_quant(false);
+  std::vector<std::vector<float>> outputs(views.size());
+  try {
+    for (const Tensor& batch : batches) {
+      Tensor x = batch;
+      size_t b = 0;
+      for (size_t i = 0; i < model.layers->size(); ++i) {
+        x = model.layers->at(i)->forward(x);
+        if (b < views.size() && model.layers->at(i) == views[b].module) {
+          outputs[b].insert(outputs[b].end(), x.data(), x.data() + x.numel());
+          ++b;
+        }
+      }
+    }
+  } catch (...) {
+    model.set_fake_quant(true);
+    throw;
+  }
+  model.set_fake_quant(true);
+  for (size_t b = 0; b < views.size(); ++b) {
+    LayerStats& s = stats[b];
+    const QRange range = views[b].output_fq->range();
+    s.activation_qparams = views[b].output_fq->qparams_per_tensor();
+    s.activation_minmax = min_max(outputs[b]);
+    s.activation_clip = clipping_range(s.activation_qparams, range);
+    s.activation_histogram = histogram_of(outputs[b], std::min(s.activation_minmax.first, s.activation_clip.first),
+                                          std::max(s.activation_minmax.second, s.activation_clip.second), bins);
+    // SQNR, then the quantiles (sorting in place: the order no longer matters).
+    std::vector<float>& x = outputs[b];
+    std::vector<float> x_hat(x.size());
+    const QParams p = s.activation_qparams;
+    for (size_t i = 0; i < x.size(); ++i) x_hat[i] = dequantize(quantize(x[i], p, range), p);
+    s.activation_sqnr_db = sqnr_db(x, x_hat);
+    x_hat = {};
+    std::sort(x.begin(), x.end());
+    for (double q : kActivationQuantiles)
+      s.activation_quantiles.push_back(x[static_cast<size_t>(q * static_cast<double>(x.size() - 1))]);
+    x = {};
+  }
+  return stats;
+}
+
+std::shared_ptr<nn::Model> float_model_of(const QatModel& model) {
+  auto out = nn::build_model(model.name);
+  // The float modules in the order they appear inside the QAT blocks.
+  std::vector<std::shared_ptr<nn::Module>> trained;
+  for (size_t i = 0; i < model.layers->size(); ++i) {
+    auto layer = model.layers->at(i);
+    if (auto c = std::dynamic_pointer_cast<QConvBlock>(layer)) {
+      trained.push_back(c->conv);
+      if (c->bn) trained.push_back(c->bn);
+    }
+    if (auto l = std::dynamic_pointer_cast<QLinearBlock>(layer)) trained.push_back(l->linear);
+  }
+  size_t next = 0;
+  for (size_t i = 0; i < out->layers->size(); ++i) {
+    auto layer = out->layers->at(i);
+    if (!std::dynamic_pointer_cast<nn::Conv2d>(layer) && !std::dynamic_pointer_cast<nn::BatchNorm2d>(layer) &&
+        !std::dynamic_pointer_cast<nn::Linear>(layer))
+      continue;
+    if (next == trained.size()) fail("float_model_of: '{}' has more weighted layers than its QAT model", model.name);
+    auto dst = layer->named_parameters(), src = trained[next]->named_parameters();
+    auto dst_b = layer->named_buffers(), src_b = trained[next]->named_buffers();
+    dst.insert(dst.end(), dst_b.begin(), dst_b.end());
+    src.insert(src.end(), src_b.begin(), src_b.end());
+    if (dst.size() != src.size()) fail("float_model_of: layers.{} of '{}' does not match its QAT block", i, model.name);
+    for (size_t k = 0; k < dst.size(); ++k) dst[k].second.copy_from(src[k].second);
+    ++next;
+  }
+  out->eval();
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// accuracy against bit width
+
+std::vector<BitWidthPoint> bit_width_sweep(const nn::Model& model, const QConfig& base,
+                                           const std::vector<std::pair<int, int>>& pairs,
+                                           const std::function<void(QatModel&)>& calibrate,
+                                           const std::function<double(QatModel&)>& evaluate) {
+  std::vector<BitWidthPoint> out;
+  for (const auto& [w, a] : pairs) {
+    QConfig config = base;
+    config.weight_bits = w;
+    config.activation_bits = a;
+    config.block_weight_bits.clear();
+    config.block_activation_bits.clear();
+    auto qat = prepare_qat(model, config);
+    calibrate(*qat);
+    out.push_back({w, a, evaluate(*qat), model_parameter_bytes(model, config)});
+  }
+  return out;
 }
 
 }  // namespace lowbit::quant

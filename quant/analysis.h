@@ -1,10 +1,15 @@
-// Per-layer sensitivity to low bit widths, and the mixed-precision choice under a size budget.
+// Analysis of a quantized model: per-layer ranges, histograms and SQNR, accuracy against bit width,
+// per-layer sensitivity to low bit widths, and the mixed-precision choice under a size budget.
 #pragma once
 
 #include <functional>
+#include <memory>
+#include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "quant/observer.h"
 #include "quant/qat.h"
 
 namespace lowbit::quant {
@@ -44,5 +49,69 @@ SensitivityReport layer_sensitivity(const nn::Model& model, const QConfig& base,
 // Throws when even every block at low_bits does not fit.
 QConfig choose_mixed_precision(const nn::Model& model, const QConfig& base, const SensitivityReport& report,
                                int64_t budget_bytes, int low_bits);
+
+// ---- per-layer ranges, histograms and SQNR (what the inspect report draws)
+
+// Equal-width bins over [lo, hi] (lo < hi, widened by a hair when all values are equal); a value
+// outside the range counts in the first or last bin.
+Histogram histogram_of(std::span<const float> values, float lo, float hi, int bins);
+
+// The real values the codes [qmin, qmax] stand for: [s·(qmin − z), s·(qmax − z)] (eq. 1), the
+// clipping range a quantizer chose.
+std::pair<float, float> clipping_range(QParams p, QRange range);
+
+// x quantized and dequantized with one QParams per channel along axis 0 (one for the whole tensor
+// when params.size() == 1): x̂ = s·(clamp(round(x/s) + z) − z) (eqs. 1, 7).
+std::vector<float> fake_quantized_values(const Tensor& x, const std::vector<QParams>& params, QRange range);
+
+// The SQNR of a weight tensor (OUT, ...) quantized symmetric per output channel at `bits`, as
+// prepare_qat's weight observer would (min/max per channel, eq. 3, 4).
+double weight_sqnr_db(const Tensor& w, int bits);
+
+// What a quantized block holds, measured on calibration batches.
+struct LayerStats {
+  std::string layer;        // the float model's name, "layers.0"
+  std::string description;  // "Q[Conv2d(1, 6, kernel=5, padding=2) + ReLU] w8 a8"
+  int weight_bits = 8, activation_bits = 8;
+  // Weights (BatchNorm folded in): their min and max, the clipping range the per-channel scales
+  // cover (widest channel), the histogram, and the SQNR of the quantized weights.
+  std::pair<float, float> weight_minmax, weight_clip;
+  Histogram weight_histogram;
+  double weight_sqnr_db = 0;
+  std::vector<QParams> weight_qparams;  // one per output channel
+  Tensor weight;                        // (OUT, ...) the float weight as it is quantized
+  // The block's float output (after the fused ReLU) over all the batches layer_stats was given.
+  std::pair<float, float> activation_minmax, activation_clip;
+  Histogram activation_histogram;
+  double activation_sqnr_db = 0;
+  QParams activation_qparams;
+  std::vector<float> activation_quantiles;  // the output values at kActivationQuantiles
+};
+// The fractions of the sorted block outputs LayerStats keeps a value of (the median ... the max).
+inline constexpr double kActivationQuantiles[] = {0.5, 0.9, 0.99, 0.999, 1.0};
+
+// For every quantized block of a calibrated (or QAT-trained) model: runs `batches` (normalised
+// images) through the model with fake-quant switched off, so each block sees and produces float
+// values, and measures them against the block's qparams. Leaves the model in eval mode with
+// fake-quant on.
+std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& batches, int bins);
+
+// The float model inside a QAT model: the same architecture with the trained Conv2d, BatchNorm2d
+// and Linear parameters and buffers copied out (for PTQ sweeps of a QAT checkpoint).
+std::shared_ptr<nn::Model> float_model_of(const QatModel& model);
+
+// ---- accuracy against bit width (post-training quantization)
+
+struct BitWidthPoint {
+  int weight_bits, activation_bits;
+  double accuracy;
+  int64_t parameter_bytes;  // model_parameter_bytes at these weight bits
+};
+
+// PTQ at every (w, a) in `pairs`: prepare with base's observer, calibrate, evaluate.
+std::vector<BitWidthPoint> bit_width_sweep(const nn::Model& model, const QConfig& base,
+                                           const std::vector<std::pair<int, int>>& pairs,
+                                           const std::function<void(QatModel&)>& calibrate,
+                                           const std::function<double(QatModel&)>& evaluate);
 
 }  // namespace lowbit::quant

@@ -1,0 +1,404 @@
+// End-to-end tests of inspect: the HTML report, its JSON twin, --layer and --sweep, the error
+// paths, and (when Chromium is installed) the page rendered in headless Chromium.
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+#include <sys/wait.h>
+#include <zlib.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <string>
+
+#include "data_fixtures.h"
+#include "quant/analysis.h"
+
+using namespace lowbit;
+using data_fixtures::TempDir;
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int kBlocks = 5;              // lenet5: 2 convs + 3 linears
+constexpr int kSweepPoints = 13;        // 8, 6, 4, 3, 2 bits: weights only, activations only, both (w8a8 once)
+constexpr int64_t kStatsImages = 50;    // --calib of the tests: every calibration image is in the histograms
+constexpr double kMinNonWhite = 0.02;   // fraction of screenshot pixels that must be drawn
+constexpr int64_t kMinBarPixels = 500;  // pixels of the histogram bar colour (#4a78b0) in the screenshot
+const char* const kChromium = "/usr/bin/chromium";
+
+struct Run {
+  int code = 0;
+  std::string out, err;
+  int err_lines() const { return static_cast<int>(std::count(err.begin(), err.end(), '\n')); }
+};
+
+std::string text_of(const std::string& path) {
+  const auto bytes = data_fixtures::read_bytes(path);
+  return {bytes.begin(), bytes.end()};
+}
+
+size_t count_of(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
+  return n;
+}
+
+Run shell(const std::string& cmd, const std::string& dir) {
+  const std::string out = dir + "/stdout.txt", err = dir + "/stderr.txt";
+  const int status = std::system((cmd + " >" + out + " 2>" + err).c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, text_of(out), text_of(err)};
+}
+
+// One generated data set, one lenet5 trained for an epoch plus an epoch of QAT (which also leaves
+// the float checkpoint next to the QAT one), and its training log.
+struct Workspace {
+  TempDir dir{"inspect"};
+  std::string data = dir / "data";
+  std::string qat_model = dir / "lenet5.qat.safetensors";
+  std::string float_model = dir / "lenet5.qat.fp32.safetensors";
+  std::string log = dir / "train.jsonl";
+
+  Workspace() {
+    fs::create_directories(data);
+    data_fixtures::write_mnist_folder(data,
+                                      {.train_count = 200, .test_count = 60, .rows = 28, .cols = 28, .gzip = false});
+    const Run r =
+        run("train", "--model lenet5 --epochs 1 --qat --qat-epochs 1 --threads 2 --log " + log + " --out " + qat_model);
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+  }
+
+  Run run(const std::string& program, const std::string& args) const {
+    const std::string data_flag = args.find("--data") == std::string::npos ? " --data " + data : "";
+    return shell(std::string(LOWBIT_BIN_DIR) + "/" + program + " " + args + data_flag, dir.str());
+  }
+  Run inspect(const std::string& args) const { return run("inspect", "--threads 2 --calib 50 --images 40 " + args); }
+};
+
+Workspace& workspace() {
+  static Workspace w;
+  return w;
+}
+
+void check_fails(const Run& r, const std::string& phrase) {
+  CHECK_MESSAGE(r.code != 0, r.out);
+  CHECK_MESSAGE(r.err.find(phrase) != std::string::npos, "stderr: ", r.err, "\nexpected: ", phrase);
+  CHECK_MESSAGE(r.err_lines() == 1, "stderr: ", r.err);
+}
+
+// No report and no temporary file of one in the folder.
+void check_no_report(const std::string& dir) {
+  for (const auto& entry : fs::directory_iterator(dir))
+    CHECK_MESSAGE(entry.path().string().find(".html") == std::string::npos, "left behind: ", entry.path());
+}
+
+// ---- a small PNG reader (8-bit RGB or RGBA, no interlace): what Chromium's screenshots are
+
+struct Image {
+  int64_t width = 0, height = 0;
+  std::vector<uint8_t> rgb;  // (height, width, 3)
+};
+
+uint32_t be32(const std::vector<uint8_t>& b, size_t at) {
+  return (uint32_t{b[at]} << 24) | (uint32_t{b[at + 1]} << 16) | (uint32_t{b[at + 2]} << 8) | b[at + 3];
+}
+
+Image read_png(const std::string& path) {
+  const std::vector<uint8_t> b = data_fixtures::read_bytes(path);
+  REQUIRE_MESSAGE(b.size() > 33, path, " is too short to be a PNG");
+  REQUIRE(std::equal(b.begin() + 1, b.begin() + 4, "PNG"));
+  Image img;
+  int channels = 0;
+  std::vector<uint8_t> compressed;
+  for (size_t at = 8; at + 8 <= b.size();) {
+    const uint32_t length = be32(b, at);
+    const std::string type(b.begin() + static_cast<long>(at) + 4, b.begin() + static_cast<long>(at) + 8);
+    REQUIRE(at + 12 + length <= b.size());
+    if (type == "IHDR") {
+      img.width = be32(b, at + 8), img.height = be32(b, at + 12);
+      REQUIRE_MESSAGE(b[at + 16] == 8, "bit depth ", int{b[at + 16]});
+      REQUIRE_MESSAGE((b[at + 17] == 2 || b[at + 17] == 6), "colour type ", int{b[at + 17]});
+      REQUIRE(b[at + 20] == 0);  // no interlace
+      channels = b[at + 17] == 2 ? 3 : 4;
+    }
+    if (type == "IDAT")
+      compressed.insert(compressed.end(), b.begin() + static_cast<long>(at) + 8,
+                        b.begin() + static_cast<long>(at + 8 + length));
+    at += 12 + length;
+  }
+  const auto stride = static_cast<size_t>(img.width * channels);
+  std::vector<uint8_t> raw(static_cast<size_t>(img.height) * (stride + 1));
+  uLongf raw_size = raw.size();
+  REQUIRE(uncompress(raw.data(), &raw_size, compressed.data(), compressed.size()) == Z_OK);
+  REQUIRE(raw_size == raw.size());
+  // Undo the per-row filters (PNG spec 9.2): None, Sub, Up, Average, Paeth.
+  std::vector<uint8_t> pixels(static_cast<size_t>(img.height) * stride), zero(stride, 0);
+  for (size_t y = 0; y < static_cast<size_t>(img.height); ++y) {
+    const uint8_t filter = raw[y * (stride + 1)];
+    const uint8_t* in = raw.data() + y * (stride + 1) + 1;
+    uint8_t* row = pixels.data() + y * stride;
+    const uint8_t* up = y ? row - stride : zero.data();
+    for (size_t i = 0; i < stride; ++i) {
+      const int a = i >= static_cast<size_t>(channels) ? row[i - channels] : 0, u = up[i];
+      const int c = i >= static_cast<size_t>(channels) ? up[i - channels] : 0;
+      const int p = a + u - c, pa = std::abs(p - a), pb = std::abs(p - u), pc = std::abs(p - c);
+      const int paeth = pa <= pb && pa <= pc ? a : pb <= pc ? u : c;
+      const int predictor = filter == 0 ? 0 : filter == 1 ? a : filter == 2 ? u : filter == 3 ? (a + u) / 2 : paeth;
+      row[i] = static_cast<uint8_t>(in[i] + predictor);
+    }
+  }
+  for (size_t i = 0; i < pixels.size(); i += static_cast<size_t>(channels))
+    img.rgb.insert(img.rgb.end(), pixels.begin() + static_cast<long>(i), pixels.begin() + static_cast<long>(i) + 3);
+  return img;
+}
+
+// Loads `html` in headless Chromium, screenshots it; returns Chromium's run (stderr holds the console log).
+Run chromium_screenshot(const std::string& html, const std::string& png, const std::string& dir) {
+  return shell(fmt::format("{} --headless --no-sandbox --disable-gpu --hide-scrollbars --enable-logging=stderr --v=0 "
+                           "--user-data-dir={}/chromium-profile --screenshot={} --window-size=1200,3000 file://{}",
+                           kChromium, dir, png, html),
+               dir);
+}
+
+// Console messages Chromium logged for the page ("...:INFO:CONSOLE(3)] "Uncaught ReferenceError: ...").
+std::vector<std::string> console_lines(const std::string& err) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start < err.size()) {
+    const size_t end = std::min(err.find('\n', start), err.size());
+    const std::string line = err.substr(start, end - start);
+    if (line.find(":CONSOLE") != std::string::npos || line.find("Failed to load resource") != std::string::npos)
+      out.push_back(line);
+    start = end + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// the analysis behind the report
+
+TEST_CASE("histogram_of: equal-width bins, values outside the range in the end bins") {
+  const std::vector<float> values{-1.f, -0.5f, 0.f, 0.5f, 1.f, 5.f, -7.f};
+  const quant::Histogram h = quant::histogram_of(values, -1.f, 1.f, 4);
+  CHECK(h.bin_width() == doctest::Approx(0.5));
+  CHECK(h.counts == std::vector<int64_t>{2, 1, 1, 3});  // -7 and -1 | -0.5 | 0 | 0.5, 1 and 5
+}
+
+TEST_CASE("clipping_range: the real values of qmin and qmax, r = s·(q − z)") {
+  const auto [lo, hi] = quant::clipping_range({0.1f, -128}, quant::activation_range(8));
+  CHECK(lo == doctest::Approx(0.0));
+  CHECK(hi == doctest::Approx(25.5));
+  const auto [wlo, whi] = quant::clipping_range({0.01f, 0}, quant::weight_range(4));
+  CHECK(wlo == doctest::Approx(-0.07));
+  CHECK(whi == doctest::Approx(0.07));
+}
+
+TEST_CASE("weight_sqnr_db: about 6 dB more per bit") {
+  Rng rng(5);
+  const Tensor w = Tensor::randn({16, 64}, rng);
+  for (int bits = 3; bits < 8; ++bits) {
+    CAPTURE(bits);
+    const double gain = quant::weight_sqnr_db(w, bits + 1) - quant::weight_sqnr_db(w, bits);
+    CHECK(gain > 5.0);
+    CHECK(gain < 7.5);
+  }
+}
+
+TEST_CASE("float_model_of: the float parameters and BatchNorm statistics come back out of a QAT model") {
+  manual_seed(3);
+  auto model = nn::build_model("convbn");
+  for (auto& [name, t] : model->named_buffers())  // non-trivial running statistics
+    for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] += 0.25f * static_cast<float>(i % 5);
+  const auto qat = quant::prepare_qat(*model, quant::QConfig{});
+  const auto back = quant::float_model_of(*qat);
+  auto want = model->named_parameters(), got = back->named_parameters();
+  const auto want_b = model->named_buffers(), got_b = back->named_buffers();
+  want.insert(want.end(), want_b.begin(), want_b.end());
+  got.insert(got.end(), got_b.begin(), got_b.end());
+  REQUIRE(want.size() == got.size());
+  for (size_t k = 0; k < want.size(); ++k) {
+    CAPTURE(want[k].first);
+    CHECK(got[k].first == want[k].first);
+    CHECK(std::equal(want[k].second.data(), want[k].second.data() + want[k].second.numel(), got[k].second.data()));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the report
+
+TEST_CASE("report of a float checkpoint: a self-contained page with two histograms per layer, and the JSON twin") {
+  auto& w = workspace();
+  const std::string out = w.dir / "float.html";
+  const Run r = w.inspect("--model " + w.float_model + " --log " + w.log + " --out " + out + " --json");
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  const auto j = nlohmann::json::parse(r.out);
+
+  const std::string html = text_of(out);
+  CHECK(html.starts_with("<!DOCTYPE html>"));
+  CHECK(html.find("</html>") != std::string::npos);
+  CHECK(count_of(html, "http") == 0);  // no external stylesheet, font, script or image
+  CHECK(count_of(html, "src=") == 0);
+  CHECK(count_of(html, "<script") == 0);
+  CHECK(count_of(html, "<svg class=\"hist\"") == 2 * kBlocks);
+  CHECK(count_of(html, "<svg class=\"plot\"") == 3);       // accuracy vs bits, loss, accuracy curves
+  CHECK(count_of(html, "class=\"clip\"") == 4 * kBlocks);  // two lines per histogram
+
+  CHECK(j["kind"] == "float");
+  CHECK(j["mode"] == "int8");
+  CHECK(j["out"] == out);
+  REQUIRE(j["layers"].size() == kBlocks);
+  const std::vector<std::string> names{"layers.0", "layers.3", "layers.7", "layers.9", "layers.11"};
+  const std::vector<int64_t> weights{6 * 25, 16 * 6 * 25, 120 * 400, 84 * 120, 10 * 84};
+  const std::vector<int64_t> channels{6, 16, 120, 84, 10};
+  const std::vector<int64_t> outputs{6 * 28 * 28, 16 * 10 * 10, 120, 84, 10};
+  for (size_t b = 0; b < kBlocks; ++b) {
+    const auto& l = j["layers"][b];
+    CAPTURE(b);
+    CHECK(l["layer"] == names[b]);
+    const auto wc = l["weight_histogram"]["counts"].get<std::vector<int64_t>>();
+    const auto ac = l["activation_histogram"]["counts"].get<std::vector<int64_t>>();
+    CHECK(std::accumulate(wc.begin(), wc.end(), int64_t{0}) == weights[b]);
+    CHECK(std::accumulate(ac.begin(), ac.end(), int64_t{0}) == kStatsImages * outputs[b]);
+    // The clipping range covers the weights (min/max observer); 8-bit weights keep > 30 dB.
+    CHECK(l["weight_clip"][0].get<double>() <= l["weight_range"][0].get<double>() + 1e-6);
+    CHECK(l["weight_clip"][1].get<double>() >= l["weight_range"][1].get<double>() - 1e-6);
+    CHECK(l["weight_sqnr_db"].get<double>() > 30);
+    CHECK(l["activation_sqnr_db"].get<double>() > 20);
+    CHECK(l["weight_scales"].size() == static_cast<size_t>(channels[b]));
+  }
+  CHECK(j["bit_width_sweep"].size() == kSweepPoints);
+  CHECK(j["sensitivity"]["layers"].size() == kBlocks);
+  CHECK(j["sensitivity"]["low_bits"] == 4);
+  REQUIRE(j["agreement"].is_number());
+  CHECK(j["agreement"].get<double>() >= 0.95);
+  CHECK(j["int_accuracy"].is_number());
+  REQUIRE(j["training_log"].size() == 2);  // one fp32 epoch, one QAT epoch
+  CHECK(j["training_log"][0]["phase"] == "fp32");
+  CHECK(j["training_log"][1]["phase"] == "qat");
+}
+
+TEST_CASE("report of a QAT checkpoint: its own bit widths; text output names every layer") {
+  auto& w = workspace();
+  const std::string out = w.dir / "qat.html";
+  const Run r = w.inspect("--model " + w.qat_model + " --out " + out);
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  CHECK(r.out.find("lenet5 qat checkpoint quantized as int8") != std::string::npos);
+  for (const char* layer : {"layers.0", "layers.3", "layers.7", "layers.9", "layers.11"})
+    CHECK(r.out.find(layer) != std::string::npos);
+  CHECK(r.out.find("wrote " + out) != std::string::npos);
+  const std::string html = text_of(out);
+  CHECK(count_of(html, "<svg class=\"hist\"") == 2 * kBlocks);
+  CHECK(html.find("No training log given") != std::string::npos);
+}
+
+TEST_CASE("a bit width without an integer kernel still gets a report, with the reason instead of the agreement") {
+  auto& w = workspace();
+  const std::string out = w.dir / "w6.html";
+  const Run r = w.inspect("--model " + w.float_model + " --bits w6a6 --out " + out + " --json");
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  const auto j = nlohmann::json::parse(r.out);
+  CHECK(j["mode"] == "w6a6");
+  CHECK(j["agreement"].is_null());
+  CHECK(j["layers"][0]["weight_bits"] == 6);
+  CHECK(text_of(out).find("No integer graph") != std::string::npos);
+}
+
+TEST_CASE("--layer walks one layer through quantization; --sweep prints accuracy against bit width") {
+  auto& w = workspace();
+  const Run layer = w.inspect("--model " + w.float_model + " --layer layers.3 --out " + (w.dir / "none.html"));
+  REQUIRE_MESSAGE(layer.code == 0, layer.err);
+  CHECK(layer.out.starts_with("layers.3  Q[Conv2d"));
+  CHECK(layer.out.find("weights: 2400 values in 16 output channels") != std::string::npos);
+  CHECK(layer.out.find("weight SQNR at 8 bits") != std::string::npos);
+  CHECK(layer.out.find("output SQNR at 8 bits") != std::string::npos);
+  CHECK_FALSE(fs::exists(w.dir / "none.html"));  // --layer only prints
+
+  const Run sweep = w.inspect("--model " + w.float_model + " --sweep");
+  REQUIRE_MESSAGE(sweep.code == 0, sweep.err);
+  CHECK(sweep.out.starts_with("PTQ accuracy against bit width"));
+  for (const char* row : {"\n     8 ", "\n     6 ", "\n     4 ", "\n     3 ", "\n     2 "})
+    CHECK(sweep.out.find(row) != std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bad input: one clear line, non-zero exit, no report
+
+TEST_CASE("bad input: missing files, a malformed log line, an integer model, an unknown layer") {
+  auto& w = workspace();
+  const TempDir out_dir{"inspect_bad"};
+  const std::string out = out_dir / "report.html";
+
+  check_fails(w.inspect("--model " + (w.dir / "missing.safetensors") + " --out " + out), "does not exist");
+  check_fails(w.inspect("--model " + w.float_model + " --log " + (w.dir / "missing.jsonl") + " --out " + out),
+              "missing.jsonl");
+
+  const std::string bad_log = w.dir / "bad.jsonl";
+  const std::string good_line = text_of(w.log).substr(0, text_of(w.log).find('\n') + 1);
+  data_fixtures::write_bytes(bad_log, std::vector<uint8_t>(good_line.begin(), good_line.end()));
+  {
+    std::ofstream append(bad_log, std::ios::app);
+    append << "{\"phase\": \"fp32\", \"epoch\": 2, \"train_loss\": \n";
+  }
+  check_fails(w.inspect("--model " + w.float_model + " --log " + bad_log + " --out " + out), bad_log + ":2:");
+
+  const std::string missing_field = w.dir / "missing_field.jsonl";
+  data_fixtures::write_bytes(missing_field,
+                             std::vector<uint8_t>{'{', '"', 'e', 'p', 'o', 'c', 'h', '"', ':', '1', '}', '\n'});
+  check_fails(w.inspect("--model " + w.float_model + " --log " + missing_field + " --out " + out), "phase");
+
+  const Run q = w.run("quantize", "--model " + w.float_model + " --calib 50 --out " + (w.dir / "int8.safetensors"));
+  REQUIRE_MESSAGE(q.code == 0, q.err);
+  check_fails(w.inspect("--model " + (w.dir / "int8.safetensors") + " --out " + out), "integer model");
+
+  check_fails(w.inspect("--model " + w.float_model + " --layer layers.1"), "choose one of: layers.0, layers.3");
+  check_fails(w.inspect("--model " + w.float_model + " --out " + (w.dir / "no/such/folder/r.html")), "does not exist");
+  check_no_report(out_dir.str());
+}
+
+// ---------------------------------------------------------------------------------------------
+// the page in a real browser
+
+TEST_CASE("headless Chromium: the report loads without console errors and its screenshot shows the plots") {
+  if (!fs::exists(kChromium)) {
+    MESSAGE("skipped: ", kChromium, " is not installed (apt-get install chromium)");
+    return;
+  }
+  auto& w = workspace();
+  const std::string html = w.dir / "browser.html";
+  const Run r = w.inspect("--model " + w.float_model + " --log " + w.log + " --out " + html);
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+
+  // The check itself catches errors: a page with a script error logs a console line.
+  const std::string broken = w.dir / "broken.html";
+  const std::string broken_text = "<!DOCTYPE html><html><body><script>no_such_function();</script></body></html>";
+  data_fixtures::write_bytes(broken, std::vector<uint8_t>(broken_text.begin(), broken_text.end()));
+  const Run b = chromium_screenshot(broken, w.dir / "broken.png", w.dir.str());
+  CHECK_MESSAGE(!console_lines(b.err).empty(), "chromium did not report the broken page's error; stderr:\n", b.err);
+
+  // A stable folder, so the screenshot outlives the test and can be looked at.
+  const fs::path shots = fs::temp_directory_path() / "lowbit_inspect_screenshot";
+  fs::create_directories(shots);
+  const std::string png = (shots / "report.png").string();
+  fs::remove(png);
+  const Run c = chromium_screenshot(html, png, w.dir.str());
+  REQUIRE_MESSAGE(c.code == 0, c.err);
+  const auto console = console_lines(c.err);
+  CHECK_MESSAGE(console.empty(), "console: ", console.empty() ? "" : console.front());
+  REQUIRE(fs::exists(png));
+  MESSAGE("screenshot of the inspect report: ", png);
+
+  const Image img = read_png(png);
+  CHECK(img.width == 1200);
+  CHECK(img.height == 3000);
+  int64_t non_white = 0, bar = 0;
+  for (size_t i = 0; i < img.rgb.size(); i += 3) {
+    const int red = img.rgb[i], green = img.rgb[i + 1], blue = img.rgb[i + 2];
+    non_white += red < 245 || green < 245 || blue < 245;
+    bar += std::abs(red - 0x4a) < 12 && std::abs(green - 0x78) < 12 && std::abs(blue - 0xb0) < 12;
+  }
+  const double pixels = static_cast<double>(img.width * img.height);
+  CHECK_MESSAGE(static_cast<double>(non_white) / pixels > kMinNonWhite, "non-white pixels: ", non_white);
+  CHECK_MESSAGE(bar > kMinBarPixels, "histogram-bar pixels: ", bar);
+}
