@@ -255,6 +255,7 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
     return serialize(file);
   };
   const auto set_i32 = [](int32_t value) { return [value](StTensor& t) { std::memcpy(t.bytes.data(), &value, 4); }; };
+  const auto set_u8 = [](uint8_t value) { return [value](StTensor& t) { t.bytes[0] = std::byte{value}; }; };
   std::string duplicate_key = good.metadata.at("graph");
   duplicate_key.insert(1, R"("ops":[],)");  // "ops" twice in the graph object
   StFile duplicated = good;
@@ -266,21 +267,21 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
       {"truncated: inside the header", cut(good_bytes, 8 + header / 2), "exceeds file size"},
       {"truncated: after the header", cut(good_bytes, 8 + header), "the data area holds only 0 bytes"},
       {"truncated: inside the data", cut(good_bytes, good_bytes.size() - 1), "(file truncated?)"},
-      {"format version from the future", metadata_edit("format_version", "2"),
-       "format version 2 is newer than this lowbit (reads 1): upgrade lowbit"},
+      {"format version from the future", metadata_edit("format_version", "3"),
+       "format version 3 is newer than this lowbit (reads 2): upgrade lowbit"},
       {"duplicate JSON keys in the graph", serialize(duplicated), "has the key 'ops' twice"},
       {"NaN scale", graph_edit([](json& g) { g["output_scale"] = nullptr; }),
        "'output_scale' must be a finite number > 0, found null"},
-      {"infinite scale", graph_edit([](json& g) { g["ops"][5]["weight_scales"][1] = 1e39; }),
-       "'weight_scales[1]' must be a finite number > 0"},
+      {"infinite scale", graph_edit([](json& g) { g["ops"][5]["output_scale"] = 1e39; }),
+       "'output_scale' must be a finite number > 0"},
       {"zero scale", graph_edit([](json& g) { g["input_scale"] = 0; }), "'input_scale' must be a finite number > 0"},
       {"negative scale", graph_edit([](json& g) { g["ops"][2]["output_scale"] = -0.5; }),
        "'output_scale' must be a finite number > 0, found -0.5"},
       {"zero point out of range", graph_edit([](json& g) { g["ops"][5]["zero_point"] = 128; }),
        "'zero_point' must be in [-128, 127], found 128"},
-      {"shift out of range (63)", tensor_edit("ops.1.shift", set_i32(63)),
+      {"shift out of range (63)", tensor_edit("ops.1.shift", set_u8(63)),
        "requant.shift of output channel 0 must be in [1, 62], found 63"},
-      {"shift out of range (0)", tensor_edit("ops.5.shift", set_i32(0)),
+      {"shift out of range (0)", tensor_edit("ops.5.shift", set_u8(0)),
        "requant.shift of output channel 0 must be in [1, 62], found 0"},
       {"multiplier out of range", tensor_edit("ops.5.multiplier", set_i32(-7)),
        "requant.multiplier of output channel 0 must be in"},

@@ -75,7 +75,12 @@ void Executor::plan(int64_t batch) {
       cols = std::max(cols, static_cast<size_t>(rows * weight_row_length(op)));
     }
     acc = std::max(acc, static_cast<size_t>(rows * op.out_channels));
-    if (fast_) workspace = std::max(workspace, qgemm_packed_workspace_size(rows, packed_[i]));
+    if (fast_ && op.kind == OpKind::Conv2d) {  // one block of packed rows per thread
+      workspace =
+          std::max(workspace, static_cast<size_t>(threads_) * qgemm_packed_workspace_size(kPackedRowBlock, packed_[i]));
+    } else if (fast_) {
+      workspace = std::max(workspace, qgemm_packed_workspace_size(rows, packed_[i]));
+    }
   }
   scratch_.resize(static_cast<size_t>(threads_));
   for (Scratch& sc : scratch_) {
@@ -101,9 +106,24 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
     const int threads = threads_for(rows * row_length * op.out_channels, max_threads);
     if (fast_ && op.kind == OpKind::Conv2d) {
       // The windows go straight into the GEMM's packed layout (no int8 cols buffer, no second packing).
-      im2col_packed(xs, op.input_zero_point, packed_[op_index], sc.workspace, sc.planes, images, in.c, in.h, in.w,
-                    op.kernel, op.stride, op.padding, threads);
-      qgemm_prepacked(sc.workspace, op.input_zero_point, packed_[op_index], op.bias, acc, rows, threads);
+      // Blocks of kPackedRowBlock rows are packed and multiplied while they are in L1; thread t takes
+      // blocks t, t + threads, ... with its own part of the workspace.
+      const PackedWeights& pw = packed_[op_index];
+      im2col_planes(xs, op.input_zero_point, pw.bits, sc.planes, images, in.c, in.h, in.w, op.padding, threads);
+      const int64_t blocks = (rows + kPackedRowBlock - 1) / kPackedRowBlock;
+      const size_t block_units = qgemm_packed_workspace_size(kPackedRowBlock, pw);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+      for (int t = 0; t < threads; ++t) {
+        const std::span<int32_t> xp(sc.workspace.data() + static_cast<size_t>(t) * block_units, block_units);
+        for (int64_t b = t; b < blocks; b += threads) {
+          const int64_t first = b * kPackedRowBlock, count = std::min(kPackedRowBlock, rows - first);
+          im2col_packed_rows(sc.planes, pw, xp, first, count, in.c, in.h, in.w, op.kernel, op.stride, op.padding);
+          qgemm_prepacked(
+              xp, op.input_zero_point, pw, op.bias,
+              acc.subspan(static_cast<size_t>(first * op.out_channels), static_cast<size_t>(count * op.out_channels)),
+              count, 1);
+        }
+      }
     } else if (fast_) {
       qgemm_packed(xs, op.input_zero_point, packed_[op_index], op.bias, acc, rows, sc.workspace, threads);
     } else {

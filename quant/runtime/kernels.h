@@ -68,10 +68,18 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
 
 // Conv2d's im2col written straight into qgemm_packed's x layout: the same GEMM rows as im2col() followed by
 // the packing qgemm_packed does, without the int8 cols buffer in between (it costs as much as the GEMM on
-// small convolutions). x is (N, C, H, W) codes; xp is (ROWS, K_UNITS) units of the N·HO·WO windows, ROWS
-// rounded up to the micro-kernel's rows (qgemm_packed_workspace_size(N·HO·WO, w) elements); planes is
-// scratch for the padded, widened images (im2col_packed_planes_size elements). Requires cpu_has_avx2().
+// small convolutions). Two steps, so that a caller can pack a block of rows and multiply it while it is in
+// L1: im2col_planes widens and pads the images once into planes (im2col_packed_planes_size elements), then
+// im2col_packed_rows packs GEMM rows [first, first + rows) of the N·HO·WO windows into xp, (rows rounded up
+// to the micro-kernel's, K_UNITS) units. x is (N, C, H, W) codes. Require cpu_has_avx2().
+inline constexpr int64_t kPackedRowBlock = 96;  // rows per block: a multiple of both micro-kernels' rows
 size_t im2col_packed_planes_size(int64_t n, int64_t c, int64_t height, int64_t width, int64_t padding);
+void im2col_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std::span<int16_t> planes, int64_t n,
+                   int64_t c, int64_t height, int64_t width, int64_t padding, int threads = 1);
+void im2col_packed_rows(std::span<const int16_t> planes, const PackedWeights& w, std::span<int32_t> xp, int64_t first,
+                        int64_t rows, int64_t c, int64_t height, int64_t width, int64_t k, int64_t stride,
+                        int64_t padding);
+// Both steps for every row: xp is (N·HO·WO rounded up, K_UNITS) = qgemm_packed_workspace_size(N·HO·WO, w).
 void im2col_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<int32_t> xp,
                    std::span<int16_t> planes, int64_t n, int64_t c, int64_t height, int64_t width, int64_t k,
                    int64_t stride, int64_t padding, int threads = 1);

@@ -378,16 +378,11 @@ void widen_row(const int8_t* src, T* dst, int64_t count) {
   for (; j < count; ++j) dst[j] = widen<T>(src[j]);
 }
 
-// planes is (N, C, H + 2·padding, W + 2·padding) operands with the padding set to z_in; every window row
-// is then K contiguous operands, copied to its place in the packed row (c, kh, kw order, like pack_x).
-// A window row is copied as one 32-byte move when that stays inside the packed row: its excess lands on the
-// places the next window rows (or the zeroing of the row's padding units) overwrite.
+// planes is (N, C, H + 2·padding, W + 2·padding) operands, the padding set to z_in.
 template <typename T>
-void im2col_packed_impl(const int8_t* x, int32_t x_zero_point, int64_t k_units, int64_t mr, int32_t* xp, T* planes,
-                        int64_t n, int64_t c, int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding,
-                        int threads) {
+void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, int64_t c, int64_t height, int64_t width,
+                  int64_t padding, int threads) {
   const int64_t hp = height + 2 * padding, wp = width + 2 * padding;
-  const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const T pad = widen<T>(x_zero_point);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t plane = 0; plane < n * c; ++plane) {
@@ -404,30 +399,45 @@ void im2col_packed_impl(const int8_t* x, int32_t x_zero_point, int64_t k_units, 
       widen_row(src + ih * width, line + padding, width);
     }
   }
+}
+
+// GEMM rows [first, first + rows) of the N·HO·WO windows into xp, (rows rounded up to MR, K_UNITS) units.
+// Every window row is K contiguous operands of planes, copied to its place in the packed row (c, kh, kw
+// order, like pack_x). A window row is copied as one 32-byte move when that stays inside the packed row:
+// its excess lands on the places the next window rows (or the zeroing of the row's padding units) overwrite.
+template <typename T>
+void pack_window_rows(const T* planes, int64_t k_units, int64_t mr, int32_t* xp, int64_t first, int64_t rows, int64_t c,
+                      int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding) {
+  const int64_t hp = height + 2 * padding, wp = width + 2 * padding;
+  const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const int64_t row_elements = k_units * static_cast<int64_t>(sizeof(int32_t) / sizeof(T));
   const int64_t used = c * k * k, segment_bytes = k * static_cast<int64_t>(sizeof(T));
   const int64_t move_elements = kPlaneSlackBytes / static_cast<int64_t>(sizeof(T));  // one 32-byte move
-  const int64_t rows = n * ho * wo, padded_rows = ceil_div(rows, mr) * mr;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t nh = 0; nh < n * ho; ++nh) {
-    const int64_t i = nh / ho, oh = nh % ho;
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      T* row = reinterpret_cast<T*>(xp + (nh * wo + ow) * k_units);
-      T* out = row;
-      for (int64_t ci = 0; ci < c; ++ci) {
-        const T* window = planes + ((i * c + ci) * hp + oh * stride) * wp + ow * stride;
-        for (int64_t kh = 0; kh < k; ++kh, out += k) {
-          const T* src = window + kh * wp;
-          if (segment_bytes <= kPlaneSlackBytes && (out - row) + move_elements <= row_elements) {
-            std::memcpy(out, src, kPlaneSlackBytes);  // a constant size: one vector move, not a call
-          } else {
-            for (int64_t j = 0; j < k; ++j) out[j] = src[j];
-          }
+  int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
+  for (int64_t r = 0; r < rows; ++r, ++ow) {
+    if (ow == wo) {
+      ow = 0;
+      if (++oh == ho) {
+        oh = 0;
+        ++i;
+      }
+    }
+    T* row = reinterpret_cast<T*>(xp + r * k_units);
+    T* out = row;
+    for (int64_t ci = 0; ci < c; ++ci) {
+      const T* window = planes + ((i * c + ci) * hp + oh * stride) * wp + ow * stride;
+      for (int64_t kh = 0; kh < k; ++kh, out += k) {
+        const T* src = window + kh * wp;
+        if (segment_bytes <= kPlaneSlackBytes && (out - row) + move_elements <= row_elements) {
+          std::memcpy(out, src, kPlaneSlackBytes);  // a constant size: one vector move, not a call
+        } else {
+          for (int64_t j = 0; j < k; ++j) out[j] = src[j];
         }
       }
-      for (int64_t j = used; j < row_elements; ++j) row[j] = 0;  // a few elements: no memset call
     }
+    for (int64_t j = used; j < row_elements; ++j) row[j] = 0;  // a few elements: no memset call
   }
+  const int64_t padded_rows = ceil_div(rows, mr) * mr;
   std::memset(xp + rows * k_units, 0, static_cast<size_t>((padded_rows - rows) * k_units) * sizeof(int32_t));
 }
 
@@ -439,17 +449,40 @@ size_t im2col_packed_planes_size(int64_t n, int64_t c, int64_t height, int64_t w
   return static_cast<size_t>(n * c * (height + 2 * padding) * (width + 2 * padding) + kPlaneSlackBytes / 2);
 }
 
+void im2col_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std::span<int16_t> planes, int64_t n,
+                   int64_t c, int64_t height, int64_t width, int64_t padding, int threads) {
+  if (bits == 8) {
+    build_planes<int16_t>(x.data(), x_zero_point, planes.data(), n, c, height, width, padding, threads);
+  } else {
+    build_planes<uint8_t>(x.data(), x_zero_point, reinterpret_cast<uint8_t*>(planes.data()), n, c, height, width,
+                          padding, threads);
+  }
+}
+
+void im2col_packed_rows(std::span<const int16_t> planes, const PackedWeights& w, std::span<int32_t> xp, int64_t first,
+                        int64_t rows, int64_t c, int64_t height, int64_t width, int64_t k, int64_t stride,
+                        int64_t padding) {
+  const int64_t mr = rows_per_block(w.bits);
+  if (w.bits == 8) {
+    pack_window_rows<int16_t>(planes.data(), w.k_units, mr, xp.data(), first, rows, c, height, width, k, stride,
+                              padding);
+  } else {
+    pack_window_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), w.k_units, mr, xp.data(), first, rows, c,
+                              height, width, k, stride, padding);
+  }
+}
+
 void im2col_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<int32_t> xp,
                    std::span<int16_t> planes, int64_t n, int64_t c, int64_t height, int64_t width, int64_t k,
                    int64_t stride, int64_t padding, int threads) {
-  const int64_t mr = rows_per_block(w.bits);
-  if (w.bits == 8) {
-    im2col_packed_impl<int16_t>(x.data(), x_zero_point, w.k_units, mr, xp.data(), planes.data(), n, c, height, width, k,
-                                stride, padding, threads);
-  } else {
-    im2col_packed_impl<uint8_t>(x.data(), x_zero_point, w.k_units, mr, xp.data(),
-                                reinterpret_cast<uint8_t*>(planes.data()), n, c, height, width, k, stride, padding,
-                                threads);
+  im2col_planes(x, x_zero_point, w.bits, planes, n, c, height, width, padding, threads);
+  const int64_t rows = n * pooled_size(height, k, stride, padding) * pooled_size(width, k, stride, padding);
+  const int64_t blocks = ceil_div(rows, kPackedRowBlock);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t first = b * kPackedRowBlock, count = min_i64(kPackedRowBlock, rows - first);
+    im2col_packed_rows(planes, w, xp.subspan(static_cast<size_t>(first * w.k_units)), first, count, c, height, width, k,
+                       stride, padding);
   }
 }
 

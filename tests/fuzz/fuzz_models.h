@@ -98,7 +98,6 @@ inline quant::IntModel tiny_int_model() {
   m.graph.ops.push_back(flatten);
   m.graph.ops.push_back(tiny_weighted_op(rt::OpKind::Linear, "classifier", 8, 8, 3, 1, 0, -128, 0, -128));
   m.op_output_scales = {0.0156f, 0.05f, 0.05f, 0.05f, 0.05f, 0.25f};
-  m.weight_scales = {{}, {0.01f, 0.02f}, {}, {}, {}, {1e-3f, 2e-3f, 3e-3f}};
   return m;
 }
 
