@@ -425,7 +425,9 @@ void im2col(const ConvGeometry& g, const float* x, float* cols) {
       }
       const float* src = x + (ci * g.h + iy) * g.w;  // src[ox * stride + kj - padding] is x[ci][iy][ix]
       std::fill(dst, dst + lo, 0.f);
-      for (int64_t ox = lo; ox < hi; ++ox) dst[ox] = src[ox * g.stride + kj - g.padding];
+      if (g.stride == 1) std::copy(src + lo + kj - g.padding, src + hi + kj - g.padding, dst + lo);  // one run
+      else
+        for (int64_t ox = lo; ox < hi; ++ox) dst[ox] = src[ox * g.stride + kj - g.padding];
       std::fill(dst + hi, dst + g.ow, 0.f);
     }
   }
@@ -443,7 +445,12 @@ void col2im(const ConvGeometry& g, const float* cols, float* dx) {
       const int64_t iy = oy * g.stride - g.padding + ki;
       if (iy < 0 || iy >= g.h) continue;
       float* dst = dx + (ci * g.h + iy) * g.w;
-      for (int64_t ox = lo; ox < hi; ++ox) dst[ox * g.stride + kj - g.padding] += src[ox];
+      if (g.stride == 1) {  // one run: the same additions, written so that they vectorise
+        float* run = dst + kj - g.padding;
+        for (int64_t ox = lo; ox < hi; ++ox) run[ox] += src[ox];
+      } else {
+        for (int64_t ox = lo; ox < hi; ++ox) dst[ox * g.stride + kj - g.padding] += src[ox];
+      }
     }
   }
 }
@@ -536,20 +543,25 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
   const PoolGeometry g = pool_geometry(x, kernel, stride, "max_pool2d");
   Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
   auto argmax = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(y.numel()));  // index within the plane
+  const float* px = x.data();
+  float* py = y.data();
+  int32_t* parg = argmax->data();
 #pragma omp parallel for
   for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
-    const float* src = x.data() + plane * g.h * g.w;
+    const float* src = px + plane * g.h * g.w;
     for (int64_t oy = 0; oy < g.oh; ++oy)
       for (int64_t ox = 0; ox < g.ow; ++ox) {
-        int64_t best = (oy * g.stride) * g.w + ox * g.stride;
+        const int64_t corner = (oy * g.stride) * g.w + ox * g.stride;  // the window's top-left pixel
+        int64_t best = corner;
+        float best_value = src[corner];
         for (int64_t ki = 0; ki < g.k; ++ki)
           for (int64_t kj = 0; kj < g.k; ++kj) {
-            const int64_t i = (oy * g.stride + ki) * g.w + ox * g.stride + kj;
-            if (src[i] > src[best]) best = i;  // first maximum wins ties
+            const int64_t i = corner + ki * g.w + kj;
+            if (src[i] > best_value) best = i, best_value = src[i];  // first maximum wins ties
           }
         const int64_t o = (plane * g.oh + oy) * g.ow + ox;
-        y.data()[o] = src[best];
-        (*argmax)[static_cast<size_t>(o)] = static_cast<int32_t>(best);
+        py[o] = best_value;
+        parg[o] = static_cast<int32_t>(best);
       }
   }
   return record(y, "max_pool2d", {x}, [g, argmax](const Tensor& dy) {
