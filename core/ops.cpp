@@ -2,24 +2,60 @@
 #include "core/ops.h"
 
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "core/error.h"
+#include "core/threads.h"
 
 namespace lowbit::ops {
 
 namespace {
 
-// C = alpha * op(A) op(B) + beta * C, all row-major; op(A) is (M, K), op(B) is (K, N).
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, const float* b,
-          float* c, float beta = 0.f) {
+// ---- threads and sgemm (see core/threads.h: OpenBLAS runs on one thread, we split the work)
+
+// How many slices for_each_slice cuts n items into: one per thread, at most n.
+int slice_count(int64_t n) {
+  return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(num_threads(), n), 1, std::numeric_limits<int>::max()));
+}
+
+// Cuts [0, n) into slice_count(n) contiguous slices, in order, and runs body(first, last, slice)
+// for each on its own thread.
+template <typename Body>
+void for_each_slice(int64_t n, Body body) {
+  const int slices = slice_count(n);
+#pragma omp parallel for schedule(static, 1) num_threads(slices) if (slices > 1)
+  for (int s = 0; s < slices; ++s) body(n * s / slices, n * (s + 1) / slices, s);
+}
+
+// C = op(A) op(B) + beta * C on the calling thread; row-major with leading dimensions lda, ldb, ldc;
+// op(A) is (M, K), op(B) is (K, N).
+void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+           int64_t ldb, float* c, int64_t ldc, float beta) {
+  pin_blas_to_one_thread();
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.f, a,
-              static_cast<int>(trans_a ? m : k), b, static_cast<int>(trans_b ? k : n), beta, c,
-              static_cast<int>(n));
+              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.f, a, static_cast<int>(lda), b,
+              static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
+// Below this many multiply-adds per thread, splitting an sgemm costs more than it saves.
+constexpr int64_t kMinGemmMacsPerThread = int64_t{1} << 17;
+
+// C = op(A) op(B), all row-major and contiguous. A big product is split by rows of C over the
+// threads, one single-threaded sgemm per slice (each element of C is the same sum either way).
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c) {
+  const int64_t lda = trans_a ? m : k, ldb = trans_b ? k : n;
+  const int64_t worth = std::max<int64_t>(1, m * n * k / kMinGemmMacsPerThread);
+  if (std::min<int64_t>(worth, slice_count(m)) == 1 || omp_in_parallel()) {
+    sgemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, n, 0.f);
+    return;
+  }
+  for_each_slice(m, [&](int64_t first, int64_t last, int) {  // rows [first, last) of C and of op(A)
+    sgemm(trans_a, trans_b, last - first, n, k, a + (trans_a ? first : first * lda), lda, b, ldb, c + first * n, n, 0.f);
+  });
 }
 
 // ---- broadcasting helpers
@@ -71,12 +107,24 @@ void for_each_broadcast(const Shape& out, const Shape& a, const Shape& b, Fn fn)
   }
 }
 
+// True when `inner` is `outer` without some leading axes: (OUT) in (N, OUT), a bias over a batch.
+// Then broadcasting repeats `inner` row after row, and needs no index arithmetic.
+bool is_trailing(const Shape& outer, const Shape& inner) {
+  return inner.size() < outer.size() && std::equal(inner.rbegin(), inner.rend(), outer.rbegin());
+}
+
 // Sums `grad` (of the broadcast shape) down to `shape`: the backward of broadcasting.
 Tensor sum_to(const Tensor& grad, const Shape& shape) {
   if (grad.shape() == shape) return grad;
   Tensor out = Tensor::zeros(shape);
   const float* g = grad.data();
   float* o = out.data();
+  if (is_trailing(grad.shape(), shape)) {  // the same sums in the same order as the general case
+    const int64_t inner = out.numel(), rows = inner == 0 ? 0 : grad.numel() / inner;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < inner; ++j) o[j] += g[r * inner + j];
+    return out;
+  }
   for_each_broadcast(grad.shape(), shape, shape, [&](int64_t i, int64_t ia, int64_t) { o[ia] += g[i]; });
   return out;
 }
@@ -96,6 +144,16 @@ Tensor binary(const Tensor& a, const Tensor& b, const char* name, F f) {
   Tensor out = Tensor::empty(broadcast_shape(a.shape(), b.shape(), name));
   const float *pa = a.data(), *pb = b.data();
   float* po = out.data();
+  if (is_trailing(a.shape(), b.shape()) || is_trailing(b.shape(), a.shape())) {  // a row repeated
+    const bool b_repeats = is_trailing(a.shape(), b.shape());
+    const int64_t inner = b_repeats ? b.numel() : a.numel(), rows = inner == 0 ? 0 : out.numel() / inner;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < inner; ++j) {
+        const int64_t i = r * inner + j;
+        po[i] = b_repeats ? f(pa[i], pb[j]) : f(pa[j], pb[i]);
+      }
+    return out;
+  }
   for_each_broadcast(out.shape(), a.shape(), b.shape(),
                      [&](int64_t i, int64_t ia, int64_t ib) { po[i] = f(pa[ia], pb[ib]); });
   return out;
@@ -325,54 +383,75 @@ Tensor transpose(const Tensor& a) {
 }
 
 // =============================================================================================
-// 8. conv2d: im2col + one sgemm for the whole batch
+// 8. conv2d: per image, im2col + one sgemm
 //
-// cols is (C*K*K, N*OH*OW): column (n, oh, ow) holds the input patch under the kernel at that
-// output position (0 where the kernel hangs over the zero padding). Then
-//   y' = w (OUT, C*K*K) x cols  ->  (OUT, N*OH*OW),  permuted to y (N, OUT, OH, OW).
+// For image n, cols_n is (C*K*K, OH*OW): column (oy, ox) holds the input patch under the kernel at
+// that output position (0 where the kernel hangs over the zero padding). Then
+//   y[n] = w (OUT, C*K*K) x cols_n + b  ->  (OUT, OH*OW), which is y[n] of (N, OUT, OH, OW) as it is.
+// Backward, with dy[n] (OUT, OH*OW):
+//   dw = sum_n dy[n] cols_n^T,   db[o] = sum_n sum_pixels dy[n][o],   dx[n] = col2im(w^T dy[n]).
+// The images are split over the threads. A thread reuses one cols buffer (small enough to stay in
+// its cache) and rebuilds cols_n in the backward rather than keeping all of them; it sums its own
+// dw and db, and those partial sums are added in thread order, so a thread count always gives the
+// same bits. dx is skipped when the input needs no gradient (the first layer's).
 
 namespace {
 struct ConvGeometry {
   int64_t n, c, h, w, out, k, stride, padding, oh, ow;
-  int64_t rows() const { return c * k * k; }
-  int64_t cols() const { return n * oh * ow; }
+  int64_t rows() const { return c * k * k; }  // of cols_n
+  int64_t cols() const { return oh * ow; }    // of cols_n
 };
 
+// The output columns [lo, hi) whose input column ix = ox * stride - padding + kj is inside [0, W).
+std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g, int64_t kj) {
+  const int64_t first = g.padding - kj, last = g.w - 1 + g.padding - kj;  // ox * stride in [first, last]
+  if (last < 0) return {0, 0};
+  const int64_t lo = first <= 0 ? 0 : (first + g.stride - 1) / g.stride;
+  const int64_t hi = std::min(g.ow, last / g.stride + 1);
+  return {std::min(lo, hi), hi};
+}
+
+// x is (C, H, W), one image; cols is (C*K*K, OH*OW).
 void im2col(const ConvGeometry& g, const float* x, float* cols) {
-#pragma omp parallel for
   for (int64_t row = 0; row < g.rows(); ++row) {
     const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
+    const auto [lo, hi] = inside_columns(g, kj);
     float* dst = cols + row * g.cols();
-    for (int64_t n = 0; n < g.n; ++n)
-      for (int64_t oy = 0; oy < g.oh; ++oy) {
-        const int64_t iy = oy * g.stride - g.padding + ki;
-        const float* src = x + ((n * g.c + ci) * g.h + iy) * g.w;
-        for (int64_t ox = 0; ox < g.ow; ++ox) {
-          const int64_t ix = ox * g.stride - g.padding + kj;
-          *dst++ = (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) ? src[ix] : 0.f;
-        }
+    for (int64_t oy = 0; oy < g.oh; ++oy, dst += g.ow) {
+      const int64_t iy = oy * g.stride - g.padding + ki;
+      if (iy < 0 || iy >= g.h) {
+        std::fill_n(dst, g.ow, 0.f);
+        continue;
       }
+      const float* src = x + (ci * g.h + iy) * g.w;  // src[ox * stride + kj - padding] is x[ci][iy][ix]
+      std::fill(dst, dst + lo, 0.f);
+      if (g.stride == 1) std::copy(src + lo + kj - g.padding, src + hi + kj - g.padding, dst + lo);  // one run
+      else
+        for (int64_t ox = lo; ox < hi; ++ox) dst[ox] = src[ox * g.stride + kj - g.padding];
+      std::fill(dst + hi, dst + g.ow, 0.f);
+    }
   }
 }
 
-// The adjoint of im2col: adds each column entry back to the input pixel it came from.
+// The adjoint of im2col: dx = 0, then each entry of cols is added onto the input pixel it came
+// from. cols is (C*K*K, OH*OW); dx is (C, H, W), one image.
 void col2im(const ConvGeometry& g, const float* cols, float* dx) {
-#pragma omp parallel for
-  for (int64_t plane = 0; plane < g.n * g.c; ++plane) {  // one (n, c) plane per iteration: no races
-    const int64_t n = plane / g.c, ci = plane % g.c;
-    float* dst = dx + plane * g.h * g.w;
-    for (int64_t ki = 0; ki < g.k; ++ki)
-      for (int64_t kj = 0; kj < g.k; ++kj) {
-        const float* src = cols + ((ci * g.k + ki) * g.k + kj) * g.cols() + n * g.oh * g.ow;
-        for (int64_t oy = 0; oy < g.oh; ++oy) {
-          const int64_t iy = oy * g.stride - g.padding + ki;
-          if (iy < 0 || iy >= g.h) continue;
-          for (int64_t ox = 0; ox < g.ow; ++ox) {
-            const int64_t ix = ox * g.stride - g.padding + kj;
-            if (ix >= 0 && ix < g.w) dst[iy * g.w + ix] += src[oy * g.ow + ox];
-          }
-        }
+  std::fill_n(dx, g.c * g.h * g.w, 0.f);
+  for (int64_t row = 0; row < g.rows(); ++row) {
+    const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
+    const auto [lo, hi] = inside_columns(g, kj);
+    const float* src = cols + row * g.cols();
+    for (int64_t oy = 0; oy < g.oh; ++oy, src += g.ow) {
+      const int64_t iy = oy * g.stride - g.padding + ki;
+      if (iy < 0 || iy >= g.h) continue;
+      float* dst = dx + (ci * g.h + iy) * g.w;
+      if (g.stride == 1) {  // one run: the same additions, written so that they vectorise
+        float* run = dst + kj - g.padding;
+        for (int64_t ox = lo; ox < hi; ++ox) run[ox] += src[ox];
+      } else {
+        for (int64_t ox = lo; ox < hi; ++ox) dst[ox * g.stride + kj - g.padding] += src[ox];
       }
+    }
   }
 }
 }  // namespace
@@ -391,42 +470,51 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
     fail("conv2d: kernel {} is larger than the padded input {}", g.k, shape_str(x.shape()));
   g.oh = (g.h + 2 * padding - g.k) / stride + 1;
   g.ow = (g.w + 2 * padding - g.k) / stride + 1;
+  const int64_t x_image = g.c * g.h * g.w, y_image = g.out * g.cols();
 
-  auto cols = std::make_shared<std::vector<float>>(static_cast<size_t>(g.rows() * g.cols()));
-  im2col(g, x.data(), cols->data());
-  std::vector<float> y_cm(static_cast<size_t>(g.out * g.cols()));  // (OUT, N*OH*OW)
-  gemm(false, false, g.out, g.cols(), g.rows(), w.data(), cols->data(), y_cm.data());
   Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
-  const int64_t hw = g.oh * g.ow;
-#pragma omp parallel for
-  for (int64_t plane = 0; plane < g.n * g.out; ++plane) {
-    const int64_t n = plane / g.out, o = plane % g.out;
-    const float bias = b.defined() ? b.data()[o] : 0.f;
-    const float* src = y_cm.data() + o * g.cols() + n * hw;
-    float* dst = y.data() + plane * hw;
-    for (int64_t i = 0; i < hw; ++i) dst[i] = src[i] + bias;
-  }
-
-  return record(y, "conv2d", {x, w, b}, [g, cols, w = w.detach(), has_bias = b.defined()](const Tensor& dy) {
-    const int64_t hw = g.oh * g.ow;
-    std::vector<float> dy_cm(static_cast<size_t>(g.out * g.cols()));  // dy permuted to (OUT, N*OH*OW)
-#pragma omp parallel for
-    for (int64_t plane = 0; plane < g.n * g.out; ++plane) {
-      const int64_t n = plane / g.out, o = plane % g.out;
-      std::copy_n(dy.data() + plane * hw, hw, dy_cm.data() + o * g.cols() + n * hw);
+  for_each_slice(g.n, [&](int64_t first, int64_t last, int) {
+    Tensor cols = Tensor::empty({g.rows(), g.cols()});
+    for (int64_t n = first; n < last; ++n) {
+      float* yn = y.data() + n * y_image;
+      im2col(g, x.data() + n * x_image, cols.data());
+      if (b.defined())  // y[n] = b, then y[n] += w cols_n
+        for (int64_t o = 0; o < g.out; ++o) std::fill_n(yn + o * g.cols(), g.cols(), b.data()[o]);
+      sgemm(false, false, g.out, g.cols(), g.rows(), w.data(), g.rows(), cols.data(), g.cols(), yn, g.cols(),
+            b.defined() ? 1.f : 0.f);
     }
-    Tensor dw = Tensor::empty(w.shape());  // dw = dy' cols^T
-    gemm(false, true, g.out, g.rows(), g.cols(), dy_cm.data(), cols->data(), dw.data());
-    std::vector<float> dcols(static_cast<size_t>(g.rows() * g.cols()));  // dcols = w^T dy'
-    gemm(true, false, g.rows(), g.cols(), g.out, w.data(), dy_cm.data(), dcols.data());
-    Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
-    col2im(g, dcols.data(), dx.data());
+  });
+
+  return record(y, "conv2d", {x, w, b},
+                [g, x = x.detach(), w = w.detach(), has_bias = b.defined(), need_dx = x.requires_grad()](const Tensor& dy) {
+    const int64_t x_image = g.c * g.h * g.w, y_image = g.out * g.cols();
+    Tensor dx = need_dx ? Tensor::empty(x.shape()) : Tensor();
+    std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
+    std::vector<std::vector<double>> db_part(dw_part.size(), std::vector<double>(has_bias ? g.out : 0, 0.0));
+    for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
+      Tensor cols = Tensor::empty({g.rows(), g.cols()});  // cols_n, then reused for dcols_n
+      Tensor& dw = dw_part[static_cast<size_t>(slice)] = Tensor::zeros(w.shape());
+      std::vector<double>& db = db_part[static_cast<size_t>(slice)];
+      for (int64_t n = first; n < last; ++n) {
+        const float* dyn = dy.data() + n * y_image;
+        im2col(g, x.data() + n * x_image, cols.data());  // dw += dy[n] cols_n^T
+        sgemm(false, true, g.out, g.rows(), g.cols(), dyn, g.cols(), cols.data(), g.cols(), dw.data(), g.rows(), 1.f);
+        for (int64_t o = 0; o < static_cast<int64_t>(db.size()); ++o)
+          for (int64_t i = 0; i < g.cols(); ++i) db[static_cast<size_t>(o)] += dyn[o * g.cols() + i];
+        if (!need_dx) continue;  // dcols_n = w^T dy[n];  dx[n] = col2im(dcols_n)
+        sgemm(true, false, g.rows(), g.cols(), g.out, w.data(), g.rows(), dyn, g.cols(), cols.data(), g.cols(), 0.f);
+        col2im(g, cols.data(), dx.data() + n * x_image);
+      }
+    });
+    Tensor dw = dw_part[0];
+    for (size_t s = 1; s < dw_part.size(); ++s)
+      for (int64_t i = 0; i < dw.numel(); ++i) dw.data()[i] += dw_part[s].data()[i];
     Tensor db;
     if (has_bias) {
-      db = Tensor::zeros({g.out});
+      db = Tensor::empty({g.out});
       for (int64_t o = 0; o < g.out; ++o) {
         double acc = 0;
-        for (int64_t i = 0; i < g.cols(); ++i) acc += dy_cm[static_cast<size_t>(o * g.cols() + i)];
+        for (const auto& part : db_part) acc += part[static_cast<size_t>(o)];
         db.data()[o] = static_cast<float>(acc);
       }
     }
@@ -455,20 +543,25 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
   const PoolGeometry g = pool_geometry(x, kernel, stride, "max_pool2d");
   Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
   auto argmax = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(y.numel()));  // index within the plane
+  const float* px = x.data();
+  float* py = y.data();
+  int32_t* parg = argmax->data();
 #pragma omp parallel for
   for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
-    const float* src = x.data() + plane * g.h * g.w;
+    const float* src = px + plane * g.h * g.w;
     for (int64_t oy = 0; oy < g.oh; ++oy)
       for (int64_t ox = 0; ox < g.ow; ++ox) {
-        int64_t best = (oy * g.stride) * g.w + ox * g.stride;
+        const int64_t corner = (oy * g.stride) * g.w + ox * g.stride;  // the window's top-left pixel
+        int64_t best = corner;
+        float best_value = src[corner];
         for (int64_t ki = 0; ki < g.k; ++ki)
           for (int64_t kj = 0; kj < g.k; ++kj) {
-            const int64_t i = (oy * g.stride + ki) * g.w + ox * g.stride + kj;
-            if (src[i] > src[best]) best = i;  // first maximum wins ties
+            const int64_t i = corner + ki * g.w + kj;
+            if (src[i] > best_value) best = i, best_value = src[i];  // first maximum wins ties
           }
         const int64_t o = (plane * g.oh + oy) * g.ow + ox;
-        y.data()[o] = src[best];
-        (*argmax)[static_cast<size_t>(o)] = static_cast<int32_t>(best);
+        py[o] = best_value;
+        parg[o] = static_cast<int32_t>(best);
       }
   }
   return record(y, "max_pool2d", {x}, [g, argmax](const Tensor& dy) {

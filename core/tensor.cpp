@@ -31,11 +31,11 @@ int64_t shape_numel(const Shape& shape) {
 Tensor Tensor::empty(const Shape& shape) {
   auto impl = std::make_shared<TensorImpl>();
   impl->shape = shape;
-  impl->storage = std::make_shared<std::vector<float>>(static_cast<size_t>(shape_numel(shape)));
+  impl->storage = std::make_shared<Storage>(shape_numel(shape));
   return Tensor(std::move(impl));
 }
 
-Tensor Tensor::zeros(const Shape& shape) { return empty(shape); }  // std::vector value-initialises
+Tensor Tensor::zeros(const Shape& shape) { return full(shape, 0.f); }
 
 Tensor Tensor::ones(const Shape& shape) { return full(shape, 1.f); }
 
@@ -49,10 +49,9 @@ Tensor Tensor::from(const Shape& shape, std::vector<float> values) {
   if (static_cast<int64_t>(values.size()) != shape_numel(shape))
     fail("Tensor::from: shape {} needs {} values, got {}", shape_str(shape), shape_numel(shape),
          values.size());
-  auto impl = std::make_shared<TensorImpl>();
-  impl->shape = shape;
-  impl->storage = std::make_shared<std::vector<float>>(std::move(values));
-  return Tensor(std::move(impl));
+  Tensor t = empty(shape);
+  std::copy(values.begin(), values.end(), t.data());
+  return t;
 }
 
 Tensor Tensor::randn(const Shape& shape, Rng& rng) {
@@ -105,7 +104,11 @@ float Tensor::item() const {
 
 Tensor Tensor::reshape(const Shape& shape) const { return ops::reshape(*this, shape); }
 
-Tensor Tensor::clone() const { return from(shape(), *impl_->storage); }
+Tensor Tensor::clone() const {
+  Tensor t = empty(shape());
+  std::copy(values().begin(), values().end(), t.data());
+  return t;
+}
 
 Tensor Tensor::detach() const {
   auto impl = std::make_shared<TensorImpl>();
@@ -136,9 +139,13 @@ void Tensor::zero_grad() { impl_->grad.reset(); }
 namespace {
 thread_local bool g_grad_enabled = true;
 
-void accumulate(Tensor& slot, const Tensor& grad) {
+// Adds `grad` into `slot`. The first gradient is taken over as it is when nothing else can see
+// its buffer (one owner of the handle, one of the storage); otherwise it is copied, because an op
+// may hand one gradient to two inputs (add gives g to both) and the slot is later added to in place.
+void accumulate(Tensor& slot, Tensor grad) {
   if (!slot.defined()) {
-    slot = grad.clone();  // never alias a gradient that an op may hand to two inputs
+    const bool sole_owner = grad.impl().use_count() == 1 && grad.impl()->storage.use_count() == 1;
+    slot = sole_owner ? std::move(grad) : grad.clone();
     return;
   }
   float* dst = slot.data();
@@ -204,7 +211,7 @@ void Tensor::backward(const Tensor& grad) const {
     grads.erase(found);
     if (!impl->grad_fn) {  // a leaf: keep the gradient
       Tensor slot = impl->grad ? Tensor(impl->grad) : Tensor();
-      accumulate(slot, g);
+      accumulate(slot, std::move(g));
       impl->grad = slot.impl();
       continue;
     }
@@ -218,7 +225,7 @@ void Tensor::backward(const Tensor& grad) const {
       if (input_grads[i].shape() != input.shape())
         fail("internal: backward of '{}' gave a gradient of shape {} for input {} of shape {}",
              node.name, shape_str(input_grads[i].shape()), i, shape_str(input.shape()));
-      accumulate(grads[input.impl().get()], input_grads[i]);
+      accumulate(grads[input.impl().get()], std::move(input_grads[i]));
     }
   }
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "core/storage.h"
 
 namespace lowbit {
 
@@ -24,7 +25,7 @@ struct Node;
 // The state behind a Tensor handle. Views (reshape, alias) share `storage`.
 struct TensorImpl {
   Shape shape;
-  std::shared_ptr<std::vector<float>> storage;
+  std::shared_ptr<Storage> storage;
   bool requires_grad = false;
   std::shared_ptr<TensorImpl> grad;  // accumulated by backward() on leaves
   std::shared_ptr<Node> grad_fn;     // the op that produced this tensor (null for leaves)
@@ -35,7 +36,7 @@ class Tensor {
   Tensor() = default;  // an undefined tensor (defined() == false)
 
   // ---- factories
-  static Tensor empty(const Shape& shape);  // uninitialised values
+  static Tensor empty(const Shape& shape);  // uninitialised values (from the storage pool)
   static Tensor zeros(const Shape& shape);
   static Tensor ones(const Shape& shape);
   static Tensor full(const Shape& shape, float value);
@@ -49,7 +50,7 @@ class Tensor {
   const Shape& shape() const { return impl_->shape; }
   int64_t dim() const { return static_cast<int64_t>(impl_->shape.size()); }
   int64_t size(int64_t axis) const;  // negative axis counts from the end
-  int64_t numel() const { return static_cast<int64_t>(impl_->storage->size()); }
+  int64_t numel() const { return impl_->storage->size(); }
   float* data() { return impl_->storage->data(); }
   const float* data() const { return impl_->storage->data(); }
   std::span<float> values() { return {data(), static_cast<size_t>(numel())}; }

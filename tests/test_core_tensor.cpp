@@ -86,6 +86,26 @@ TEST_CASE("factories fill the values and the shape") {
   CHECK(std::all_of(r.values().begin(), r.values().end(), [](float v) { return v >= -2.f && v < 5.f; }));
 }
 
+TEST_CASE("storage: a freed big buffer serves the next tensor of its size, and zeros() still zeroes it") {
+  const Shape shape{64, 1024};  // 256 KB: above Storage::kPooledMinBytes
+  REQUIRE(lowbit::shape_numel(shape) * 4 >= lowbit::Storage::kPooledMinBytes);
+  const float* freed = nullptr;
+  {
+    Tensor t = Tensor::full(shape, 7.f);
+    freed = t.data();
+  }
+  const lowbit::StoragePoolStats before = lowbit::storage_pool_stats();
+  const Tensor again = Tensor::zeros(shape);
+#if !defined(__SANITIZE_ADDRESS__)  // nothing is pooled under AddressSanitizer
+  CHECK(again.data() == freed);
+  CHECK(lowbit::storage_pool_stats().hits == before.hits + 1);
+#else
+  (void)freed, (void)before;
+#endif
+  CHECK(std::all_of(again.values().begin(), again.values().end(), [](float v) { return v == 0.f; }));
+  CHECK(reinterpret_cast<uintptr_t>(again.data()) % 64 == 0);
+}
+
 TEST_CASE("shape_str formats tuples like Python") {
   CHECK(lowbit::shape_str({2, 3}) == "(2, 3)");
   CHECK(lowbit::shape_str({3}) == "(3,)");
