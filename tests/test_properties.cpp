@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "random_codes.h"
 #include "quant/runtime/executor.h"
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
@@ -23,15 +24,8 @@ constexpr int kGraphCases = 120;
 constexpr int kInt4Cases = 3000;
 constexpr int kMaxReportedMismatches = 5;
 
-int32_t random_in(lowbit::Rng& rng, int64_t lo, int64_t hi) {
-  return static_cast<int32_t>(lo + static_cast<int64_t>(rng.below(static_cast<uint64_t>(hi - lo + 1))));
-}
-
-std::vector<int8_t> random_codes(lowbit::Rng& rng, size_t count, int lo, int hi) {
-  std::vector<int8_t> v(count);
-  for (auto& c : v) c = static_cast<int8_t>(random_in(rng, lo, hi));
-  return v;
-}
+using lowbit::test::random_codes;
+using lowbit::test::random_in;
 
 // A zero point: an edge of the int8 range half of the time, else anywhere in it.
 int32_t random_zero_point(lowbit::Rng& rng) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "random_codes.h"
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
 #include "quant/runtime/requantize.h"
@@ -19,15 +20,8 @@ namespace {
 constexpr int kOutputLsbTolerance = 1;  // an integer op may differ from real arithmetic by one output code
 constexpr int kMaxReportedMismatches = 5;
 
-int32_t random_in(lowbit::Rng& rng, int64_t lo, int64_t hi) {
-  return static_cast<int32_t>(lo + static_cast<int64_t>(rng.below(static_cast<uint64_t>(hi - lo + 1))));
-}
-
-std::vector<int8_t> random_codes(lowbit::Rng& rng, size_t count, int lo, int hi) {
-  std::vector<int8_t> v(count);
-  for (auto& c : v) c = static_cast<int8_t>(random_in(rng, lo, hi));
-  return v;
-}
+using lowbit::test::random_codes;
+using lowbit::test::random_in;
 
 // (OUT, IN) int4 codes → packed rows, one row per output channel.
 std::vector<int8_t> pack_rows_int4(const std::vector<int8_t>& codes, int64_t out, int64_t in) {
