@@ -5,6 +5,8 @@
 #include <cstring>
 #include <string>
 
+#include "quant/runtime/int4.h"
+
 namespace lowbit::quant::runtime {
 
 namespace {
@@ -18,6 +20,33 @@ constexpr int64_t kMinImagesPerSlice = 8;  // smaller batches split each op over
 
 bool is_weighted(const Op& op) { return op.kind == OpKind::Conv2d || op.kind == OpKind::Linear; }
 
+// The weights of a Linear whose (C, H, W) input arrives channels last: column (c, h, w) moves to (h, w, c),
+// so that the product is the same. Same form as op.weight (int8 codes or packed int4 rows).
+std::vector<int8_t> channels_last_columns(const Op& op, const Shape& in) {
+  const int64_t length = in.size(), positions = in.h * in.w;
+  const int64_t row_bytes = op.weight_bits == 8 ? length : static_cast<int64_t>(int4_packed_size(length));
+  std::vector<int8_t> codes(static_cast<size_t>(length)), moved(static_cast<size_t>(length));
+  std::vector<int8_t> weight(op.weight.size());
+  for (int64_t o = 0; o < op.out_channels; ++o) {
+    const std::span<const int8_t> row(op.weight.data() + o * row_bytes, static_cast<size_t>(row_bytes));
+    const std::span<int8_t> dst(weight.data() + o * row_bytes, static_cast<size_t>(row_bytes));
+    if (op.weight_bits == 8) {
+      std::copy(row.begin(), row.end(), codes.begin());
+    } else {
+      unpack_int4(row, codes);
+    }
+    for (int64_t c = 0; c < in.c; ++c)
+      for (int64_t p = 0; p < positions; ++p)
+        moved[static_cast<size_t>(p * in.c + c)] = codes[static_cast<size_t>(c * positions + p)];
+    if (op.weight_bits == 8) {
+      std::copy(moved.begin(), moved.end(), dst.begin());
+    } else {
+      pack_int4(moved, dst);
+    }
+  }
+  return weight;
+}
+
 }  // namespace
 
 Executor::Executor(const Graph& graph, int threads, Kernels kernels)
@@ -25,11 +54,18 @@ Executor::Executor(const Graph& graph, int threads, Kernels kernels)
   validate(graph_);
   shapes_ = output_shapes(graph_);
   packed_.resize(graph_.ops.size());
+  conv_.resize(graph_.ops.size());
   outputs_.resize(graph_.ops.size());
-  if (fast_) {
-    for (size_t i = 0; i < graph_.ops.size(); ++i) {
-      const Op& op = graph_.ops[i];
-      if (is_weighted(op)) packed_[i] = pack_weights(op.weight, op.weight_bits, weight_row_length(op), op.out_channels);
+  if (!fast_) return;
+  for (size_t i = 0; i < graph_.ops.size(); ++i) {
+    const Op& op = graph_.ops[i];
+    const Shape in = i == 0 ? input_shape(0) : stored_shape(i - 1);
+    if (op.kind == OpKind::Conv2d) {
+      conv_[i] = pack_conv_weights(op.weight, op.weight_bits, in.c, op.out_channels, op.kernel, op.stride, op.padding);
+    } else if (op.kind == OpKind::Linear && in.h * in.w > 1) {
+      packed_[i] = pack_weights(channels_last_columns(op, in), op.weight_bits, in.size(), op.out_channels);
+    } else if (op.kind == OpKind::Linear) {
+      packed_[i] = pack_weights(op.weight, op.weight_bits, in.size(), op.out_channels);
     }
   }
 }
@@ -45,8 +81,23 @@ int Executor::slices(int64_t batch) const {
 
 int64_t Executor::num_classes() const { return shapes_.back().size(); }
 
+// The (C, H, W) shape whose channels-last order ops[op_index]'s output bytes follow on the fast kernels:
+// a Flatten keeps the bytes, and so the order, of its input.
+Shape Executor::stored_shape(size_t op_index) const {
+  while (op_index > 0 && graph_.ops[op_index].kind == OpKind::Flatten) --op_index;
+  return shapes_[op_index];
+}
+
 std::span<const int8_t> Executor::op_output(size_t op_index) const {
-  return {outputs_.at(op_index).data(), static_cast<size_t>(batch_ * shapes_[op_index].size())};
+  const Shape s = stored_shape(op_index);
+  const std::span<const int8_t> codes(outputs_[op_index].data(), static_cast<size_t>(batch_ * s.size()));
+  if (!fast_ || s.c == 1 || s.h * s.w == 1) return codes;  // the two layouts are the same bytes
+  view_.resize(codes.size());  // channels last → (N, C, H, W)
+  for (int64_t i = 0; i < batch_; ++i)
+    for (int64_t c = 0; c < s.c; ++c)
+      for (int64_t p = 0; p < s.h * s.w; ++p)
+        view_[static_cast<size_t>((i * s.c + c) * s.h * s.w + p)] = codes[static_cast<size_t>((i * s.h * s.w + p) * s.c + c)];
+  return view_;
 }
 
 Shape Executor::input_shape(size_t op_index) const {
@@ -70,17 +121,13 @@ void Executor::plan(int64_t batch) {
     const int64_t images = std::min(batch, images_per_chunk(i)), rows = images * shapes_[i].h * shapes_[i].w;
     const Shape in = input_shape(i);
     if (op.kind == OpKind::Conv2d && fast_) {
-      planes = std::max(planes, im2col_packed_planes_size(images, in.c, in.h, in.w, op.padding));
+      planes = std::max(planes, conv_planes_size(images, in.c, in.h, in.w, op.padding));
     } else if (op.kind == OpKind::Conv2d) {
       cols = std::max(cols, static_cast<size_t>(rows * weight_row_length(op)));
-    }
-    acc = std::max(acc, static_cast<size_t>(rows * op.out_channels));
-    if (fast_ && op.kind == OpKind::Conv2d) {  // one block of packed rows per thread
-      workspace =
-          std::max(workspace, static_cast<size_t>(threads_) * qgemm_packed_workspace_size(kPackedRowBlock, packed_[i]));
     } else if (fast_) {
       workspace = std::max(workspace, qgemm_packed_workspace_size(rows, packed_[i]));
     }
+    acc = std::max(acc, static_cast<size_t>(rows * op.out_channels));
   }
   scratch_.resize(static_cast<size_t>(threads_));
   for (Scratch& sc : scratch_) {
@@ -105,24 +152,15 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
     const std::span<const int8_t> xs(xc, static_cast<size_t>(images * in.size()));
     const int threads = threads_for(rows * row_length * op.out_channels, max_threads);
     if (fast_ && op.kind == OpKind::Conv2d) {
-      // The windows go straight into the GEMM's packed layout (no int8 cols buffer, no second packing).
-      // Blocks of kPackedRowBlock rows are packed and multiplied while they are in L1; thread t takes
-      // blocks t, t + threads, ... with its own part of the workspace.
-      const PackedWeights& pw = packed_[op_index];
-      im2col_planes(xs, op.input_zero_point, pw.bits, sc.planes, images, in.c, in.h, in.w, op.padding, threads);
-      const int64_t blocks = (rows + kPackedRowBlock - 1) / kPackedRowBlock;
-      const size_t block_units = qgemm_packed_workspace_size(kPackedRowBlock, pw);
+      // Channels last: the micro-kernel reads the windows straight from the padded images (an implicit
+      // GEMM, no im2col). Thread t computes a contiguous range of the chunk's GEMM rows.
+      const PackedConv& pc = conv_[op_index];
+      conv_planes(xs, op.input_zero_point, op.weight_bits, sc.planes, images, in.c, in.h, in.w, op.padding, threads);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
       for (int t = 0; t < threads; ++t) {
-        const std::span<int32_t> xp(sc.workspace.data() + static_cast<size_t>(t) * block_units, block_units);
-        for (int64_t b = t; b < blocks; b += threads) {
-          const int64_t first = b * kPackedRowBlock, count = std::min(kPackedRowBlock, rows - first);
-          im2col_packed_rows(sc.planes, pw, xp, first, count, in.c, in.h, in.w, op.kernel, op.stride, op.padding);
-          qgemm_prepacked(
-              xp, op.input_zero_point, pw, op.bias,
-              acc.subspan(static_cast<size_t>(first * op.out_channels), static_cast<size_t>(count * op.out_channels)),
-              count, 1);
-        }
+        const int64_t begin = rows * t / threads, end = rows * (t + 1) / threads;
+        qconv2d_rows(sc.planes, op.input_zero_point, pc, op.bias,
+                     acc.subspan(static_cast<size_t>(begin * op.out_channels)), begin, end - begin, in.h, in.w);
       }
     } else if (fast_) {
       qgemm_packed(xs, op.input_zero_point, packed_[op_index], op.bias, acc, rows, sc.workspace, threads);
@@ -140,8 +178,8 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
       }
     }
     const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
-    if (fast_) {
-      requantize_to_nchw(acc, op.requant, yc, images, positions, op.out_channels, threads);
+    if (fast_) {  // channels last: (ROWS, OUT) accumulators to (ROWS, OUT) codes
+      requantize_to_nchw(acc, op.requant, yc, rows, 1, op.out_channels, threads);
     } else {
       requantize_to_nchw_ref(acc, op.requant, yc, images, positions, op.out_channels, threads);
     }
@@ -185,19 +223,24 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
     const int threads = threads_for(static_cast<int64_t>(x_size + y_size), max_threads);
     switch (op.kind) {
       case OpKind::Input:
-        input_lookup({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table, {y, y_size},
-                     threads);
+        if (fast_ && in.c > 1) {
+          input_lookup_nhwc({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table,
+                            {y, y_size}, batch, in.c, in.h * in.w, threads);
+        } else {
+          input_lookup({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table,
+                       {y, y_size}, threads);
+        }
         break;
       case OpKind::Conv2d:
       case OpKind::Linear:
         run_weighted(i, x, y, batch, sc, max_threads);
         break;
       case OpKind::MaxPool2d:
-        maxpool2d({x, x_size}, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel, op.stride, op.padding,
+        (fast_ ? maxpool2d_nhwc : maxpool2d)({x, x_size}, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel, op.stride, op.padding,
                   threads);
         break;
       case OpKind::AvgPool2d:
-        avgpool2d({x, x_size}, op.input_zero_point, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel,
+        (fast_ ? avgpool2d_nhwc : avgpool2d)({x, x_size}, op.input_zero_point, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel,
                   op.stride, op.padding, threads);
         break;
       case OpKind::Flatten:

@@ -24,6 +24,8 @@ class Executor {
 
   int64_t num_classes() const;
   // The (N, C, H, W) codes that ops[op_index] produced in the last run, and its per-image shape.
+  // (The fast kernels keep activations channels last; this transposes them into a buffer of its own,
+  // valid until the next call.)
   std::span<const int8_t> op_output(size_t op_index) const;
   const Shape& op_shape(size_t op_index) const { return shapes_[op_index]; }
   const Graph& graph() const { return graph_; }
@@ -31,13 +33,14 @@ class Executor {
 
  private:
   Shape input_shape(size_t op_index) const;
+  Shape stored_shape(size_t op_index) const;
   int64_t images_per_chunk(size_t op_index) const;  // a weighted op runs on chunks of images
   // Scratch of one slice of the batch (one per thread): reused by every op, sized by plan().
   struct Scratch {
     std::vector<int8_t> cols;        // im2col rows of one chunk, (ROWS, C·K·K) (reference path)
     std::vector<int32_t> acc;        // int32 accumulators of one chunk, (ROWS, OUT)
-    std::vector<int32_t> workspace;  // packed x of one chunk for qgemm_packed
-    std::vector<int16_t> planes;     // padded images of one chunk for im2col_packed
+    std::vector<int32_t> workspace;  // packed x of one chunk for qgemm_packed (Linear)
+    std::vector<int16_t> planes;     // padded channels-last images of one chunk for qconv2d_rows
   };
   int threads_for(int64_t work, int max_threads) const;  // threads worth starting for this much work
   int slices(int64_t batch) const;                       // how many threads split the batch between them
@@ -49,10 +52,13 @@ class Executor {
   int threads_ = 1;
   bool fast_ = false;
   std::vector<Shape> shapes_;                 // output shape of ops[i]
-  std::vector<PackedWeights> packed_;         // ops[i]'s weights for qgemm_packed (fast path, weighted ops)
+  std::vector<PackedWeights> packed_;         // a Linear ops[i]'s weights for qgemm_packed (fast path)
+  std::vector<PackedConv> conv_;              // a Conv2d ops[i]'s weights for qconv2d_rows (fast path)
   int64_t capacity_ = 0;                      // the batch the buffers are sized for
   int64_t batch_ = 0;                         // the batch of the last run
-  std::vector<std::vector<int8_t>> outputs_;  // (N, shapes_[i]) codes of every op
+  // (N, shapes_[i]) codes of every op: (N, C, H, W) on the reference kernels, (N, H, W, C) on the fast ones
+  std::vector<std::vector<int8_t>> outputs_;
+  mutable std::vector<int8_t> view_;          // op_output's channels-first copy
   std::vector<Scratch> scratch_;              // one per thread
 };
 

@@ -66,27 +66,32 @@ size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w);
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads = 1);
 
-// Conv2d's im2col written straight into qgemm_packed's x layout: the same GEMM rows as im2col() followed by
-// the packing qgemm_packed does, without the int8 cols buffer in between (it costs as much as the GEMM on
-// small convolutions). Two steps, so that a caller can pack a block of rows and multiply it while it is in
-// L1: im2col_planes widens and pads the images once into planes (im2col_packed_planes_size elements), then
-// im2col_packed_rows packs GEMM rows [first, first + rows) of the N·HO·WO windows into xp, (rows rounded up
-// to the micro-kernel's, K_UNITS) units. x is (N, C, H, W) codes. Require cpu_has_avx2().
-inline constexpr int64_t kPackedRowBlock = 96;  // rows per block: a multiple of both micro-kernels' rows
-size_t im2col_packed_planes_size(int64_t n, int64_t c, int64_t height, int64_t width, int64_t padding);
-void im2col_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std::span<int16_t> planes, int64_t n,
-                   int64_t c, int64_t height, int64_t width, int64_t padding, int threads = 1);
-void im2col_packed_rows(std::span<const int16_t> planes, const PackedWeights& w, std::span<int32_t> xp, int64_t first,
-                        int64_t rows, int64_t c, int64_t height, int64_t width, int64_t k, int64_t stride,
-                        int64_t padding);
-// Both steps for every row: xp is (N·HO·WO rounded up, K_UNITS) = qgemm_packed_workspace_size(N·HO·WO, w).
-void im2col_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<int32_t> xp,
-                   std::span<int16_t> planes, int64_t n, int64_t c, int64_t height, int64_t width, int64_t k,
-                   int64_t stride, int64_t padding, int threads = 1);
+// Conv2d on channels-last images as an implicit GEMM (kernels_avx2.cpp explains it): the executor's fast
+// path keeps activations (N, H, W, C). The weights are re-laid out once: each output channel's codes in
+// (kh, kw, c) order, every kernel row's K·C codes padded with zero weights to SEGMENT whole units.
+struct PackedConv {
+  PackedWeights weights;  // (OUT, K · SEGMENT · codes per unit)
+  int64_t channels = 0, kernel = 1, stride = 1, padding = 0;
+  int64_t segment_units = 0;  // units per kernel row: K·C codes rounded up (to an even count for 4 bits)
+};
 
-// qgemm_packed on x already packed (by im2col_packed): xp is (ROWS, K_UNITS) units of N rows.
-void qgemm_prepacked(std::span<const int32_t> xp, int32_t x_zero_point, const PackedWeights& w,
-                     std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int threads = 1);
+// w is (OUT, C, K, K) int8 codes (bits 8) or packed int4 rows of C·K·K codes (bits 4).
+PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t out, int64_t k, int64_t stride,
+                             int64_t padding);
+
+// x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) GEMM operands — int16 codes for
+// 8-bit weights, x + 128 as u8 for 4-bit weights (then two per int16 element) — the padding set to z_in,
+// followed by a few elements of slack that the last units may read (their weights are zero).
+size_t conv_planes_size(int64_t n, int64_t c, int64_t height, int64_t width, int64_t padding);
+void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std::span<int16_t> planes, int64_t n,
+                 int64_t c, int64_t height, int64_t width, int64_t padding, int threads = 1);
+
+// GEMM rows [first, first + rows) of the convolution, rows ordered (n, oh, ow): acc is (ROWS, OUT) int32,
+// channels last, equal to qconv2d_ref's accumulators. planes from conv_planes with the same bits; height
+// and width are the unpadded input's. Requires cpu_has_avx2(); allocates nothing.
+void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
+                  std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows, int64_t height,
+                  int64_t width);
 
 // =====================================================================================================
 // Conv2d. HO, WO are the output height and width: HO = (H + 2·padding − K) / stride + 1.
@@ -129,5 +134,15 @@ void avgpool2d(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> 
 // images is (N, SIZE) uint8 pixels; y is (N, SIZE) codes: y = table[pixel].
 void input_lookup(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
                   int threads = 1);
+
+// Channels-last forms, for the executor's fast path: x is (N, H, W, C) and y (N, HO, WO, C), with the codes
+// of maxpool2d / avgpool2d in the other layout. input_lookup_nhwc reads (N, C, H·W) pixels and writes
+// (N, H·W, C) codes.
+void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height,
+                    int64_t width, int64_t k, int64_t stride, int64_t padding, int threads = 1);
+void avgpool2d_nhwc(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> y, int64_t n, int64_t c,
+                    int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads = 1);
+void input_lookup_nhwc(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
+                       int64_t n, int64_t c, int64_t positions, int threads = 1);
 
 }  // namespace lowbit::quant::runtime

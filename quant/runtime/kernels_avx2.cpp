@@ -236,17 +236,73 @@ void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums,
   }
 }
 
-// acc is (N, P, OUT) int32; y is (N, OUT, P) codes — requantize_to_nchw_ref, 8 channels per step
-// (docs/quantization.md eqs. 6–7). Per lane, with the sign taken off first:
+// The requantization constants of 8 channels: multiplier, and shift and its rounding half on even and odd lanes.
+struct Requant8 {
+  __m256i m, shift_even, shift_odd, half_even, half_odd;
+};
+
+inline Requant8 requant8_constants(const int32_t* multiplier, const int32_t* shift, __m256i mask) {
+  const __m256i one = _mm256_set1_epi64x(1);
+  Requant8 c;
+  c.m = _mm256_maskload_epi32(multiplier, mask);
+  c.shift_even = _mm256_and_si256(_mm256_maskload_epi32(shift, mask), _mm256_set1_epi64x(0xFFFFFFFF));
+  c.shift_odd = _mm256_srli_epi64(_mm256_maskload_epi32(shift, mask), 32);
+  c.half_even = _mm256_sllv_epi64(one, _mm256_sub_epi64(c.shift_even, one));
+  c.half_odd = _mm256_sllv_epi64(one, _mm256_sub_epi64(c.shift_odd, one));
+  return c;
+}
+
+// requantize() of 8 accumulators (docs/quantization.md eqs. 6–7). Per lane, with the sign taken off first:
 //   |acc|·m as an unsigned 64-bit product (vpmuludq on even and odd lanes), + 2^(n−1), >> n (vpsrlvq),
 //   saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max anyway since |z_out| <= 128),
 //   then the sign put back, z_out added and the result clamped: the reference's single rounding exactly.
+inline __m256i requant8(__m256i a, const Requant8& c, __m256i z, __m256i lo, __m256i hi) {
+  const __m256i limit = _mm256_set1_epi64x(0xFFFF);
+  const __m256i sign = _mm256_srai_epi32(a, 31);
+  const __m256i magnitude = _mm256_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
+  __m256i even = _mm256_mul_epu32(magnitude, c.m);
+  __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(magnitude, 32), _mm256_srli_epi64(c.m, 32));
+  even = _mm256_srlv_epi64(_mm256_add_epi64(even, c.half_even), c.shift_even);
+  odd = _mm256_srlv_epi64(_mm256_add_epi64(odd, c.half_odd), c.shift_odd);
+  even = _mm256_blendv_epi8(even, limit, _mm256_cmpgt_epi64(even, limit));
+  odd = _mm256_blendv_epi8(odd, limit, _mm256_cmpgt_epi64(odd, limit));
+  const __m256i rounded = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b10101010);
+  const __m256i q = _mm256_add_epi32(_mm256_sub_epi32(_mm256_xor_si256(rounded, sign), sign), z);
+  return _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+}
+
+// acc is (N, P, OUT) int32; y is (N, OUT, P) codes — requantize_to_nchw_ref, 8 channels per step.
+// P = 1 is the channels-last case, (ROWS, OUT) to (ROWS, OUT): each row's 8 codes are one 8-byte store.
 void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, const int32_t* shift, int32_t zero_point,
                              int32_t act_min, int32_t act_max, int8_t* y, int64_t n, int64_t positions, int64_t out,
                              int threads) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i one = _mm256_set1_epi64x(1), limit = _mm256_set1_epi64x(0xFFFF);
   const __m256i z = _mm256_set1_epi32(zero_point), lo = _mm256_set1_epi32(act_min), hi = _mm256_set1_epi32(act_max);
+  if (positions == 1) {
+    const int64_t blocks = ceil_div(n, kRequantPositionBlock);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t i0 = blk * kRequantPositionBlock, i1 = min_i64(n, i0 + kRequantPositionBlock);
+      for (int64_t o = 0; o < out; o += 8) {
+        const int64_t count = min_i64(8, out - o);
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
+        const Requant8 c = requant8_constants(multiplier + o, shift + o, mask);
+        for (int64_t i = i0; i < i1; ++i) {
+          const __m256i q = requant8(_mm256_maskload_epi32(acc + i * out + o, mask), c, z, lo, hi);
+          const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+          const __m128i codes = _mm_packs_epi16(words, words);  // 8 codes in the low 8 bytes
+          if (count == 8) {
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(y + i * out + o), codes);
+          } else {
+            alignas(16) int8_t bytes[16];
+            _mm_store_si128(reinterpret_cast<__m128i*>(bytes), codes);
+            std::memcpy(y + i * out + o, bytes, static_cast<size_t>(count));
+          }
+        }
+      }
+    }
+    return;
+  }
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     // Blocks of positions: the block's accumulator rows stay in L1 while every channel block reads them
@@ -256,26 +312,10 @@ void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, cons
       for (int64_t o = 0; o < out; o += 8) {
         const int64_t count = min_i64(8, out - o);
         const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
-        const __m256i m = _mm256_maskload_epi32(multiplier + o, mask);
-        const __m256i shift_even =
-            _mm256_and_si256(_mm256_maskload_epi32(shift + o, mask), _mm256_set1_epi64x(0xFFFFFFFF));
-        const __m256i shift_odd = _mm256_srli_epi64(_mm256_maskload_epi32(shift + o, mask), 32);
-        const __m256i half_even = _mm256_sllv_epi64(one, _mm256_sub_epi64(shift_even, one));
-        const __m256i half_odd = _mm256_sllv_epi64(one, _mm256_sub_epi64(shift_odd, one));
+        const Requant8 c = requant8_constants(multiplier + o, shift + o, mask);
         int8_t* yo = y + (i * out + o) * positions;
         for (int64_t p = p0; p < p1; ++p) {
-          const __m256i a = _mm256_maskload_epi32(acc + (i * positions + p) * out + o, mask);
-          const __m256i sign = _mm256_srai_epi32(a, 31);
-          const __m256i magnitude = _mm256_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
-          __m256i even = _mm256_mul_epu32(magnitude, m);
-          __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(magnitude, 32), _mm256_srli_epi64(m, 32));
-          even = _mm256_srlv_epi64(_mm256_add_epi64(even, half_even), shift_even);
-          odd = _mm256_srlv_epi64(_mm256_add_epi64(odd, half_odd), shift_odd);
-          even = _mm256_blendv_epi8(even, limit, _mm256_cmpgt_epi64(even, limit));
-          odd = _mm256_blendv_epi8(odd, limit, _mm256_cmpgt_epi64(odd, limit));
-          const __m256i rounded = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b10101010);
-          __m256i q = _mm256_add_epi32(_mm256_sub_epi32(_mm256_xor_si256(rounded, sign), sign), z);
-          q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+          const __m256i q = requant8(_mm256_maskload_epi32(acc + (i * positions + p) * out + o, mask), c, z, lo, hi);
           alignas(32) int32_t codes[8];
           store8(codes, q);
           if (count == 8) {
@@ -332,22 +372,28 @@ size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads) {
   pack_x(x.data(), n, w.in, w.bits, w.k_units, workspace.data(), threads);
-  qgemm_prepacked(workspace, x_zero_point, w, b, y, n, threads);
-}
-
-void qgemm_prepacked(std::span<const int32_t> xp, int32_t x_zero_point, const PackedWeights& w,
-                     std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int threads) {
   const int32_t z_eff = w.bits == 8 ? x_zero_point : x_zero_point + 128;
-  run_tiles(xp.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(), n, w.out,
-            threads);
+  run_tiles(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(), n,
+            w.out, threads);
 }
 
-// ---- im2col into the packed layout -----------------------------------------------------------------------
+// ---- Conv2d: an implicit GEMM on channels-last images ------------------------------------------------------
+//
+// With the images channels last, (N, H, W, C), the K×K window of an output position is K runs of K·C
+// contiguous codes, one per kernel row. The weights are re-laid out once in the same order (kh, then kw and
+// c), each kernel row padded with zero weights to a whole number of units, so the GEMM's K axis is
+// "K kernel rows × SEGMENT units". The micro-kernel then reads every window straight out of the padded
+// images with one pointer per GEMM row: no im2col rows are written, and nothing is packed per call.
+// (The first version packed im2col rows into the GEMM layout; the packing took twice the time of the
+// multiplications on lenet5.)
+// A unit that runs past the end of a kernel row reads the next codes of the image, or the slack after the
+// last image: their weights are 0, so they add nothing.
 
 namespace {
 
-// Padded plane rows are read 32 bytes at a time; this many bytes after the last plane keep that inside.
+// Padded images are followed by this many bytes, which a unit reading past the last kernel row may touch.
 constexpr int64_t kPlaneSlackBytes = 32;
+constexpr int64_t kConvRowBlock = 96;  // GEMM rows per block: their windows stay in L1 while every panel passes
 
 // The x operand of one code as the GEMM reads it: int16 for 8-bit weights, x + 128 as u8 for 4-bit weights.
 template <typename T>
@@ -357,6 +403,12 @@ T widen(int32_t code) {
   } else {
     return static_cast<T>(code + 128);
   }
+}
+
+inline int32_t load_unit(const void* p) {  // 4 bytes at any alignment
+  int32_t unit;
+  std::memcpy(&unit, p, sizeof unit);
+  return unit;
 }
 
 #pragma GCC push_options
@@ -378,79 +430,193 @@ void widen_row(const int8_t* src, T* dst, int64_t count) {
   for (; j < count; ++j) dst[j] = widen<T>(src[j]);
 }
 
-// planes is (N, C, H + 2·padding, W + 2·padding) operands, the padding set to z_in.
+// x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) operands, the padding set to z_in.
 template <typename T>
 void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, int64_t c, int64_t height, int64_t width,
                   int64_t padding, int threads) {
-  const int64_t hp = height + 2 * padding, wp = width + 2 * padding;
+  const int64_t hp = height + 2 * padding, line = (width + 2 * padding) * c, border = padding * c;
   const T pad = widen<T>(x_zero_point);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t plane = 0; plane < n * c; ++plane) {
-    const int8_t* src = x + plane * height * width;
-    T* dst = planes + plane * hp * wp;
+  for (int64_t i = 0; i < n; ++i) {
     for (int64_t r = 0; r < hp; ++r) {
       const int64_t ih = r - padding;
-      T* line = dst + r * wp;
+      T* dst = planes + (i * hp + r) * line;
       if (ih < 0 || ih >= height) {
-        for (int64_t j = 0; j < wp; ++j) line[j] = pad;
+        for (int64_t j = 0; j < line; ++j) dst[j] = pad;
         continue;
       }
-      for (int64_t j = 0; j < padding; ++j) line[j] = line[padding + width + j] = pad;
-      widen_row(src + ih * width, line + padding, width);
+      for (int64_t j = 0; j < border; ++j) dst[j] = dst[line - border + j] = pad;
+      widen_row(x + (i * height + ih) * width * c, dst + border, width * c);
     }
   }
 }
 
-// GEMM rows [first, first + rows) of the N·HO·WO windows into xp, (rows rounded up to MR, K_UNITS) units.
-// Every window row is K contiguous operands of planes, copied to its place in the packed row (c, kh, kw
-// order, like pack_x). A window row is copied as one 32-byte move when that stays inside the packed row:
-// its excess lands on the places the next window rows (or the zeroing of the row's padding units) overwrite.
-template <typename T>
-void pack_window_rows(const T* planes, int64_t k_units, int64_t mr, int32_t* xp, int64_t first, int64_t rows, int64_t c,
-                      int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding) {
-  const int64_t hp = height + 2 * padding, wp = width + 2 * padding;
-  const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
-  const int64_t row_elements = k_units * static_cast<int64_t>(sizeof(int32_t) / sizeof(T));
-  const int64_t used = c * k * k, segment_bytes = k * static_cast<int64_t>(sizeof(T));
-  const int64_t move_elements = kPlaneSlackBytes / static_cast<int64_t>(sizeof(T));  // one 32-byte move
-  int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
-  for (int64_t r = 0; r < rows; ++r, ++ow) {
-    if (ow == wo) {
-      ow = 0;
-      if (++oh == ho) {
-        oh = 0;
-        ++i;
+// x[r] points at the window of GEMM row r (kernel row 0, first code); kernel row kh starts kh·pitch operands
+// further. wp is (K · SEGMENT, 16) units; tile is (MR, 16) int32 = Σ x·w. As micro_kernel_s8 (vpmaddwd on
+// int16 pairs, which cannot overflow), with the x units read from the images instead of packed rows.
+__attribute__((noipa)) void conv_kernel_s8(const int16_t* const* x, int64_t pitch, int64_t k, int64_t segment_units,
+                                           const int32_t* wp, int32_t* tile) {
+  __m256i acc[kRowsS8][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < kRowsS8; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t kh = 0; kh < k; ++kh) {
+    const int16_t* xr[kRowsS8];
+#pragma GCC unroll 6
+    for (int r = 0; r < kRowsS8; ++r) xr[r] = x[r] + kh * pitch;
+    for (int64_t u = 0; u < segment_units; ++u) {
+      const __m256i w0 = load8(wp), w1 = load8(wp + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < kRowsS8; ++r) {
+        const __m256i xv = _mm256_set1_epi32(load_unit(xr[r] + 2 * u));
+        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xv, w0));
+        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xv, w1));
       }
+      wp += kPanel;
     }
-    T* row = reinterpret_cast<T*>(xp + r * k_units);
-    T* out = row;
-    for (int64_t ci = 0; ci < c; ++ci) {
-      const T* window = planes + ((i * c + ci) * hp + oh * stride) * wp + ow * stride;
-      for (int64_t kh = 0; kh < k; ++kh, out += k) {
-        const T* src = window + kh * wp;
-        if (segment_bytes <= kPlaneSlackBytes && (out - row) + move_elements <= row_elements) {
-          std::memcpy(out, src, kPlaneSlackBytes);  // a constant size: one vector move, not a call
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kRowsS8; ++r) {
+    store8(tile + r * kPanel, acc[r][0]);
+    store8(tile + r * kPanel + 8, acc[r][1]);
+  }
+}
+
+// The 4-bit-weight form: x + 128 as u8 quads, two units per step (SEGMENT is even), as micro_kernel_s4 —
+// the same proof that no int16 sum saturates.
+__attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, int64_t pitch, int64_t k, int64_t segment_units,
+                                           const int32_t* wp, int32_t* tile) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[kRowsS4][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRowsS4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t kh = 0; kh < k; ++kh) {
+    const uint8_t* xr[kRowsS4];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRowsS4; ++r) xr[r] = x[r] + kh * pitch;
+    for (int64_t u = 0; u < segment_units; u += 2) {
+      const __m256i w00 = load8(wp), w01 = load8(wp + 8), w10 = load8(wp + kPanel), w11 = load8(wp + kPanel + 8);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRowsS4; ++r) {
+        const __m256i x0 = _mm256_set1_epi32(load_unit(xr[r] + 4 * u));
+        const __m256i x1 = _mm256_set1_epi32(load_unit(xr[r] + 4 * u + 4));
+        const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w00), _mm256_maddubs_epi16(x1, w10));
+        const __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w01), _mm256_maddubs_epi16(x1, w11));
+        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(s0, ones));
+        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(s1, ones));
+      }
+      wp += 2 * kPanel;
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRowsS4; ++r) {
+    store8(tile + r * kPanel, acc[r][0]);
+    store8(tile + r * kPanel + 8, acc[r][1]);
+  }
+}
+
+// GEMM rows [first, first + rows) of the convolution of planes (operands T) into acc, (ROWS, OUT) int32.
+// Blocks of kConvRowBlock rows: for each panel of 16 channels, every MR-row block of the block in turn.
+template <typename T>
+void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, int32_t* acc, int64_t first,
+               int64_t rows, int64_t height, int64_t width) {
+  const PackedWeights& w = pc.weights;
+  const int64_t c = pc.channels, k = pc.kernel, stride = pc.stride, padding = pc.padding;
+  const int64_t hp = height + 2 * padding, wp = width + 2 * padding, pitch = wp * c;
+  const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
+  const int64_t mr = rows_per_block(w.bits), out = w.out, panels = ceil_div(out, kPanel);
+  int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
+  for (int64_t start = 0; start < rows; start += kConvRowBlock) {
+    const int64_t count = min_i64(kConvRowBlock, rows - start);
+    const T* window[kConvRowBlock + kRowsS8];  // each row's window; the last row repeated up to a whole MR
+    for (int64_t r = 0; r < count; ++r, ++ow) {
+      if (ow == wo) {
+        ow = 0;
+        if (++oh == ho) {
+          oh = 0;
+          ++i;
+        }
+      }
+      window[r] = planes + ((i * hp + oh * stride) * wp + ow * stride) * c;
+    }
+    for (int64_t r = count; r < ceil_div(count, mr) * mr; ++r) window[r] = window[count - 1];
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t channels = min_i64(kPanel, out - p * kPanel);
+      alignas(32) int32_t offset[kPanel] = {};  // b[o] − z_eff·Σ_k w[o][k], wrapping
+      for (int64_t j = 0; j < channels; ++j) {
+        const int64_t o = p * kPanel + j;
+        offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
+                                         static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
+      }
+      const __m256i offset0 = load8(offset), offset1 = load8(offset + 8);
+      const int32_t* wpanel = w.units.data() + p * w.k_units * kPanel;
+      for (int64_t r0 = 0; r0 < count; r0 += mr) {
+        alignas(32) int32_t tile[kRowsS8 * kPanel];
+        if constexpr (sizeof(T) == 2) {
+          conv_kernel_s8(window + r0, pitch, k, pc.segment_units, wpanel, tile);
         } else {
-          for (int64_t j = 0; j < k; ++j) out[j] = src[j];
+          conv_kernel_s4(window + r0, pitch, k, pc.segment_units, wpanel, tile);
+        }
+        for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
+          int32_t* yr = acc + (start + r) * out + p * kPanel;
+          const int32_t* tr = tile + (r - r0) * kPanel;
+          if (channels == kPanel) {
+            store8(yr, _mm256_add_epi32(load8(tr), offset0));
+            store8(yr + 8, _mm256_add_epi32(load8(tr + 8), offset1));
+          } else {
+            for (int64_t j = 0; j < channels; ++j)
+              yr[j] = static_cast<int32_t>(static_cast<uint32_t>(tr[j]) + static_cast<uint32_t>(offset[j]));
+          }
         }
       }
     }
-    for (int64_t j = used; j < row_elements; ++j) row[j] = 0;  // a few elements: no memset call
   }
-  const int64_t padded_rows = ceil_div(rows, mr) * mr;
-  std::memset(xp + rows * k_units, 0, static_cast<size_t>((padded_rows - rows) * k_units) * sizeof(int32_t));
 }
 
 #pragma GCC pop_options
 
 }  // namespace
 
-size_t im2col_packed_planes_size(int64_t n, int64_t c, int64_t height, int64_t width, int64_t padding) {
-  return static_cast<size_t>(n * c * (height + 2 * padding) * (width + 2 * padding) + kPlaneSlackBytes / 2);
+PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t out, int64_t k, int64_t stride,
+                             int64_t padding) {
+  PackedConv pc;
+  pc.channels = c;
+  pc.kernel = k;
+  pc.stride = stride;
+  pc.padding = padding;
+  const int64_t codes_per_unit = bits == 8 ? 2 : 4, segment = k * c;
+  pc.segment_units = ceil_div(segment, codes_per_unit);
+  if (bits == 4) pc.segment_units += pc.segment_units % 2;  // the int4 kernel takes two units per step
+  const int64_t segment_codes = pc.segment_units * codes_per_unit, row = k * segment_codes, in = c * k * k;
+  // (OUT, C, K, K) codes → (OUT, K, SEGMENT) codes in (kh, kw, c) order, zeros after each kernel row's K·C.
+  std::vector<int8_t> codes(static_cast<size_t>(out * row), 0);
+  const auto packed_row = static_cast<int64_t>(int4_packed_size(in));
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t ci = 0; ci < c; ++ci)
+      for (int64_t kh = 0; kh < k; ++kh)
+        for (int64_t kw = 0; kw < k; ++kw) {
+          const int64_t from = (ci * k + kh) * k + kw;
+          codes[static_cast<size_t>(o * row + kh * segment_codes + kw * c + ci)] =
+              bits == 8 ? w[o * in + from] : unpack_int4_at(w.subspan(o * packed_row, packed_row), from);
+        }
+  if (bits == 8) {
+    pc.weights = pack_weights(codes, 8, row, out);
+  } else {
+    const auto row_bytes = static_cast<int64_t>(int4_packed_size(row));
+    std::vector<int8_t> packed(static_cast<size_t>(out * row_bytes));
+    for (int64_t o = 0; o < out; ++o)
+      pack_int4(std::span<const int8_t>(codes).subspan(o * row, row),
+                std::span<int8_t>(packed).subspan(o * row_bytes, row_bytes));
+    pc.weights = pack_weights(packed, 4, row, out);
+  }
+  return pc;
 }
 
-void im2col_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std::span<int16_t> planes, int64_t n,
-                   int64_t c, int64_t height, int64_t width, int64_t padding, int threads) {
+size_t conv_planes_size(int64_t n, int64_t c, int64_t height, int64_t width, int64_t padding) {
+  return static_cast<size_t>(n * (height + 2 * padding) * (width + 2 * padding) * c + kPlaneSlackBytes / 2);
+}
+
+void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std::span<int16_t> planes, int64_t n,
+                 int64_t c, int64_t height, int64_t width, int64_t padding, int threads) {
   if (bits == 8) {
     build_planes<int16_t>(x.data(), x_zero_point, planes.data(), n, c, height, width, padding, threads);
   } else {
@@ -459,30 +625,14 @@ void im2col_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, st
   }
 }
 
-void im2col_packed_rows(std::span<const int16_t> planes, const PackedWeights& w, std::span<int32_t> xp, int64_t first,
-                        int64_t rows, int64_t c, int64_t height, int64_t width, int64_t k, int64_t stride,
-                        int64_t padding) {
-  const int64_t mr = rows_per_block(w.bits);
-  if (w.bits == 8) {
-    pack_window_rows<int16_t>(planes.data(), w.k_units, mr, xp.data(), first, rows, c, height, width, k, stride,
-                              padding);
+void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
+                  std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows, int64_t height,
+                  int64_t width) {
+  if (pc.weights.bits == 8) {
+    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), acc.data(), first, rows, height, width);
   } else {
-    pack_window_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), w.k_units, mr, xp.data(), first, rows, c,
-                              height, width, k, stride, padding);
-  }
-}
-
-void im2col_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<int32_t> xp,
-                   std::span<int16_t> planes, int64_t n, int64_t c, int64_t height, int64_t width, int64_t k,
-                   int64_t stride, int64_t padding, int threads) {
-  im2col_planes(x, x_zero_point, w.bits, planes, n, c, height, width, padding, threads);
-  const int64_t rows = n * pooled_size(height, k, stride, padding) * pooled_size(width, k, stride, padding);
-  const int64_t blocks = ceil_div(rows, kPackedRowBlock);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t first = b * kPackedRowBlock, count = min_i64(kPackedRowBlock, rows - first);
-    im2col_packed_rows(planes, w, xp.subspan(static_cast<size_t>(first * w.k_units)), first, count, c, height, width, k,
-                       stride, padding);
+    conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), acc.data(),
+                       first, rows, height, width);
   }
 }
 

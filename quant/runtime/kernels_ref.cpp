@@ -218,4 +218,70 @@ void input_lookup(std::span<const uint8_t> images, const std::array<int8_t, 256>
   for (int64_t i = 0; i < size; ++i) y[i] = table[images[i]];
 }
 
+// ---- The same, channels last (the executor's fast path) ------------------------------------------------
+// The loops run over c innermost, where the codes are contiguous, so the compiler vectorises them.
+
+void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height,
+                    int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
+  const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const int8_t* xi = x.data() + i * height * width * c;
+    for (int64_t oh = 0; oh < ho; ++oh) {
+      const int64_t ih0 = std::max<int64_t>(oh * stride - padding, 0);
+      const int64_t ih1 = std::min(oh * stride - padding + k, height);
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        const int64_t iw0 = std::max<int64_t>(ow * stride - padding, 0);
+        const int64_t iw1 = std::min(ow * stride - padding + k, width);
+        int8_t* yp = y.data() + ((i * ho + oh) * wo + ow) * c;
+        std::fill(yp, yp + c, int8_t{-128});
+        for (int64_t ih = ih0; ih < ih1; ++ih) {
+          for (int64_t iw = iw0; iw < iw1; ++iw) {
+            const int8_t* xp = xi + (ih * width + iw) * c;
+            for (int64_t ci = 0; ci < c; ++ci) yp[ci] = std::max(yp[ci], xp[ci]);
+          }
+        }
+      }
+    }
+  }
+}
+
+void avgpool2d_nhwc(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> y, int64_t n, int64_t c,
+                    int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
+  const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
+  const auto count = static_cast<int32_t>(k * k);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t oh = 0; oh < ho; ++oh) {
+      const int64_t ih0 = std::max<int64_t>(oh * stride - padding, 0);
+      const int64_t ih1 = std::min(oh * stride - padding + k, height);
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        const int64_t iw0 = std::max<int64_t>(ow * stride - padding, 0);
+        const int64_t iw1 = std::min(ow * stride - padding + k, width);
+        int8_t* yp = y.data() + ((i * ho + oh) * wo + ow) * c;
+        for (int64_t ci = 0; ci < c; ++ci) {
+          int32_t sum = 0;  // Σ (q − z); padding positions add 0
+          for (int64_t ih = ih0; ih < ih1; ++ih) {
+            for (int64_t iw = iw0; iw < iw1; ++iw) sum += x[((i * height + ih) * width + iw) * c + ci] - zero_point;
+          }
+          const int32_t code = zero_point + rounding_divide_half_away(sum, count);
+          yp[ci] = static_cast<int8_t>(std::clamp(code, -128, 127));
+        }
+      }
+    }
+  }
+}
+
+void input_lookup_nhwc(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
+                       int64_t n, int64_t c, int64_t positions, int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t ci = 0; ci < c; ++ci) {
+      const uint8_t* plane = images.data() + (i * c + ci) * positions;
+      int8_t* yi = y.data() + i * positions * c + ci;
+      for (int64_t p = 0; p < positions; ++p) yi[p * c] = table[plane[p]];
+    }
+  }
+}
+
 }  // namespace lowbit::quant::runtime
