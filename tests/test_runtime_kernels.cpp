@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <vector>
 
 #include "core/rng.h"
@@ -176,6 +177,27 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
                            s.w);
         }
         CHECK(count_mismatches(rows_to_nchw(fast, s.n, ho * wo, s.out), direct, "qconv2d_rows") == 0);
+      }
+      // Requantized in the epilogue: the codes requantize_to_nchw_ref gives for the same accumulators.
+      rt::Requant rq;
+      rq.zero_point = random_in(rng, -128, 127);
+      rq.act_min = rng.below(2) == 0 ? -128 : std::max(rq.zero_point, -128);
+      for (int64_t o = 0; o < s.out; ++o) {
+        rq.multiplier.push_back(random_in(rng, 1 << 30, std::numeric_limits<int32_t>::max()));
+        rq.shift.push_back(random_in(rng, 6, 16));
+      }
+      std::vector<int8_t> want(rows * s.out);
+      rt::requantize_to_nchw_ref(acc, rq, want, rows, 1, s.out, 1);
+      for (const int parts : {1, 3}) {
+        CAPTURE(parts);
+        std::vector<int8_t> codes(rows * s.out, 0x5A);
+        for (int t = 0; t < parts; ++t) {
+          const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
+          rt::qconv2d_rows_requantized(planes, z, pc, b, rq, std::span<int8_t>(codes).subspan(begin * s.out), begin,
+                                       end - begin, s.h, s.w);
+        }
+        CHECK(codes == want);
+        CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));  // not constant
       }
     }
   }

@@ -156,12 +156,15 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
       // GEMM, no im2col). Thread t computes a contiguous range of the chunk's GEMM rows.
       const PackedConv& pc = conv_[op_index];
       conv_planes(xs, op.input_zero_point, op.weight_bits, sc.planes, images, in.c, in.h, in.w, op.padding, threads);
+      const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
       for (int t = 0; t < threads; ++t) {
         const int64_t begin = rows * t / threads, end = rows * (t + 1) / threads;
-        qconv2d_rows(sc.planes, op.input_zero_point, pc, op.bias,
-                     acc.subspan(static_cast<size_t>(begin * op.out_channels)), begin, end - begin, in.h, in.w);
+        qconv2d_rows_requantized(sc.planes, op.input_zero_point, pc, op.bias, op.requant,
+                                 yc.subspan(static_cast<size_t>(begin * op.out_channels)), begin, end - begin, in.h,
+                                 in.w);
       }
+      continue;  // requantized as they were computed
     } else if (fast_) {
       qgemm_packed(xs, op.input_zero_point, packed_[op_index], op.bias, acc, rows, sc.workspace, threads);
     } else {

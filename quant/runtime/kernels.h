@@ -92,6 +92,11 @@ void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std:
 void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
                   std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows, int64_t height,
                   int64_t width);
+// The same rows requantized (requantize_to_nchw_ref's codes, eq. 6) as they come out of the micro-kernel:
+// y is (ROWS, OUT) codes, channels last. The executor's Conv2d.
+void qconv2d_rows_requantized(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
+                              std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y, int64_t first,
+                              int64_t rows, int64_t height, int64_t width);
 
 // =====================================================================================================
 // Conv2d. HO, WO are the output height and width: HO = (H + 2·padding − K) / stride + 1.

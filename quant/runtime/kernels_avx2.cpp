@@ -271,6 +271,19 @@ inline __m256i requant8(__m256i a, const Requant8& c, __m256i z, __m256i lo, __m
   return _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
 }
 
+// Stores 8 codes (int32 lanes in [−128, 127]) as count bytes at y.
+inline void store_codes8(__m256i q, int8_t* y, int64_t count) {
+  const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  const __m128i codes = _mm_packs_epi16(words, words);  // the 8 codes in the low 8 bytes
+  if (count == 8) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(y), codes);
+  } else {
+    alignas(16) int8_t bytes[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(bytes), codes);
+    std::memcpy(y, bytes, static_cast<size_t>(count));
+  }
+}
+
 // acc is (N, P, OUT) int32; y is (N, OUT, P) codes — requantize_to_nchw_ref, 8 channels per step.
 // P = 1 is the channels-last case, (ROWS, OUT) to (ROWS, OUT): each row's 8 codes are one 8-byte store.
 void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, const int32_t* shift, int32_t zero_point,
@@ -288,16 +301,7 @@ void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, cons
         const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
         const Requant8 c = requant8_constants(multiplier + o, shift + o, mask);
         for (int64_t i = i0; i < i1; ++i) {
-          const __m256i q = requant8(_mm256_maskload_epi32(acc + i * out + o, mask), c, z, lo, hi);
-          const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-          const __m128i codes = _mm_packs_epi16(words, words);  // 8 codes in the low 8 bytes
-          if (count == 8) {
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(y + i * out + o), codes);
-          } else {
-            alignas(16) int8_t bytes[16];
-            _mm_store_si128(reinterpret_cast<__m128i*>(bytes), codes);
-            std::memcpy(y + i * out + o, bytes, static_cast<size_t>(count));
-          }
+          store_codes8(requant8(_mm256_maskload_epi32(acc + i * out + o, mask), c, z, lo, hi), y + i * out + o, count);
         }
       }
     }
@@ -514,16 +518,21 @@ __attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, int64_t pitc
   }
 }
 
-// GEMM rows [first, first + rows) of the convolution of planes (operands T) into acc, (ROWS, OUT) int32.
-// Blocks of kConvRowBlock rows: for each panel of 16 channels, every MR-row block of the block in turn.
+// GEMM rows [first, first + rows) of the convolution of planes (operands T), channels last: the int32
+// accumulators into acc (ROWS, OUT) when rq is null, else their codes requantized (eq. 6) into y (ROWS, OUT),
+// straight from the tile while it is in L1. Blocks of kConvRowBlock rows: for each panel of 16 channels,
+// every MR-row block of the block in turn.
 template <typename T>
-void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, int32_t* acc, int64_t first,
-               int64_t rows, int64_t height, int64_t width) {
+void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant* rq, int32_t* acc,
+               int8_t* y, int64_t first, int64_t rows, int64_t height, int64_t width) {
   const PackedWeights& w = pc.weights;
   const int64_t c = pc.channels, k = pc.kernel, stride = pc.stride, padding = pc.padding;
   const int64_t hp = height + 2 * padding, wp = width + 2 * padding, pitch = wp * c;
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const int64_t mr = rows_per_block(w.bits), out = w.out, panels = ceil_div(out, kPanel);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i z_out = _mm256_set1_epi32(rq ? rq->zero_point : 0);
+  const __m256i lo = _mm256_set1_epi32(rq ? rq->act_min : 0), hi = _mm256_set1_epi32(rq ? rq->act_max : 0);
   int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
   for (int64_t start = 0; start < rows; start += kConvRowBlock) {
     const int64_t count = min_i64(kConvRowBlock, rows - start);
@@ -548,6 +557,16 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
                                          static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
       }
       const __m256i offset0 = load8(offset), offset1 = load8(offset + 8);
+      const int64_t count0 = min_i64(8, channels), count1 = channels - count0;  // channels in each half
+      Requant8 rq0{}, rq1{};
+      if (rq) {
+        const int32_t* m = rq->multiplier.data() + p * kPanel;
+        const int32_t* sh = rq->shift.data() + p * kPanel;
+        rq0 = requant8_constants(m, sh, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count0)), lane));
+        if (count1 > 0)
+          rq1 = requant8_constants(m + 8, sh + 8,
+                                   _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count1)), lane));
+      }
       const int32_t* wpanel = w.units.data() + p * w.k_units * kPanel;
       for (int64_t r0 = 0; r0 < count; r0 += mr) {
         alignas(32) int32_t tile[kRowsS8 * kPanel];
@@ -557,14 +576,21 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
           conv_kernel_s4(window + r0, pitch, k, pc.segment_units, wpanel, tile);
         }
         for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
-          int32_t* yr = acc + (start + r) * out + p * kPanel;
           const int32_t* tr = tile + (r - r0) * kPanel;
-          if (channels == kPanel) {
-            store8(yr, _mm256_add_epi32(load8(tr), offset0));
-            store8(yr + 8, _mm256_add_epi32(load8(tr + 8), offset1));
+          const __m256i a0 = _mm256_add_epi32(load8(tr), offset0), a1 = _mm256_add_epi32(load8(tr + 8), offset1);
+          if (rq) {
+            int8_t* yr = y + (start + r) * out + p * kPanel;
+            store_codes8(requant8(a0, rq0, z_out, lo, hi), yr, count0);
+            if (count1 > 0) store_codes8(requant8(a1, rq1, z_out, lo, hi), yr + 8, count1);
+          } else if (channels == kPanel) {
+            int32_t* ar = acc + (start + r) * out + p * kPanel;
+            store8(ar, a0);
+            store8(ar + 8, a1);
           } else {
-            for (int64_t j = 0; j < channels; ++j)
-              yr[j] = static_cast<int32_t>(static_cast<uint32_t>(tr[j]) + static_cast<uint32_t>(offset[j]));
+            alignas(32) int32_t sums[kPanel];
+            store8(sums, a0);
+            store8(sums + 8, a1);
+            std::memcpy(acc + (start + r) * out + p * kPanel, sums, static_cast<size_t>(channels) * sizeof(int32_t));
           }
         }
       }
@@ -629,10 +655,22 @@ void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const P
                   std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows, int64_t height,
                   int64_t width) {
   if (pc.weights.bits == 8) {
-    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), acc.data(), first, rows, height, width);
+    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), nullptr, acc.data(), nullptr, first, rows, height,
+                       width);
   } else {
-    conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), acc.data(),
-                       first, rows, height, width);
+    conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), nullptr,
+                       acc.data(), nullptr, first, rows, height, width);
+  }
+}
+
+void qconv2d_rows_requantized(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
+                              std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y, int64_t first,
+                              int64_t rows, int64_t height, int64_t width) {
+  if (pc.weights.bits == 8) {
+    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), &rq, nullptr, y.data(), first, rows, height, width);
+  } else {
+    conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), &rq,
+                       nullptr, y.data(), first, rows, height, width);
   }
 }
 
