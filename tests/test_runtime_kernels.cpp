@@ -134,7 +134,9 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
       {2, 1, 28, 28, 6, 5, 1, 2}, {1, 6, 14, 14, 16, 5, 1, 0}, {3, 3, 9, 7, 5, 3, 2, 1}, {1, 2, 5, 5, 3, 1, 1, 0},
       {2, 4, 6, 6, 17, 3, 1, 1},  {1, 2, 20, 19, 4, 17, 1, 1},  // window rows longer than 32 bytes
       {2, 9, 7, 8, 3, 1, 3, 0},                                 // 1×1 windows, stride 3
-      {1, 3, 11, 11, 33, 4, 2, 3}};                             // even K, padding wider than needed
+      {1, 3, 11, 11, 33, 4, 2, 3},                              // even K, padding wider than needed
+      {2, 5, 6, 6, 7, 3, 1, 1},   {1, 1, 8, 8, 2, 3, 1, 0},   // 7 and 2 channels: every partial 8-code store
+      {1, 40, 5, 5, 23, 3, 1, 1}};                              // kernel rows of 120 codes, 16 + 7 channels
   lowbit::Rng rng(5);
   for (const ConvShape& s : shapes) {
     for (const int bits : {8, 4}) {

@@ -277,11 +277,23 @@ inline void store_codes8(__m256i q, int8_t* y, int64_t count) {
   const __m128i codes = _mm_packs_epi16(words, words);  // the 8 codes in the low 8 bytes
   if (count == 8) {
     _mm_storel_epi64(reinterpret_cast<__m128i*>(y), codes);
-  } else {
-    alignas(16) int8_t bytes[16];
-    _mm_store_si128(reinterpret_cast<__m128i*>(bytes), codes);
-    std::memcpy(y, bytes, static_cast<size_t>(count));
+    return;
   }
+  // 4 + 2 + 1 bytes as count needs them, straight from the register (a byte loop through memory stalls).
+  __m128i rest = codes;
+  if (count & 4) {
+    const int32_t four = _mm_cvtsi128_si32(rest);
+    std::memcpy(y, &four, 4);
+    rest = _mm_srli_si128(rest, 4);
+    y += 4;
+  }
+  if (count & 2) {
+    const auto two = static_cast<int16_t>(_mm_extract_epi16(rest, 0));
+    std::memcpy(y, &two, 2);
+    rest = _mm_srli_si128(rest, 2);
+    y += 2;
+  }
+  if (count & 1) *y = static_cast<int8_t>(_mm_extract_epi8(rest, 0));
 }
 
 // acc is (N, P, OUT) int32; y is (N, OUT, P) codes — requantize_to_nchw_ref, 8 channels per step.
