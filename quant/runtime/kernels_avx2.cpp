@@ -168,6 +168,70 @@ __attribute__((noipa)) void micro_kernel_s4(const int32_t* xp, int64_t x_stride,
   }
 }
 
+// One row of x against NP panels at once (a batch of one image: the MR-row kernels would compute MR − 1
+// rows of padding). xp is K_UNITS units; panel q's units start at wp + q·panel_stride; tile is (NP, 16)
+// int32 = Σ x·w. The same operand forms, and so the same no-saturation proofs, as the MR-row kernels.
+template <int NP>
+__attribute__((noipa)) void row_kernel(const int32_t* xp, int bits, const int32_t* wp, int64_t panel_stride,
+                                       int64_t k_units, int32_t* tile) {
+  __m256i acc[NP][2];
+  for (int q = 0; q < NP; ++q) acc[q][0] = acc[q][1] = _mm256_setzero_si256();
+  if (bits == 8) {
+    for (int64_t ku = 0; ku < k_units; ++ku) {
+      const __m256i x = _mm256_set1_epi32(xp[ku]);
+      for (int q = 0; q < NP; ++q) {
+        const int32_t* w = wp + q * panel_stride + ku * kPanel;
+        acc[q][0] = _mm256_add_epi32(acc[q][0], _mm256_madd_epi16(x, load8(w)));
+        acc[q][1] = _mm256_add_epi32(acc[q][1], _mm256_madd_epi16(x, load8(w + 8)));
+      }
+    }
+  } else {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t ku = 0; ku < k_units; ku += 2) {
+      const __m256i x0 = _mm256_set1_epi32(xp[ku]), x1 = _mm256_set1_epi32(xp[ku + 1]);
+      for (int q = 0; q < NP; ++q) {
+        const int32_t* w = wp + q * panel_stride + ku * kPanel;
+        const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(x0, load8(w)), _mm256_maddubs_epi16(x1, load8(w + 16)));
+        const __m256i s1 =
+            _mm256_add_epi16(_mm256_maddubs_epi16(x0, load8(w + 8)), _mm256_maddubs_epi16(x1, load8(w + 24)));
+        acc[q][0] = _mm256_add_epi32(acc[q][0], _mm256_madd_epi16(s0, ones));
+        acc[q][1] = _mm256_add_epi32(acc[q][1], _mm256_madd_epi16(s1, ones));
+      }
+    }
+  }
+  for (int q = 0; q < NP; ++q) {
+    store8(tile + q * kPanel, acc[q][0]);
+    store8(tile + q * kPanel + 8, acc[q][1]);
+  }
+}
+
+// y (OUT) = Σ x·w + offset for one packed row xp, four panels at a time.
+void run_row(const int32_t* xp, const int32_t* units, const int32_t* row_sums, int bits, int64_t k_units,
+             const int32_t* b, int32_t z_eff, int32_t* y, int64_t out) {
+  const int64_t panels = ceil_div(out, kPanel), panel_stride = k_units * kPanel;
+  for (int64_t p0 = 0; p0 < panels; p0 += 4) {
+    alignas(32) int32_t tile[4 * kPanel];
+    const int32_t* wp = units + p0 * panel_stride;
+    switch (min_i64(4, panels - p0)) {
+      case 4:
+        row_kernel<4>(xp, bits, wp, panel_stride, k_units, tile);
+        break;
+      case 3:
+        row_kernel<3>(xp, bits, wp, panel_stride, k_units, tile);
+        break;
+      case 2:
+        row_kernel<2>(xp, bits, wp, panel_stride, k_units, tile);
+        break;
+      default:
+        row_kernel<1>(xp, bits, wp, panel_stride, k_units, tile);
+    }
+    for (int64_t o = p0 * kPanel; o < min_i64(out, (p0 + 4) * kPanel); ++o) {
+      y[o] = static_cast<int32_t>(static_cast<uint32_t>(tile[o - p0 * kPanel]) + static_cast<uint32_t>(b[o]) -
+                                  static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(row_sums[o]));
+    }
+  }
+}
+
 // sums (ROWS, 16) += tile (ROWS, 16).
 void add_tile(const int32_t* tile, int64_t rows, int32_t* sums) {
   for (int64_t i = 0; i < rows * kPanel; i += 8) store8(sums + i, _mm256_add_epi32(load8(sums + i), load8(tile + i)));
@@ -389,6 +453,9 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads) {
   pack_x(x.data(), n, w.in, w.bits, w.k_units, workspace.data(), threads);
   const int32_t z_eff = w.bits == 8 ? x_zero_point : x_zero_point + 128;
+  if (n == 1)
+    return run_row(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(),
+                   w.out);
   run_tiles(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(), n,
             w.out, threads);
 }
