@@ -70,9 +70,10 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
 // path keeps activations (N, H, W, C). The weights are re-laid out once: each output channel's codes in
 // (kh, kw, c) order, every kernel row's K·C codes padded with zero weights to SEGMENT whole units.
 struct PackedConv {
-  PackedWeights weights;  // (OUT, K · SEGMENT · codes per unit)
+  PackedWeights weights;  // (OUT, K · SEGMENT · codes per unit), in panels of panel_channels
   int64_t channels = 0, kernel = 1, stride = 1, padding = 0;
   int64_t segment_units = 0;  // units per kernel row: K·C codes rounded up (to an even count for 4 bits)
+  int64_t panel_channels = 16;  // output channels per panel: 16, or 8 for a layer of at most 8 channels
 };
 
 // w is (OUT, C, K, K) int8 codes (bits 8) or packed int4 rows of C·K·K codes (bits 4).

@@ -534,68 +534,73 @@ void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, i
   }
 }
 
-// x[r] points at the window of GEMM row r (kernel row 0, first code); kernel row kh starts kh·pitch operands
-// further. wp is (K · SEGMENT, 16) units; tile is (MR, 16) int32 = Σ x·w. As micro_kernel_s8 (vpmaddwd on
-// int16 pairs, which cannot overflow), with the x units read from the images instead of packed rows.
+// The conv micro-kernels. x[r] points at the window of GEMM row r (kernel row 0, first code); kernel row kh
+// starts kh·pitch operands further. wp is (K · SEGMENT, 8·V) units: a panel of 8·V output channels, V = 2
+// (16 channels) or V = 1 (8 channels, for layers with at most 8: a 16-channel panel would compute 8 lanes
+// of padding); tile is (MR, 8·V) int32 = Σ x·w. MR·V = 12 accumulators live in registers.
+// 8-bit weights (T = int16): as micro_kernel_s8, vpmaddwd on int16 pairs, which cannot overflow.
+template <int MR, int V>
 __attribute__((noipa)) void conv_kernel_s8(const int16_t* const* x, int64_t pitch, int64_t k, int64_t segment_units,
                                            const int32_t* wp, int32_t* tile) {
-  __m256i acc[kRowsS8][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < kRowsS8; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  __m256i acc[MR][V];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_si256();
   for (int64_t kh = 0; kh < k; ++kh) {
-    const int16_t* xr[kRowsS8];
-#pragma GCC unroll 6
-    for (int r = 0; r < kRowsS8; ++r) xr[r] = x[r] + kh * pitch;
+    const int16_t* xr[MR];
+    for (int r = 0; r < MR; ++r) xr[r] = x[r] + kh * pitch;
     for (int64_t u = 0; u < segment_units; ++u) {
-      const __m256i w0 = load8(wp), w1 = load8(wp + 8);
-#pragma GCC unroll 6
-      for (int r = 0; r < kRowsS8; ++r) {
+      __m256i w[V];
+      for (int v = 0; v < V; ++v) w[v] = load8(wp + 8 * v);
+      for (int r = 0; r < MR; ++r) {
         const __m256i xv = _mm256_set1_epi32(load_unit(xr[r] + 2 * u));
-        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xv, w0));
-        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xv, w1));
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(xv, w[v]));
       }
-      wp += kPanel;
+      wp += 8 * V;
     }
   }
-#pragma GCC unroll 6
-  for (int r = 0; r < kRowsS8; ++r) {
-    store8(tile + r * kPanel, acc[r][0]);
-    store8(tile + r * kPanel + 8, acc[r][1]);
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < V; ++v) store8(tile + (r * V + v) * 8, acc[r][v]);
 }
 
-// The 4-bit-weight form: x + 128 as u8 quads, two units per step (SEGMENT is even), as micro_kernel_s4 —
-// the same proof that no int16 sum saturates.
+// 4-bit weights (T = u8, x + 128): two units per step (SEGMENT is even), as micro_kernel_s4 — the same
+// proof that no int16 sum saturates. MR·V = 8 accumulators.
+template <int MR, int V>
 __attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, int64_t pitch, int64_t k, int64_t segment_units,
                                            const int32_t* wp, int32_t* tile) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[kRowsS4][2];
-#pragma GCC unroll 4
-  for (int r = 0; r < kRowsS4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  __m256i acc[MR][V];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_si256();
   for (int64_t kh = 0; kh < k; ++kh) {
-    const uint8_t* xr[kRowsS4];
-#pragma GCC unroll 4
-    for (int r = 0; r < kRowsS4; ++r) xr[r] = x[r] + kh * pitch;
+    const uint8_t* xr[MR];
+    for (int r = 0; r < MR; ++r) xr[r] = x[r] + kh * pitch;
     for (int64_t u = 0; u < segment_units; u += 2) {
-      const __m256i w00 = load8(wp), w01 = load8(wp + 8), w10 = load8(wp + kPanel), w11 = load8(wp + kPanel + 8);
-#pragma GCC unroll 4
-      for (int r = 0; r < kRowsS4; ++r) {
+      __m256i w0[V], w1[V];
+      for (int v = 0; v < V; ++v) {
+        w0[v] = load8(wp + 8 * v);
+        w1[v] = load8(wp + 8 * V + 8 * v);
+      }
+      for (int r = 0; r < MR; ++r) {
         const __m256i x0 = _mm256_set1_epi32(load_unit(xr[r] + 4 * u));
         const __m256i x1 = _mm256_set1_epi32(load_unit(xr[r] + 4 * u + 4));
-        const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w00), _mm256_maddubs_epi16(x1, w10));
-        const __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w01), _mm256_maddubs_epi16(x1, w11));
-        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(s0, ones));
-        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(s1, ones));
+        for (int v = 0; v < V; ++v) {
+          const __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w0[v]), _mm256_maddubs_epi16(x1, w1[v]));
+          acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(sum, ones));
+        }
       }
-      wp += 2 * kPanel;
+      wp += 16 * V;
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < kRowsS4; ++r) {
-    store8(tile + r * kPanel, acc[r][0]);
-    store8(tile + r * kPanel + 8, acc[r][1]);
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < V; ++v) store8(tile + (r * V + v) * 8, acc[r][v]);
 }
+
+// Rows per conv micro-kernel call, by weight bits and panel width.
+inline int64_t conv_rows_per_block(int bits, int64_t panel) {
+  if (bits == 8) return panel == 16 ? 6 : 12;
+  return panel == 16 ? 4 : 8;
+}
+constexpr int64_t kConvMaxRows = 12;
 
 // GEMM rows [first, first + rows) of the convolution of planes (operands T), channels last: the int32
 // accumulators into acc (ROWS, OUT) when rq is null, else their codes requantized (eq. 6) into y (ROWS, OUT),
@@ -608,14 +613,15 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   const int64_t c = pc.channels, k = pc.kernel, stride = pc.stride, padding = pc.padding;
   const int64_t hp = height + 2 * padding, wp = width + 2 * padding, pitch = wp * c;
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
-  const int64_t mr = rows_per_block(w.bits), out = w.out, panels = ceil_div(out, kPanel);
+  const int64_t panel = pc.panel_channels, out = w.out, panels = ceil_div(out, panel);
+  const int64_t mr = conv_rows_per_block(w.bits, panel);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i z_out = _mm256_set1_epi32(rq ? rq->zero_point : 0);
   const __m256i lo = _mm256_set1_epi32(rq ? rq->act_min : 0), hi = _mm256_set1_epi32(rq ? rq->act_max : 0);
   int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
   for (int64_t start = 0; start < rows; start += kConvRowBlock) {
     const int64_t count = min_i64(kConvRowBlock, rows - start);
-    const T* window[kConvRowBlock + kRowsS8];  // each row's window; the last row repeated up to a whole MR
+    const T* window[kConvRowBlock + kConvMaxRows];  // each row's window; the last row repeated up to a whole MR
     for (int64_t r = 0; r < count; ++r, ++ow) {
       if (ow == wo) {
         ow = 0;
@@ -628,10 +634,10 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
     }
     for (int64_t r = count; r < ceil_div(count, mr) * mr; ++r) window[r] = window[count - 1];
     for (int64_t p = 0; p < panels; ++p) {
-      const int64_t channels = min_i64(kPanel, out - p * kPanel);
+      const int64_t channels = min_i64(panel, out - p * panel);
       alignas(32) int32_t offset[kPanel] = {};  // b[o] − z_eff·Σ_k w[o][k], wrapping
       for (int64_t j = 0; j < channels; ++j) {
-        const int64_t o = p * kPanel + j;
+        const int64_t o = p * panel + j;
         offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
                                          static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
       }
@@ -639,37 +645,41 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
       const int64_t count0 = min_i64(8, channels), count1 = channels - count0;  // channels in each half
       Requant8 rq0{}, rq1{};
       if (rq) {
-        const int32_t* m = rq->multiplier.data() + p * kPanel;
-        const int32_t* sh = rq->shift.data() + p * kPanel;
+        const int32_t* m = rq->multiplier.data() + p * panel;
+        const int32_t* sh = rq->shift.data() + p * panel;
         rq0 = requant8_constants(m, sh, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count0)), lane));
         if (count1 > 0)
           rq1 = requant8_constants(m + 8, sh + 8,
                                    _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count1)), lane));
       }
-      const int32_t* wpanel = w.units.data() + p * w.k_units * kPanel;
+      const int32_t* wpanel = w.units.data() + p * w.k_units * panel;
       for (int64_t r0 = 0; r0 < count; r0 += mr) {
-        alignas(32) int32_t tile[kRowsS8 * kPanel];
+        alignas(32) int32_t tile[kConvMaxRows * 8];  // (MR, panel): 48 or 96 int32 either way
+        const T* const* xr = window + r0;
         if constexpr (sizeof(T) == 2) {
-          conv_kernel_s8(window + r0, pitch, k, pc.segment_units, wpanel, tile);
+          if (panel == 16) {
+            conv_kernel_s8<6, 2>(xr, pitch, k, pc.segment_units, wpanel, tile);
+          } else {
+            conv_kernel_s8<12, 1>(xr, pitch, k, pc.segment_units, wpanel, tile);
+          }
+        } else if (panel == 16) {
+          conv_kernel_s4<4, 2>(xr, pitch, k, pc.segment_units, wpanel, tile);
         } else {
-          conv_kernel_s4(window + r0, pitch, k, pc.segment_units, wpanel, tile);
+          conv_kernel_s4<8, 1>(xr, pitch, k, pc.segment_units, wpanel, tile);
         }
         for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
-          const int32_t* tr = tile + (r - r0) * kPanel;
-          const __m256i a0 = _mm256_add_epi32(load8(tr), offset0), a1 = _mm256_add_epi32(load8(tr + 8), offset1);
+          const int32_t* tr = tile + (r - r0) * panel;
+          const __m256i a0 = _mm256_add_epi32(load8(tr), offset0);
+          const __m256i a1 = count1 > 0 ? _mm256_add_epi32(load8(tr + 8), offset1) : _mm256_setzero_si256();
           if (rq) {
-            int8_t* yr = y + (start + r) * out + p * kPanel;
+            int8_t* yr = y + (start + r) * out + p * panel;
             store_codes8(requant8(a0, rq0, z_out, lo, hi), yr, count0);
             if (count1 > 0) store_codes8(requant8(a1, rq1, z_out, lo, hi), yr + 8, count1);
-          } else if (channels == kPanel) {
-            int32_t* ar = acc + (start + r) * out + p * kPanel;
-            store8(ar, a0);
-            store8(ar + 8, a1);
           } else {
             alignas(32) int32_t sums[kPanel];
             store8(sums, a0);
             store8(sums + 8, a1);
-            std::memcpy(acc + (start + r) * out + p * kPanel, sums, static_cast<size_t>(channels) * sizeof(int32_t));
+            std::memcpy(acc + (start + r) * out + p * panel, sums, static_cast<size_t>(channels) * sizeof(int32_t));
           }
         }
       }
@@ -712,6 +722,13 @@ PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int
       pack_int4(std::span<const int8_t>(codes).subspan(o * row, row),
                 std::span<int8_t>(packed).subspan(o * row_bytes, row_bytes));
     pc.weights = pack_weights(packed, 4, row, out);
+  }
+  if (out <= 8) {  // one 8-channel panel: keep the first 8 lanes of each unit row of the 16-channel panel
+    pc.panel_channels = 8;
+    std::vector<int32_t>& units = pc.weights.units;
+    for (int64_t ku = 0; ku < pc.weights.k_units; ++ku)
+      for (int64_t j = 0; j < 8; ++j) units[static_cast<size_t>(ku * 8 + j)] = units[static_cast<size_t>(ku * kPanel + j)];
+    units.resize(static_cast<size_t>(pc.weights.k_units * 8));
   }
   return pc;
 }
