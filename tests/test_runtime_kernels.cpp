@@ -9,10 +9,10 @@
 #include <vector>
 
 #include "core/rng.h"
-#include "random_codes.h"
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
 #include "quant/runtime/requantize.h"
+#include "random_codes.h"
 
 namespace rt = lowbit::quant::runtime;
 
@@ -131,12 +131,12 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
     int64_t n, c, h, w, out, k, stride, padding;
   };
   const std::vector<ConvShape> shapes = {
-      {2, 1, 28, 28, 6, 5, 1, 2}, {1, 6, 14, 14, 16, 5, 1, 0}, {3, 3, 9, 7, 5, 3, 2, 1}, {1, 2, 5, 5, 3, 1, 1, 0},
-      {2, 4, 6, 6, 17, 3, 1, 1},  {1, 2, 20, 19, 4, 17, 1, 1},  // window rows longer than 32 bytes
-      {2, 9, 7, 8, 3, 1, 3, 0},                                 // 1×1 windows, stride 3
-      {1, 3, 11, 11, 33, 4, 2, 3},                              // even K, padding wider than needed
-      {2, 5, 6, 6, 7, 3, 1, 1},   {1, 1, 8, 8, 2, 3, 1, 0},   // 7 and 2 channels: every partial 8-code store
-      {1, 40, 5, 5, 23, 3, 1, 1}};                              // kernel rows of 120 codes, 16 + 7 channels
+      {2, 1, 28, 28, 6, 5, 1, 2},  {1, 6, 14, 14, 16, 5, 1, 0}, {3, 3, 9, 7, 5, 3, 2, 1}, {1, 2, 5, 5, 3, 1, 1, 0},
+      {2, 4, 6, 6, 17, 3, 1, 1},   {1, 2, 20, 19, 4, 17, 1, 1},  // window rows longer than 32 bytes
+      {2, 9, 7, 8, 3, 1, 3, 0},                                  // 1×1 windows, stride 3
+      {1, 3, 11, 11, 33, 4, 2, 3},                               // even K, padding wider than needed
+      {2, 5, 6, 6, 7, 3, 1, 1},    {1, 1, 8, 8, 2, 3, 1, 0},     // 7 and 2 channels: every partial 8-code store
+      {1, 40, 5, 5, 23, 3, 1, 1}};                               // kernel rows of 120 codes, 16 + 7 channels
   lowbit::Rng rng(5);
   for (const ConvShape& s : shapes) {
     for (const int bits : {8, 4}) {
@@ -167,7 +167,7 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
         for (int64_t c = 0; c < s.c; ++c)
           for (int64_t p = 0; p < s.h * s.w; ++p)
             x_nhwc[(i * s.h * s.w + p) * s.c + c] = x[(i * s.c + c) * s.h * s.w + p];
-      const rt::PackedConv pc = rt::pack_conv_weights(w, bits, s.c, s.out, s.k, s.stride, s.padding);
+      const rt::PackedConv pc = rt::pack_conv_weights(w, bits, s.c, s.h, s.w, s.out, s.k, s.stride, s.padding);
       std::vector<int16_t> planes(rt::conv_planes_size(s.n, s.c, s.h, s.w, s.padding), 0x5A5A);
       rt::conv_planes(x_nhwc, z, bits, planes, s.n, s.c, s.h, s.w, s.padding, 2);
       for (const int parts : {1, 2, 3}) {
@@ -175,8 +175,7 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
         std::vector<int32_t> fast(rows * s.out, 0x5A5A5A5A);
         for (int t = 0; t < parts; ++t) {
           const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
-          rt::qconv2d_rows(planes, z, pc, b, std::span<int32_t>(fast).subspan(begin * s.out), begin, end - begin, s.h,
-                           s.w);
+          rt::qconv2d_rows(planes, z, pc, b, std::span<int32_t>(fast).subspan(begin * s.out), begin, end - begin);
         }
         CHECK(count_mismatches(rows_to_nchw(fast, s.n, ho * wo, s.out), direct, "qconv2d_rows") == 0);
       }
@@ -196,7 +195,7 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
         for (int t = 0; t < parts; ++t) {
           const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
           rt::qconv2d_rows_requantized(planes, z, pc, b, rq, std::span<int8_t>(codes).subspan(begin * s.out), begin,
-                                       end - begin, s.h, s.w);
+                                       end - begin);
         }
         CHECK(codes == want);
         CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));  // not constant

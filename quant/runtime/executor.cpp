@@ -61,7 +61,8 @@ Executor::Executor(const Graph& graph, int threads, Kernels kernels)
     const Op& op = graph_.ops[i];
     const Shape in = i == 0 ? input_shape(0) : stored_shape(i - 1);
     if (op.kind == OpKind::Conv2d) {
-      conv_[i] = pack_conv_weights(op.weight, op.weight_bits, in.c, op.out_channels, op.kernel, op.stride, op.padding);
+      conv_[i] = pack_conv_weights(op.weight, op.weight_bits, in.c, in.h, in.w, op.out_channels, op.kernel, op.stride,
+                                   op.padding);
     } else if (op.kind == OpKind::Linear && in.h * in.w > 1) {
       packed_[i] = pack_weights(channels_last_columns(op, in), op.weight_bits, in.size(), op.out_channels);
     } else if (op.kind == OpKind::Linear) {
@@ -92,11 +93,12 @@ std::span<const int8_t> Executor::op_output(size_t op_index) const {
   const Shape s = stored_shape(op_index);
   const std::span<const int8_t> codes(outputs_[op_index].data(), static_cast<size_t>(batch_ * s.size()));
   if (!fast_ || s.c == 1 || s.h * s.w == 1) return codes;  // the two layouts are the same bytes
-  view_.resize(codes.size());  // channels last → (N, C, H, W)
+  view_.resize(codes.size());                              // channels last → (N, C, H, W)
   for (int64_t i = 0; i < batch_; ++i)
     for (int64_t c = 0; c < s.c; ++c)
       for (int64_t p = 0; p < s.h * s.w; ++p)
-        view_[static_cast<size_t>((i * s.c + c) * s.h * s.w + p)] = codes[static_cast<size_t>((i * s.h * s.w + p) * s.c + c)];
+        view_[static_cast<size_t>((i * s.c + c) * s.h * s.w + p)] =
+            codes[static_cast<size_t>((i * s.h * s.w + p) * s.c + c)];
   return view_;
 }
 
@@ -161,8 +163,7 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
       for (int t = 0; t < threads; ++t) {
         const int64_t begin = rows * t / threads, end = rows * (t + 1) / threads;
         qconv2d_rows_requantized(sc.planes, op.input_zero_point, pc, op.bias, op.requant,
-                                 yc.subspan(static_cast<size_t>(begin * op.out_channels)), begin, end - begin, in.h,
-                                 in.w);
+                                 yc.subspan(static_cast<size_t>(begin * op.out_channels)), begin, end - begin);
       }
       continue;  // requantized as they were computed
     } else if (fast_) {
@@ -239,12 +240,12 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
         run_weighted(i, x, y, batch, sc, max_threads);
         break;
       case OpKind::MaxPool2d:
-        (fast_ ? maxpool2d_nhwc : maxpool2d)({x, x_size}, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel, op.stride, op.padding,
-                  threads);
+        (fast_ ? maxpool2d_nhwc : maxpool2d)({x, x_size}, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w,
+                                             op.kernel, op.stride, op.padding, threads);
         break;
       case OpKind::AvgPool2d:
-        (fast_ ? avgpool2d_nhwc : avgpool2d)({x, x_size}, op.input_zero_point, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w, op.kernel,
-                  op.stride, op.padding, threads);
+        (fast_ ? avgpool2d_nhwc : avgpool2d)({x, x_size}, op.input_zero_point, {y, y_size}, batch, x_shape.c, x_shape.h,
+                                             x_shape.w, op.kernel, op.stride, op.padding, threads);
         break;
       case OpKind::Flatten:
         if (y_size > 0) std::memcpy(y, x, y_size);  // (N, C, H, W) and (N, C·H·W) are the same bytes

@@ -51,15 +51,15 @@ class Executor {
   Graph graph_;
   int threads_ = 1;
   bool fast_ = false;
-  std::vector<Shape> shapes_;                 // output shape of ops[i]
-  std::vector<PackedWeights> packed_;         // a Linear ops[i]'s weights for qgemm_packed (fast path)
-  std::vector<PackedConv> conv_;              // a Conv2d ops[i]'s weights for qconv2d_rows (fast path)
-  int64_t capacity_ = 0;                      // the batch the buffers are sized for
-  int64_t batch_ = 0;                         // the batch of the last run
+  std::vector<Shape> shapes_;          // output shape of ops[i]
+  std::vector<PackedWeights> packed_;  // a Linear ops[i]'s weights for qgemm_packed (fast path)
+  std::vector<PackedConv> conv_;       // a Conv2d ops[i]'s weights for qconv2d_rows (fast path)
+  int64_t capacity_ = 0;               // the batch the buffers are sized for
+  int64_t batch_ = 0;                  // the batch of the last run
   // (N, shapes_[i]) codes of every op: (N, C, H, W) on the reference kernels, (N, H, W, C) on the fast ones
   std::vector<std::vector<int8_t>> outputs_;
-  mutable std::vector<int8_t> view_;          // op_output's channels-first copy
-  std::vector<Scratch> scratch_;              // one per thread
+  mutable std::vector<int8_t> view_;  // op_output's channels-first copy
+  std::vector<Scratch> scratch_;      // one per thread
 };
 
 }  // namespace lowbit::quant::runtime

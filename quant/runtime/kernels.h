@@ -70,15 +70,17 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
 // path keeps activations (N, H, W, C). The weights are re-laid out once: each output channel's codes in
 // (kh, kw, c) order, every kernel row's K·C codes padded with zero weights to SEGMENT whole units.
 struct PackedConv {
-  PackedWeights weights;  // (OUT, K · SEGMENT · codes per unit), in panels of panel_channels
-  int64_t channels = 0, kernel = 1, stride = 1, padding = 0;
-  int64_t segment_units = 0;  // units per kernel row: K·C codes rounded up (to an even count for 4 bits)
-  int64_t panel_channels = 16;  // output channels per panel: 16, or 8 for a layer of at most 8 channels
+  PackedWeights weights;                        // (OUT, K · SEGMENT · codes per unit), in panels of panel_channels
+  int64_t channels = 0, height = 0, width = 0;  // the input image, (C, H, W)
+  int64_t kernel = 1, stride = 1, padding = 0;
+  int64_t segment_units = 0;          // units per kernel row: K·C codes rounded up (to an even count for 4 bits)
+  int64_t panel_channels = 16;        // output channels per panel: 16, or 8 for a layer of at most 8 channels
+  std::vector<int32_t> unit_offsets;  // (K · SEGMENT): where each unit of a window starts, in operands
 };
 
-// w is (OUT, C, K, K) int8 codes (bits 8) or packed int4 rows of C·K·K codes (bits 4).
-PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t out, int64_t k, int64_t stride,
-                             int64_t padding);
+// w is (OUT, C, K, K) int8 codes (bits 8) or packed int4 rows of C·K·K codes (bits 4), for (C, H, W) inputs.
+PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t height, int64_t width, int64_t out,
+                             int64_t k, int64_t stride, int64_t padding);
 
 // x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) GEMM operands — int16 codes for
 // 8-bit weights, x + 128 as u8 for 4-bit weights (then two per int16 element) — the padding set to z_in,
@@ -88,16 +90,15 @@ void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std:
                  int64_t c, int64_t height, int64_t width, int64_t padding, int threads = 1);
 
 // GEMM rows [first, first + rows) of the convolution, rows ordered (n, oh, ow): acc is (ROWS, OUT) int32,
-// channels last, equal to qconv2d_ref's accumulators. planes from conv_planes with the same bits; height
-// and width are the unpadded input's. Requires cpu_has_avx2(); allocates nothing.
+// channels last, equal to qconv2d_ref's accumulators. planes from conv_planes with the same bits.
+// Requires cpu_has_avx2(); allocates nothing.
 void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
-                  std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows, int64_t height,
-                  int64_t width);
+                  std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows);
 // The same rows requantized (requantize_to_nchw_ref's codes, eq. 6) as they come out of the micro-kernel:
 // y is (ROWS, OUT) codes, channels last. The executor's Conv2d.
 void qconv2d_rows_requantized(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
                               std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y, int64_t first,
-                              int64_t rows, int64_t height, int64_t width);
+                              int64_t rows);
 
 // =====================================================================================================
 // Conv2d. HO, WO are the output height and width: HO = (H + 2·padding − K) / stride + 1.
@@ -144,8 +145,8 @@ void input_lookup(std::span<const uint8_t> images, const std::array<int8_t, 256>
 // Channels-last forms, for the executor's fast path: x is (N, H, W, C) and y (N, HO, WO, C), with the codes
 // of maxpool2d / avgpool2d in the other layout. input_lookup_nhwc reads (N, C, H·W) pixels and writes
 // (N, H·W, C) codes.
-void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height,
-                    int64_t width, int64_t k, int64_t stride, int64_t padding, int threads = 1);
+void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height, int64_t width,
+                    int64_t k, int64_t stride, int64_t padding, int threads = 1);
 void avgpool2d_nhwc(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> y, int64_t n, int64_t c,
                     int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads = 1);
 void input_lookup_nhwc(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,

@@ -191,7 +191,8 @@ __attribute__((noipa)) void row_kernel(const int32_t* xp, int bits, const int32_
       const __m256i x0 = _mm256_set1_epi32(xp[ku]), x1 = _mm256_set1_epi32(xp[ku + 1]);
       for (int q = 0; q < NP; ++q) {
         const int32_t* w = wp + q * panel_stride + ku * kPanel;
-        const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(x0, load8(w)), _mm256_maddubs_epi16(x1, load8(w + 16)));
+        const __m256i s0 =
+            _mm256_add_epi16(_mm256_maddubs_epi16(x0, load8(w)), _mm256_maddubs_epi16(x1, load8(w + 16)));
         const __m256i s1 =
             _mm256_add_epi16(_mm256_maddubs_epi16(x0, load8(w + 8)), _mm256_maddubs_epi16(x1, load8(w + 24)));
         acc[q][0] = _mm256_add_epi32(acc[q][0], _mm256_madd_epi16(s0, ones));
@@ -456,8 +457,8 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
   if (n == 1)
     return run_row(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(),
                    w.out);
-  run_tiles(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(), n,
-            w.out, threads);
+  run_tiles(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(), n, w.out,
+            threads);
 }
 
 // ---- Conv2d: an implicit GEMM on channels-last images ------------------------------------------------------
@@ -534,29 +535,28 @@ void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, i
   }
 }
 
-// The conv micro-kernels. x[r] points at the window of GEMM row r (kernel row 0, first code); kernel row kh
-// starts kh·pitch operands further. wp is (K · SEGMENT, 8·V) units: a panel of 8·V output channels, V = 2
-// (16 channels) or V = 1 (8 channels, for layers with at most 8: a 16-channel panel would compute 8 lanes
-// of padding); tile is (MR, 8·V) int32 = Σ x·w. MR·V = 12 accumulators live in registers.
-// 8-bit weights (T = int16): as micro_kernel_s8, vpmaddwd on int16 pairs, which cannot overflow.
+// The conv micro-kernels. x[r] points at the window of GEMM row r (kernel row 0, first code); unit t of a
+// window starts offsets[t] operands further (PackedConv::unit_offsets). wp is (K · SEGMENT, 8·V) units: a panel of 8·V
+// output channels, V = 2 (16 channels) or V = 1 (8 channels, for layers with at most 8: a 16-channel panel would
+// compute 8 lanes of padding); tile is (MR, 8·V) int32 = Σ x·w. MR·V = 12 accumulators live in registers. 8-bit weights
+// (T = int16): as micro_kernel_s8, vpmaddwd on int16 pairs, which cannot overflow.
 template <int MR, int V>
-__attribute__((noipa)) void conv_kernel_s8(const int16_t* const* x, int64_t pitch, int64_t k, int64_t segment_units,
+__attribute__((noipa)) void conv_kernel_s8(const int16_t* const* x, const int32_t* offsets, int64_t k_units,
                                            const int32_t* wp, int32_t* tile) {
   __m256i acc[MR][V];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_si256();
-  for (int64_t kh = 0; kh < k; ++kh) {
-    const int16_t* xr[MR];
-    for (int r = 0; r < MR; ++r) xr[r] = x[r] + kh * pitch;
-    for (int64_t u = 0; u < segment_units; ++u) {
-      __m256i w[V];
-      for (int v = 0; v < V; ++v) w[v] = load8(wp + 8 * v);
-      for (int r = 0; r < MR; ++r) {
-        const __m256i xv = _mm256_set1_epi32(load_unit(xr[r] + 2 * u));
-        for (int v = 0; v < V; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(xv, w[v]));
-      }
-      wp += 8 * V;
+  const int16_t* xr[MR];
+  for (int r = 0; r < MR; ++r) xr[r] = x[r];
+  for (int64_t t = 0; t < k_units; ++t) {
+    const int64_t at = offsets[t];
+    __m256i w[V];
+    for (int v = 0; v < V; ++v) w[v] = load8(wp + 8 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m256i xv = _mm256_set1_epi32(load_unit(xr[r] + at));
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(xv, w[v]));
     }
+    wp += 8 * V;
   }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < V; ++v) store8(tile + (r * V + v) * 8, acc[r][v]);
@@ -565,31 +565,30 @@ __attribute__((noipa)) void conv_kernel_s8(const int16_t* const* x, int64_t pitc
 // 4-bit weights (T = u8, x + 128): two units per step (SEGMENT is even), as micro_kernel_s4 — the same
 // proof that no int16 sum saturates. MR·V = 8 accumulators.
 template <int MR, int V>
-__attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, int64_t pitch, int64_t k, int64_t segment_units,
+__attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, const int32_t* offsets, int64_t k_units,
                                            const int32_t* wp, int32_t* tile) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][V];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_si256();
-  for (int64_t kh = 0; kh < k; ++kh) {
-    const uint8_t* xr[MR];
-    for (int r = 0; r < MR; ++r) xr[r] = x[r] + kh * pitch;
-    for (int64_t u = 0; u < segment_units; u += 2) {
-      __m256i w0[V], w1[V];
-      for (int v = 0; v < V; ++v) {
-        w0[v] = load8(wp + 8 * v);
-        w1[v] = load8(wp + 8 * V + 8 * v);
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m256i x0 = _mm256_set1_epi32(load_unit(xr[r] + 4 * u));
-        const __m256i x1 = _mm256_set1_epi32(load_unit(xr[r] + 4 * u + 4));
-        for (int v = 0; v < V; ++v) {
-          const __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w0[v]), _mm256_maddubs_epi16(x1, w1[v]));
-          acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(sum, ones));
-        }
-      }
-      wp += 16 * V;
+  const uint8_t* xr[MR];
+  for (int r = 0; r < MR; ++r) xr[r] = x[r];
+  for (int64_t t = 0; t < k_units; t += 2) {  // units t and t + 1 are adjacent (SEGMENT is even)
+    const int64_t at = offsets[t];
+    __m256i w0[V], w1[V];
+    for (int v = 0; v < V; ++v) {
+      w0[v] = load8(wp + 8 * v);
+      w1[v] = load8(wp + 8 * V + 8 * v);
     }
+    for (int r = 0; r < MR; ++r) {
+      const __m256i x0 = _mm256_set1_epi32(load_unit(xr[r] + at));
+      const __m256i x1 = _mm256_set1_epi32(load_unit(xr[r] + at + 4));
+      for (int v = 0; v < V; ++v) {
+        const __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w0[v]), _mm256_maddubs_epi16(x1, w1[v]));
+        acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(sum, ones));
+      }
+    }
+    wp += 16 * V;
   }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < V; ++v) store8(tile + (r * V + v) * 8, acc[r][v]);
@@ -608,10 +607,11 @@ constexpr int64_t kConvMaxRows = 12;
 // every MR-row block of the block in turn.
 template <typename T>
 void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant* rq, int32_t* acc,
-               int8_t* y, int64_t first, int64_t rows, int64_t height, int64_t width) {
+               int8_t* y, int64_t first, int64_t rows) {
   const PackedWeights& w = pc.weights;
   const int64_t c = pc.channels, k = pc.kernel, stride = pc.stride, padding = pc.padding;
-  const int64_t hp = height + 2 * padding, wp = width + 2 * padding, pitch = wp * c;
+  const int64_t height = pc.height, width = pc.width, hp = height + 2 * padding, wp = width + 2 * padding;
+  const int32_t* offsets = pc.unit_offsets.data();
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const int64_t panel = pc.panel_channels, out = w.out, panels = ceil_div(out, panel);
   const int64_t mr = conv_rows_per_block(w.bits, panel);
@@ -658,14 +658,14 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
         const T* const* xr = window + r0;
         if constexpr (sizeof(T) == 2) {
           if (panel == 16) {
-            conv_kernel_s8<6, 2>(xr, pitch, k, pc.segment_units, wpanel, tile);
+            conv_kernel_s8<6, 2>(xr, offsets, w.k_units, wpanel, tile);
           } else {
-            conv_kernel_s8<12, 1>(xr, pitch, k, pc.segment_units, wpanel, tile);
+            conv_kernel_s8<12, 1>(xr, offsets, w.k_units, wpanel, tile);
           }
         } else if (panel == 16) {
-          conv_kernel_s4<4, 2>(xr, pitch, k, pc.segment_units, wpanel, tile);
+          conv_kernel_s4<4, 2>(xr, offsets, w.k_units, wpanel, tile);
         } else {
-          conv_kernel_s4<8, 1>(xr, pitch, k, pc.segment_units, wpanel, tile);
+          conv_kernel_s4<8, 1>(xr, offsets, w.k_units, wpanel, tile);
         }
         for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
           const int32_t* tr = tile + (r - r0) * panel;
@@ -691,10 +691,12 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
 
 }  // namespace
 
-PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t out, int64_t k, int64_t stride,
-                             int64_t padding) {
+PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t height, int64_t width, int64_t out,
+                             int64_t k, int64_t stride, int64_t padding) {
   PackedConv pc;
   pc.channels = c;
+  pc.height = height;
+  pc.width = width;
   pc.kernel = k;
   pc.stride = stride;
   pc.padding = padding;
@@ -702,6 +704,12 @@ PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int
   pc.segment_units = ceil_div(segment, codes_per_unit);
   if (bits == 4) pc.segment_units += pc.segment_units % 2;  // the int4 kernel takes two units per step
   const int64_t segment_codes = pc.segment_units * codes_per_unit, row = k * segment_codes, in = c * k * k;
+  // Unit t = kh·SEGMENT + u starts at kernel row kh, code u·codes_per_unit: in operands (int16 elements for
+  // 8 bits, bytes for 4 bits), kh rows of the padded image further plus u units.
+  const int64_t pitch = (width + 2 * padding) * c;
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t u = 0; u < pc.segment_units; ++u)
+      pc.unit_offsets.push_back(static_cast<int32_t>(kh * pitch + u * (bits == 8 ? 2 : 4)));
   // (OUT, C, K, K) codes → (OUT, K, SEGMENT) codes in (kh, kw, c) order, zeros after each kernel row's K·C.
   std::vector<int8_t> codes(static_cast<size_t>(out * row), 0);
   const auto packed_row = static_cast<int64_t>(int4_packed_size(in));
@@ -727,7 +735,8 @@ PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int
     pc.panel_channels = 8;
     std::vector<int32_t>& units = pc.weights.units;
     for (int64_t ku = 0; ku < pc.weights.k_units; ++ku)
-      for (int64_t j = 0; j < 8; ++j) units[static_cast<size_t>(ku * 8 + j)] = units[static_cast<size_t>(ku * kPanel + j)];
+      for (int64_t j = 0; j < 8; ++j)
+        units[static_cast<size_t>(ku * 8 + j)] = units[static_cast<size_t>(ku * kPanel + j)];
     units.resize(static_cast<size_t>(pc.weights.k_units * 8));
   }
   return pc;
@@ -748,25 +757,23 @@ void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std:
 }
 
 void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
-                  std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows, int64_t height,
-                  int64_t width) {
+                  std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows) {
   if (pc.weights.bits == 8) {
-    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), nullptr, acc.data(), nullptr, first, rows, height,
-                       width);
+    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), nullptr, acc.data(), nullptr, first, rows);
   } else {
     conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), nullptr,
-                       acc.data(), nullptr, first, rows, height, width);
+                       acc.data(), nullptr, first, rows);
   }
 }
 
 void qconv2d_rows_requantized(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
                               std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y, int64_t first,
-                              int64_t rows, int64_t height, int64_t width) {
+                              int64_t rows) {
   if (pc.weights.bits == 8) {
-    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), &rq, nullptr, y.data(), first, rows, height, width);
+    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), &rq, nullptr, y.data(), first, rows);
   } else {
-    conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), &rq,
-                       nullptr, y.data(), first, rows, height, width);
+    conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), &rq, nullptr,
+                       y.data(), first, rows);
   }
 }
 

@@ -221,8 +221,8 @@ void input_lookup(std::span<const uint8_t> images, const std::array<int8_t, 256>
 // ---- The same, channels last (the executor's fast path) ------------------------------------------------
 // The loops run over c innermost, where the codes are contiguous, so the compiler vectorises them.
 
-void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height,
-                    int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
+void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height, int64_t width,
+                    int64_t k, int64_t stride, int64_t padding, int threads) {
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
