@@ -235,7 +235,11 @@ TEST_CASE("Executor: fast kernels equal the reference on a LeNet-5 shaped graph,
         CHECK(count_mismatches(got, want) == 0);
         for (size_t i = 0; i < g.ops.size(); ++i) {
           CAPTURE(i);
-          CHECK(count_mismatches(fast.op_output(i), reference.op_output(i)) == 0);
+          if (fast.stores_output(i)) {
+            CHECK(count_mismatches(fast.op_output(i), reference.op_output(i)) == 0);
+          } else {  // a Conv2d fused with its max pool: only the pool's codes exist
+            CHECK(g.ops[i + 1].kind == rt::OpKind::MaxPool2d);
+          }
         }
         // The logits are not constant: the test exercises real values.
         CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));

@@ -394,3 +394,67 @@ TEST_CASE("pooling matches real arithmetic, input lookup maps pixels") {
   rt::input_lookup(pixels, table, codes, 1);
   CHECK(codes == std::vector<int8_t>{-64, -64, -63, 0, 63});
 }
+
+TEST_CASE("channels-last pooling, input lookup and the fused max pool + requantize equal the channels-first kernels") {
+  lowbit::Rng rng(31);
+  const std::vector<int32_t> edges = {INT32_MIN, -65536, -1, 0, 1, 65535, INT32_MAX};
+  int varied = 0;  // cases whose pooled codes are not all equal (most: the test exercises real values)
+  struct Window {
+    int64_t k, stride, padding;
+  };
+  for (const int64_t c : {1, 6, 8, 17}) {
+    const int64_t n = 2, h = 7, w = 6;
+    // (N, C, H, W) ↔ (N, H, W, C)
+    auto to_nchw = [&](const std::vector<int8_t>& nhwc, int64_t hh, int64_t ww) {
+      std::vector<int8_t> nchw(nhwc.size());
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t ci = 0; ci < c; ++ci)
+          for (int64_t p = 0; p < hh * ww; ++p) nchw[(i * c + ci) * hh * ww + p] = nhwc[(i * hh * ww + p) * c + ci];
+      return nchw;
+    };
+    const auto x = random_codes(rng, n * h * w * c, -128, 127);  // channels last
+    const auto x_nchw = to_nchw(x, h, w);
+    for (const Window win : {Window{2, 2, 0}, Window{3, 2, 1}, Window{2, 1, 1}}) {
+      CAPTURE(c);
+      CAPTURE(win.k);
+      CAPTURE(win.padding);
+      const int64_t ho = rt::pooled_size(h, win.k, win.stride, win.padding);
+      const int64_t wo = rt::pooled_size(w, win.k, win.stride, win.padding);
+      std::vector<int8_t> want(n * c * ho * wo), got(want.size());
+      rt::maxpool2d(x_nchw, want, n, c, h, w, win.k, win.stride, win.padding, 1);
+      rt::maxpool2d_nhwc(x, got, n, c, h, w, win.k, win.stride, win.padding, 2);
+      CHECK(to_nchw(got, ho, wo) == want);
+      rt::avgpool2d(x_nchw, -5, want, n, c, h, w, win.k, win.stride, win.padding, 1);
+      rt::avgpool2d_nhwc(x, -5, got, n, c, h, w, win.k, win.stride, win.padding, 2);
+      CHECK(to_nchw(got, ho, wo) == want);
+      if (!rt::cpu_has_avx2()) continue;
+      // A Conv2d's accumulators, requantized then pooled, against pooled then requantized.
+      rt::Requant rq;
+      rq.act_min = random_in(rng, -128, 0);
+      rq.act_max = random_in(rng, rq.act_min, 127);
+      rq.zero_point = random_in(rng, rq.act_min, rq.act_max);
+      for (int64_t o = 0; o < c; ++o) {
+        rq.multiplier.push_back(random_in(rng, rt::kMultiplierMin, rt::kMultiplierMax));
+        rq.shift.push_back(random_in(rng, 1, 62));
+      }
+      std::vector<int32_t> acc(n * h * w * c);
+      for (auto& a : acc)
+        a = rng.below(4) == 0 ? edges[rng.below(edges.size())]
+                              : static_cast<int32_t>(static_cast<int64_t>(rng.next_u64()) >> random_in(rng, 32, 63));
+      std::vector<int8_t> codes(acc.size());
+      rt::requantize_to_nchw_ref(acc, rq, codes, n * h * w, 1, c, 1);  // one position per row: channels last
+      std::vector<int8_t> pooled(n * ho * wo * c), fused(pooled.size(), 0x5A);
+      rt::maxpool2d_nhwc(codes, pooled, n, c, h, w, win.k, win.stride, win.padding, 1);
+      rt::maxpool_requantize_nhwc(acc, rq, fused, n, c, h, w, win.k, win.stride, win.padding, 2);
+      CHECK(fused == pooled);
+      varied += std::count(pooled.begin(), pooled.end(), pooled[0]) < static_cast<int64_t>(pooled.size());
+    }
+  }
+  if (rt::cpu_has_avx2()) CHECK(varied >= 8);  // of 12
+  std::array<int8_t, 256> table{};
+  for (int p = 0; p < 256; ++p) table[p] = static_cast<int8_t>(p - 128);
+  const std::vector<uint8_t> pixels = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};  // (N 2, C 3, H·W 2)
+  std::vector<int8_t> codes(pixels.size());
+  rt::input_lookup_nhwc(pixels, table, codes, 2, 3, 2, 1);
+  CHECK(codes == std::vector<int8_t>{-128, -126, -124, -127, -125, -123, -122, -120, -118, -121, -119, -117});
+}

@@ -55,12 +55,14 @@ Executor::Executor(const Graph& graph, int threads, Kernels kernels)
   shapes_ = output_shapes(graph_);
   packed_.resize(graph_.ops.size());
   conv_.resize(graph_.ops.size());
+  pool_fused_.assign(graph_.ops.size(), false);
   outputs_.resize(graph_.ops.size());
   if (!fast_) return;
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
     const Shape in = i == 0 ? input_shape(0) : stored_shape(i - 1);
     if (op.kind == OpKind::Conv2d) {
+      pool_fused_[i] = i + 1 < graph_.ops.size() && graph_.ops[i + 1].kind == OpKind::MaxPool2d;
       conv_[i] = pack_conv_weights(op.weight, op.weight_bits, in.c, in.h, in.w, op.out_channels, op.kernel, op.stride,
                                    op.padding);
     } else if (op.kind == OpKind::Linear && in.h * in.w > 1) {
@@ -90,6 +92,7 @@ Shape Executor::stored_shape(size_t op_index) const {
 }
 
 std::span<const int8_t> Executor::op_output(size_t op_index) const {
+  if (!stores_output(op_index)) return {};
   const Shape s = stored_shape(op_index);
   const std::span<const int8_t> codes(outputs_[op_index].data(), static_cast<size_t>(batch_ * s.size()));
   if (!fast_ || s.c == 1 || s.h * s.w == 1) return codes;  // the two layouts are the same bytes
@@ -158,6 +161,21 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
       // GEMM, no im2col). Thread t computes a contiguous range of the chunk's GEMM rows.
       const PackedConv& pc = conv_[op_index];
       conv_planes(xs, op.input_zero_point, op.weight_bits, sc.planes, images, in.c, in.h, in.w, op.padding, threads);
+      if (pool_fused_[op_index]) {
+        // Followed by a max pool: pool the accumulators, then requantize the K² times fewer maxima (equal
+        // codes: requantization never decreases). y is the pool's output.
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+        for (int t = 0; t < threads; ++t) {
+          const int64_t begin = rows * t / threads, end = rows * (t + 1) / threads;
+          qconv2d_rows(sc.planes, op.input_zero_point, pc, op.bias,
+                       acc.subspan(static_cast<size_t>(begin * op.out_channels)), begin, end - begin);
+        }
+        const Op& pool = graph_.ops[op_index + 1];
+        const int64_t pooled = shapes_[op_index + 1].size();
+        maxpool_requantize_nhwc(acc, op.requant, {y + first * pooled, static_cast<size_t>(images * pooled)}, images,
+                                out.c, out.h, out.w, pool.kernel, pool.stride, pool.padding, threads);
+        continue;
+      }
       const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
       for (int t = 0; t < threads; ++t) {
@@ -237,7 +255,12 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
         break;
       case OpKind::Conv2d:
       case OpKind::Linear:
-        run_weighted(i, x, y, batch, sc, max_threads);
+        if (pool_fused_[i]) {  // writes the output of the max pool ops[i + 1], which is then done
+          run_weighted(i, x, outputs_[i + 1].data() + first * shapes_[i + 1].size(), batch, sc, max_threads);
+          ++i;
+        } else {
+          run_weighted(i, x, y, batch, sc, max_threads);
+        }
         break;
       case OpKind::MaxPool2d:
         (fast_ ? maxpool2d_nhwc : maxpool2d)({x, x_size}, {y, y_size}, batch, x_shape.c, x_shape.h, x_shape.w,

@@ -27,6 +27,9 @@ class Executor {
   // (The fast kernels keep activations channels last; this transposes them into a buffer of its own,
   // valid until the next call.)
   std::span<const int8_t> op_output(size_t op_index) const;
+  // False for a Conv2d that the fast kernels fuse with the MaxPool2d after it: its codes are never stored
+  // (op_output is then empty), the pool's are.
+  bool stores_output(size_t op_index) const { return !pool_fused_.at(op_index); }
   const Shape& op_shape(size_t op_index) const { return shapes_[op_index]; }
   const Graph& graph() const { return graph_; }
   bool uses_avx2() const { return fast_; }
@@ -54,6 +57,7 @@ class Executor {
   std::vector<Shape> shapes_;          // output shape of ops[i]
   std::vector<PackedWeights> packed_;  // a Linear ops[i]'s weights for qgemm_packed (fast path)
   std::vector<PackedConv> conv_;       // a Conv2d ops[i]'s weights for qconv2d_rows (fast path)
+  std::vector<bool> pool_fused_;       // ops[i] is a Conv2d run together with the MaxPool2d ops[i + 1]
   int64_t capacity_ = 0;               // the batch the buffers are sized for
   int64_t batch_ = 0;                  // the batch of the last run
   // (N, shapes_[i]) codes of every op: (N, C, H, W) on the reference kernels, (N, H, W, C) on the fast ones

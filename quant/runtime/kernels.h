@@ -129,6 +129,13 @@ void requantize_to_nchw_ref(std::span<const int32_t> acc, const Requant& rq, std
 void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
                         int64_t positions, int64_t out, int threads = 1);
 
+// acc is (N, H, W, C) int32 accumulators of a Conv2d; y is (N, HO, WO, C) codes: the codes of
+// requantize_to_nchw_ref followed by maxpool2d (channels last), computed as requantize(max(acc)) — equal,
+// because requantization never decreases (kernels_avx2.cpp). Requires cpu_has_avx2().
+void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
+                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding,
+                             int threads = 1);
+
 // x is (N, C, H, W); y is (N, C, HO, WO): the largest code of each window (padding is ignored).
 void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height, int64_t width,
                int64_t k, int64_t stride, int64_t padding, int threads = 1);

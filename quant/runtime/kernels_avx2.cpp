@@ -1,6 +1,8 @@
 // AVX2 integer GEMMs (vpmaddwd for int8 weights, vpmaddubsw for int4), bit-exact with qgemm_s8_ref / qgemm_s4_ref.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstring>
 #include <vector>
 
@@ -411,6 +413,41 @@ void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, cons
   }
 }
 
+// acc is (N, H, W, C) int32; y is (N, HO, WO, C) codes: the max pool of the requantized accumulators,
+// computed as the requantization of the max-pooled accumulators. The two are equal, bit for bit, because
+// requantize() is non-decreasing in acc (m > 0, then a rounding and a clamp, each non-decreasing), and a
+// non-decreasing function commutes with max. So a Conv2d followed by a MaxPool2d requantizes 1/K² of the
+// values and never stores its own codes.
+void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, int64_t n, int64_t c, int64_t height,
+                             int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
+  const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i z = _mm256_set1_epi32(rq.zero_point), lo = _mm256_set1_epi32(rq.act_min);
+  const __m256i hi = _mm256_set1_epi32(rq.act_max);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t* image = acc + i * height * width * c;
+    for (int64_t o = 0; o < c; o += 8) {
+      const int64_t count = min_i64(8, c - o);
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
+      const Requant8 constants = requant8_constants(rq.multiplier.data() + o, rq.shift.data() + o, mask);
+      for (int64_t oh = 0; oh < ho; ++oh) {
+        const int64_t ih0 = std::max<int64_t>(oh * stride - padding, 0);
+        const int64_t ih1 = std::min(oh * stride - padding + k, height);
+        for (int64_t ow = 0; ow < wo; ++ow) {
+          const int64_t iw0 = std::max<int64_t>(ow * stride - padding, 0);
+          const int64_t iw1 = std::min(ow * stride - padding + k, width);
+          __m256i best = _mm256_set1_epi32(INT32_MIN);
+          for (int64_t ih = ih0; ih < ih1; ++ih)
+            for (int64_t iw = iw0; iw < iw1; ++iw)
+              best = _mm256_max_epi32(best, _mm256_maskload_epi32(image + (ih * width + iw) * c + o, mask));
+          store_codes8(requant8(best, constants, z, lo, hi), y + ((i * ho + oh) * wo + ow) * c + o, count);
+        }
+      }
+    }
+  }
+}
+
 #pragma GCC pop_options
 // ---- end of the AVX2 region ----------------------------------------------------------------------------
 
@@ -643,14 +680,13 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
       }
       const __m256i offset0 = load8(offset), offset1 = load8(offset + 8);
       const int64_t count0 = min_i64(8, channels), count1 = channels - count0;  // channels in each half
+      const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count0)), lane);
+      const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count1)), lane);
       Requant8 rq0{}, rq1{};
       if (rq) {
-        const int32_t* m = rq->multiplier.data() + p * panel;
-        const int32_t* sh = rq->shift.data() + p * panel;
-        rq0 = requant8_constants(m, sh, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count0)), lane));
+        rq0 = requant8_constants(rq->multiplier.data() + p * panel, rq->shift.data() + p * panel, mask0);
         if (count1 > 0)
-          rq1 = requant8_constants(m + 8, sh + 8,
-                                   _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count1)), lane));
+          rq1 = requant8_constants(rq->multiplier.data() + p * panel + 8, rq->shift.data() + p * panel + 8, mask1);
       }
       const int32_t* wpanel = w.units.data() + p * w.k_units * panel;
       for (int64_t r0 = 0; r0 < count; r0 += mr) {
@@ -676,10 +712,9 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
             store_codes8(requant8(a0, rq0, z_out, lo, hi), yr, count0);
             if (count1 > 0) store_codes8(requant8(a1, rq1, z_out, lo, hi), yr + 8, count1);
           } else {
-            alignas(32) int32_t sums[kPanel];
-            store8(sums, a0);
-            store8(sums + 8, a1);
-            std::memcpy(acc + (start + r) * out + p * panel, sums, static_cast<size_t>(channels) * sizeof(int32_t));
+            int32_t* ar = acc + (start + r) * out + p * panel;
+            _mm256_maskstore_epi32(ar, mask0, a0);
+            if (count1 > 0) _mm256_maskstore_epi32(ar + 8, mask1, a1);
           }
         }
       }
@@ -798,6 +833,11 @@ void qgemm_s4(std::span<const int8_t> x, int32_t x_zero_point, std::span<const i
               std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
   if (!cpu_has_avx2()) return qgemm_s4_ref(x, x_zero_point, w, b, y, n, in, out, threads);
   qgemm_fast(x, x_zero_point, w, 4, b, y, n, in, out, threads);
+}
+
+void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
+                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
+  maxpool_requantize_avx2(acc.data(), rq, y.data(), n, c, height, width, k, stride, padding, threads);
 }
 
 void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
