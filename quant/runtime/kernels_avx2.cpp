@@ -431,6 +431,20 @@ void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, i
       const int64_t count = min_i64(8, c - o);
       const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
       const Requant8 constants = requant8_constants(rq.multiplier.data() + o, rq.shift.data() + o, mask);
+      if (k == 2 && stride == 2 && padding == 0) {  // the common 2×2 pool: no clipping, 4 positions each
+        const int64_t down = width * c;
+        for (int64_t oh = 0; oh < ho; ++oh) {
+          const int32_t* row = image + 2 * oh * down + o;
+          int8_t* yo = y + (i * ho + oh) * wo * c + o;
+          for (int64_t ow = 0; ow < wo; ++ow, row += 2 * c, yo += c) {
+            const __m256i best = _mm256_max_epi32(
+                _mm256_max_epi32(_mm256_maskload_epi32(row, mask), _mm256_maskload_epi32(row + c, mask)),
+                _mm256_max_epi32(_mm256_maskload_epi32(row + down, mask), _mm256_maskload_epi32(row + down + c, mask)));
+            store_codes8(requant8(best, constants, z, lo, hi), yo, count);
+          }
+        }
+        continue;
+      }
       for (int64_t oh = 0; oh < ho; ++oh) {
         const int64_t ih0 = std::max<int64_t>(oh * stride - padding, 0);
         const int64_t ih1 = std::min(oh * stride - padding + k, height);
@@ -581,21 +595,29 @@ template <int MR, int V>
 __attribute__((noipa)) void conv_kernel_s8(const int16_t* const* x, const int32_t* offsets, int64_t k_units,
                                            const int32_t* wp, int32_t* tile) {
   __m256i acc[MR][V];
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
     for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_si256();
   const int16_t* xr[MR];
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) xr[r] = x[r];
   for (int64_t t = 0; t < k_units; ++t) {
     const int64_t at = offsets[t];
     __m256i w[V];
+#pragma GCC unroll 2
     for (int v = 0; v < V; ++v) w[v] = load8(wp + 8 * v);
+#pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       const __m256i xv = _mm256_set1_epi32(load_unit(xr[r] + at));
+#pragma GCC unroll 2
       for (int v = 0; v < V; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(xv, w[v]));
     }
     wp += 8 * V;
   }
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
     for (int v = 0; v < V; ++v) store8(tile + (r * V + v) * 8, acc[r][v]);
 }
 
@@ -606,20 +628,26 @@ __attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, const int32_
                                            const int32_t* wp, int32_t* tile) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][V];
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
     for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_si256();
   const uint8_t* xr[MR];
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) xr[r] = x[r];
   for (int64_t t = 0; t < k_units; t += 2) {  // units t and t + 1 are adjacent (SEGMENT is even)
     const int64_t at = offsets[t];
     __m256i w0[V], w1[V];
+#pragma GCC unroll 2
     for (int v = 0; v < V; ++v) {
       w0[v] = load8(wp + 8 * v);
       w1[v] = load8(wp + 8 * V + 8 * v);
     }
+#pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       const __m256i x0 = _mm256_set1_epi32(load_unit(xr[r] + at));
       const __m256i x1 = _mm256_set1_epi32(load_unit(xr[r] + at + 4));
+#pragma GCC unroll 2
       for (int v = 0; v < V; ++v) {
         const __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w0[v]), _mm256_maddubs_epi16(x1, w1[v]));
         acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(sum, ones));
@@ -627,7 +655,9 @@ __attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, const int32_
     }
     wp += 16 * V;
   }
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
     for (int v = 0; v < V; ++v) store8(tile + (r * V + v) * 8, acc[r][v]);
 }
 
