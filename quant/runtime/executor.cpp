@@ -1,4 +1,4 @@
-// The executor: plans buffers once, then runs each op's kernel in order (im2col + GEMM for Conv2d).
+// The executor: plans buffers once, then runs each op's kernel in order (channels last on the fast kernels).
 #include "quant/runtime/executor.h"
 
 #include <algorithm>
@@ -144,7 +144,8 @@ void Executor::plan(int64_t batch) {
   capacity_ = batch;
 }
 
-// Conv2d / Linear on chunks of images: (im2col →) GEMM to int32 (eq. 5) → requantize to (N, OUT, HO, WO) (eq. 6).
+// Conv2d / Linear on chunks of images: GEMM to int32 (eq. 5) → requantize (eq. 6), on the reference kernels via
+// im2col and to (N, OUT, HO, WO); on the fast ones as an implicit GEMM, channels last, maybe with the max pool.
 void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch, Scratch& sc, int max_threads) {
   const Op& op = graph_.ops[op_index];
   const Shape in = input_shape(op_index), out = shapes_[op_index];
