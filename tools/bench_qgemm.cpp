@@ -72,6 +72,42 @@ rt::Op simple(rt::OpKind kind, int64_t k = 1, int64_t stride = 1) {
   return op;
 }
 
+// GOP/s of the models' convolutions as the executor runs them: the channels-last implicit GEMM
+// (qconv2d_rows, int32 accumulators out) on one thread, padded images built beforehand.
+void bench_convs() {
+  struct Conv {
+    const char* what;
+    int64_t n, c, hw, out, k, padding;
+  };
+  const std::vector<Conv> convs = {{"lenet5 conv1 batch 64 (1->6, 5x5)", 64, 1, 28, 6, 5, 2},
+                                   {"lenet5 conv2 batch 64 (6->16, 5x5)", 64, 6, 14, 16, 5, 0},
+                                   {"convbn conv1 batch 16 (1->32, 3x3)", 16, 1, 28, 32, 3, 1},
+                                   {"convbn conv2 batch 16 (32->64, 3x3)", 16, 32, 14, 64, 3, 1}};
+  uint64_t state = 3;
+  for (const Conv& v : convs) {
+    const int64_t ho = rt::pooled_size(v.hw, v.k, 1, v.padding), rows = v.n * ho * ho, row = v.c * v.k * v.k;
+    std::vector<int8_t> x(v.n * v.hw * v.hw * v.c), w8(v.out * row), codes4(v.out * row);
+    for (auto& q : x) q = static_cast<int8_t>(next(state));
+    for (auto& q : w8) q = static_cast<int8_t>(static_cast<int>(next(state) % 255) - 127);
+    for (auto& q : codes4) q = static_cast<int8_t>(static_cast<int>(next(state) % 16) - 8);
+    const auto row_bytes = static_cast<int64_t>(rt::int4_packed_size(row));
+    std::vector<int8_t> w4(v.out * row_bytes);
+    for (int64_t o = 0; o < v.out; ++o)
+      rt::pack_int4(std::span(codes4).subspan(o * row, row), std::span(w4).subspan(o * row_bytes, row_bytes));
+    std::vector<int32_t> b(v.out, 0), acc(rows * v.out);
+    const double ops = 2.0 * static_cast<double>(rows) * static_cast<double>(row) * static_cast<double>(v.out);
+    double gops[2] = {0, 0};
+    for (const int bits : {8, 4}) {
+      const rt::PackedConv pc =
+          rt::pack_conv_weights(bits == 8 ? w8 : w4, bits, v.c, v.hw, v.hw, v.out, v.k, 1, v.padding);
+      std::vector<int16_t> planes(rt::conv_planes_size(v.n, v.c, v.hw, v.hw, v.padding));
+      rt::conv_planes(x, 3, bits, planes, v.n, v.c, v.hw, v.hw, v.padding);
+      gops[bits == 4] = ops / 1e9 / best_seconds(50, [&] { rt::qconv2d_rows(planes, 3, pc, b, acc, 0, rows); });
+    }
+    std::printf("%-34s %10s %10.1f %10.1f\n", v.what, "-", gops[0], gops[1]);
+  }
+}
+
 // Images per second of whole integer graphs shaped like the canonical models (random weights).
 void bench_models(int threads) {
   uint64_t state = 7;
@@ -122,10 +158,7 @@ int main(int argc, char** argv) {
       {"square 1024^3", 1024, 1024, 1024},
       {"mlp fc1 batch 256 (256x784)", 256, 784, 256},
       {"mlp fc2 batch 256 (128x256)", 256, 256, 128},
-      {"lenet5 conv1 im2col batch 64", 64 * 28 * 28, 25, 6},
-      {"lenet5 conv2 im2col batch 64", 64 * 10 * 10, 150, 16},
       {"lenet5 fc1 batch 256 (120x400)", 256, 400, 120},
-      {"convbn conv2 im2col batch 16", 16 * 14 * 14, 288, 64},
       {"convbn fc1 batch 256 (128x3136)", 256, 3136, 128},
   };
   std::printf("threads %d, AVX2 %s\n", threads, rt::cpu_has_avx2() ? "yes" : "no");
@@ -156,6 +189,7 @@ int main(int argc, char** argv) {
     }
     std::printf("%-34s %10.1f %10.1f %10.1f\n", s.what, ops / 1e9 / ref, gops8, gops4);
   }
+  bench_convs();
   bench_models(threads);
   return 0;
 }
