@@ -133,7 +133,8 @@ Entry parse_entry(const std::string& name, const json& value, const std::string&
   const json& dtype = value["dtype"];
   auto parsed_dtype = dtype.is_string() ? dtype_from_name(dtype.get_ref<const std::string&>()) : std::nullopt;
   if (!parsed_dtype) {
-    fail("{}: tensor '{}' has unknown dtype {} (lowbit reads F32, F64, I8, U8, I16, I32, I64)", path, name, dtype.dump());
+    fail("{}: tensor '{}' has unknown dtype {} (lowbit reads F32, F64, I8, U8, I16, I32, I64)", path, name,
+         dtype.dump());
   }
   entry.dtype = *parsed_dtype;
 

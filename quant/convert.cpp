@@ -32,8 +32,8 @@ std::vector<int8_t> weight_codes(const Tensor& w, const std::vector<QParams>& pa
 
 // Fills the weight, bias and requantization fields shared by Conv2d and Linear (eqs. 5, 6); returns the
 // requantization scales M[c] the file stores.
-std::vector<float> lower_block(rt::Op& op, const Tensor& w, const Tensor& b, bool relu, QParams in, const FakeQuantize& weight_fq,
-                 const FakeQuantize& output_fq, IntModel& model) {
+std::vector<float> lower_block(rt::Op& op, const Tensor& w, const Tensor& b, bool relu, QParams in,
+                               const FakeQuantize& weight_fq, const FakeQuantize& output_fq, IntModel& model) {
   const int bits = weight_fq.bits();
   if (bits != 8 && bits > 4)
     fail("convert: {}-bit weights of {} have no integer kernel (the runtime runs 8- and 4-bit weights; 2..4 bits "
@@ -104,7 +104,8 @@ IntModel convert(const QatModel& qat, const Normalization& norm, const Shape& in
       op.kind = rt::OpKind::Linear;
       op.in_channels = q->linear->in_features;
       op.out_channels = q->linear->out_features;
-      requant_scales = lower_block(op, q->linear->weight, q->linear->bias, q->relu, current, *q->weight_fq, *q->output_fq, model);
+      requant_scales = lower_block(op, q->linear->weight, q->linear->bias, q->relu, current, *q->weight_fq,
+                                   *q->output_fq, model);
       current = q->output_fq->qparams_per_tensor();
     } else if (auto pool = std::dynamic_pointer_cast<nn::MaxPool2d>(layer)) {
       op.kind = rt::OpKind::MaxPool2d;

@@ -174,8 +174,8 @@ StFile to_st_file(const IntModel& model) {
     const std::span<const int8_t> weight(op.weight);
     file.tensors.emplace_back(tensor_name(i, "weight"), make_st_tensor<int8_t>(weight_dtype, weight_shape(op), weight));
     file.tensors.emplace_back(tensor_name(i, "bias"), bias_tensor(op.bias));
-    file.tensors.emplace_back(tensor_name(i, "scale"),
-                              make_st_tensor<float>(DType::F32, {out}, std::span<const float>(model.op_requant_scales[i])));
+    const std::span<const float> scales(model.op_requant_scales[i]);
+    file.tensors.emplace_back(tensor_name(i, "scale"), make_st_tensor<float>(DType::F32, {out}, scales));
   }
   return file;
 }
@@ -587,7 +587,8 @@ IntModel from_st_file(const StFile& file, const std::string& path) {
 std::array<int8_t, 256> make_input_table(const Normalization& norm, QParams input, QRange range) {
   std::array<int8_t, 256> table{};
   for (int p = 0; p < 256; ++p) {
-    table[static_cast<size_t>(p)] = static_cast<int8_t>(quantize(normalize_pixel(static_cast<uint8_t>(p), norm), input, range));
+    const float x = normalize_pixel(static_cast<uint8_t>(p), norm);
+    table[static_cast<size_t>(p)] = static_cast<int8_t>(quantize(x, input, range));
   }
   return table;
 }

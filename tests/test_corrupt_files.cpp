@@ -308,11 +308,13 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
        "'in_channels' must be in [1, 65536], found 4611686018427387904"},
       {"tensor dtype mismatch", tensor_edit("ops.5.bias", [](StTensor& t) { t.dtype = DType::F32; }),
        "tensor 'ops.5.bias' has dtype F32, expected I16 or I32"},
-      {"bias dtype mismatch (I64)", tensor_edit("ops.1.bias", [](StTensor& t) {
-         t.dtype = DType::I64;
-         t.shape = {1};  // the 2 I16 values are 4 bytes; 8 make one I64
-         t.bytes.resize(8);
-       }),
+      {"bias dtype mismatch (I64)",
+       tensor_edit("ops.1.bias",
+                   [](StTensor& t) {
+                     t.dtype = DType::I64;
+                     t.shape = {1};  // the 2 I16 values are 4 bytes; 8 make one I64
+                     t.bytes.resize(8);
+                   }),
        "tensor 'ops.1.bias' has dtype I64, expected I16 or I32"},
       {"tensor shape mismatch",
        tensor_edit("ops.1.weight",

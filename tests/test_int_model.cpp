@@ -122,7 +122,8 @@ IntModel small_model() {
   for (Op& op : m.graph.ops) {
     std::vector<float> scales;
     const bool weighted = op.kind == OpKind::Conv2d || op.kind == OpKind::Linear;
-    for (int64_t c = 0; weighted && c < op.out_channels; ++c) scales.push_back(0.004f + 0.0005f * static_cast<float>(c));
+    for (int64_t c = 0; weighted && c < op.out_channels; ++c)
+      scales.push_back(0.004f + 0.0005f * static_cast<float>(c));
     set_requant_from_scales(op, scales);
     m.op_requant_scales.push_back(scales);
   }
@@ -207,7 +208,6 @@ StTensor& tensor(StFile& file, const std::string& name) {
   FAIL("no tensor ", name);
   throw;
 }
-
 
 #define CHECK_CONTAINS(message, phrase) CHECK_MESSAGE((message).find(phrase) != std::string::npos, (message))
 
@@ -370,9 +370,9 @@ TEST_CASE("int model: the input table is derived at load from norm, input qparam
   const IntModel loaded = load_int_model(path);
   check_same(model, loaded);
   const auto& table = loaded.graph.ops[0].input_table;
-  CHECK(table[0] == -8);    // (0 − 0.286)/0.353 = −0.81: −8.1 steps, −3 − 8 = −11, clamped to −8
-  CHECK(table[73] == -3);   // 73/255 = 0.2863 ≈ the mean: real 0 is the zero point
-  CHECK(table[255] == 7);   // (1 − 0.286)/0.353 = 2.02: 20.2 steps, −3 + 20 = 17, clamped to 7
+  CHECK(table[0] == -8);   // (0 − 0.286)/0.353 = −0.81: −8.1 steps, −3 − 8 = −11, clamped to −8
+  CHECK(table[73] == -3);  // 73/255 = 0.2863 ≈ the mean: real 0 is the zero point
+  CHECK(table[255] == 7);  // (1 − 0.286)/0.353 = 2.02: 20.2 steps, −3 + 20 = 17, clamped to 7
   const json graph = json::parse(load_safetensors(path).metadata.at("graph"));
   CHECK(graph.at("input_qmin") == -8);
   CHECK(graph.at("input_qmax") == 7);
@@ -386,7 +386,11 @@ TEST_CASE("int model: the input table is derived at load from norm, input qparam
     CHECK(eight.graph.ops[0].input_table[static_cast<size_t>(p)] == static_cast<int>(std::clamp(q, -128.f, 127.f)));
   }
 
-  CHECK_CONTAINS(graph_error(dir, [](json& g) { g["input_qmin"] = 5; g["input_qmax"] = 4; }),
+  CHECK_CONTAINS(graph_error(dir,
+                             [](json& g) {
+                               g["input_qmin"] = 5;
+                               g["input_qmax"] = 4;
+                             }),
                  "'input_qmax' must be in [5, 127], found 4");
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["input_qmin"] = -129; }), "'input_qmin' must be in [-128, 127]");
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["input_qmax"] = -20; }),
@@ -404,7 +408,8 @@ TEST_CASE("int model: a requantization scale gives exactly m·2^(−n) = the flo
     op.name = "fc";
     set_requant_from_scales(op, std::vector<float>{scale});
     CAPTURE(scale);
-    CHECK(std::ldexp(static_cast<double>(op.requant.multiplier[0]), -op.requant.shift[0]) == static_cast<double>(scale));
+    CHECK(std::ldexp(static_cast<double>(op.requant.multiplier[0]), -op.requant.shift[0]) ==
+          static_cast<double>(scale));
     CHECK((op.requant.multiplier[0] & 0x7F) == 0);  // the 7 bits below a float's mantissa are zero
   }
   Op op;
