@@ -335,7 +335,8 @@ TEST_CASE("int model: bias is stored as I16 when every value of the op fits, els
   const auto bias_dtype = [&](const IntModel& model, const char* name) {
     save_int_model(path, model);
     check_same(model, load_int_model(path));
-    return tensor(*std::make_unique<StFile>(load_safetensors(path)), name).dtype;
+    StFile file = load_safetensors(path);
+    return tensor(file, name).dtype;
   };
   IntModel model = small_model();
   model.graph.ops[6].bias = {-32768, 0, 32767};  // the int16 limits still fit
