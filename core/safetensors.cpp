@@ -33,11 +33,12 @@ struct DTypeInfo {
   std::string_view name;
   size_t size;
 };
-constexpr std::array<DTypeInfo, 6> kDTypes = {{
+constexpr std::array<DTypeInfo, 7> kDTypes = {{
     {DType::F32, "F32", 4},
     {DType::F64, "F64", 8},
     {DType::I8, "I8", 1},
     {DType::U8, "U8", 1},
+    {DType::I16, "I16", 2},
     {DType::I32, "I32", 4},
     {DType::I64, "I64", 8},
 }};
@@ -132,7 +133,8 @@ Entry parse_entry(const std::string& name, const json& value, const std::string&
   const json& dtype = value["dtype"];
   auto parsed_dtype = dtype.is_string() ? dtype_from_name(dtype.get_ref<const std::string&>()) : std::nullopt;
   if (!parsed_dtype) {
-    fail("{}: tensor '{}' has unknown dtype {} (lowbit reads F32, F64, I8, U8, I32, I64)", path, name, dtype.dump());
+    fail("{}: tensor '{}' has unknown dtype {} (lowbit reads F32, F64, I8, U8, I16, I32, I64)", path, name,
+         dtype.dump());
   }
   entry.dtype = *parsed_dtype;
 

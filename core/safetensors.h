@@ -19,7 +19,7 @@ namespace lowbit {
 // The data area is raw little-endian bytes copied to and from memory as is.
 static_assert(std::endian::native == std::endian::little, "lowbit's model files assume a little-endian host");
 
-enum class DType { F32, F64, I8, U8, I32, I64 };
+enum class DType { F32, F64, I8, U8, I16, I32, I64 };
 
 size_t dtype_size(DType dtype);          // bytes per element: F32 -> 4, I8 -> 1, ...
 std::string_view dtype_name(DType dtype);  // the header spelling: "F32", "I8", ...

@@ -2,7 +2,7 @@
 import json, struct, sys
 import numpy as np
 
-DTYPES = {"F32": "<f4", "F64": "<f8", "I8": "i1", "U8": "u1", "I32": "<i4", "I64": "<i8"}
+DTYPES = {"F32": "<f4", "F64": "<f8", "I8": "i1", "U8": "u1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
 with open(sys.argv[1], "rb") as f:
     (header_len,) = struct.unpack("<Q", f.read(8))  # 8-byte little-endian header length
     header = json.loads(f.read(header_len))          # JSON: name -> dtype, shape, data_offsets

@@ -30,9 +30,10 @@ std::vector<int8_t> weight_codes(const Tensor& w, const std::vector<QParams>& pa
   return codes;
 }
 
-// Fills the weight, bias and requantization fields shared by Conv2d and Linear (eqs. 5, 6).
-void lower_block(rt::Op& op, const Tensor& w, const Tensor& b, bool relu, QParams in, const FakeQuantize& weight_fq,
-                 const FakeQuantize& output_fq, IntModel& model) {
+// Fills the weight, bias and requantization fields shared by Conv2d and Linear (eqs. 5, 6); returns the
+// requantization scales M[c] the file stores.
+std::vector<float> lower_block(rt::Op& op, const Tensor& w, const Tensor& b, bool relu, QParams in,
+                               const FakeQuantize& weight_fq, const FakeQuantize& output_fq, IntModel& model) {
   const int bits = weight_fq.bits();
   if (bits != 8 && bits > 4)
     fail("convert: {}-bit weights of {} have no integer kernel (the runtime runs 8- and 4-bit weights; 2..4 bits "
@@ -46,15 +47,17 @@ void lower_block(rt::Op& op, const Tensor& w, const Tensor& b, bool relu, QParam
   op.requant.zero_point = out.zero_point;
   op.requant.act_min = relu ? std::max(out_range.qmin, out.zero_point) : out_range.qmin;
   op.requant.act_max = out_range.qmax;
+  // M[c] goes through the float32 the file stores and the function the loader uses (set_requant_from_scales),
+  // so this graph and the same model saved and loaded are bit-identical.
+  std::vector<float> scales;
   for (int64_t c = 0; c < op.out_channels; ++c) {
     const QParams wp = w_params[static_cast<size_t>(c)];
     op.bias.push_back(b.defined() ? quantize_bias(b.data()[c], in.scale, wp.scale) : 0);
-    const QuantizedMultiplier m =
-        quantize_multiplier(static_cast<double>(in.scale) * wp.scale / static_cast<double>(out.scale));
-    op.requant.multiplier.push_back(m.multiplier);
-    op.requant.shift.push_back(m.shift);
+    scales.push_back(requant_scale(in.scale, wp.scale, out.scale));
   }
+  set_requant_from_scales(op, scales);
   model.op_output_scales.push_back(out.scale);
+  return scales;
 }
 
 }  // namespace
@@ -77,15 +80,15 @@ IntModel convert(const QatModel& qat, const Normalization& norm, const Shape& in
     auto layer = layers.at(i);
     rt::Op op;
     op.name = fmt::format("layers.{}", i);
+    std::vector<float> requant_scales;  // M[c] of a Conv2d / Linear; empty for the other ops
     if (auto q = std::dynamic_pointer_cast<QuantInput>(layer)) {
       // The float normalisation folded into a 256-entry table (the fake-quant input path, eq. 9).
       current = q->fq->qparams_per_tensor();
       op.kind = rt::OpKind::Input;
-      for (int p = 0; p < 256; ++p)
-        op.input_table[static_cast<size_t>(p)] =
-            static_cast<int8_t>(quantize(normalize_pixel(static_cast<uint8_t>(p), norm), current, q->fq->range()));
       model.input_scale = current.scale;
       model.input_zero_point = current.zero_point;
+      model.input_range = q->fq->range();
+      op.input_table = make_input_table(norm, current, model.input_range);
       model.op_output_scales.push_back(current.scale);
     } else if (auto q = std::dynamic_pointer_cast<QConvBlock>(layer)) {
       auto [w, b] = q->folded_weight_and_bias();
@@ -95,13 +98,14 @@ IntModel convert(const QatModel& qat, const Normalization& norm, const Shape& in
       op.kernel = q->conv->kernel;
       op.stride = q->conv->stride;
       op.padding = q->conv->padding;
-      lower_block(op, w, b, q->relu, current, *q->weight_fq, *q->output_fq, model);
+      requant_scales = lower_block(op, w, b, q->relu, current, *q->weight_fq, *q->output_fq, model);
       current = q->output_fq->qparams_per_tensor();
     } else if (auto q = std::dynamic_pointer_cast<QLinearBlock>(layer)) {
       op.kind = rt::OpKind::Linear;
       op.in_channels = q->linear->in_features;
       op.out_channels = q->linear->out_features;
-      lower_block(op, q->linear->weight, q->linear->bias, q->relu, current, *q->weight_fq, *q->output_fq, model);
+      requant_scales = lower_block(op, q->linear->weight, q->linear->bias, q->relu, current, *q->weight_fq,
+                                   *q->output_fq, model);
       current = q->output_fq->qparams_per_tensor();
     } else if (auto pool = std::dynamic_pointer_cast<nn::MaxPool2d>(layer)) {
       op.kind = rt::OpKind::MaxPool2d;
@@ -131,6 +135,7 @@ IntModel convert(const QatModel& qat, const Normalization& norm, const Shape& in
       fail("convert: layer {} ({}) has no integer op (prepare the model with prepare_qat first)", op.name,
            layer->describe());
     }
+    model.op_requant_scales.push_back(std::move(requant_scales));
     graph.ops.push_back(std::move(op));
   }
   model.output_scale = current.scale;

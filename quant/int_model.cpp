@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <initializer_list>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
@@ -134,11 +135,24 @@ ordered_json op_to_json(const IntModel& model, size_t i) {
   return j;
 }
 
+// The bias rule: I16 when every value of the op fits in int16, else I32 (the reader widens both to int32).
+StTensor bias_tensor(const std::vector<int32_t>& bias) {
+  const auto out = static_cast<int64_t>(bias.size());
+  const bool fits_i16 = std::all_of(bias.begin(), bias.end(), [](int32_t b) {
+    return b >= std::numeric_limits<int16_t>::min() && b <= std::numeric_limits<int16_t>::max();
+  });
+  if (!fits_i16) return make_st_tensor<int32_t>(DType::I32, {out}, bias);
+  const std::vector<int16_t> narrow(bias.begin(), bias.end());
+  return make_st_tensor<int16_t>(DType::I16, {out}, narrow);
+}
+
 StFile to_st_file(const IntModel& model) {
   ordered_json graph = ordered_json::object();
   graph["input_shape"] = {model.graph.in_channels, model.graph.in_height, model.graph.in_width};
   graph["input_scale"] = json_float(model.input_scale);
   graph["input_zero_point"] = model.input_zero_point;
+  graph["input_qmin"] = model.input_range.qmin;
+  graph["input_qmax"] = model.input_range.qmax;
   graph["norm_mean"] = json_float(model.norm.mean);
   graph["norm_std"] = json_float(model.norm.std);
   graph["output_scale"] = json_float(model.output_scale);
@@ -151,23 +165,17 @@ StFile to_st_file(const IntModel& model) {
   file.metadata["model"] = model.model_name;
   file.metadata["mode"] = model.mode;
   file.metadata["graph"] = graph.dump();
+  // The Input op's table is not stored: the loader rebuilds it from the graph JSON (make_input_table).
   for (size_t i = 0; i < model.graph.ops.size(); ++i) {
     const Op& op = model.graph.ops[i];
-    if (op.kind == OpKind::Input) {
-      file.tensors.emplace_back(tensor_name(i, "input_table"),
-                                make_st_tensor<int8_t>(DType::I8, {256}, std::span<const int8_t>(op.input_table)));
-    }
     if (!is_weighted(op.kind)) continue;
     const DType weight_dtype = op.weight_bits == 4 ? DType::U8 : DType::I8;
     const auto out = static_cast<int64_t>(op.out_channels);
     const std::span<const int8_t> weight(op.weight);
     file.tensors.emplace_back(tensor_name(i, "weight"), make_st_tensor<int8_t>(weight_dtype, weight_shape(op), weight));
-    file.tensors.emplace_back(tensor_name(i, "bias"), make_st_tensor<int32_t>(DType::I32, {out}, op.bias));
-    file.tensors.emplace_back(tensor_name(i, "multiplier"),
-                              make_st_tensor<int32_t>(DType::I32, {out}, op.requant.multiplier));
-    // Shifts are in [1, 62] (validate() checked), so one byte each: U8 on disk, int32 in memory.
-    const std::vector<uint8_t> shift(op.requant.shift.begin(), op.requant.shift.end());
-    file.tensors.emplace_back(tensor_name(i, "shift"), make_st_tensor<uint8_t>(DType::U8, {out}, shift));
+    file.tensors.emplace_back(tensor_name(i, "bias"), bias_tensor(op.bias));
+    const std::span<const float> scales(model.op_requant_scales[i]);
+    file.tensors.emplace_back(tensor_name(i, "scale"), make_st_tensor<float>(DType::F32, {out}, scales));
   }
   return file;
 }
@@ -324,8 +332,9 @@ void check_metadata(const StFile& file, const std::string& path) {
     fail("{}: format version {} is newer than this lowbit (reads {}): upgrade lowbit", path, number, kIntModelVersion);
   }
   if (number != kIntModelVersion) {
-    fail("{}: format version {} is not supported (this lowbit reads {}; convert the model again)", path, number,
-         kIntModelVersion);
+    fail("{}: format version {} is not supported (this lowbit reads version {} only): re-convert with this version "
+         "of lowbit (quantize --model CHECKPOINT --out FILE)",
+         path, number, kIntModelVersion);
   }
   for (const std::string& key : kMetadataKeys) {
     if (!file.metadata.contains(key)) {
@@ -348,21 +357,34 @@ class TensorReader {
 
   template <typename T>
   std::vector<T> read(const std::string& name, DType dtype, const std::vector<int64_t>& shape, std::string_view what) {
+    return values<T>(name, find(name, {dtype}, shape, what));
+  }
+
+  // The tensor after checking that it is present with one of `dtypes` and the expected shape.
+  const StTensor& find(const std::string& name, std::initializer_list<DType> dtypes, const std::vector<int64_t>& shape,
+                       std::string_view what) {
+    std::vector<std::string_view> names;
+    for (const DType dtype : dtypes) names.push_back(dtype_name(dtype));
     const StTensor* tensor = file_.find(name);
     if (tensor == nullptr) {
-      fail("{}: tensor '{}' missing ({}, {} {}; {})", path_, name, what, dtype_name(dtype), shape_string(shape),
-           kBadFileHint);
+      fail("{}: tensor '{}' missing ({}, {} {}; {})", path_, name, what, fmt::join(names, " or "),
+           shape_string(shape), kBadFileHint);
     }
     used_.insert(name);
-    if (tensor->dtype != dtype) {
-      fail("{}: tensor '{}' has dtype {}, expected {} ({})", path_, name, dtype_name(tensor->dtype), dtype_name(dtype),
-           what);
+    if (std::find(dtypes.begin(), dtypes.end(), tensor->dtype) == dtypes.end()) {
+      fail("{}: tensor '{}' has dtype {}, expected {} ({})", path_, name, dtype_name(tensor->dtype),
+           fmt::join(names, " or "), what);
     }
     if (tensor->shape != shape) {
       fail("{}: tensor '{}' has shape {}, expected {} ({})", path_, name, shape_string(tensor->shape),
            shape_string(shape), what);
     }
-    return st_values<T>(*tensor, dtype, fmt::format("{}: tensor '{}'", path_, name));
+    return *tensor;
+  }
+
+  template <typename T>
+  std::vector<T> values(const std::string& name, const StTensor& tensor) const {
+    return st_values<T>(tensor, tensor.dtype, fmt::format("{}: tensor '{}'", path_, name));
   }
 
   // Every tensor in the file must have been read.
@@ -423,10 +445,9 @@ Op read_op(const json& value, size_t i, const std::string& path, IntModel& model
 
   // Tensors. Sizes are range-checked above, so the expected shapes cannot overflow.
   if (op.kind == OpKind::Input) {
-    const auto table = tensors.read<int8_t>(tensor_name(i, "input_table"), DType::I8, {256},
-                                            "the Input op's 256-entry pixel → code table");
-    std::copy(table.begin(), table.end(), op.input_table.begin());
+    op.input_table = make_input_table(model.norm, {model.input_scale, model.input_zero_point}, model.input_range);
   }
+  model.op_requant_scales.emplace_back();
   if (is_weighted(op.kind)) {
     const std::string what =
         fmt::format("op {} '{}' ({}, {}-bit weights, {})", i, op.name, kind_name, op.weight_bits,
@@ -435,15 +456,33 @@ Op read_op(const json& value, size_t i, const std::string& path, IntModel& model
     op.weight = tensors.read<int8_t>(tensor_name(i, "weight"), op.weight_bits == 4 ? DType::U8 : DType::I8,
                                      weight_shape(op), what);
     const std::vector<int64_t> per_channel = {op.out_channels};
-    op.bias = tensors.read<int32_t>(tensor_name(i, "bias"), DType::I32, per_channel,
-                                    fmt::format("op {} '{}': int32 bias, one per output channel", i, op.name));
-    op.requant.multiplier =
-        tensors.read<int32_t>(tensor_name(i, "multiplier"), DType::I32, per_channel,
-                              fmt::format("op {} '{}': requantization multiplier, one per output channel", i, op.name));
-    const auto shift =
-        tensors.read<uint8_t>(tensor_name(i, "shift"), DType::U8, per_channel,
-                              fmt::format("op {} '{}': requantization shift, one per output channel", i, op.name));
-    op.requant.shift.assign(shift.begin(), shift.end());  // range-checked by runtime::validate()
+    const std::string bias_name = tensor_name(i, "bias");
+    const StTensor& bias =
+        tensors.find(bias_name, {DType::I16, DType::I32}, per_channel,
+                     fmt::format("op {} '{}': bias, one per output channel, I16 if every value fits", i, op.name));
+    if (bias.dtype == DType::I16) {
+      const auto narrow = tensors.values<int16_t>(bias_name, bias);
+      op.bias.assign(narrow.begin(), narrow.end());
+    } else {
+      op.bias = tensors.values<int32_t>(bias_name, bias);
+    }
+    const std::string scale_name = tensor_name(i, "scale");
+    std::vector<float> scales = tensors.read<float>(
+        scale_name, DType::F32, per_channel,
+        fmt::format("op {} '{}': requantization scale s_in·s_w[c]/s_out, one per output channel", i, op.name));
+    for (size_t c = 0; c < scales.size(); ++c) {
+      if (!(std::isfinite(scales[c]) && scales[c] > 0.f)) {
+        fail("{}: tensor '{}': the requantization scale of output channel {} must be a finite number > 0, found {} "
+             "({})",
+             path, scale_name, c, scales[c], kBadFileHint);
+      }
+    }
+    try {
+      set_requant_from_scales(op, scales);
+    } catch (const Error& e) {
+      fail("{}: tensor '{}': {}", path, scale_name, e.what());
+    }
+    model.op_requant_scales.back() = std::move(scales);
   }
   return op;
 }
@@ -479,6 +518,21 @@ void check_model(const IntModel& model, const std::string& path) {
   }
 }
 
+// Max pool and flatten pass their input codes through and an avg pool keeps its input's qparams, so their
+// zero points are those of the codes they carry. The file does not store them and the runtime does not read
+// them; the loader sets them as convert does, so that a loaded graph equals the converted one field by field.
+void set_pass_through_zero_points(IntModel& model) {
+  int32_t zero_point = model.input_zero_point;
+  for (Op& op : model.graph.ops) {
+    if (op.kind == OpKind::MaxPool2d || op.kind == OpKind::Flatten) {
+      op.input_zero_point = zero_point;
+      op.requant.zero_point = zero_point;
+    }
+    if (op.kind == OpKind::AvgPool2d) op.requant.zero_point = op.input_zero_point;
+    if (is_weighted(op.kind)) zero_point = op.requant.zero_point;
+  }
+}
+
 IntModel from_st_file(const StFile& file, const std::string& path) {
   check_metadata(file, path);
   IntModel model;
@@ -494,14 +548,18 @@ IntModel from_st_file(const StFile& file, const std::string& path) {
 
   const json graph = parse_graph_json(file.metadata.at("graph"), path);
   const FieldReader g(graph, path + ": metadata 'graph'");
-  g.require_exactly({"input_shape", "input_scale", "input_zero_point", "norm_mean", "norm_std", "output_scale", "ops"},
+  g.require_exactly({"input_shape", "input_scale", "input_zero_point", "input_qmin", "input_qmax", "norm_mean",
+                     "norm_std", "output_scale", "ops"},
                     "the graph object");
   const json& shape = g.array("input_shape", 3, 3);
   model.graph.in_channels = g.integer_value(shape[0], "input_shape[0] (C)", 1, kIntModelMaxChannels);
   model.graph.in_height = g.integer_value(shape[1], "input_shape[1] (H)", 1, kIntModelMaxChannels);
   model.graph.in_width = g.integer_value(shape[2], "input_shape[2] (W)", 1, kIntModelMaxChannels);
   model.input_scale = g.number("input_scale", true);
-  model.input_zero_point = static_cast<int32_t>(g.integer("input_zero_point", -128, 127));
+  model.input_range.qmin = static_cast<int32_t>(g.integer("input_qmin", -128, 127));
+  model.input_range.qmax = static_cast<int32_t>(g.integer("input_qmax", model.input_range.qmin, 127));
+  model.input_zero_point =
+      static_cast<int32_t>(g.integer("input_zero_point", model.input_range.qmin, model.input_range.qmax));
   model.norm.mean = g.number("norm_mean", false);
   model.norm.std = g.number("norm_std", true);
   model.output_scale = g.number("output_scale", true);
@@ -511,6 +569,7 @@ IntModel from_st_file(const StFile& file, const std::string& path) {
   for (size_t i = 0; i < ops.size(); ++i) model.graph.ops.push_back(read_op(ops[i], i, path, model, tensors));
   tensors.check_no_extra();
   check_model(model, path);
+  set_pass_through_zero_points(model);
   try {
     runtime::validate(model.graph);
   } catch (const runtime::RuntimeError& e) {
@@ -524,6 +583,34 @@ IntModel from_st_file(const StFile& file, const std::string& path) {
 // =====================================================================================================
 // API
 // =====================================================================================================
+
+std::array<int8_t, 256> make_input_table(const Normalization& norm, QParams input, QRange range) {
+  std::array<int8_t, 256> table{};
+  for (int p = 0; p < 256; ++p) {
+    const float x = normalize_pixel(static_cast<uint8_t>(p), norm);
+    table[static_cast<size_t>(p)] = static_cast<int8_t>(quantize(x, input, range));
+  }
+  return table;
+}
+
+float requant_scale(float input_scale, float weight_scale, float output_scale) {
+  return static_cast<float>(static_cast<double>(input_scale) * weight_scale / static_cast<double>(output_scale));
+}
+
+void set_requant_from_scales(Op& op, std::span<const float> scales) {
+  op.requant.multiplier.clear();
+  op.requant.shift.clear();
+  for (size_t c = 0; c < scales.size(); ++c) {
+    QuantizedMultiplier m{};
+    try {
+      m = quantize_multiplier(static_cast<double>(scales[c]));
+    } catch (const Error& e) {
+      fail("op '{}', output channel {}: {}", op.name, c, e.what());
+    }
+    op.requant.multiplier.push_back(m.multiplier);
+    op.requant.shift.push_back(m.shift);
+  }
+}
 
 int64_t IntModel::num_classes() const {
   if (graph.ops.empty()) return 0;
@@ -540,13 +627,39 @@ void save_int_model(const std::string& path, const IntModel& model) {
   if (model.op_output_scales.size() != n) {
     fail("{}: op_output_scales needs one entry per op ({}), found {}", where, n, model.op_output_scales.size());
   }
+  if (model.op_requant_scales.size() != n) {
+    fail("{}: op_requant_scales needs one entry per op ({}), found {}", where, n, model.op_requant_scales.size());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const Op& op = model.graph.ops[i];
+    const size_t expected = is_weighted(op.kind) ? static_cast<size_t>(std::max<int64_t>(op.out_channels, 0)) : 0;
+    if (model.op_requant_scales[i].size() != expected) {
+      fail("{}: op {} '{}' needs {} requantization scales (one per output channel of a conv2d / linear), found {}",
+           where, i, op.name, expected, model.op_requant_scales[i].size());
+    }
+  }
   try {
     runtime::validate(model.graph);  // sizes and ranges, so that the tensors below can be laid out
   } catch (const runtime::RuntimeError& e) {
     fail("{}: {}", where, e.what());
   }
   const StFile file = to_st_file(model);
-  from_st_file(file, where);  // the file must load back: one set of checks for writer and reader
+  // The file must load back (one set of checks for writer and reader) to the same graph: the values the
+  // loader derives (input table, multipliers, shifts) must be the ones the model holds.
+  const IntModel back = from_st_file(file, where);
+  for (size_t i = 0; i < n; ++i) {
+    const Op &op = model.graph.ops[i], &loaded = back.graph.ops[i];
+    if (op.kind == OpKind::Input && op.input_table != loaded.input_table) {
+      fail("{}: the input table of op {} '{}' is not make_input_table(norm, input qparams, input_range) (the file "
+           "stores only those; build the table with make_input_table)",
+           where, i, op.name);
+    }
+    if (op.requant.multiplier != loaded.requant.multiplier || op.requant.shift != loaded.requant.shift) {
+      fail("{}: the multipliers and shifts of op {} '{}' are not the ones its requantization scales give (the file "
+           "stores only the scales; set them with set_requant_from_scales)",
+           where, i, op.name);
+    }
+  }
   save_safetensors(path, file);
 }
 

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <new>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -254,8 +255,12 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
     }
     return serialize(file);
   };
-  const auto set_i32 = [](int32_t value) { return [value](StTensor& t) { std::memcpy(t.bytes.data(), &value, 4); }; };
-  const auto set_u8 = [](uint8_t value) { return [value](StTensor& t) { t.bytes[0] = std::byte{value}; }; };
+  const auto set_f32 = [](float value) { return [value](StTensor& t) { std::memcpy(t.bytes.data(), &value, 4); }; };
+  const auto without_tensor = [&](const std::string& name) {
+    StFile file = good;
+    std::erase_if(file.tensors, [&](const auto& t) { return t.first == name; });
+    return serialize(file);
+  };
   std::string duplicate_key = good.metadata.at("graph");
   duplicate_key.insert(1, R"("ops":[],)");  // "ops" twice in the graph object
   StFile duplicated = good;
@@ -267,8 +272,10 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
       {"truncated: inside the header", cut(good_bytes, 8 + header / 2), "exceeds file size"},
       {"truncated: after the header", cut(good_bytes, 8 + header), "the data area holds only 0 bytes"},
       {"truncated: inside the data", cut(good_bytes, good_bytes.size() - 1), "(file truncated?)"},
-      {"format version from the future", metadata_edit("format_version", "3"),
-       "format version 3 is newer than this lowbit (reads 2): upgrade lowbit"},
+      {"format version from the future", metadata_edit("format_version", "4"),
+       "format version 4 is newer than this lowbit (reads 3): upgrade lowbit"},
+      {"old format version", metadata_edit("format_version", "2"),
+       "format version 2 is not supported (this lowbit reads version 3 only): re-convert with this version of lowbit"},
       {"duplicate JSON keys in the graph", serialize(duplicated), "has the key 'ops' twice"},
       {"NaN scale", graph_edit([](json& g) { g["output_scale"] = nullptr; }),
        "'output_scale' must be a finite number > 0, found null"},
@@ -279,12 +286,17 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
        "'output_scale' must be a finite number > 0, found -0.5"},
       {"zero point out of range", graph_edit([](json& g) { g["ops"][5]["zero_point"] = 128; }),
        "'zero_point' must be in [-128, 127], found 128"},
-      {"shift out of range (63)", tensor_edit("ops.1.shift", set_u8(63)),
-       "requant.shift of output channel 0 must be in [1, 62], found 63"},
-      {"shift out of range (0)", tensor_edit("ops.5.shift", set_u8(0)),
-       "requant.shift of output channel 0 must be in [1, 62], found 0"},
-      {"multiplier out of range", tensor_edit("ops.5.multiplier", set_i32(-7)),
-       "requant.multiplier of output channel 0 must be in"},
+      {"requantization scale zero", tensor_edit("ops.1.scale", set_f32(0.f)),
+       "tensor 'ops.1.scale': the requantization scale of output channel 0 must be a finite number > 0, found 0"},
+      {"requantization scale negative", tensor_edit("ops.5.scale", set_f32(-0.25f)),
+       "the requantization scale of output channel 0 must be a finite number > 0, found -0.25"},
+      {"requantization scale NaN", tensor_edit("ops.5.scale", set_f32(std::numeric_limits<float>::quiet_NaN())),
+       "the requantization scale of output channel 0 must be a finite number > 0, found nan"},
+      {"requantization scale infinite", tensor_edit("ops.1.scale", set_f32(std::numeric_limits<float>::infinity())),
+       "the requantization scale of output channel 0 must be a finite number > 0, found inf"},
+      {"requantization scale out of the multiplier range", tensor_edit("ops.1.scale", set_f32(0x1p-40f)),
+       "is out of the representable range [2^-32, 2^30)"},
+      {"requantization scale missing", without_tensor("ops.5.scale"), "tensor 'ops.5.scale' missing"},
       {"unknown op name", graph_edit([](json& g) { g["ops"][4]["kind"] = "gelu"; }), "unknown op kind 'gelu'"},
       {"ops whose shapes do not chain", graph_edit([](json& g) {
          g["input_shape"] = {1, 9, 9};
@@ -295,7 +307,15 @@ TEST_CASE("corrupt integer models: one per class, a clear message, no unjustifie
       {"huge size", graph_edit([](json& g) { g["ops"][5]["in_channels"] = uint64_t{1} << 62; }),
        "'in_channels' must be in [1, 65536], found 4611686018427387904"},
       {"tensor dtype mismatch", tensor_edit("ops.5.bias", [](StTensor& t) { t.dtype = DType::F32; }),
-       "tensor 'ops.5.bias' has dtype F32, expected I32"},
+       "tensor 'ops.5.bias' has dtype F32, expected I16 or I32"},
+      {"bias dtype mismatch (I64)",
+       tensor_edit("ops.1.bias",
+                   [](StTensor& t) {
+                     t.dtype = DType::I64;
+                     t.shape = {1};  // the 2 I16 values are 4 bytes; 8 make one I64
+                     t.bytes.resize(8);
+                   }),
+       "tensor 'ops.1.bias' has dtype I64, expected I16 or I32"},
       {"tensor shape mismatch",
        tensor_edit("ops.1.weight",
                    [](StTensor& t) {

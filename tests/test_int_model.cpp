@@ -9,8 +9,13 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 
+#include "core/normalize.h"
+#include "core/rng.h"
 #include "core/safetensors.h"
+#include "nn/layers.h"
+#include "quant/convert.h"
 #include "quant/int_model.h"
+#include "quant/qat.h"
 #include "quant/runtime/executor.h"
 #include "quant/runtime/int4.h"
 
@@ -67,11 +72,7 @@ Op weighted(OpKind kind, std::string name, int bits, int64_t in, int64_t out, in
                          std::span<int8_t>(op.weight).subspan(c * row_bytes, row_bytes));
     }
   }
-  for (int64_t c = 0; c < out; ++c) {
-    op.bias.push_back(static_cast<int32_t>(100 * c - 50));
-    op.requant.multiplier.push_back((int32_t{1} << 30) + static_cast<int32_t>(c * 12345));
-    op.requant.shift.push_back(static_cast<int32_t>(36 + c % 3));
-  }
+  for (int64_t c = 0; c < out; ++c) op.bias.push_back(static_cast<int32_t>(100 * c - 50));
   op.requant.zero_point = z_out;
   op.requant.act_min = act_min;
   op.requant.act_max = 127;
@@ -85,7 +86,10 @@ Op window(OpKind kind, std::string name, int64_t kernel, int64_t stride, int64_t
   op.kernel = kernel;
   op.stride = stride;
   op.padding = padding;
+  // The zero point of the codes it passes on (for max pool and flatten the file does not store it: the
+  // loader sets it from the chain).
   op.input_zero_point = z;
+  op.requant.zero_point = z;
   return op;
 }
 
@@ -105,15 +109,24 @@ IntModel small_model() {
   Op input;
   input.kind = OpKind::Input;
   input.name = "input";
-  for (int p = 0; p < 256; ++p) input.input_table[p] = static_cast<int8_t>(p / 2 - 10 < 127 ? p / 2 - 10 : 127);
+  input.input_table = make_input_table(m.norm, {m.input_scale, m.input_zero_point}, m.input_range);
   m.graph.ops.push_back(input);
   m.graph.ops.push_back(weighted(OpKind::Conv2d, "features.0", 8, 1, 3, 3, 1, -10, -128, -128));
-  m.graph.ops.push_back(window(OpKind::MaxPool2d, "features.2", 2, 2, 0));
+  m.graph.ops.push_back(window(OpKind::MaxPool2d, "features.2", 2, 2, 0, -128));
   m.graph.ops.push_back(window(OpKind::AvgPool2d, "features.3", 3, 1, 1, -128));
-  m.graph.ops.push_back(window(OpKind::Flatten, "flatten", 1, 1, 0));
+  m.graph.ops.push_back(window(OpKind::Flatten, "flatten", 1, 1, 0, -128));
   m.graph.ops.push_back(weighted(OpKind::Linear, "classifier.0", 4, 27, 5, 1, 0, -128, -3, -3));
   m.graph.ops.push_back(weighted(OpKind::Linear, "classifier.2", 8, 5, 3, 1, 0, -3, 2, -128));
   m.op_output_scales = {0.0173f, 0.05f, 0.05f, 0.05f, 0.05f, 0.1f, 0.125f};
+  // Requantization scales M[c] = 0.004 + 0.0005·c for the weighted ops, and the multipliers they give.
+  for (Op& op : m.graph.ops) {
+    std::vector<float> scales;
+    const bool weighted = op.kind == OpKind::Conv2d || op.kind == OpKind::Linear;
+    for (int64_t c = 0; weighted && c < op.out_channels; ++c)
+      scales.push_back(0.004f + 0.0005f * static_cast<float>(c));
+    set_requant_from_scales(op, scales);
+    m.op_requant_scales.push_back(scales);
+  }
   return m;
 }
 
@@ -124,8 +137,11 @@ void check_same(const IntModel& a, const IntModel& b) {
   CHECK(a.norm.std == b.norm.std);
   CHECK(a.input_scale == b.input_scale);
   CHECK(a.input_zero_point == b.input_zero_point);
+  CHECK(a.input_range.qmin == b.input_range.qmin);
+  CHECK(a.input_range.qmax == b.input_range.qmax);
   CHECK(a.output_scale == b.output_scale);
   CHECK(a.op_output_scales == b.op_output_scales);
+  CHECK(a.op_requant_scales == b.op_requant_scales);
   CHECK(a.graph.in_channels == b.graph.in_channels);
   CHECK(a.graph.in_height == b.graph.in_height);
   CHECK(a.graph.in_width == b.graph.in_width);
@@ -193,8 +209,6 @@ StTensor& tensor(StFile& file, const std::string& name) {
   throw;
 }
 
-void set_i32(StTensor& t, size_t index, int32_t value) { std::memcpy(t.bytes.data() + 4 * index, &value, 4); }
-
 #define CHECK_CONTAINS(message, phrase) CHECK_MESSAGE((message).find(phrase) != std::string::npos, (message))
 
 }  // namespace
@@ -217,7 +231,11 @@ TEST_CASE("int model: save / load round trip is exact, file size, num_classes") 
   check_same(model, parse_int_model(bytes, path));
   StFile file = load_safetensors(path);
   CHECK(file.metadata.at("format") == kIntModelFormat);
-  CHECK(file.metadata.at("format_version") == "2");
+  CHECK(file.metadata.at("format_version") == "3");
+  CHECK(file.find("ops.0.input_table") == nullptr);  // derived at load from the graph JSON
+  CHECK(tensor(file, "ops.1.scale").dtype == DType::F32);
+  CHECK(tensor(file, "ops.1.scale").shape == std::vector<int64_t>{3});
+  CHECK(tensor(file, "ops.1.bias").dtype == DType::I16);  // biases −50, 50, 150 fit int16
   CHECK(tensor(file, "ops.5.weight").dtype == DType::U8);
   CHECK(tensor(file, "ops.5.weight").shape == std::vector<int64_t>{5, 14});
   CHECK(tensor(file, "ops.1.weight").shape == std::vector<int64_t>{3, 1, 3, 3});
@@ -251,6 +269,8 @@ TEST_CASE("int model: float report fields round trip bit for bit (shortest decim
       std::memcpy(field, &bits, 4);
     }
     model.norm.mean = -model.output_scale;
+    model.graph.ops[0].input_table =
+        make_input_table(model.norm, {model.input_scale, model.input_zero_point}, model.input_range);
     save_int_model(path, model);
     check_same(model, load_int_model(path));
   }
@@ -277,15 +297,187 @@ TEST_CASE("int model: save refuses an invalid model and leaves the old file unto
   no_logits.graph.ops.pop_back();
   no_logits.graph.ops.back().requant.act_min = -128;
   no_logits.op_output_scales.pop_back();
-  no_logits.graph.ops.push_back(window(OpKind::Flatten, "flatten2", 1, 1, 0));
+  no_logits.graph.ops.push_back(window(OpKind::Flatten, "flatten2", 1, 1, 0, -3));
   no_logits.op_output_scales.push_back(0.1f);
+  no_logits.op_requant_scales.back().clear();
   CHECK_THROWS_WITH_AS(save_int_model(path, no_logits), doctest::Contains("must be a 'linear' op"), Error);
 
   IntModel overflow = small_model();
   overflow.graph.ops[1].bias[0] = std::numeric_limits<int32_t>::max();
   CHECK_THROWS_WITH_AS(save_int_model(path, overflow), doctest::Contains("accumulator could overflow"), Error);
 
+  // The file stores what the table and the multipliers are derived from; a graph that does not match them
+  // would load back as a different graph.
+  IntModel own_table = small_model();
+  own_table.graph.ops[0].input_table[7] += 1;
+  CHECK_THROWS_WITH_AS(save_int_model(path, own_table),
+                       doctest::Contains("the input table of op 0 'input' is not make_input_table"), Error);
+  IntModel own_multiplier = small_model();
+  own_multiplier.graph.ops[5].requant.multiplier[2] += 1;
+  CHECK_THROWS_WITH_AS(save_int_model(path, own_multiplier),
+                       doctest::Contains("multipliers and shifts of op 5 'classifier.0' are not the ones"), Error);
+  IntModel own_scale = small_model();
+  own_scale.op_requant_scales[6][0] *= 2.f;  // the multipliers still hold the old scale
+  CHECK_THROWS_WITH_AS(save_int_model(path, own_scale), doctest::Contains("are not the ones"), Error);
+  IntModel no_scales = small_model();
+  no_scales.op_requant_scales[1].pop_back();
+  CHECK_THROWS_WITH_AS(save_int_model(path, no_scales), doctest::Contains("needs 3 requantization scales"), Error);
+  no_scales.op_requant_scales.pop_back();
+  CHECK_THROWS_WITH_AS(save_int_model(path, no_scales), doctest::Contains("op_requant_scales needs one entry per op"),
+                       Error);
+
   CHECK(read_bytes(path) == before);
+}
+
+TEST_CASE("int model: bias is stored as I16 when every value of the op fits, else as I32; both load back") {
+  TempDir dir("bias");
+  const std::string path = dir / "b.int.safetensors";
+  const auto bias_dtype = [&](const IntModel& model, const char* name) {
+    save_int_model(path, model);
+    check_same(model, load_int_model(path));
+    StFile file = load_safetensors(path);
+    return tensor(file, name).dtype;
+  };
+  IntModel model = small_model();
+  model.graph.ops[6].bias = {-32768, 0, 32767};  // the int16 limits still fit
+  CHECK(bias_dtype(model, "ops.6.bias") == DType::I16);
+  model.graph.ops[6].bias = {-32769, 0, 5};  // one value outside int16: the whole op is I32
+  CHECK(bias_dtype(model, "ops.6.bias") == DType::I32);
+  CHECK(bias_dtype(model, "ops.1.bias") == DType::I16);  // the rule is per op
+  model.graph.ops[6].bias = {1, 32768, 5};
+  CHECK(bias_dtype(model, "ops.6.bias") == DType::I32);
+  model.graph.ops[6].bias = {std::numeric_limits<int32_t>::min() / 2, 7, 8};
+  CHECK(bias_dtype(model, "ops.6.bias") == DType::I32);
+
+  // A reader takes an I32 bias whose values would fit I16 (another writer's choice) and widens nothing.
+  save_int_model(path, small_model());
+  StFile file = load_safetensors(path);
+  tensor(file, "ops.1.bias") = make_st_tensor<int32_t>(DType::I32, {3}, small_model().graph.ops[1].bias);
+  save_safetensors(path, file);
+  check_same(small_model(), load_int_model(path));
+}
+
+TEST_CASE("int model: the input table is derived at load from norm, input qparams and input range") {
+  TempDir dir("input_table");
+  const std::string path = dir / "t.int.safetensors";
+  IntModel model = small_model();
+  // A 4-bit input: codes in [−8, 7]; the table follows the range written in the graph JSON.
+  model.input_range = {-8, 7};
+  model.input_zero_point = -3;
+  model.input_scale = 0.1f;
+  model.graph.ops[1].input_zero_point = -3;
+  model.graph.ops[0].input_table = make_input_table(model.norm, {0.1f, -3}, {-8, 7});
+  save_int_model(path, model);
+  const IntModel loaded = load_int_model(path);
+  check_same(model, loaded);
+  const auto& table = loaded.graph.ops[0].input_table;
+  CHECK(table[0] == -8);   // (0 − 0.286)/0.353 = −0.81: −8.1 steps, −3 − 8 = −11, clamped to −8
+  CHECK(table[73] == -3);  // 73/255 = 0.2863 ≈ the mean: real 0 is the zero point
+  CHECK(table[255] == 7);  // (1 − 0.286)/0.353 = 2.02: 20.2 steps, −3 + 20 = 17, clamped to 7
+  const json graph = json::parse(load_safetensors(path).metadata.at("graph"));
+  CHECK(graph.at("input_qmin") == -8);
+  CHECK(graph.at("input_qmax") == 7);
+
+  // eq. 9 by hand for the 8-bit default: table[p] = clamp(round(((p/255 − mean)/std)/s) + z, −128, 127).
+  const IntModel eight = small_model();
+  for (int p = 0; p < 256; ++p) {
+    CAPTURE(p);
+    const float x = (static_cast<float>(p) / 255.f - 0.2860f) / 0.3530f;
+    const float q = std::round(x / 0.0173f) - 10.f;
+    CHECK(eight.graph.ops[0].input_table[static_cast<size_t>(p)] == static_cast<int>(std::clamp(q, -128.f, 127.f)));
+  }
+
+  CHECK_CONTAINS(graph_error(dir,
+                             [](json& g) {
+                               g["input_qmin"] = 5;
+                               g["input_qmax"] = 4;
+                             }),
+                 "'input_qmax' must be in [5, 127], found 4");
+  CHECK_CONTAINS(graph_error(dir, [](json& g) { g["input_qmin"] = -129; }), "'input_qmin' must be in [-128, 127]");
+  CHECK_CONTAINS(graph_error(dir, [](json& g) { g["input_qmax"] = -20; }),
+                 "'input_zero_point' must be in [-128, -20], found -10");
+  CHECK_CONTAINS(graph_error(dir, [](json& g) { g.erase("input_qmax"); }), "field 'input_qmax' missing");
+}
+
+TEST_CASE("int model: a requantization scale gives exactly m·2^(−n) = the float32 scale") {
+  // quantize_multiplier of a float32: its 24-bit mantissa fits m's 31 bits, so nothing is rounded.
+  uint32_t state = 99;
+  for (int trial = 0; trial < 2000; ++trial) {
+    state = state * 1664525u + 1013904223u;
+    const float scale = std::ldexp(1.f + static_cast<float>(state >> 9) * 0x1p-23f, -static_cast<int>(state % 31));
+    Op op;
+    op.name = "fc";
+    set_requant_from_scales(op, std::vector<float>{scale});
+    CAPTURE(scale);
+    CHECK(std::ldexp(static_cast<double>(op.requant.multiplier[0]), -op.requant.shift[0]) ==
+          static_cast<double>(scale));
+    CHECK((op.requant.multiplier[0] & 0x7F) == 0);  // the 7 bits below a float's mantissa are zero
+  }
+  Op op;
+  op.name = "fc";
+  CHECK_THROWS_WITH_AS(set_requant_from_scales(op, std::vector<float>{0.5f, 0.f}),
+                       doctest::Contains("op 'fc', output channel 1: requantization multiplier 0 must be finite"),
+                       Error);
+  // requant_scale rounds s_in·s_w/s_out, computed in double, once to float32.
+  CHECK(requant_scale(0.02f, 0.004f, 0.05f) ==
+        static_cast<float>(static_cast<double>(0.02f) * static_cast<double>(0.004f) / static_cast<double>(0.05f)));
+}
+
+TEST_CASE("int model: convert, then save and load, gives the identical graph (int8, W4A8, W4A4)") {
+  TempDir dir("convert");
+  constexpr int64_t kH = 6, kW = 6;
+  const Normalization norm{0.2860f, 0.3530f};
+  for (const char* bits : {"w8a8", "w4a8", "w4a4"}) {
+    CAPTURE(bits);
+    manual_seed(21);
+    Rng rng(22);
+    nn::Model float_model(
+        "tiny", std::make_shared<nn::Sequential>(std::vector<std::shared_ptr<nn::Module>>{
+                    std::make_shared<nn::Conv2d>(1, 4, 3, 1, 1, false), std::make_shared<nn::BatchNorm2d>(4),
+                    std::make_shared<nn::ReLU>(), std::make_shared<nn::MaxPool2d>(2), std::make_shared<nn::Flatten>(),
+                    std::make_shared<nn::Linear>(4 * 3 * 3, 8), std::make_shared<nn::ReLU>(),
+                    std::make_shared<nn::Linear>(8, 5)}));
+    float_model.eval();
+    const auto qat = prepare_qat(float_model, parse_bits(bits));
+    Calibrator calibrator(*qat);
+    for (int b = 0; b < 3; ++b) {
+      Tensor x = Tensor::empty({16, 1, kH, kW});
+      for (float& v : x.values()) v = normalize_pixel(static_cast<uint8_t>(rng.below(256)), norm);
+      calibrator.observe(x);
+    }
+    calibrator.finish();
+    qat->eval();
+    const IntModel converted = convert(*qat, norm, {1, kH, kW});
+    const std::string path = dir / (std::string(bits) + ".int.safetensors");
+    save_int_model(path, converted);
+    const IntModel loaded = load_int_model(path);
+    check_same(converted, loaded);  // input table, multipliers and shifts included
+
+    // The input table is the fake-quant input node's codes: pixel p → code q with s·(q − z) = QuantInput(x).
+    auto input = std::dynamic_pointer_cast<QuantInput>(qat->layers->at(0));
+    REQUIRE(input);
+    Tensor pixels = Tensor::empty({256});
+    for (int p = 0; p < 256; ++p) pixels.data()[p] = normalize_pixel(static_cast<uint8_t>(p), norm);
+    Tensor fake_quantized;
+    {
+      NoGradGuard no_grad;
+      fake_quantized = input->forward(pixels);
+    }
+    for (int p = 0; p < 256; ++p) {
+      CAPTURE(p);
+      const float expected = dequantize(loaded.graph.ops[0].input_table[static_cast<size_t>(p)],
+                                        {loaded.input_scale, loaded.input_zero_point});
+      CHECK(fake_quantized.data()[p] == expected);
+    }
+    // Every multiplier is its stored float32 scale, exactly.
+    for (size_t i = 0; i < loaded.graph.ops.size(); ++i) {
+      const Op& op = loaded.graph.ops[i];
+      for (size_t c = 0; c < op.requant.multiplier.size(); ++c) {
+        CHECK(std::ldexp(static_cast<double>(op.requant.multiplier[c]), -op.requant.shift[c]) ==
+              static_cast<double>(loaded.op_requant_scales[i][c]));
+      }
+    }
+  }
 }
 
 TEST_CASE("int model: missing file and file size errors name the path") {
@@ -311,12 +503,15 @@ TEST_CASE("int model: format tag and version") {
 
   file = good_file(dir);
   file.metadata["format_version"] = "7";
-  CHECK_CONTAINS(load_error(file, dir), "format version 7 is newer than this lowbit (reads 2): upgrade lowbit");
+  CHECK_CONTAINS(load_error(file, dir), "format version 7 is newer than this lowbit (reads 3): upgrade lowbit");
   file.metadata["format_version"] = "0";
   CHECK_CONTAINS(load_error(file, dir), "format version 0 is not supported");
-  file.metadata["format_version"] = "1";  // version 1 kept float weight scales in the graph JSON
+  file.metadata["format_version"] = "2";  // version 2 stored the input table, int32 multipliers and shifts
   CHECK_CONTAINS(load_error(file, dir),
-                 "format version 1 is not supported (this lowbit reads 2; convert the model again)");
+                 "format version 2 is not supported (this lowbit reads version 3 only): re-convert with this version "
+                 "of lowbit");
+  file.metadata["format_version"] = "1";
+  CHECK_CONTAINS(load_error(file, dir), "format version 1 is not supported");
   file.metadata["format_version"] = "1.0";
   CHECK_CONTAINS(load_error(file, dir), "is not a whole number");
   file.metadata["format_version"] = "99999999999999999999";
@@ -446,7 +641,6 @@ TEST_CASE("int model: op order: one Input first, a Linear last") {
     json graph = json::parse(file.metadata.at("graph"));
     graph["ops"][0]["kind"] = "flatten";
     file.metadata["graph"] = graph.dump();
-    std::erase_if(file.tensors, [](const auto& t) { return t.first == "ops.0.input_table"; });
     CHECK_CONTAINS(load_error(file, dir), "graph op 0 must be an 'input' op, found 'flatten'");
   }
   {  // a second Input op
@@ -454,7 +648,6 @@ TEST_CASE("int model: op order: one Input first, a Linear last") {
     json graph = json::parse(file.metadata.at("graph"));
     graph["ops"][4]["kind"] = "input";
     file.metadata["graph"] = graph.dump();
-    file.tensors.emplace_back("ops.4.input_table", tensor(file, "ops.0.input_table"));
     CHECK_CONTAINS(load_error(file, dir), "graph op 4 'flatten' is an 'input' op; only op 0 may be");
   }
   {  // the logits come from a Flatten: drop the last Linear, end with a Flatten
@@ -481,7 +674,7 @@ TEST_CASE("int model: shapes that do not chain") {
 
 TEST_CASE("int model: tensors missing, extra, of the wrong dtype or shape") {
   TempDir dir("tensors");
-  for (const char* name : {"ops.0.input_table", "ops.1.weight", "ops.1.bias", "ops.5.multiplier", "ops.6.shift"}) {
+  for (const char* name : {"ops.1.weight", "ops.1.bias", "ops.1.scale", "ops.5.scale", "ops.6.bias"}) {
     StFile file = good_file(dir);
     std::erase_if(file.tensors, [&](const auto& t) { return t.first == name; });
     CHECK_CONTAINS(load_error(file, dir), std::string("tensor '") + name + "' missing");
@@ -489,6 +682,14 @@ TEST_CASE("int model: tensors missing, extra, of the wrong dtype or shape") {
   StFile file = good_file(dir);
   file.tensors.emplace_back("ops.2.weight", tensor(file, "ops.1.bias"));
   CHECK_CONTAINS(load_error(file, dir), "unexpected tensor 'ops.2.weight'");
+  // A version-2 input table (now derived at load) is refused, not ignored.
+  file = good_file(dir);
+  file.tensors.emplace_back("ops.0.input_table", make_st_tensor<int8_t>(DType::I8, {256}, std::vector<int8_t>(256)));
+  CHECK_CONTAINS(load_error(file, dir), "unexpected tensor 'ops.0.input_table'");
+  // So are the version-2 multiplier and shift tensors.
+  file = good_file(dir);
+  file.tensors.emplace_back("ops.1.shift", make_st_tensor<uint8_t>(DType::U8, {3}, std::vector<uint8_t>{36, 36, 36}));
+  CHECK_CONTAINS(load_error(file, dir), "unexpected tensor 'ops.1.shift'");
 
   file = good_file(dir);
   tensor(file, "ops.1.weight").dtype = DType::U8;  // 8-bit weights are I8
@@ -496,7 +697,13 @@ TEST_CASE("int model: tensors missing, extra, of the wrong dtype or shape") {
   file = good_file(dir);
   StTensor& bias = tensor(file, "ops.1.bias");
   bias = make_st_tensor<float>(DType::F32, {3}, std::vector<float>{1, 2, 3});
-  CHECK_CONTAINS(load_error(file, dir), "tensor 'ops.1.bias' has dtype F32, expected I32");
+  CHECK_CONTAINS(load_error(file, dir), "tensor 'ops.1.bias' has dtype F32, expected I16 or I32");
+  file = good_file(dir);
+  tensor(file, "ops.1.bias") = make_st_tensor<int8_t>(DType::I8, {3}, std::vector<int8_t>{1, 2, 3});
+  CHECK_CONTAINS(load_error(file, dir), "tensor 'ops.1.bias' has dtype I8, expected I16 or I32");
+  file = good_file(dir);
+  tensor(file, "ops.5.scale") = make_st_tensor<double>(DType::F64, {5}, std::vector<double>(5, 0.004));
+  CHECK_CONTAINS(load_error(file, dir), "tensor 'ops.5.scale' has dtype F64, expected F32");
 
   // Packed int4 rows of 27 codes take 14 bytes; 15 is the wrong byte count.
   file = good_file(dir);
@@ -510,29 +717,37 @@ TEST_CASE("int model: tensors missing, extra, of the wrong dtype or shape") {
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][5]["weight_bits"] = 8; }),
                  "tensor 'ops.5.weight' has dtype U8, expected I8");
   file = good_file(dir);
-  tensor(file, "ops.6.shift") = make_st_tensor<uint8_t>(DType::U8, {4}, std::vector<uint8_t>{36, 36, 36, 36});
-  CHECK_CONTAINS(load_error(file, dir), "tensor 'ops.6.shift' has shape [4], expected [3]");
-  file = good_file(dir);
-  tensor(file, "ops.0.input_table") = make_st_tensor<int8_t>(DType::I8, {255}, std::vector<int8_t>(255));
-  CHECK_CONTAINS(load_error(file, dir), "has shape [255], expected [256]");
+  tensor(file, "ops.6.scale") = make_st_tensor<float>(DType::F32, {4}, std::vector<float>(4, 0.004f));
+  CHECK_CONTAINS(load_error(file, dir), "tensor 'ops.6.scale' has shape [4], expected [3]");
 }
 
-TEST_CASE("int model: values validate() refuses: shifts, multipliers, weights, accumulator overflow") {
+TEST_CASE("int model: requantization scales that are not positive, not finite or out of the multiplier range") {
+  TempDir dir("requant_scales");
+  const auto scale_error = [&](const char* name, size_t channel, float value) {
+    StFile file = good_file(dir);
+    std::memcpy(tensor(file, name).bytes.data() + 4 * channel, &value, 4);
+    return load_error(file, dir);
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const float bad : {0.f, -0.f, -0.004f, inf, -inf, std::numeric_limits<float>::quiet_NaN()}) {
+    CAPTURE(bad);
+    CHECK_CONTAINS(scale_error("ops.1.scale", 1, bad),
+                   "tensor 'ops.1.scale': the requantization scale of output channel 1 must be a finite number > 0");
+  }
+  // Finite and positive, but m·2^(−n) cannot hold it: n would leave [1, 62].
+  CHECK_CONTAINS(scale_error("ops.5.scale", 2, std::ldexp(1.f, -40)),
+                 "tensor 'ops.5.scale': op 'classifier.0', output channel 2: requantization multiplier");
+  CHECK_CONTAINS(scale_error("ops.5.scale", 2, std::ldexp(1.f, -40)), "out of the representable range");
+  CHECK_CONTAINS(scale_error("ops.6.scale", 0, std::ldexp(1.f, 31)), "out of the representable range");
+  CHECK_CONTAINS(scale_error("ops.6.scale", 0, 1e-45f), "out of the representable range");  // a denormal
+}
+
+TEST_CASE("int model: values validate() refuses: weights, accumulator overflow") {
   TempDir dir("values");
   StFile file = good_file(dir);
-  tensor(file, "ops.1.shift").bytes[1] = std::byte{63};
-  CHECK_CONTAINS(load_error(file, dir), "requant.shift of output channel 1 must be in [1, 62], found 63");
-  file = good_file(dir);
-  tensor(file, "ops.6.shift").bytes[0] = std::byte{0};
-  CHECK_CONTAINS(load_error(file, dir), "requant.shift of output channel 0 must be in [1, 62], found 0");
-  file = good_file(dir);
-  set_i32(tensor(file, "ops.5.multiplier"), 2, 12345);
-  CHECK_CONTAINS(load_error(file, dir), "requant.multiplier of output channel 2 must be in");
-  file = good_file(dir);
-  set_i32(tensor(file, "ops.5.multiplier"), 0, -5);
-  CHECK_CONTAINS(load_error(file, dir), "requant.multiplier of output channel 0 must be in");
-  file = good_file(dir);
-  set_i32(tensor(file, "ops.1.bias"), 0, std::numeric_limits<int32_t>::max());
+  // An I32 bias (the reader takes I32 even where I16 would do) that overflows the accumulator.
+  tensor(file, "ops.1.bias") =
+      make_st_tensor<int32_t>(DType::I32, {3}, std::vector<int32_t>{std::numeric_limits<int32_t>::max(), 50, 150});
   CHECK_CONTAINS(load_error(file, dir), "int32 accumulator could overflow");
   file = good_file(dir);
   tensor(file, "ops.1.weight").bytes[4] = std::byte{0x80};  // −128 is outside the symmetric int8 range

@@ -84,6 +84,7 @@ StFile sample_file() {
       {"q.weight", tensor_of<int8_t>(DType::I8, {5}, {-128, -127, 0, 7, 127})},
       {"empty.i8", tensor_of<int8_t>(DType::I8, {0}, {})},
       {"pixels", tensor_of<uint8_t>(DType::U8, {1, 3}, {0, 128, 255})},
+      {"bias.int16", tensor_of<int16_t>(DType::I16, {3}, {std::numeric_limits<int16_t>::min(), -1, 32767})},
       {"empty.i32", tensor_of<int32_t>(DType::I32, {2, 0, 3}, {})},
       {"bias.int32", tensor_of<int32_t>(DType::I32, {2}, {std::numeric_limits<int32_t>::min(), 42})},
       {"step", tensor_of<int64_t>(DType::I64, {1}, {std::numeric_limits<int64_t>::max()})},
@@ -120,12 +121,14 @@ TEST_CASE("dtype names and sizes follow the safetensors spelling") {
   CHECK(dtype_name(DType::F64) == "F64");
   CHECK(dtype_name(DType::I8) == "I8");
   CHECK(dtype_name(DType::U8) == "U8");
+  CHECK(dtype_name(DType::I16) == "I16");
   CHECK(dtype_name(DType::I32) == "I32");
   CHECK(dtype_name(DType::I64) == "I64");
   CHECK(dtype_size(DType::F32) == 4);
   CHECK(dtype_size(DType::F64) == 8);
   CHECK(dtype_size(DType::I8) == 1);
   CHECK(dtype_size(DType::U8) == 1);
+  CHECK(dtype_size(DType::I16) == 2);
   CHECK(dtype_size(DType::I32) == 4);
   CHECK(dtype_size(DType::I64) == 8);
 }
@@ -149,7 +152,7 @@ TEST_CASE("find returns nullptr and get names the file when a tensor is missing"
   CHECK(file.find("nope") == nullptr);
   CHECK(&file.get("step", "m.safetensors") == file.find("step"));
   CHECK_THROWS_WITH_AS(file.get("nope", "m.safetensors"),
-                       doctest::Contains("m.safetensors: tensor 'nope' missing (the file holds 9 tensors"), Error);
+                       doctest::Contains("m.safetensors: tensor 'nope' missing (the file holds 10 tensors"), Error);
 }
 
 // ---- round trips ----------------------------------------------------------------------------

@@ -23,10 +23,11 @@ inline std::shared_ptr<nn::Model> tiny_float_model() {
   return std::make_shared<nn::Model>("tiny", layers);
 }
 
-// One Conv2d / Linear op with small weights and valid requantization (validate() accepts it).
+// One Conv2d / Linear op with small weights, bias[c] = bias_step·c − 30, and requantization scales
+// M[c] = 0.0625 + 0.01·c with the multipliers and shifts they give (validate() accepts it).
 inline quant::runtime::Op tiny_weighted_op(quant::runtime::OpKind kind, std::string name, int bits, int64_t in,
                                            int64_t out, int64_t kernel, int64_t padding, int32_t z_in, int32_t z_out,
-                                           int32_t act_min) {
+                                           int32_t act_min, int32_t bias_step, std::vector<float>& requant_scales) {
   namespace rt = quant::runtime;
   rt::Op op;
   op.kind = kind;
@@ -50,11 +51,12 @@ inline quant::runtime::Op tiny_weighted_op(quant::runtime::OpKind kind, std::str
                     std::span<int8_t>(op.weight).subspan(c * row_bytes, row_bytes));
     }
   }
+  requant_scales.clear();
   for (int64_t c = 0; c < out; ++c) {
-    op.bias.push_back(static_cast<int32_t>(40 * c - 30));
-    op.requant.multiplier.push_back((int32_t{1} << 30) + static_cast<int32_t>(c * 9973));
-    op.requant.shift.push_back(static_cast<int32_t>(33 + c % 2));
+    op.bias.push_back(static_cast<int32_t>(bias_step * c - 30));
+    requant_scales.push_back(0.0625f + 0.01f * static_cast<float>(c));
   }
+  quant::set_requant_from_scales(op, requant_scales);
   op.requant.zero_point = z_out;
   op.requant.act_min = act_min;
   op.requant.act_max = 127;
@@ -62,7 +64,8 @@ inline quant::runtime::Op tiny_weighted_op(quant::runtime::OpKind kind, std::str
 }
 
 // Input (1, 5, 5) → Conv2d 4-bit 1→2 k3 pad 1 + ReLU (rows of 9 codes: a padding nibble) → MaxPool2d 2
-// → AvgPool2d 3 s1 pad 1 → Flatten (8) → Linear 8-bit 8→3: every op kind, both weight widths.
+// → AvgPool2d 3 s1 pad 1 → Flatten (8) → Linear 8-bit 8→3: every op kind, both weight widths, both bias
+// dtypes (the Conv2d's biases fit I16, the Linear's 39970 and 79970 need I32).
 inline quant::IntModel tiny_int_model() {
   namespace rt = quant::runtime;
   quant::IntModel m;
@@ -71,15 +74,18 @@ inline quant::IntModel tiny_int_model() {
   m.norm = {0.25f, 0.5f};
   m.input_scale = 0.0156f;
   m.input_zero_point = -64;
+  m.input_range = {-128, 127};
   m.output_scale = 0.25f;
   m.graph.in_channels = 1;
   m.graph.in_height = 5;
   m.graph.in_width = 5;
   rt::Op input;
   input.name = "input";
-  for (int p = 0; p < 256; ++p) input.input_table[p] = static_cast<int8_t>(p / 2 - 64);
+  input.input_table = quant::make_input_table(m.norm, {m.input_scale, m.input_zero_point}, m.input_range);
   m.graph.ops.push_back(input);
-  m.graph.ops.push_back(tiny_weighted_op(rt::OpKind::Conv2d, "features.0", 4, 1, 2, 3, 1, -64, -128, -128));
+  m.op_requant_scales.resize(6);
+  m.graph.ops.push_back(
+      tiny_weighted_op(rt::OpKind::Conv2d, "features.0", 4, 1, 2, 3, 1, -64, -128, -128, 40, m.op_requant_scales[1]));
   rt::Op max_pool;
   max_pool.kind = rt::OpKind::MaxPool2d;
   max_pool.name = "features.2";
@@ -96,7 +102,8 @@ inline quant::IntModel tiny_int_model() {
   flatten.kind = rt::OpKind::Flatten;
   flatten.name = "flatten";
   m.graph.ops.push_back(flatten);
-  m.graph.ops.push_back(tiny_weighted_op(rt::OpKind::Linear, "classifier", 8, 8, 3, 1, 0, -128, 0, -128));
+  m.graph.ops.push_back(
+      tiny_weighted_op(rt::OpKind::Linear, "classifier", 8, 8, 3, 1, 0, -128, 0, -128, 40000, m.op_requant_scales[5]));
   m.op_output_scales = {0.0156f, 0.05f, 0.05f, 0.05f, 0.05f, 0.25f};
   return m;
 }
