@@ -28,7 +28,7 @@ std::vector<BlockInfo> quantized_blocks(const nn::Model& model) {
 int64_t block_bytes(const BlockInfo& b, int bits) {
   const int64_t row = b.weights / b.channels;
   const int64_t weight_bytes = bits > 4 ? b.weights : b.channels * ((row + 1) / 2);
-  return weight_bytes + 12 * b.channels;
+  return weight_bytes + 8 * b.channels;  // F32 scale + I32 bias (docs/int-graph-format.md)
 }
 
 int64_t model_parameter_bytes(const nn::Model& model, const QConfig& config) {

@@ -19,12 +19,13 @@ struct BlockInfo {
   int block;          // index among the quantized blocks
   std::string layer;  // "layers.3"
   int64_t weights;    // weight count
-  int64_t channels;   // output channels (one bias, multiplier and shift each)
+  int64_t channels;   // output channels (one bias and one requantization scale each)
 };
 std::vector<BlockInfo> quantized_blocks(const nn::Model& model);
 
 // Bytes the integer graph spends on a block's parameters at `bits`: the weight codes (int4 packed
-// two per byte, rows byte-aligned) plus int32 bias, multiplier and shift per output channel.
+// two per byte, rows byte-aligned) plus, per output channel, a float32 scale and at most an int32 bias
+// (int graph v3 stores the bias as int16 when it fits: this is the upper bound).
 int64_t block_bytes(const BlockInfo& block, int bits);
 int64_t model_parameter_bytes(const nn::Model& model, const QConfig& config);
 
