@@ -26,6 +26,7 @@
 #include "core/safetensors.h"
 #include "data_fixtures.h"
 #include "nn/checkpoint.h"
+#include "nn/layers.h"
 #include "nn/zoo.h"
 #include "optim/optimizer.h"
 
@@ -44,6 +45,7 @@ constexpr double kLossTolerance = 1e-5;     // the loss of every step
 constexpr double kWeightNoise = kLr / 100;       // nearly every weight agrees this well...
 constexpr double kWeightNoiseFraction = 1e-4;    // ...all but this fraction of a tensor's weights...
 constexpr double kWeightMaxDiff = kLr / 2;       // ...and none is further off than this
+constexpr double kInitSigmas = 4;  // initial weights: mean |value| vs its expectation, in standard errors
 const char* const kFashionMnist = "/usr/share/datasets/fashion-mnist";
 const Normalization kPeerNormalization{0.2860f, 0.3530f};
 
@@ -116,6 +118,43 @@ std::vector<T> values_of(const StFile& file, const std::string& name, DType dtyp
 std::vector<float> f32(const StFile& file, const std::string& name) { return values_of<float>(file, name, DType::F32); }
 std::vector<double> f64(const StFile& file, const std::string& name) { return values_of<double>(file, name, DType::F64); }
 
+// PyTorch's default initialisation of Linear and Conv2d (kaiming_uniform_ with a = sqrt(5), and its bias rule) is
+// U(-b, b) with b = 1 / sqrt(fan_in), for weights and biases alike. `t` must lie in [-b, b], and the mean of |t|
+// (b / 2 for that distribution, standard deviation b / sqrt(12)) must be within kInitSigmas standard errors of b / 2.
+void check_uniform_init(const std::string& what, const Tensor& t, int64_t fan_in) {
+  const double b = 1.0 / std::sqrt(static_cast<double>(fan_in));
+  double max_abs = 0, sum_abs = 0;
+  for (float v : t.values()) max_abs = std::max(max_abs, std::abs(static_cast<double>(v))), sum_abs += std::abs(v);
+  const double n = static_cast<double>(t.numel()), mean_abs = sum_abs / n;
+  const double standard_error = b / std::sqrt(12.0 * n);
+  CHECK_MESSAGE(max_abs <= b * (1 + 1e-6), what, ": max |value| ", max_abs, " is outside U(-b, b), b = ", b);
+  CHECK_MESSAGE(std::abs(mean_abs - b / 2) <= kInitSigmas * standard_error, what, ": mean |value| ", mean_abs,
+                " for U(-b, b) with b = ", b, " should be ", b / 2, " +- ", kInitSigmas * standard_error);
+}
+
+// Every layer of `model` starts as PyTorch's defaults say; `who` names the initialiser in messages.
+void check_initialisation(const std::string& who, const nn::Model& model) {
+  for (size_t i = 0; i < model.layers->size(); ++i) {
+    const auto layer = model.layers->at(i);
+    const std::string name = fmt::format("{}: layers.{}", who, i);
+    if (const auto linear = std::dynamic_pointer_cast<nn::Linear>(layer)) {
+      check_uniform_init(name + ".weight", linear->weight, linear->in_features);
+      check_uniform_init(name + ".bias", linear->bias, linear->in_features);
+    } else if (const auto conv = std::dynamic_pointer_cast<nn::Conv2d>(layer)) {
+      const int64_t fan_in = conv->in_channels * conv->kernel * conv->kernel;
+      check_uniform_init(name + ".weight", conv->weight, fan_in);
+      if (conv->bias.defined()) check_uniform_init(name + ".bias", conv->bias, fan_in);
+    } else if (const auto bn = std::dynamic_pointer_cast<nn::BatchNorm2d>(layer)) {
+      for (int64_t c = 0; c < bn->channels; ++c) {
+        CHECK(bn->weight.data()[c] == 1.f);
+        CHECK(bn->bias.data()[c] == 0.f);
+        CHECK(bn->running_mean.data()[c] == 0.f);
+        CHECK(bn->running_var.data()[c] == 1.f);
+      }
+    }
+  }
+}
+
 // Runs tests/torch_parity.py for `model_name`, then the same steps here, and compares them.
 void check_parity(const std::string& model_name, const std::string& data_dir) {
   const std::string python = python_with_torch();
@@ -144,9 +183,14 @@ void check_parity(const std::string& model_name, const std::string& data_dir) {
     normalised_differently += normalize_pixel(pixels[i], kPeerNormalization) != images[i];
   CHECK(normalised_differently == 0);
 
-  // Our model, from PyTorch's initial weights, trained with the peer's recipe.
+  // The same initialisation scheme: PyTorch's draw and ours (seed 0) from the same distributions.
   auto model = nn::build_model(model_name);
   nn::load_weights(*model, nn::read_checkpoint(dir / "init.safetensors"));
+  check_initialisation("PyTorch's init", *model);
+  manual_seed(0);
+  check_initialisation("our init", *nn::build_model(model_name));
+
+  // Our model, from PyTorch's initial weights, trained with the peer's recipe.
   model->train();
   optim::Adam adam(model->parameters(), {.lr = kLr});  // betas 0.9 / 0.999, eps 1e-8: PyTorch's defaults
   const int64_t image_values = 28 * 28;
