@@ -42,10 +42,10 @@ constexpr float kLr = 1e-3f;  // the peer's Adam learning rate (and PyTorch's de
 constexpr double kForwardTolerance = 1e-4;  // first-step logits and gradients
 constexpr double kLossTolerance = 1e-5;     // the loss of every step
 // |float32 - float64| of a weight, after Adam updates:
-constexpr double kWeightNoise = kLr / 100;       // nearly every weight agrees this well...
-constexpr double kWeightNoiseFraction = 1e-4;    // ...all but this fraction of a tensor's weights...
-constexpr double kWeightMaxDiff = kLr / 2;       // ...and none is further off than this
-constexpr double kInitSigmas = 4;  // initial weights: mean |value| vs its expectation, in standard errors
+constexpr double kWeightNoise = kLr / 100;     // nearly every weight agrees this well...
+constexpr double kWeightNoiseFraction = 1e-4;  // ...all but this fraction of a tensor's weights...
+constexpr double kWeightMaxDiff = kLr / 2;     // ...and none is further off than this
+constexpr double kInitSigmas = 4;              // initial weights: mean |value| vs its expectation, in standard errors
 const char* const kFashionMnist = "/usr/share/datasets/fashion-mnist";
 const Normalization kPeerNormalization{0.2860f, 0.3530f};
 
@@ -94,8 +94,9 @@ void check_close(const std::string& what, std::span<const float> ours, std::span
                  std::span<const double> exact, double tolerance, Worst& worst) {
   const Deviation o = deviation(ours, exact), t = deviation(torch, exact);
   worst.add(o.relative(), t.relative());
-  CHECK_MESSAGE(o.relative() <= tolerance, what, ": max |ours - float64| = ", o.max_diff, " for max |float64| = ",
-                o.max_exact, " (relative ", o.relative(), " > ", tolerance, "; PyTorch float32: ", t.relative(),
+  CHECK_MESSAGE(o.relative() <= tolerance, what, ": max |ours - float64| = ", o.max_diff,
+                " for max |float64| = ", o.max_exact, " (relative ", o.relative(), " > ", tolerance,
+                "; PyTorch float32: ", t.relative(),
                 "); first values (ours vs float64):", first_mismatches(ours, exact, tolerance * o.max_exact));
 }
 
@@ -116,7 +117,9 @@ std::vector<T> values_of(const StFile& file, const std::string& name, DType dtyp
   return st_values<T>(file.get(name, "torch_parity.py output"), dtype, name);
 }
 std::vector<float> f32(const StFile& file, const std::string& name) { return values_of<float>(file, name, DType::F32); }
-std::vector<double> f64(const StFile& file, const std::string& name) { return values_of<double>(file, name, DType::F64); }
+std::vector<double> f64(const StFile& file, const std::string& name) {
+  return values_of<double>(file, name, DType::F64);
+}
 
 // PyTorch's default initialisation of Linear and Conv2d (kaiming_uniform_ with a = sqrt(5), and its bias rule) is
 // U(-b, b) with b = 1 / sqrt(fan_in), for weights and biases alike. `t` must lie in [-b, b], and the mean of |t|
@@ -227,12 +230,14 @@ void check_parity(const std::string& model_name, const std::string& data_dir) {
 
   std::string loss_table;
   for (int step = 0; step < std::min(kSteps, 5); ++step)
-    loss_table += fmt::format(" {:.7f}/{:.7f}", losses[static_cast<size_t>(step)], torch_losses[static_cast<size_t>(step)]);
-  MESSAGE(fmt::format("{} ({}): loss of steps 1-5 ours/torch{}; deviation from float64, ours vs PyTorch float32: "
-                      "logits and gradients {:.1e} vs {:.1e} (relative), losses {:.1e} vs {:.1e} (relative), "
-                      "weights {:.1e} vs {:.1e} (absolute, lr {})",
-                      model_name, data_dir.empty() ? "synthetic data" : "Fashion-MNIST", loss_table, forward.ours,
-                      forward.torch, losses_worst.ours, losses_worst.torch, weights.ours, weights.torch, kLr));
+    loss_table +=
+        fmt::format(" {:.7f}/{:.7f}", losses[static_cast<size_t>(step)], torch_losses[static_cast<size_t>(step)]);
+  MESSAGE(
+      fmt::format("{} ({}): loss of steps 1-5 ours/torch{}; deviation from float64, ours vs PyTorch float32: "
+                  "logits and gradients {:.1e} vs {:.1e} (relative), losses {:.1e} vs {:.1e} (relative), "
+                  "weights {:.1e} vs {:.1e} (absolute, lr {})",
+                  model_name, data_dir.empty() ? "synthetic data" : "Fashion-MNIST", loss_table, forward.ours,
+                  forward.torch, losses_worst.ours, losses_worst.torch, weights.ours, weights.torch, kLr));
 }
 
 }  // namespace
