@@ -49,11 +49,14 @@ constexpr double kInitSigmas = 4;              // initial weights: mean |value| 
 const char* const kFashionMnist = "/usr/share/datasets/fashion-mnist";
 const Normalization kPeerNormalization{0.2860f, 0.3530f};
 
-// "/usr/bin/python3" or "python3", whichever imports torch; empty when neither does.
-std::string python_with_torch() {
-  for (std::string candidate : {"/usr/bin/python3", "python3"})
-    if (std::system((candidate + " -c 'import torch' > /dev/null 2>&1").c_str()) == 0) return candidate;
-  return "";
+// "/usr/bin/python3" or "python3", whichever imports torch; empty when neither does. Looked up once.
+const std::string& python_with_torch() {
+  static const std::string python = [] {
+    for (std::string candidate : {"/usr/bin/python3", "python3"})
+      if (std::system((candidate + " -c 'import torch' > /dev/null 2>&1").c_str()) == 0) return candidate;
+    return std::string();
+  }();
+  return python;
 }
 
 // How far a float32 tensor is from the float64 one.
@@ -160,7 +163,7 @@ void check_initialisation(const std::string& who, const nn::Model& model) {
 
 // Runs tests/torch_parity.py for `model_name`, then the same steps here, and compares them.
 void check_parity(const std::string& model_name, const std::string& data_dir) {
-  const std::string python = python_with_torch();
+  const std::string& python = python_with_torch();
   if (python.empty()) {
     MESSAGE("skipped: no python3 with torch");
     return;
