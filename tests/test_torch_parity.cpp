@@ -11,7 +11,8 @@
 // updates are lr * g / (|g| + eps), so a gradient that is zero up to rounding moves its weight by a random fraction of
 // lr in either framework: nearly every weight must agree to lr / 100, and none may be off by lr / 2 (a wrong update
 // rule, bias correction or eps moves most weights by about lr). PyTorch's own float32 run is measured against the
-// same reference and printed beside ours. Skipped (with a message) when no python3 with torch is present.
+// same reference and printed beside ours. The initial weights are checked too: PyTorch's draw and ours (seed 0) must
+// both look like PyTorch's default initialisation. Skipped (with a message) when no python3 with torch is present.
 #include <doctest/doctest.h>
 
 #include <algorithm>
