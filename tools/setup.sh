@@ -15,8 +15,9 @@ JOBS="$(nproc)"
 
 PACKAGES=(build-essential cmake libopenblas-dev libfmt-dev nlohmann-json3-dev doctest-dev zlib1g-dev
           libcli11-dev dataset-fashion-mnist binutils python3-numpy)
-# CI only: clang + compiler-rt + libomp for the libFuzzer build, chromium for tests/test_inspect.cpp
-CI_PACKAGES=(clang libclang-rt-14-dev libomp-14-dev chromium)
+# CI only: clang + compiler-rt + libomp for the libFuzzer build, chromium for tests/test_inspect.cpp,
+# python3-torch for tests/test_torch_parity.cpp (training step by step against PyTorch)
+CI_PACKAGES=(clang libclang-rt-14-dev libomp-14-dev chromium python3-torch)
 
 # Installs the packages that are not installed yet; silent when everything is present.
 install_missing() {
