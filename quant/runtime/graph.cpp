@@ -136,6 +136,11 @@ const char* to_string(OpKind kind) {
   return "unknown";
 }
 
+WindowRange window_range(int64_t o, int64_t kernel, int64_t stride, int64_t padding, int64_t size) {
+  const int64_t start = o * stride - padding;
+  return {std::max<int64_t>(start, 0), std::min(start + kernel, size)};
+}
+
 int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding) {
   const int64_t span = size + 2 * padding - kernel;
   return span < 0 || stride < 1 ? 0 : span / stride + 1;

@@ -64,6 +64,13 @@ const char* to_string(OpKind kind);
 // Output size of a sliding window: (size + 2·padding − kernel) / stride + 1 (may be <= 0 if it does not fit).
 int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding);
 
+// The input positions [first, last) that a pooling window at output position `o` covers along one axis
+// of `size` positions, clipped to the image (padding positions are not inside it).
+struct WindowRange {
+  int64_t first, last;
+};
+WindowRange window_range(int64_t o, int64_t kernel, int64_t stride, int64_t padding, int64_t size);
+
 // The number of codes in one output row of a Conv2d / Linear weight: IN, or C·K·K.
 int64_t weight_row_length(const Op& op);
 

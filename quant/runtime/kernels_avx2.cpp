@@ -467,11 +467,9 @@ void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, i
         continue;
       }
       for (int64_t oh = 0; oh < ho; ++oh) {
-        const int64_t ih0 = std::max<int64_t>(oh * stride - padding, 0);
-        const int64_t ih1 = std::min(oh * stride - padding + k, height);
+        const auto [ih0, ih1] = window_range(oh, k, stride, padding, height);
         for (int64_t ow = 0; ow < wo; ++ow) {
-          const int64_t iw0 = std::max<int64_t>(ow * stride - padding, 0);
-          const int64_t iw1 = std::min(ow * stride - padding + k, width);
+          const auto [iw0, iw1] = window_range(ow, k, stride, padding, width);
           __m256i best = _mm256_set1_epi32(INT32_MIN);
           for (int64_t ih = ih0; ih < ih1; ++ih)
             for (int64_t iw = iw0; iw < iw1; ++iw)

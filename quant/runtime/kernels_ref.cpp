@@ -172,11 +172,9 @@ void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_
       continue;
     }
     for (int64_t oh = 0; oh < ho; ++oh) {
-      const int64_t ih0 = std::max<int64_t>(oh * stride - padding, 0);
-      const int64_t ih1 = std::min(oh * stride - padding + k, height);
+      const auto [ih0, ih1] = window_range(oh, k, stride, padding, height);
       for (int64_t ow = 0; ow < wo; ++ow) {
-        const int64_t iw0 = std::max<int64_t>(ow * stride - padding, 0);
-        const int64_t iw1 = std::min(ow * stride - padding + k, width);
+        const auto [iw0, iw1] = window_range(ow, k, stride, padding, width);
         int8_t best = -128;
         for (int64_t ih = ih0; ih < ih1; ++ih) {
           for (int64_t iw = iw0; iw < iw1; ++iw) best = std::max(best, xp[ih * width + iw]);
@@ -241,11 +239,9 @@ void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, i
       continue;
     }
     for (int64_t oh = 0; oh < ho; ++oh) {
-      const int64_t ih0 = std::max<int64_t>(oh * stride - padding, 0);
-      const int64_t ih1 = std::min(oh * stride - padding + k, height);
+      const auto [ih0, ih1] = window_range(oh, k, stride, padding, height);
       for (int64_t ow = 0; ow < wo; ++ow) {
-        const int64_t iw0 = std::max<int64_t>(ow * stride - padding, 0);
-        const int64_t iw1 = std::min(ow * stride - padding + k, width);
+        const auto [iw0, iw1] = window_range(ow, k, stride, padding, width);
         int8_t* yp = y.data() + ((i * ho + oh) * wo + ow) * c;
         std::fill(yp, yp + c, int8_t{-128});
         for (int64_t ih = ih0; ih < ih1; ++ih) {
@@ -266,11 +262,9 @@ void avgpool2d_nhwc(std::span<const int8_t> x, int32_t zero_point, std::span<int
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t oh = 0; oh < ho; ++oh) {
-      const int64_t ih0 = std::max<int64_t>(oh * stride - padding, 0);
-      const int64_t ih1 = std::min(oh * stride - padding + k, height);
+      const auto [ih0, ih1] = window_range(oh, k, stride, padding, height);
       for (int64_t ow = 0; ow < wo; ++ow) {
-        const int64_t iw0 = std::max<int64_t>(ow * stride - padding, 0);
-        const int64_t iw1 = std::min(ow * stride - padding + k, width);
+        const auto [iw0, iw1] = window_range(ow, k, stride, padding, width);
         int8_t* yp = y.data() + ((i * ho + oh) * wo + ow) * c;
         for (int64_t ci = 0; ci < c; ++ci) {
           int32_t sum = 0;  // Σ (q − z); padding positions add 0
