@@ -227,6 +227,8 @@ void run(Settings s) {
   qconfig.activation_observer = quant::parse_observer_kind(s.observer);
   qconfig.learn_scale = s.lsq;
 
+  std::cerr << fmt::format("float kernels: {}\n", blas_description());
+
   // ---- model (before the data, so a bad file fails fast)
   std::shared_ptr<nn::Model> model;
   nn::Checkpoint resume;

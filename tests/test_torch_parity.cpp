@@ -6,13 +6,19 @@
 // after the first update, the loss of every step and the weights after the last one. Here the same weights go into
 // our model (nn::build_model + nn::load_weights) and the same steps run through our autograd and optim::Adam.
 //
-// Two float32 programs that compute the same thing differ only by rounding, so ours is held to the float64 run:
-// close to it in relative terms for the forward pass, the gradients and the losses; for the weights, Adam's first
-// updates are lr * g / (|g| + eps), so a gradient that is zero up to rounding moves its weight by a random fraction of
-// lr in either framework: nearly every weight must agree to lr / 100, and none may be off by lr / 2 (a wrong update
-// rule, bias correction or eps moves most weights by about lr). PyTorch's own float32 run is measured against the
-// same reference and printed beside ours. The initial weights are checked too: PyTorch's draw and ours (seed 0) must
-// both look like PyTorch's default initialisation. Skipped (with a message) when no python3 with torch is present.
+// Two float32 programs that compute the same thing differ only by rounding, so ours is held to the float64 run,
+// one step at a time: every step starts from the float64 run's state at that step (parameters, BatchNorm buffers and
+// Adam's moments, rounded to float32), in ours and in PyTorch's float32 run alike, so rounding cannot compound. A
+// 20-step trajectory would not do: with BatchNorm, a last-bit difference in one product (for example an OpenBLAS core
+// that uses FMA against one that does not) grows into relative loss differences of 1e-4 by step 20, which says more
+// about the BLAS core than about the code (docs/design.md, "Float parity with PyTorch"). Held to the float64 run:
+// the first step's forward pass and gradients and every step's loss, in relative terms; the weights after every step
+// in absolute terms: Adam's first updates are lr * g / (|g| + eps), so a gradient that is zero up to rounding moves
+// its weight by a random fraction of lr in either framework: nearly every weight must agree to lr / 100, and none
+// may be off by lr / 2 (a wrong update rule, bias correction or eps moves most weights by about lr). PyTorch's own
+// float32 run is measured against the same reference and printed beside ours. The initial weights are checked too:
+// PyTorch's draw and ours (seed 0) must both look like PyTorch's default initialisation. Skipped (with a message)
+// when no python3 with torch is present.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -162,6 +168,32 @@ void check_initialisation(const std::string& who, const nn::Model& model) {
   }
 }
 
+// Copies float64 values into a float32 tensor of the same size (rounding to nearest).
+void assign(Tensor& t, const std::vector<double>& values) {
+  REQUIRE(values.size() == static_cast<size_t>(t.numel()));
+  std::transform(values.begin(), values.end(), t.data(), [](double v) { return static_cast<float>(v); });
+}
+
+// Puts `model` and `adam` into the float64 run's state at the start of `step` (exact.safetensors).
+void start_from(nn::Module& model, optim::Adam& adam, const StFile& exact, int step) {
+  for (const nn::NamedTensors& group : {model.named_parameters(), model.named_buffers()})
+    for (auto [name, t] : group) assign(t, f64(exact, fmt::format("state.{}.{}", step, name)));
+  optim::StateTensors moments;
+  if (step > 0) {
+    const nn::NamedTensors params = model.named_parameters();
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto& [name, p] = params[i];
+      moments.emplace_back(fmt::format("optim.{}.step", i), Tensor::scalar(static_cast<float>(step)));
+      for (const char* moment : {"exp_avg", "exp_avg_sq"}) {
+        Tensor t = Tensor::zeros(p.shape());
+        assign(t, f64(exact, fmt::format("{}.{}.{}", moment, step, name)));
+        moments.emplace_back(fmt::format("optim.{}.{}", i, moment), t);
+      }
+    }
+  }
+  adam.load_state(moments, step);
+}
+
 // Runs tests/torch_parity.py for `model_name`, then the same steps here, and compares them.
 void check_parity(const std::string& model_name, const std::string& data_dir) {
   const std::string& python = python_with_torch();
@@ -197,13 +229,14 @@ void check_parity(const std::string& model_name, const std::string& data_dir) {
   manual_seed(0);
   check_initialisation("our init", *nn::build_model(model_name));
 
-  // Our model, from PyTorch's initial weights, trained with the peer's recipe.
+  // Every step of ours from the float64 state at its start, with the peer's recipe.
   model->train();
   optim::Adam adam(model->parameters(), {.lr = kLr});  // betas 0.9 / 0.999, eps 1e-8: PyTorch's defaults
   const int64_t image_values = 28 * 28;
   Worst forward, losses_worst, weights;
   std::vector<float> losses;
   for (int step = 0; step < kSteps; ++step) {
+    start_from(*model, adam, exact, step);
     const auto first = images.begin() + static_cast<int64_t>(step) * kBatch * image_values;
     Tensor x = Tensor::from({kBatch, 1, 28, 28}, {first, first + kBatch * image_values});
     const std::span<const int32_t> y(labels.data() + static_cast<size_t>(step * kBatch), kBatch);
@@ -219,23 +252,19 @@ void check_parity(const std::string& model_name, const std::string& data_dir) {
                     f64(exact, "grad." + name), kForwardTolerance, forward);
     }
     adam.step();
-    if (step == 0)
-      for (const auto& [name, p] : model->named_parameters())
-        check_weights(name + " after step 1", p.values(), f32(torch, "step1." + name), f64(exact, "step1." + name),
-                      weights);
     losses.push_back(loss.item());
+    for (const nn::NamedTensors& group : {model->named_parameters(), model->named_buffers()})
+      for (const auto& [name, t] : group)
+        check_weights(fmt::format("{} after step {}", name, step + 1), t.values(),
+                      f32(torch, fmt::format("after.{}.{}", step, name)),
+                      f64(exact, fmt::format("state.{}.{}", step + 1, name)), weights);
   }
-  const std::vector<float> torch_losses = f32(torch, "loss");
-  check_close("loss per step", losses, torch_losses, f64(exact, "loss"), kLossTolerance, losses_worst);
-  for (const nn::NamedTensors& group : {model->named_parameters(), model->named_buffers()})
-    for (const auto& [name, t] : group)
-      check_weights(fmt::format("{} after step {}", name, kSteps), t.values(), f32(torch, "final." + name),
-                    f64(exact, "final." + name), weights);
+  check_close("loss per step", losses, f32(torch, "loss"), f64(exact, "loss"), kLossTolerance, losses_worst);
 
   std::string loss_table;
   for (int step = 0; step < std::min(kSteps, 5); ++step)
     loss_table +=
-        fmt::format(" {:.7f}/{:.7f}", losses[static_cast<size_t>(step)], torch_losses[static_cast<size_t>(step)]);
+        fmt::format(" {:.7f}/{:.7f}", losses[static_cast<size_t>(step)], f32(torch, "loss")[static_cast<size_t>(step)]);
   MESSAGE(
       fmt::format("{} ({}): loss of steps 1-5 ours/torch{}; deviation from float64, ours vs PyTorch float32: "
                   "logits and gradients {:.1e} vs {:.1e} (relative), losses {:.1e} vs {:.1e} (relative), "

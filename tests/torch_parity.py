@@ -2,23 +2,29 @@
 #
 #   /usr/bin/python3 tests/torch_parity.py MODEL OUT_DIR [--steps N] [--batch-size B] [--seed S] [--data DIR]
 #
-# The model is the PyTorch peer's (../shared/bench/peer/peer.py: same layers, PyTorch's default init), written as
+# The model is the PyTorch peer's (tools/peer.py: same layers, PyTorch's default init), written as
 # one nn.Sequential named `layers`, so its tensors carry lowbit's checkpoint names (layers.0.weight, ...). The batches
 # are the first N*B images of a seeded permutation of the Fashion-MNIST training set (--data) or, without it,
 # synthetic MNIST-like images (dark background, bright strokes, so max-pool windows tie as on real data), normalised
 # as the peer does: (pixel / 255 - 0.2860) / 0.3530 in float32. The recipe is the peer's: train mode, Adam with
 # PyTorch's defaults (lr 1e-3, betas 0.9/0.999, eps 1e-8), nn.CrossEntropyLoss (mean over the batch).
 #
+# Every step is checked from the same state, so that rounding cannot compound: the float64 run (the exact
+# arithmetic both float32 runs approximate) records the state at the start of each step, and each float32 run
+# (PyTorch's here, ours in the C++ test) starts every step from that state rounded to float32. Over a 20-step
+# trajectory of a network with BatchNorm, a last-bit difference in one product grows by orders of magnitude
+# (docs/design.md, "Float parity with PyTorch"), so a trajectory's end says more about the BLAS core than the code.
+#
 # Writes four files in the safetensors layout (docs/model-file-format.md) into OUT_DIR:
 #   init.safetensors     the initial parameters and buffers as a lowbit checkpoint (format tag and version)
 #   batches.safetensors  images F32 (N, B, 1, 28, 28), pixels U8 (N, B, 28, 28), labels I32 (N, B)
-#   torch.safetensors    loss F32 (N): the loss of each step, before its update
-#                        logits F32 (B, 10): the first step's forward output
-#                        grad.<name>: the first step's gradient of each parameter
-#                        step1.<name>: each parameter after the first update
-#                        final.<name>: each parameter and buffer after the N steps
-#   exact.safetensors    the same from the same start in float64 (F64): the exact arithmetic that both float32
-#                        runs approximate, to tell a rounding difference from a real one
+#   exact.safetensors    float64 (F64): state.<k>.<name> every parameter and buffer at the start of step k
+#                        (k = 0..N; N is the state after the last step); exp_avg.<k>.<name> and
+#                        exp_avg_sq.<k>.<name>, Adam's moments at the start of step k (k >= 1); loss (N), the
+#                        loss of each step before its update; logits (B, 10) and grad.<name>, of the first step
+#   torch.safetensors    PyTorch float32 (F32), each step from the exact state at its start: loss (N);
+#                        after.<k>.<name>, every parameter and buffer after step k; logits and grad.<name> of
+#                        the first step
 import argparse
 import copy
 import gzip
@@ -43,7 +49,7 @@ class Net(nn.Module):
 
 
 def build(name):
-    # The layers of ../shared/DESIGN.md, in the order of lowbit's model zoo (nn/zoo.cpp).
+    # The built-in models of docs/design.md, layer for layer as lowbit builds them.
     if name == "mlp":
         layers = [nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)]
     elif name == "lenet5":
@@ -111,26 +117,69 @@ def batches(steps, batch_size, seed, data_dir):
             torch.from_numpy(labels.astype(np.int64)).reshape(steps, batch_size))
 
 
-def train(model, x, y):
-    # The peer's recipe, one step per batch of x; returns what torch.safetensors holds, in the model's dtype.
-    model.train()
+def adam_for(model, start=None):
+    # The peer's optimizer; `start` (exact.safetensors' names at one step) sets its moments and step count.
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    losses, out = [], {}
+    if start is not None and start["step"] > 0:
+        for name, p in model.named_parameters():
+            opt.state[p] = {"step": torch.tensor(float(start["step"])),
+                            "exp_avg": start["exp_avg"][name].to(p.dtype).clone(),
+                            "exp_avg_sq": start["exp_avg_sq"][name].to(p.dtype).clone()}
+    return opt
+
+
+def one_step(model, opt, x, y):
+    # One step of the peer's recipe: train mode, cross-entropy (mean over the batch), Adam.
+    # Returns the loss, the logits and the gradients (taken before the update).
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = nn.CrossEntropyLoss()(logits, y)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    opt.step()
+    return loss.detach(), logits.detach().clone(), grads
+
+
+def exact_trajectory(model, x, y):
+    # The float64 run: the state at the start of every step (parameters, buffers and Adam's moments; the state
+    # after the last step is number N), each step's loss, and the first step's logits and gradients.
+    model = copy.deepcopy(model).double()
+    opt = adam_for(model)
+    out, losses = {}, []
     for step in range(x.shape[0]):
-        opt.zero_grad(set_to_none=True)
-        logits = model(x[step])
-        loss = loss_fn(logits, y[step])
-        loss.backward()
+        out.update({f"state.{step}.{k}": v for k, v in state(model).items()})
+        if step > 0:
+            for name, p in model.named_parameters():
+                out[f"exp_avg.{step}.{name}"] = opt.state[p]["exp_avg"].clone()
+                out[f"exp_avg_sq.{step}.{name}"] = opt.state[p]["exp_avg_sq"].clone()
+        loss, logits, grads = one_step(model, opt, x[step].double(), y[step])
         if step == 0:
-            out["logits"] = logits.detach().clone()
-            out.update({f"grad.{k}": p.grad.clone() for k, p in model.named_parameters()})
-        opt.step()
-        if step == 0:
-            out.update({f"step1.{k}": p.detach().clone() for k, p in model.named_parameters()})
-        losses.append(loss.detach())
+            out["logits"] = logits
+            out.update({f"grad.{k}": g for k, g in grads.items()})
+        losses.append(loss)
+    out.update({f"state.{x.shape[0]}.{k}": v for k, v in state(model).items()})
     out["loss"] = torch.stack(losses)
-    out.update({f"final.{k}": v for k, v in state(model).items()})
+    return out
+
+
+def float32_steps(model, x, y, exact):
+    # PyTorch's float32 run of every step from the exact state at its start (rounded to float32), as ours runs
+    # it: the loss and the state after the step. One step cannot compound rounding, so these stay comparable.
+    out, losses = {}, []
+    for step in range(x.shape[0]):
+        m = copy.deepcopy(model)
+        m.load_state_dict({k: exact[f"state.{step}.{k}"].float() for k in state(m)}, strict=False)
+        start = {"step": step,
+                 "exp_avg": {k: exact.get(f"exp_avg.{step}.{k}") for k, _ in m.named_parameters()},
+                 "exp_avg_sq": {k: exact.get(f"exp_avg_sq.{step}.{k}") for k, _ in m.named_parameters()}}
+        loss, logits, grads = one_step(m, adam_for(m, start), x[step], y[step])
+        if step == 0:
+            out["logits"] = logits
+            out.update({f"grad.{k}": g for k, g in grads.items()})
+        losses.append(loss)
+        out.update({f"after.{step}.{k}": v for k, v in state(m).items()})
+    out["loss"] = torch.stack(losses)
     return out
 
 
@@ -154,10 +203,10 @@ def main():
     save(os.path.join(a.out_dir, "batches.safetensors"),
          {"images": x.numpy(), "pixels": pixels, "labels": y.numpy().astype(np.int32)})
 
-    out = train(copy.deepcopy(model), x, y)
-    save(os.path.join(a.out_dir, "torch.safetensors"), {k: v.numpy() for k, v in out.items()})
-    out = train(copy.deepcopy(model).double(), x.double(), y)
-    save(os.path.join(a.out_dir, "exact.safetensors"), {k: v.numpy() for k, v in out.items()})
+    exact = exact_trajectory(model, x, y)
+    save(os.path.join(a.out_dir, "exact.safetensors"), {k: v.numpy() for k, v in exact.items()})
+    torch32 = float32_steps(model, x, y, exact)
+    save(os.path.join(a.out_dir, "torch.safetensors"), {k: v.numpy() for k, v in torch32.items()})
 
 if __name__ == "__main__":
     main()
