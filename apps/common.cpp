@@ -1,7 +1,6 @@
 // Shared command-line plumbing: main's error handling, model files, evaluation.
 #include "apps/common.h"
 
-#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "quant/runtime/executor.h"
@@ -76,9 +76,10 @@ quant::QConfig qconfig_from_json(const std::string& text, const std::string& pat
   }
 }
 
-std::map<std::string, std::string> model_metadata(const std::string& model_name, const Normalization& norm,
+std::map<std::string, std::string> model_metadata(const nn::Description& description, const Normalization& norm,
                                                   const quant::QConfig* qconfig) {
-  std::map<std::string, std::string> meta{{"model", model_name},
+  std::map<std::string, std::string> meta{{"model", description.name},
+                                          {"description", nn::description_to_json(description)},
                                           {"kind", qconfig ? "qat" : "float"},
                                           {"norm_mean", fmt::format("{}", norm.mean)},
                                           {"norm_std", fmt::format("{}", norm.std)}};
@@ -98,6 +99,25 @@ float parse_float(const std::string& text, const std::string& what, const std::s
   }
 }
 
+}  // namespace
+
+int64_t meta_integer(const nn::Checkpoint& checkpoint, const std::string& key) {
+  const std::string& text = checkpoint.meta(key);
+  try {
+    size_t used = 0;
+    const long long v = std::stoll(text, &used);
+    if (used != text.size() || v < 0) throw std::invalid_argument(text);
+    return v;
+  } catch (const std::exception&) {
+    fail("{}: metadata '{}' = '{}' is not a whole number >= 0 (the file is corrupt)", checkpoint.path, key, text);
+  }
+}
+
+float meta_number(const nn::Checkpoint& checkpoint, const std::string& key) {
+  return parse_float(checkpoint.meta(key), key, checkpoint.path);
+}
+
+namespace {
 std::string file_format(const std::string& path) {
   const StFile file = load_safetensors(path);
   auto it = file.metadata.find("format");
@@ -105,9 +125,21 @@ std::string file_format(const std::string& path) {
 }
 }  // namespace
 
+nn::Description checkpoint_description(const nn::Checkpoint& checkpoint) {
+  if (!checkpoint.has_meta("description")) {
+    nn::Description d = nn::builtin_description(checkpoint.meta("model"));
+    return nn::with_data_shape(d, 1, 28, 28, 10);
+  }
+  nn::Description d =
+      nn::parse_description(checkpoint.meta("description"), checkpoint.path + ": its 'description' metadata");
+  if (!d.resolved())
+    fail("{}: the model description in the file leaves its input or classes open (corrupt?)", checkpoint.path);
+  return d;
+}
+
 std::shared_ptr<quant::QatModel> qat_model_from_checkpoint(const nn::Checkpoint& checkpoint) {
   const quant::QConfig config = qconfig_from_json(checkpoint.meta("qconfig"), checkpoint.path);
-  auto qat = quant::prepare_qat(*nn::build_model(checkpoint.meta("model")), config);
+  auto qat = quant::prepare_qat(*nn::build_model(checkpoint_description(checkpoint)), config);
   nn::load_weights(*qat, checkpoint);
   qat->eval();
   return qat;
@@ -131,7 +163,7 @@ LoadedModel load_model_file(const std::string& path) {
   if (!(m.norm.std > 0)) fail("{}: normalisation std {} must be positive (the file is corrupt)", path, m.norm.std);
   m.kind = m.checkpoint.meta("kind");
   if (m.kind == "float") {
-    m.float_model = nn::build_model(m.checkpoint.meta("model"));
+    m.float_model = nn::build_model(checkpoint_description(m.checkpoint));
     nn::load_weights(*m.float_model, m.checkpoint);
     m.float_model->eval();
   } else if (m.kind == "qat") {
@@ -180,11 +212,11 @@ quant::QParams int_output_qparams(const quant::IntModel& model) {
 // evaluation
 
 namespace {
-constexpr int kClasses = 10;
-
 void tally(EvalResult& r, int32_t label, int32_t predicted) {
   const auto classes = static_cast<int32_t>(r.class_total.size());
-  if (label >= classes || predicted >= classes) return;
+  if (label >= classes)
+    fail("the data set has label {}, but the model has {} classes (labels 0..{}): data and model do not match", label,
+         classes, classes - 1);
   ++r.samples;
   ++r.class_total[static_cast<size_t>(label)];
   ++r.confusion[static_cast<size_t>(label)][static_cast<size_t>(predicted)];
@@ -207,21 +239,23 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 }  // namespace
 
-EvalResult evaluate_model(nn::Model& model, const data::Dataset& dataset, const Normalization& norm,
+EvalResult evaluate_model(nn::Module& model, const data::Dataset& dataset, const Normalization& norm,
                           int64_t batch_size, const std::optional<quant::QParams>& output_qparams) {
   NoGradGuard no_grad;
   model.eval();
-  data::DataLoader loader(dataset, {}, {.batch_size = batch_size, .shuffle = false, .drop_last = false, .seed = 0, .norm = norm});
+  data::DataLoader loader(dataset, {},
+                          {.batch_size = batch_size, .shuffle = false, .drop_last = false, .seed = 0, .norm = norm});
   loader.start_epoch(0);
-  EvalResult r = empty_result(kClasses);
+  EvalResult r;
   data::Batch batch;
   while (loader.next(batch)) {
     const auto t0 = Clock::now();
     Tensor logits = model.forward(batch.images);
     const double dt = seconds_since(t0);
+    const int64_t classes = logits.size(1);
+    if (r.class_total.empty()) r = empty_result(classes);
     r.seconds += dt;
     r.latencies_us.push_back(dt * 1e6 / static_cast<double>(batch.size()));
-    const int64_t classes = logits.size(1);
     for (int64_t i = 0; i < batch.size(); ++i) {
       const float* row = logits.data() + i * classes;
       const auto predicted = static_cast<int32_t>(std::max_element(row, row + classes) - row);
@@ -242,7 +276,7 @@ EvalResult evaluate_int(const quant::IntModel& model, const data::Dataset& datas
   if (pixels * model.graph.in_channels != model.graph.in_channels * model.graph.in_height * model.graph.in_width)
     fail("the integer model takes {}x{} images, the data set holds {}x{} images", model.graph.in_height,
          model.graph.in_width, dataset.images.rows, dataset.images.cols);
-  EvalResult r = empty_result(std::max<int64_t>(classes, kClasses));
+  EvalResult r = empty_result(classes);
   for (int64_t start = 0; start < dataset.size(); start += batch_size) {
     const int64_t n = std::min(batch_size, dataset.size() - start);
     std::span<const uint8_t> images(dataset.images.pixels.data() + start * pixels, static_cast<size_t>(n * pixels));
@@ -279,7 +313,8 @@ void calibrate(quant::QatModel& model, const data::Dataset& train, const Normali
   images = std::min(images, train.size());
   std::vector<int64_t> indices(static_cast<size_t>(images));
   for (int64_t i = 0; i < images; ++i) indices[static_cast<size_t>(i)] = i;
-  data::DataLoader loader(train, indices, {.batch_size = 250, .shuffle = false, .drop_last = false, .seed = 0, .norm = norm});
+  data::DataLoader loader(train, indices,
+                          {.batch_size = 250, .shuffle = false, .drop_last = false, .seed = 0, .norm = norm});
   loader.start_epoch(0);
   quant::Calibrator calibrator(model);
   data::Batch batch;
@@ -292,7 +327,8 @@ std::string format_report(const EvalResult& r, const std::string& mode) {
   out += "per class:";
   for (size_t c = 0; c < r.class_total.size(); ++c)
     if (r.class_total[c])
-      out += fmt::format(" {}:{:.1f}%", c, 100.0 * static_cast<double>(r.class_correct[c]) / static_cast<double>(r.class_total[c]));
+      out += fmt::format(" {}:{:.1f}%", c,
+                         100.0 * static_cast<double>(r.class_correct[c]) / static_cast<double>(r.class_total[c]));
   out += "\nconfusion matrix (rows: true class, columns: predicted):\n";
   for (size_t t = 0; t < r.confusion.size(); ++t) {
     if (!r.class_total[t]) continue;

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
-
 #include <functional>
 #include <map>
 #include <memory>
@@ -15,7 +14,7 @@
 #include "data/loader.h"
 #include "data/mnist.h"
 #include "nn/checkpoint.h"
-#include "nn/zoo.h"
+#include "nn/graph.h"
 #include "quant/int_model.h"
 #include "quant/qat.h"
 
@@ -27,9 +26,17 @@ int run_main(CLI::App& app, int argc, char** argv, const std::function<void()>& 
 
 // ---- model files
 
-// Metadata keys of checkpoints written by train.
-std::map<std::string, std::string> model_metadata(const std::string& model_name, const Normalization& norm,
+// Metadata keys of checkpoints written by train: the model's name and description (nn/graph.h), so
+// that any checkpoint rebuilds from its file alone, the normalisation and, for QAT, the qconfig.
+std::map<std::string, std::string> model_metadata(const nn::Description& description, const Normalization& norm,
                                                   const quant::QConfig* qconfig);
+// A metadata number of a checkpoint; a missing or corrupt value is one clear error naming the file.
+int64_t meta_integer(const nn::Checkpoint& checkpoint, const std::string& key);
+float meta_number(const nn::Checkpoint& checkpoint, const std::string& key);
+
+// The model description a checkpoint carries (files written before descriptions existed name a
+// built-in model, for 1x28x28 images and 10 classes).
+nn::Description checkpoint_description(const nn::Checkpoint& checkpoint);
 std::string qconfig_to_json(const quant::QConfig& config);
 quant::QConfig qconfig_from_json(const std::string& text, const std::string& path);
 
@@ -77,7 +84,7 @@ struct EvalResult {
 
 // Float or fake-quant model in eval mode. When `output_qparams` is given, the logits are turned
 // into codes with them (q = round(y / s) + z), for comparing with the integer graph.
-EvalResult evaluate_model(nn::Model& model, const data::Dataset& data, const Normalization& norm, int64_t batch_size,
+EvalResult evaluate_model(nn::Module& model, const data::Dataset& data, const Normalization& norm, int64_t batch_size,
                           const std::optional<quant::QParams>& output_qparams = std::nullopt);
 // The integer graph.
 EvalResult evaluate_int(const quant::IntModel& model, const data::Dataset& data, int64_t batch_size, int threads);

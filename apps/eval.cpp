@@ -80,7 +80,7 @@ Report evaluate(const Settings& s) {
     r.model_bytes = m.file_bytes;
     return r;
   }
-  const auto float_model = m.float_model ? m.float_model : nn::build_model(m.checkpoint.meta("model"));
+  const auto float_model = m.float_model ? m.float_model : nn::build_model(apps::checkpoint_description(m.checkpoint));
   r.float_model_bytes = apps::float_weight_bytes(*float_model);
   if (m.kind == "float" && !lower) {
     r.mode = "fp32";

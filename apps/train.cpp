@@ -1,12 +1,13 @@
 // train: trains a model in float32, optionally fine-tunes it through fake-quant (--qat) and
 // converts it to the integer graph. Checkpoints after every epoch; --resume continues one.
-#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "apps/common.h"
 #include "core/error.h"
@@ -22,7 +23,7 @@ namespace {
 struct Settings {
   std::string model = "lenet5", data = data::kDefaultDataDir, out, resume, from, log, optimizer = "adam",
               schedule = "cosine", bits = "w8a8", observer = "ema";
-  int64_t epochs = 10, batch_size = 64, qat_epochs = 1, keep_first_last = 0;
+  int64_t epochs = 10, batch_size = 64, qat_epochs = 1, keep_first_last = 0, classes = 0;
   float lr = 1e-3f, qat_lr = 0.f, weight_decay = 0.f, momentum = 0.9f, clip = 0.f, mean = -1.f, std = -1.f;
   double val_split = 0.0, freeze_bn_after = 0.5, freeze_observers_after = 0.75;
   uint64_t seed = 0;
@@ -33,11 +34,14 @@ struct Settings {
 constexpr int64_t kDryRunBatches = 3;
 
 std::unique_ptr<optim::Optimizer> make_optimizer(const Settings& s, const std::vector<Tensor>& params, float lr) {
-  if (s.optimizer == "adam") return std::make_unique<optim::Adam>(params, optim::Adam::Options{.lr = lr, .weight_decay = s.weight_decay});
+  if (s.optimizer == "adam")
+    return std::make_unique<optim::Adam>(params, optim::Adam::Options{.lr = lr, .weight_decay = s.weight_decay});
   if (s.optimizer == "adamw")
-    return std::make_unique<optim::AdamW>(params, optim::AdamW::Options{.lr = lr, .weight_decay = s.weight_decay > 0 ? s.weight_decay : 1e-2f});
+    return std::make_unique<optim::AdamW>(
+        params, optim::AdamW::Options{.lr = lr, .weight_decay = s.weight_decay > 0 ? s.weight_decay : 1e-2f});
   if (s.optimizer == "sgd")
-    return std::make_unique<optim::SGD>(params, optim::SGD::Options{.lr = lr, .momentum = s.momentum, .weight_decay = s.weight_decay});
+    return std::make_unique<optim::SGD>(
+        params, optim::SGD::Options{.lr = lr, .momentum = s.momentum, .weight_decay = s.weight_decay});
   fail("unknown --optimizer '{}' (choose adam, adamw or sgd)", s.optimizer);
 }
 
@@ -66,14 +70,14 @@ void restore_training_state(const nn::Checkpoint& resume, optim::Optimizer& opti
   nn::NamedTensors state;
   for (auto& [name, st] : resume.file.tensors)
     if (name.starts_with("optim.")) state.emplace_back(name, resume.tensor(name));
-  optimizer.load_state(state, std::stoll(resume.meta("steps")));
+  optimizer.load_state(state, apps::meta_integer(resume, "steps"));
   restore_rng(resume.meta("rng_state"), resume.path);
 }
 
 // One phase of training (float, or QAT through fake-quant): epochs [first, last).
 struct Phase {
   std::string name;  // "fp32" or "qat"
-  nn::Model& model;
+  nn::Module& model;
   optim::Optimizer& optimizer;
   optim::LrSchedule schedule;
   int64_t first_epoch, epochs;
@@ -83,9 +87,14 @@ struct Phase {
 
 class Trainer {
  public:
-  Trainer(const Settings& s, const data::MnistData& data, Normalization norm, std::vector<int64_t> train_idx,
-          std::vector<int64_t> val_idx)
-      : s_(s), data_(data), norm_(norm), train_idx_(std::move(train_idx)), val_idx_(std::move(val_idx)) {
+  Trainer(const Settings& s, const data::MnistData& data, Normalization norm, nn::Description description,
+          std::vector<int64_t> train_idx, std::vector<int64_t> val_idx)
+      : s_(s),
+        data_(data),
+        norm_(norm),
+        description_(std::move(description)),
+        train_idx_(std::move(train_idx)),
+        val_idx_(std::move(val_idx)) {
     if (!s_.log.empty()) {
       log_.open(s_.log, std::ios::app);
       if (!log_) fail("cannot open --log file '{}' for writing (check the folder)", s_.log);
@@ -96,7 +105,9 @@ class Trainer {
     if (val_idx_.empty()) return data_.test;
     if (val_set_.size() == 0) {  // materialise the validation examples once
       const int64_t pixels = data_.train.images.rows * data_.train.images.cols;
-      val_set_.images = {static_cast<int64_t>(val_idx_.size()), data_.train.images.rows, data_.train.images.cols, {}};
+      val_set_.images = data_.train.images;
+      val_set_.images.count = static_cast<int64_t>(val_idx_.size());
+      val_set_.images.pixels.clear();
       for (int64_t i : val_idx_) {
         auto begin = data_.train.images.pixels.begin() + i * pixels;
         val_set_.images.pixels.insert(val_set_.images.pixels.end(), begin, begin + pixels);
@@ -106,10 +117,11 @@ class Trainer {
     return val_set_;
   }
 
-  double evaluate(nn::Model& model) {
+  double evaluate(nn::Module& model) {
     const data::Dataset& set = eval_set();
     if (!s_.dry_run) return apps::evaluate_model(model, set, norm_, 500).accuracy();
-    data::Dataset small{{std::min<int64_t>(set.size(), 500), set.images.rows, set.images.cols, {}}, {}};
+    data::Dataset small{set.images, {}};
+    small.images.count = std::min<int64_t>(set.size(), 500);
     const int64_t n = small.images.count, pixels = set.images.rows * set.images.cols;
     small.images.pixels.assign(set.images.pixels.begin(), set.images.pixels.begin() + n * pixels);
     small.labels.assign(set.labels.begin(), set.labels.begin() + n);
@@ -118,10 +130,12 @@ class Trainer {
 
   // step_hook(step_in_phase) runs before every optimizer step (QAT freezing).
   void run(Phase& p, const std::function<void(int64_t)>& step_hook = {}) {
-    data::DataLoader loader(data_.train, train_idx_,
-                            {.batch_size = s_.batch_size, .shuffle = true, .drop_last = false, .seed = s_.seed, .norm = norm_});
+    data::DataLoader loader(
+        data_.train, train_idx_,
+        {.batch_size = s_.batch_size, .shuffle = true, .drop_last = false, .seed = s_.seed, .norm = norm_});
     const bool tty = isatty(2);
-    const int64_t batches = s_.dry_run ? std::min(kDryRunBatches, loader.batches_per_epoch()) : loader.batches_per_epoch();
+    const int64_t batches =
+        s_.dry_run ? std::min(kDryRunBatches, loader.batches_per_epoch()) : loader.batches_per_epoch();
     data::Batch batch;
     for (int64_t epoch = p.first_epoch; epoch < p.epochs; ++epoch) {
       p.model.train();
@@ -151,7 +165,8 @@ class Trainer {
         if (tty) {
           const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
           const double rate = static_cast<double>(seen) / std::max(dt, 1e-9);
-          const double eta = static_cast<double>(batches - b - 1) * static_cast<double>(s_.batch_size) / std::max(rate, 1e-9);
+          const double eta =
+              static_cast<double>(batches - b - 1) * static_cast<double>(s_.batch_size) / std::max(rate, 1e-9);
           std::cerr << fmt::format("\r{} epoch {}/{} [{:>4}/{}] loss {:.4f} {:.0f} img/s ETA {:.0f}s   ", p.name,
                                    epoch + 1, p.epochs, b + 1, batches, loss_sum / static_cast<double>(seen), rate, eta)
                     << std::flush;
@@ -162,13 +177,19 @@ class Trainer {
       const double eval_acc = evaluate(p.model);
       const double train_loss = loss_sum / static_cast<double>(std::max<int64_t>(seen, 1));
       const double train_acc = static_cast<double>(correct) / static_cast<double>(std::max<int64_t>(seen, 1));
-      std::cerr << fmt::format("{} epoch {}/{}: train loss {:.4f}, train acc {:.2f}%, {} acc {:.2f}%, {:.1f}s ({:.0f} img/s)\n",
-                               p.name, epoch + 1, p.epochs, train_loss, 100 * train_acc, val_idx_.empty() ? "test" : "val",
-                               100 * eval_acc, seconds, static_cast<double>(seen) / seconds);
+      std::cerr << fmt::format(
+          "{} epoch {}/{}: train loss {:.4f}, train acc {:.2f}%, {} acc {:.2f}%, {:.1f}s ({:.0f} img/s)\n", p.name,
+          epoch + 1, p.epochs, train_loss, 100 * train_acc, val_idx_.empty() ? "test" : "val", 100 * eval_acc, seconds,
+          static_cast<double>(seen) / seconds);
       if (log_.is_open()) {
-        nlohmann::json j{{"phase", p.name}, {"epoch", epoch + 1}, {"train_loss", train_loss}, {"train_accuracy", train_acc},
-                         {val_idx_.empty() ? "test_accuracy" : "val_accuracy", eval_acc}, {"seconds", seconds},
-                         {"images_per_second", static_cast<double>(seen) / seconds}, {"lr", p.optimizer.lr()}};
+        nlohmann::json j{{"phase", p.name},
+                         {"epoch", epoch + 1},
+                         {"train_loss", train_loss},
+                         {"train_accuracy", train_acc},
+                         {val_idx_.empty() ? "test_accuracy" : "val_accuracy", eval_acc},
+                         {"seconds", seconds},
+                         {"images_per_second", static_cast<double>(seen) / seconds},
+                         {"lr", p.optimizer.lr()}};
         log_ << j.dump() << "\n" << std::flush;
       }
       save(p, epoch + 1);
@@ -176,7 +197,7 @@ class Trainer {
   }
 
   void save(Phase& p, int64_t epochs_done) {
-    auto meta = apps::model_metadata(s_.model, norm_, p.qconfig);
+    auto meta = apps::model_metadata(description_, norm_, p.qconfig);
     meta["phase"] = p.name;
     meta["epoch"] = std::to_string(epochs_done);
     meta["epochs"] = std::to_string(p.epochs);
@@ -191,24 +212,31 @@ class Trainer {
   const Settings& s_;
   const data::MnistData& data_;
   Normalization norm_;
+  nn::Description description_;
   std::vector<int64_t> train_idx_, val_idx_;
   data::Dataset val_set_;
   std::ofstream log_;
 };
 
 optim::LrSchedule make_schedule(const Settings& s, float lr, int64_t epochs) {
-  return optim::LrSchedule({.kind = optim::parse_schedule_kind(s.schedule), .base_lr = lr, .step_size = std::max<int64_t>(1, epochs / 3),
-                            .gamma = 0.1f, .t_max = std::max<int64_t>(1, epochs), .eta_min = 0.f, .warmup = 0});
+  return optim::LrSchedule({.kind = optim::parse_schedule_kind(s.schedule),
+                            .base_lr = lr,
+                            .step_size = std::max<int64_t>(1, epochs / 3),
+                            .gamma = 0.1f,
+                            .t_max = std::max<int64_t>(1, epochs),
+                            .eta_min = 0.f,
+                            .warmup = 0});
 }
 
 int64_t count_blocks(const nn::Model& model) {
   int64_t n = 0;
   for (size_t i = 0; i < model.layers->size(); ++i)
-    n += std::dynamic_pointer_cast<nn::Conv2d>(model.layers->at(i)) || std::dynamic_pointer_cast<nn::Linear>(model.layers->at(i));
+    n += std::dynamic_pointer_cast<nn::Conv2d>(model.layers->at(i)) ||
+         std::dynamic_pointer_cast<nn::Linear>(model.layers->at(i));
   return n;
 }
 
-void run(Settings s) {
+void run(Settings s, bool model_given) {
   if (s.epochs < 1 && s.from.empty())
     fail("--epochs must be >= 1, got {} (to fine-tune a trained model without float training, use --qat --from FILE)",
          s.epochs);
@@ -218,7 +246,10 @@ void run(Settings s) {
   if (s.qat_lr == 0.f) s.qat_lr = s.lr / 10;
   if (!(s.qat_lr > 0)) fail("--qat-lr must be > 0, got {}", s.qat_lr);
   if (s.dry_run) s.epochs = std::min<int64_t>(s.epochs, 1), s.qat_epochs = 1;
-  if (s.out.empty()) s.out = s.model + (s.qat ? ".qat" : "") + ".safetensors";
+  if (s.out.empty()) {
+    const std::string stem = s.model.ends_with(".json") ? std::filesystem::path(s.model).stem().string() : s.model;
+    s.out = stem + (s.qat ? ".qat" : "") + ".safetensors";
+  }
   apps::check_output_path(s.out);
   if (s.threads > 0) set_num_threads(s.threads);
   manual_seed(s.seed);
@@ -227,10 +258,8 @@ void run(Settings s) {
   qconfig.activation_observer = quant::parse_observer_kind(s.observer);
   qconfig.learn_scale = s.lsq;
 
-  std::cerr << fmt::format("float kernels: {}\n", blas_description());
-
-  // ---- model (before the data, so a bad file fails fast)
-  std::shared_ptr<nn::Model> model;
+  // ---- model description (before the data, so a bad file fails fast)
+  nn::Description description;
   nn::Checkpoint resume;
   std::string resume_phase;
   int64_t resume_epoch = 0;
@@ -238,33 +267,47 @@ void run(Settings s) {
   if (!s.resume.empty()) {
     resume = nn::read_checkpoint(s.resume);
     resume_phase = resume.meta("phase");
-    resume_epoch = std::stoll(resume.meta("epoch"));
-    s.model = resume.meta("model");
-    norm = {std::stof(resume.meta("norm_mean")), std::stof(resume.meta("norm_std"))};
+    resume_epoch = apps::meta_integer(resume, "epoch");
+    description = apps::checkpoint_description(resume);
+    if (model_given && s.model != description.name)
+      fail("--model {} contradicts --resume {}, which trains '{}' (leave --model out when resuming)", s.model, s.resume,
+           description.name);
+    norm = {apps::meta_number(resume, "norm_mean"), apps::meta_number(resume, "norm_std")};
     if (resume.meta("optimizer") != s.optimizer)
-      fail("{}: was trained with --optimizer {}, not {} (pass the same flags to --resume)", s.resume, resume.meta("optimizer"), s.optimizer);
+      fail("{}: was trained with --optimizer {}, not {} (pass the same flags to --resume)", s.resume,
+           resume.meta("optimizer"), s.optimizer);
+    const int64_t planned = resume_phase == "qat" ? s.qat_epochs : s.epochs;
+    if (resume_epoch >= planned && (resume_phase == "qat" || !s.qat))
+      fail("{}: the run is complete ({} of {} {} epochs done): nothing to resume (raise --epochs{} to train more)",
+           s.resume, resume_epoch, planned, resume_phase, resume_phase == "qat" ? " or --qat-epochs" : "");
+  } else {
+    description = nn::find_description(s.model);
   }
-  model = nn::build_model(s.model);  // initialised from the seed
+  std::shared_ptr<nn::Model> model;
   if (!s.from.empty()) {
     auto from = apps::load_model_file(s.from);
     if (from.kind != "float") fail("--from '{}' must be a float checkpoint, it is a {} model", s.from, from.kind);
-    model = from.float_model;
-    s.model = model->name;
-    norm = from.norm;
     if (!s.qat) fail("--from only makes sense with --qat (fine-tune a trained float model)");
+    model = from.float_model;
+    description = model->description;
+    norm = from.norm;
     s.epochs = 0;
   }
-  if (s.summary) std::cout << nn::format_summary(nn::summarize(*model, {1, 1, 28, 28}));
 
-  // ---- data
-  const data::MnistData data = data::load_mnist(s.data);
+  // ---- data, then the model for its image size and classes
+  const data::MnistData data = data::load_mnist(s.data, s.classes);
+  const data::IdxImages& images = data.train.images;
+  description = nn::with_data_shape(description, 1, images.rows, images.cols, data.classes);
+  if (!model) model = nn::build_model(description);  // initialised from the seed
+  if (s.summary) std::cout << nn::format_summary(nn::summarize(*model));
   if (norm.std <= 0) norm = data::compute_normalization(data.train.images);
   std::vector<int64_t> train_idx, val_idx;
   if (s.val_split > 0) std::tie(train_idx, val_idx) = data::split_validation(data.train.size(), s.val_split, s.seed);
-  Trainer trainer(s, data, norm, train_idx, val_idx);
-  std::cerr << fmt::format("{}: {} parameters; {} training images (normalisation mean {:.4f}, std {:.4f})\n", s.model,
-                           model->parameter_count(), train_idx.empty() ? data.train.size() : static_cast<int64_t>(train_idx.size()),
-                           norm.mean, norm.std);
+  Trainer trainer(s, data, norm, description, train_idx, val_idx);
+  std::cerr << fmt::format("{}: {} parameters; {} training images (normalisation mean {:.4f}, std {:.4f}); {}\n",
+                           description.name, model->parameter_count(),
+                           train_idx.empty() ? data.train.size() : static_cast<int64_t>(train_idx.size()), norm.mean,
+                           norm.std, blas_description());
 
   // ---- float phase
   const std::string float_path = s.qat ? apps::sibling_path(s.out, "fp32") : s.out;
@@ -315,7 +358,8 @@ void run(Settings s) {
     const auto total = static_cast<double>(batches * s.qat_epochs);
     const auto freeze_bn = static_cast<int64_t>(s.freeze_bn_after * total);
     const auto freeze_obs = static_cast<int64_t>(s.freeze_observers_after * total);
-    Phase phase{"qat", *qat, *optimizer, make_schedule(s, s.qat_lr, s.qat_epochs), first, s.qat_epochs, s.out, &qconfig};
+    Phase phase{"qat", *qat,         *optimizer, make_schedule(s, s.qat_lr, s.qat_epochs),
+                first, s.qat_epochs, s.out,      &qconfig};
     trainer.run(phase, [&](int64_t step) {
       if (step >= freeze_bn) qat->freeze_bn_stats();
       qat->set_observing(step < freeze_obs);
@@ -346,7 +390,12 @@ void run(Settings s) {
 int main(int argc, char** argv) {
   CLI::App app{"train: train an image classifier in float32, optionally quantization-aware (--qat)", "train"};
   Settings s;
-  app.add_option("--model", s.model, "mlp, lenet5 or convbn")->capture_default_str();
+  auto* model_option =
+      app.add_option("--model", s.model,
+                     "a built-in model (mlp, lenet5, convbn, resnet8, dsconv) or a description file .json")
+          ->capture_default_str();
+  app.add_option("--classes", s.classes, "number of classes (default: the largest label + 1)")
+      ->check(CLI::Range(2, 256));
   app.add_option("--data", s.data, "folder with the MNIST-style IDX files")->capture_default_str();
   app.add_option("--epochs", s.epochs, "float training epochs")->capture_default_str();
   app.add_option("--batch-size", s.batch_size, "images per step")->capture_default_str();
@@ -360,7 +409,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", s.threads, "threads (0: all cores)")->check(CLI::Range(0, 256));
   app.add_option("--out", s.out, "checkpoint to write (default: MODEL.safetensors or MODEL.qat.safetensors)");
   app.add_option("--resume", s.resume, "continue the run that wrote this checkpoint");
-  app.add_option("--val-split", s.val_split, "hold out this fraction of the training set for validation")->check(CLI::Range(0.0, 0.9));
+  app.add_option("--val-split", s.val_split, "hold out this fraction of the training set for validation")
+      ->check(CLI::Range(0.0, 0.9));
   app.add_option("--log", s.log, "append one JSON object per epoch to this file");
   app.add_option("--mean", s.mean, "normalisation mean (default: computed from the training images)");
   app.add_option("--std", s.std, "normalisation std (default: computed from the training images)");
@@ -371,10 +421,16 @@ int main(int argc, char** argv) {
   app.add_option("--qat-epochs", s.qat_epochs, "QAT epochs")->capture_default_str();
   app.add_option("--qat-lr", s.qat_lr, "QAT learning rate (default: --lr / 10)");
   app.add_option("--bits", s.bits, "w8a8, w4a8, w4a4 (any wNaM, N, M in 2..8)")->capture_default_str();
-  app.add_option("--observer", s.observer, "activation observer: minmax, ema, percentile or mse")->capture_default_str();
+  app.add_option("--observer", s.observer, "activation observer: minmax, ema, percentile or mse")
+      ->capture_default_str();
   app.add_flag("--lsq", s.lsq, "learn the quantization step sizes (LSQ)");
-  app.add_option("--keep-first-last", s.keep_first_last, "keep the first and last layer's weights at this many bits")->check(CLI::Range(2, 8));
-  app.add_option("--freeze-bn-after", s.freeze_bn_after, "freeze BatchNorm statistics after this fraction of QAT")->check(CLI::Range(0.0, 1.0))->capture_default_str();
-  app.add_option("--freeze-observers-after", s.freeze_observers_after, "freeze observers after this fraction of QAT")->check(CLI::Range(0.0, 1.0))->capture_default_str();
-  return apps::run_main(app, argc, argv, [&] { run(s); });
+  app.add_option("--keep-first-last", s.keep_first_last, "keep the first and last layer's weights at this many bits")
+      ->check(CLI::Range(2, 8));
+  app.add_option("--freeze-bn-after", s.freeze_bn_after, "freeze BatchNorm statistics after this fraction of QAT")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  app.add_option("--freeze-observers-after", s.freeze_observers_after, "freeze observers after this fraction of QAT")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  return apps::run_main(app, argc, argv, [&] { run(s, model_option->count() > 0); });
 }

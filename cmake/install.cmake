@@ -24,3 +24,4 @@ write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/lowbit-config-versi
                                  COMPATIBILITY SameMinorVersion)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/lowbit-config.cmake ${CMAKE_CURRENT_BINARY_DIR}/lowbit-config-version.cmake
         DESTINATION ${LOWBIT_CMAKE_DIR})
+install(DIRECTORY ${PROJECT_SOURCE_DIR}/models/ DESTINATION ${CMAKE_INSTALL_DATADIR}/lowbit/models FILES_MATCHING PATTERN "*.json")

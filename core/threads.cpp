@@ -63,8 +63,8 @@ void set_up_blas() {
   gotoblas_dynamic_init();
   ::unsetenv("OPENBLAS_CORETYPE");
   openblas_set_num_threads(1);
-  g_blas_description = "OpenBLAS core " + std::string(openblas_get_corename()) + " (switched from " + chosen +
-                       ", which this OpenBLAS chose for the CPU)";
+  g_blas_description =
+      "OpenBLAS core " + std::string(openblas_get_corename()) + " (OpenBLAS chose " + chosen + " for this CPU)";
 }
 
 // Before main(): no thread of the program can be inside OpenBLAS while its kernels are switched.

@@ -28,7 +28,7 @@ int num_threads();
 void prepare_blas();
 
 // What prepare_blas found and did, for the programs' first line and the benchmarks, e.g.
-// "OpenBLAS core Cooperlake (switched from Prescott, which OpenBLAS 0.3.21 chose for this CPU)".
+// "OpenBLAS core Cooperlake (OpenBLAS chose Prescott for this CPU)".
 std::string blas_description();
 
 }  // namespace lowbit

@@ -43,18 +43,13 @@ Dataset load_split(const fs::path& dir, const std::string& stem, const char* nam
         name, images_path, data.images.count, labels_path, label_count);
   }
   if (data.images.count == 0) fail("'{}' holds no images; the {} set must not be empty", images_path, name);
-  for (int64_t i = 0; i < label_count; ++i) {
-    if (data.labels[i] >= kNumClasses) {
-      fail("'{}': label {} at index {} is out of range: expected classes 0..{} (is this an MNIST-style data set?)",
-           labels_path, data.labels[i], i, kNumClasses - 1);
-    }
-  }
   return data;
 }
 
 }  // namespace
 
-MnistData load_mnist(const std::string& dir) {
+MnistData load_mnist(const std::string& dir, int64_t classes) {
+  if (classes < 0 || classes > 256) fail("the number of classes must be 1..256 (labels are bytes), got {}", classes);
   std::error_code ec;
   if (!fs::exists(dir, ec)) {
     fail("data folder '{}' does not exist (install Debian's dataset-fashion-mnist or pass --data DIR)", dir);
@@ -67,6 +62,16 @@ MnistData load_mnist(const std::string& dir) {
     fail("data folder '{}': training images are {}x{} but test images are {}x{} (files from different data sets?)", dir,
          train.rows, train.cols, test.rows, test.cols);
   }
+  for (const Dataset* set : {&data.train, &data.test}) {
+    const auto largest = std::max_element(set->labels.begin(), set->labels.end());
+    const int64_t index = largest - set->labels.begin();
+    if (classes > 0 && *largest >= classes)
+      fail("data folder '{}': label {} at index {} of the {} set is out of range for {} classes (labels are 0..{})",
+           dir, *largest, index, set == &data.train ? "training" : "test", classes, classes - 1);
+    data.classes = std::max<int64_t>(data.classes, *largest + 1);
+  }
+  if (classes > 0) data.classes = classes;
+  if (data.classes < 2) fail("data folder '{}': every label is 0; a classifier needs at least 2 classes", dir);
   return data;
 }
 

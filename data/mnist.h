@@ -14,9 +14,6 @@ namespace lowbit::data {
 // Debian's dataset-fashion-mnist installs the four gzipped IDX files here.
 constexpr const char* kDefaultDataDir = "/usr/share/datasets/fashion-mnist";
 
-// Both data sets have ten classes; labels are 0..9.
-constexpr int64_t kNumClasses = 10;
-
 // The usual input normalisations (mean and std of pixel / 255 over the training images).
 constexpr Normalization kFashionMnistNormalization{0.2860f, 0.3530f};
 constexpr Normalization kMnistNormalization{0.1307f, 0.3081f};
@@ -32,15 +29,17 @@ struct Dataset {
 struct MnistData {
   Dataset train;
   Dataset test;
+  int64_t classes = 0;  // labels are 0..classes-1: 10 for MNIST and Fashion-MNIST
 };
 
 // Loads train-images, train-labels, t10k-images and t10k-labels from `dir`. Each file may use
 // either common naming, plain or gzipped; for train images the names tried, in order, are
 //   train-images-idx3-ubyte, train-images-idx3-ubyte.gz, train-images.idx3-ubyte, train-images.idx3-ubyte.gz
 // and the first that exists is read. Checks that image and label counts agree, that train and
-// test images have the same size, that neither set is empty and that every label is below
-// kNumClasses. Every problem throws lowbit::Error naming the folder or file.
-MnistData load_mnist(const std::string& dir = kDefaultDataDir);
+// test images have the same size and that neither set is empty. The number of classes is `classes`
+// when given (every label must be below it), else one more than the largest label of either set.
+// Every problem throws lowbit::Error naming the folder or file.
+MnistData load_mnist(const std::string& dir = kDefaultDataDir, int64_t classes = 0);
 
 // Mean and (population) standard deviation of pixel / 255 over every pixel, computed in double
 // (from a 256-bin histogram, so exact up to the final division and square root).

@@ -75,8 +75,8 @@ void load_weights(Module& model, const Checkpoint& checkpoint) {
              checkpoint.path, name, model.describe(), checkpoint.meta_or("model", "?"));
       Tensor value = checkpoint.tensor(name);
       if (value.shape() != t.shape())
-        fail("{}: tensor '{}' has shape {}, the model expects {} (the checkpoint is of another model)",
-             checkpoint.path, name, shape_str(value.shape()), shape_str(t.shape()));
+        fail("{}: tensor '{}' has shape {}, the model expects {} (the checkpoint is of another model)", checkpoint.path,
+             name, shape_str(value.shape()), shape_str(t.shape()));
       Tensor target = t;
       target.copy_from(value);
     }

@@ -21,6 +21,7 @@ struct Checkpoint {
   // The metadata value for `key`; throws naming the file when it is missing.
   const std::string& meta(const std::string& key) const;
   std::string meta_or(const std::string& key, const std::string& fallback) const;
+  bool has_meta(const std::string& key) const { return file.metadata.contains(key); }
   // A float tensor by name (throws when missing or not F32).
   Tensor tensor(const std::string& name) const;
   bool has(const std::string& name) const { return file.find(name) != nullptr; }

@@ -1,4 +1,6 @@
-// The layers: Linear, Conv2d, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, Flatten, Dropout.
+// The layers: Linear, Conv2d (grouped and depthwise too), BatchNorm2d, ReLU, ReLU6, MaxPool2d, AvgPool2d,
+// GlobalAvgPool2d, Flatten, Dropout, Add, Concat. Each is also a layer kind of model descriptions, registered
+// next to its class in nn/layers.cpp (nn/kinds.h).
 #pragma once
 
 #include "core/ops.h"
@@ -21,15 +23,16 @@ class Linear : public Module {
   Tensor weight, bias;  // bias undefined when disabled
 };
 
-// x is (N, C, H, W), weight is (OUT, C, K, K), bias is (OUT); y is (N, OUT, OH, OW).
+// x is (N, C, H, W), weight is (OUT, C / groups, K, K), bias is (OUT); y is (N, OUT, OH, OW).
+// groups splits the channels into that many independent convolutions (groups = C = OUT: depthwise).
 class Conv2d : public Module {
  public:
   Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride = 1, int64_t padding = 0,
-         bool bias = true);
+         bool bias = true, int64_t groups = 1);
   Tensor forward(const Tensor& x) override;
   std::string describe() const override;
   int64_t macs(const Shape& in, const Shape& out) const override;
-  int64_t in_channels, out_channels, kernel, stride, padding;
+  int64_t in_channels, out_channels, kernel, stride, padding, groups;
   Tensor weight, bias;
 };
 
@@ -50,6 +53,13 @@ class ReLU : public Module {
   std::string describe() const override { return "ReLU"; }
 };
 
+// min(max(x, 0), 6), MobileNet's activation.
+class ReLU6 : public Module {
+ public:
+  Tensor forward(const Tensor& x) override { return ops::clamp(x, 0.f, 6.f); }
+  std::string describe() const override { return "ReLU6"; }
+};
+
 class MaxPool2d : public Module {
  public:
   explicit MaxPool2d(int64_t kernel, int64_t stride = 0) : kernel(kernel), stride(stride ? stride : kernel) {}
@@ -66,6 +76,13 @@ class AvgPool2d : public Module {
   int64_t kernel, stride;
 };
 
+// x is (N, C, H, W); y is (N, C, 1, 1), the mean of each channel.
+class GlobalAvgPool2d : public Module {
+ public:
+  Tensor forward(const Tensor& x) override { return ops::global_avg_pool2d(x); }
+  std::string describe() const override { return "GlobalAvgPool2d"; }
+};
+
 class Flatten : public Module {
  public:
   Tensor forward(const Tensor& x) override { return ops::flatten(x); }
@@ -78,6 +95,22 @@ class Dropout : public Module {
   Tensor forward(const Tensor& x) override { return ops::dropout(x, p, is_training()); }
   std::string describe() const override;
   float p;
+};
+
+// The sum of two inputs of the same shape: the residual connection.
+class Add : public Module {
+ public:
+  Tensor forward(const Tensor& x) override;  // refuses: Add takes two inputs
+  Tensor forward_inputs(std::span<const Tensor> inputs) override;
+  std::string describe() const override { return "Add"; }
+};
+
+// Two or more (N, C_i, H, W) inputs joined along the channels: y is (N, Σ C_i, H, W).
+class Concat : public Module {
+ public:
+  Tensor forward(const Tensor& x) override;  // refuses: Concat takes two or more inputs
+  Tensor forward_inputs(std::span<const Tensor> inputs) override;
+  std::string describe() const override { return "Concat"; }
 };
 
 }  // namespace lowbit::nn

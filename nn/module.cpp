@@ -49,6 +49,11 @@ int64_t Module::parameter_count() const {
   return n;
 }
 
+Tensor Module::forward_inputs(std::span<const Tensor> inputs) {
+  if (inputs.size() != 1) fail("{} takes one input, not {}", describe(), inputs.size());
+  return forward(inputs[0]);
+}
+
 void Module::train(bool on) {
   training_ = on;
   for (auto& [name, child] : children_) child->train(on);
@@ -62,8 +67,10 @@ Sequential::Sequential(std::vector<std::shared_ptr<Module>> layers) {
   for (auto& layer : layers) append(std::move(layer));
 }
 
-void Sequential::append(std::shared_ptr<Module> layer) {
-  register_module(std::to_string(children().size()), std::move(layer));
+void Sequential::append(std::shared_ptr<Module> layer) { append(std::to_string(children().size()), std::move(layer)); }
+
+void Sequential::append(const std::string& name, std::shared_ptr<Module> layer) {
+  register_module(name, std::move(layer));
 }
 
 Tensor Sequential::forward(const Tensor& x) {

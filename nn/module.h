@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,6 +19,9 @@ class Module {
 
   virtual Tensor forward(const Tensor& x) = 0;
   Tensor operator()(const Tensor& x) { return forward(x); }
+  // A node of a model graph calls this with the outputs of its input nodes. Layers with one input
+  // keep the default (forward(inputs[0])); Add and Concat take several and override it.
+  virtual Tensor forward_inputs(std::span<const Tensor> inputs);
 
   // One line naming the layer and its configuration, e.g. "Conv2d(1, 6, kernel=5, padding=2)".
   virtual std::string describe() const = 0;
@@ -51,12 +55,13 @@ class Module {
   bool training_ = true;
 };
 
-// Runs its children in order; children are named "0", "1", ...
+// Runs its children in order; children are named "0", "1", ... unless appended with a name.
 class Sequential : public Module {
  public:
   Sequential() = default;
   explicit Sequential(std::vector<std::shared_ptr<Module>> layers);
   void append(std::shared_ptr<Module> layer);
+  void append(const std::string& name, std::shared_ptr<Module> layer);
   Tensor forward(const Tensor& x) override;
   std::string describe() const override { return "Sequential"; }
   size_t size() const { return children().size(); }

@@ -15,7 +15,7 @@ std::vector<BlockInfo> quantized_blocks(const nn::Model& model) {
   std::vector<BlockInfo> out;
   for (size_t i = 0; i < model.layers->size(); ++i) {
     auto layer = model.layers->at(i);
-    const std::string name = fmt::format("layers.{}", i);
+    const std::string name = "layers." + model.nodes[i].name;
     const int block = static_cast<int>(out.size());
     if (auto c = std::dynamic_pointer_cast<nn::Conv2d>(layer))
       out.push_back({block, name, c->weight.numel(), c->out_channels});
@@ -155,7 +155,7 @@ double weight_sqnr_db(const Tensor& w, int bits) {
 
 std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& batches, int bins) {
   if (batches.empty()) fail("layer_stats: no calibration batches (give at least one image)");
-  const std::vector<BlockInfo> names = quantized_blocks(*nn::build_model(model.name));
+  const std::vector<BlockInfo> names = quantized_blocks(*nn::build_model(model.description));
   std::vector<LayerStats> stats;
   std::vector<BlockView> views;
   for (size_t i = 0; i < model.layers->size(); ++i)
@@ -233,7 +233,7 @@ std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& 
 }
 
 std::shared_ptr<nn::Model> float_model_of(const QatModel& model) {
-  auto out = nn::build_model(model.name);
+  auto out = nn::build_model(model.description);
   // The float modules in the order they appear inside the QAT blocks.
   std::vector<std::shared_ptr<nn::Module>> trained;
   for (size_t i = 0; i < model.layers->size(); ++i) {

@@ -49,8 +49,12 @@ Tensor maybe_quantize_bias(const Tensor& b, const FakeQuantize& input_fq, const 
 QConvBlock::QConvBlock(std::shared_ptr<nn::Conv2d> conv_, std::shared_ptr<nn::BatchNorm2d> bn_, bool relu_,
                        std::shared_ptr<FakeQuantize> input_fq_, std::shared_ptr<FakeQuantize> weight_fq_,
                        std::shared_ptr<FakeQuantize> output_fq_)
-    : conv(std::move(conv_)), bn(std::move(bn_)), relu(relu_), input_fq(std::move(input_fq_)),
-      weight_fq(std::move(weight_fq_)), output_fq(std::move(output_fq_)) {
+    : conv(std::move(conv_)),
+      bn(std::move(bn_)),
+      relu(relu_),
+      input_fq(std::move(input_fq_)),
+      weight_fq(std::move(weight_fq_)),
+      output_fq(std::move(output_fq_)) {
   register_module("conv", conv);
   if (bn) register_module("bn", bn);
   register_module("weight_fq", weight_fq);
@@ -78,8 +82,8 @@ Tensor QConvBlock::forward(const Tensor& x) {
     ops::batch_norm(y, bn->weight, bn->bias, bn->running_mean, bn->running_var, true, bn->momentum, bn->eps);
   }
   auto [w, b] = folded_weight_and_bias();
-  Tensor y = ops::conv2d(x, weight_fq->forward(w), maybe_quantize_bias(b, *input_fq, *weight_fq), conv->stride,
-                         conv->padding);
+  Tensor y =
+      ops::conv2d(x, weight_fq->forward(w), maybe_quantize_bias(b, *input_fq, *weight_fq), conv->stride, conv->padding);
   if (relu) y = ops::relu(y);
   return output_fq->forward(y);
 }
@@ -91,7 +95,10 @@ std::string QConvBlock::describe() const {
 
 QLinearBlock::QLinearBlock(std::shared_ptr<nn::Linear> linear_, bool relu_, std::shared_ptr<FakeQuantize> input_fq_,
                            std::shared_ptr<FakeQuantize> weight_fq_, std::shared_ptr<FakeQuantize> output_fq_)
-    : linear(std::move(linear_)), relu(relu_), input_fq(std::move(input_fq_)), weight_fq(std::move(weight_fq_)),
+    : linear(std::move(linear_)),
+      relu(relu_),
+      input_fq(std::move(input_fq_)),
+      weight_fq(std::move(weight_fq_)),
       output_fq(std::move(output_fq_)) {
   register_module("linear", linear);
   register_module("weight_fq", weight_fq);
@@ -125,8 +132,13 @@ Tensor QAvgPool::forward(const Tensor& x) {
 // ---------------------------------------------------------------------------------------------
 // QatModel
 
-QatModel::QatModel(std::string name, std::shared_ptr<nn::Sequential> layers, QConfig config)
-    : nn::Model(std::move(name), std::move(layers)), config(std::move(config)) {}
+QatModel::QatModel(nn::Description description, std::shared_ptr<nn::Sequential> layers, QConfig config)
+    : name(description.name),
+      description(std::move(description)),
+      layers(std::move(layers)),
+      config(std::move(config)) {
+  register_module("layers", this->layers);
+}
 
 std::vector<std::pair<std::string, std::shared_ptr<FakeQuantize>>> QatModel::fake_quant_nodes() const {
   std::vector<std::pair<std::string, std::shared_ptr<FakeQuantize>>> out;
@@ -194,6 +206,11 @@ int lookup(const std::map<int, int>& overrides, int block, int fallback) {
 }  // namespace
 
 std::shared_ptr<QatModel> prepare_qat(const nn::Model& model, const QConfig& config) {
+  if (!model.is_chain())
+    fail(
+        "prepare: model '{}' is a graph with branches (Add or Concat); quantizing those is not supported yet, "
+        "only chains of layers",
+        model.name);
   const nn::Sequential& in = *model.layers;
   auto out = std::make_shared<nn::Sequential>();
   auto current = activation_fq(config, config.input_bits);  // quantizes the block input
@@ -209,6 +226,9 @@ std::shared_ptr<QatModel> prepare_qat(const nn::Model& model, const QConfig& con
     const int a_bits =
         block == blocks_total - 1 ? 8 : lookup(config.block_activation_bits, block, config.activation_bits);
     if (auto conv = as<nn::Conv2d>(in, i)) {
+      if (conv->groups != 1)
+        fail("prepare: node '{}' ({}) is a grouped convolution, which cannot be quantized yet", model.nodes[i].name,
+             conv->describe());
       auto c = std::make_shared<nn::Conv2d>(conv->in_channels, conv->out_channels, conv->kernel, conv->stride,
                                             conv->padding, conv->bias.defined());
       copy_state(*conv, *c);
@@ -221,7 +241,8 @@ std::shared_ptr<QatModel> prepare_qat(const nn::Model& model, const QConfig& con
       const bool relu = as<nn::ReLU>(in, i + 1) != nullptr;
       if (relu) ++i;
       auto output = activation_fq(config, a_bits);
-      out->append(std::make_shared<QConvBlock>(c, bn, relu, current, weight_fq(config, w_bits, c->out_channels), output));
+      out->append(
+          std::make_shared<QConvBlock>(c, bn, relu, current, weight_fq(config, w_bits, c->out_channels), output));
       current = output;
       ++block;
     } else if (auto linear = as<nn::Linear>(in, i)) {
@@ -242,11 +263,13 @@ std::shared_ptr<QatModel> prepare_qat(const nn::Model& model, const QConfig& con
     } else if (auto drop = as<nn::Dropout>(in, i)) {
       out->append(std::make_shared<nn::Dropout>(drop->p));
     } else {
-      fail("prepare: layer layers.{} ({}) cannot be quantized here: a ReLU or BatchNorm2d must follow a Conv2d or "
-           "Linear", i, in[i].describe());
+      fail(
+          "prepare: node '{}' ({}) cannot be quantized here: a ReLU or BatchNorm2d must follow a Conv2d or Linear, "
+          "and ReLU6, GlobalAvgPool2d, Add and Concat are not quantized yet",
+          model.nodes[i].name, in[i].describe());
     }
   }
-  auto qat = std::make_shared<QatModel>(model.name, out, config);
+  auto qat = std::make_shared<QatModel>(model.description, out, config);
   qat->train(model.is_training());
   return qat;
 }

@@ -7,7 +7,7 @@
 #include <memory>
 #include <string>
 
-#include "nn/zoo.h"
+#include "nn/graph.h"
 #include "quant/fake_quant.h"
 
 namespace lowbit::quant {
@@ -89,20 +89,28 @@ class QAvgPool : public nn::Module {
   std::shared_ptr<FakeQuantize> input_fq;
 };
 
-// A prepared model: the same forward interface as nn::Model, the layers replaced by blocks.
-class QatModel : public nn::Model {
+// A prepared model: a chain of blocks in `layers` (parameters "layers.1.conv.weight", ...), with the
+// description of the float model it was prepared from, so that a QAT checkpoint rebuilds from its file.
+class QatModel : public nn::Module {
  public:
-  QatModel(std::string name, std::shared_ptr<nn::Sequential> layers, QConfig config);
+  QatModel(nn::Description description, std::shared_ptr<nn::Sequential> layers, QConfig config);
+  Tensor forward(const Tensor& x) override { return layers->forward(x); }
+  std::string describe() const override { return name; }
+  std::string name;
+  nn::Description description;  // the float model's
+  std::shared_ptr<nn::Sequential> layers;
   QConfig config;
   // Every fake-quant node, with a name for reports ("layers.1.weight_fq").
   std::vector<std::pair<std::string, std::shared_ptr<FakeQuantize>>> fake_quant_nodes() const;
-  void set_observing(bool on);     // observers watch (training mode only)
-  void set_fake_quant(bool on);    // fake-quantize (off = the float model)
-  void freeze_bn_stats();          // use, but stop updating, the BatchNorm running statistics
+  void set_observing(bool on);   // observers watch (training mode only)
+  void set_fake_quant(bool on);  // fake-quantize (off = the float model)
+  void freeze_bn_stats();        // use, but stop updating, the BatchNorm running statistics
 };
 
 // Fuses and instruments a copy of `model` (the float model is left untouched). Throws for a
-// layer order the integer graph cannot run (e.g. a ReLU not after Conv2d/BatchNorm/Linear).
+// layer order the integer graph cannot run (e.g. a ReLU not after Conv2d/BatchNorm/Linear), and for
+// what it cannot quantize yet: a graph with branches (Add, Concat), grouped convolution, ReLU6,
+// global average pooling (docs/design.md, "What quantizes today").
 std::shared_ptr<QatModel> prepare_qat(const nn::Model& model, const QConfig& config);
 
 // Post-training calibration: runs `batches` through the model in eval-like mode with observers on

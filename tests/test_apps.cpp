@@ -9,6 +9,7 @@
 
 #include "core/safetensors.h"
 #include "data_fixtures.h"
+#include "nn/graph.h"
 
 using namespace lowbit;
 using data_fixtures::TempDir;
@@ -274,14 +275,25 @@ TEST_CASE("bad model files") {
   data_fixtures::write_bytes(garbage, std::vector<uint8_t>(4096, 0xAB));
   check_fails(w.run("eval", "--model " + garbage), garbage);
 
-  // The mlp's tensors under a lenet5 label: the weights do not fit the model.
+  // The mlp's tensors under lenet5's description: the weights do not fit the model.
   StFile other = load_safetensors(w.float_model);
-  other.metadata["model"] = "lenet5";
+  other.metadata["description"] =
+      nn::description_to_json(nn::with_data_shape(nn::builtin_description("lenet5"), 1, 28, 28, 10));
   const std::string relabelled = w.dir / "relabelled.safetensors";
   save_safetensors(relabelled, other);
   check_fails(w.run("eval", "--model " + relabelled), relabelled);
   check_fails(w.run("quantize", "--model " + relabelled), relabelled);
   CHECK_FALSE(fs::exists(w.dir / "relabelled.int8.safetensors"));
+
+  // A description that is not valid JSON, or names an unknown kind.
+  other.metadata["description"] = "{\"format\": ";
+  save_safetensors(relabelled, other);
+  check_fails(w.run("eval", "--model " + relabelled), "its 'description' metadata: not valid JSON");
+  other.metadata["description"] =
+      nn::description_to_json(nn::with_data_shape(nn::builtin_description("mlp"), 1, 28, 28, 10));
+  other.metadata["description"].replace(other.metadata["description"].find("\"Linear\""), 8, "\"Lineal\"");
+  save_safetensors(relabelled, other);
+  check_fails(w.run("eval", "--model " + relabelled), "unknown kind 'Lineal'");
 }
 
 TEST_CASE("bad flags") {

@@ -19,7 +19,7 @@
 #include "core/safetensors.h"
 #include "data_fixtures.h"
 #include "nn/checkpoint.h"
-#include "nn/zoo.h"
+#include "nn/graph.h"
 
 extern char** environ;
 

@@ -119,15 +119,22 @@ TEST_CASE("train and test image sizes disagree") {
   CHECK(contains(message, "training images are 4x3 but test images are 5x5"));
 }
 
-TEST_CASE("a label outside 0..9") {
+TEST_CASE("the classes follow the labels, or --classes bounds them") {
   TempDir dir("data_mnist_label");
   write_mnist_folder(dir.str(), {.gzip = false});
   std::vector<uint8_t> labels = synthetic_labels(20);
   labels[5] = 12;
   write_bytes(dir / "train-labels-idx1-ubyte", idx_labels_bytes(labels));
-  const std::string message = load_error(dir.str());
+  CHECK(data::load_mnist(dir.str()).classes == 13);
+  CHECK(data::load_mnist(dir.str(), 20).classes == 20);
+  std::string message;
+  try {
+    data::load_mnist(dir.str(), 10);
+  } catch (const Error& e) {
+    message = e.what();
+  }
   INFO("message: " << message);
-  CHECK(contains(message, "label 12 at index 5 is out of range: expected classes 0..9"));
+  CHECK(contains(message, "label 12 at index 5 of the training set is out of range for 10 classes (labels are 0..9)"));
 }
 
 TEST_CASE("a corrupt file inside a folder is reported by its path") {
@@ -188,7 +195,7 @@ TEST_CASE("Debian's Fashion-MNIST, when installed") {
   CHECK(data.train.images.rows == 28);
   CHECK(data.train.images.cols == 28);
   CHECK(data.test.images.rows == 28);
-  CHECK(*std::max_element(data.train.labels.begin(), data.train.labels.end()) + 1 == data::kNumClasses);
+  CHECK(*std::max_element(data.train.labels.begin(), data.train.labels.end()) + 1 == data.classes);
   const Normalization norm = data::compute_normalization(data.train.images);
   CHECK(std::abs(norm.mean - data::kFashionMnistNormalization.mean) < kStatsTolerance);
   CHECK(std::abs(norm.std - data::kFashionMnistNormalization.std) < kStatsTolerance);

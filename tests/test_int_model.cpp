@@ -431,12 +431,13 @@ TEST_CASE("int model: convert, then save and load, gives the identical graph (in
     CAPTURE(bits);
     manual_seed(21);
     Rng rng(22);
-    nn::Model float_model(
-        "tiny", std::make_shared<nn::Sequential>(std::vector<std::shared_ptr<nn::Module>>{
-                    std::make_shared<nn::Conv2d>(1, 4, 3, 1, 1, false), std::make_shared<nn::BatchNorm2d>(4),
-                    std::make_shared<nn::ReLU>(), std::make_shared<nn::MaxPool2d>(2), std::make_shared<nn::Flatten>(),
-                    std::make_shared<nn::Linear>(4 * 3 * 3, 8), std::make_shared<nn::ReLU>(),
-                    std::make_shared<nn::Linear>(8, 5)}));
+    nn::Model float_model(nn::parse_description(R"({"format": "lowbit-model", "version": 1, "name": "tiny",
+      "input": {"channels": 1, "height": 6, "width": 6}, "classes": 5, "nodes": [
+        {"name": "0", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1, "bias": false},
+        {"name": "1", "kind": "BatchNorm2d"}, {"name": "2", "kind": "ReLU"}, {"name": "3", "kind": "MaxPool2d", "kernel": 2},
+        {"name": "4", "kind": "Flatten"}, {"name": "5", "kind": "Linear", "out_features": 8}, {"name": "6", "kind": "ReLU"},
+        {"name": "7", "kind": "Linear", "out_features": 5}]})",
+                                                "tiny"));
     float_model.eval();
     const auto qat = prepare_qat(float_model, parse_bits(bits));
     Calibrator calibrator(*qat);

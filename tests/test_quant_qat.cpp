@@ -17,8 +17,8 @@
 #include "data/loader.h"
 #include "data/mnist.h"
 #include "gradcheck.h"
+#include "nn/graph.h"
 #include "nn/layers.h"
-#include "nn/zoo.h"
 #include "optim/optimizer.h"
 #include "quant/convert.h"
 #include "quant/fake_quant.h"
@@ -189,13 +189,16 @@ TEST_CASE("fake_quantize_lsq: scale gradient by the LSQ formula, x gradient by t
 TEST_CASE("QConvBlock::folded_weight_and_bias equals Conv2d then eval-mode BatchNorm2d") {
   Rng rng(7);
   manual_seed(7);
-  auto conv = std::make_shared<nn::Conv2d>(2, 3, 3, 1, 1, false);
-  auto bn = std::make_shared<nn::BatchNorm2d>(3);
+  nn::Model model(nn::parse_description(R"({"format": "lowbit-model", "version": 1, "name": "fold",
+    "input": {"channels": 2, "height": 4, "width": 4}, "classes": 5, "nodes": [
+      {"name": "0", "kind": "Conv2d", "out_channels": 3, "kernel": 3, "padding": 1, "bias": false},
+      {"name": "1", "kind": "BatchNorm2d"}, {"name": "2", "kind": "ReLU"}, {"name": "3", "kind": "Flatten"},
+      {"name": "4", "kind": "Linear", "out_features": 5}]})",
+                                        "fold"));
+  auto conv = std::dynamic_pointer_cast<nn::Conv2d>(model.nodes[0].module);
+  auto bn = std::dynamic_pointer_cast<nn::BatchNorm2d>(model.nodes[1].module);
   set_random(conv->weight, rng, -0.5f, 0.5f);
   randomize_bn(*bn, rng);
-  nn::Model model("fold", std::make_shared<nn::Sequential>(std::vector<std::shared_ptr<nn::Module>>{
-                              conv, bn, std::make_shared<nn::ReLU>(), std::make_shared<nn::Flatten>(),
-                              std::make_shared<nn::Linear>(3 * 4 * 4, 5)}));
   model.eval();
   const auto qat = quant::prepare_qat(model, {});
   qat->eval();
@@ -222,13 +225,14 @@ TEST_CASE("fake-quant eval forward matches the integer graph on random images") 
     SUBCASE(bits) {
       manual_seed(11);
       Rng rng(12);
-      auto bn = std::make_shared<nn::BatchNorm2d>(4);
-      randomize_bn(*bn, rng);
-      nn::Model model("tiny", std::make_shared<nn::Sequential>(std::vector<std::shared_ptr<nn::Module>>{
-                                  std::make_shared<nn::Conv2d>(1, 4, 3, 1, 1, false), bn, std::make_shared<nn::ReLU>(),
-                                  std::make_shared<nn::MaxPool2d>(2), std::make_shared<nn::Flatten>(),
-                                  std::make_shared<nn::Linear>(4 * 4 * 4, 16), std::make_shared<nn::ReLU>(),
-                                  std::make_shared<nn::Linear>(16, kClasses)}));
+      nn::Model model(nn::parse_description(R"({"format": "lowbit-model", "version": 1, "name": "tiny",
+        "input": {"channels": 1, "height": 8, "width": 8}, "classes": 10, "nodes": [
+          {"name": "0", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1, "bias": false},
+          {"name": "1", "kind": "BatchNorm2d"}, {"name": "2", "kind": "ReLU"}, {"name": "3", "kind": "MaxPool2d", "kernel": 2},
+          {"name": "4", "kind": "Flatten"}, {"name": "5", "kind": "Linear", "out_features": 16}, {"name": "6", "kind": "ReLU"},
+          {"name": "7", "kind": "Linear", "out_features": "classes"}]})",
+                                            "tiny"));
+      randomize_bn(dynamic_cast<nn::BatchNorm2d&>(*model.nodes[1].module), rng);
       model.eval();
       const auto qat = quant::prepare_qat(model, quant::parse_bits(bits));
 
@@ -296,7 +300,7 @@ TEST_CASE("QAT on a Fashion-MNIST subset: the int8 and W4A8 integer models keep 
 
   model->eval();
   // The first kTestSubset test images through the float model, then each fake-quant model and its graph.
-  const int64_t n = kTestSubset, classes = data::kNumClasses;
+  const int64_t n = kTestSubset, classes = 10;
   const std::span<const uint8_t> pixels(mnist.test.images.pixels.data(), static_cast<size_t>(n * 28 * 28));
   const Tensor images = normalize_images(pixels, {n, 1, 28, 28}, norm);
   const auto accuracy = [&](auto&& predicted) {

@@ -34,7 +34,7 @@
 #include "data_fixtures.h"
 #include "nn/checkpoint.h"
 #include "nn/layers.h"
-#include "nn/zoo.h"
+#include "nn/graph.h"
 #include "optim/optimizer.h"
 
 using namespace lowbit;

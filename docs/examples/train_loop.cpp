@@ -7,7 +7,7 @@
 #include "core/ops.h"
 #include "data/loader.h"
 #include "data/mnist.h"
-#include "nn/zoo.h"
+#include "nn/graph.h"
 #include "optim/optimizer.h"
 
 using namespace lowbit;

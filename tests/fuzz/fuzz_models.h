@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "nn/graph.h"
 #include "nn/layers.h"
-#include "nn/zoo.h"
 #include "quant/int_model.h"
 #include "quant/runtime/int4.h"
 
@@ -14,13 +14,12 @@ namespace lowbit::fuzz {
 
 // x is (N, 1, 4, 4): Conv2d(1, 2, 3, pad 1, no bias), BatchNorm2d(2), ReLU, Flatten, Linear(32, 3).
 inline std::shared_ptr<nn::Model> tiny_float_model() {
-  auto layers = std::make_shared<nn::Sequential>();
-  layers->append(std::make_shared<nn::Conv2d>(1, 2, 3, 1, 1, false));
-  layers->append(std::make_shared<nn::BatchNorm2d>(2));
-  layers->append(std::make_shared<nn::ReLU>());
-  layers->append(std::make_shared<nn::Flatten>());
-  layers->append(std::make_shared<nn::Linear>(32, 3));
-  return std::make_shared<nn::Model>("tiny", layers);
+  return nn::build_model(nn::parse_description(R"({"format": "lowbit-model", "version": 1, "name": "tiny",
+    "input": {"channels": 1, "height": 4, "width": 4}, "classes": 3, "nodes": [
+      {"name": "0", "kind": "Conv2d", "out_channels": 2, "kernel": 3, "padding": 1, "bias": false},
+      {"name": "1", "kind": "BatchNorm2d"}, {"name": "2", "kind": "ReLU"}, {"name": "3", "kind": "Flatten"},
+      {"name": "4", "kind": "Linear", "out_features": 3}]})",
+                                               "tiny"));
 }
 
 // One Conv2d / Linear op with small weights, bias[c] = bias_step·c − 30, and requantization scales

@@ -1,0 +1,105 @@
+// Models are graphs of named nodes, defined by JSON descriptions: the format, the Model, the built-in models.
+//
+// A description (docs/model-description.md) gives the input (channels, height, width, each a number or
+// "auto"), the number of classes (a number or "auto") and a list of nodes. Each node has a name, a kind
+// (nn/kinds.h), its attributes and the names of its inputs ("input" is the image; the default is the node
+// before it), and the model's output is the last node unless "output" names another. A chain is the
+// special case where every node reads the one before it. The built-in models are description files in
+// models/ (compiled into the library), and every checkpoint carries its model's description, so any file
+// can be rebuilt without a name lookup.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nn/kinds.h"
+#include "nn/layers.h"
+
+namespace lowbit::nn {
+
+inline constexpr const char* kDescriptionFormat = "lowbit-model";
+inline constexpr int kDescriptionVersion = 1;
+
+struct NodeDescription {
+  std::string name;                 // unique; letters, digits, '_' and '-'
+  std::string kind;                 // a registered layer kind
+  std::vector<std::string> inputs;  // node names or "input"
+  nlohmann::json attributes;        // the node's other keys, as written
+};
+
+struct Description {
+  std::string name;  // "lenet5", or what the file says
+  // The input image and the classes; 0 stands for "auto" (taken from the data set).
+  int64_t channels = 0, height = 0, width = 0, classes = 0;
+  std::vector<NodeDescription> nodes;
+  std::string output;  // the node whose output are the logits
+
+  bool resolved() const { return channels > 0 && height > 0 && width > 0 && classes > 0; }
+};
+
+// Parses a description; `source` names it in messages (a path, or "built-in model 'lenet5'"). Checks the
+// syntax only: kinds, attributes and shapes are checked when a model is built from it.
+Description parse_description(const std::string& json_text, const std::string& source);
+Description read_description(const std::string& path);
+// The description as JSON, in the form parse_description reads (parse(print(d)) == d).
+std::string description_to_json(const Description& description);
+
+// The built-in models, in the order of docs/design.md: mlp, lenet5, convbn, resnet8, dsconv.
+const std::vector<std::string>& model_names();
+Description builtin_description(const std::string& name);
+// A built-in name, or the path of a description file (anything ending in .json).
+Description find_description(const std::string& name_or_path);
+
+// Fills in what "auto" left open, from the data: the image's (C, H, W) and the number of classes. A value
+// the description states must match the data's; throws naming both otherwise.
+Description with_data_shape(Description description, int64_t channels, int64_t height, int64_t width, int64_t classes);
+
+// One node of a built model, in execution (topological) order.
+struct Node {
+  std::string name, kind;
+  std::vector<int> inputs;  // indices into Model::nodes; -1 is the model's input
+  std::shared_ptr<Module> module;
+  Shape output_shape;    // for one image, without the batch dimension
+  int last_reader = -1;  // the last node that reads this one's output (Model::nodes.size() for the output)
+};
+
+// A classifier: a graph of nodes. The modules live in `layers` under their node names, so parameters are
+// named "layers.<node>.weight" (the built-in chains name their nodes 0, 1, ... as PyTorch's Sequential).
+class Model : public Module {
+ public:
+  // Builds and initialises (weights from global_rng()) the model of a resolved description. Checks every
+  // node: its kind, attributes, inputs (no dangling or duplicate names, no cycle) and shapes; every node
+  // must lead to the output. Throws one line naming the node and the problem.
+  explicit Model(Description description);
+  Tensor forward(const Tensor& x) override;
+  std::string describe() const override { return name; }
+
+  // True when each node reads only the node before it (the first reads the input): a plain chain.
+  bool is_chain() const;
+  Shape input_shape() const { return {description.channels, description.height, description.width}; }
+
+  std::string name;
+  Description description;  // resolved
+  std::shared_ptr<Sequential> layers;
+  std::vector<Node> nodes;
+};
+
+// A freshly initialised model (weights from global_rng()). The built-in name form builds for 1×28×28
+// images and 10 classes where the description says "auto".
+std::shared_ptr<Model> build_model(const Description& description);
+std::shared_ptr<Model> build_model(const std::string& builtin_name);
+
+struct LayerSummary {
+  std::string name;  // "layers.0"
+  std::string description;
+  std::vector<std::string> inputs;
+  Shape output_shape;  // with a batch of 1
+  int64_t parameters;
+  int64_t macs;
+};
+// One entry per node, for one image; runs one forward pass without grad.
+std::vector<LayerSummary> summarize(Model& model);
+std::string format_summary(const std::vector<LayerSummary>& rows);
+
+}  // namespace lowbit::nn
