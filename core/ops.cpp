@@ -54,7 +54,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const flo
     return;
   }
   for_each_slice(m, [&](int64_t first, int64_t last, int) {  // rows [first, last) of C and of op(A)
-    sgemm(trans_a, trans_b, last - first, n, k, a + (trans_a ? first : first * lda), lda, b, ldb, c + first * n, n, 0.f);
+    sgemm(trans_a, trans_b, last - first, n, k, a + (trans_a ? first : first * lda), lda, b, ldb, c + first * n, n,
+          0.f);
   });
 }
 
@@ -226,9 +227,8 @@ Tensor add_scalar(const Tensor& a, float s) {
 }
 
 Tensor mul_scalar(const Tensor& a, float s) {
-  return record(unary(a, [s](float x) { return x * s; }), "mul_scalar", {a}, [s](const Tensor& g) {
-    return std::vector<Tensor>{unary(g, [s](float x) { return x * s; })};
-  });
+  return record(unary(a, [s](float x) { return x * s; }), "mul_scalar", {a},
+                [s](const Tensor& g) { return std::vector<Tensor>{unary(g, [s](float x) { return x * s; })}; });
 }
 
 // =============================================================================================
@@ -240,20 +240,26 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
   const int64_t kb = trans_b ? b.size(1) : b.size(0), n = trans_b ? b.size(0) : b.size(1);
   if (k != kb)
-    fail("matmul: shapes {}{} and {}{} do not agree on the inner dimension", shape_str(a.shape()),
-         trans_a ? "^T" : "", shape_str(b.shape()), trans_b ? "^T" : "");
+    fail("matmul: shapes {}{} and {}{} do not agree on the inner dimension", shape_str(a.shape()), trans_a ? "^T" : "",
+         shape_str(b.shape()), trans_b ? "^T" : "");
   Tensor out = Tensor::empty({m, n});
   if (m > 0 && n > 0) {
-    if (k == 0) std::fill(out.values().begin(), out.values().end(), 0.f);
-    else gemm(trans_a, trans_b, m, n, k, a.data(), b.data(), out.data());
+    if (k == 0)
+      std::fill(out.values().begin(), out.values().end(), 0.f);
+    else
+      gemm(trans_a, trans_b, m, n, k, a.data(), b.data(), out.data());
   }
   return record(out, "matmul", {a, b}, [a = a.detach(), b = b.detach(), trans_a, trans_b, m, n, k](const Tensor& g) {
     // With opA = op(A), opB = op(B):  d opA = dC opB^T,  d opB = opA^T dC; transpose back where needed.
     Tensor da = Tensor::empty(a.shape()), db = Tensor::empty(b.shape());
-    if (!trans_a) gemm(false, !trans_b, m, k, n, g.data(), b.data(), da.data());  // dA = dC opB^T
-    else gemm(trans_b, true, k, m, n, b.data(), g.data(), da.data());             // dA = opB dC^T
-    if (!trans_b) gemm(!trans_a, false, k, n, m, a.data(), g.data(), db.data());  // dB = opA^T dC
-    else gemm(true, trans_a, n, k, m, g.data(), a.data(), db.data());             // dB = dC^T opA
+    if (!trans_a)
+      gemm(false, !trans_b, m, k, n, g.data(), b.data(), da.data());  // dA = dC opB^T
+    else
+      gemm(trans_b, true, k, m, n, b.data(), g.data(), da.data());  // dA = opB dC^T
+    if (!trans_b)
+      gemm(!trans_a, false, k, n, m, a.data(), g.data(), db.data());  // dB = opA^T dC
+    else
+      gemm(true, trans_a, n, k, m, g.data(), a.data(), db.data());  // dB = dC^T opA
     return std::vector<Tensor>{da, db};
   });
 }
@@ -280,10 +286,14 @@ AxisSplit split_axis(const Shape& shape, int64_t axis, bool keepdim, const char*
   if (axis < 0) axis += rank;
   AxisSplit s;
   for (int64_t i = 0; i < rank; ++i) {
-    if (i < axis) s.outer *= shape[i];
-    else if (i > axis) s.inner *= shape[i];
-    if (i != axis) s.reduced.push_back(shape[i]);
-    else if (keepdim) s.reduced.push_back(1);
+    if (i < axis)
+      s.outer *= shape[i];
+    else if (i > axis)
+      s.inner *= shape[i];
+    if (i != axis)
+      s.reduced.push_back(shape[i]);
+    else if (keepdim)
+      s.reduced.push_back(1);
   }
   s.len = shape[axis];
   return s;
@@ -342,9 +352,12 @@ Tensor reshape(const Tensor& a, const Shape& shape) {
   Shape resolved = shape;
   int64_t known = 1, infer = -1;
   for (size_t i = 0; i < shape.size(); ++i) {
-    if (shape[i] == -1 && infer < 0) infer = static_cast<int64_t>(i);
-    else if (shape[i] < 0) fail("reshape: bad target shape {}", shape_str(shape));
-    else known *= shape[i];
+    if (shape[i] == -1 && infer < 0)
+      infer = static_cast<int64_t>(i);
+    else if (shape[i] < 0)
+      fail("reshape: bad target shape {}", shape_str(shape));
+    else
+      known *= shape[i];
   }
   if (infer >= 0) resolved[static_cast<size_t>(infer)] = known == 0 ? 0 : a.numel() / known;
   if (shape_numel(resolved) != a.numel())
@@ -425,7 +438,8 @@ void im2col(const ConvGeometry& g, const float* x, float* cols) {
       }
       const float* src = x + (ci * g.h + iy) * g.w;  // src[ox * stride + kj - padding] is x[ci][iy][ix]
       std::fill(dst, dst + lo, 0.f);
-      if (g.stride == 1) std::copy(src + lo + kj - g.padding, src + hi + kj - g.padding, dst + lo);  // one run
+      if (g.stride == 1)
+        std::copy(src + lo + kj - g.padding, src + hi + kj - g.padding, dst + lo);  // one run
       else
         for (int64_t ox = lo; ox < hi; ++ox) dst[ox] = src[ox * g.stride + kj - g.padding];
       std::fill(dst + hi, dst + g.ow, 0.f);
@@ -485,41 +499,44 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
     }
   });
 
-  return record(y, "conv2d", {x, w, b},
-                [g, x = x.detach(), w = w.detach(), has_bias = b.defined(), need_dx = x.requires_grad()](const Tensor& dy) {
-    const int64_t x_image = g.c * g.h * g.w, y_image = g.out * g.cols();
-    Tensor dx = need_dx ? Tensor::empty(x.shape()) : Tensor();
-    std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
-    std::vector<std::vector<double>> db_part(dw_part.size(), std::vector<double>(has_bias ? g.out : 0, 0.0));
-    for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
-      Tensor cols = Tensor::empty({g.rows(), g.cols()});  // cols_n, then reused for dcols_n
-      Tensor& dw = dw_part[static_cast<size_t>(slice)] = Tensor::zeros(w.shape());
-      std::vector<double>& db = db_part[static_cast<size_t>(slice)];
-      for (int64_t n = first; n < last; ++n) {
-        const float* dyn = dy.data() + n * y_image;
-        im2col(g, x.data() + n * x_image, cols.data());  // dw += dy[n] cols_n^T
-        sgemm(false, true, g.out, g.rows(), g.cols(), dyn, g.cols(), cols.data(), g.cols(), dw.data(), g.rows(), 1.f);
-        for (int64_t o = 0; o < static_cast<int64_t>(db.size()); ++o)
-          for (int64_t i = 0; i < g.cols(); ++i) db[static_cast<size_t>(o)] += dyn[o * g.cols() + i];
-        if (!need_dx) continue;  // dcols_n = w^T dy[n];  dx[n] = col2im(dcols_n)
-        sgemm(true, false, g.rows(), g.cols(), g.out, w.data(), g.rows(), dyn, g.cols(), cols.data(), g.cols(), 0.f);
-        col2im(g, cols.data(), dx.data() + n * x_image);
-      }
-    });
-    Tensor dw = dw_part[0];
-    for (size_t s = 1; s < dw_part.size(); ++s)
-      for (int64_t i = 0; i < dw.numel(); ++i) dw.data()[i] += dw_part[s].data()[i];
-    Tensor db;
-    if (has_bias) {
-      db = Tensor::empty({g.out});
-      for (int64_t o = 0; o < g.out; ++o) {
-        double acc = 0;
-        for (const auto& part : db_part) acc += part[static_cast<size_t>(o)];
-        db.data()[o] = static_cast<float>(acc);
-      }
-    }
-    return std::vector<Tensor>{dx, dw, db};
-  });
+  return record(
+      y, "conv2d", {x, w, b},
+      [g, x = x.detach(), w = w.detach(), has_bias = b.defined(), need_dx = x.requires_grad()](const Tensor& dy) {
+        const int64_t x_image = g.c * g.h * g.w, y_image = g.out * g.cols();
+        Tensor dx = need_dx ? Tensor::empty(x.shape()) : Tensor();
+        std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
+        std::vector<std::vector<double>> db_part(dw_part.size(), std::vector<double>(has_bias ? g.out : 0, 0.0));
+        for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
+          Tensor cols = Tensor::empty({g.rows(), g.cols()});  // cols_n, then reused for dcols_n
+          Tensor& dw = dw_part[static_cast<size_t>(slice)] = Tensor::zeros(w.shape());
+          std::vector<double>& db = db_part[static_cast<size_t>(slice)];
+          for (int64_t n = first; n < last; ++n) {
+            const float* dyn = dy.data() + n * y_image;
+            im2col(g, x.data() + n * x_image, cols.data());  // dw += dy[n] cols_n^T
+            sgemm(false, true, g.out, g.rows(), g.cols(), dyn, g.cols(), cols.data(), g.cols(), dw.data(), g.rows(),
+                  1.f);
+            for (int64_t o = 0; o < static_cast<int64_t>(db.size()); ++o)
+              for (int64_t i = 0; i < g.cols(); ++i) db[static_cast<size_t>(o)] += dyn[o * g.cols() + i];
+            if (!need_dx) continue;  // dcols_n = w^T dy[n];  dx[n] = col2im(dcols_n)
+            sgemm(true, false, g.rows(), g.cols(), g.out, w.data(), g.rows(), dyn, g.cols(), cols.data(), g.cols(),
+                  0.f);
+            col2im(g, cols.data(), dx.data() + n * x_image);
+          }
+        });
+        Tensor dw = dw_part[0];
+        for (size_t s = 1; s < dw_part.size(); ++s)
+          for (int64_t i = 0; i < dw.numel(); ++i) dw.data()[i] += dw_part[s].data()[i];
+        Tensor db;
+        if (has_bias) {
+          db = Tensor::empty({g.out});
+          for (int64_t o = 0; o < g.out; ++o) {
+            double acc = 0;
+            for (const auto& part : db_part) acc += part[static_cast<size_t>(o)];
+            db.data()[o] = static_cast<float>(acc);
+          }
+        }
+        return std::vector<Tensor>{dx, dw, db};
+      });
 }
 
 // =============================================================================================
@@ -534,8 +551,14 @@ PoolGeometry pool_geometry(const Tensor& x, int64_t kernel, int64_t stride, cons
   if (kernel < 1 || stride < 1) fail("{}: kernel and stride must be >= 1", op);
   if (x.size(2) < kernel || x.size(3) < kernel)
     fail("{}: kernel {} is larger than the input {}", op, kernel, shape_str(x.shape()));
-  return {x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride,
-          (x.size(2) - kernel) / stride + 1, (x.size(3) - kernel) / stride + 1};
+  return {x.size(0),
+          x.size(1),
+          x.size(2),
+          x.size(3),
+          kernel,
+          stride,
+          (x.size(2) - kernel) / stride + 1,
+          (x.size(3) - kernel) / stride + 1};
 }
 }  // namespace
 
@@ -616,16 +639,18 @@ Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
 // Backward (training, through the batch statistics), with g_i = dy_i * gamma:
 //   dx_i = (1 / sqrt(var + eps)) * (g_i - mean(g) - xhat_i * mean(g * xhat)).
 
-Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
-                  Tensor& running_var, bool training, float momentum, float eps) {
-  if (x.dim() != 2 && x.dim() != 4) fail("batch_norm: input must be (N, C) or (N, C, H, W), got {}", shape_str(x.shape()));
+Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean, Tensor& running_var,
+                  bool training, float momentum, float eps) {
+  if (x.dim() != 2 && x.dim() != 4)
+    fail("batch_norm: input must be (N, C) or (N, C, H, W), got {}", shape_str(x.shape()));
   const int64_t n = x.size(0), c = x.size(1), hw = x.dim() == 4 ? x.size(2) * x.size(3) : 1;
   for (const Tensor* t : std::initializer_list<const Tensor*>{&gamma, &beta, &running_mean, &running_var})
     if (t->dim() != 1 || t->size(0) != c)
       fail("batch_norm: parameter of shape {} does not fit input {} (expected ({},))", shape_str(t->shape()),
            shape_str(x.shape()), c);
   const int64_t m = n * hw;
-  if (training && m < 2) fail("batch_norm: training needs more than one value per channel, got input {}", shape_str(x.shape()));
+  if (training && m < 2)
+    fail("batch_norm: training needs more than one value per channel, got input {}", shape_str(x.shape()));
 
   std::vector<float> mu(static_cast<size_t>(c)), inv_std(static_cast<size_t>(c));
 #pragma omp parallel for
@@ -644,8 +669,9 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
       }
       var_c = s2 / static_cast<double>(m);
       running_mean.data()[ch] = static_cast<float>((1 - momentum) * running_mean.data()[ch] + momentum * mean_c);
-      running_var.data()[ch] = static_cast<float>((1 - momentum) * running_var.data()[ch] +
-                                                  momentum * var_c * static_cast<double>(m) / static_cast<double>(m - 1));
+      running_var.data()[ch] =
+          static_cast<float>((1 - momentum) * running_var.data()[ch] +
+                             momentum * var_c * static_cast<double>(m) / static_cast<double>(m - 1));
     } else {
       mean_c = running_mean.data()[ch];
       var_c = running_var.data()[ch];
@@ -670,29 +696,30 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
 
   return record(y, "batch_norm", {x, gamma, beta},
                 [xhat, inv_std, gamma = gamma.detach(), training, n, c, hw, m](const Tensor& dy) {
-    Tensor dx = Tensor::empty(xhat.shape()), dgamma = Tensor::zeros({c}), dbeta = Tensor::zeros({c});
+                  Tensor dx = Tensor::empty(xhat.shape()), dgamma = Tensor::zeros({c}), dbeta = Tensor::zeros({c});
 #pragma omp parallel for
-    for (int64_t ch = 0; ch < c; ++ch) {
-      double sum_dy = 0, sum_dy_xhat = 0;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < hw; ++j) {
-          const int64_t at = (i * c + ch) * hw + j;
-          sum_dy += dy.data()[at];
-          sum_dy_xhat += static_cast<double>(dy.data()[at]) * xhat.data()[at];
-        }
-      dgamma.data()[ch] = static_cast<float>(sum_dy_xhat);
-      dbeta.data()[ch] = static_cast<float>(sum_dy);
-      const float g_c = gamma.data()[ch], s_c = inv_std[static_cast<size_t>(ch)];
-      const float mean_g = training ? static_cast<float>(g_c * sum_dy / static_cast<double>(m)) : 0.f;
-      const float mean_g_xhat = training ? static_cast<float>(g_c * sum_dy_xhat / static_cast<double>(m)) : 0.f;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < hw; ++j) {
-          const int64_t at = (i * c + ch) * hw + j;
-          dx.data()[at] = s_c * (g_c * dy.data()[at] - mean_g - xhat.data()[at] * mean_g_xhat);
-        }
-    }
-    return std::vector<Tensor>{dx, dgamma, dbeta};
-  });
+                  for (int64_t ch = 0; ch < c; ++ch) {
+                    double sum_dy = 0, sum_dy_xhat = 0;
+                    for (int64_t i = 0; i < n; ++i)
+                      for (int64_t j = 0; j < hw; ++j) {
+                        const int64_t at = (i * c + ch) * hw + j;
+                        sum_dy += dy.data()[at];
+                        sum_dy_xhat += static_cast<double>(dy.data()[at]) * xhat.data()[at];
+                      }
+                    dgamma.data()[ch] = static_cast<float>(sum_dy_xhat);
+                    dbeta.data()[ch] = static_cast<float>(sum_dy);
+                    const float g_c = gamma.data()[ch], s_c = inv_std[static_cast<size_t>(ch)];
+                    const float mean_g = training ? static_cast<float>(g_c * sum_dy / static_cast<double>(m)) : 0.f;
+                    const float mean_g_xhat =
+                        training ? static_cast<float>(g_c * sum_dy_xhat / static_cast<double>(m)) : 0.f;
+                    for (int64_t i = 0; i < n; ++i)
+                      for (int64_t j = 0; j < hw; ++j) {
+                        const int64_t at = (i * c + ch) * hw + j;
+                        dx.data()[at] = s_c * (g_c * dy.data()[at] - mean_g - xhat.data()[at] * mean_g_xhat);
+                      }
+                  }
+                  return std::vector<Tensor>{dx, dgamma, dbeta};
+                });
 }
 
 // =============================================================================================
@@ -764,13 +791,15 @@ Tensor cross_entropy(const Tensor& logits, std::span<const int32_t> labels) {
   Tensor loss = Tensor::scalar(static_cast<float>(total / static_cast<double>(std::max<int64_t>(n, 1))));
   return record(loss, "cross_entropy", {logits},
                 [logp, labels = std::vector<int32_t>(labels.begin(), labels.end()), n, k](const Tensor& g) {
-    Tensor dx = Tensor::empty(logp.shape());
-    const float scale = g.item() / static_cast<float>(n);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < k; ++j)
-        dx.data()[i * k + j] = (std::exp(logp.data()[i * k + j]) - (j == labels[static_cast<size_t>(i)] ? 1.f : 0.f)) * scale;
-    return std::vector<Tensor>{dx};
-  });
+                  Tensor dx = Tensor::empty(logp.shape());
+                  const float scale = g.item() / static_cast<float>(n);
+                  for (int64_t i = 0; i < n; ++i)
+                    for (int64_t j = 0; j < k; ++j)
+                      dx.data()[i * k + j] =
+                          (std::exp(logp.data()[i * k + j]) - (j == labels[static_cast<size_t>(i)] ? 1.f : 0.f)) *
+                          scale;
+                  return std::vector<Tensor>{dx};
+                });
 }
 
 }  // namespace lowbit::ops

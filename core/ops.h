@@ -60,8 +60,8 @@ Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride);
 // 10. x is (N, C, H, W) or (N, C); gamma, beta, running_mean, running_var are (C).
 // In training mode the running statistics are updated in place:
 // running = (1 - momentum) * running + momentum * batch (unbiased variance, as PyTorch).
-Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
-                  Tensor& running_var, bool training, float momentum = 0.1f, float eps = 1e-5f);
+Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean, Tensor& running_var,
+                  bool training, float momentum = 0.1f, float eps = 1e-5f);
 // 11. Zeroes each value with probability p and scales the rest by 1 / (1 - p).
 Tensor dropout(const Tensor& x, float p, bool training, Rng& rng = global_rng());
 // 12. x is (N, OUT).

@@ -88,12 +88,12 @@ TEST_CASE("gradcheck 1: add, sub, mul, div, same shape and broadcast") {
     Shape a, b;
   };
   const std::vector<Case> cases = {
-      {{3, 4}, {3, 4}},              // same shape
-      {{5, 3}, {3}},                 // row vector (OUT) over (N, OUT)
-      {{3}, {5, 3}},                 // ... and the other way round
-      {{2, 3, 4, 5}, {3, 1, 1}},     // per-channel (C, 1, 1) over (N, C, H, W)
-      {{4, 1}, {1, 3}},              // both sides broadcast
-      {{2, 3}, {}},                  // scalar
+      {{3, 4}, {3, 4}},           // same shape
+      {{5, 3}, {3}},              // row vector (OUT) over (N, OUT)
+      {{3}, {5, 3}},              // ... and the other way round
+      {{2, 3, 4, 5}, {3, 1, 1}},  // per-channel (C, 1, 1) over (N, C, H, W)
+      {{4, 1}, {1, 3}},           // both sides broadcast
+      {{2, 3}, {}},               // scalar
   };
   uint64_t seed = 10;
   for (const Case& c : cases) {
@@ -146,8 +146,11 @@ TEST_CASE("gradcheck 5: relu, exp, log") {
 TEST_CASE("gradcheck 6: reshape and flatten") {
   // A non-identity consumer (mul by a fixed tensor) makes sure the gradient lands in the right element.
   const Tensor weights = randn({4, 6}, 60);
-  check_gradients([&](const std::vector<Tensor>& in) { return ops::mul(ops::reshape(in[0], {4, -1}), weights); },
-                  {randn({2, 3, 4}, 61)});
+  check_gradients(
+      [&](const std::vector<Tensor>& in) {
+        return ops::mul(ops::reshape(in[0], {4, -1}), weights);
+      },
+      {randn({2, 3, 4}, 61)});
   check_gradients([](const std::vector<Tensor>& in) { return ops::flatten(in[0]); }, {randn({2, 3, 2, 2}, 62)});
 }
 
