@@ -54,7 +54,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const flo
     return;
   }
   for_each_slice(m, [&](int64_t first, int64_t last, int) {  // rows [first, last) of C and of op(A)
-    sgemm(trans_a, trans_b, last - first, n, k, a + (trans_a ? first : first * lda), lda, b, ldb, c + first * n, n, 0.f);
+    sgemm(trans_a, trans_b, last - first, n, k, a + (trans_a ? first : first * lda), lda, b, ldb, c + first * n, n,
+          0.f);
   });
 }
 
@@ -226,9 +227,8 @@ Tensor add_scalar(const Tensor& a, float s) {
 }
 
 Tensor mul_scalar(const Tensor& a, float s) {
-  return record(unary(a, [s](float x) { return x * s; }), "mul_scalar", {a}, [s](const Tensor& g) {
-    return std::vector<Tensor>{unary(g, [s](float x) { return x * s; })};
-  });
+  return record(unary(a, [s](float x) { return x * s; }), "mul_scalar", {a},
+                [s](const Tensor& g) { return std::vector<Tensor>{unary(g, [s](float x) { return x * s; })}; });
 }
 
 // =============================================================================================
@@ -240,20 +240,26 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
   const int64_t kb = trans_b ? b.size(1) : b.size(0), n = trans_b ? b.size(0) : b.size(1);
   if (k != kb)
-    fail("matmul: shapes {}{} and {}{} do not agree on the inner dimension", shape_str(a.shape()),
-         trans_a ? "^T" : "", shape_str(b.shape()), trans_b ? "^T" : "");
+    fail("matmul: shapes {}{} and {}{} do not agree on the inner dimension", shape_str(a.shape()), trans_a ? "^T" : "",
+         shape_str(b.shape()), trans_b ? "^T" : "");
   Tensor out = Tensor::empty({m, n});
   if (m > 0 && n > 0) {
-    if (k == 0) std::fill(out.values().begin(), out.values().end(), 0.f);
-    else gemm(trans_a, trans_b, m, n, k, a.data(), b.data(), out.data());
+    if (k == 0)
+      std::fill(out.values().begin(), out.values().end(), 0.f);
+    else
+      gemm(trans_a, trans_b, m, n, k, a.data(), b.data(), out.data());
   }
   return record(out, "matmul", {a, b}, [a = a.detach(), b = b.detach(), trans_a, trans_b, m, n, k](const Tensor& g) {
     // With opA = op(A), opB = op(B):  d opA = dC opB^T,  d opB = opA^T dC; transpose back where needed.
     Tensor da = Tensor::empty(a.shape()), db = Tensor::empty(b.shape());
-    if (!trans_a) gemm(false, !trans_b, m, k, n, g.data(), b.data(), da.data());  // dA = dC opB^T
-    else gemm(trans_b, true, k, m, n, b.data(), g.data(), da.data());             // dA = opB dC^T
-    if (!trans_b) gemm(!trans_a, false, k, n, m, a.data(), g.data(), db.data());  // dB = opA^T dC
-    else gemm(true, trans_a, n, k, m, g.data(), a.data(), db.data());             // dB = dC^T opA
+    if (!trans_a)
+      gemm(false, !trans_b, m, k, n, g.data(), b.data(), da.data());  // dA = dC opB^T
+    else
+      gemm(trans_b, true, k, m, n, b.data(), g.data(), da.data());  // dA = opB dC^T
+    if (!trans_b)
+      gemm(!trans_a, false, k, n, m, a.data(), g.data(), db.data());  // dB = opA^T dC
+    else
+      gemm(true, trans_a, n, k, m, g.data(), a.data(), db.data());  // dB = dC^T opA
     return std::vector<Tensor>{da, db};
   });
 }
@@ -280,10 +286,14 @@ AxisSplit split_axis(const Shape& shape, int64_t axis, bool keepdim, const char*
   if (axis < 0) axis += rank;
   AxisSplit s;
   for (int64_t i = 0; i < rank; ++i) {
-    if (i < axis) s.outer *= shape[i];
-    else if (i > axis) s.inner *= shape[i];
-    if (i != axis) s.reduced.push_back(shape[i]);
-    else if (keepdim) s.reduced.push_back(1);
+    if (i < axis)
+      s.outer *= shape[i];
+    else if (i > axis)
+      s.inner *= shape[i];
+    if (i != axis)
+      s.reduced.push_back(shape[i]);
+    else if (keepdim)
+      s.reduced.push_back(1);
   }
   s.len = shape[axis];
   return s;
@@ -314,11 +324,22 @@ Tensor mean(const Tensor& a, int64_t axis, bool keepdim) {
 }
 
 // =============================================================================================
-// 5. relu, exp, log
+// 5. relu, clamp, exp, log
 
 Tensor relu(const Tensor& a) {
   return record(unary(a, [](float x) { return x > 0.f ? x : 0.f; }), "relu", {a}, [a = a.detach()](const Tensor& g) {
     return std::vector<Tensor>{binary(g, a, "relu", [](float gv, float x) { return x > 0.f ? gv : 0.f; })};
+  });
+}
+
+// Gradient passes where lo < a < hi, strictly: 0 exactly at lo and at hi, as PyTorch's hardtanh and
+// relu6 (and relu here, at 0). Note that torch.clamp's own backward lets it pass at lo and hi.
+Tensor clamp(const Tensor& a, float lo, float hi) {
+  if (!(lo <= hi)) fail("clamp: lo {} must not be above hi {}", lo, hi);
+  Tensor out = unary(a, [lo, hi](float x) { return std::min(std::max(x, lo), hi); });
+  return record(out, "clamp", {a}, [a = a.detach(), lo, hi](const Tensor& g) {
+    return std::vector<Tensor>{
+        binary(g, a, "clamp", [lo, hi](float gv, float x) { return lo < x && x < hi ? gv : 0.f; })};
   });
 }
 
@@ -342,9 +363,12 @@ Tensor reshape(const Tensor& a, const Shape& shape) {
   Shape resolved = shape;
   int64_t known = 1, infer = -1;
   for (size_t i = 0; i < shape.size(); ++i) {
-    if (shape[i] == -1 && infer < 0) infer = static_cast<int64_t>(i);
-    else if (shape[i] < 0) fail("reshape: bad target shape {}", shape_str(shape));
-    else known *= shape[i];
+    if (shape[i] == -1 && infer < 0)
+      infer = static_cast<int64_t>(i);
+    else if (shape[i] < 0)
+      fail("reshape: bad target shape {}", shape_str(shape));
+    else
+      known *= shape[i];
   }
   if (infer >= 0) resolved[static_cast<size_t>(infer)] = known == 0 ? 0 : a.numel() / known;
   if (shape_numel(resolved) != a.numel())
@@ -364,7 +388,7 @@ Tensor flatten(const Tensor& a) {
 }
 
 // =============================================================================================
-// 7. transpose
+// 7. transpose, concat
 
 namespace {
 Tensor transpose_values(const Tensor& a) {
@@ -382,24 +406,76 @@ Tensor transpose(const Tensor& a) {
                 [](const Tensor& g) { return std::vector<Tensor>{transpose_values(g)}; });
 }
 
+// Each part is viewed as (outer, len_i, inner) around `axis`; a row of the output is the parts'
+// rows one after the other: out[o] = (parts[0][o], parts[1][o], ...). Backward copies them back.
+Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
+  if (parts.empty()) fail("concat: needs at least one tensor");
+  const Shape& first = parts[0].shape();
+  const AxisSplit s = split_axis(first, axis, false, "concat");
+  const auto at_axis = static_cast<size_t>(axis < 0 ? axis + static_cast<int64_t>(first.size()) : axis);
+  Shape shape = first;
+  shape[at_axis] = 0;
+  std::vector<Shape> shapes;
+  for (const Tensor& part : parts) {
+    Shape rest = part.shape();
+    if (rest.size() == first.size()) rest[at_axis] = first[at_axis];
+    if (rest != first)
+      fail("concat: part {} has shape {}, which differs from part 0's {} outside axis {}", shapes.size(),
+           shape_str(part.shape()), shape_str(first), axis);
+    shapes.push_back(part.shape());
+    shape[at_axis] += part.shape()[at_axis];
+  }
+  Tensor out = Tensor::empty(shape);
+  const int64_t row = shape[at_axis] * s.inner;  // of the output
+  for (int64_t o = 0; o < s.outer; ++o)
+    for (int64_t offset = 0; const Tensor& part : parts) {
+      const int64_t part_row = part.shape()[at_axis] * s.inner;
+      std::copy_n(part.data() + o * part_row, part_row, out.data() + o * row + offset);
+      offset += part_row;
+    }
+  return record(out, "concat", parts, [s, at_axis, row, shapes](const Tensor& g) {
+    std::vector<Tensor> grads;
+    for (int64_t offset = 0; const Shape& part_shape : shapes) {
+      const int64_t part_row = part_shape[at_axis] * s.inner;
+      Tensor d = Tensor::empty(part_shape);
+      for (int64_t o = 0; o < s.outer; ++o) std::copy_n(g.data() + o * row + offset, part_row, d.data() + o * part_row);
+      grads.push_back(d);
+      offset += part_row;
+    }
+    return grads;
+  });
+}
+
 // =============================================================================================
-// 8. conv2d: per image, im2col + one sgemm
+// 8. conv2d: per image and group, im2col + one sgemm; depthwise by a direct loop
 //
-// For image n, cols_n is (C*K*K, OH*OW): column (oy, ox) holds the input patch under the kernel at
-// that output position (0 where the kernel hangs over the zero padding). Then
-//   y[n] = w (OUT, C*K*K) x cols_n + b  ->  (OUT, OH*OW), which is y[n] of (N, OUT, OH, OW) as it is.
-// Backward, with dy[n] (OUT, OH*OW):
-//   dw = sum_n dy[n] cols_n^T,   db[o] = sum_n sum_pixels dy[n][o],   dx[n] = col2im(w^T dy[n]).
+// The C input channels and OUT output channels are cut into `groups` equal groups; output
+// channel o sees only the C / groups input channels of its group (groups = 1: an ordinary
+// convolution; groups = C: depthwise). For image n and group gi, cols is (C/groups*K*K, OH*OW):
+// column (oy, ox) holds the group's input patch under the kernel at that output position (0 where
+// the kernel hangs over the zero padding). With w_gi, the group's (OUT/groups, C/groups*K*K) rows of w,
+//   y[n]_gi = w_gi cols + b_gi  ->  (OUT/groups, OH*OW), which is y[n]_gi of (N, OUT, OH, OW) as it is.
+// Backward, with dy[n]_gi (OUT/groups, OH*OW):
+//   dw_gi = sum_n dy[n]_gi cols^T,   db[o] = sum_n sum_pixels dy[n][o],   dx[n]_gi = col2im(w_gi^T dy[n]_gi).
 // The images are split over the threads. A thread reuses one cols buffer (small enough to stay in
-// its cache) and rebuilds cols_n in the backward rather than keeping all of them; it sums its own
+// its cache) and rebuilds cols in the backward rather than keeping all of them; it sums its own
 // dw and db, and those partial sums are added in thread order, so a thread count always gives the
 // same bits. dx is skipped when the input needs no gradient (the first layer's).
+//
+// Depthwise (one input channel per group) would be a GEMM of one row per channel: there direct
+// loops over a zero-padded copy of the plane compute the same sums in another order. On dsconv's
+// four depthwise shapes (batch 64, one thread) forward + backward took 70-80 ms in all, against
+// 95-136 ms through im2col + sgemm.
 
 namespace {
 struct ConvGeometry {
-  int64_t n, c, h, w, out, k, stride, padding, oh, ow;
-  int64_t rows() const { return c * k * k; }  // of cols_n
-  int64_t cols() const { return oh * ow; }    // of cols_n
+  int64_t n, c, h, w, out, k, stride, padding, groups, oh, ow;
+  int64_t group_c() const { return c / groups; }      // input channels per group
+  int64_t group_out() const { return out / groups; }  // output channels per group
+  int64_t rows() const { return group_c() * k * k; }  // of cols, and the length of a row of w
+  int64_t cols() const { return oh * ow; }            // of cols
+  bool depthwise() const { return group_c() == 1 && groups > 1; }
+  int64_t padded_plane() const { return (h + 2 * padding) * (w + 2 * padding); }
 };
 
 // The output columns [lo, hi) whose input column ix = ox * stride - padding + kj is inside [0, W).
@@ -411,7 +487,7 @@ std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g, int64_t kj) {
   return {std::min(lo, hi), hi};
 }
 
-// x is (C, H, W), one image; cols is (C*K*K, OH*OW).
+// x is (C/groups, H, W), one group of one image; cols is (C/groups*K*K, OH*OW).
 void im2col(const ConvGeometry& g, const float* x, float* cols) {
   for (int64_t row = 0; row < g.rows(); ++row) {
     const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
@@ -425,7 +501,8 @@ void im2col(const ConvGeometry& g, const float* x, float* cols) {
       }
       const float* src = x + (ci * g.h + iy) * g.w;  // src[ox * stride + kj - padding] is x[ci][iy][ix]
       std::fill(dst, dst + lo, 0.f);
-      if (g.stride == 1) std::copy(src + lo + kj - g.padding, src + hi + kj - g.padding, dst + lo);  // one run
+      if (g.stride == 1)
+        std::copy(src + lo + kj - g.padding, src + hi + kj - g.padding, dst + lo);  // one run
       else
         for (int64_t ox = lo; ox < hi; ++ox) dst[ox] = src[ox * g.stride + kj - g.padding];
       std::fill(dst + hi, dst + g.ow, 0.f);
@@ -434,9 +511,9 @@ void im2col(const ConvGeometry& g, const float* x, float* cols) {
 }
 
 // The adjoint of im2col: dx = 0, then each entry of cols is added onto the input pixel it came
-// from. cols is (C*K*K, OH*OW); dx is (C, H, W), one image.
+// from. cols is (C/groups*K*K, OH*OW); dx is (C/groups, H, W), one group of one image.
 void col2im(const ConvGeometry& g, const float* cols, float* dx) {
-  std::fill_n(dx, g.c * g.h * g.w, 0.f);
+  std::fill_n(dx, g.group_c() * g.h * g.w, 0.f);
   for (int64_t row = 0; row < g.rows(); ++row) {
     const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
     const auto [lo, hi] = inside_columns(g, kj);
@@ -454,93 +531,201 @@ void col2im(const ConvGeometry& g, const float* cols, float* dx) {
     }
   }
 }
+
+// Depthwise works on one channel of one image at a time, with its zero padding written out:
+// xp is (H + 2 * padding, W + 2 * padding), so the loops need no bounds and vectorise along ox.
+void pad_plane(const ConvGeometry& g, const float* x, float* xp) {
+  const int64_t wp = g.w + 2 * g.padding;
+  std::fill_n(xp, (g.h + 2 * g.padding) * wp, 0.f);
+  for (int64_t iy = 0; iy < g.h; ++iy) std::copy_n(x + iy * g.w, g.w, xp + (iy + g.padding) * wp + g.padding);
+}
+
+// xp is one padded plane, w is (K, K); y (OH, OW) += the convolution.
+void depthwise_forward(const ConvGeometry& g, const float* xp, const float* w, float* __restrict y) {
+  const int64_t wp = g.w + 2 * g.padding;
+  for (int64_t oy = 0; oy < g.oh; ++oy, y += g.ow)
+    for (int64_t ki = 0; ki < g.k; ++ki)
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        const float* __restrict src = xp + (oy * g.stride + ki) * wp + kj;  // src[ox * stride]: tap (ki, kj) of ox
+        const float wv = w[ki * g.k + kj];
+        if (g.stride == 1)  // the same sums, written so that they vectorise
+          for (int64_t ox = 0; ox < g.ow; ++ox) y[ox] += wv * src[ox];
+        else
+          for (int64_t ox = 0; ox < g.ow; ++ox) y[ox] += wv * src[ox * g.stride];
+      }
+}
+
+// xp is one padded plane, w is (K, K), dy is (OH, OW); dw (K, K) += sum over pixels of dy * tap, and,
+// if dxp is not null, the padded plane dxp += the adjoint of depthwise_forward. `partial` is scratch of
+// K*K*OW floats: each tap's sum is kept per ox (so that it vectorises) and added up at the end.
+void depthwise_backward(const ConvGeometry& g, const float* xp, const float* w, const float* __restrict dy, float* dw,
+                        float* dxp, float* __restrict partial) {
+  const int64_t wp = g.w + 2 * g.padding;
+  std::fill_n(partial, g.k * g.k * g.ow, 0.f);
+  for (int64_t oy = 0; oy < g.oh; ++oy, dy += g.ow)
+    for (int64_t ki = 0; ki < g.k; ++ki)
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        const int64_t at = (oy * g.stride + ki) * wp + kj;  // [at + ox * stride]: tap (ki, kj) of ox
+        const float* __restrict src = xp + at;
+        float* __restrict part = partial + (ki * g.k + kj) * g.ow;
+        float* __restrict dst = dxp == nullptr ? nullptr : dxp + at;
+        const float wv = w[ki * g.k + kj];
+        if (g.stride == 1) {  // the same sums, written so that they vectorise
+          for (int64_t ox = 0; ox < g.ow; ++ox) part[ox] += dy[ox] * src[ox];
+          if (dxp != nullptr)
+            for (int64_t ox = 0; ox < g.ow; ++ox) dst[ox] += wv * dy[ox];
+        } else {
+          for (int64_t ox = 0; ox < g.ow; ++ox) part[ox] += dy[ox] * src[ox * g.stride];
+          if (dxp != nullptr)
+            for (int64_t ox = 0; ox < g.ow; ++ox) dst[ox * g.stride] += wv * dy[ox];
+        }
+      }
+  for (int64_t tap = 0; tap < g.k * g.k; ++tap)
+    for (int64_t ox = 0; ox < g.ow; ++ox) dw[tap] += partial[tap * g.ow + ox];
+}
 }  // namespace
 
-Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding) {
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding, int64_t groups) {
   check_rank(x, 4, "conv2d", "input");
   check_rank(w, 4, "conv2d", "weight");
-  if (w.size(1) != x.size(1) || w.size(2) != w.size(3))
-    fail("conv2d: weight {} does not fit input {} (expected (OUT, {}, K, K))", shape_str(w.shape()),
-         shape_str(x.shape()), x.size(1));
+  if (groups < 1 || x.size(1) % groups != 0 || w.size(0) % groups != 0)
+    fail("conv2d: groups {} must divide the input channels of {} and the output channels of weight {}", groups,
+         shape_str(x.shape()), shape_str(w.shape()));
+  if (w.size(1) != x.size(1) / groups || w.size(2) != w.size(3))
+    fail("conv2d: weight {} does not fit input {} with groups {} (expected (OUT, {}, K, K))", shape_str(w.shape()),
+         shape_str(x.shape()), groups, x.size(1) / groups);
   if (b.defined() && (b.dim() != 1 || b.size(0) != w.size(0)))
     fail("conv2d: bias {} does not fit weight {}", shape_str(b.shape()), shape_str(w.shape()));
   if (stride < 1 || padding < 0) fail("conv2d: stride must be >= 1 and padding >= 0");
-  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2), stride, padding, 0, 0};
+  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2), stride, padding, groups, 0, 0};
   if (g.h + 2 * padding < g.k || g.w + 2 * padding < g.k)
     fail("conv2d: kernel {} is larger than the padded input {}", g.k, shape_str(x.shape()));
   g.oh = (g.h + 2 * padding - g.k) / stride + 1;
   g.ow = (g.w + 2 * padding - g.k) / stride + 1;
-  const int64_t x_image = g.c * g.h * g.w, y_image = g.out * g.cols();
+  const int64_t x_group = g.group_c() * g.h * g.w, y_group = g.group_out() * g.cols(),
+                w_group = g.group_out() * g.rows();
 
   Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
   for_each_slice(g.n, [&](int64_t first, int64_t last, int) {
-    Tensor cols = Tensor::empty({g.rows(), g.cols()});
+    Tensor cols = Tensor::empty(g.depthwise() ? Shape{g.padded_plane()} : Shape{g.rows(), g.cols()});  // or xp
     for (int64_t n = first; n < last; ++n) {
-      float* yn = y.data() + n * y_image;
-      im2col(g, x.data() + n * x_image, cols.data());
-      if (b.defined())  // y[n] = b, then y[n] += w cols_n
-        for (int64_t o = 0; o < g.out; ++o) std::fill_n(yn + o * g.cols(), g.cols(), b.data()[o]);
-      sgemm(false, false, g.out, g.cols(), g.rows(), w.data(), g.rows(), cols.data(), g.cols(), yn, g.cols(),
-            b.defined() ? 1.f : 0.f);
+      float* yn = y.data() + n * g.out * g.cols();
+      if (b.defined() || g.depthwise())  // y[n] = b (or 0), then y[n] += w cols
+        for (int64_t o = 0; o < g.out; ++o) std::fill_n(yn + o * g.cols(), g.cols(), b.defined() ? b.data()[o] : 0.f);
+      for (int64_t gi = 0; gi < g.groups; ++gi) {
+        const float* xg = x.data() + (n * g.groups + gi) * x_group;
+        if (g.depthwise()) {
+          pad_plane(g, xg, cols.data());
+          for (int64_t o = 0; o < g.group_out(); ++o)
+            depthwise_forward(g, cols.data(), w.data() + (gi * g.group_out() + o) * g.rows(),
+                              yn + gi * y_group + o * g.cols());
+          continue;
+        }
+        im2col(g, xg, cols.data());
+        sgemm(false, false, g.group_out(), g.cols(), g.rows(), w.data() + gi * w_group, g.rows(), cols.data(), g.cols(),
+              yn + gi * y_group, g.cols(), b.defined() ? 1.f : 0.f);
+      }
     }
   });
 
-  return record(y, "conv2d", {x, w, b},
-                [g, x = x.detach(), w = w.detach(), has_bias = b.defined(), need_dx = x.requires_grad()](const Tensor& dy) {
-    const int64_t x_image = g.c * g.h * g.w, y_image = g.out * g.cols();
-    Tensor dx = need_dx ? Tensor::empty(x.shape()) : Tensor();
-    std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
-    std::vector<std::vector<double>> db_part(dw_part.size(), std::vector<double>(has_bias ? g.out : 0, 0.0));
-    for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
-      Tensor cols = Tensor::empty({g.rows(), g.cols()});  // cols_n, then reused for dcols_n
-      Tensor& dw = dw_part[static_cast<size_t>(slice)] = Tensor::zeros(w.shape());
-      std::vector<double>& db = db_part[static_cast<size_t>(slice)];
-      for (int64_t n = first; n < last; ++n) {
-        const float* dyn = dy.data() + n * y_image;
-        im2col(g, x.data() + n * x_image, cols.data());  // dw += dy[n] cols_n^T
-        sgemm(false, true, g.out, g.rows(), g.cols(), dyn, g.cols(), cols.data(), g.cols(), dw.data(), g.rows(), 1.f);
-        for (int64_t o = 0; o < static_cast<int64_t>(db.size()); ++o)
-          for (int64_t i = 0; i < g.cols(); ++i) db[static_cast<size_t>(o)] += dyn[o * g.cols() + i];
-        if (!need_dx) continue;  // dcols_n = w^T dy[n];  dx[n] = col2im(dcols_n)
-        sgemm(true, false, g.rows(), g.cols(), g.out, w.data(), g.rows(), dyn, g.cols(), cols.data(), g.cols(), 0.f);
-        col2im(g, cols.data(), dx.data() + n * x_image);
-      }
-    });
-    Tensor dw = dw_part[0];
-    for (size_t s = 1; s < dw_part.size(); ++s)
-      for (int64_t i = 0; i < dw.numel(); ++i) dw.data()[i] += dw_part[s].data()[i];
-    Tensor db;
-    if (has_bias) {
-      db = Tensor::empty({g.out});
-      for (int64_t o = 0; o < g.out; ++o) {
-        double acc = 0;
-        for (const auto& part : db_part) acc += part[static_cast<size_t>(o)];
-        db.data()[o] = static_cast<float>(acc);
-      }
-    }
-    return std::vector<Tensor>{dx, dw, db};
-  });
+  return record(
+      y, "conv2d", {x, w, b},
+      [g, x = x.detach(), w = w.detach(), has_bias = b.defined(), need_dx = x.requires_grad()](const Tensor& dy) {
+        const int64_t x_group = g.group_c() * g.h * g.w, y_group = g.group_out() * g.cols();
+        const int64_t w_group = g.group_out() * g.rows();
+        Tensor dx = need_dx ? Tensor::empty(x.shape()) : Tensor();
+        std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
+        std::vector<std::vector<double>> db_part(dw_part.size(), std::vector<double>(has_bias ? g.out : 0, 0.0));
+        for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
+          Tensor cols = Tensor::empty({g.rows(), g.cols()});  // cols, then reused for dcols
+          Tensor planes =
+              Tensor::empty({g.depthwise() ? 2 * g.padded_plane() + g.k * g.k * g.ow : 0});  // xp, dxp, partial
+          Tensor& dw = dw_part[static_cast<size_t>(slice)] = Tensor::zeros(w.shape());
+          std::vector<double>& db = db_part[static_cast<size_t>(slice)];
+          for (int64_t n = first; n < last; ++n) {
+            const float* dyn = dy.data() + n * g.out * g.cols();
+            for (int64_t o = 0; o < static_cast<int64_t>(db.size()); ++o)
+              for (int64_t i = 0; i < g.cols(); ++i) db[static_cast<size_t>(o)] += dyn[o * g.cols() + i];
+            for (int64_t gi = 0; gi < g.groups; ++gi) {
+              const float* xg = x.data() + (n * g.groups + gi) * x_group;
+              float* dxg = need_dx ? dx.data() + (n * g.groups + gi) * x_group : nullptr;
+              if (g.depthwise()) {
+                float *xp = planes.data(), *dxp = xp + g.padded_plane(), *partial = dxp + g.padded_plane();
+                pad_plane(g, xg, xp);
+                std::fill_n(dxp, g.padded_plane(), 0.f);
+                for (int64_t o = gi * g.group_out(); o < (gi + 1) * g.group_out(); ++o)
+                  depthwise_backward(g, xp, w.data() + o * g.rows(), dyn + o * g.cols(), dw.data() + o * g.rows(),
+                                     need_dx ? dxp : nullptr, partial);
+                if (need_dx)  // the inside of the padded plane
+                  for (int64_t iy = 0; iy < g.h; ++iy)
+                    std::copy_n(dxp + (iy + g.padding) * (g.w + 2 * g.padding) + g.padding, g.w, dxg + iy * g.w);
+                continue;
+              }
+              im2col(g, xg, cols.data());  // dw_gi += dy[n]_gi cols^T
+              sgemm(false, true, g.group_out(), g.rows(), g.cols(), dyn + gi * y_group, g.cols(), cols.data(), g.cols(),
+                    dw.data() + gi * w_group, g.rows(), 1.f);
+              if (!need_dx) continue;  // dcols = w_gi^T dy[n]_gi;  dx[n]_gi = col2im(dcols)
+              sgemm(true, false, g.rows(), g.cols(), g.group_out(), w.data() + gi * w_group, g.rows(),
+                    dyn + gi * y_group, g.cols(), cols.data(), g.cols(), 0.f);
+              col2im(g, cols.data(), dxg);
+            }
+          }
+        });
+        Tensor dw = dw_part[0];
+        for (size_t s = 1; s < dw_part.size(); ++s)
+          for (int64_t i = 0; i < dw.numel(); ++i) dw.data()[i] += dw_part[s].data()[i];
+        Tensor db;
+        if (has_bias) {
+          db = Tensor::empty({g.out});
+          for (int64_t o = 0; o < g.out; ++o) {
+            double acc = 0;
+            for (const auto& part : db_part) acc += part[static_cast<size_t>(o)];
+            db.data()[o] = static_cast<float>(acc);
+          }
+        }
+        return std::vector<Tensor>{dx, dw, db};
+      });
 }
 
 // =============================================================================================
-// 9. max_pool2d, avg_pool2d
+// 9. max_pool2d, avg_pool2d, global_avg_pool2d
+//
+// With padding p, window (oy, ox) covers input rows oy * stride - p + ki for ki in [0, K), and
+// likewise columns. Taps in the padding are skipped by the max (as if -infinity) and count as
+// zeros in the average, which always divides by K*K (PyTorch's count_include_pad = True).
 
 namespace {
 struct PoolGeometry {
-  int64_t n, c, h, w, k, stride, oh, ow;
+  int64_t n, c, h, w, k, stride, padding, oh, ow;
 };
-PoolGeometry pool_geometry(const Tensor& x, int64_t kernel, int64_t stride, const char* op) {
+PoolGeometry pool_geometry(const Tensor& x, int64_t kernel, int64_t stride, int64_t padding, const char* op) {
   check_rank(x, 4, op, "input");
   if (kernel < 1 || stride < 1) fail("{}: kernel and stride must be >= 1", op);
-  if (x.size(2) < kernel || x.size(3) < kernel)
-    fail("{}: kernel {} is larger than the input {}", op, kernel, shape_str(x.shape()));
-  return {x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride,
-          (x.size(2) - kernel) / stride + 1, (x.size(3) - kernel) / stride + 1};
+  if (padding < 0 || 2 * padding > kernel)
+    fail("{}: padding {} must be in [0, kernel / 2] (kernel {}), so every window holds an input pixel", op, padding,
+         kernel);
+  if (x.size(2) + 2 * padding < kernel || x.size(3) + 2 * padding < kernel)
+    fail("{}: kernel {} is larger than the padded input {}", op, kernel, shape_str(x.shape()));
+  return {x.size(0),
+          x.size(1),
+          x.size(2),
+          x.size(3),
+          kernel,
+          stride,
+          padding,
+          (x.size(2) + 2 * padding - kernel) / stride + 1,
+          (x.size(3) + 2 * padding - kernel) / stride + 1};
+}
+
+// The taps [first, last) of the window at output position o that fall inside an input of `size` pixels.
+std::pair<int64_t, int64_t> inside_taps(const PoolGeometry& g, int64_t o, int64_t size) {
+  const int64_t start = o * g.stride - g.padding;
+  return {std::max<int64_t>(0, -start), std::min(g.k, size - start)};
 }
 }  // namespace
 
-Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
-  const PoolGeometry g = pool_geometry(x, kernel, stride, "max_pool2d");
+Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
+  const PoolGeometry g = pool_geometry(x, kernel, stride, padding, "max_pool2d");
   Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
   auto argmax = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(y.numel()));  // index within the plane
   const float* px = x.data();
@@ -549,13 +734,15 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
 #pragma omp parallel for
   for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
     const float* src = px + plane * g.h * g.w;
-    for (int64_t oy = 0; oy < g.oh; ++oy)
+    for (int64_t oy = 0; oy < g.oh; ++oy) {
+      const auto [ki0, ki1] = inside_taps(g, oy, g.h);
       for (int64_t ox = 0; ox < g.ow; ++ox) {
-        const int64_t corner = (oy * g.stride) * g.w + ox * g.stride;  // the window's top-left pixel
-        int64_t best = corner;
-        float best_value = src[corner];
-        for (int64_t ki = 0; ki < g.k; ++ki)
-          for (int64_t kj = 0; kj < g.k; ++kj) {
+        const auto [kj0, kj1] = inside_taps(g, ox, g.w);
+        const int64_t corner = (oy * g.stride - g.padding) * g.w + ox * g.stride - g.padding;  // tap (0, 0)
+        int64_t best = corner + ki0 * g.w + kj0;
+        float best_value = src[best];
+        for (int64_t ki = ki0; ki < ki1; ++ki)
+          for (int64_t kj = kj0; kj < kj1; ++kj) {
             const int64_t i = corner + ki * g.w + kj;
             if (src[i] > best_value) best = i, best_value = src[i];  // first maximum wins ties
           }
@@ -563,6 +750,7 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
         py[o] = best_value;
         parg[o] = static_cast<int32_t>(best);
       }
+    }
   }
   return record(y, "max_pool2d", {x}, [g, argmax](const Tensor& dy) {
     Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
@@ -577,33 +765,63 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
   });
 }
 
-Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
-  const PoolGeometry g = pool_geometry(x, kernel, stride, "avg_pool2d");
+Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
+  const PoolGeometry g = pool_geometry(x, kernel, stride, padding, "avg_pool2d");
   const float inv = 1.f / static_cast<float>(g.k * g.k);
   Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
 #pragma omp parallel for
   for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
     const float* src = x.data() + plane * g.h * g.w;
-    for (int64_t oy = 0; oy < g.oh; ++oy)
+    for (int64_t oy = 0; oy < g.oh; ++oy) {
+      const auto [ki0, ki1] = inside_taps(g, oy, g.h);
       for (int64_t ox = 0; ox < g.ow; ++ox) {
+        const auto [kj0, kj1] = inside_taps(g, ox, g.w);
+        const int64_t corner = (oy * g.stride - g.padding) * g.w + ox * g.stride - g.padding;  // tap (0, 0)
         float acc = 0.f;
-        for (int64_t ki = 0; ki < g.k; ++ki)
-          for (int64_t kj = 0; kj < g.k; ++kj) acc += src[(oy * g.stride + ki) * g.w + ox * g.stride + kj];
+        for (int64_t ki = ki0; ki < ki1; ++ki)
+          for (int64_t kj = kj0; kj < kj1; ++kj) acc += src[corner + ki * g.w + kj];
         y.data()[(plane * g.oh + oy) * g.ow + ox] = acc * inv;
       }
+    }
   }
   return record(y, "avg_pool2d", {x}, [g, inv](const Tensor& dy) {
     Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
 #pragma omp parallel for
     for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
       float* dst = dx.data() + plane * g.h * g.w;
-      for (int64_t oy = 0; oy < g.oh; ++oy)
+      for (int64_t oy = 0; oy < g.oh; ++oy) {
+        const auto [ki0, ki1] = inside_taps(g, oy, g.h);
         for (int64_t ox = 0; ox < g.ow; ++ox) {
+          const auto [kj0, kj1] = inside_taps(g, ox, g.w);
+          const int64_t corner = (oy * g.stride - g.padding) * g.w + ox * g.stride - g.padding;
           const float share = dy.data()[(plane * g.oh + oy) * g.ow + ox] * inv;
-          for (int64_t ki = 0; ki < g.k; ++ki)
-            for (int64_t kj = 0; kj < g.k; ++kj) dst[(oy * g.stride + ki) * g.w + ox * g.stride + kj] += share;
+          for (int64_t ki = ki0; ki < ki1; ++ki)
+            for (int64_t kj = kj0; kj < kj1; ++kj) dst[corner + ki * g.w + kj] += share;
         }
+      }
     }
+    return std::vector<Tensor>{dx};
+  });
+}
+
+// y[n][c] = mean of the plane x[n][c]; dx[n][c][i][j] = dy[n][c] / (H*W). A primitive rather than
+// reshape + mean + reshape: one pass each way, which measured 6-7x faster than that composite on
+// (64, 64, 7, 7) and (64, 256, 7, 7) (forward + backward, one thread).
+Tensor global_avg_pool2d(const Tensor& x) {
+  check_rank(x, 4, "global_avg_pool2d", "input");
+  const int64_t planes = x.size(0) * x.size(1), hw = x.size(2) * x.size(3);
+  if (hw == 0) fail("global_avg_pool2d: input {} has no pixels", shape_str(x.shape()));
+  const float inv = 1.f / static_cast<float>(hw);
+  Tensor y = Tensor::empty({x.size(0), x.size(1), 1, 1});
+  for (int64_t plane = 0; plane < planes; ++plane) {
+    const float* src = x.data() + plane * hw;
+    float acc = 0.f;
+    for (int64_t i = 0; i < hw; ++i) acc += src[i];
+    y.data()[plane] = acc * inv;
+  }
+  return record(y, "global_avg_pool2d", {x}, [shape = x.shape(), planes, hw, inv](const Tensor& dy) {
+    Tensor dx = Tensor::empty(shape);
+    for (int64_t plane = 0; plane < planes; ++plane) std::fill_n(dx.data() + plane * hw, hw, dy.data()[plane] * inv);
     return std::vector<Tensor>{dx};
   });
 }
@@ -616,16 +834,18 @@ Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride) {
 // Backward (training, through the batch statistics), with g_i = dy_i * gamma:
 //   dx_i = (1 / sqrt(var + eps)) * (g_i - mean(g) - xhat_i * mean(g * xhat)).
 
-Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
-                  Tensor& running_var, bool training, float momentum, float eps) {
-  if (x.dim() != 2 && x.dim() != 4) fail("batch_norm: input must be (N, C) or (N, C, H, W), got {}", shape_str(x.shape()));
+Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean, Tensor& running_var,
+                  bool training, float momentum, float eps) {
+  if (x.dim() != 2 && x.dim() != 4)
+    fail("batch_norm: input must be (N, C) or (N, C, H, W), got {}", shape_str(x.shape()));
   const int64_t n = x.size(0), c = x.size(1), hw = x.dim() == 4 ? x.size(2) * x.size(3) : 1;
   for (const Tensor* t : std::initializer_list<const Tensor*>{&gamma, &beta, &running_mean, &running_var})
     if (t->dim() != 1 || t->size(0) != c)
       fail("batch_norm: parameter of shape {} does not fit input {} (expected ({},))", shape_str(t->shape()),
            shape_str(x.shape()), c);
   const int64_t m = n * hw;
-  if (training && m < 2) fail("batch_norm: training needs more than one value per channel, got input {}", shape_str(x.shape()));
+  if (training && m < 2)
+    fail("batch_norm: training needs more than one value per channel, got input {}", shape_str(x.shape()));
 
   std::vector<float> mu(static_cast<size_t>(c)), inv_std(static_cast<size_t>(c));
 #pragma omp parallel for
@@ -644,8 +864,9 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
       }
       var_c = s2 / static_cast<double>(m);
       running_mean.data()[ch] = static_cast<float>((1 - momentum) * running_mean.data()[ch] + momentum * mean_c);
-      running_var.data()[ch] = static_cast<float>((1 - momentum) * running_var.data()[ch] +
-                                                  momentum * var_c * static_cast<double>(m) / static_cast<double>(m - 1));
+      running_var.data()[ch] =
+          static_cast<float>((1 - momentum) * running_var.data()[ch] +
+                             momentum * var_c * static_cast<double>(m) / static_cast<double>(m - 1));
     } else {
       mean_c = running_mean.data()[ch];
       var_c = running_var.data()[ch];
@@ -670,29 +891,30 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
 
   return record(y, "batch_norm", {x, gamma, beta},
                 [xhat, inv_std, gamma = gamma.detach(), training, n, c, hw, m](const Tensor& dy) {
-    Tensor dx = Tensor::empty(xhat.shape()), dgamma = Tensor::zeros({c}), dbeta = Tensor::zeros({c});
+                  Tensor dx = Tensor::empty(xhat.shape()), dgamma = Tensor::zeros({c}), dbeta = Tensor::zeros({c});
 #pragma omp parallel for
-    for (int64_t ch = 0; ch < c; ++ch) {
-      double sum_dy = 0, sum_dy_xhat = 0;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < hw; ++j) {
-          const int64_t at = (i * c + ch) * hw + j;
-          sum_dy += dy.data()[at];
-          sum_dy_xhat += static_cast<double>(dy.data()[at]) * xhat.data()[at];
-        }
-      dgamma.data()[ch] = static_cast<float>(sum_dy_xhat);
-      dbeta.data()[ch] = static_cast<float>(sum_dy);
-      const float g_c = gamma.data()[ch], s_c = inv_std[static_cast<size_t>(ch)];
-      const float mean_g = training ? static_cast<float>(g_c * sum_dy / static_cast<double>(m)) : 0.f;
-      const float mean_g_xhat = training ? static_cast<float>(g_c * sum_dy_xhat / static_cast<double>(m)) : 0.f;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < hw; ++j) {
-          const int64_t at = (i * c + ch) * hw + j;
-          dx.data()[at] = s_c * (g_c * dy.data()[at] - mean_g - xhat.data()[at] * mean_g_xhat);
-        }
-    }
-    return std::vector<Tensor>{dx, dgamma, dbeta};
-  });
+                  for (int64_t ch = 0; ch < c; ++ch) {
+                    double sum_dy = 0, sum_dy_xhat = 0;
+                    for (int64_t i = 0; i < n; ++i)
+                      for (int64_t j = 0; j < hw; ++j) {
+                        const int64_t at = (i * c + ch) * hw + j;
+                        sum_dy += dy.data()[at];
+                        sum_dy_xhat += static_cast<double>(dy.data()[at]) * xhat.data()[at];
+                      }
+                    dgamma.data()[ch] = static_cast<float>(sum_dy_xhat);
+                    dbeta.data()[ch] = static_cast<float>(sum_dy);
+                    const float g_c = gamma.data()[ch], s_c = inv_std[static_cast<size_t>(ch)];
+                    const float mean_g = training ? static_cast<float>(g_c * sum_dy / static_cast<double>(m)) : 0.f;
+                    const float mean_g_xhat =
+                        training ? static_cast<float>(g_c * sum_dy_xhat / static_cast<double>(m)) : 0.f;
+                    for (int64_t i = 0; i < n; ++i)
+                      for (int64_t j = 0; j < hw; ++j) {
+                        const int64_t at = (i * c + ch) * hw + j;
+                        dx.data()[at] = s_c * (g_c * dy.data()[at] - mean_g - xhat.data()[at] * mean_g_xhat);
+                      }
+                  }
+                  return std::vector<Tensor>{dx, dgamma, dbeta};
+                });
 }
 
 // =============================================================================================
@@ -764,13 +986,15 @@ Tensor cross_entropy(const Tensor& logits, std::span<const int32_t> labels) {
   Tensor loss = Tensor::scalar(static_cast<float>(total / static_cast<double>(std::max<int64_t>(n, 1))));
   return record(loss, "cross_entropy", {logits},
                 [logp, labels = std::vector<int32_t>(labels.begin(), labels.end()), n, k](const Tensor& g) {
-    Tensor dx = Tensor::empty(logp.shape());
-    const float scale = g.item() / static_cast<float>(n);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < k; ++j)
-        dx.data()[i * k + j] = (std::exp(logp.data()[i * k + j]) - (j == labels[static_cast<size_t>(i)] ? 1.f : 0.f)) * scale;
-    return std::vector<Tensor>{dx};
-  });
+                  Tensor dx = Tensor::empty(logp.shape());
+                  const float scale = g.item() / static_cast<float>(n);
+                  for (int64_t i = 0; i < n; ++i)
+                    for (int64_t j = 0; j < k; ++j)
+                      dx.data()[i * k + j] =
+                          (std::exp(logp.data()[i * k + j]) - (j == labels[static_cast<size_t>(i)] ? 1.f : 0.f)) *
+                          scale;
+                  return std::vector<Tensor>{dx};
+                });
 }
 
 }  // namespace lowbit::ops

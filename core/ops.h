@@ -5,11 +5,13 @@
 //   2. neg, add_scalar, mul_scalar
 //   3. matmul                      2-D, optional transposes, OpenBLAS cblas_sgemm
 //   4. sum, mean                   over everything, or along one axis
-//   5. relu, exp, log
+//   5. relu, clamp, exp, log       clamp(x, 0, 6) is ReLU6
 //   6. reshape                     (flatten is reshape to (N, -1))
-//   7. transpose                   2-D
-//   8. conv2d                      NCHW, square kernel, stride, zero padding, optional bias; im2col + sgemm
-//   9. max_pool2d, avg_pool2d      square window, stride, no padding
+//   7. transpose, concat           transpose 2-D; concat along any axis
+//   8. conv2d                      NCHW, square kernel, stride, zero padding, optional bias, groups
+//                                  (grouped, depthwise); im2col + sgemm per group, depthwise by direct loops
+//   9. max_pool2d, avg_pool2d,     square window, stride, zero padding (never the max; counted in the average);
+//      global_avg_pool2d           the mean of each plane, (N, C, H, W) -> (N, C, 1, 1)
 //  10. batch_norm                  per channel (dim 1); batch statistics in training, running ones in eval
 //  11. dropout                     seeded; identity in eval
 //  12. log_softmax                 along the last axis of a 2-D tensor
@@ -21,6 +23,7 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "core/rng.h"
 #include "core/tensor.h"
@@ -45,6 +48,8 @@ Tensor mean(const Tensor& a);
 Tensor mean(const Tensor& a, int64_t axis, bool keepdim = false);
 // 5.
 Tensor relu(const Tensor& a);
+// min(max(a, lo), hi); the gradient passes where lo < a < hi (0 at lo and hi, as PyTorch's hardtanh).
+Tensor clamp(const Tensor& a, float lo, float hi);
 Tensor exp(const Tensor& a);
 Tensor log(const Tensor& a);
 // 6.
@@ -52,16 +57,24 @@ Tensor reshape(const Tensor& a, const Shape& shape);  // one dim may be -1
 Tensor flatten(const Tensor& a);                      // (N, ...) -> (N, rest)
 // 7.
 Tensor transpose(const Tensor& a);
-// 8. x is (N, C, H, W), w is (OUT, C, K, K), b is (OUT) or undefined; y is (N, OUT, OH, OW).
-Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride = 1, int64_t padding = 0);
-// 9. x is (N, C, H, W); y is (N, C, (H - K) / stride + 1, (W - K) / stride + 1).
-Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride);
-Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride);
+// The parts joined along `axis`; their shapes agree everywhere else. (N, C_i, H, W) -> (N, sum C_i, H, W).
+Tensor concat(const std::vector<Tensor>& parts, int64_t axis);
+// 8. x is (N, C, H, W), w is (OUT, C / groups, K, K), b is (OUT) or undefined; y is (N, OUT, OH, OW)
+// with OH = (H + 2 * padding - K) / stride + 1 (OW likewise). groups divides C and OUT; output channel o
+// sees input channels [gi * C / groups, (gi + 1) * C / groups) of its group gi = o / (OUT / groups).
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride = 1, int64_t padding = 0,
+              int64_t groups = 1);
+// 9. x is (N, C, H, W); y is (N, C, OH, OW), OH = (H + 2 * padding - K) / stride + 1 (OW likewise);
+// padding <= K / 2. The average always divides by K * K (PyTorch's count_include_pad = True).
+Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t padding = 0);
+Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t padding = 0);
+// x is (N, C, H, W); y is (N, C, 1, 1), the mean of each plane (PyTorch's AdaptiveAvgPool2d(1)).
+Tensor global_avg_pool2d(const Tensor& x);
 // 10. x is (N, C, H, W) or (N, C); gamma, beta, running_mean, running_var are (C).
 // In training mode the running statistics are updated in place:
 // running = (1 - momentum) * running + momentum * batch (unbiased variance, as PyTorch).
-Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
-                  Tensor& running_var, bool training, float momentum = 0.1f, float eps = 1e-5f);
+Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean, Tensor& running_var,
+                  bool training, float momentum = 0.1f, float eps = 1e-5f);
 // 11. Zeroes each value with probability p and scales the rest by 1 / (1 - p).
 Tensor dropout(const Tensor& x, float p, bool training, Rng& rng = global_rng());
 // 12. x is (N, OUT).

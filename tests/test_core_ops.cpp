@@ -55,6 +55,14 @@ Tensor away_from_zero(const Shape& shape, uint64_t seed) {
   return t;
 }
 
+// Values in [-2, 2], none within kKinkMargin of lo or hi (clamp's kinks).
+Tensor away_from_bounds(const Shape& shape, float lo, float hi, uint64_t seed) {
+  Tensor t = uniform(shape, -2.f, 2.f, seed);
+  for (float& v : t.values())
+    if (std::abs(v - lo) < kKinkMargin || std::abs(v - hi) < kKinkMargin) v += 2 * kKinkMargin;
+  return t;
+}
+
 // Distinct values spaced kKinkMargin apart in a random order: no two elements of a pooling
 // window are ever within 2 * eps of each other, so the argmax never changes under perturbation.
 Tensor distinct_values(const Shape& shape, uint64_t seed) {
@@ -88,12 +96,12 @@ TEST_CASE("gradcheck 1: add, sub, mul, div, same shape and broadcast") {
     Shape a, b;
   };
   const std::vector<Case> cases = {
-      {{3, 4}, {3, 4}},              // same shape
-      {{5, 3}, {3}},                 // row vector (OUT) over (N, OUT)
-      {{3}, {5, 3}},                 // ... and the other way round
-      {{2, 3, 4, 5}, {3, 1, 1}},     // per-channel (C, 1, 1) over (N, C, H, W)
-      {{4, 1}, {1, 3}},              // both sides broadcast
-      {{2, 3}, {}},                  // scalar
+      {{3, 4}, {3, 4}},           // same shape
+      {{5, 3}, {3}},              // row vector (OUT) over (N, OUT)
+      {{3}, {5, 3}},              // ... and the other way round
+      {{2, 3, 4, 5}, {3, 1, 1}},  // per-channel (C, 1, 1) over (N, C, H, W)
+      {{4, 1}, {1, 3}},           // both sides broadcast
+      {{2, 3}, {}},               // scalar
   };
   uint64_t seed = 10;
   for (const Case& c : cases) {
@@ -136,9 +144,11 @@ TEST_CASE("gradcheck 4: sum and mean, over everything and along an axis") {
     }
 }
 
-TEST_CASE("gradcheck 5: relu, exp, log") {
-  // relu: inputs at least kKinkMargin from 0, so x +- eps never crosses the kink.
+TEST_CASE("gradcheck 5: relu, clamp, exp, log") {
+  // relu: inputs at least kKinkMargin from 0, so x +- eps never crosses the kink; clamp likewise.
   check_gradients([](const std::vector<Tensor>& in) { return ops::relu(in[0]); }, {away_from_zero({4, 5}, 50)});
+  check_gradients([](const std::vector<Tensor>& in) { return ops::clamp(in[0], -0.5f, 1.f); },
+                  {away_from_bounds({4, 5}, -0.5f, 1.f, 53)});
   check_gradients([](const std::vector<Tensor>& in) { return ops::exp(in[0]); }, {uniform({4, 5}, -2.f, 2.f, 51)});
   check_gradients([](const std::vector<Tensor>& in) { return ops::log(in[0]); }, {uniform({4, 5}, 0.5f, 3.f, 52)});
 }
@@ -146,64 +156,96 @@ TEST_CASE("gradcheck 5: relu, exp, log") {
 TEST_CASE("gradcheck 6: reshape and flatten") {
   // A non-identity consumer (mul by a fixed tensor) makes sure the gradient lands in the right element.
   const Tensor weights = randn({4, 6}, 60);
-  check_gradients([&](const std::vector<Tensor>& in) { return ops::mul(ops::reshape(in[0], {4, -1}), weights); },
-                  {randn({2, 3, 4}, 61)});
+  check_gradients(
+      [&](const std::vector<Tensor>& in) {
+        return ops::mul(ops::reshape(in[0], {4, -1}), weights);
+      },
+      {randn({2, 3, 4}, 61)});
   check_gradients([](const std::vector<Tensor>& in) { return ops::flatten(in[0]); }, {randn({2, 3, 2, 2}, 62)});
 }
 
-TEST_CASE("gradcheck 7: transpose") {
+TEST_CASE("gradcheck 7: transpose, concat") {
   check_gradients([](const std::vector<Tensor>& in) { return ops::transpose(in[0]); }, {randn({3, 5}, 70)});
+  // Channels of different counts, 4-D and 2-D; two and three parts; and the other axes.
+  check_gradients(
+      [](const std::vector<Tensor>& in) {
+        return ops::concat({in[0], in[1]}, 1);
+      },
+      {randn({2, 3, 2, 3}, 71), randn({2, 1, 2, 3}, 72)});
+  check_gradients([](const std::vector<Tensor>& in) { return ops::concat(in, 1); },
+                  {randn({2, 2, 3, 2}, 73), randn({2, 3, 3, 2}, 74), randn({2, 1, 3, 2}, 75)});
+  check_gradients([](const std::vector<Tensor>& in) { return ops::concat(in, 1); },
+                  {randn({3, 2}, 76), randn({3, 4}, 77), randn({3, 1}, 78)});
+  check_gradients([](const std::vector<Tensor>& in) { return ops::concat(in, 0); },
+                  {randn({1, 3}, 79), randn({2, 3}, 80)});
+  check_gradients([](const std::vector<Tensor>& in) { return ops::concat(in, -1); },
+                  {randn({2, 2, 1}, 81), randn({2, 2, 3}, 82)});
 }
 
-TEST_CASE("gradcheck 8: conv2d with stride, padding and bias variants") {
+TEST_CASE("gradcheck 8: conv2d with stride, padding, bias and groups variants") {
   struct Case {
     int64_t n, c, h, w, out, k, stride, padding;
     bool bias;
+    int64_t groups = 1;
   };
   const std::vector<Case> cases = {
-      {2, 2, 5, 5, 3, 3, 1, 0, true},   // stride 1, pad 0
-      {2, 2, 5, 5, 3, 3, 1, 0, false},  // ... without bias
-      {1, 3, 6, 6, 2, 3, 2, 1, true},   // stride 2, pad 1
-      {2, 2, 5, 7, 2, 3, 2, 1, false},  // non-square input, stride 2, pad 1, no bias
-      {2, 3, 4, 3, 4, 1, 1, 0, true},   // 1x1 kernel, non-square
-      {1, 2, 5, 4, 2, 1, 2, 0, false},  // 1x1 kernel, stride 2 (skips pixels: their gradient must be 0)
-      {1, 1, 4, 6, 2, 2, 1, 1, true},   // even kernel with padding
+      {2, 2, 5, 5, 3, 3, 1, 0, true},      // stride 1, pad 0
+      {2, 2, 5, 5, 3, 3, 1, 0, false},     // ... without bias
+      {1, 3, 6, 6, 2, 3, 2, 1, true},      // stride 2, pad 1
+      {2, 2, 5, 7, 2, 3, 2, 1, false},     // non-square input, stride 2, pad 1, no bias
+      {2, 3, 4, 3, 4, 1, 1, 0, true},      // 1x1 kernel, non-square
+      {1, 2, 5, 4, 2, 1, 2, 0, false},     // 1x1 kernel, stride 2 (skips pixels: their gradient must be 0)
+      {1, 1, 4, 6, 2, 2, 1, 1, true},      // even kernel with padding
+      {2, 6, 5, 4, 10, 3, 1, 1, true, 2},  // groups 2, 3 input and 5 output channels per group
+      {1, 6, 5, 5, 4, 1, 2, 0, false, 2},  // groups 2, 1x1 kernel, stride 2
+      {2, 3, 6, 5, 3, 3, 2, 1, true, 3},   // depthwise, stride 2, pad 1
+      {1, 3, 5, 5, 6, 3, 2, 1, false, 3},  // depthwise with two output channels per input channel
+      {2, 2, 4, 4, 2, 3, 1, 1, true, 2},   // depthwise, stride 1, pad 1
   };
   uint64_t seed = 80;
   for (const Case& c : cases) {
-    INFO("x (", c.n, ", ", c.c, ", ", c.h, ", ", c.w, "), w (", c.out, ", ", c.c, ", ", c.k, ", ", c.k, "), stride ",
-         c.stride, ", padding ", c.padding, ", bias ", c.bias);
-    std::vector<Tensor> inputs = {randn({c.n, c.c, c.h, c.w}, seed), randn({c.out, c.c, c.k, c.k}, seed + 1)};
+    INFO("x (", c.n, ", ", c.c, ", ", c.h, ", ", c.w, "), w (", c.out, ", ", c.c / c.groups, ", ", c.k, ", ", c.k,
+         "), stride ", c.stride, ", padding ", c.padding, ", bias ", c.bias, ", groups ", c.groups);
+    std::vector<Tensor> inputs = {randn({c.n, c.c, c.h, c.w}, seed),
+                                  randn({c.out, c.c / c.groups, c.k, c.k}, seed + 1)};
     if (c.bias) inputs.push_back(randn({c.out}, seed + 2));
     check_gradients(
         [&](const std::vector<Tensor>& in) {
-          return ops::conv2d(in[0], in[1], c.bias ? in[2] : Tensor(), c.stride, c.padding);
+          return ops::conv2d(in[0], in[1], c.bias ? in[2] : Tensor(), c.stride, c.padding, c.groups);
         },
         inputs);
     seed += 10;
   }
 }
 
-TEST_CASE("gradcheck 9: max_pool2d and avg_pool2d") {
+TEST_CASE("gradcheck 9: max_pool2d, avg_pool2d, global_avg_pool2d") {
   struct Case {
     Shape x;
-    int64_t kernel, stride;
+    int64_t kernel, stride, padding;
   };
   const std::vector<Case> cases = {
-      {{2, 2, 4, 4}, 2, 2},  // kernel 2 stride 2
-      {{1, 2, 5, 4}, 3, 1},  // kernel 3 stride 1: overlapping windows share inputs
-      {{1, 1, 5, 5}, 2, 2},  // the last row and column fall outside every window: gradient 0
+      {{2, 2, 4, 4}, 2, 2, 0},  // kernel 2 stride 2
+      {{1, 2, 5, 4}, 3, 1, 0},  // kernel 3 stride 1: overlapping windows share inputs
+      {{1, 1, 5, 5}, 2, 2, 0},  // the last row and column fall outside every window: gradient 0
+      {{2, 1, 5, 4}, 3, 2, 1},  // padding 1: the border windows are partly in the padding
+      {{1, 2, 4, 4}, 2, 1, 1},  // even kernel, padding 1
   };
   uint64_t seed = 90;
   for (const Case& c : cases) {
-    INFO("x ", lowbit::shape_str(c.x), ", kernel ", c.kernel, ", stride ", c.stride);
+    INFO("x ", lowbit::shape_str(c.x), ", kernel ", c.kernel, ", stride ", c.stride, ", padding ", c.padding);
     // Distinct values kKinkMargin apart: no ties, so max-pool is differentiable at every input.
-    check_gradients([&](const std::vector<Tensor>& in) { return ops::max_pool2d(in[0], c.kernel, c.stride); },
-                    {distinct_values(c.x, seed)});
-    check_gradients([&](const std::vector<Tensor>& in) { return ops::avg_pool2d(in[0], c.kernel, c.stride); },
-                    {randn(c.x, seed + 1)});
+    check_gradients(
+        [&](const std::vector<Tensor>& in) { return ops::max_pool2d(in[0], c.kernel, c.stride, c.padding); },
+        {distinct_values(c.x, seed)});
+    check_gradients(
+        [&](const std::vector<Tensor>& in) { return ops::avg_pool2d(in[0], c.kernel, c.stride, c.padding); },
+        {randn(c.x, seed + 1)});
     seed += 10;
   }
+  check_gradients([](const std::vector<Tensor>& in) { return ops::global_avg_pool2d(in[0]); },
+                  {randn({2, 3, 4, 5}, 95)});
+  check_gradients([](const std::vector<Tensor>& in) { return ops::global_avg_pool2d(in[0]); },
+                  {randn({3, 2, 1, 1}, 96)});
 }
 
 TEST_CASE("gradcheck 10: batch_norm, training and eval, (N, C) and (N, C, H, W)") {
@@ -318,10 +360,12 @@ TEST_CASE("forward: matmul matches a naive triple loop, odd shapes and every tra
                   Tensor::from({2, 2}, {19, 22, 43, 50}), kExactAtol, kExactRtol, "2x2 by hand");
 }
 
-// The definition of conv2d: y[n][o][oy][ox] = b[o] + sum_{c, ki, kj} w[o][c][ki][kj] * x[n][c][iy][ix],
-// iy = oy * stride - padding + ki (and likewise ix), with x = 0 outside the image.
-Tensor naive_conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding) {
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), out = w.size(0), k = w.size(2);
+// The definition of conv2d: y[n][o][oy][ox] = b[o] + sum_{c, ki, kj} w[o][c - c0][ki][kj] * x[n][c][iy][ix],
+// iy = oy * stride - padding + ki (and likewise ix), with x = 0 outside the image; c runs over the
+// input channels [c0, c0 + C / groups) of o's group, c0 = (o / (OUT / groups)) * C / groups.
+Tensor naive_conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding,
+                    int64_t groups = 1) {
+  const int64_t n = x.size(0), c = x.size(1) / groups, h = x.size(2), wd = x.size(3), out = w.size(0), k = w.size(2);
   const int64_t oh = (h + 2 * padding - k) / stride + 1, ow = (wd + 2 * padding - k) / stride + 1;
   Tensor y = Tensor::zeros({n, out, oh, ow});
   for (int64_t ni = 0; ni < n; ++ni)
@@ -329,12 +373,13 @@ Tensor naive_conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t s
       for (int64_t oy = 0; oy < oh; ++oy)
         for (int64_t ox = 0; ox < ow; ++ox) {
           double acc = b.defined() ? b.at({o}) : 0.0;
+          const int64_t c0 = o / (out / groups) * c;
           for (int64_t ci = 0; ci < c; ++ci)
             for (int64_t ki = 0; ki < k; ++ki)
               for (int64_t kj = 0; kj < k; ++kj) {
                 const int64_t iy = oy * stride - padding + ki, ix = ox * stride - padding + kj;
                 if (iy < 0 || iy >= h || ix < 0 || ix >= wd) continue;
-                acc += static_cast<double>(w.at({o, ci, ki, kj})) * x.at({ni, ci, iy, ix});
+                acc += static_cast<double>(w.at({o, ci, ki, kj})) * x.at({ni, c0 + ci, iy, ix});
               }
           y.at({ni, o, oy, ox}) = static_cast<float>(acc);
         }
@@ -371,6 +416,88 @@ TEST_CASE("forward: conv2d matches a naive direct convolution") {
                   Tensor::from({1, 1, 2, 2}, {12.5f, 16.5f, 24.5f, 28.5f}), kExactAtol, kExactRtol, "2x2 box filter");
 }
 
+// Channels [first, first + count) of a (N, C, ...) or (OUT, ...) tensor, as a copy.
+Tensor channel_slice(const Tensor& t, int64_t axis, int64_t first, int64_t count) {
+  Shape shape = t.shape();
+  const int64_t outer = axis == 0 ? 1 : shape[0], len = shape[static_cast<size_t>(axis)];
+  const int64_t inner = t.numel() / (outer * len);
+  shape[static_cast<size_t>(axis)] = count;
+  Tensor out = Tensor::empty(shape);
+  for (int64_t o = 0; o < outer; ++o)
+    std::copy_n(t.data() + (o * len + first) * inner, count * inner, out.data() + o * count * inner);
+  return out;
+}
+
+TEST_CASE("forward: grouped conv2d is the concat of separate convs on channel slices") {
+  struct Case {
+    int64_t n, c, h, w, out, k, stride, padding, groups;
+  };
+  uint64_t seed = 350;
+  for (const Case& c :
+       {Case{2, 6, 7, 6, 4, 3, 1, 1, 2}, Case{1, 9, 6, 6, 6, 3, 2, 1, 3}, Case{2, 4, 5, 5, 8, 1, 1, 0, 4}}) {
+    INFO("x (", c.n, ", ", c.c, ", ", c.h, ", ", c.w, "), OUT ", c.out, ", K ", c.k, ", groups ", c.groups);
+    const Tensor x = randn({c.n, c.c, c.h, c.w}, seed), w = randn({c.out, c.c / c.groups, c.k, c.k}, seed + 1);
+    const Tensor b = randn({c.out}, seed + 2);
+    std::vector<Tensor> parts;
+    const int64_t group_c = c.c / c.groups, group_out = c.out / c.groups;
+    for (int64_t gi = 0; gi < c.groups; ++gi)
+      parts.push_back(ops::conv2d(channel_slice(x, 1, gi * group_c, group_c),
+                                  channel_slice(w, 0, gi * group_out, group_out),
+                                  channel_slice(b, 0, gi * group_out, group_out), c.stride, c.padding));
+    const Tensor y = ops::conv2d(x, w, b, c.stride, c.padding, c.groups);
+    check_all_close(y, ops::concat(parts, 1), kSumOrderAtol, kSumOrderRtol, "grouped vs concat of convs");
+    check_all_close(y, naive_conv2d(x, w, b, c.stride, c.padding, c.groups), kSumOrderAtol, kSumOrderRtol,
+                    "grouped vs naive");
+    seed += 10;
+  }
+}
+
+TEST_CASE("forward: depthwise conv2d matches a direct loop") {
+  struct Case {
+    int64_t n, c, h, w, out, k, stride, padding;
+    bool bias;
+  };
+  const std::vector<Case> cases = {
+      {2, 3, 7, 6, 3, 3, 1, 1, true},   // stride 1, "same" padding
+      {2, 4, 8, 7, 4, 3, 2, 1, false},  // stride 2, pad 1, odd width
+      {1, 2, 5, 5, 6, 3, 1, 0, true},   // three output channels per input channel, no padding
+      {1, 3, 9, 9, 3, 5, 3, 2, true},   // big kernel, stride 3, pad 2
+      {2, 2, 1, 1, 2, 3, 1, 1, false},  // 1x1 image, all but the centre tap in the padding
+  };
+  uint64_t seed = 380;
+  for (const Case& c : cases) {
+    INFO("x (", c.n, ", ", c.c, ", ", c.h, ", ", c.w, "), OUT ", c.out, ", K ", c.k, ", stride ", c.stride,
+         ", padding ", c.padding);
+    const Tensor x = randn({c.n, c.c, c.h, c.w}, seed), w = randn({c.out, 1, c.k, c.k}, seed + 1);
+    const Tensor b = c.bias ? randn({c.out}, seed + 2) : Tensor();
+    check_all_close(ops::conv2d(x, w, b, c.stride, c.padding, c.c), naive_conv2d(x, w, b, c.stride, c.padding, c.c),
+                    kSumOrderAtol, kSumOrderRtol, "depthwise vs naive");
+    seed += 10;
+  }
+  CHECK_THROWS_AS(ops::conv2d(randn({1, 4, 3, 3}, 1), randn({4, 2, 1, 1}, 2), Tensor(), 1, 0, 3), lowbit::Error);
+  CHECK_THROWS_AS(ops::conv2d(randn({1, 4, 3, 3}, 1), randn({4, 1, 1, 1}, 2), Tensor(), 1, 0, 2), lowbit::Error);
+}
+
+TEST_CASE("forward: clamp, concat and global_avg_pool2d by hand") {
+  const Tensor x = Tensor::from({1, 6}, {-1, 0, 3, 6, 7, 5.5f});
+  check_all_close(ops::clamp(x, 0, 6), Tensor::from({1, 6}, {0, 0, 3, 6, 6, 5.5f}), kExactAtol, kExactRtol, "relu6");
+  // At lo and hi exactly the gradient is 0, as PyTorch's relu6 / hardtanh: (0, 0, 1, 0, 0, 1).
+  Tensor leaf = x.clone().set_requires_grad(true);
+  ops::sum(ops::clamp(leaf, 0, 6)).backward();
+  check_all_close(leaf.grad(), Tensor::from({1, 6}, {0, 0, 1, 0, 0, 1}), 0, 0, "relu6 gradient at the bounds");
+
+  const Tensor a = Tensor::from({2, 1, 1, 2}, {1, 2, 3, 4}),
+               b = Tensor::from({2, 2, 1, 2}, {5, 6, 7, 8, 9, 10, 11, 12});
+  check_all_close(ops::concat({a, b}, 1), Tensor::from({2, 3, 1, 2}, {1, 2, 5, 6, 7, 8, 3, 4, 9, 10, 11, 12}),
+                  kExactAtol, kExactRtol, "concat along channels");
+  CHECK_THROWS_AS(ops::concat({a, Tensor::zeros({2, 1, 2, 2})}, 1), lowbit::Error);
+  CHECK_THROWS_AS(ops::concat({a, Tensor::zeros({2, 1, 2})}, 1), lowbit::Error);
+
+  const Tensor planes = Tensor::from({1, 2, 2, 2}, {1, 2, 3, 4, -1, 0, 0, 5});
+  check_all_close(ops::global_avg_pool2d(planes), Tensor::from({1, 2, 1, 1}, {2.5f, 1.f}), kExactAtol, kExactRtol,
+                  "global average");
+}
+
 TEST_CASE("forward: max_pool2d and avg_pool2d by hand") {
   // x is one 4x4 plane holding 0..15 row by row.
   std::vector<float> ramp(16);
@@ -393,6 +520,15 @@ TEST_CASE("forward: max_pool2d and avg_pool2d by hand") {
   for (int i = 0; i < 4; ++i) two.data()[i] = static_cast<float>(i), two.data()[4 + i] = static_cast<float>(10 - i);
   check_all_close(ops::max_pool2d(two, 2, 2), Tensor::from({1, 2, 1, 1}, {3, 10}), kExactAtol, kExactRtol,
                   "two planes");
+  // Padding 1, kernel 3, stride 2 on the 4x4 ramp: windows centred on (0, 0), (0, 2), (2, 0), (2, 2).
+  // The max skips the padding (so it holds for the negated ramp too); the average divides by 9.
+  check_all_close(ops::max_pool2d(x, 3, 2, 1), Tensor::from({1, 1, 2, 2}, {5, 7, 13, 15}), kExactAtol, kExactRtol,
+                  "max k3 s2 p1");
+  check_all_close(ops::max_pool2d(neg, 3, 2, 1), Tensor::from({1, 1, 2, 2}, {0, -1, -4, -5}), kExactAtol, kExactRtol,
+                  "max k3 s2 p1 of negatives");
+  check_all_close(ops::avg_pool2d(x, 3, 2, 1), Tensor::from({1, 1, 2, 2}, {10.f / 9, 24.f / 9, 51.f / 9, 90.f / 9}),
+                  kExactAtol, kExactRtol, "avg k3 s2 p1");
+  CHECK_THROWS_AS(ops::max_pool2d(x, 2, 2, 2), lowbit::Error);  // padding above kernel / 2
 }
 
 TEST_CASE("forward: batch_norm normalizes and updates the running statistics") {
