@@ -834,6 +834,37 @@ Tensor global_avg_pool2d(const Tensor& x) {
 // Backward (training, through the batch statistics), with g_i = dy_i * gamma:
 //   dx_i = (1 / sqrt(var + eps)) * (g_i - mean(g) - xhat_i * mean(g * xhat)).
 
+namespace {
+// A sum in double over kLanes interleaved partial sums (value j of a run goes to lane j % kLanes),
+// so that the loop vectorises; the lanes are added in order at the end. A fixed order: the same
+// bits for any thread count, and as accurate as one double accumulator.
+constexpr int kLanes = 8;
+struct LaneSum {
+  double lane[kLanes] = {};
+  // Adds f(p[j]) for j in [0, len).
+  template <typename F>
+  void add(const float* p, int64_t len, F f) {
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) lane[l] += f(p[j + l]);
+    for (int l = 0; j < len; ++j, ++l) lane[l] += f(p[j]);
+  }
+  // Adds f(p[j], q[j]) for j in [0, len).
+  template <typename F>
+  void add2(const float* p, const float* q, int64_t len, F f) {
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) lane[l] += f(p[j + l], q[j + l]);
+    for (int l = 0; j < len; ++j, ++l) lane[l] += f(p[j], q[j]);
+  }
+  double total() const {
+    double t = 0;
+    for (double v : lane) t += v;
+    return t;
+  }
+};
+}  // namespace
+
 Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean, Tensor& running_var,
                   bool training, float momentum, float eps) {
   if (x.dim() != 2 && x.dim() != 4)
@@ -852,17 +883,12 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
   for (int64_t ch = 0; ch < c; ++ch) {
     double mean_c, var_c;
     if (training) {
-      double s = 0, s2 = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const float* p = x.data() + (i * c + ch) * hw;
-        for (int64_t j = 0; j < hw; ++j) s += p[j];
-      }
-      mean_c = s / static_cast<double>(m);
-      for (int64_t i = 0; i < n; ++i) {
-        const float* p = x.data() + (i * c + ch) * hw;
-        for (int64_t j = 0; j < hw; ++j) s2 += (p[j] - mean_c) * (p[j] - mean_c);
-      }
-      var_c = s2 / static_cast<double>(m);
+      LaneSum s, s2;
+      for (int64_t i = 0; i < n; ++i) s.add(x.data() + (i * c + ch) * hw, hw, [](float v) { return double{v}; });
+      mean_c = s.total() / static_cast<double>(m);
+      for (int64_t i = 0; i < n; ++i)
+        s2.add(x.data() + (i * c + ch) * hw, hw, [mean_c](float v) { return (v - mean_c) * (v - mean_c); });
+      var_c = s2.total() / static_cast<double>(m);
       running_mean.data()[ch] = static_cast<float>((1 - momentum) * running_mean.data()[ch] + momentum * mean_c);
       running_var.data()[ch] =
           static_cast<float>((1 - momentum) * running_var.data()[ch] +
@@ -875,46 +901,49 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
     inv_std[static_cast<size_t>(ch)] = static_cast<float>(1.0 / std::sqrt(var_c + eps));
   }
 
+  // xhat = (x - mu) * inv_std is not kept: the backward recomputes it from x, the same float operations.
   Tensor y = Tensor::empty(x.shape());
-  Tensor xhat = Tensor::empty(x.shape());
 #pragma omp parallel for
   for (int64_t plane = 0; plane < n * c; ++plane) {
     const int64_t ch = plane % c;
     const float m_c = mu[static_cast<size_t>(ch)], s_c = inv_std[static_cast<size_t>(ch)];
     const float g_c = gamma.data()[ch], b_c = beta.data()[ch];
-    for (int64_t j = 0; j < hw; ++j) {
-      const float h = (x.data()[plane * hw + j] - m_c) * s_c;
-      xhat.data()[plane * hw + j] = h;
-      y.data()[plane * hw + j] = g_c * h + b_c;
-    }
+    const float* __restrict src = x.data() + plane * hw;
+    float* __restrict dst = y.data() + plane * hw;
+    for (int64_t j = 0; j < hw; ++j) dst[j] = g_c * ((src[j] - m_c) * s_c) + b_c;
   }
 
-  return record(y, "batch_norm", {x, gamma, beta},
-                [xhat, inv_std, gamma = gamma.detach(), training, n, c, hw, m](const Tensor& dy) {
-                  Tensor dx = Tensor::empty(xhat.shape()), dgamma = Tensor::zeros({c}), dbeta = Tensor::zeros({c});
+  return record(
+      y, "batch_norm", {x, gamma, beta},
+      [x = x.detach(), mu, inv_std, gamma = gamma.detach(), training, n, c, hw, m](const Tensor& dy) {
+        Tensor dx = Tensor::empty(x.shape()), dgamma = Tensor::zeros({c}), dbeta = Tensor::zeros({c});
 #pragma omp parallel for
-                  for (int64_t ch = 0; ch < c; ++ch) {
-                    double sum_dy = 0, sum_dy_xhat = 0;
-                    for (int64_t i = 0; i < n; ++i)
-                      for (int64_t j = 0; j < hw; ++j) {
-                        const int64_t at = (i * c + ch) * hw + j;
-                        sum_dy += dy.data()[at];
-                        sum_dy_xhat += static_cast<double>(dy.data()[at]) * xhat.data()[at];
-                      }
-                    dgamma.data()[ch] = static_cast<float>(sum_dy_xhat);
-                    dbeta.data()[ch] = static_cast<float>(sum_dy);
-                    const float g_c = gamma.data()[ch], s_c = inv_std[static_cast<size_t>(ch)];
-                    const float mean_g = training ? static_cast<float>(g_c * sum_dy / static_cast<double>(m)) : 0.f;
-                    const float mean_g_xhat =
-                        training ? static_cast<float>(g_c * sum_dy_xhat / static_cast<double>(m)) : 0.f;
-                    for (int64_t i = 0; i < n; ++i)
-                      for (int64_t j = 0; j < hw; ++j) {
-                        const int64_t at = (i * c + ch) * hw + j;
-                        dx.data()[at] = s_c * (g_c * dy.data()[at] - mean_g - xhat.data()[at] * mean_g_xhat);
-                      }
-                  }
-                  return std::vector<Tensor>{dx, dgamma, dbeta};
-                });
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float m_c = mu[static_cast<size_t>(ch)], s_c = inv_std[static_cast<size_t>(ch)];
+          LaneSum sum_dy, sum_dy_xhat;
+          for (int64_t i = 0; i < n; ++i) {
+            const float* xi = x.data() + (i * c + ch) * hw;
+            const float* dyi = dy.data() + (i * c + ch) * hw;
+            sum_dy.add(dyi, hw, [](float v) { return double{v}; });
+            sum_dy_xhat.add2(dyi, xi, hw, [m_c, s_c](float d, float v) { return double{d} * ((v - m_c) * s_c); });
+          }
+          dgamma.data()[ch] = static_cast<float>(sum_dy_xhat.total());
+          dbeta.data()[ch] = static_cast<float>(sum_dy.total());
+          const float g_c = gamma.data()[ch];
+          const float mean_g = training ? static_cast<float>(g_c * sum_dy.total() / static_cast<double>(m)) : 0.f;
+          const float mean_g_xhat =
+              training ? static_cast<float>(g_c * sum_dy_xhat.total() / static_cast<double>(m)) : 0.f;
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t at = (i * c + ch) * hw;
+            const float* __restrict xi = x.data() + at;
+            const float* __restrict dyi = dy.data() + at;
+            float* __restrict dxi = dx.data() + at;
+            for (int64_t j = 0; j < hw; ++j)
+              dxi[j] = s_c * (g_c * dyi[j] - mean_g - ((xi[j] - m_c) * s_c) * mean_g_xhat);
+          }
+        }
+        return std::vector<Tensor>{dx, dgamma, dbeta};
+      });
 }
 
 // =============================================================================================
