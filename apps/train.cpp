@@ -277,9 +277,13 @@ void run(Settings s, bool model_given) {
       fail("{}: was trained with --optimizer {}, not {} (pass the same flags to --resume)", s.resume,
            resume.meta("optimizer"), s.optimizer);
     const int64_t planned = resume_phase == "qat" ? s.qat_epochs : s.epochs;
-    if (resume_epoch >= planned && (resume_phase == "qat" || !s.qat))
-      fail("{}: the run is complete ({} of {} {} epochs done): nothing to resume (raise --epochs{} to train more)",
-           s.resume, resume_epoch, planned, resume_phase, resume_phase == "qat" ? " or --qat-epochs" : "");
+    if (resume_epoch >= planned && (resume_phase == "qat" || !s.qat)) {
+      std::cerr << fmt::format(
+          "{}: the run is complete ({} of {} {} epochs): nothing to resume, nothing written (raise --{}epochs to "
+          "train more)\n",
+          s.resume, resume_epoch, planned, resume_phase, resume_phase == "qat" ? "qat-" : "");
+      return;
+    }
   } else {
     description = nn::find_description(s.model);
   }
@@ -300,6 +304,7 @@ void run(Settings s, bool model_given) {
   description = nn::with_data_shape(description, 1, images.rows, images.cols, data.classes);
   if (!model) model = nn::build_model(description);  // initialised from the seed
   if (s.summary) std::cout << nn::format_summary(nn::summarize(*model));
+  if (s.qat) quant::prepare_qat(*model, qconfig);  // a model QAT cannot prepare fails now, not after float training
   if (norm.std <= 0) norm = data::compute_normalization(data.train.images);
   std::vector<int64_t> train_idx, val_idx;
   if (s.val_split > 0) std::tie(train_idx, val_idx) = data::split_validation(data.train.size(), s.val_split, s.seed);
@@ -408,7 +413,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", s.seed, "random seed (initialisation, shuffling, dropout)")->capture_default_str();
   app.add_option("--threads", s.threads, "threads (0: all cores)")->check(CLI::Range(0, 256));
   app.add_option("--out", s.out, "checkpoint to write (default: MODEL.safetensors or MODEL.qat.safetensors)");
-  app.add_option("--resume", s.resume, "continue the run that wrote this checkpoint");
+  app.add_option("--resume", s.resume,
+                 "continue the run that wrote this checkpoint (same flags; a complete run is left as it is)");
   app.add_option("--val-split", s.val_split, "hold out this fraction of the training set for validation")
       ->check(CLI::Range(0.0, 0.9));
   app.add_option("--log", s.log, "append one JSON object per epoch to this file");

@@ -24,17 +24,19 @@ constexpr int64_t kSide = 28;
 
 namespace fs = std::filesystem;
 
-// Class c is a bright two-row stripe at rows 4 + 2c, 5 + 2c over dim noise: learnable in one epoch.
-data::Dataset striped_images(int64_t count, uint64_t seed) {
-  data::Dataset set{{count, kSide, kSide, std::vector<uint8_t>(static_cast<size_t>(count * kSide * kSide))}, {}};
+// Class c is a bright stripe at rows 4 + 2c, 5 + 2c (of `side` x `side` images) over dim noise: learnable in one
+// epoch. With more classes than fit as two-row stripes, class c is the one row 2 + c.
+data::Dataset striped_images(int64_t count, uint64_t seed, int64_t side = kSide, int64_t classes = 10) {
+  data::Dataset set{{count, side, side, std::vector<uint8_t>(static_cast<size_t>(count * side * side))}, {}};
   Rng rng(seed);
+  const bool wide = 4 + 2 * classes <= side;
   for (int64_t i = 0; i < count; ++i) {
-    const auto label = static_cast<uint8_t>(rng.below(10));
+    const auto label = static_cast<uint8_t>(rng.below(static_cast<uint32_t>(classes)));
     set.labels.push_back(label);
-    for (int64_t y = 0; y < kSide; ++y)
-      for (int64_t x = 0; x < kSide; ++x) {
-        const bool stripe = y == 4 + 2 * label || y == 5 + 2 * label;
-        set.images.pixels[static_cast<size_t>((i * kSide + y) * kSide + x)] =
+    for (int64_t y = 0; y < side; ++y)
+      for (int64_t x = 0; x < side; ++x) {
+        const bool stripe = wide ? (y == 4 + 2 * label || y == 5 + 2 * label) : y == 2 + label;
+        set.images.pixels[static_cast<size_t>((i * side + y) * side + x)] =
             static_cast<uint8_t>(stripe ? 160 + rng.below(96) : rng.below(80));
       }
   }
@@ -47,9 +49,10 @@ std::string file_in(const std::string& dir, const std::string& split, const std:
   return dir + "/" + data_fixtures::mnist_file_name(kSpec, split, what, what == "images" ? "idx3-ubyte" : "idx1-ubyte");
 }
 
-void write_striped_folder(const std::string& dir) {
+void write_striped_folder(const std::string& dir, int64_t side = kSide, int64_t classes = 10) {
   fs::create_directories(dir);
-  const data::Dataset train = striped_images(kTrainImages, 21), test = striped_images(kTestImages, 22);
+  const data::Dataset train = striped_images(kTrainImages, 21, side, classes),
+                      test = striped_images(kTestImages, 22, side, classes);
   data_fixtures::write_bytes(file_in(dir, "train", "images"), data_fixtures::idx_images_bytes(train.images));
   data_fixtures::write_bytes(file_in(dir, "train", "labels"), data_fixtures::idx_labels_bytes(train.labels));
   data_fixtures::write_bytes(file_in(dir, "t10k", "images"), data_fixtures::idx_images_bytes(test.images));
@@ -125,6 +128,10 @@ std::string copy_of_data(const std::string& name) {
   fs::remove_all(dir);
   fs::copy(w.data, dir);
   return dir;
+}
+
+bool file_bytes_equal(const std::string& a, const std::string& b) {
+  return data_fixtures::read_bytes(a) == data_fixtures::read_bytes(b);
 }
 
 void truncate_file(const std::string& path, size_t keep) {
@@ -225,6 +232,79 @@ TEST_CASE("resume: 1 epoch + --resume to 2 epochs equals 2 epochs straight, bit 
     CHECK(a.tensors[i].second.shape == b.tensors[i].second.shape);
     CHECK(a.tensors[i].second.bytes == b.tensors[i].second.bytes);
   }
+}
+
+TEST_CASE("a user's own description on 32x32 images with 20 classes: train, eval and QAT from the files alone") {
+  auto& w = workspace();
+  const std::string data = w.dir / "data32";
+  write_striped_folder(data, 32, 20);
+  // A residual block and a depthwise convolution: trains in float, and eval rebuilds it from the checkpoint.
+  const std::string graph = w.dir / "my-net.json";
+  data_fixtures::write_bytes(graph, [] {
+    const std::string text = R"({"format": "lowbit-model", "version": 1, "name": "my-net",
+      "input": {"channels": "auto", "height": "auto", "width": "auto"}, "classes": "auto", "nodes": [
+      {"name": "stem", "kind": "Conv2d", "out_channels": 8, "kernel": 3, "padding": 1, "bias": false},
+      {"name": "bn", "kind": "BatchNorm2d"}, {"name": "relu", "kind": "ReLU"},
+      {"name": "dw", "kind": "Conv2d", "out_channels": 8, "kernel": 3, "padding": 1, "groups": 8},
+      {"name": "relu6", "kind": "ReLU6"},
+      {"name": "add", "kind": "Add", "inputs": ["relu6", "relu"]},
+      {"name": "pool", "kind": "MaxPool2d", "kernel": 4},
+      {"name": "flat", "kind": "Flatten"},
+      {"name": "fc", "kind": "Linear", "out_features": "classes"}]})";
+    return std::vector<uint8_t>(text.begin(), text.end());
+  }());
+  const std::string float_out = w.dir / "my-net.safetensors";
+  const Run t = w.run("train", "--model " + graph + " --epochs 3 --lr 3e-3 --threads 2 --summary --data " + data +
+                                   " --out " + float_out);
+  REQUIRE_MESSAGE(t.code == 0, t.err);
+  CHECK(t.out.find("layers.add") != std::string::npos);  // the summary lists every node ...
+  CHECK(t.out.find("relu6,relu") != std::string::npos);  // ... with its inputs
+  CHECK(t.err.find("my-net: ") != std::string::npos);
+  const nlohmann::json e = w.run_json("eval", "--model " + float_out + " --data " + data);
+  CHECK(e["accuracy"].get<double>() >= kMinAccuracy);  // chance is 0.05
+  // QAT of a chain description: the integer model of 20 classes agrees with its fake-quant model.
+  const std::string chain = w.dir / "my-chain.json";
+  data_fixtures::write_bytes(chain, [] {
+    const std::string text = R"({"format": "lowbit-model", "version": 1, "name": "my-chain",
+      "input": {"channels": 1, "height": 32, "width": 32}, "classes": 20, "nodes": [
+      {"name": "c", "kind": "Conv2d", "out_channels": 6, "kernel": 3, "padding": 1},
+      {"name": "r", "kind": "ReLU"}, {"name": "p", "kind": "MaxPool2d", "kernel": 4},
+      {"name": "f", "kind": "Flatten"}, {"name": "fc", "kind": "Linear", "out_features": "classes"}]})";
+    return std::vector<uint8_t>(text.begin(), text.end());
+  }());
+  const std::string qat_out = w.dir / "my-chain.qat.safetensors";
+  const Run q = w.run(
+      "train", "--model " + chain + " --epochs 3 --lr 3e-3 --qat --threads 2 --data " + data + " --out " + qat_out);
+  REQUIRE_MESSAGE(q.code == 0, q.err);
+  const nlohmann::json i = w.run_json("eval", "--int8 --model " + qat_out + " --data " + data);
+  CHECK(i["accuracy"].get<double>() >= kMinAccuracy);
+  CHECK(i["agreement"].get<double>() >= kMinAgreement);
+  // A description whose stated size disagrees with the data is refused before training.
+  check_fails(w.run("train", "--model " + chain + " --epochs 1 --out " + w.dir / "x.safetensors"),
+              "takes 32 pixel rows, the data set has 28");
+  // The graph with branches cannot be quantized yet: one clear line.
+  check_fails(
+      w.run("train", "--model " + graph + " --epochs 1 --qat --data " + data + " --out " + w.dir / "y.safetensors"),
+      "is a graph with branches");
+}
+
+TEST_CASE("resume: flags that contradict the checkpoint are refused; a complete run is left alone") {
+  auto& w = workspace();
+  check_fails(
+      w.run("train", "--model lenet5 --resume " + w.float_model + " --epochs 3 --out " + w.dir / "c.safetensors"),
+      "--model lenet5 contradicts --resume");
+  const std::string copy = w.dir / "complete.safetensors";
+  fs::copy_file(w.float_model, copy, fs::copy_options::overwrite_existing);
+  const Run r = w.run("train", "--resume " + copy + " --epochs 2 --out " + copy);
+  CHECK_MESSAGE(r.code == 0, r.err);
+  CHECK(r.err.find("nothing to resume") != std::string::npos);
+  CHECK(file_bytes_equal(copy, w.float_model));
+  // A corrupt number in the metadata is a clear error, not an internal one.
+  StFile bad = load_safetensors(w.float_model);
+  bad.metadata["epoch"] = "two";
+  save_safetensors(copy, bad);
+  check_fails(w.run("train", "--resume " + copy + " --epochs 3 --out " + w.dir / "d.safetensors"),
+              "metadata 'epoch' = 'two' is not a whole number");
 }
 
 // ---------------------------------------------------------------------------------------------
