@@ -1,0 +1,214 @@
+// AVX-512 VNNI integer kernels (vpdpbusd: u8 × s8, four products into each int32 lane), bit-exact with the reference.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "quant/runtime/kernels.h"
+#include "quant/runtime/kernels_isa.h"
+
+namespace lowbit::quant::runtime::detail {
+
+// How the VNNI kernels compute eq. 5 exactly (docs/quantization.md, "Eq. 5 on u8 × s8 instructions"):
+//
+// 1. vpdpbusd(acc, a, b) adds to each int32 lane j of acc the four products a[4j + i]·b[4j + i], a read as
+//    u8 and b as s8. Each product is exact (|255·(−128)| < 2^15) and the four are added to acc in 32 bits:
+//    no int16 intermediate, nothing saturates (that would be vpdpbusds, which is not used).
+// 2. x is int8, so it is made u8 by adding 128 (flipping bit 7): x + 128 = x − (−128), in [0, 255]. Weights
+//    (int8 in [−127, 127], or int4 sign-extended to int8) are the s8 operand. Then
+//      Σ_k w·(x − z_in) = Σ_k w·(x + 128) − (z_in + 128)·Σ_k w
+//    and the kernels compute y = (b − (z_in + 128)·Σ_k w) + Σ_k w·(x + 128), with Σ_k w from pack_weights.
+// 3. Partial sums of Σ w·(x + 128) may leave int32 (each term is up to 127·255), but every add wraps modulo
+//    2^32 and the final y is exact, because validate() bounds the true y below 2^31 (kernels_avx2.cpp, point 1).
+// 4. Weights are packed in panels of 16 channels, units of 4 consecutive k (PackedWeights); x rows are packed
+//    per call into the same units (pack_x_u8). The micro-kernel keeps MR × NV zmm accumulators (MR rows ×
+//    16·NV channels), broadcasts one x unit per row and multiplies it with NV weight vectors.
+
+// Every function that uses AVX-512 carries this attribute, rather than the whole file being compiled with
+// -mavx512*: inline functions from shared headers (std::, int4.h) are then never compiled with AVX-512
+// instructions into a copy the linker could pick for code that runs on CPUs without them.
+#define LOWBIT_AVX512_VNNI __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace {
+
+constexpr int64_t kPanel = PackedWeights::kPanelChannels;  // 16 channels: one zmm of int32
+constexpr int64_t kRows = 6;                               // MR
+constexpr int64_t kVectors = 4;                            // NV: 4 panels, 64 channels; 24 accumulators
+constexpr int64_t kRowBlocksPerTask = 8;                   // a task is 48 rows × 64 channels ...
+constexpr int64_t kTaskRows = kRows * kRowBlocksPerTask;
+constexpr int64_t kTaskChannels = kVectors * kPanel;
+constexpr int64_t kKBlockUnits = 128;  // ... walking K in blocks of 128 units: 64 channels × 512 k = 32 KB in L1
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline uint64_t low_bits(int64_t count) { return count >= 64 ? ~uint64_t{0} : (uint64_t{1} << count) - 1; }
+inline uint16_t low_lanes(int64_t count) { return static_cast<uint16_t>(count >= 16 ? 0xFFFF : (1u << count) - 1); }
+
+// xp holds MR rows of units, row r at xp + r·x_stride; panel v's units at wp + v·panel_stride, (KB, 16) each;
+// sums is (MR, ·) int32 with rows sums_stride apart: sums = Σ over KB units of x·w, added to what sums holds
+// if accumulate. noipa: like the AVX2 micro-kernels, compiled on its own so the accumulators stay in registers.
+template <int MR, int NV>
+LOWBIT_AVX512_VNNI __attribute__((noipa)) void gemm_kernel(const int32_t* xp, int64_t x_stride, const int32_t* wp,
+                                                           int64_t panel_stride, int64_t kb, int32_t* sums,
+                                                           int64_t sums_stride, bool accumulate) {
+  __m512i acc[MR][NV];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_si512(sums + r * sums_stride + v * kPanel) : _mm512_setzero_si512();
+  for (int64_t ku = 0; ku < kb; ++ku) {
+    __m512i w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wp + v * panel_stride + ku * kPanel);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m512i x = _mm512_set1_epi32(xp[r * x_stride + ku]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], x, w[v]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_si512(sums + r * sums_stride + v * kPanel, acc[r][v]);
+}
+
+using GemmKernel = void (*)(const int32_t*, int64_t, const int32_t*, int64_t, int64_t, int32_t*, int64_t, bool);
+template <int MR>
+constexpr GemmKernel kKernelsOfRows[kVectors] = {&gemm_kernel<MR, 1>, &gemm_kernel<MR, 2>, &gemm_kernel<MR, 3>,
+                                                 &gemm_kernel<MR, 4>};
+// kKernels[MR − 1][NV − 1]: the edges of the GEMM (fewer rows or panels left) get a kernel of their size.
+constexpr const GemmKernel* kKernels[kRows] = {kKernelsOfRows<1>, kKernelsOfRows<2>, kKernelsOfRows<3>,
+                                               kKernelsOfRows<4>, kKernelsOfRows<5>, kKernelsOfRows<6>};
+
+// y rows [r0, r1) × panels [p0, p0 + nv) = sums + (b − z_eff·Σw), the int32 adds wrapping (point 3).
+LOWBIT_AVX512_VNNI void store_task(const int32_t* sums, const PackedWeights& w, const int32_t* b, int32_t z_eff,
+                                   int32_t* y, int64_t r0, int64_t r1, int64_t p0, int64_t nv) {
+  for (int64_t v = 0; v < nv; ++v) {
+    const int64_t o0 = (p0 + v) * kPanel, channels = min_i64(kPanel, w.out - o0);
+    if (channels <= 0) break;
+    const __mmask16 mask = low_lanes(channels);
+    const __m512i offset = _mm512_sub_epi32(
+        _mm512_maskz_loadu_epi32(mask, b + o0),
+        _mm512_mullo_epi32(_mm512_set1_epi32(z_eff), _mm512_maskz_loadu_epi32(mask, w.row_sums.data() + o0)));
+    for (int64_t r = r0; r < r1; ++r) {
+      const __m512i s = _mm512_loadu_si512(sums + (r - r0) * kTaskChannels + v * kPanel);
+      _mm512_mask_storeu_epi32(y + r * w.out + o0, mask, _mm512_add_epi32(s, offset));
+    }
+  }
+}
+
+// One task: rows [r0, r1) (at most kTaskRows) × panels [p0, p0 + nv) (nv <= kVectors) of y.
+LOWBIT_AVX512_VNNI void gemm_task(const int32_t* xp, const PackedWeights& w, const int32_t* b, int32_t z_eff,
+                                  int32_t* y, int64_t r0, int64_t r1, int64_t p0, int64_t nv) {
+  alignas(64) int32_t sums[kTaskRows * kTaskChannels];
+  const int64_t k_units = w.k_units;
+  for (int64_t k0 = 0; k0 < k_units; k0 += kKBlockUnits) {
+    const int64_t kb = min_i64(kKBlockUnits, k_units - k0);
+    const int32_t* wb = w.units.data() + (p0 * k_units + k0) * kPanel;
+    for (int64_t r = r0; r < r1; r += kRows) {
+      const int64_t mr = min_i64(kRows, r1 - r);
+      kKernels[mr - 1][nv - 1](xp + r * k_units + k0, k_units, wb, k_units * kPanel, kb,
+                               sums + (r - r0) * kTaskChannels, kTaskChannels, k0 > 0);
+    }
+  }
+  store_task(sums, w, b, z_eff, y, r0, r1, p0, nv);
+}
+
+// Row `row` of x into units (see pack_x_u8), 64 bytes at a time; bytes past IN are 0.
+LOWBIT_AVX512_VNNI void pack_row_u8(const int8_t* src, int64_t in, int64_t row_bytes, int32_t* dst) {
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
+  auto* out = reinterpret_cast<uint8_t*>(dst);
+  for (int64_t j = 0; j < row_bytes; j += 64) {
+    const __mmask64 valid = low_bits(in - j < 0 ? 0 : in - j), stored = low_bits(row_bytes - j);
+    const __m512i codes = _mm512_maskz_loadu_epi8(valid, src + j);
+    _mm512_mask_storeu_epi8(out + j, stored, _mm512_maskz_mov_epi8(valid, _mm512_xor_si512(codes, bias)));
+  }
+}
+
+// The conv micro-kernels: 12 rows × 16 channels (zmm) or × 8 channels (ymm), as conv_tile_vnni512 describes.
+LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_16(const uint8_t* const* x, const int32_t* offsets,
+                                                              int64_t k_units, const int32_t* wp, int32_t* tile) {
+  constexpr int MR = kConvRowsVnni;
+  __m512i acc[MR];
+  const uint8_t* xr[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    acc[r] = _mm512_setzero_si512();
+    xr[r] = x[r];
+  }
+  for (int64_t t = 0; t < k_units; ++t, wp += 16) {
+    const int64_t at = offsets[t];
+    const __m512i w = _mm512_loadu_si512(wp);
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      int32_t unit;
+      std::memcpy(&unit, xr[r] + at, sizeof unit);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(unit), w);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tile + r * 16, acc[r]);
+}
+
+LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_8(const uint8_t* const* x, const int32_t* offsets,
+                                                             int64_t k_units, const int32_t* wp, int32_t* tile) {
+  constexpr int MR = kConvRowsVnni;
+  __m256i acc[MR];
+  const uint8_t* xr[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    acc[r] = _mm256_setzero_si256();
+    xr[r] = x[r];
+  }
+  for (int64_t t = 0; t < k_units; ++t, wp += 8) {
+    const int64_t at = offsets[t];
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      int32_t unit;
+      std::memcpy(&unit, xr[r] + at, sizeof unit);
+      acc[r] = _mm256_dpbusd_epi32(acc[r], _mm256_set1_epi32(unit), w);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * 8), acc[r]);
+}
+
+}  // namespace
+
+void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t* xp, int threads) {
+  const int64_t rows = ceil_div(n, kPackedRowGroup) * kPackedRowGroup;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    if (row < n) {
+      pack_row_u8(x + row * in, in, 4 * k_units, xp + row * k_units);
+    } else {
+      std::memset(xp + row * k_units, 0, static_cast<size_t>(4 * k_units));
+    }
+  }
+}
+
+void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y,
+                   int64_t n, int threads) {
+  const int32_t z_eff = x_zero_point + 128;  // point 2
+  const int64_t row_tasks = ceil_div(n, kTaskRows), channel_tasks = ceil_div(w.panels, kVectors);
+  // Every y element is computed by one task, in a fixed order: the result does not depend on the threads.
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t t = 0; t < row_tasks * channel_tasks; ++t) {
+    const int64_t rt = t / channel_tasks, ct = t % channel_tasks;
+    const int64_t r0 = rt * kTaskRows, p0 = ct * kVectors;
+    gemm_task(xp, w, b, z_eff, y, r0, min_i64(n, r0 + kTaskRows), p0, min_i64(kVectors, w.panels - p0));
+  }
+}
+
+void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
+                       int64_t panel, int32_t* tile) {
+  if (panel == 16) {
+    conv_kernel_16(x, offsets, k_units, wp, tile);
+  } else {
+    conv_kernel_8(x, offsets, k_units, wp, tile);
+  }
+}
+
+}  // namespace lowbit::quant::runtime::detail

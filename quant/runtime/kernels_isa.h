@@ -1,0 +1,43 @@
+// Internal to quant/runtime: the entry points of the AVX-512 VNNI and AMX kernel files, which the dispatch in
+// kernels_avx2.cpp calls once the CPU has been checked (cpu.h). Not part of the library's interface.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "quant/runtime/kernels.h"
+
+namespace lowbit::quant::runtime::detail {
+
+// Rows of x are packed for the Vnni512 and Amx GEMMs in groups of this many (two AMX A tiles of 16 rows).
+constexpr int64_t kPackedRowGroup = 32;
+// The Amx path runs a GEMM on tiles from this many rows on; fewer rows would leave most of an A tile empty,
+// and go to the Vnni512 kernels.
+constexpr int64_t kAmxMinRows = 32;
+// Rows per call of the Vnni512 conv micro-kernel (a multiple of it must divide kernels_avx2.cpp's kConvRowBlock).
+constexpr int64_t kConvRowsVnni = 12;
+
+// ---- kernels_avx512.cpp ----
+
+// x is (N, IN) codes; xp is (ROWS, K_UNITS) units of 4 bytes x + 128 (u8, byte i = k + i), ROWS = N rounded up
+// to kPackedRowGroup; codes past IN and rows past N are 0 (their weights are 0, or the rows are not stored).
+void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t* xp, int threads);
+
+// x is (N, IN) codes, w packed for Vnni512 or Amx, b is (OUT); y is (N, OUT) int32, equal to qgemm_s8_ref's.
+// xp is (ROWS, K_UNITS), already filled by pack_x_u8.
+void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y,
+                   int64_t n, int threads);
+
+// The conv micro-kernel: x[r] points at the window of GEMM row r (u8 operands x + 128), unit t of a window
+// starts offsets[t] bytes further; wp is (K_UNITS, PANEL) s8 units, PANEL 16 or 8; tile is
+// (kConvRowsVnni, PANEL) int32 = Σ_t x·w.
+void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
+                       int64_t panel, int32_t* tile);
+
+// ---- kernels_amx.cpp ----
+
+// As qgemm_vnni512, with w packed for Amx and N >= kAmxMinRows.
+void qgemm_amx(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
+               int threads);
+
+}  // namespace lowbit::quant::runtime::detail
