@@ -124,6 +124,28 @@ TEST_CASE("qgemm_s8 and qgemm_s4 are bit-exact with the reference on random shap
   }
 }
 
+TEST_CASE("u8-shifted sums that leave int32 on the way still give the exact result (wrapping adds, eq. 5 point 4)") {
+  // Σ w·(x + 128) reaches 70000 · 127 · 255 ≈ 2.3·10^9 > 2^31, while the true sums Σ w·(x − z_in), with
+  // |x − z_in| <= 3, stay near 10^6: the VNNI and AMX kernels must wrap, never saturate.
+  const int64_t n = 33, in = 70000, out = 17;
+  lowbit::Rng rng(70);
+  const auto x = random_codes(rng, n * in, 121, 127);
+  const auto w = random_codes(rng, out * in, 120, 127);
+  const std::vector<int32_t> b(out, -5);
+  std::vector<int32_t> want(n * out), got(n * out);
+  rt::qgemm_s8_ref(x, 124, w, b, want, n, in, out, 1);
+  for (const rt::KernelPath path : lowbit::test::fast_paths_to_test()) {
+    CAPTURE(rt::kernel_path_name(path));
+    const rt::PackedWeights pw = rt::pack_weights(w, 8, in, out, path);
+    std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(n, pw));
+    for (const int64_t rows : {n, int64_t{1}}) {  // AMX from 32 rows on, VNNI below
+      rt::qgemm_packed(x, 124, pw, b, got, rows, workspace, 2);
+      CHECK(count_mismatches(std::vector<int32_t>(got.begin(), got.begin() + rows * out),
+                             std::vector<int32_t>(want.begin(), want.begin() + rows * out), "wrapped") == 0);
+    }
+  }
+}
+
 // (N, HO·WO, OUT) GEMM rows → (N, OUT, HO·WO), the direct convolution's layout.
 std::vector<int32_t> rows_to_nchw(const std::vector<int32_t>& acc, int64_t n, int64_t positions, int64_t out) {
   std::vector<int32_t> nchw(acc.size());

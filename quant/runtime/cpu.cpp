@@ -43,7 +43,7 @@ uint64_t xgetbv0() {
 CpuFeatures detect() {
   CpuFeatures f;
   uint32_t a = 0, b = 0, c = 0, d = 0;
-  if (__get_cpuid_max(0x80000000, nullptr) >= 0x80000004) {
+  if (static_cast<uint32_t>(__get_cpuid_max(0x80000000, nullptr)) >= 0x80000004u) {
     char brand[49] = {};
     for (uint32_t leaf = 0; leaf < 3; ++leaf) {
       __get_cpuid(0x80000002 + leaf, &a, &b, &c, &d);
