@@ -169,7 +169,8 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       {1, 3, 11, 11, 33, 4, 2, 3},                               // even K, padding wider than needed
       {2, 5, 6, 6, 7, 3, 1, 1},    {1, 1, 8, 8, 2, 3, 1, 0},     // 7 and 2 channels: every partial 8-code store
       {1, 40, 5, 5, 23, 3, 1, 1},                                // kernel rows of 120 codes, 16 + 7 channels
-      {3, 32, 6, 5, 64, 3, 1, 1},  {5, 3, 9, 9, 9, 2, 1, 0}};    // convbn-like conv2; 9 channels, 25 rows a part
+      {3, 32, 6, 5, 64, 3, 1, 1},  {5, 3, 9, 9, 9, 2, 1, 0},     // convbn-like conv2; 9 channels, 25 rows a part
+      {2, 5, 6, 7, 70, 3, 1, 1}};                                // 5 panels: a VNNI call of 4, then one of 1
   lowbit::Rng rng(5);
   for (const ConvShape& s : shapes) {
     for (const int bits : {8, 4}) {

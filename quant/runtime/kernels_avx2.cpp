@@ -706,14 +706,48 @@ __attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, const int32_
     for (int v = 0; v < V; ++v) store8(tile + (r * V + v) * 8, acc[r][v]);
 }
 
-// Rows per conv micro-kernel call, by path, weight bits and panel width.
-inline int64_t conv_rows_per_block(KernelPath path, int bits, int64_t panel) {
-  if (path != KernelPath::Avx2) return detail::kConvRowsVnni;
+// Rows per conv micro-kernel call, by path, weight bits, panel width and panels per call.
+inline int64_t conv_rows_per_block(KernelPath path, int bits, int64_t panel, int64_t panels_per_call) {
+  if (path != KernelPath::Avx2) return detail::conv_rows_vnni(panels_per_call);
   if (bits == 8) return panel == 16 ? 6 : 12;
   return panel == 16 ? 4 : 8;
 }
 constexpr int64_t kConvMaxRows = 12;
-static_assert(detail::kConvRowsVnni <= kConvMaxRows && kConvRowBlock % detail::kConvRowsVnni == 0);
+constexpr int64_t kConvMaxGroup = detail::kConvPanelsVnni;  // panels per micro-kernel call, at most
+static_assert(detail::conv_rows_vnni(1) <= kConvMaxRows && kConvRowBlock % detail::conv_rows_vnni(1) == 0 &&
+              kConvRowBlock % detail::conv_rows_vnni(2) == 0);
+
+// The epilogue constants of one panel: offset b − z_eff·Σw per channel (wrapping), which of the two halves of 8
+// channels exist, and their requantization constants.
+struct PanelEpilogue {
+  __m256i offset0, offset1;
+  int64_t count0, count1;  // channels in each half
+  Requant8 rq0, rq1;
+};
+
+PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Requant* rq, int32_t z_eff, int64_t p,
+                             int64_t panel, __m256i lane) {
+  PanelEpilogue e{};
+  const int64_t channels = min_i64(panel, w.out - p * panel);
+  alignas(32) int32_t offset[kPanel] = {};
+  for (int64_t j = 0; j < channels; ++j) {
+    const int64_t o = p * panel + j;
+    offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
+                                     static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
+  }
+  e.offset0 = load8(offset);
+  e.offset1 = load8(offset + 8);
+  e.count0 = min_i64(8, channels);
+  e.count1 = channels - e.count0;
+  const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count0)), lane);
+  const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count1)), lane);
+  if (rq) {
+    e.rq0 = requant8_constants(rq->multiplier.data() + p * panel, rq->shift.data() + p * panel, mask0);
+    if (e.count1 > 0)
+      e.rq1 = requant8_constants(rq->multiplier.data() + p * panel + 8, rq->shift.data() + p * panel + 8, mask1);
+  }
+  return e;
+}
 
 // GEMM rows [first, first + rows) of the convolution of planes (operands T), channels last: the int32
 // accumulators into acc (ROWS, OUT) when rq is null, else their codes requantized (eq. 6) into y (ROWS, OUT),
@@ -728,7 +762,7 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   const int32_t* offsets = pc.unit_offsets.data();
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const int64_t panel = pc.panel_channels, out = w.out, panels = ceil_div(out, panel);
-  const int64_t mr = conv_rows_per_block(w.path, w.bits, panel);
+  const int64_t group = w.path != KernelPath::Avx2 && panel == 16 ? kConvMaxGroup : 1;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i z_out = _mm256_set1_epi32(rq ? rq->zero_point : 0);
   const __m256i lo = _mm256_set1_epi32(rq ? rq->act_min : 0), hi = _mm256_set1_epi32(rq ? rq->act_max : 0);
@@ -746,28 +780,17 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
       }
       window[r] = planes + ((i * hp + oh * stride) * wp + ow * stride) * c;
     }
-    for (int64_t r = count; r < ceil_div(count, mr) * mr; ++r) window[r] = window[count - 1];
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t channels = min_i64(panel, out - p * panel);
-      alignas(32) int32_t offset[kPanel] = {};  // b[o] − z_eff·Σ_k w[o][k], wrapping
-      for (int64_t j = 0; j < channels; ++j) {
-        const int64_t o = p * panel + j;
-        offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
-                                         static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
-      }
-      const __m256i offset0 = load8(offset), offset1 = load8(offset + 8);
-      const int64_t count0 = min_i64(8, channels), count1 = channels - count0;  // channels in each half
-      const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count0)), lane);
-      const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count1)), lane);
-      Requant8 rq0{}, rq1{};
-      if (rq) {
-        rq0 = requant8_constants(rq->multiplier.data() + p * panel, rq->shift.data() + p * panel, mask0);
-        if (count1 > 0)
-          rq1 = requant8_constants(rq->multiplier.data() + p * panel + 8, rq->shift.data() + p * panel + 8, mask1);
-      }
-      const int32_t* wpanel = w.units.data() + p * w.k_units * panel;
+    for (int64_t r = count; r < count + kConvMaxRows; ++r) window[r] = window[count - 1];  // covers any MR
+    // Panels go through the micro-kernel `group` at a time (the VNNI kernel takes up to 4, reusing each x unit
+    // it broadcasts 4 times); each panel's epilogue constants are computed once per block.
+    for (int64_t p0 = 0; p0 < panels; p0 += group) {
+      const int64_t g = min_i64(group, panels - p0);
+      const int64_t mr = conv_rows_per_block(w.path, w.bits, panel, g);
+      PanelEpilogue ep[kConvMaxGroup];
+      for (int64_t v = 0; v < g; ++v) ep[v] = panel_epilogue(w, b, rq, z_eff, p0 + v, panel, lane);
+      const int32_t* wpanel = w.units.data() + p0 * w.k_units * panel;
       for (int64_t r0 = 0; r0 < count; r0 += mr) {
-        alignas(32) int32_t tile[kConvMaxRows * kPanel];  // (MR, panel)
+        alignas(64) int32_t tile[kConvMaxGroup * kConvMaxRows * kPanel];  // (G, MR, panel)
         const T* const* xr = window + r0;
         if constexpr (sizeof(T) == 2) {
           if (panel == 16) {
@@ -776,24 +799,28 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
             conv_kernel_s8<12, 1>(xr, offsets, w.k_units, wpanel, tile);
           }
         } else if (w.path != KernelPath::Avx2) {  // Vnni512 (and Amx, whose convolutions run on VNNI)
-          detail::conv_tile_vnni512(xr, offsets, w.k_units, wpanel, panel, tile);
+          detail::conv_tile_vnni512(xr, offsets, w.k_units, wpanel, panel, g, tile);
         } else if (panel == 16) {
           conv_kernel_s4<4, 2>(xr, offsets, w.k_units, wpanel, tile);
         } else {
           conv_kernel_s4<8, 1>(xr, offsets, w.k_units, wpanel, tile);
         }
-        for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
-          const int32_t* tr = tile + (r - r0) * panel;
-          const __m256i a0 = _mm256_add_epi32(load8(tr), offset0);
-          const __m256i a1 = count1 > 0 ? _mm256_add_epi32(load8(tr + 8), offset1) : _mm256_setzero_si256();
-          if (rq) {
-            int8_t* yr = y + (start + r) * out + p * panel;
-            store_codes8(requant8(a0, rq0, z_out, lo, hi), yr, count0);
-            if (count1 > 0) store_codes8(requant8(a1, rq1, z_out, lo, hi), yr + 8, count1);
-          } else {
-            int32_t* ar = acc + (start + r) * out + p * panel;
-            store_sums8(a0, ar, count0);
-            if (count1 > 0) store_sums8(a1, ar + 8, count1);
+        for (int64_t v = 0; v < g; ++v) {
+          const PanelEpilogue& e = ep[v];
+          const int64_t o0 = (p0 + v) * panel;
+          for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
+            const int32_t* tr = tile + (v * mr + r - r0) * panel;
+            const __m256i a0 = _mm256_add_epi32(load8(tr), e.offset0);
+            const __m256i a1 = e.count1 > 0 ? _mm256_add_epi32(load8(tr + 8), e.offset1) : _mm256_setzero_si256();
+            if (rq) {
+              int8_t* yr = y + (start + r) * out + o0;
+              store_codes8(requant8(a0, e.rq0, z_out, lo, hi), yr, e.count0);
+              if (e.count1 > 0) store_codes8(requant8(a1, e.rq1, z_out, lo, hi), yr + 8, e.count1);
+            } else {
+              int32_t* ar = acc + (start + r) * out + o0;
+              store_sums8(a0, ar, e.count0);
+              if (e.count1 > 0) store_sums8(a1, ar + 8, e.count1);
+            }
           }
         }
       }

@@ -126,10 +126,45 @@ LOWBIT_AVX512_VNNI void pack_row_u8(const int8_t* src, int64_t in, int64_t row_b
   }
 }
 
-// The conv micro-kernels: 12 rows × 16 channels (zmm) or × 8 channels (ymm), as conv_tile_vnni512 describes.
+// The conv micro-kernels, as conv_tile_vnni512 describes: 6 rows × NV panels of 16 channels (zmm), 12 rows × 16
+// channels, 12 rows × 8 channels (ymm).
+template <int NV>
+LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t* const* x, const int32_t* offsets,
+                                                                  int64_t k_units, const int32_t* wp, int32_t* tile) {
+  constexpr int MR = 6;
+  static_assert(MR == conv_rows_vnni(2));
+  const int64_t panel_stride = k_units * 16;
+  __m512i acc[MR][NV];
+  const uint8_t* xr[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    xr[r] = x[r];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+  }
+  for (int64_t t = 0; t < k_units; ++t, wp += 16) {
+    const int64_t at = offsets[t];
+    __m512i w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wp + v * panel_stride);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      int32_t unit;
+      std::memcpy(&unit, xr[r] + at, sizeof unit);
+      const __m512i xv = _mm512_set1_epi32(unit);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xv, w[v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tile + (v * MR + r) * 16, acc[r][v]);
+}
+
 LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_16(const uint8_t* const* x, const int32_t* offsets,
                                                               int64_t k_units, const int32_t* wp, int32_t* tile) {
-  constexpr int MR = kConvRowsVnni;
+  constexpr int MR = conv_rows_vnni(1);
   __m512i acc[MR];
   const uint8_t* xr[MR];
 #pragma GCC unroll 12
@@ -153,7 +188,7 @@ LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_16(const uint8_t* con
 
 LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_8(const uint8_t* const* x, const int32_t* offsets,
                                                              int64_t k_units, const int32_t* wp, int32_t* tile) {
-  constexpr int MR = kConvRowsVnni;
+  constexpr int MR = conv_rows_vnni(1);
   __m256i acc[MR];
   const uint8_t* xr[MR];
 #pragma GCC unroll 12
@@ -203,11 +238,17 @@ void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights&
 }
 
 void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
-                       int64_t panel, int32_t* tile) {
-  if (panel == 16) {
-    conv_kernel_16(x, offsets, k_units, wp, tile);
-  } else {
-    conv_kernel_8(x, offsets, k_units, wp, tile);
+                       int64_t panel, int64_t panels, int32_t* tile) {
+  if (panel == 8) return conv_kernel_8(x, offsets, k_units, wp, tile);
+  switch (panels) {
+    case 1:
+      return conv_kernel_16(x, offsets, k_units, wp, tile);
+    case 2:
+      return conv_kernel_panels<2>(x, offsets, k_units, wp, tile);
+    case 3:
+      return conv_kernel_panels<3>(x, offsets, k_units, wp, tile);
+    default:
+      return conv_kernel_panels<4>(x, offsets, k_units, wp, tile);
   }
 }
 

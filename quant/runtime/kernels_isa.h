@@ -14,8 +14,11 @@ constexpr int64_t kPackedRowGroup = 32;
 // The Amx path runs a GEMM on tiles from this many rows on; fewer rows would leave most of an A tile empty,
 // and go to the Vnni512 kernels.
 constexpr int64_t kAmxMinRows = 32;
-// Rows per call of the Vnni512 conv micro-kernel (a multiple of it must divide kernels_avx2.cpp's kConvRowBlock).
-constexpr int64_t kConvRowsVnni = 12;
+// The Vnni512 conv micro-kernel takes up to kConvPanelsVnni panels of 16 channels per call, and this many
+// rows: 12 for one panel (or one of 8 channels), 6 for 2-4 panels (24 accumulators at most). Multiples of
+// both divide kernels_avx2.cpp's kConvRowBlock.
+constexpr int64_t kConvPanelsVnni = 4;
+constexpr int64_t conv_rows_vnni(int64_t panels_per_call) { return panels_per_call == 1 ? 12 : 6; }
 
 // ---- kernels_avx512.cpp ----
 
@@ -29,10 +32,10 @@ void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights&
                    int64_t n, int threads);
 
 // The conv micro-kernel: x[r] points at the window of GEMM row r (u8 operands x + 128), unit t of a window
-// starts offsets[t] bytes further; wp is (K_UNITS, PANEL) s8 units, PANEL 16 or 8; tile is
-// (kConvRowsVnni, PANEL) int32 = Σ_t x·w.
+// starts offsets[t] bytes further; wp is PANELS consecutive (K_UNITS, PANEL) s8 unit panels, PANEL 16 or 8
+// (then PANELS is 1); tile is (PANELS, MR, PANEL) int32 = Σ_t x·w, MR = conv_rows_vnni(PANELS).
 void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
-                       int64_t panel, int32_t* tile);
+                       int64_t panel, int64_t panels, int32_t* tile);
 
 // ---- kernels_amx.cpp ----
 
