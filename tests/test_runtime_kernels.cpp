@@ -465,6 +465,24 @@ TEST_CASE("pooling matches real arithmetic, input lookup maps pixels") {
   std::vector<int8_t> codes(pixels.size());
   rt::input_lookup(pixels, table, codes, 1);
   CHECK(codes == std::vector<int8_t>{-64, -64, -63, 0, 63});
+  // input_lookup_fast on every path: sizes around the 64-pixel block, a random table, 1-3 threads.
+  lowbit::Rng lookup_rng(18);
+  for (auto& code : table) code = static_cast<int8_t>(random_in(lookup_rng, -128, 127));
+  for (const rt::KernelPath path : lowbit::test::fast_paths_to_test()) {
+    for (const int64_t size : {1, 63, 64, 65, 784, 3 * 784 + 5}) {
+      std::vector<uint8_t> images(size);
+      for (auto& p : images) p = static_cast<uint8_t>(lookup_rng.below(256));
+      std::vector<int8_t> want(size), got(size);
+      rt::input_lookup(images, table, want, 1);
+      for (const int threads : {1, 2, 3}) {
+        CAPTURE(rt::kernel_path_name(path));
+        CAPTURE(size);
+        CAPTURE(threads);
+        rt::input_lookup_fast(images, table, got, path, threads);
+        CHECK(got == want);
+      }
+    }
+  }
 }
 
 TEST_CASE("channels-last pooling, input lookup and the fused max pool + requantize equal the channels-first kernels") {

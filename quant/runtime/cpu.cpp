@@ -20,7 +20,7 @@ namespace {
 constexpr uint32_t kOsxsave = 1u << 27;  // leaf 1 ECX: the OS uses XSAVE, so XGETBV may be executed
 constexpr uint32_t kAvx2 = 1u << 5;      // leaf 7 EBX
 constexpr uint32_t kAvx512F = 1u << 16, kAvx512Bw = 1u << 30, kAvx512Vl = 1u << 31;  // leaf 7 EBX
-constexpr uint32_t kAvx512Vnni = 1u << 11;                                           // leaf 7 ECX
+constexpr uint32_t kAvx512Vbmi = 1u << 1, kAvx512Vnni = 1u << 11;                    // leaf 7 ECX
 constexpr uint32_t kAmxTile = 1u << 24, kAmxInt8 = 1u << 25;                         // leaf 7 EDX
 constexpr uint32_t kAvxVnni = 1u << 4;                                               // leaf 7.1 EAX
 
@@ -62,6 +62,7 @@ CpuFeatures detect() {
   f.avx2 = ymm && (ebx7 & kAvx2) != 0;
   f.avx512 = zmm && (ebx7 & kAvx512F) && (ebx7 & kAvx512Bw) && (ebx7 & kAvx512Vl);
   f.avx512_vnni = f.avx512 && (ecx7 & kAvx512Vnni) != 0;
+  f.avx512_vbmi = f.avx512 && (ecx7 & kAvx512Vbmi) != 0;
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx_vnni = ymm && (a & kAvxVnni) != 0;
   if (tiles && (edx7 & kAmxTile) && (edx7 & kAmxInt8)) {
     f.amx_int8 = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
@@ -82,9 +83,9 @@ const CpuFeatures& cpu_features() {
 std::string cpu_instruction_sets() {
   const CpuFeatures& f = cpu_features();
   std::string sets;
-  for (const auto& [present, name] :
-       {std::pair{f.avx2, "avx2"}, std::pair{f.avx512, "avx512(f,bw,vl)"}, std::pair{f.avx512_vnni, "avx512-vnni"},
-        std::pair{f.avx_vnni, "avx-vnni"}, std::pair{f.amx_int8, "amx-int8"}}) {
+  for (const auto& [present, name] : {std::pair{f.avx2, "avx2"}, std::pair{f.avx512, "avx512(f,bw,vl)"},
+                                      std::pair{f.avx512_vnni, "avx512-vnni"}, std::pair{f.avx512_vbmi, "avx512-vbmi"},
+                                      std::pair{f.avx_vnni, "avx-vnni"}, std::pair{f.amx_int8, "amx-int8"}}) {
     if (!present) continue;
     if (!sets.empty()) sets += ' ';
     sets += name;

@@ -19,6 +19,7 @@ struct CpuFeatures {
   bool avx2 = false;         // AVX2, with the ymm state enabled by the OS
   bool avx512 = false;       // AVX-512 F, BW and VL, with the opmask and zmm state enabled
   bool avx512_vnni = false;  // and AVX-512 VNNI
+  bool avx512_vbmi = false;  // AVX-512 VBMI (byte permutes: the 64-pixel input lookup of the Vnni512 path)
   bool avx_vnni = false;     // AVX-VNNI (the 256-bit VEX form of vpdpbusd; reported, no kernel uses it yet)
   bool amx_int8 = false;     // AMX-TILE and AMX-INT8, tile state enabled and tile data granted to this process
   std::string model;         // the CPUID brand string (the "model name" of /proc/cpuinfo)

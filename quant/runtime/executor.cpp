@@ -253,8 +253,8 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
           input_lookup_nhwc({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table,
                             {y, y_size}, batch, in.c, in.h * in.w, threads);
         } else {
-          input_lookup({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table,
-                       {y, y_size}, threads);
+          input_lookup_fast({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table,
+                            {y, y_size}, path_, threads);
         }
         break;
       case OpKind::Conv2d:

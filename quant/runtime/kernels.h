@@ -157,6 +157,10 @@ void avgpool2d(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> 
 // images is (N, SIZE) uint8 pixels; y is (N, SIZE) codes: y = table[pixel].
 void input_lookup(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
                   int threads = 1);
+// Same signature and result, 64 pixels per step (AVX-512 VBMI vpermi2b, kernels_avx512.cpp) on the Vnni512
+// and Amx paths of a CPU with VBMI; else input_lookup.
+void input_lookup_fast(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
+                       KernelPath path, int threads = 1);
 
 // Channels-last forms, for the executor's fast path: x is (N, H, W, C) and y (N, HO, WO, C), with the codes
 // of maxpool2d / avgpool2d in the other layout. input_lookup_nhwc reads (N, C, H·W) pixels and writes

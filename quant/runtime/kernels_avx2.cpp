@@ -953,6 +953,13 @@ void qgemm_s4(std::span<const int8_t> x, int32_t x_zero_point, std::span<const i
   qgemm_fast(x, x_zero_point, w, 4, b, y, n, in, out, threads);
 }
 
+void input_lookup_fast(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
+                       KernelPath path, int threads) {
+  const bool vbmi = (path == KernelPath::Vnni512 || path == KernelPath::Amx) && cpu_features().avx512_vbmi;
+  if (!vbmi) return input_lookup(images, table, y, threads);
+  detail::input_lookup_vbmi(images.data(), table.data(), y.data(), static_cast<int64_t>(images.size()), threads);
+}
+
 void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
                              int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
   maxpool_requantize_avx2(acc.data(), rq, y.data(), n, c, height, width, k, stride, padding, threads);

@@ -27,6 +27,7 @@ namespace lowbit::quant::runtime::detail {
 // -mavx512*: inline functions from shared headers (std::, int4.h) are then never compiled with AVX-512
 // instructions into a copy the linker could pick for code that runs on CPUs without them.
 #define LOWBIT_AVX512_VNNI __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define LOWBIT_AVX512_VBMI __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vbmi")))
 
 namespace {
 
@@ -210,7 +211,33 @@ LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_8(const uint8_t* cons
   for (int r = 0; r < MR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * 8), acc[r]);
 }
 
+// 64 pixels → 64 codes. vpermi2b picks, for each byte, entry (index & 127) of a 128-byte table held in two
+// zmm; the two halves of the 256-entry table give two candidates, and bit 7 of the pixel chooses between them.
+LOWBIT_AVX512_VBMI void lookup_block(const uint8_t* images, const __m512i table[4], int8_t* y, int64_t count) {
+  const __mmask64 mask = low_bits(count);
+  const __m512i pixels = _mm512_maskz_loadu_epi8(mask, images);
+  const __m512i low = _mm512_permutex2var_epi8(table[0], pixels, table[1]);              // entries 0..127
+  const __m512i high = _mm512_permutex2var_epi8(table[2], pixels, table[3]);             // entries 128..255
+  const __m512i codes = _mm512_mask_blend_epi8(_mm512_movepi8_mask(pixels), low, high);  // bit 7 set: high
+  _mm512_mask_storeu_epi8(y, mask, codes);
+}
+
+LOWBIT_AVX512_VBMI void lookup_range(const uint8_t* images, const int8_t* table_bytes, int8_t* y, int64_t begin,
+                                     int64_t end) {
+  __m512i table[4];
+  for (int q = 0; q < 4; ++q) table[q] = _mm512_loadu_si512(table_bytes + 64 * q);
+  for (int64_t i = begin; i < end; i += 64) lookup_block(images + i, table, y + i, min_i64(64, end - i));
+}
+
 }  // namespace
+
+void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads) {
+  const int64_t blocks = ceil_div(size, 64);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int t = 0; t < threads; ++t) {  // whole 64-pixel blocks per thread
+    lookup_range(images, table, y, blocks * t / threads * 64, min_i64(size, blocks * (t + 1) / threads * 64));
+  }
+}
 
 void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t* xp, int threads) {
   const int64_t rows = ceil_div(n, kPackedRowGroup) * kPackedRowGroup;

@@ -37,6 +37,9 @@ void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights&
 void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
                        int64_t panel, int64_t panels, int32_t* tile);
 
+// y[i] = table[images[i]] for i < size (input_lookup), with two-table byte permutes. Needs AVX-512 VBMI.
+void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads);
+
 // ---- kernels_amx.cpp ----
 
 // As qgemm_vnni512, with w packed for Amx and N >= kAmxMinRows.
