@@ -148,7 +148,12 @@ KernelPath kernel_path() {
   if (forced != kNoPath) return static_cast<KernelPath>(forced);
   static const KernelPath from_environment = [] {
     const char* name = std::getenv("LOWBIT_KERNELS");
-    return name != nullptr && *name != '\0' ? parse_kernel_path(name) : best_kernel_path();
+    if (name == nullptr || *name == '\0') return best_kernel_path();
+    try {
+      return parse_kernel_path(name);
+    } catch (const RuntimeError& e) {
+      throw RuntimeError(std::string("environment variable LOWBIT_KERNELS: ") + e.what());
+    }
   }();
   return from_environment;
 }
