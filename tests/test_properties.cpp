@@ -103,10 +103,22 @@ TEST_CASE("requantize_to_nchw (fast and reference) equals the exact rounding for
       }
     }
     rt::requantize_to_nchw_ref(acc, rq, reference, n, positions, out, 1);
-    rt::requantize_to_nchw(acc, rq, fast, n, positions, out, 1 + (z & 1));
     CAPTURE(z);
     mismatches += count_mismatches<int8_t>(reference, want, "reference");
-    mismatches += count_mismatches<int8_t>(fast, want, "fast");
+    for (const rt::KernelPath path : {rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+      if (!rt::cpu_supports(path)) continue;  // (the GEMM property test reports the skipped paths)
+      CAPTURE(rt::kernel_path_name(path));
+      rt::requantize_to_nchw(acc, rq, fast, n, positions, out, 1 + (z & 1), path);
+      mismatches += count_mismatches<int8_t>(fast, want, "fast");
+      // The same accumulators as N·P channels-last rows (P = 1): the executor's form, AVX-512 on vnni/amx.
+      std::vector<int8_t> want_rows(acc.size()), rows(acc.size());
+      for (size_t idx = 0; idx < acc.size(); ++idx) {
+        const size_t o = idx % static_cast<size_t>(out);
+        want_rows[idx] = requantize_exact(acc[idx], rq.multiplier[o], rq.shift[o], z, rq.act_min, rq.act_max);
+      }
+      rt::requantize_to_nchw(acc, rq, rows, n * positions, 1, out, 1 + (z & 1), path);
+      mismatches += count_mismatches<int8_t>(rows, want_rows, "fast rows");
+    }
   }
   CHECK(mismatches == 0);
 }

@@ -379,14 +379,19 @@ TEST_CASE("requantize_to_nchw transposes (N, P, OUT) accumulators into (N, OUT, 
   rq.multiplier = {int32_t{1} << 30, int32_t{1} << 30};       // M = 0.5 for both channels
   rq.shift = {31, 30};                                        // channel 1: M = 1
   const std::vector<int32_t> acc = {10, 10, 20, 20, -3, -3};  // N = 1, P = 3, OUT = 2
-  for (const auto kernel : {rt::requantize_to_nchw_ref, rt::requantize_to_nchw}) {
-    std::vector<int8_t> y(6);
-    kernel(acc, rq, y, 1, 3, 2, 1);
-    CHECK(y == std::vector<int8_t>{5, 10, -2, 10, 20, -3});  // −1.5 → −2: ties away from zero
+  std::vector<int8_t> y(6);
+  rt::requantize_to_nchw_ref(acc, rq, y, 1, 3, 2, 1);
+  CHECK(y == std::vector<int8_t>{5, 10, -2, 10, 20, -3});  // −1.5 → −2: ties away from zero
+  for (const rt::KernelPath path : lowbit::test::fast_paths_to_test()) {
+    CAPTURE(rt::kernel_path_name(path));
+    std::fill(y.begin(), y.end(), 0);
+    rt::requantize_to_nchw(acc, rq, y, 1, 3, 2, 1, path);
+    CHECK(y == std::vector<int8_t>{5, 10, -2, 10, 20, -3});
   }
 }
 
 TEST_CASE("requantize_to_nchw is bit-exact with the reference on random and extreme values") {
+  const std::vector<rt::KernelPath> paths = lowbit::test::fast_paths_to_test();
   lowbit::Rng rng(77);
   const std::vector<int32_t> edges = {INT32_MIN, INT32_MIN + 1, -65536, -1, 0, 1, 65535, INT32_MAX - 1, INT32_MAX};
   for (int trial = 0; trial < 60; ++trial) {
@@ -410,9 +415,17 @@ TEST_CASE("requantize_to_nchw is bit-exact with the reference on random and extr
     }
     std::vector<int8_t> want(acc.size()), got(acc.size());
     rt::requantize_to_nchw_ref(acc, rq, want, n, positions, out, 1);
-    rt::requantize_to_nchw(acc, rq, got, n, positions, out, 1 + trial % 2);
     CAPTURE(trial);
-    CHECK(count_mismatches(got, want, "requantize") == 0);
+    // The same accumulators also as N·P channels-last rows (P = 1), the executor's form.
+    std::vector<int8_t> want_rows(acc.size()), got_rows(acc.size());
+    rt::requantize_to_nchw_ref(acc, rq, want_rows, n * positions, 1, out, 1);
+    for (const rt::KernelPath path : paths) {
+      CAPTURE(rt::kernel_path_name(path));
+      rt::requantize_to_nchw(acc, rq, got, n, positions, out, 1 + trial % 2, path);
+      CHECK(count_mismatches(got, want, "requantize") == 0);
+      rt::requantize_to_nchw(acc, rq, got_rows, n * positions, 1, out, 1 + trial % 3, path);
+      CHECK(count_mismatches(got_rows, want_rows, "requantize rows") == 0);
+    }
   }
 }
 
@@ -535,8 +548,13 @@ TEST_CASE("channels-last pooling, input lookup and the fused max pool + requanti
       rt::requantize_to_nchw_ref(acc, rq, codes, n * h * w, 1, c, 1);  // one position per row: channels last
       std::vector<int8_t> pooled(n * ho * wo * c), fused(pooled.size(), 0x5A);
       rt::maxpool2d_nhwc(codes, pooled, n, c, h, w, win.k, win.stride, win.padding, 1);
-      rt::maxpool_requantize_nhwc(acc, rq, fused, n, c, h, w, win.k, win.stride, win.padding, 2);
-      CHECK(fused == pooled);
+      for (const rt::KernelPath path : {rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+        if (!rt::cpu_supports(path)) continue;  // (fast_paths_to_test reports the skipped paths elsewhere)
+        CAPTURE(rt::kernel_path_name(path));
+        std::fill(fused.begin(), fused.end(), int8_t{0x5A});
+        rt::maxpool_requantize_nhwc(acc, rq, fused, n, c, h, w, win.k, win.stride, win.padding, 2, path);
+        CHECK(fused == pooled);
+      }
       varied += std::count(pooled.begin(), pooled.end(), pooled[0]) < static_cast<int64_t>(pooled.size());
     }
   }

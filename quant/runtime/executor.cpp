@@ -177,7 +177,7 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
         const Op& pool = graph_.ops[op_index + 1];
         const int64_t pooled = shapes_[op_index + 1].size();
         maxpool_requantize_nhwc(acc, op.requant, {y + first * pooled, static_cast<size_t>(images * pooled)}, images,
-                                out.c, out.h, out.w, pool.kernel, pool.stride, pool.padding, threads);
+                                out.c, out.h, out.w, pool.kernel, pool.stride, pool.padding, threads, path_);
         continue;
       }
       const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
@@ -205,7 +205,7 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
     }
     const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
     if (fast_) {  // channels last: (ROWS, OUT) accumulators to (ROWS, OUT) codes
-      requantize_to_nchw(acc, op.requant, yc, rows, 1, op.out_channels, threads);
+      requantize_to_nchw(acc, op.requant, yc, rows, 1, op.out_channels, threads, path_);
     } else {
       requantize_to_nchw_ref(acc, op.requant, yc, images, positions, op.out_channels, threads);
     }

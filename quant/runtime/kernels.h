@@ -134,16 +134,18 @@ void im2col(std::span<const int8_t> x, int32_t x_zero_point, std::span<int8_t> c
 // y[n][o][p] = requantize(acc[n][p][o], m[o], n[o], z_out, act_min, act_max) (docs/quantization.md eq. 6).
 void requantize_to_nchw_ref(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
                             int64_t positions, int64_t out, int threads = 1);
-// Same signature and result; 8 channels at a time with AVX2 when the CPU has it, else the reference.
+// Same signature and result; 8 channels at a time with AVX2 when the CPU has it, else the reference. On the
+// Vnni512 and Amx paths, channels-last rows (P = 1) go 16 channels at a time (AVX-512, kernels_avx512.cpp).
 void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
-                        int64_t positions, int64_t out, int threads = 1);
+                        int64_t positions, int64_t out, int threads = 1, KernelPath path = kernel_path());
 
 // acc is (N, H, W, C) int32 accumulators of a Conv2d; y is (N, HO, WO, C) codes: the codes of
 // requantize_to_nchw_ref followed by maxpool2d (channels last), computed as requantize(max(acc)) — equal,
-// because requantization never decreases (kernels_avx2.cpp). Requires cpu_has_avx2().
+// because requantization never decreases (kernels_avx2.cpp). Requires cpu_has_avx2(); on the Vnni512 and Amx
+// paths the 2×2 pool runs 16 channels at a time (AVX-512).
 void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
-                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding,
-                             int threads = 1);
+                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads = 1,
+                             KernelPath path = kernel_path());
 
 // x is (N, C, H, W); y is (N, C, HO, WO): the largest code of each window (padding is ignored).
 void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height, int64_t width,

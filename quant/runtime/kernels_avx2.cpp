@@ -961,13 +961,20 @@ void input_lookup_fast(std::span<const uint8_t> images, const std::array<int8_t,
 }
 
 void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
-                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
+                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads,
+                             KernelPath path) {
+  if ((path == KernelPath::Vnni512 || path == KernelPath::Amx) && k == 2 && stride == 2 && padding == 0) {
+    return detail::maxpool2_requantize_avx512(acc.data(), rq, y.data(), n, c, height, width, threads);
+  }
   maxpool_requantize_avx2(acc.data(), rq, y.data(), n, c, height, width, k, stride, padding, threads);
 }
 
 void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
-                        int64_t positions, int64_t out, int threads) {
-  if (!cpu_has_avx2()) return requantize_to_nchw_ref(acc, rq, y, n, positions, out, threads);
+                        int64_t positions, int64_t out, int threads, KernelPath path) {
+  if (path == KernelPath::Ref || !cpu_has_avx2()) return requantize_to_nchw_ref(acc, rq, y, n, positions, out, threads);
+  if ((path == KernelPath::Vnni512 || path == KernelPath::Amx) && positions == 1) {
+    return detail::requantize_rows_avx512(acc.data(), rq, y.data(), n, out, threads);
+  }
   requantize_to_nchw_avx2(acc.data(), rq.multiplier.data(), rq.shift.data(), rq.zero_point, rq.act_min, rq.act_max,
                           y.data(), n, positions, out, threads);
 }

@@ -3,6 +3,14 @@
 
 #include <cstring>
 
+// GCC 12's AVX-512 intrinsic headers pass _mm512_undefined_epi32() as the unused source of unmasked
+// instructions (vpsrlq, vpsllvq, ...), which -Wmaybe-uninitialized reports once inlined (GCC bug 105593,
+// fixed in GCC 13). The values are never read; the warning is silenced for this file only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
 #include "quant/runtime/kernels.h"
 #include "quant/runtime/kernels_isa.h"
 
@@ -229,7 +237,94 @@ LOWBIT_AVX512_VBMI void lookup_range(const uint8_t* images, const int8_t* table_
   for (int64_t i = begin; i < end; i += 64) lookup_block(images + i, table, y + i, min_i64(64, end - i));
 }
 
+// requantize() of 16 accumulators (docs/quantization.md eqs. 6-7): kernels_avx2.cpp's requant8 on 16 lanes.
+// Per lane, with the sign taken off first: |acc|·m as an unsigned 64-bit product (vpmuludq on even and odd
+// lanes), + 2^(n−1), >> n, saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max anyway), then
+// the sign put back, z_out added and the result clamped: the reference's single rounding exactly.
+struct Requant16 {
+  __m512i m, shift_even, shift_odd, half_even, half_odd;
+};
+
+LOWBIT_AVX512_VNNI Requant16 requant16_constants(const int32_t* multiplier, const int32_t* shift, __mmask16 mask) {
+  const __m512i one = _mm512_set1_epi64(1), shifts = _mm512_maskz_loadu_epi32(mask, shift);
+  Requant16 c;
+  c.m = _mm512_maskz_loadu_epi32(mask, multiplier);
+  c.shift_even = _mm512_and_si512(shifts, _mm512_set1_epi64(0xFFFFFFFF));
+  c.shift_odd = _mm512_srli_epi64(shifts, 32);
+  c.half_even = _mm512_sllv_epi64(one, _mm512_sub_epi64(c.shift_even, one));  // lanes masked off: 0
+  c.half_odd = _mm512_sllv_epi64(one, _mm512_sub_epi64(c.shift_odd, one));
+  return c;
+}
+
+LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c, __m512i z, __m512i lo, __m512i hi) {
+  const __m512i limit = _mm512_set1_epi64(0xFFFF);
+  const __m512i sign = _mm512_srai_epi32(a, 31);
+  const __m512i magnitude = _mm512_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
+  __m512i even = _mm512_mul_epu32(magnitude, c.m);
+  __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(magnitude, 32), _mm512_srli_epi64(c.m, 32));
+  even = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(even, c.half_even), c.shift_even), limit);
+  odd = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(odd, c.half_odd), c.shift_odd), limit);
+  const __m512i rounded = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  const __m512i q = _mm512_add_epi32(_mm512_sub_epi32(_mm512_xor_si512(rounded, sign), sign), z);
+  return _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+}
+
+// Rows [r0, r1) of requantize_rows_avx512.
+LOWBIT_AVX512_VNNI void requantize_row_range(const int32_t* acc, const Requant& rq, int8_t* y, int64_t r0, int64_t r1,
+                                             int64_t out) {
+  const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
+  const __m512i hi = _mm512_set1_epi32(rq.act_max);
+  for (int64_t o = 0; o < out; o += 16) {
+    const __mmask16 mask = low_lanes(out - o);
+    const Requant16 c = requant16_constants(rq.multiplier.data() + o, rq.shift.data() + o, mask);
+    for (int64_t r = r0; r < r1; ++r) {
+      const __m512i q = requant16(_mm512_maskz_loadu_epi32(mask, acc + r * out + o), c, z, lo, hi);
+      _mm512_mask_cvtepi32_storeu_epi8(y + r * out + o, mask, q);  // vpmovdb: the codes are in [−128, 127]
+    }
+  }
+}
+
+// Image i of maxpool2_requantize_avx512.
+LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Requant& rq, int8_t* y, int64_t c,
+                                                  int64_t height, int64_t width) {
+  const int64_t ho = pooled_size(height, 2, 2, 0), wo = pooled_size(width, 2, 2, 0), down = width * c;
+  const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
+  const __m512i hi = _mm512_set1_epi32(rq.act_max);
+  for (int64_t o = 0; o < c; o += 16) {
+    const __mmask16 mask = low_lanes(c - o);
+    const Requant16 constants = requant16_constants(rq.multiplier.data() + o, rq.shift.data() + o, mask);
+    for (int64_t oh = 0; oh < ho; ++oh) {
+      const int32_t* row = image + 2 * oh * down + o;
+      int8_t* yo = y + oh * wo * c + o;
+      for (int64_t ow = 0; ow < wo; ++ow, row += 2 * c, yo += c) {
+        const __m512i best = _mm512_max_epi32(
+            _mm512_max_epi32(_mm512_maskz_loadu_epi32(mask, row), _mm512_maskz_loadu_epi32(mask, row + c)),
+            _mm512_max_epi32(_mm512_maskz_loadu_epi32(mask, row + down),
+                             _mm512_maskz_loadu_epi32(mask, row + down + c)));
+        _mm512_mask_cvtepi32_storeu_epi8(yo, mask, requant16(best, constants, z, lo, hi));
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void requantize_rows_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t rows, int64_t out, int threads) {
+  constexpr int64_t kBlockRows = 32;  // the block's accumulators stay in L1 while every channel block reads them
+  const int64_t blocks = ceil_div(rows, kBlockRows);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    requantize_row_range(acc, rq, y, blk * kBlockRows, min_i64(rows, (blk + 1) * kBlockRows), out);
+  }
+}
+
+void maxpool2_requantize_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t n, int64_t c, int64_t height,
+                                int64_t width, int threads) {
+  const int64_t pooled = pooled_size(height, 2, 2, 0) * pooled_size(width, 2, 2, 0) * c;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    maxpool2_requantize_image(acc + i * height * width * c, rq, y + i * pooled, c, height, width);
+}
 
 void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads) {
   const int64_t blocks = ceil_div(size, 64);

@@ -40,6 +40,12 @@ void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t 
 // y[i] = table[images[i]] for i < size (input_lookup), with two-table byte permutes. Needs AVX-512 VBMI.
 void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads);
 
+// requantize_to_nchw for P = 1: acc (ROWS, OUT) int32 → y (ROWS, OUT) codes, 16 channels at a time.
+void requantize_rows_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t rows, int64_t out, int threads);
+// maxpool_requantize_nhwc for the 2×2 pool with stride 2 and no padding, 16 channels at a time.
+void maxpool2_requantize_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t n, int64_t c, int64_t height,
+                                int64_t width, int threads);
+
 // ---- kernels_amx.cpp ----
 
 // As qgemm_vnni512, with w packed for Amx and N >= kAmxMinRows.
