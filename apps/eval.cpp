@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/threads.h"
 #include "quant/convert.h"
+#include "quant/runtime/cpu.h"
 
 using namespace lowbit;
 
@@ -19,6 +20,7 @@ struct Settings {
   int64_t batch_size = 256, calib = 1000;
   int threads = 0;
   bool json = false, int8 = false, int4 = false;
+  std::string kernels;  // empty: LOWBIT_KERNELS, else the best path the CPU has
 };
 
 // What one run measured, ready to print.
@@ -126,6 +128,7 @@ void print(const Report& r, const Settings& s) {
     j["float_model_bytes"] = r.float_model_bytes ? nlohmann::json(*r.float_model_bytes) : nlohmann::json(nullptr);
     j["threads"] = num_threads();
     j["batch_size"] = s.batch_size;
+    j["kernel_path"] = quant::runtime::kernel_path_name(quant::runtime::kernel_path());  // the integer kernels
     std::cout << j.dump() << "\n";
     return;
   }
@@ -139,6 +142,10 @@ void print(const Report& r, const Settings& s) {
   std::cout << fmt::format("throughput: {:.0f} images/s ({} threads, batch size {})\n", ips, num_threads(),
                            s.batch_size);
   if (per_image) std::cout << fmt::format("latency: {:.1f} us per image (median)\n", median(r.result.latencies_us));
+  if (r.mode != "fp32" && r.mode != "fake-quant")
+    std::cout << fmt::format("integer kernels: {} (CPU has: {})\n",
+                             quant::runtime::kernel_path_name(quant::runtime::kernel_path()),
+                             quant::runtime::cpu_instruction_sets());
   if (r.agree)
     std::cout << fmt::format("agreement fake-quant vs integer: {:.4f}% of predictions, max logit difference {} LSB\n",
                              100 * r.agree->fraction, r.agree->max_logit_diff_lsb);
@@ -167,8 +174,11 @@ int main(int argc, char** argv) {
   app.add_option("--observer", s.observer, "activation observer for PTQ")
       ->check(CLI::IsMember({"minmax", "ema", "percentile", "mse"}))
       ->capture_default_str();
+  app.add_option("--kernels", s.kernels,
+                 "integer kernels: ref, avx2, vnni, amx or auto (default: $LOWBIT_KERNELS, else auto)");
   return apps::run_main(app, argc, argv, [&] {
     if (s.threads > 0) set_num_threads(s.threads);
+    if (!s.kernels.empty()) quant::runtime::set_kernel_path(quant::runtime::parse_kernel_path(s.kernels));
     print(evaluate(s), s);
   });
 }

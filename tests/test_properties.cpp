@@ -9,11 +9,12 @@
 #include <vector>
 
 #include "core/rng.h"
-#include "random_codes.h"
+#include "kernel_paths.h"
 #include "quant/runtime/executor.h"
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
 #include "quant/runtime/requantize.h"
+#include "random_codes.h"
 
 namespace rt = lowbit::quant::runtime;
 
@@ -102,10 +103,22 @@ TEST_CASE("requantize_to_nchw (fast and reference) equals the exact rounding for
       }
     }
     rt::requantize_to_nchw_ref(acc, rq, reference, n, positions, out, 1);
-    rt::requantize_to_nchw(acc, rq, fast, n, positions, out, 1 + (z & 1));
     CAPTURE(z);
     mismatches += count_mismatches<int8_t>(reference, want, "reference");
-    mismatches += count_mismatches<int8_t>(fast, want, "fast");
+    for (const rt::KernelPath path : {rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+      if (!rt::cpu_supports(path)) continue;  // (the GEMM property test reports the skipped paths)
+      CAPTURE(rt::kernel_path_name(path));
+      rt::requantize_to_nchw(acc, rq, fast, n, positions, out, 1 + (z & 1), path);
+      mismatches += count_mismatches<int8_t>(fast, want, "fast");
+      // The same accumulators as N·P channels-last rows (P = 1): the executor's form, AVX-512 on vnni/amx.
+      std::vector<int8_t> want_rows(acc.size()), rows(acc.size());
+      for (size_t idx = 0; idx < acc.size(); ++idx) {
+        const size_t o = idx % static_cast<size_t>(out);
+        want_rows[idx] = requantize_exact(acc[idx], rq.multiplier[o], rq.shift[o], z, rq.act_min, rq.act_max);
+      }
+      rt::requantize_to_nchw(acc, rq, rows, n * positions, 1, out, 1 + (z & 1), path);
+      mismatches += count_mismatches<int8_t>(rows, want_rows, "fast rows");
+    }
   }
   CHECK(mismatches == 0);
 }
@@ -113,11 +126,13 @@ TEST_CASE("requantize_to_nchw (fast and reference) equals the exact rounding for
 // ---- GEMM ----------------------------------------------------------------------------------------
 
 TEST_CASE("qgemm fast, packed and reference agree bit for bit on random shapes, zero points and thread counts") {
-  if (!rt::cpu_has_avx2()) MESSAGE("this CPU has no AVX2: the fast kernels fall back to the reference");
+  const std::vector<rt::KernelPath> paths = lowbit::test::fast_paths_to_test();
   lowbit::Rng rng(202);
   int mismatches = 0;
   for (int trial = 0; trial < kGemmCases; ++trial) {
-    const int64_t n = random_in(rng, 1, 19), in = random_in(rng, 0, 200), out = random_in(rng, 1, 50);
+    // Every 4th case has enough rows for the AMX kernel (N >= 32).
+    const int64_t n = trial % 4 == 0 ? random_in(rng, 1, 80) : random_in(rng, 1, 19);
+    const int64_t in = random_in(rng, 0, 200), out = random_in(rng, 1, 50);
     const int bits = trial % 2 == 0 ? 8 : 4;
     const int32_t z = random_zero_point(rng);
     const int threads = trial % 10 == 0 ? 2 : 1;  // threads are the Executor test's concern
@@ -131,8 +146,9 @@ TEST_CASE("qgemm fast, packed and reference agree bit for bit on random shapes, 
     (bits == 8 ? rt::qgemm_s8 : rt::qgemm_s4)(x, z, w, b, fast, n, in, out, threads);
     CAPTURE(trial);
     mismatches += count_mismatches<int32_t>(fast, want, "fast");
-    if (rt::cpu_has_avx2()) {
-      const rt::PackedWeights pw = rt::pack_weights(w, bits, in, out);
+    for (const rt::KernelPath path : paths) {
+      CAPTURE(rt::kernel_path_name(path));
+      const rt::PackedWeights pw = rt::pack_weights(w, bits, in, out, path);
       std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(n, pw));
       rt::qgemm_packed(x, z, pw, b, packed, n, workspace, threads);
       mismatches += count_mismatches<int32_t>(packed, want, "packed");
@@ -282,7 +298,10 @@ std::vector<int8_t> run_by_definition(const rt::Graph& g, std::span<const uint8_
 
 }  // namespace
 
-TEST_CASE("Executor on random graphs: the definition, fast and reference kernels, 1, 2 and 3 threads, all agree") {
+TEST_CASE(
+    "Executor on random graphs: the definition, the reference and every fast path, 1, 2 and 3 threads, all agree") {
+  std::vector<rt::KernelPath> paths = lowbit::test::fast_paths_to_test();
+  paths.insert(paths.begin(), rt::KernelPath::Ref);
   lowbit::Rng rng(303);
   int graphs = 0, refused = 0, mismatches = 0;
   while (graphs < kGraphCases) {
@@ -292,15 +311,16 @@ TEST_CASE("Executor on random graphs: the definition, fast and reference kernels
       continue;
     }
     ++graphs;
-    const int64_t n = random_in(rng, 1, 5);
+    const int64_t n = graphs % 8 == 0 ? random_in(rng, 32, 70) : random_in(rng, 1, 5);  // some for AMX's GEMMs
     std::vector<uint8_t> images(static_cast<size_t>(n * g.in_channels * g.in_height * g.in_width));
     for (auto& p : images) p = static_cast<uint8_t>(rng.below(256));
     const std::vector<int8_t> want = run_by_definition(g, images, n);
     CAPTURE(graphs);
-    for (const auto kernels : {rt::Executor::Kernels::Reference, rt::Executor::Kernels::Fastest}) {
+    for (const rt::KernelPath path : paths) {
       for (const int threads : {1, 2, 3}) {
-        if (kernels == rt::Executor::Kernels::Reference && threads == 2) continue;  // time: 5 of the 6 runs suffice
-        rt::Executor executor(g, threads, kernels);
+        if (path == rt::KernelPath::Ref && threads == 2) continue;  // time: the reference splits like 3 threads
+        rt::Executor executor(g, threads, path);
+        CAPTURE(rt::kernel_path_name(path));
         const std::span<const int8_t> got = executor.run(images, n);
         CAPTURE(threads);
         mismatches += count_mismatches<int8_t>(got, want, "logits");

@@ -1,4 +1,5 @@
-// Tests of the runtime kernels: AVX2 GEMMs bit-exact with the reference, and each integer op against real arithmetic.
+// Tests of the runtime kernels: every fast path (AVX2, AVX-512 VNNI, AMX) bit-exact with the reference, and each
+// integer op against real arithmetic.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "kernel_paths.h"
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
 #include "quant/runtime/requantize.h"
@@ -66,11 +68,13 @@ struct GemmShape {
 
 }  // namespace
 
-TEST_CASE("qgemm_s8 and qgemm_s4 are bit-exact with the reference on random shapes, any thread count") {
-  if (!rt::cpu_has_avx2()) MESSAGE("this CPU has no AVX2: the fast kernels fall back to the reference");
-  const std::vector<GemmShape> shapes = {{1, 1, 1},       {7, 13, 5},    {33, 65, 17},  {6, 16, 16},
-                                         {5, 3, 40},      {13, 100, 31}, {64, 784, 25}, {2, 9, 130},
-                                         {100, 257, 129}, {49, 150, 16}, {3, 0, 5}};
+TEST_CASE("qgemm_s8 and qgemm_s4 are bit-exact with the reference on random shapes, every path, any thread count") {
+  const std::vector<rt::KernelPath> paths = lowbit::test::fast_paths_to_test();
+  // Sizes that are not multiples of 16 (a vector), 64 (an AMX tile row) or 32 (an AMX block of rows); N >= 32
+  // runs the AMX kernel, smaller N its VNNI fallback.
+  const std::vector<GemmShape> shapes = {{1, 1, 1},       {7, 13, 5},    {33, 65, 17},  {6, 16, 16},   {5, 3, 40},
+                                         {13, 100, 31},   {64, 784, 25}, {2, 9, 130},   {49, 150, 16}, {3, 0, 5},
+                                         {100, 257, 129}, {32, 64, 32},  {67, 300, 97}, {40, 0, 7}};
   lowbit::Rng rng(42);
   for (const GemmShape& s : shapes) {
     for (const int32_t z : {-128, -1, 0, 37, 127, random_in(rng, -128, 127)}) {
@@ -94,11 +98,16 @@ TEST_CASE("qgemm_s8 and qgemm_s4 are bit-exact with the reference on random shap
         fast(x, z, w, b, got2, s.n, s.in, s.out, 2);
         CHECK(count_mismatches(got1, want, "1 thread") == 0);
         CHECK(count_mismatches(got2, want, "2 threads") == 0);
-        if (rt::cpu_has_avx2()) {
-          const rt::PackedWeights pw = rt::pack_weights(w, bits, s.in, s.out);
+        for (const rt::KernelPath path : paths) {
+          CAPTURE(rt::kernel_path_name(path));
+          const rt::PackedWeights pw = rt::pack_weights(w, bits, s.in, s.out, path);
           std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(s.n, pw));
-          rt::qgemm_packed(x, z, pw, b, packed, s.n, workspace, 2);
-          CHECK(count_mismatches(packed, want, "packed") == 0);
+          for (const int threads : {1, 2, 3}) {
+            CAPTURE(threads);
+            std::fill(packed.begin(), packed.end(), 0x5A5A5A5A);
+            rt::qgemm_packed(x, z, pw, b, packed, s.n, workspace, threads);
+            CHECK(count_mismatches(packed, want, "packed") == 0);
+          }
         }
         // The reference itself: codes unpacked and multiplied in 64 bits.
         std::vector<int32_t> plain(s.n * s.out);
@@ -115,6 +124,28 @@ TEST_CASE("qgemm_s8 and qgemm_s4 are bit-exact with the reference on random shap
   }
 }
 
+TEST_CASE("u8-shifted sums that leave int32 on the way still give the exact result (wrapping adds, eq. 5 point 4)") {
+  // Σ w·(x + 128) reaches 70000 · 127 · 255 ≈ 2.3·10^9 > 2^31, while the true sums Σ w·(x − z_in), with
+  // |x − z_in| <= 3, stay near 10^6: the VNNI and AMX kernels must wrap, never saturate.
+  const int64_t n = 33, in = 70000, out = 17;
+  lowbit::Rng rng(70);
+  const auto x = random_codes(rng, n * in, 121, 127);
+  const auto w = random_codes(rng, out * in, 120, 127);
+  const std::vector<int32_t> b(out, -5);
+  std::vector<int32_t> want(n * out), got(n * out);
+  rt::qgemm_s8_ref(x, 124, w, b, want, n, in, out, 1);
+  for (const rt::KernelPath path : lowbit::test::fast_paths_to_test()) {
+    CAPTURE(rt::kernel_path_name(path));
+    const rt::PackedWeights pw = rt::pack_weights(w, 8, in, out, path);
+    std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(n, pw));
+    for (const int64_t rows : {n, int64_t{1}}) {  // AMX from 32 rows on, VNNI below
+      rt::qgemm_packed(x, 124, pw, b, got, rows, workspace, 2);
+      CHECK(count_mismatches(std::vector<int32_t>(got.begin(), got.begin() + rows * out),
+                             std::vector<int32_t>(want.begin(), want.begin() + rows * out), "wrapped") == 0);
+    }
+  }
+}
+
 // (N, HO·WO, OUT) GEMM rows → (N, OUT, HO·WO), the direct convolution's layout.
 std::vector<int32_t> rows_to_nchw(const std::vector<int32_t>& acc, int64_t n, int64_t positions, int64_t out) {
   std::vector<int32_t> nchw(acc.size());
@@ -126,7 +157,8 @@ std::vector<int32_t> rows_to_nchw(const std::vector<int32_t>& acc, int64_t n, in
   return nchw;
 }
 
-TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the direct convolution") {
+TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, equal the direct convolution") {
+  const std::vector<rt::KernelPath> paths = lowbit::test::fast_paths_to_test();
   struct ConvShape {
     int64_t n, c, h, w, out, k, stride, padding;
   };
@@ -136,7 +168,9 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
       {2, 9, 7, 8, 3, 1, 3, 0},                                  // 1×1 windows, stride 3
       {1, 3, 11, 11, 33, 4, 2, 3},                               // even K, padding wider than needed
       {2, 5, 6, 6, 7, 3, 1, 1},    {1, 1, 8, 8, 2, 3, 1, 0},     // 7 and 2 channels: every partial 8-code store
-      {1, 40, 5, 5, 23, 3, 1, 1}};                               // kernel rows of 120 codes, 16 + 7 channels
+      {1, 40, 5, 5, 23, 3, 1, 1},                                // kernel rows of 120 codes, 16 + 7 channels
+      {3, 32, 6, 5, 64, 3, 1, 1},  {5, 3, 9, 9, 9, 2, 1, 0},     // convbn-like conv2; 9 channels, 25 rows a part
+      {2, 5, 6, 7, 70, 3, 1, 1}};                                // 5 panels: a VNNI call of 4, then one of 1
   lowbit::Rng rng(5);
   for (const ConvShape& s : shapes) {
     for (const int bits : {8, 4}) {
@@ -158,8 +192,7 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
       std::vector<int32_t> acc(rows * s.out);
       (bits == 8 ? rt::qgemm_s8 : rt::qgemm_s4)(cols, z, w, b, acc, rows, row, s.out, 2);
       CHECK(count_mismatches(rows_to_nchw(acc, s.n, ho * wo, s.out), direct, "conv") == 0);
-      if (!rt::cpu_has_avx2()) continue;
-      // The executor's fast path: channels-last images, the windows read in place (an implicit GEMM); the
+      // The executor's fast paths: channels-last images, the windows read in place (an implicit GEMM); the
       // rows split in 1, 2 or 3 ranges as threads would take them. Junk in the planes buffer beforehand
       // (its slack included) must not matter.
       std::vector<int8_t> x_nhwc(x.size());
@@ -167,20 +200,7 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
         for (int64_t c = 0; c < s.c; ++c)
           for (int64_t p = 0; p < s.h * s.w; ++p)
             x_nhwc[(i * s.h * s.w + p) * s.c + c] = x[(i * s.c + c) * s.h * s.w + p];
-      const rt::PackedConv pc = rt::pack_conv_weights(w, bits, s.c, s.h, s.w, s.out, s.k, s.stride, s.padding);
-      std::vector<int16_t> planes(rt::conv_planes_size(s.n, s.c, s.h, s.w, s.padding), 0x5A5A);
-      rt::conv_planes(x_nhwc, z, bits, planes, s.n, s.c, s.h, s.w, s.padding, 2);
-      for (const int parts : {1, 2, 3}) {
-        CAPTURE(parts);
-        std::vector<int32_t> fast(rows * s.out, 0x5A5A5A5A);
-        for (int t = 0; t < parts; ++t) {
-          const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
-          rt::qconv2d_rows(planes, z, pc, b, std::span<int32_t>(fast).subspan(begin * s.out), begin, end - begin);
-        }
-        CHECK(count_mismatches(rows_to_nchw(fast, s.n, ho * wo, s.out), direct, "qconv2d_rows") == 0);
-      }
-      // Requantized in the epilogue: the codes requantize_to_nchw_ref gives for the same accumulators.
-      rt::Requant rq;
+      rt::Requant rq;  // for the requantizing epilogue
       rq.zero_point = random_in(rng, -128, 127);
       rq.act_min = rng.below(2) == 0 ? -128 : std::max(rq.zero_point, -128);
       for (int64_t o = 0; o < s.out; ++o) {
@@ -189,19 +209,71 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM, equal the dire
       }
       std::vector<int8_t> want(rows * s.out);
       rt::requantize_to_nchw_ref(acc, rq, want, rows, 1, s.out, 1);
-      for (const int parts : {1, 3}) {
-        CAPTURE(parts);
-        std::vector<int8_t> codes(rows * s.out, 0x5A);
-        for (int t = 0; t < parts; ++t) {
-          const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
-          rt::qconv2d_rows_requantized(planes, z, pc, b, rq, std::span<int8_t>(codes).subspan(begin * s.out), begin,
-                                       end - begin);
+      for (const rt::KernelPath path : paths) {
+        CAPTURE(rt::kernel_path_name(path));
+        const rt::PackedConv pc = rt::pack_conv_weights(w, bits, s.c, s.h, s.w, s.out, s.k, s.stride, s.padding, path);
+        std::vector<int16_t> planes(rt::conv_planes_size(s.n, pc), 0x5A5A);
+        rt::conv_planes(x_nhwc, z, pc, planes, s.n, 2);
+        for (const int parts : {1, 2, 3}) {
+          CAPTURE(parts);
+          std::vector<int32_t> fast(rows * s.out, 0x5A5A5A5A);
+          for (int t = 0; t < parts; ++t) {
+            const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
+            rt::qconv2d_rows(planes, z, pc, b, std::span<int32_t>(fast).subspan(begin * s.out), begin, end - begin);
+          }
+          CHECK(count_mismatches(rows_to_nchw(fast, s.n, ho * wo, s.out), direct, "qconv2d_rows") == 0);
         }
-        CHECK(codes == want);
-        CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));  // not constant
+        // Requantized in the epilogue: the codes requantize_to_nchw_ref gives for the same accumulators.
+        for (const int parts : {1, 3}) {
+          CAPTURE(parts);
+          std::vector<int8_t> codes(rows * s.out, 0x5A);
+          for (int t = 0; t < parts; ++t) {
+            const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
+            rt::qconv2d_rows_requantized(planes, z, pc, b, rq, std::span<int8_t>(codes).subspan(begin * s.out), begin,
+                                         end - begin);
+          }
+          CHECK(codes == want);
+          CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));  // not constant
+        }
       }
     }
   }
+}
+
+TEST_CASE("kernel paths: names parse, 'auto' is the best, a path the CPU lacks or a bad name is a clear error") {
+  for (const rt::KernelPath path :
+       {rt::KernelPath::Ref, rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+    CAPTURE(rt::kernel_path_name(path));
+    if (rt::cpu_supports(path)) {
+      CHECK(rt::parse_kernel_path(rt::kernel_path_name(path)) == path);
+    } else {
+      CHECK_THROWS_AS(rt::parse_kernel_path(rt::kernel_path_name(path)), rt::RuntimeError);
+      CHECK_THROWS_AS(rt::set_kernel_path(path), rt::RuntimeError);
+      MESSAGE("this CPU lacks the path ", rt::kernel_path_name(path), ": refused, as it must be");
+    }
+  }
+  CHECK(rt::parse_kernel_path("auto") == rt::best_kernel_path());
+  CHECK(rt::cpu_supports(rt::KernelPath::Ref));
+  CHECK_THROWS_WITH_AS(rt::parse_kernel_path("avx9"), doctest::Contains("expected ref, avx2, vnni, amx or auto"),
+                       rt::RuntimeError);
+  CHECK_THROWS_AS(rt::pack_weights(std::vector<int8_t>(4), 8, 2, 2, rt::KernelPath::Ref), rt::RuntimeError);
+  // set_kernel_path steers the convenience kernels; each path gives the reference's sums.
+  lowbit::Rng rng(8);
+  const int64_t n = 40, in = 70, out = 33;
+  const auto x = random_codes(rng, n * in, -128, 127), w = random_codes(rng, out * in, -127, 127);
+  const std::vector<int32_t> b(out, 7);
+  std::vector<int32_t> want(n * out), got(n * out);
+  rt::qgemm_s8_ref(x, -3, w, b, want, n, in, out, 1);
+  const rt::KernelPath before = rt::kernel_path();
+  for (const rt::KernelPath path :
+       {rt::KernelPath::Ref, rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+    if (!rt::cpu_supports(path)) continue;
+    rt::set_kernel_path(path);
+    CHECK(rt::kernel_path() == path);
+    rt::qgemm_s8(x, -3, w, b, got, n, in, out, 2);
+    CHECK(got == want);
+  }
+  rt::set_kernel_path(before);
 }
 
 TEST_CASE("Conv2d (conv + requantize) is within one output LSB of real arithmetic") {
@@ -307,14 +379,19 @@ TEST_CASE("requantize_to_nchw transposes (N, P, OUT) accumulators into (N, OUT, 
   rq.multiplier = {int32_t{1} << 30, int32_t{1} << 30};       // M = 0.5 for both channels
   rq.shift = {31, 30};                                        // channel 1: M = 1
   const std::vector<int32_t> acc = {10, 10, 20, 20, -3, -3};  // N = 1, P = 3, OUT = 2
-  for (const auto kernel : {rt::requantize_to_nchw_ref, rt::requantize_to_nchw}) {
-    std::vector<int8_t> y(6);
-    kernel(acc, rq, y, 1, 3, 2, 1);
-    CHECK(y == std::vector<int8_t>{5, 10, -2, 10, 20, -3});  // −1.5 → −2: ties away from zero
+  std::vector<int8_t> y(6);
+  rt::requantize_to_nchw_ref(acc, rq, y, 1, 3, 2, 1);
+  CHECK(y == std::vector<int8_t>{5, 10, -2, 10, 20, -3});  // −1.5 → −2: ties away from zero
+  for (const rt::KernelPath path : lowbit::test::fast_paths_to_test()) {
+    CAPTURE(rt::kernel_path_name(path));
+    std::fill(y.begin(), y.end(), 0);
+    rt::requantize_to_nchw(acc, rq, y, 1, 3, 2, 1, path);
+    CHECK(y == std::vector<int8_t>{5, 10, -2, 10, 20, -3});
   }
 }
 
 TEST_CASE("requantize_to_nchw is bit-exact with the reference on random and extreme values") {
+  const std::vector<rt::KernelPath> paths = lowbit::test::fast_paths_to_test();
   lowbit::Rng rng(77);
   const std::vector<int32_t> edges = {INT32_MIN, INT32_MIN + 1, -65536, -1, 0, 1, 65535, INT32_MAX - 1, INT32_MAX};
   for (int trial = 0; trial < 60; ++trial) {
@@ -338,9 +415,17 @@ TEST_CASE("requantize_to_nchw is bit-exact with the reference on random and extr
     }
     std::vector<int8_t> want(acc.size()), got(acc.size());
     rt::requantize_to_nchw_ref(acc, rq, want, n, positions, out, 1);
-    rt::requantize_to_nchw(acc, rq, got, n, positions, out, 1 + trial % 2);
     CAPTURE(trial);
-    CHECK(count_mismatches(got, want, "requantize") == 0);
+    // The same accumulators also as N·P channels-last rows (P = 1), the executor's form.
+    std::vector<int8_t> want_rows(acc.size()), got_rows(acc.size());
+    rt::requantize_to_nchw_ref(acc, rq, want_rows, n * positions, 1, out, 1);
+    for (const rt::KernelPath path : paths) {
+      CAPTURE(rt::kernel_path_name(path));
+      rt::requantize_to_nchw(acc, rq, got, n, positions, out, 1 + trial % 2, path);
+      CHECK(count_mismatches(got, want, "requantize") == 0);
+      rt::requantize_to_nchw(acc, rq, got_rows, n * positions, 1, out, 1 + trial % 3, path);
+      CHECK(count_mismatches(got_rows, want_rows, "requantize rows") == 0);
+    }
   }
 }
 
@@ -393,6 +478,24 @@ TEST_CASE("pooling matches real arithmetic, input lookup maps pixels") {
   std::vector<int8_t> codes(pixels.size());
   rt::input_lookup(pixels, table, codes, 1);
   CHECK(codes == std::vector<int8_t>{-64, -64, -63, 0, 63});
+  // input_lookup_fast on every path: sizes around the 64-pixel block, a random table, 1-3 threads.
+  lowbit::Rng lookup_rng(18);
+  for (auto& code : table) code = static_cast<int8_t>(random_in(lookup_rng, -128, 127));
+  for (const rt::KernelPath path : lowbit::test::fast_paths_to_test()) {
+    for (const int64_t size : {1, 63, 64, 65, 784, 3 * 784 + 5}) {
+      std::vector<uint8_t> images(size);
+      for (auto& p : images) p = static_cast<uint8_t>(lookup_rng.below(256));
+      std::vector<int8_t> want(size), got(size);
+      rt::input_lookup(images, table, want, 1);
+      for (const int threads : {1, 2, 3}) {
+        CAPTURE(rt::kernel_path_name(path));
+        CAPTURE(size);
+        CAPTURE(threads);
+        rt::input_lookup_fast(images, table, got, path, threads);
+        CHECK(got == want);
+      }
+    }
+  }
 }
 
 TEST_CASE("channels-last pooling, input lookup and the fused max pool + requantize equal the channels-first kernels") {
@@ -445,8 +548,13 @@ TEST_CASE("channels-last pooling, input lookup and the fused max pool + requanti
       rt::requantize_to_nchw_ref(acc, rq, codes, n * h * w, 1, c, 1);  // one position per row: channels last
       std::vector<int8_t> pooled(n * ho * wo * c), fused(pooled.size(), 0x5A);
       rt::maxpool2d_nhwc(codes, pooled, n, c, h, w, win.k, win.stride, win.padding, 1);
-      rt::maxpool_requantize_nhwc(acc, rq, fused, n, c, h, w, win.k, win.stride, win.padding, 2);
-      CHECK(fused == pooled);
+      for (const rt::KernelPath path : {rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+        if (!rt::cpu_supports(path)) continue;  // (fast_paths_to_test reports the skipped paths elsewhere)
+        CAPTURE(rt::kernel_path_name(path));
+        std::fill(fused.begin(), fused.end(), int8_t{0x5A});
+        rt::maxpool_requantize_nhwc(acc, rq, fused, n, c, h, w, win.k, win.stride, win.padding, 2, path);
+        CHECK(fused == pooled);
+      }
       varied += std::count(pooled.begin(), pooled.end(), pooled[0]) < static_cast<int64_t>(pooled.size());
     }
   }

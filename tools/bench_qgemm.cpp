@@ -1,14 +1,20 @@
-// Micro benchmark of the runtime's integer GEMMs: GOP/s (2 ops per multiply-add) of reference and AVX2 kernels.
+// Micro benchmark of the runtime's integer GEMMs: GOP/s (2 ops per multiply-add) of every kernel path the CPU has.
 //
-// Build (until it is wired into CMake), from the repository root:
-//   g++ -O2 -std=c++20 -fopenmp -I. tools/bench_qgemm.cpp quant/runtime/*.cpp -o bench_qgemm
-// Run: ./bench_qgemm [threads]     (one line per GEMM shape, 1024³ first; then whole graphs in images/s)
+// Run: build/bin/bench_qgemm [threads]
+// Prints the CPU and its instruction sets, the measured peak of vpdpbusd and tdpbusd (tiny unrolled loops),
+// then one line per GEMM shape (1024³ first) and conv shape with the GOP/s of each path, then whole graphs
+// in images/s per path.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <string>
 #include <vector>
 
+#include "quant/runtime/cpu.h"
 #include "quant/runtime/executor.h"
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
@@ -39,6 +45,103 @@ double best_seconds(int repeats, F&& f) {
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   return best;
+}
+
+// The fast paths this CPU has, slowest first.
+std::vector<rt::KernelPath> fast_paths() {
+  std::vector<rt::KernelPath> paths;
+  for (const auto path : {rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx})
+    if (rt::cpu_supports(path)) paths.push_back(path);
+  return paths;
+}
+
+std::string cpuinfo_model_name() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown";
+}
+
+// ---- Peak: how many int8 multiply-adds one core can issue, measured ----------------------------------------
+// vpdpbusd zmm is 64 multiply-adds (16 lanes × 4); 24 independent accumulators hide its latency, so the loop
+// runs at the instruction's throughput: peak = 64 × 2 ops × instructions per second.
+// Written in asm so that nothing but the 24 instructions and the loop counter runs.
+__attribute__((target("avx512f,avx512vnni"), noipa)) void vpdpbusd_loop(int64_t iterations) {
+  for (int64_t i = 0; i < iterations; ++i) {
+    __asm__ volatile(
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm0\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm1\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm2\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm3\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm4\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm5\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm6\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm7\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm8\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm9\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm10\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm11\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm12\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm13\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm14\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm15\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm16\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm17\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm18\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm19\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm20\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm21\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm22\n\t"
+        "vpdpbusd %%zmm30, %%zmm31, %%zmm23\n\t"
+        :
+        :
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
+          "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23");
+  }
+}
+
+// tdpbusd is 16 × 16 × 64 = 16384 multiply-adds; four C tiles on operands already in tiles.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+__attribute__((target("amx-tile,amx-int8"), noipa)) void tdpbusd_loop(int64_t iterations) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  __asm__ volatile("ldtilecfg %0" ::"m"(config));
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t i = 0; i < iterations; ++i) {
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  _tile_release();
+}
+
+void print_peaks() {
+  const rt::CpuFeatures& f = rt::cpu_features();
+  if (f.avx512_vnni) {
+    const int64_t iterations = 2'000'000;  // about 20 ms; the best of 20 runs, as the machine may be shared
+    const double s = best_seconds(20, [&] { vpdpbusd_loop(iterations); });
+    const double per_second = 24.0 * static_cast<double>(iterations) / s;
+    std::printf("peak vpdpbusd zmm: %.2f G instructions/s x 64 MACs x 2 = %.0f GOP/s per core (measured)\n",
+                per_second / 1e9, per_second * 128 / 1e9);
+  }
+  if (f.amx_int8) {
+    const int64_t iterations = 100'000;
+    const double s = best_seconds(20, [&] { tdpbusd_loop(iterations); });
+    const double per_second = 4.0 * static_cast<double>(iterations) / s;
+    std::printf("peak tdpbusd: %.1f M instructions/s x 16384 MACs x 2 = %.0f GOP/s per core (measured)\n",
+                per_second / 1e6, per_second * 32768 / 1e9);
+  }
 }
 
 // A Conv2d / Linear with random int8 codes and multipliers that keep activations spread out.
@@ -73,7 +176,7 @@ rt::Op simple(rt::OpKind kind, int64_t k = 1, int64_t stride = 1) {
 }
 
 // GOP/s of the models' convolutions as the executor runs them: the channels-last implicit GEMM
-// (qconv2d_rows, int32 accumulators out) on one thread, padded images built beforehand.
+// (qconv2d_rows, int32 accumulators out) on one thread, padded images built beforehand; s8 and s4 per path.
 void bench_convs() {
   struct Conv {
     const char* what;
@@ -96,15 +199,17 @@ void bench_convs() {
       rt::pack_int4(std::span(codes4).subspan(o * row, row), std::span(w4).subspan(o * row_bytes, row_bytes));
     std::vector<int32_t> b(v.out, 0), acc(rows * v.out);
     const double ops = 2.0 * static_cast<double>(rows) * static_cast<double>(row) * static_cast<double>(v.out);
-    double gops[2] = {0, 0};
-    for (const int bits : {8, 4}) {
-      const rt::PackedConv pc =
-          rt::pack_conv_weights(bits == 8 ? w8 : w4, bits, v.c, v.hw, v.hw, v.out, v.k, 1, v.padding);
-      std::vector<int16_t> planes(rt::conv_planes_size(v.n, v.c, v.hw, v.hw, v.padding));
-      rt::conv_planes(x, 3, bits, planes, v.n, v.c, v.hw, v.hw, v.padding);
-      gops[bits == 4] = ops / 1e9 / best_seconds(50, [&] { rt::qconv2d_rows(planes, 3, pc, b, acc, 0, rows); });
+    std::printf("%-36s %9s", v.what, "-");
+    for (const rt::KernelPath path : fast_paths()) {
+      for (const int bits : {8, 4}) {
+        const rt::PackedConv pc =
+            rt::pack_conv_weights(bits == 8 ? w8 : w4, bits, v.c, v.hw, v.hw, v.out, v.k, 1, v.padding, path);
+        std::vector<int16_t> planes(rt::conv_planes_size(v.n, pc));
+        rt::conv_planes(x, 3, pc, planes, v.n);
+        std::printf(" %9.1f", ops / 1e9 / best_seconds(50, [&] { rt::qconv2d_rows(planes, 3, pc, b, acc, 0, rows); }));
+      }
     }
-    std::printf("%-34s %10s %10.1f %10.1f\n", v.what, "-", gops[0], gops[1]);
+    std::printf("\n");
   }
 }
 
@@ -138,13 +243,15 @@ void bench_models(int threads) {
   for (auto& p : images) p = static_cast<uint8_t>(next(state));
   for (const auto& [name, graph] :
        {std::pair{"mlp", &mlp}, std::pair{"lenet5", &lenet5}, std::pair{"convbn", &convbn}}) {
-    for (const auto kernels : {rt::Executor::Kernels::Reference, rt::Executor::Kernels::Fastest}) {
-      const bool fast = kernels == rt::Executor::Kernels::Fastest;
-      rt::Executor executor(*graph, threads, kernels);
+    std::vector<rt::KernelPath> paths = fast_paths();
+    paths.insert(paths.begin(), rt::KernelPath::Ref);
+    for (const rt::KernelPath path : paths) {
+      const bool fast = path != rt::KernelPath::Ref;
+      rt::Executor executor(*graph, threads, path);
       const double seconds = best_seconds(fast ? 20 : 2, [&] { executor.run(images, batch); });
       // Batch 1: the best of many single-image calls (the best, not the median: this is a kernel benchmark).
       const double b1 = best_seconds(fast ? 500 : 5, [&] { executor.run(std::span(images).first(28 * 28), 1); });
-      std::printf("%-8s %-9s batch %lld: %10.0f images/s   batch 1: %8.1f us\n", name, fast ? "fastest" : "reference",
+      std::printf("%-8s %-5s batch %lld: %10.0f images/s   batch 1: %8.1f us\n", name, rt::kernel_path_name(path),
                   static_cast<long long>(batch), static_cast<double>(batch) / seconds, b1 * 1e6);
     }
   }
@@ -161,8 +268,14 @@ int main(int argc, char** argv) {
       {"lenet5 fc1 batch 256 (120x400)", 256, 400, 120},
       {"convbn fc1 batch 256 (128x3136)", 256, 3136, 128},
   };
-  std::printf("threads %d, AVX2 %s\n", threads, rt::cpu_has_avx2() ? "yes" : "no");
-  std::printf("%-34s %10s %10s %10s\n", "shape (N x IN -> OUT)", "ref GOP/s", "s8 GOP/s", "s4 GOP/s");
+  std::printf("CPU: %s (/proc/cpuinfo); CPUID: %s\n", cpuinfo_model_name().c_str(), rt::cpu_features().model.c_str());
+  std::printf("instruction sets: %s; best kernel path: %s; threads %d\n", rt::cpu_instruction_sets().c_str(),
+              rt::kernel_path_name(rt::best_kernel_path()), threads);
+  print_peaks();
+  std::printf("%-36s %9s", "GOP/s: shape (N x IN -> OUT)", "ref s8");
+  for (const rt::KernelPath path : fast_paths())
+    std::printf(" %6s s8 %6s s4", rt::kernel_path_name(path), rt::kernel_path_name(path));
+  std::printf("\n");
   uint64_t state = 1;
   for (const Shape& s : shapes) {
     std::vector<int8_t> x(s.n * s.in), w8(s.out * s.in), codes4(s.out * s.in);
@@ -179,15 +292,17 @@ int main(int argc, char** argv) {
     const int repeats = std::clamp(static_cast<int>(2e9 / ops), 3, 200);
     const double ref =
         best_seconds(std::max(1, repeats / 20), [&] { rt::qgemm_s8_ref(x, 3, w8, b, y, s.n, s.in, s.out, threads); });
-    double gops8 = 0, gops4 = 0;
-    if (rt::cpu_has_avx2()) {
-      const rt::PackedWeights p8 = rt::pack_weights(w8, 8, s.in, s.out), p4 = rt::pack_weights(w4, 4, s.in, s.out);
-      std::vector<int32_t> workspace(
-          std::max(rt::qgemm_packed_workspace_size(s.n, p8), rt::qgemm_packed_workspace_size(s.n, p4)));
-      gops8 = ops / 1e9 / best_seconds(repeats, [&] { rt::qgemm_packed(x, 3, p8, b, y, s.n, workspace, threads); });
-      gops4 = ops / 1e9 / best_seconds(repeats, [&] { rt::qgemm_packed(x, 3, p4, b, y, s.n, workspace, threads); });
+    std::printf("%-36s %9.1f", s.what, ops / 1e9 / ref);
+    for (const rt::KernelPath path : fast_paths()) {
+      for (const int bits : {8, 4}) {
+        const rt::PackedWeights pw = rt::pack_weights(bits == 8 ? w8 : w4, bits, s.in, s.out, path);
+        std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(s.n, pw));
+        std::printf(" %9.1f", ops / 1e9 / best_seconds(repeats, [&] {
+                                rt::qgemm_packed(x, 3, pw, b, y, s.n, workspace, threads);
+                              }));
+      }
     }
-    std::printf("%-34s %10.1f %10.1f %10.1f\n", s.what, ops / 1e9 / ref, gops8, gops4);
+    std::printf("\n");
   }
   bench_convs();
   bench_models(threads);

@@ -50,7 +50,11 @@ std::vector<int8_t> channels_last_columns(const Op& op, const Shape& in) {
 }  // namespace
 
 Executor::Executor(const Graph& graph, int threads, Kernels kernels)
-    : graph_(graph), threads_(std::max(threads, 1)), fast_(kernels == Kernels::Fastest && cpu_has_avx2()) {
+    : Executor(graph, threads, kernels == Kernels::Fastest ? runtime::kernel_path() : KernelPath::Ref) {}
+
+Executor::Executor(const Graph& graph, int threads, KernelPath path)
+    : graph_(graph), threads_(std::max(threads, 1)), path_(path), fast_(path != KernelPath::Ref) {
+  if (!cpu_supports(path)) (void)parse_kernel_path(kernel_path_name(path));  // throws, naming what the CPU has
   validate(graph_);
   shapes_ = output_shapes(graph_);
   packed_.resize(graph_.ops.size());
@@ -64,11 +68,11 @@ Executor::Executor(const Graph& graph, int threads, Kernels kernels)
     if (op.kind == OpKind::Conv2d) {
       pool_fused_[i] = i + 1 < graph_.ops.size() && graph_.ops[i + 1].kind == OpKind::MaxPool2d;
       conv_[i] = pack_conv_weights(op.weight, op.weight_bits, in.c, in.h, in.w, op.out_channels, op.kernel, op.stride,
-                                   op.padding);
+                                   op.padding, path_);
     } else if (op.kind == OpKind::Linear && in.h * in.w > 1) {
-      packed_[i] = pack_weights(channels_last_columns(op, in), op.weight_bits, in.size(), op.out_channels);
+      packed_[i] = pack_weights(channels_last_columns(op, in), op.weight_bits, in.size(), op.out_channels, path_);
     } else if (op.kind == OpKind::Linear) {
-      packed_[i] = pack_weights(op.weight, op.weight_bits, in.size(), op.out_channels);
+      packed_[i] = pack_weights(op.weight, op.weight_bits, in.size(), op.out_channels, path_);
     }
   }
 }
@@ -124,9 +128,8 @@ void Executor::plan(int64_t batch) {
     outputs_[i].resize(static_cast<size_t>(batch * shapes_[i].size()));
     if (!is_weighted(op)) continue;
     const int64_t images = std::min(batch, images_per_chunk(i)), rows = images * shapes_[i].h * shapes_[i].w;
-    const Shape in = input_shape(i);
     if (op.kind == OpKind::Conv2d && fast_) {
-      planes = std::max(planes, conv_planes_size(images, in.c, in.h, in.w, op.padding));
+      planes = std::max(planes, conv_planes_size(images, conv_[i]));
     } else if (op.kind == OpKind::Conv2d) {
       cols = std::max(cols, static_cast<size_t>(rows * weight_row_length(op)));
     } else if (fast_) {
@@ -161,7 +164,7 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
       // Channels last: the micro-kernel reads the windows straight from the padded images (an implicit
       // GEMM, no im2col). Thread t computes a contiguous range of the chunk's GEMM rows.
       const PackedConv& pc = conv_[op_index];
-      conv_planes(xs, op.input_zero_point, op.weight_bits, sc.planes, images, in.c, in.h, in.w, op.padding, threads);
+      conv_planes(xs, op.input_zero_point, pc, sc.planes, images, threads);
       if (pool_fused_[op_index]) {
         // Followed by a max pool: pool the accumulators, then requantize the K² times fewer maxima (equal
         // codes: requantization never decreases). y is the pool's output.
@@ -174,7 +177,7 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
         const Op& pool = graph_.ops[op_index + 1];
         const int64_t pooled = shapes_[op_index + 1].size();
         maxpool_requantize_nhwc(acc, op.requant, {y + first * pooled, static_cast<size_t>(images * pooled)}, images,
-                                out.c, out.h, out.w, pool.kernel, pool.stride, pool.padding, threads);
+                                out.c, out.h, out.w, pool.kernel, pool.stride, pool.padding, threads, path_);
         continue;
       }
       const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
@@ -202,7 +205,7 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
     }
     const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
     if (fast_) {  // channels last: (ROWS, OUT) accumulators to (ROWS, OUT) codes
-      requantize_to_nchw(acc, op.requant, yc, rows, 1, op.out_channels, threads);
+      requantize_to_nchw(acc, op.requant, yc, rows, 1, op.out_channels, threads, path_);
     } else {
       requantize_to_nchw_ref(acc, op.requant, yc, images, positions, op.out_channels, threads);
     }
@@ -250,8 +253,8 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
           input_lookup_nhwc({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table,
                             {y, y_size}, batch, in.c, in.h * in.w, threads);
         } else {
-          input_lookup({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table,
-                       {y, y_size}, threads);
+          input_lookup_fast({pixels + first * in.size(), static_cast<size_t>(batch * in.size())}, op.input_table,
+                            {y, y_size}, path_, threads);
         }
         break;
       case OpKind::Conv2d:

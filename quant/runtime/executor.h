@@ -12,10 +12,14 @@ namespace lowbit::quant::runtime {
 
 class Executor {
  public:
-  enum class Kernels { Fastest, Reference };  // Fastest: AVX2 when the CPU has it; Reference: plain loops only
+  // Fastest: kernel_path() (cpu.h: the best path the CPU has, unless LOWBIT_KERNELS or set_kernel_path chose
+  // another); Reference: plain loops only.
+  enum class Kernels { Fastest, Reference };
 
-  // Validates the graph (throws RuntimeError) and re-lays the weights out for the fast kernels.
+  // Validates the graph (throws RuntimeError) and re-lays the weights out for the fast kernels, once.
   explicit Executor(const Graph& graph, int threads = 1, Kernels kernels = Kernels::Fastest);
+  // On the given path; throws RuntimeError if the CPU lacks it (cpu_supports).
+  Executor(const Graph& graph, int threads, KernelPath path);
 
   // images is (N, C·H·W) uint8 pixels; returns (N, classes) int8 logits, a view into an internal buffer
   // valid until the next call. Buffers are planned on the first call and grow only with the batch:
@@ -32,7 +36,7 @@ class Executor {
   bool stores_output(size_t op_index) const { return !pool_fused_.at(op_index); }
   const Shape& op_shape(size_t op_index) const { return shapes_[op_index]; }
   const Graph& graph() const { return graph_; }
-  bool uses_avx2() const { return fast_; }
+  KernelPath kernel_path() const { return path_; }  // the path every op runs on
 
  private:
   Shape input_shape(size_t op_index) const;
@@ -53,7 +57,8 @@ class Executor {
 
   Graph graph_;
   int threads_ = 1;
-  bool fast_ = false;
+  KernelPath path_ = KernelPath::Ref;
+  bool fast_ = false;                  // path_ != Ref: packed weights, channels-last activations
   std::vector<Shape> shapes_;          // output shape of ops[i]
   std::vector<PackedWeights> packed_;  // a Linear ops[i]'s weights for qgemm_packed (fast path)
   std::vector<PackedConv> conv_;       // a Conv2d ops[i]'s weights for qconv2d_rows (fast path)

@@ -1,4 +1,5 @@
-// The integer kernels: plain reference loops (the definitions) and AVX2 versions that match them bit for bit.
+// The integer kernels: plain reference loops (the definitions) and AVX2, AVX-512 VNNI and AMX versions that match
+// them bit for bit.
 #pragma once
 
 #include <array>
@@ -7,6 +8,7 @@
 #include <span>
 #include <vector>
 
+#include "quant/runtime/cpu.h"
 #include "quant/runtime/graph.h"
 
 namespace lowbit::quant::runtime {
@@ -30,7 +32,7 @@ void qgemm_s4_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<con
                   std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t in, int64_t out,
                   int threads = 1);
 
-// Same signatures and results; AVX2 when the CPU has it (re-laying w out on every call), else the reference.
+// Same signatures and results, on kernel_path() (re-laying w out on every call; the reference on Ref).
 // The Executor instead packs once (pack_weights) and calls qgemm_packed.
 void qgemm_s8(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, std::span<const int32_t> b,
               std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads = 1);
@@ -40,29 +42,35 @@ void qgemm_s4(std::span<const int8_t> x, int32_t x_zero_point, std::span<const i
 // True if the AVX2 kernels can run on this CPU (and OS).
 bool cpu_has_avx2();
 
-// Weights re-laid-out once for the AVX2 GEMM, in panels of kPanelChannels output channels.
+// Weights re-laid-out once for one fast path's GEMM, in panels of kPanelChannels output channels.
 // Each int32 "unit" holds the codes of one channel for a few consecutive k:
-//   8 bits: 2 codes as int16 (low half = even k) — the operand of vpmaddwd;
-//   4 bits: 4 codes as int8 (nibbles sign-extended; byte i = k + i) — the operand of vpmaddubsw.
-// units is (OUT / 16 panels, K_UNITS, 16); channels past OUT and codes past IN are 0.
+//   Avx2, 8 bits: 2 codes as int16 (low half = even k) — the operand of vpmaddwd;
+//   Avx2, 4 bits, and Vnni512 / Amx, 8 or 4 bits: 4 codes as int8 (int4 nibbles sign-extended; byte i = k + i) —
+//     the s8 operand of vpmaddubsw, vpdpbusd and tdpbusd. A panel (K_UNITS, 16) is then also a column of
+//     AMX B tiles: 16 units (64 k) × 16 channels × 4 bytes.
+// units is (PANELS, K_UNITS, 16); channels past OUT and codes past IN are 0.
 struct PackedWeights {
   static constexpr int64_t kPanelChannels = 16;
+  KernelPath path = KernelPath::Avx2;  // the kernels it was packed for: qgemm_packed runs those
   int bits = 8;
   int64_t in = 0, out = 0;
-  int64_t codes_per_unit = 2;     // 2 (8 bits) or 4 (4 bits)
-  int64_t k_units = 0;            // IN / codes_per_unit rounded up (to even for 4 bits)
+  int64_t codes_per_unit = 2;     // 2 (Avx2, 8 bits) or 4
+  int64_t k_units = 0;            // IN / codes_per_unit rounded up (to even for Avx2 4 bits, to 16 for Amx)
+  int64_t panels = 0;             // OUT / 16 rounded up (to even for Amx: its C tiles come in pairs)
   std::vector<int32_t> units;     // (PANELS, K_UNITS, 16)
   std::vector<int32_t> row_sums;  // (PANELS · 16): Σ_k w[o][k], folds the zero point out of the inner loop
 };
 
-// w is (OUT, IN) int8 (bits 8) or packed int4 rows (bits 4).
-PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int64_t out);
+// w is (OUT, IN) int8 (bits 8) or packed int4 rows (bits 4). path is Avx2, Vnni512 or Amx, and cpu_supports it
+// (else RuntimeError).
+PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int64_t out, KernelPath path);
 
 // int32 elements of workspace that qgemm_packed needs for n rows of x.
 size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w);
 
 // x is (N, IN) codes, w is packed (OUT, IN), b is (OUT); y is (N, OUT) int32 — equal to qgemm_s8_ref/qgemm_s4_ref.
-// Requires cpu_has_avx2(). workspace holds qgemm_packed_workspace_size(n, w) int32 (no allocation here).
+// Runs w.path's kernels (Amx: tiles for N >= kAmxMinRows, else Vnni512). workspace holds qgemm_packed_workspace_size(n,
+// w) int32 (no allocation here).
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads = 1);
 
@@ -70,28 +78,29 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
 // path keeps activations (N, H, W, C). The weights are re-laid out once: each output channel's codes in
 // (kh, kw, c) order, every kernel row's K·C codes padded with zero weights to SEGMENT whole units.
 struct PackedConv {
-  PackedWeights weights;                        // (OUT, K · SEGMENT · codes per unit), in panels of panel_channels
+  PackedWeights weights;  // (OUT, K · SEGMENT · codes per unit), in panels of panel_channels; its path runs
   int64_t channels = 0, height = 0, width = 0;  // the input image, (C, H, W)
   int64_t kernel = 1, stride = 1, padding = 0;
-  int64_t segment_units = 0;          // units per kernel row: K·C codes rounded up (to an even count for 4 bits)
+  int64_t segment_units = 0;          // units per kernel row: K·C codes rounded up (to an even count for Avx2 int4)
   int64_t panel_channels = 16;        // output channels per panel: 16, or 8 for a layer of at most 8 channels
   std::vector<int32_t> unit_offsets;  // (K · SEGMENT): where each unit of a window starts, in operands
 };
 
 // w is (OUT, C, K, K) int8 codes (bits 8) or packed int4 rows of C·K·K codes (bits 4), for (C, H, W) inputs.
+// path as for pack_weights; convolutions have no AMX kernel, so Amx packs (and runs) them for Vnni512.
 PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t height, int64_t width, int64_t out,
-                             int64_t k, int64_t stride, int64_t padding);
+                             int64_t k, int64_t stride, int64_t padding, KernelPath path);
 
 // x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) GEMM operands — int16 codes for
-// 8-bit weights, x + 128 as u8 for 4-bit weights (then two per int16 element) — the padding set to z_in,
+// Avx2 with 8-bit weights, else x + 128 as u8 (then two per int16 element) — the padding set to z_in,
 // followed by a few elements of slack that the last units may read (their weights are zero).
-size_t conv_planes_size(int64_t n, int64_t c, int64_t height, int64_t width, int64_t padding);
-void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std::span<int16_t> planes, int64_t n,
-                 int64_t c, int64_t height, int64_t width, int64_t padding, int threads = 1);
+size_t conv_planes_size(int64_t n, const PackedConv& pc);
+void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, const PackedConv& pc, std::span<int16_t> planes,
+                 int64_t n, int threads = 1);
 
 // GEMM rows [first, first + rows) of the convolution, rows ordered (n, oh, ow): acc is (ROWS, OUT) int32,
-// channels last, equal to qconv2d_ref's accumulators. planes from conv_planes with the same bits.
-// Requires cpu_has_avx2(); allocates nothing.
+// channels last, equal to qconv2d_ref's accumulators. planes from conv_planes with the same pc.
+// Runs pc.weights.path's kernels; allocates nothing.
 void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
                   std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows);
 // The same rows requantized (requantize_to_nchw_ref's codes, eq. 6) as they come out of the micro-kernel:
@@ -125,16 +134,18 @@ void im2col(std::span<const int8_t> x, int32_t x_zero_point, std::span<int8_t> c
 // y[n][o][p] = requantize(acc[n][p][o], m[o], n[o], z_out, act_min, act_max) (docs/quantization.md eq. 6).
 void requantize_to_nchw_ref(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
                             int64_t positions, int64_t out, int threads = 1);
-// Same signature and result; 8 channels at a time with AVX2 when the CPU has it, else the reference.
+// Same signature and result; 8 channels at a time with AVX2 when the CPU has it, else the reference. On the
+// Vnni512 and Amx paths, channels-last rows (P = 1) go 16 channels at a time (AVX-512, kernels_avx512.cpp).
 void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
-                        int64_t positions, int64_t out, int threads = 1);
+                        int64_t positions, int64_t out, int threads = 1, KernelPath path = kernel_path());
 
 // acc is (N, H, W, C) int32 accumulators of a Conv2d; y is (N, HO, WO, C) codes: the codes of
 // requantize_to_nchw_ref followed by maxpool2d (channels last), computed as requantize(max(acc)) — equal,
-// because requantization never decreases (kernels_avx2.cpp). Requires cpu_has_avx2().
+// because requantization never decreases (kernels_avx2.cpp). Requires cpu_has_avx2(); on the Vnni512 and Amx
+// paths the 2×2 pool runs 16 channels at a time (AVX-512).
 void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
-                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding,
-                             int threads = 1);
+                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads = 1,
+                             KernelPath path = kernel_path());
 
 // x is (N, C, H, W); y is (N, C, HO, WO): the largest code of each window (padding is ignored).
 void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height, int64_t width,
@@ -148,6 +159,10 @@ void avgpool2d(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> 
 // images is (N, SIZE) uint8 pixels; y is (N, SIZE) codes: y = table[pixel].
 void input_lookup(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
                   int threads = 1);
+// Same signature and result, 64 pixels per step (AVX-512 VBMI vpermi2b, kernels_avx512.cpp) on the Vnni512
+// and Amx paths of a CPU with VBMI; else input_lookup.
+void input_lookup_fast(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
+                       KernelPath path, int threads = 1);
 
 // Channels-last forms, for the executor's fast path: x is (N, H, W, C) and y (N, HO, WO, C), with the codes
 // of maxpool2d / avgpool2d in the other layout. input_lookup_nhwc reads (N, C, H·W) pixels and writes

@@ -4,10 +4,12 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
+#include "quant/runtime/kernels_isa.h"
 
 namespace lowbit::quant::runtime {
 
@@ -486,18 +488,35 @@ void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, i
 
 }  // namespace
 
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2"); }
+bool cpu_has_avx2() { return cpu_supports(KernelPath::Avx2); }
 
-PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int64_t out) {
+namespace {
+
+// Refuses to pack for a path that has no packed kernels or that this CPU cannot run.
+void check_packing_path(KernelPath path, const char* what) {
+  if (path == KernelPath::Ref) {
+    throw RuntimeError(std::string(what) + ": the reference path has no packed kernels; pack for avx2, vnni or amx");
+  }
+  if (!cpu_supports(path)) (void)parse_kernel_path(kernel_path_name(path));  // throws, naming what the CPU has
+}
+
+}  // namespace
+
+PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int64_t out, KernelPath path) {
+  check_packing_path(path, "pack_weights");
   PackedWeights pw;
+  pw.path = path;
   pw.bits = bits;
   pw.in = in;
   pw.out = out;
-  pw.codes_per_unit = bits == 8 ? 2 : 4;
+  pw.codes_per_unit = path == KernelPath::Avx2 && bits == 8 ? 2 : 4;
   pw.k_units = ceil_div(in, pw.codes_per_unit);
-  if (bits == 4) pw.k_units += pw.k_units % 2;  // the int4 kernel takes two units per step
-  if (pw.k_units == 0) pw.k_units = 2;          // IN = 0: one step of zero units, so y = b
-  const int64_t panels = ceil_div(out, kPanel);
+  if (path == KernelPath::Avx2 && bits == 4) pw.k_units += pw.k_units % 2;  // the int4 kernel takes two units per step
+  if (path == KernelPath::Amx) pw.k_units = ceil_div(pw.k_units, 16) * 16;  // whole B tiles of 16 units (64 k)
+  if (pw.k_units == 0) pw.k_units = path == KernelPath::Amx ? 16 : 2;       // IN = 0: zero units, so y = b
+  pw.panels = ceil_div(out, kPanel);
+  if (path == KernelPath::Amx) pw.panels += pw.panels % 2;  // the AMX kernel computes two panels at once
+  const int64_t panels = pw.panels;
   std::vector<uint32_t> units(static_cast<size_t>(panels * pw.k_units * kPanel), 0);
   pw.row_sums.assign(static_cast<size_t>(panels * kPanel), 0);
   const auto row_bytes = static_cast<int64_t>(int4_packed_size(in));
@@ -507,8 +526,8 @@ PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int6
       pw.row_sums[o] += code;
       const int64_t ku = k / pw.codes_per_unit, i = k % pw.codes_per_unit;
       uint32_t& unit = units[((o / kPanel) * pw.k_units + ku) * kPanel + o % kPanel];
-      unit |= bits == 8 ? int16_half(code, static_cast<int>(i))
-                        : static_cast<uint32_t>(static_cast<uint8_t>(code)) << (8 * i);
+      unit |= pw.codes_per_unit == 2 ? int16_half(code, static_cast<int>(i))
+                                     : static_cast<uint32_t>(static_cast<uint8_t>(code)) << (8 * i);
     }
   }
   pw.units.assign(units.begin(), units.end());  // same bits, as int32
@@ -516,12 +535,19 @@ PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int6
 }
 
 size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
-  const int64_t mr = rows_per_block(w.bits);
+  const int64_t mr = w.path == KernelPath::Avx2 ? rows_per_block(w.bits) : detail::kPackedRowGroup;
   return static_cast<size_t>(ceil_div(n, mr) * mr * w.k_units);
 }
 
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads) {
+  if (w.path != KernelPath::Avx2) {  // u8 × s8 units of 4 codes for either weight width
+    detail::pack_x_u8(x.data(), n, w.in, w.k_units, workspace.data(), threads);
+    if (w.path == KernelPath::Amx && n >= detail::kAmxMinRows) {
+      return detail::qgemm_amx(workspace.data(), x_zero_point, w, b.data(), y.data(), n, threads);
+    }
+    return detail::qgemm_vnni512(workspace.data(), x_zero_point, w, b.data(), y.data(), n, threads);
+  }
   pack_x(x.data(), n, w.in, w.bits, w.k_units, workspace.data(), threads);
   const int32_t z_eff = w.bits == 8 ? x_zero_point : x_zero_point + 128;
   if (n == 1)
@@ -680,12 +706,48 @@ __attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, const int32_
     for (int v = 0; v < V; ++v) store8(tile + (r * V + v) * 8, acc[r][v]);
 }
 
-// Rows per conv micro-kernel call, by weight bits and panel width.
-inline int64_t conv_rows_per_block(int bits, int64_t panel) {
+// Rows per conv micro-kernel call, by path, weight bits, panel width and panels per call.
+inline int64_t conv_rows_per_block(KernelPath path, int bits, int64_t panel, int64_t panels_per_call) {
+  if (path != KernelPath::Avx2) return detail::conv_rows_vnni(panels_per_call);
   if (bits == 8) return panel == 16 ? 6 : 12;
   return panel == 16 ? 4 : 8;
 }
 constexpr int64_t kConvMaxRows = 12;
+constexpr int64_t kConvMaxGroup = detail::kConvPanelsVnni;  // panels per micro-kernel call, at most
+static_assert(detail::conv_rows_vnni(1) <= kConvMaxRows && kConvRowBlock % detail::conv_rows_vnni(1) == 0 &&
+              kConvRowBlock % detail::conv_rows_vnni(2) == 0);
+
+// The epilogue constants of one panel: offset b − z_eff·Σw per channel (wrapping), which of the two halves of 8
+// channels exist, and their requantization constants.
+struct PanelEpilogue {
+  __m256i offset0, offset1;
+  int64_t count0, count1;  // channels in each half
+  Requant8 rq0, rq1;
+};
+
+PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Requant* rq, int32_t z_eff, int64_t p,
+                             int64_t panel, __m256i lane) {
+  PanelEpilogue e{};
+  const int64_t channels = min_i64(panel, w.out - p * panel);
+  alignas(32) int32_t offset[kPanel] = {};
+  for (int64_t j = 0; j < channels; ++j) {
+    const int64_t o = p * panel + j;
+    offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
+                                     static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
+  }
+  e.offset0 = load8(offset);
+  e.offset1 = load8(offset + 8);
+  e.count0 = min_i64(8, channels);
+  e.count1 = channels - e.count0;
+  const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count0)), lane);
+  const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count1)), lane);
+  if (rq) {
+    e.rq0 = requant8_constants(rq->multiplier.data() + p * panel, rq->shift.data() + p * panel, mask0);
+    if (e.count1 > 0)
+      e.rq1 = requant8_constants(rq->multiplier.data() + p * panel + 8, rq->shift.data() + p * panel + 8, mask1);
+  }
+  return e;
+}
 
 // GEMM rows [first, first + rows) of the convolution of planes (operands T), channels last: the int32
 // accumulators into acc (ROWS, OUT) when rq is null, else their codes requantized (eq. 6) into y (ROWS, OUT),
@@ -700,7 +762,7 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   const int32_t* offsets = pc.unit_offsets.data();
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const int64_t panel = pc.panel_channels, out = w.out, panels = ceil_div(out, panel);
-  const int64_t mr = conv_rows_per_block(w.bits, panel);
+  const int64_t group = w.path != KernelPath::Avx2 && panel == 16 ? kConvMaxGroup : 1;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i z_out = _mm256_set1_epi32(rq ? rq->zero_point : 0);
   const __m256i lo = _mm256_set1_epi32(rq ? rq->act_min : 0), hi = _mm256_set1_epi32(rq ? rq->act_max : 0);
@@ -718,28 +780,17 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
       }
       window[r] = planes + ((i * hp + oh * stride) * wp + ow * stride) * c;
     }
-    for (int64_t r = count; r < ceil_div(count, mr) * mr; ++r) window[r] = window[count - 1];
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t channels = min_i64(panel, out - p * panel);
-      alignas(32) int32_t offset[kPanel] = {};  // b[o] − z_eff·Σ_k w[o][k], wrapping
-      for (int64_t j = 0; j < channels; ++j) {
-        const int64_t o = p * panel + j;
-        offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
-                                         static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
-      }
-      const __m256i offset0 = load8(offset), offset1 = load8(offset + 8);
-      const int64_t count0 = min_i64(8, channels), count1 = channels - count0;  // channels in each half
-      const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count0)), lane);
-      const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count1)), lane);
-      Requant8 rq0{}, rq1{};
-      if (rq) {
-        rq0 = requant8_constants(rq->multiplier.data() + p * panel, rq->shift.data() + p * panel, mask0);
-        if (count1 > 0)
-          rq1 = requant8_constants(rq->multiplier.data() + p * panel + 8, rq->shift.data() + p * panel + 8, mask1);
-      }
-      const int32_t* wpanel = w.units.data() + p * w.k_units * panel;
+    for (int64_t r = count; r < count + kConvMaxRows; ++r) window[r] = window[count - 1];  // covers any MR
+    // Panels go through the micro-kernel `group` at a time (the VNNI kernel takes up to 4, reusing each x unit
+    // it broadcasts 4 times); each panel's epilogue constants are computed once per block.
+    for (int64_t p0 = 0; p0 < panels; p0 += group) {
+      const int64_t g = min_i64(group, panels - p0);
+      const int64_t mr = conv_rows_per_block(w.path, w.bits, panel, g);
+      PanelEpilogue ep[kConvMaxGroup];
+      for (int64_t v = 0; v < g; ++v) ep[v] = panel_epilogue(w, b, rq, z_eff, p0 + v, panel, lane);
+      const int32_t* wpanel = w.units.data() + p0 * w.k_units * panel;
       for (int64_t r0 = 0; r0 < count; r0 += mr) {
-        alignas(32) int32_t tile[kConvMaxRows * 8];  // (MR, panel): 48 or 96 int32 either way
+        alignas(64) int32_t tile[kConvMaxGroup * kConvMaxRows * kPanel];  // (G, MR, panel)
         const T* const* xr = window + r0;
         if constexpr (sizeof(T) == 2) {
           if (panel == 16) {
@@ -747,23 +798,29 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
           } else {
             conv_kernel_s8<12, 1>(xr, offsets, w.k_units, wpanel, tile);
           }
+        } else if (w.path != KernelPath::Avx2) {  // Vnni512 (and Amx, whose convolutions run on VNNI)
+          detail::conv_tile_vnni512(xr, offsets, w.k_units, wpanel, panel, g, tile);
         } else if (panel == 16) {
           conv_kernel_s4<4, 2>(xr, offsets, w.k_units, wpanel, tile);
         } else {
           conv_kernel_s4<8, 1>(xr, offsets, w.k_units, wpanel, tile);
         }
-        for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
-          const int32_t* tr = tile + (r - r0) * panel;
-          const __m256i a0 = _mm256_add_epi32(load8(tr), offset0);
-          const __m256i a1 = count1 > 0 ? _mm256_add_epi32(load8(tr + 8), offset1) : _mm256_setzero_si256();
-          if (rq) {
-            int8_t* yr = y + (start + r) * out + p * panel;
-            store_codes8(requant8(a0, rq0, z_out, lo, hi), yr, count0);
-            if (count1 > 0) store_codes8(requant8(a1, rq1, z_out, lo, hi), yr + 8, count1);
-          } else {
-            int32_t* ar = acc + (start + r) * out + p * panel;
-            store_sums8(a0, ar, count0);
-            if (count1 > 0) store_sums8(a1, ar + 8, count1);
+        for (int64_t v = 0; v < g; ++v) {
+          const PanelEpilogue& e = ep[v];
+          const int64_t o0 = (p0 + v) * panel;
+          for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
+            const int32_t* tr = tile + (v * mr + r - r0) * panel;
+            const __m256i a0 = _mm256_add_epi32(load8(tr), e.offset0);
+            const __m256i a1 = e.count1 > 0 ? _mm256_add_epi32(load8(tr + 8), e.offset1) : _mm256_setzero_si256();
+            if (rq) {
+              int8_t* yr = y + (start + r) * out + o0;
+              store_codes8(requant8(a0, e.rq0, z_out, lo, hi), yr, e.count0);
+              if (e.count1 > 0) store_codes8(requant8(a1, e.rq1, z_out, lo, hi), yr + 8, e.count1);
+            } else {
+              int32_t* ar = acc + (start + r) * out + o0;
+              store_sums8(a0, ar, e.count0);
+              if (e.count1 > 0) store_sums8(a1, ar + 8, e.count1);
+            }
           }
         }
       }
@@ -776,7 +833,9 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
 }  // namespace
 
 PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t height, int64_t width, int64_t out,
-                             int64_t k, int64_t stride, int64_t padding) {
+                             int64_t k, int64_t stride, int64_t padding, KernelPath path) {
+  check_packing_path(path, "pack_conv_weights");
+  if (path == KernelPath::Amx) path = KernelPath::Vnni512;  // no AMX convolution: the VNNI one, same packing
   PackedConv pc;
   pc.channels = c;
   pc.height = height;
@@ -784,16 +843,16 @@ PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int
   pc.kernel = k;
   pc.stride = stride;
   pc.padding = padding;
-  const int64_t codes_per_unit = bits == 8 ? 2 : 4, segment = k * c;
+  const int64_t codes_per_unit = path == KernelPath::Avx2 && bits == 8 ? 2 : 4, segment = k * c;
   pc.segment_units = ceil_div(segment, codes_per_unit);
-  if (bits == 4) pc.segment_units += pc.segment_units % 2;  // the int4 kernel takes two units per step
+  if (path == KernelPath::Avx2 && bits == 4) pc.segment_units += pc.segment_units % 2;  // two units per step
   const int64_t segment_codes = pc.segment_units * codes_per_unit, row = k * segment_codes, in = c * k * k;
-  // Unit t = kh·SEGMENT + u starts at kernel row kh, code u·codes_per_unit: in operands (int16 elements for
-  // 8 bits, bytes for 4 bits), kh rows of the padded image further plus u units.
+  // Unit t = kh·SEGMENT + u starts at kernel row kh, code u·codes_per_unit: in operands (int16 elements or
+  // u8 bytes, one per code), kh rows of the padded image further plus u units.
   const int64_t pitch = (width + 2 * padding) * c;
   for (int64_t kh = 0; kh < k; ++kh)
     for (int64_t u = 0; u < pc.segment_units; ++u)
-      pc.unit_offsets.push_back(static_cast<int32_t>(kh * pitch + u * (bits == 8 ? 2 : 4)));
+      pc.unit_offsets.push_back(static_cast<int32_t>(kh * pitch + u * codes_per_unit));
   // (OUT, C, K, K) codes → (OUT, K, SEGMENT) codes in (kh, kw, c) order, zeros after each kernel row's K·C.
   std::vector<int8_t> codes(static_cast<size_t>(out * row), 0);
   const auto packed_row = static_cast<int64_t>(int4_packed_size(in));
@@ -806,14 +865,14 @@ PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int
               bits == 8 ? w[o * in + from] : unpack_int4_at(w.subspan(o * packed_row, packed_row), from);
         }
   if (bits == 8) {
-    pc.weights = pack_weights(codes, 8, row, out);
+    pc.weights = pack_weights(codes, 8, row, out, path);
   } else {
     const auto row_bytes = static_cast<int64_t>(int4_packed_size(row));
     std::vector<int8_t> packed(static_cast<size_t>(out * row_bytes));
     for (int64_t o = 0; o < out; ++o)
       pack_int4(std::span<const int8_t>(codes).subspan(o * row, row),
                 std::span<int8_t>(packed).subspan(o * row_bytes, row_bytes));
-    pc.weights = pack_weights(packed, 4, row, out);
+    pc.weights = pack_weights(packed, 4, row, out, path);
   }
   if (out <= 8) {  // one 8-channel panel: keep the first 8 lanes of each unit row of the 16-channel panel
     pc.panel_channels = 8;
@@ -826,23 +885,33 @@ PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int
   return pc;
 }
 
-size_t conv_planes_size(int64_t n, int64_t c, int64_t height, int64_t width, int64_t padding) {
-  return static_cast<size_t>(n * (height + 2 * padding) * (width + 2 * padding) * c + kPlaneSlackBytes / 2);
+namespace {
+
+// The x operands of a convolution: int16 codes for the AVX2 vpmaddwd kernels (8-bit weights), else x + 128 as u8.
+bool int16_operands(const PackedConv& pc) { return pc.weights.path == KernelPath::Avx2 && pc.weights.bits == 8; }
+
+}  // namespace
+
+size_t conv_planes_size(int64_t n, const PackedConv& pc) {
+  const int64_t padding = pc.padding;
+  return static_cast<size_t>(n * (pc.height + 2 * padding) * (pc.width + 2 * padding) * pc.channels +
+                             kPlaneSlackBytes / 2);
 }
 
-void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, int bits, std::span<int16_t> planes, int64_t n,
-                 int64_t c, int64_t height, int64_t width, int64_t padding, int threads) {
-  if (bits == 8) {
-    build_planes<int16_t>(x.data(), x_zero_point, planes.data(), n, c, height, width, padding, threads);
+void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, const PackedConv& pc, std::span<int16_t> planes,
+                 int64_t n, int threads) {
+  if (int16_operands(pc)) {
+    build_planes<int16_t>(x.data(), x_zero_point, planes.data(), n, pc.channels, pc.height, pc.width, pc.padding,
+                          threads);
   } else {
-    build_planes<uint8_t>(x.data(), x_zero_point, reinterpret_cast<uint8_t*>(planes.data()), n, c, height, width,
-                          padding, threads);
+    build_planes<uint8_t>(x.data(), x_zero_point, reinterpret_cast<uint8_t*>(planes.data()), n, pc.channels, pc.height,
+                          pc.width, pc.padding, threads);
   }
 }
 
 void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
                   std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows) {
-  if (pc.weights.bits == 8) {
+  if (int16_operands(pc)) {
     conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), nullptr, acc.data(), nullptr, first, rows);
   } else {
     conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), nullptr,
@@ -853,7 +922,7 @@ void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const P
 void qconv2d_rows_requantized(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
                               std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y, int64_t first,
                               int64_t rows) {
-  if (pc.weights.bits == 8) {
+  if (int16_operands(pc)) {
     conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), &rq, nullptr, y.data(), first, rows);
   } else {
     conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), &rq, nullptr,
@@ -865,7 +934,7 @@ namespace {
 
 void qgemm_fast(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, int bits,
                 std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
-  const PackedWeights pw = pack_weights(w, bits, in, out);
+  const PackedWeights pw = pack_weights(w, bits, in, out, kernel_path());
   std::vector<int32_t> workspace(qgemm_packed_workspace_size(n, pw));
   qgemm_packed(x, x_zero_point, pw, b, y, n, workspace, threads);
 }
@@ -874,24 +943,38 @@ void qgemm_fast(std::span<const int8_t> x, int32_t x_zero_point, std::span<const
 
 void qgemm_s8(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, std::span<const int32_t> b,
               std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
-  if (!cpu_has_avx2()) return qgemm_s8_ref(x, x_zero_point, w, b, y, n, in, out, threads);
+  if (kernel_path() == KernelPath::Ref) return qgemm_s8_ref(x, x_zero_point, w, b, y, n, in, out, threads);
   qgemm_fast(x, x_zero_point, w, 8, b, y, n, in, out, threads);
 }
 
 void qgemm_s4(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, std::span<const int32_t> b,
               std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
-  if (!cpu_has_avx2()) return qgemm_s4_ref(x, x_zero_point, w, b, y, n, in, out, threads);
+  if (kernel_path() == KernelPath::Ref) return qgemm_s4_ref(x, x_zero_point, w, b, y, n, in, out, threads);
   qgemm_fast(x, x_zero_point, w, 4, b, y, n, in, out, threads);
 }
 
+void input_lookup_fast(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
+                       KernelPath path, int threads) {
+  const bool vbmi = (path == KernelPath::Vnni512 || path == KernelPath::Amx) && cpu_features().avx512_vbmi;
+  if (!vbmi) return input_lookup(images, table, y, threads);
+  detail::input_lookup_vbmi(images.data(), table.data(), y.data(), static_cast<int64_t>(images.size()), threads);
+}
+
 void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
-                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
+                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads,
+                             KernelPath path) {
+  if ((path == KernelPath::Vnni512 || path == KernelPath::Amx) && k == 2 && stride == 2 && padding == 0) {
+    return detail::maxpool2_requantize_avx512(acc.data(), rq, y.data(), n, c, height, width, threads);
+  }
   maxpool_requantize_avx2(acc.data(), rq, y.data(), n, c, height, width, k, stride, padding, threads);
 }
 
 void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
-                        int64_t positions, int64_t out, int threads) {
-  if (!cpu_has_avx2()) return requantize_to_nchw_ref(acc, rq, y, n, positions, out, threads);
+                        int64_t positions, int64_t out, int threads, KernelPath path) {
+  if (path == KernelPath::Ref || !cpu_has_avx2()) return requantize_to_nchw_ref(acc, rq, y, n, positions, out, threads);
+  if ((path == KernelPath::Vnni512 || path == KernelPath::Amx) && positions == 1) {
+    return detail::requantize_rows_avx512(acc.data(), rq, y.data(), n, out, threads);
+  }
   requantize_to_nchw_avx2(acc.data(), rq.multiplier.data(), rq.shift.data(), rq.zero_point, rq.act_min, rq.act_max,
                           y.data(), n, positions, out, threads);
 }

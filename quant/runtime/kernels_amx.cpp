@@ -1,0 +1,134 @@
+// AMX-INT8 GEMM (tdpbusd: u8 × s8 tile products into int32 tiles), bit-exact with qgemm_s8_ref / qgemm_s4_ref.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "quant/runtime/kernels.h"
+#include "quant/runtime/kernels_isa.h"
+
+namespace lowbit::quant::runtime::detail {
+
+// How (the arithmetic is that of the VNNI kernels, kernels_avx512.cpp points 1-3):
+//
+// An AMX tile is a 2-D register of up to 16 rows × 64 bytes; there are 8 (tmm0-7). tdpbusd C, A, B computes
+//   C[m][j] += Σ_u Σ_i A[m][4u + i] · B[u][4j + i]        (A as u8, B as s8, C int32; 16 × 16 × 64 products)
+// adding each group of four products to C in 32 bits, like vpdpbusd. With A = 16 rows of packed x (x + 128,
+// units of 4 codes: 16 units = 64 k per tile row) and B = 16 units of a weight panel (PackedWeights: a unit
+// row is 16 channels × 4 s8 codes, exactly a B tile row), one tdpbusd is 16 rows × 16 channels × 64 k.
+//
+// The kernel holds a 32 × 32 block of C in tmm0-3 (2 row tiles × 2 panels), loads two A tiles (tmm4-5) and
+// two B tiles (tmm6-7) per 64 k, and runs four tdpbusd on them. pack_weights pads Amx weights to whole
+// B tiles (16 units) and an even number of panels, pack_x_u8 pads x to whole pairs of A tiles (32 rows),
+// with zeros, so every block is full; the epilogue stores only the rows and channels of y.
+// Then y = C + (b − (z_in + 128)·Σ_k w), as in the VNNI kernels.
+
+// AVX-512 for the epilogue; AMX for the tiles. Attributes, not file-wide flags (see kernels_avx512.cpp).
+#define LOWBIT_AMX __attribute__((target("avx2,avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
+
+namespace {
+
+constexpr int64_t kPanel = PackedWeights::kPanelChannels;  // 16 channels = one C tile's columns
+constexpr int64_t kBlock = 32;                             // a C block: 32 rows × 32 channels
+constexpr int64_t kUnitsPerTile = 16;                      // 64 k per tdpbusd
+constexpr int64_t kPairsPerTask = 8;                       // a task: 32 rows × 256 channels (A stays in L1)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// The tile configuration (palette 1), as ldtilecfg reads it: 64 bytes.
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64);
+
+// GCC 12's tile intrinsics are asm statements that do not tell the compiler they read or write memory
+// (tileloadd, tilestored), so these barriers keep it from moving or dropping the accesses around them.
+inline void compiler_barrier() { __asm__ volatile("" ::: "memory"); }
+
+// Every thread configures its own tiles before its first tile instruction (the tile state is per thread).
+LOWBIT_AMX void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {  // all eight: 16 rows × 64 bytes (C tiles: 16 int32 per row)
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  __asm__ volatile("ldtilecfg %0" ::"m"(config));
+}
+
+LOWBIT_AMX void release_tiles() { _tile_release(); }
+
+// c (32, 32) int32 = Σ over K_UNITS units of x·w for rows [0, 32) of xp (rows K_UNITS units apart) and the two
+// panels w0, w1 ((K_UNITS, 16) units each). K_UNITS is a multiple of 16.
+LOWBIT_AMX void block_kernel(const int32_t* xp, int64_t k_units, const int32_t* w0, const int32_t* w1, int32_t* c) {
+  const int64_t x_stride = 4 * k_units;  // bytes from one row of x to the next
+  compiler_barrier();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t ku = 0; ku < k_units; ku += kUnitsPerTile) {
+    _tile_loadd(4, xp + ku, x_stride);                 // rows 0-15, 64 k
+    _tile_loadd(5, xp + 16 * k_units + ku, x_stride);  // rows 16-31
+    _tile_loadd(6, w0 + ku * kPanel, 4 * kPanel);      // 16 units of panel 0
+    _tile_loadd(7, w1 + ku * kPanel, 4 * kPanel);      // 16 units of panel 1
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  _tile_stored(0, c, 4 * kBlock);
+  _tile_stored(1, c + 16, 4 * kBlock);
+  _tile_stored(2, c + 16 * kBlock, 4 * kBlock);
+  _tile_stored(3, c + 16 * kBlock + 16, 4 * kBlock);
+  compiler_barrier();
+}
+
+// Rows [r0, r0 + 32) ∩ [0, N) × panel pairs [q0, q1) of y.
+LOWBIT_AMX void amx_task(const int32_t* xp, const PackedWeights& w, const int32_t* b, int32_t z_eff, int32_t* y,
+                         int64_t n, int64_t r0, int64_t q0, int64_t q1) {
+  alignas(64) int32_t c[kBlock * kBlock];
+  const int64_t k_units = w.k_units, rows = min_i64(kBlock, n - r0);
+  const int32_t* units = w.units.data();
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t p = 2 * q;
+    block_kernel(xp + r0 * k_units, k_units, units + p * k_units * kPanel, units + (p + 1) * k_units * kPanel, c);
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t o0 = (p + half) * kPanel, channels = min_i64(kPanel, w.out - o0);
+      if (channels <= 0) break;
+      const auto mask = static_cast<__mmask16>(channels >= 16 ? 0xFFFF : (1u << channels) - 1);
+      const __m512i offset = _mm512_sub_epi32(  // b − z_eff·Σw, wrapping
+          _mm512_maskz_loadu_epi32(mask, b + o0),
+          _mm512_mullo_epi32(_mm512_set1_epi32(z_eff), _mm512_maskz_loadu_epi32(mask, w.row_sums.data() + o0)));
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512i sums = _mm512_load_si512(c + r * kBlock + half * kPanel);
+        _mm512_mask_storeu_epi32(y + (r0 + r) * w.out + o0, mask, _mm512_add_epi32(sums, offset));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void qgemm_amx(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
+               int threads) {
+  const int32_t z_eff = x_zero_point + 128;
+  const int64_t row_blocks = ceil_div(n, kBlock), pairs = w.panels / 2;
+  const int64_t pair_tasks = ceil_div(pairs, kPairsPerTask);
+  // Every y element is computed by one task, in a fixed order: the result does not depend on the threads.
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    configure_tiles();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < row_blocks * pair_tasks; ++t) {
+      const int64_t rb = t / pair_tasks, q0 = t % pair_tasks * kPairsPerTask;
+      amx_task(xp, w, b, z_eff, y, n, rb * kBlock, q0, min_i64(pairs, q0 + kPairsPerTask));
+    }
+    release_tiles();
+  }
+}
+
+}  // namespace lowbit::quant::runtime::detail

@@ -1,0 +1,377 @@
+// AVX-512 VNNI integer kernels (vpdpbusd: u8 × s8, four products into each int32 lane), bit-exact with the reference.
+#include <immintrin.h>
+
+#include <cstring>
+
+// GCC 12's AVX-512 intrinsic headers pass _mm512_undefined_epi32() as the unused source of unmasked
+// instructions (vpsrlq, vpsllvq, ...), which -Wmaybe-uninitialized reports once inlined (GCC bug 105593,
+// fixed in GCC 13). The values are never read; the warning is silenced for this file only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+#include "quant/runtime/kernels.h"
+#include "quant/runtime/kernels_isa.h"
+
+namespace lowbit::quant::runtime::detail {
+
+// How the VNNI kernels compute eq. 5 exactly (docs/quantization.md, "Eq. 5 on u8 × s8 instructions"):
+//
+// 1. vpdpbusd(acc, a, b) adds to each int32 lane j of acc the four products a[4j + i]·b[4j + i], a read as
+//    u8 and b as s8. Each product is exact (|255·(−128)| < 2^15) and the four are added to acc in 32 bits:
+//    no int16 intermediate, nothing saturates (that would be vpdpbusds, which is not used).
+// 2. x is int8, so it is made u8 by adding 128 (flipping bit 7): x + 128 = x − (−128), in [0, 255]. Weights
+//    (int8 in [−127, 127], or int4 sign-extended to int8) are the s8 operand. Then
+//      Σ_k w·(x − z_in) = Σ_k w·(x + 128) − (z_in + 128)·Σ_k w
+//    and the kernels compute y = (b − (z_in + 128)·Σ_k w) + Σ_k w·(x + 128), with Σ_k w from pack_weights.
+// 3. Partial sums of Σ w·(x + 128) may leave int32 (each term is up to 127·255), but every add wraps modulo
+//    2^32 and the final y is exact, because validate() bounds the true y below 2^31 (kernels_avx2.cpp, point 1).
+// 4. Weights are packed in panels of 16 channels, units of 4 consecutive k (PackedWeights); x rows are packed
+//    per call into the same units (pack_x_u8). The micro-kernel keeps MR × NV zmm accumulators (MR rows ×
+//    16·NV channels), broadcasts one x unit per row and multiplies it with NV weight vectors.
+
+// Every function that uses AVX-512 carries this attribute, rather than the whole file being compiled with
+// -mavx512*: inline functions from shared headers (std::, int4.h) are then never compiled with AVX-512
+// instructions into a copy the linker could pick for code that runs on CPUs without them.
+#define LOWBIT_AVX512_VNNI __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define LOWBIT_AVX512_VBMI __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vbmi")))
+
+namespace {
+
+constexpr int64_t kPanel = PackedWeights::kPanelChannels;  // 16 channels: one zmm of int32
+constexpr int64_t kRows = 6;                               // MR
+constexpr int64_t kVectors = 4;                            // NV: 4 panels, 64 channels; 24 accumulators
+constexpr int64_t kRowBlocksPerTask = 8;                   // a task is 48 rows × 64 channels ...
+constexpr int64_t kTaskRows = kRows * kRowBlocksPerTask;
+constexpr int64_t kTaskChannels = kVectors * kPanel;
+constexpr int64_t kKBlockUnits = 128;  // ... walking K in blocks of 128 units: 64 channels × 512 k = 32 KB in L1
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline uint64_t low_bits(int64_t count) { return count >= 64 ? ~uint64_t{0} : (uint64_t{1} << count) - 1; }
+inline uint16_t low_lanes(int64_t count) { return static_cast<uint16_t>(count >= 16 ? 0xFFFF : (1u << count) - 1); }
+
+// xp holds MR rows of units, row r at xp + r·x_stride; panel v's units at wp + v·panel_stride, (KB, 16) each;
+// sums is (MR, ·) int32 with rows sums_stride apart: sums = Σ over KB units of x·w, added to what sums holds
+// if accumulate. noipa: like the AVX2 micro-kernels, compiled on its own so the accumulators stay in registers.
+template <int MR, int NV>
+LOWBIT_AVX512_VNNI __attribute__((noipa)) void gemm_kernel(const int32_t* xp, int64_t x_stride, const int32_t* wp,
+                                                           int64_t panel_stride, int64_t kb, int32_t* sums,
+                                                           int64_t sums_stride, bool accumulate) {
+  __m512i acc[MR][NV];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_si512(sums + r * sums_stride + v * kPanel) : _mm512_setzero_si512();
+  for (int64_t ku = 0; ku < kb; ++ku) {
+    __m512i w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wp + v * panel_stride + ku * kPanel);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m512i x = _mm512_set1_epi32(xp[r * x_stride + ku]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], x, w[v]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_si512(sums + r * sums_stride + v * kPanel, acc[r][v]);
+}
+
+using GemmKernel = void (*)(const int32_t*, int64_t, const int32_t*, int64_t, int64_t, int32_t*, int64_t, bool);
+template <int MR>
+constexpr GemmKernel kKernelsOfRows[kVectors] = {&gemm_kernel<MR, 1>, &gemm_kernel<MR, 2>, &gemm_kernel<MR, 3>,
+                                                 &gemm_kernel<MR, 4>};
+// kKernels[MR − 1][NV − 1]: the edges of the GEMM (fewer rows or panels left) get a kernel of their size.
+constexpr const GemmKernel* kKernels[kRows] = {kKernelsOfRows<1>, kKernelsOfRows<2>, kKernelsOfRows<3>,
+                                               kKernelsOfRows<4>, kKernelsOfRows<5>, kKernelsOfRows<6>};
+
+// y rows [r0, r1) × panels [p0, p0 + nv) = sums + (b − z_eff·Σw), the int32 adds wrapping (point 3).
+LOWBIT_AVX512_VNNI void store_task(const int32_t* sums, const PackedWeights& w, const int32_t* b, int32_t z_eff,
+                                   int32_t* y, int64_t r0, int64_t r1, int64_t p0, int64_t nv) {
+  for (int64_t v = 0; v < nv; ++v) {
+    const int64_t o0 = (p0 + v) * kPanel, channels = min_i64(kPanel, w.out - o0);
+    if (channels <= 0) break;
+    const __mmask16 mask = low_lanes(channels);
+    const __m512i offset = _mm512_sub_epi32(
+        _mm512_maskz_loadu_epi32(mask, b + o0),
+        _mm512_mullo_epi32(_mm512_set1_epi32(z_eff), _mm512_maskz_loadu_epi32(mask, w.row_sums.data() + o0)));
+    for (int64_t r = r0; r < r1; ++r) {
+      const __m512i s = _mm512_loadu_si512(sums + (r - r0) * kTaskChannels + v * kPanel);
+      _mm512_mask_storeu_epi32(y + r * w.out + o0, mask, _mm512_add_epi32(s, offset));
+    }
+  }
+}
+
+// One task: rows [r0, r1) (at most kTaskRows) × panels [p0, p0 + nv) (nv <= kVectors) of y.
+LOWBIT_AVX512_VNNI void gemm_task(const int32_t* xp, const PackedWeights& w, const int32_t* b, int32_t z_eff,
+                                  int32_t* y, int64_t r0, int64_t r1, int64_t p0, int64_t nv) {
+  alignas(64) int32_t sums[kTaskRows * kTaskChannels];
+  const int64_t k_units = w.k_units;
+  for (int64_t k0 = 0; k0 < k_units; k0 += kKBlockUnits) {
+    const int64_t kb = min_i64(kKBlockUnits, k_units - k0);
+    const int32_t* wb = w.units.data() + (p0 * k_units + k0) * kPanel;
+    for (int64_t r = r0; r < r1; r += kRows) {
+      const int64_t mr = min_i64(kRows, r1 - r);
+      kKernels[mr - 1][nv - 1](xp + r * k_units + k0, k_units, wb, k_units * kPanel, kb,
+                               sums + (r - r0) * kTaskChannels, kTaskChannels, k0 > 0);
+    }
+  }
+  store_task(sums, w, b, z_eff, y, r0, r1, p0, nv);
+}
+
+// Row `row` of x into units (see pack_x_u8), 64 bytes at a time; bytes past IN are 0.
+LOWBIT_AVX512_VNNI void pack_row_u8(const int8_t* src, int64_t in, int64_t row_bytes, int32_t* dst) {
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
+  auto* out = reinterpret_cast<uint8_t*>(dst);
+  for (int64_t j = 0; j < row_bytes; j += 64) {
+    const __mmask64 valid = low_bits(in - j < 0 ? 0 : in - j), stored = low_bits(row_bytes - j);
+    const __m512i codes = _mm512_maskz_loadu_epi8(valid, src + j);
+    _mm512_mask_storeu_epi8(out + j, stored, _mm512_maskz_mov_epi8(valid, _mm512_xor_si512(codes, bias)));
+  }
+}
+
+// The conv micro-kernels, as conv_tile_vnni512 describes: 6 rows × NV panels of 16 channels (zmm), 12 rows × 16
+// channels, 12 rows × 8 channels (ymm).
+template <int NV>
+LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t* const* x, const int32_t* offsets,
+                                                                  int64_t k_units, const int32_t* wp, int32_t* tile) {
+  constexpr int MR = 6;
+  static_assert(MR == conv_rows_vnni(2));
+  const int64_t panel_stride = k_units * 16;
+  __m512i acc[MR][NV];
+  const uint8_t* xr[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    xr[r] = x[r];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+  }
+  for (int64_t t = 0; t < k_units; ++t, wp += 16) {
+    const int64_t at = offsets[t];
+    __m512i w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wp + v * panel_stride);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      int32_t unit;
+      std::memcpy(&unit, xr[r] + at, sizeof unit);
+      const __m512i xv = _mm512_set1_epi32(unit);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xv, w[v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tile + (v * MR + r) * 16, acc[r][v]);
+}
+
+LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_16(const uint8_t* const* x, const int32_t* offsets,
+                                                              int64_t k_units, const int32_t* wp, int32_t* tile) {
+  constexpr int MR = conv_rows_vnni(1);
+  __m512i acc[MR];
+  const uint8_t* xr[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    acc[r] = _mm512_setzero_si512();
+    xr[r] = x[r];
+  }
+  for (int64_t t = 0; t < k_units; ++t, wp += 16) {
+    const int64_t at = offsets[t];
+    const __m512i w = _mm512_loadu_si512(wp);
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      int32_t unit;
+      std::memcpy(&unit, xr[r] + at, sizeof unit);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(unit), w);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tile + r * 16, acc[r]);
+}
+
+LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_8(const uint8_t* const* x, const int32_t* offsets,
+                                                             int64_t k_units, const int32_t* wp, int32_t* tile) {
+  constexpr int MR = conv_rows_vnni(1);
+  __m256i acc[MR];
+  const uint8_t* xr[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    acc[r] = _mm256_setzero_si256();
+    xr[r] = x[r];
+  }
+  for (int64_t t = 0; t < k_units; ++t, wp += 8) {
+    const int64_t at = offsets[t];
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      int32_t unit;
+      std::memcpy(&unit, xr[r] + at, sizeof unit);
+      acc[r] = _mm256_dpbusd_epi32(acc[r], _mm256_set1_epi32(unit), w);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * 8), acc[r]);
+}
+
+// 64 pixels → 64 codes. vpermi2b picks, for each byte, entry (index & 127) of a 128-byte table held in two
+// zmm; the two halves of the 256-entry table give two candidates, and bit 7 of the pixel chooses between them.
+LOWBIT_AVX512_VBMI void lookup_block(const uint8_t* images, const __m512i table[4], int8_t* y, int64_t count) {
+  const __mmask64 mask = low_bits(count);
+  const __m512i pixels = _mm512_maskz_loadu_epi8(mask, images);
+  const __m512i low = _mm512_permutex2var_epi8(table[0], pixels, table[1]);              // entries 0..127
+  const __m512i high = _mm512_permutex2var_epi8(table[2], pixels, table[3]);             // entries 128..255
+  const __m512i codes = _mm512_mask_blend_epi8(_mm512_movepi8_mask(pixels), low, high);  // bit 7 set: high
+  _mm512_mask_storeu_epi8(y, mask, codes);
+}
+
+LOWBIT_AVX512_VBMI void lookup_range(const uint8_t* images, const int8_t* table_bytes, int8_t* y, int64_t begin,
+                                     int64_t end) {
+  __m512i table[4];
+  for (int q = 0; q < 4; ++q) table[q] = _mm512_loadu_si512(table_bytes + 64 * q);
+  for (int64_t i = begin; i < end; i += 64) lookup_block(images + i, table, y + i, min_i64(64, end - i));
+}
+
+// requantize() of 16 accumulators (docs/quantization.md eqs. 6-7): kernels_avx2.cpp's requant8 on 16 lanes.
+// Per lane, with the sign taken off first: |acc|·m as an unsigned 64-bit product (vpmuludq on even and odd
+// lanes), + 2^(n−1), >> n, saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max anyway), then
+// the sign put back, z_out added and the result clamped: the reference's single rounding exactly.
+struct Requant16 {
+  __m512i m, shift_even, shift_odd, half_even, half_odd;
+};
+
+LOWBIT_AVX512_VNNI Requant16 requant16_constants(const int32_t* multiplier, const int32_t* shift, __mmask16 mask) {
+  const __m512i one = _mm512_set1_epi64(1), shifts = _mm512_maskz_loadu_epi32(mask, shift);
+  Requant16 c;
+  c.m = _mm512_maskz_loadu_epi32(mask, multiplier);
+  c.shift_even = _mm512_and_si512(shifts, _mm512_set1_epi64(0xFFFFFFFF));
+  c.shift_odd = _mm512_srli_epi64(shifts, 32);
+  c.half_even = _mm512_sllv_epi64(one, _mm512_sub_epi64(c.shift_even, one));  // lanes masked off: 0
+  c.half_odd = _mm512_sllv_epi64(one, _mm512_sub_epi64(c.shift_odd, one));
+  return c;
+}
+
+LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c, __m512i z, __m512i lo, __m512i hi) {
+  const __m512i limit = _mm512_set1_epi64(0xFFFF);
+  const __m512i sign = _mm512_srai_epi32(a, 31);
+  const __m512i magnitude = _mm512_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
+  __m512i even = _mm512_mul_epu32(magnitude, c.m);
+  __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(magnitude, 32), _mm512_srli_epi64(c.m, 32));
+  even = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(even, c.half_even), c.shift_even), limit);
+  odd = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(odd, c.half_odd), c.shift_odd), limit);
+  const __m512i rounded = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  const __m512i q = _mm512_add_epi32(_mm512_sub_epi32(_mm512_xor_si512(rounded, sign), sign), z);
+  return _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+}
+
+// Rows [r0, r1) of requantize_rows_avx512.
+LOWBIT_AVX512_VNNI void requantize_row_range(const int32_t* acc, const Requant& rq, int8_t* y, int64_t r0, int64_t r1,
+                                             int64_t out) {
+  const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
+  const __m512i hi = _mm512_set1_epi32(rq.act_max);
+  for (int64_t o = 0; o < out; o += 16) {
+    const __mmask16 mask = low_lanes(out - o);
+    const Requant16 c = requant16_constants(rq.multiplier.data() + o, rq.shift.data() + o, mask);
+    for (int64_t r = r0; r < r1; ++r) {
+      const __m512i q = requant16(_mm512_maskz_loadu_epi32(mask, acc + r * out + o), c, z, lo, hi);
+      _mm512_mask_cvtepi32_storeu_epi8(y + r * out + o, mask, q);  // vpmovdb: the codes are in [−128, 127]
+    }
+  }
+}
+
+// Image i of maxpool2_requantize_avx512.
+LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Requant& rq, int8_t* y, int64_t c,
+                                                  int64_t height, int64_t width) {
+  const int64_t ho = pooled_size(height, 2, 2, 0), wo = pooled_size(width, 2, 2, 0), down = width * c;
+  const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
+  const __m512i hi = _mm512_set1_epi32(rq.act_max);
+  for (int64_t o = 0; o < c; o += 16) {
+    const __mmask16 mask = low_lanes(c - o);
+    const Requant16 constants = requant16_constants(rq.multiplier.data() + o, rq.shift.data() + o, mask);
+    for (int64_t oh = 0; oh < ho; ++oh) {
+      const int32_t* row = image + 2 * oh * down + o;
+      int8_t* yo = y + oh * wo * c + o;
+      for (int64_t ow = 0; ow < wo; ++ow, row += 2 * c, yo += c) {
+        const __m512i best = _mm512_max_epi32(
+            _mm512_max_epi32(_mm512_maskz_loadu_epi32(mask, row), _mm512_maskz_loadu_epi32(mask, row + c)),
+            _mm512_max_epi32(_mm512_maskz_loadu_epi32(mask, row + down),
+                             _mm512_maskz_loadu_epi32(mask, row + down + c)));
+        _mm512_mask_cvtepi32_storeu_epi8(yo, mask, requant16(best, constants, z, lo, hi));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void requantize_rows_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t rows, int64_t out, int threads) {
+  constexpr int64_t kBlockRows = 32;  // the block's accumulators stay in L1 while every channel block reads them
+  const int64_t blocks = ceil_div(rows, kBlockRows);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    requantize_row_range(acc, rq, y, blk * kBlockRows, min_i64(rows, (blk + 1) * kBlockRows), out);
+  }
+}
+
+void maxpool2_requantize_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t n, int64_t c, int64_t height,
+                                int64_t width, int threads) {
+  const int64_t pooled = pooled_size(height, 2, 2, 0) * pooled_size(width, 2, 2, 0) * c;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    maxpool2_requantize_image(acc + i * height * width * c, rq, y + i * pooled, c, height, width);
+}
+
+void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads) {
+  const int64_t blocks = ceil_div(size, 64);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int t = 0; t < threads; ++t) {  // whole 64-pixel blocks per thread
+    lookup_range(images, table, y, blocks * t / threads * 64, min_i64(size, blocks * (t + 1) / threads * 64));
+  }
+}
+
+void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t* xp, int threads) {
+  const int64_t rows = ceil_div(n, kPackedRowGroup) * kPackedRowGroup;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    if (row < n) {
+      pack_row_u8(x + row * in, in, 4 * k_units, xp + row * k_units);
+    } else {
+      std::memset(xp + row * k_units, 0, static_cast<size_t>(4 * k_units));
+    }
+  }
+}
+
+void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y,
+                   int64_t n, int threads) {
+  const int32_t z_eff = x_zero_point + 128;  // point 2
+  const int64_t row_tasks = ceil_div(n, kTaskRows), channel_tasks = ceil_div(w.panels, kVectors);
+  // Every y element is computed by one task, in a fixed order: the result does not depend on the threads.
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t t = 0; t < row_tasks * channel_tasks; ++t) {
+    const int64_t rt = t / channel_tasks, ct = t % channel_tasks;
+    const int64_t r0 = rt * kTaskRows, p0 = ct * kVectors;
+    gemm_task(xp, w, b, z_eff, y, r0, min_i64(n, r0 + kTaskRows), p0, min_i64(kVectors, w.panels - p0));
+  }
+}
+
+void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
+                       int64_t panel, int64_t panels, int32_t* tile) {
+  if (panel == 8) return conv_kernel_8(x, offsets, k_units, wp, tile);
+  switch (panels) {
+    case 1:
+      return conv_kernel_16(x, offsets, k_units, wp, tile);
+    case 2:
+      return conv_kernel_panels<2>(x, offsets, k_units, wp, tile);
+    case 3:
+      return conv_kernel_panels<3>(x, offsets, k_units, wp, tile);
+    default:
+      return conv_kernel_panels<4>(x, offsets, k_units, wp, tile);
+  }
+}
+
+}  // namespace lowbit::quant::runtime::detail

@@ -1,0 +1,55 @@
+// Internal to quant/runtime: the entry points of the AVX-512 VNNI and AMX kernel files, which the dispatch in
+// kernels_avx2.cpp calls once the CPU has been checked (cpu.h). Not part of the library's interface.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "quant/runtime/kernels.h"
+
+namespace lowbit::quant::runtime::detail {
+
+// Rows of x are packed for the Vnni512 and Amx GEMMs in groups of this many (two AMX A tiles of 16 rows).
+constexpr int64_t kPackedRowGroup = 32;
+// The Amx path runs a GEMM on tiles from this many rows on; fewer rows would leave most of an A tile empty,
+// and go to the Vnni512 kernels.
+constexpr int64_t kAmxMinRows = 32;
+// The Vnni512 conv micro-kernel takes up to kConvPanelsVnni panels of 16 channels per call, and this many
+// rows: 12 for one panel (or one of 8 channels), 6 for 2-4 panels (24 accumulators at most). Multiples of
+// both divide kernels_avx2.cpp's kConvRowBlock.
+constexpr int64_t kConvPanelsVnni = 4;
+constexpr int64_t conv_rows_vnni(int64_t panels_per_call) { return panels_per_call == 1 ? 12 : 6; }
+
+// ---- kernels_avx512.cpp ----
+
+// x is (N, IN) codes; xp is (ROWS, K_UNITS) units of 4 bytes x + 128 (u8, byte i = k + i), ROWS = N rounded up
+// to kPackedRowGroup; codes past IN and rows past N are 0 (their weights are 0, or the rows are not stored).
+void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t* xp, int threads);
+
+// x is (N, IN) codes, w packed for Vnni512 or Amx, b is (OUT); y is (N, OUT) int32, equal to qgemm_s8_ref's.
+// xp is (ROWS, K_UNITS), already filled by pack_x_u8.
+void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y,
+                   int64_t n, int threads);
+
+// The conv micro-kernel: x[r] points at the window of GEMM row r (u8 operands x + 128), unit t of a window
+// starts offsets[t] bytes further; wp is PANELS consecutive (K_UNITS, PANEL) s8 unit panels, PANEL 16 or 8
+// (then PANELS is 1); tile is (PANELS, MR, PANEL) int32 = Σ_t x·w, MR = conv_rows_vnni(PANELS).
+void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
+                       int64_t panel, int64_t panels, int32_t* tile);
+
+// y[i] = table[images[i]] for i < size (input_lookup), with two-table byte permutes. Needs AVX-512 VBMI.
+void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads);
+
+// requantize_to_nchw for P = 1: acc (ROWS, OUT) int32 → y (ROWS, OUT) codes, 16 channels at a time.
+void requantize_rows_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t rows, int64_t out, int threads);
+// maxpool_requantize_nhwc for the 2×2 pool with stride 2 and no padding, 16 channels at a time.
+void maxpool2_requantize_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t n, int64_t c, int64_t height,
+                                int64_t width, int threads);
+
+// ---- kernels_amx.cpp ----
+
+// As qgemm_vnni512, with w packed for Amx and N >= kAmxMinRows.
+void qgemm_amx(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
+               int threads);
+
+}  // namespace lowbit::quant::runtime::detail
