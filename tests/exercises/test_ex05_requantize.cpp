@@ -50,11 +50,11 @@ TEST_CASE("requantize with M = 0.5 (m = 2^30, n = 31): out = clamp(z + round(acc
   CHECK(requantize(-1000, kTwoTo30, 31, 0, -128, 127) == -128);  // −500 saturates
 }
 
-TEST_CASE("the worked example of docs/quantization.md: m = 1759218622, n = 40, z_out = −20, fused ReLU") {
+TEST_CASE("the worked example of docs/quantization.md: m = 1759218560, n = 40, z_out = −20, fused ReLU") {
   // act_min = max(−128, z_out) = −20: real values below 0 are clamped to 0.
-  CHECK(requantize(7531, 1759218622, 40, -20, -20, 127) == -8);    // 12.0496 steps → −20 + 12
-  CHECK(requantize(-7531, 1759218622, 40, -20, -20, 127) == -20);  // −20 − 12 = −32 → the ReLU clamp
-  CHECK(requantize(937, 1759218622, 40, 0, -128, 127) == 1);       // 1.4992: one rounding gives 1, two would give 2
+  CHECK(requantize(7531, 1759218560, 40, -20, -20, 127) == -8);    // 12.0496 steps → −20 + 12
+  CHECK(requantize(-7531, 1759218560, 40, -20, -20, 127) == -20);  // −20 − 12 = −32 → the ReLU clamp
+  CHECK(requantize(937, 1759218560, 40, 0, -128, 127) == 1);       // 1.4992: one rounding gives 1, two would give 2
 }
 
 TEST_CASE("the product acc·m needs 64 bits: the largest accumulators and multipliers") {
