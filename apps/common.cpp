@@ -272,10 +272,12 @@ EvalResult evaluate_model(nn::Module& model, const data::Dataset& dataset, const
 EvalResult evaluate_int(const quant::IntModel& model, const data::Dataset& dataset, int64_t batch_size, int threads) {
   quant::runtime::Executor executor(model.graph, threads);
   const int64_t classes = executor.num_classes();
-  const int64_t pixels = dataset.images.rows * dataset.images.cols;
-  if (pixels * model.graph.in_channels != model.graph.in_channels * model.graph.in_height * model.graph.in_width)
-    fail("the integer model takes {}x{} images, the data set holds {}x{} images", model.graph.in_height,
-         model.graph.in_width, dataset.images.rows, dataset.images.cols);
+  const int64_t pixels = dataset.images.image_size();
+  if (dataset.images.channels != model.graph.in_channels || dataset.images.rows != model.graph.in_height ||
+      dataset.images.cols != model.graph.in_width)
+    fail("the integer model takes {}x{}x{} images, the data set holds {}x{}x{} images", model.graph.in_channels,
+         model.graph.in_height, model.graph.in_width, dataset.images.channels, dataset.images.rows,
+         dataset.images.cols);
   EvalResult r = empty_result(classes);
   for (int64_t start = 0; start < dataset.size(); start += batch_size) {
     const int64_t n = std::min(batch_size, dataset.size() - start);

@@ -43,7 +43,7 @@ double median(std::vector<double> v) {
 void run_integer(Report& r, quant::QatModel& qat, const data::MnistData& data, const Normalization& norm,
                  const Settings& s) {
   qat.eval();
-  const quant::IntModel int_model = quant::convert(qat, norm, {1, data.test.images.rows, data.test.images.cols});
+  const quant::IntModel int_model = quant::convert(qat, norm, {data.test.images.channels, data.test.images.rows, data.test.images.cols});
   const apps::EvalResult fq =
       apps::evaluate_model(qat, data.test, norm, s.batch_size, apps::int_output_qparams(int_model));
   r.result = apps::evaluate_int(int_model, data.test, s.batch_size, std::max(1, num_threads()));

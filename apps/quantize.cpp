@@ -39,29 +39,31 @@ void run(Settings s) {
 
   if (s.sensitivity || s.mixed > 0) {
     // Per-layer sensitivity: each block's weights alone at --low-bits, accuracy on the first test images.
-    data::Dataset subset{{std::min(s.sensitivity_images, data.test.size()), data.test.images.rows, data.test.images.cols, {}}, {}};
-    const int64_t pixels = data.test.images.rows * data.test.images.cols;
-    subset.images.pixels.assign(data.test.images.pixels.begin(), data.test.images.pixels.begin() + subset.images.count * pixels);
-    subset.labels.assign(data.test.labels.begin(), data.test.labels.begin() + subset.images.count);
+    const data::Dataset subset = data::first_images(data.test, s.sensitivity_images);
     const quant::SensitivityReport report = quant::layer_sensitivity(
-        *m.float_model, config, s.low_bits, [&](quant::QatModel& q) { apps::calibrate(q, data.train, m.norm, s.calib); },
+        *m.float_model, config, s.low_bits,
+        [&](quant::QatModel& q) { apps::calibrate(q, data.train, m.norm, s.calib); },
         [&](quant::QatModel& q) { return apps::evaluate_model(q, subset, m.norm, 256).accuracy(); });
     std::cout << fmt::format("sensitivity ({}-bit weights in one layer at a time, {} test images; baseline {:.2f}%):\n",
                              s.low_bits, subset.size(), 100 * report.baseline_accuracy);
-    std::cout << fmt::format("  {:<10} {:>9} {:>10} {:>8} {:>12}\n", "layer", "weights", "accuracy", "drop", "bytes saved");
+    std::cout << fmt::format("  {:<10} {:>9} {:>10} {:>8} {:>12}\n", "layer", "weights", "accuracy", "drop",
+                             "bytes saved");
     for (const auto& b : report.blocks)
-      std::cout << fmt::format("  {:<10} {:>9} {:>9.2f}% {:>7.2f} {:>12}\n", b.block.layer, b.block.weights, 100 * b.accuracy,
-                               100 * b.drop, quant::block_bytes(b.block, config.weight_bits) - quant::block_bytes(b.block, s.low_bits));
+      std::cout << fmt::format(
+          "  {:<10} {:>9} {:>9.2f}% {:>7.2f} {:>12}\n", b.block.layer, b.block.weights, 100 * b.accuracy, 100 * b.drop,
+          quant::block_bytes(b.block, config.weight_bits) - quant::block_bytes(b.block, s.low_bits));
     if (s.mixed > 0) {
       config = quant::choose_mixed_precision(*m.float_model, config, report, s.mixed, s.low_bits);
       std::cout << fmt::format("mixed precision for a budget of {} bytes: parameters {} bytes; weight bits per layer:",
                                s.mixed, quant::model_parameter_bytes(*m.float_model, config));
       for (const auto& b : quant::quantized_blocks(*m.float_model)) {
         auto it = config.block_weight_bits.find(b.block);
-        std::cout << fmt::format(" {}:{}", b.layer, it == config.block_weight_bits.end() ? config.weight_bits : it->second);
+        std::cout << fmt::format(" {}:{}", b.layer,
+                                 it == config.block_weight_bits.end() ? config.weight_bits : it->second);
       }
       std::cout << "\n";
-      if (s.out == apps::sibling_path(s.model, quant::parse_bits(s.bits).mode_name())) s.out = apps::sibling_path(s.model, "mixed");
+      if (s.out == apps::sibling_path(s.model, quant::parse_bits(s.bits).mode_name()))
+        s.out = apps::sibling_path(s.model, "mixed");
     } else {
       return;
     }
@@ -70,7 +72,8 @@ void run(Settings s) {
   auto qat = quant::prepare_qat(*m.float_model, config);
   apps::calibrate(*qat, data.train, m.norm, s.calib);
   qat->eval();
-  const quant::IntModel int_model = quant::convert(*qat, m.norm, {1, data.test.images.rows, data.test.images.cols});
+  const quant::IntModel int_model =
+      quant::convert(*qat, m.norm, {data.test.images.channels, data.test.images.rows, data.test.images.cols});
 
   const int threads = std::max(1, num_threads());
   const apps::EvalResult fp = apps::evaluate_model(*m.float_model, data.test, m.norm, 256);
@@ -125,9 +128,15 @@ int main(int argc, char** argv) {
   app.add_option("--out", s.out, "integer model to write (default: MODEL.MODE.safetensors next to the model)");
   app.add_option("--threads", s.threads, "threads (0: all cores)")->check(CLI::Range(0, 256));
   app.add_flag("--json", s.json, "print one JSON object on stdout");
-  app.add_flag("--sensitivity", s.sensitivity, "report each layer's accuracy drop when only its weights go to --low-bits");
-  app.add_option("--mixed", s.mixed, "choose per-layer weight bits to fit the parameters in this many bytes")->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
-  app.add_option("--low-bits", s.low_bits, "the low weight width for --sensitivity and --mixed")->check(CLI::Range(2, 4))->capture_default_str();
-  app.add_option("--sensitivity-images", s.sensitivity_images, "test images per sensitivity evaluation")->check(CLI::Range(int64_t{1}, int64_t{10000}))->capture_default_str();
+  app.add_flag("--sensitivity", s.sensitivity,
+               "report each layer's accuracy drop when only its weights go to --low-bits");
+  app.add_option("--mixed", s.mixed, "choose per-layer weight bits to fit the parameters in this many bytes")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
+  app.add_option("--low-bits", s.low_bits, "the low weight width for --sensitivity and --mixed")
+      ->check(CLI::Range(2, 4))
+      ->capture_default_str();
+  app.add_option("--sensitivity-images", s.sensitivity_images, "test images per sensitivity evaluation")
+      ->check(CLI::Range(int64_t{1}, int64_t{10000}))
+      ->capture_default_str();
   return apps::run_main(app, argc, argv, [&] { run(s); });
 }

@@ -104,10 +104,9 @@ class Trainer {
   const data::Dataset& eval_set() {
     if (val_idx_.empty()) return data_.test;
     if (val_set_.size() == 0) {  // materialise the validation examples once
-      const int64_t pixels = data_.train.images.rows * data_.train.images.cols;
-      val_set_.images = data_.train.images;
+      const int64_t pixels = data_.train.images.image_size();
+      val_set_.images = {0, data_.train.images.rows, data_.train.images.cols, {}, data_.train.images.channels};
       val_set_.images.count = static_cast<int64_t>(val_idx_.size());
-      val_set_.images.pixels.clear();
       for (int64_t i : val_idx_) {
         auto begin = data_.train.images.pixels.begin() + i * pixels;
         val_set_.images.pixels.insert(val_set_.images.pixels.end(), begin, begin + pixels);
@@ -120,11 +119,7 @@ class Trainer {
   double evaluate(nn::Module& model) {
     const data::Dataset& set = eval_set();
     if (!s_.dry_run) return apps::evaluate_model(model, set, norm_, 500).accuracy();
-    data::Dataset small{set.images, {}};
-    small.images.count = std::min<int64_t>(set.size(), 500);
-    const int64_t n = small.images.count, pixels = set.images.rows * set.images.cols;
-    small.images.pixels.assign(set.images.pixels.begin(), set.images.pixels.begin() + n * pixels);
-    small.labels.assign(set.labels.begin(), set.labels.begin() + n);
+    const data::Dataset small = data::first_images(set, 500);
     return apps::evaluate_model(model, small, norm_, 500).accuracy();
   }
 
@@ -301,7 +296,7 @@ void run(Settings s, bool model_given) {
   // ---- data, then the model for its image size and classes
   const data::MnistData data = data::load_mnist(s.data, s.classes);
   const data::IdxImages& images = data.train.images;
-  description = nn::with_data_shape(description, 1, images.rows, images.cols, data.classes);
+  description = nn::with_data_shape(description, images.channels, images.rows, images.cols, data.classes);
   if (!model) model = nn::build_model(description);  // initialised from the seed
   if (s.summary) std::cout << nn::format_summary(nn::summarize(*model));
   if (s.qat) quant::prepare_qat(*model, qconfig);  // a model QAT cannot prepare fails now, not after float training
@@ -375,7 +370,8 @@ void run(Settings s, bool model_given) {
 
   // ---- convert and compare
   qat->eval();
-  const quant::IntModel int_model = quant::convert(*qat, norm, {1, data.test.images.rows, data.test.images.cols});
+  const quant::IntModel int_model =
+      quant::convert(*qat, norm, {data.test.images.channels, data.test.images.rows, data.test.images.cols});
   const std::string int_path = apps::sibling_path(s.out, int_model.mode);
   quant::save_int_model(int_path, int_model);
   const apps::EvalResult fq = apps::evaluate_model(*qat, data.test, norm, 500, apps::int_output_qparams(int_model));

@@ -218,7 +218,7 @@ struct IdxFile {
   std::vector<uint8_t> data;
 };
 
-const char* kind_name(uint32_t magic) { return magic == kIdxImageMagic ? "image" : "label"; }
+const char* kind_name(uint32_t magic) { return magic == kIdxLabelMagic ? "label" : "image"; }
 
 uint32_t big_endian_u32(const uint8_t* bytes) {
   return (uint32_t{bytes[0]} << 24) | (uint32_t{bytes[1]} << 16) | (uint32_t{bytes[2]} << 8) | uint32_t{bytes[3]};
@@ -237,31 +237,36 @@ uint32_t big_endian_u32(const uint8_t* bytes) {
   } else if (found == kIdxImageMagic || found == kIdxLabelMagic) {
     why = fmt::format("is this {} file?", found == kIdxImageMagic ? "an image" : "a label");
   } else {
-    why = fmt::format("rank {}, expected {}", rank, expected & 0xFF);
+    why = fmt::format("rank {}, expected {}{}", rank, expected & 0xFF,
+                      expected == kIdxImageMagic ? " (or 4: images with channels)" : "");
   }
   fail("'{}': expected IDX {} magic 0x{:08x}, found 0x{:08x} ({})", path, kind_name(expected), expected, found, why);
 }
 
-// Reads and checks the header, then the data it announces. The rank comes from the expected
-// magic: 3 for images (count, rows, cols), 1 for labels (count).
+// Reads and checks the header, then the data it announces. The rank comes from the magic: 3 for
+// images (count, rows, cols), 4 for images with channels (count, channels, rows, cols), 1 for labels.
 IdxFile read_idx(ByteSource& source, const std::string& path, uint32_t expected_magic) {
-  const size_t rank = expected_magic & 0xFF;
-  const size_t header_bytes = 4 + 4 * rank;
-  std::vector<uint8_t> header(header_bytes);
-  const size_t got = source.read(header.data(), header_bytes);
+  std::vector<uint8_t> header(4);
+  const size_t got = source.read(header.data(), 4);
   if (got < 4)
     fail("'{}' is too short to be an IDX file: {} bytes{} (empty or cut file?)", path, got,
          source.gzipped() ? " after decompression" : "");
   const uint32_t magic = big_endian_u32(header.data());
-  if (magic != expected_magic) wrong_magic(path, expected_magic, magic);
-  if (got < header_bytes) fail("'{}' ends inside its IDX header: {} of {} header bytes", path, got, header_bytes);
+  const bool channel_images = expected_magic == kIdxImageMagic && magic == kIdxChannelImageMagic;
+  if (magic != expected_magic && !channel_images) wrong_magic(path, expected_magic, magic);
+  const size_t rank = magic & 0xFF;
+  const size_t header_bytes = 4 + 4 * rank;
+  header.resize(header_bytes);
+  const size_t more = source.read(header.data() + 4, header_bytes - 4);
+  if (4 + more < header_bytes)
+    fail("'{}' ends inside its IDX header: {} of {} header bytes", path, 4 + more, header_bytes);
 
   IdxFile file;
   for (size_t d = 0; d < rank; ++d) file.dims.push_back(big_endian_u32(header.data() + 4 + 4 * d));
 
-  if (rank == 3 && (file.dims[1] == 0 || file.dims[2] == 0)) {
-    fail("'{}': header says images of {}x{}; rows and cols must be at least 1 (corrupt header?)", path, file.dims[1],
-         file.dims[2]);
+  if (rank >= 3 && (file.dims[rank - 2] == 0 || file.dims[rank - 1] == 0 || file.dims[1] == 0)) {
+    fail("'{}': header says images of {}; channels, rows and cols must be at least 1 (corrupt header?)", path,
+         fmt::join(file.dims.begin() + 1, file.dims.end(), "x"));
   }
 
   // Size of the data, overflow-checked, and capped before anything is allocated.
@@ -272,11 +277,12 @@ IdxFile read_idx(ByteSource& source, const std::string& path, uint32_t expected_
            fmt::join(file.dims, " x "));
     }
   }
-  uint64_t item_bytes = 1;  // rows * cols for images: below 2^64, the product of two uint32
+  uint64_t item_bytes = 1;  // channels * rows * cols for images: at most data_bytes, checked above
   for (size_t d = 1; d < rank; ++d) item_bytes *= file.dims[d];
-  const std::string described = rank == 3 ? fmt::format("{} images of {}x{}", file.dims[0], file.dims[1], file.dims[2])
-                                          : fmt::format("{} labels", file.dims[0]);
-  const char* noun = rank == 3 ? "images" : "labels";
+  const std::string described =
+      rank >= 3 ? fmt::format("{} images of {}", file.dims[0], fmt::join(file.dims.begin() + 1, file.dims.end(), "x"))
+                : fmt::format("{} labels", file.dims[0]);
+  const char* noun = rank >= 3 ? "images" : "labels";
   if (data_bytes > kMaxIdxDataBytes) {
     fail(
         "'{}': header says {} = {} bytes, over lowbit's resource limit of {} bytes; refusing to "
@@ -327,9 +333,11 @@ IdxFile read_idx(ByteSource& source, const std::string& path, uint32_t expected_
 
 IdxImages to_images(IdxFile file) {
   IdxImages images;
+  const size_t rank = file.dims.size();
   images.count = file.dims[0];
-  images.rows = file.dims[1];
-  images.cols = file.dims[2];
+  images.channels = rank == 4 ? file.dims[1] : 1;
+  images.rows = file.dims[rank - 2];
+  images.cols = file.dims[rank - 1];
   images.pixels = std::move(file.data);
   return images;
 }

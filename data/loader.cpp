@@ -31,8 +31,8 @@ DataLoader::DataLoader(const Dataset& data, std::vector<int64_t> indices, Option
     fail("DataLoader: the data set has {} images but {} labels", data_.size(), data_.labels.size());
   }
   if (data_.images.pixels.size() != static_cast<size_t>(data_.size() * data_.images.image_size())) {
-    fail("DataLoader: the data set's pixel buffer holds {} bytes, expected {} images of {}x{}",
-         data_.images.pixels.size(), data_.size(), data_.images.rows, data_.images.cols);
+    fail("DataLoader: the data set's pixel buffer holds {} bytes, expected {} images of {}x{}x{}",
+         data_.images.pixels.size(), data_.size(), data_.images.channels, data_.images.rows, data_.images.cols);
   }
   if (indices_.empty()) {
     indices_.resize(data_.size());
@@ -67,11 +67,8 @@ bool DataLoader::next(Batch& batch) {
   const int64_t remaining = size() - position_;
   if (remaining <= 0 || (options_.drop_last && remaining < options_.batch_size)) return false;
   const int64_t b = std::min(options_.batch_size, remaining);
-  const int64_t rows = data_.images.rows;
-  const int64_t cols = data_.images.cols;
-  const int64_t image_size = rows * cols;
-
-  const Shape shape = {b, 1, rows, cols};
+  const int64_t image_size = data_.images.image_size();
+  const Shape shape = {b, data_.images.channels, data_.images.rows, data_.images.cols};
   if (!batch.images.defined() || batch.images.shape() != shape) batch.images = Tensor::empty(shape);
   batch.labels.resize(b);
   batch.raw.resize(b * image_size);

@@ -20,10 +20,13 @@ namespace {
 namespace fs = std::filesystem;
 
 // The first existing file among the common names of one of the four files, e.g. stem
-// "train-images" and kind "idx3-ubyte"; throws naming every name tried.
-std::string find_file(const fs::path& dir, const std::string& stem, const std::string& kind, const std::string& what) {
-  const std::vector<std::string> names = {stem + "-" + kind, stem + "-" + kind + ".gz", stem + "." + kind,
-                                          stem + "." + kind + ".gz"};
+// "train-images" and kinds {"idx3-ubyte", "idx4-ubyte"}; throws naming every name tried.
+std::string find_file(const fs::path& dir, const std::string& stem, const std::vector<std::string>& kinds,
+                      const std::string& what) {
+  std::vector<std::string> names;
+  for (const std::string& kind : kinds)
+    names.insert(names.end(),
+                 {stem + "-" + kind, stem + "-" + kind + ".gz", stem + "." + kind, stem + "." + kind + ".gz"});
   for (const std::string& name : names) {
     std::error_code ec;
     if (fs::is_regular_file(dir / name, ec)) return (dir / name).string();
@@ -32,8 +35,9 @@ std::string find_file(const fs::path& dir, const std::string& stem, const std::s
 }
 
 Dataset load_split(const fs::path& dir, const std::string& stem, const char* name) {
-  const std::string images_path = find_file(dir, stem + "-images", "idx3-ubyte", fmt::format("{} images", name));
-  const std::string labels_path = find_file(dir, stem + "-labels", "idx1-ubyte", fmt::format("{} labels", name));
+  const std::string images_path =
+      find_file(dir, stem + "-images", {"idx3-ubyte", "idx4-ubyte"}, fmt::format("{} images", name));
+  const std::string labels_path = find_file(dir, stem + "-labels", {"idx1-ubyte"}, fmt::format("{} labels", name));
   Dataset data{read_idx_images(images_path), read_idx_labels(labels_path)};
   const int64_t label_count = static_cast<int64_t>(data.labels.size());
   if (data.images.count != label_count) {
@@ -62,6 +66,10 @@ MnistData load_mnist(const std::string& dir, int64_t classes) {
     fail("data folder '{}': training images are {}x{} but test images are {}x{} (files from different data sets?)", dir,
          train.rows, train.cols, test.rows, test.cols);
   }
+  if (train.channels != test.channels) {
+    fail("data folder '{}': training images have {} channels but test images {} (files from different data sets?)", dir,
+         train.channels, test.channels);
+  }
   for (const Dataset* set : {&data.train, &data.test}) {
     const auto largest = std::max_element(set->labels.begin(), set->labels.end());
     const int64_t index = largest - set->labels.begin();
@@ -73,6 +81,13 @@ MnistData load_mnist(const std::string& dir, int64_t classes) {
   if (classes > 0) data.classes = classes;
   if (data.classes < 2) fail("data folder '{}': every label is 0; a classifier needs at least 2 classes", dir);
   return data;
+}
+
+Dataset first_images(const Dataset& set, int64_t n) {
+  n = std::clamp<int64_t>(n, 0, set.size());
+  const auto pixels = set.images.pixels.begin();
+  return {{n, set.images.rows, set.images.cols, {pixels, pixels + n * set.images.image_size()}, set.images.channels},
+          {set.labels.begin(), set.labels.begin() + n}};
 }
 
 Normalization compute_normalization(const IdxImages& images) {

@@ -35,11 +35,15 @@ struct MnistData {
 // Loads train-images, train-labels, t10k-images and t10k-labels from `dir`. Each file may use
 // either common naming, plain or gzipped; for train images the names tried, in order, are
 //   train-images-idx3-ubyte, train-images-idx3-ubyte.gz, train-images.idx3-ubyte, train-images.idx3-ubyte.gz
+// (then the same with idx4-ubyte: images with channels)
 // and the first that exists is read. Checks that image and label counts agree, that train and
 // test images have the same size and that neither set is empty. The number of classes is `classes`
 // when given (every label must be below it), else one more than the largest label of either set.
 // Every problem throws lowbit::Error naming the folder or file.
 MnistData load_mnist(const std::string& dir = kDefaultDataDir, int64_t classes = 0);
+
+// The first n images of `set` (all of them when it holds fewer), as a data set of their own.
+Dataset first_images(const Dataset& set, int64_t n);
 
 // Mean and (population) standard deviation of pixel / 255 over every pixel, computed in double
 // (from a 256-bin histogram, so exact up to the final division and square root).

@@ -43,10 +43,13 @@ inline std::vector<uint8_t> idx_header(uint32_t magic, const std::vector<uint32_
   return bytes;
 }
 
+// Rank 3 (count, rows, cols) for one channel, rank 4 (count, channels, rows, cols) otherwise.
 inline std::vector<uint8_t> idx_images_bytes(const data::IdxImages& images) {
-  std::vector<uint8_t> bytes = idx_header(
-      data::kIdxImageMagic,
-      {static_cast<uint32_t>(images.count), static_cast<uint32_t>(images.rows), static_cast<uint32_t>(images.cols)});
+  const auto count = static_cast<uint32_t>(images.count), channels = static_cast<uint32_t>(images.channels),
+             rows = static_cast<uint32_t>(images.rows), cols = static_cast<uint32_t>(images.cols);
+  std::vector<uint8_t> bytes = images.channels == 1
+                                   ? idx_header(data::kIdxImageMagic, {count, rows, cols})
+                                   : idx_header(data::kIdxChannelImageMagic, {count, channels, rows, cols});
   bytes.insert(bytes.end(), images.pixels.begin(), images.pixels.end());
   return bytes;
 }

@@ -288,6 +288,39 @@ TEST_CASE("a user's own description on 32x32 images with 20 classes: train, eval
       "is a graph with branches");
 }
 
+TEST_CASE("images with 3 channels (rank-4 IDX files): train --qat, then eval --int8 from the files alone") {
+  auto& w = workspace();
+  const std::string data = w.dir / "data3";
+  fs::create_directories(data);
+  // Three planes per image: the stripes, their negative, and the stripes again.
+  const auto three_channels = [](data::Dataset set) {
+    data::IdxImages rgb{set.images.count, set.images.rows, set.images.cols, {}, 3};
+    const int64_t plane = set.images.rows * set.images.cols;
+    for (int64_t i = 0; i < set.images.count; ++i)
+      for (int c = 0; c < 3; ++c)
+        for (int64_t p = 0; p < plane; ++p) {
+          const uint8_t v = set.images.pixels[static_cast<size_t>(i * plane + p)];
+          rgb.pixels.push_back(c == 1 ? static_cast<uint8_t>(255 - v) : v);
+        }
+    set.images = rgb;
+    return set;
+  };
+  const data::Dataset train = three_channels(striped_images(kTrainImages, 31, 16, 5)),
+                      test = three_channels(striped_images(kTestImages, 32, 16, 5));
+  data_fixtures::write_bytes(data + "/train-images-idx4-ubyte", data_fixtures::idx_images_bytes(train.images));
+  data_fixtures::write_bytes(data + "/train-labels-idx1-ubyte", data_fixtures::idx_labels_bytes(train.labels));
+  data_fixtures::write_bytes(data + "/t10k-images-idx4-ubyte", data_fixtures::idx_images_bytes(test.images));
+  data_fixtures::write_bytes(data + "/t10k-labels-idx1-ubyte", data_fixtures::idx_labels_bytes(test.labels));
+  const std::string out = w.dir / "rgb.qat.safetensors";
+  const Run q = w.run("train", "--model lenet5 --epochs 2 --qat --threads 2 --data " + data + " --out " + out);
+  REQUIRE_MESSAGE(q.code == 0, q.err);
+  const nlohmann::json i = w.run_json("eval", "--int8 --model " + out + " --data " + data);
+  CHECK(i["accuracy"].get<double>() >= kMinAccuracy);
+  CHECK(i["agreement"].get<double>() >= kMinAgreement);
+  // The integer model refuses one-channel data with a clear line.
+  check_fails(w.run("eval", "--model " + w.dir / "rgb.qat.int8.safetensors"), "takes 3x16x16 images");
+}
+
 TEST_CASE("resume: flags that contradict the checkpoint are refused; a complete run is left alone") {
   auto& w = workspace();
   check_fails(

@@ -62,6 +62,34 @@ TEST_CASE("IDX images and labels round-trip, plain and gzip") {
   }
 }
 
+TEST_CASE("images with channels (rank 4, magic 0x00000804) read as (count, channels, rows, cols)") {
+  TempDir dir("data_idx_channels");
+  data::IdxImages images = synthetic_images(4, 5, 3);
+  images.channels = 3;
+  images.pixels.resize(static_cast<size_t>(4 * 3 * 5 * 3), 7);
+  for (bool gzip : {false, true}) {
+    CAPTURE(gzip);
+    write_file(dir / "images", idx_images_bytes(images), gzip);
+    const data::IdxImages read = data::read_idx_images(dir / "images");
+    CHECK(read.count == 4);
+    CHECK(read.channels == 3);
+    CHECK(read.rows == 5);
+    CHECK(read.cols == 3);
+    CHECK(read.image_size() == 45);
+    CHECK(read.pixels == images.pixels);
+  }
+  // Zero channels, and a rank-4 header cut short, are refused.
+  std::vector<uint8_t> bytes = idx_header(data::kIdxChannelImageMagic, {4, 0, 5, 3});
+  write_file(dir / "zero", bytes, false);
+  check_message(images_error(dir / "zero"), dir / "zero", "channels, rows and cols must be at least 1");
+  bytes = idx_header(data::kIdxChannelImageMagic, {4, 3, 5});
+  write_file(dir / "cut", bytes, false);
+  check_message(images_error(dir / "cut"), dir / "cut", "ends inside its IDX header: 16 of 20 header bytes");
+  // A label file stays rank 1: an image file of rank 4 is not a label file.
+  write_file(dir / "images", idx_images_bytes(images), false);
+  check_message(labels_error(dir / "images"), dir / "images", "expected IDX label magic");
+}
+
 TEST_CASE("gzip is detected by its magic bytes, not by the file name") {
   TempDir dir("data_idx_sniff");
   const data::IdxImages images = synthetic_images(3, 2, 2);
@@ -114,10 +142,10 @@ TEST_CASE("bad dtype byte and wrong rank") {
   write_bytes(dir / "floats", floats);
   check_message(images_error(dir / "floats"), dir / "floats", "data type byte 0x0d (float32) is not supported");
 
-  std::vector<uint8_t> rank4 = idx_header(0x00000804, {1, 1, 1, 1});
-  rank4.push_back(0);
-  write_bytes(dir / "rank4", rank4);
-  check_message(images_error(dir / "rank4"), dir / "rank4", "rank 4, expected 3");
+  std::vector<uint8_t> rank5 = idx_header(0x00000805, {1, 1, 1, 1, 1});
+  rank5.push_back(0);
+  write_bytes(dir / "rank5", rank5);
+  check_message(images_error(dir / "rank5"), dir / "rank5", "rank 5, expected 3");
 
   write_bytes(dir / "rank2", idx_header(0x00000802, {1, 1}));
   check_message(labels_error(dir / "rank2"), dir / "rank2", "rank 2, expected 1");
