@@ -10,7 +10,7 @@ namespace lowbit::quant::runtime {
 //   Ref      plain loops (kernels_ref.cpp), any CPU
 //   Avx2     vpmaddwd / vpmaddubsw (kernels_avx2.cpp)
 //   Vnni512  AVX-512 VNNI vpdpbusd: u8 × s8, four products summed into each int32 lane (kernels_avx512.cpp)
-//   Amx      AMX-INT8 tdpbusd tile products for GEMMs of at least kAmxMinRows rows (kernels_amx.cpp);
+//   Amx      AMX-INT8 tdpbusd tile products for GEMMs of at least 32 rows (kernels_amx.cpp);
 //            everything else (the convolutions, small GEMMs) on the Vnni512 kernels
 enum class KernelPath { Ref, Avx2, Vnni512, Amx };
 

@@ -69,7 +69,7 @@ PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int6
 size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w);
 
 // x is (N, IN) codes, w is packed (OUT, IN), b is (OUT); y is (N, OUT) int32 — equal to qgemm_s8_ref/qgemm_s4_ref.
-// Runs w.path's kernels (Amx: tiles for N >= kAmxMinRows, else Vnni512). workspace holds qgemm_packed_workspace_size(n,
+// Runs w.path's kernels (Amx: tiles for N >= 32 rows, else Vnni512). workspace holds qgemm_packed_workspace_size(n,
 // w) int32 (no allocation here).
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads = 1);

@@ -119,16 +119,17 @@ void qgemm_amx(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, 
   const int64_t row_blocks = ceil_div(n, kBlock), pairs = w.panels / 2;
   const int64_t pair_tasks = ceil_div(pairs, kPairsPerTask);
   // Every y element is computed by one task, in a fixed order: the result does not depend on the threads.
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
+  // Each thread configures its tiles before its first task and releases them after its last.
+  const int64_t tasks = row_blocks * pair_tasks;
+  const int workers = static_cast<int>(min_i64(threads, tasks));
+  parallel_for(workers, workers, [&](int64_t worker) {
     configure_tiles();
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < row_blocks * pair_tasks; ++t) {
+    for (int64_t t = tasks * worker / workers; t < tasks * (worker + 1) / workers; ++t) {
       const int64_t rb = t / pair_tasks, q0 = t % pair_tasks * kPairsPerTask;
       amx_task(xp, w, b, z_eff, y, n, rb * kBlock, q0, min_i64(pairs, q0 + kPairsPerTask));
     }
     release_tiles();
-  }
+  });
 }
 
 }  // namespace lowbit::quant::runtime::detail

@@ -542,8 +542,10 @@ size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads) {
   if (w.path != KernelPath::Avx2) {  // u8 × s8 units of 4 codes for either weight width
-    detail::pack_x_u8(x.data(), n, w.in, w.k_units, workspace.data(), threads);
-    if (w.path == KernelPath::Amx && n >= detail::kAmxMinRows) {
+    const bool tiles = w.path == KernelPath::Amx && n >= detail::kAmxMinRows;
+    const int64_t rows = tiles ? ceil_div(n, detail::kPackedRowGroup) * detail::kPackedRowGroup : n;
+    detail::pack_x_u8(x.data(), n, rows, w.in, w.k_units, workspace.data(), threads);
+    if (tiles) {
       return detail::qgemm_amx(workspace.data(), x_zero_point, w, b.data(), y.data(), n, threads);
     }
     return detail::qgemm_vnni512(workspace.data(), x_zero_point, w, b.data(), y.data(), n, threads);

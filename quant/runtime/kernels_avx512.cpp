@@ -311,39 +311,34 @@ LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Re
 
 void requantize_rows_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t rows, int64_t out, int threads) {
   constexpr int64_t kBlockRows = 32;  // the block's accumulators stay in L1 while every channel block reads them
-  const int64_t blocks = ceil_div(rows, kBlockRows);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
+  parallel_for(ceil_div(rows, kBlockRows), threads, [&](int64_t blk) {
     requantize_row_range(acc, rq, y, blk * kBlockRows, min_i64(rows, (blk + 1) * kBlockRows), out);
-  }
+  });
 }
 
 void maxpool2_requantize_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t n, int64_t c, int64_t height,
                                 int64_t width, int threads) {
   const int64_t pooled = pooled_size(height, 2, 2, 0) * pooled_size(width, 2, 2, 0) * c;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i)
+  parallel_for(n, threads, [&](int64_t i) {
     maxpool2_requantize_image(acc + i * height * width * c, rq, y + i * pooled, c, height, width);
+  });
 }
 
 void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads) {
   const int64_t blocks = ceil_div(size, 64);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int t = 0; t < threads; ++t) {  // whole 64-pixel blocks per thread
+  parallel_for(threads, threads, [&](int64_t t) {  // whole 64-pixel blocks per thread
     lookup_range(images, table, y, blocks * t / threads * 64, min_i64(size, blocks * (t + 1) / threads * 64));
-  }
+  });
 }
 
-void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t* xp, int threads) {
-  const int64_t rows = ceil_div(n, kPackedRowGroup) * kPackedRowGroup;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
+void pack_x_u8(const int8_t* x, int64_t n, int64_t rows, int64_t in, int64_t k_units, int32_t* xp, int threads) {
+  parallel_for(rows, threads, [&](int64_t row) {
     if (row < n) {
       pack_row_u8(x + row * in, in, 4 * k_units, xp + row * k_units);
     } else {
       std::memset(xp + row * k_units, 0, static_cast<size_t>(4 * k_units));
     }
-  }
+  });
 }
 
 void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y,
@@ -351,12 +346,11 @@ void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights&
   const int32_t z_eff = x_zero_point + 128;  // point 2
   const int64_t row_tasks = ceil_div(n, kTaskRows), channel_tasks = ceil_div(w.panels, kVectors);
   // Every y element is computed by one task, in a fixed order: the result does not depend on the threads.
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t t = 0; t < row_tasks * channel_tasks; ++t) {
+  parallel_for(row_tasks * channel_tasks, threads, [&](int64_t t) {
     const int64_t rt = t / channel_tasks, ct = t % channel_tasks;
     const int64_t r0 = rt * kTaskRows, p0 = ct * kVectors;
     gemm_task(xp, w, b, z_eff, y, r0, min_i64(n, r0 + kTaskRows), p0, min_i64(kVectors, w.panels - p0));
-  }
+  });
 }
 
 void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,

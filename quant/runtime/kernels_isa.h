@@ -22,9 +22,22 @@ constexpr int64_t conv_rows_vnni(int64_t panels_per_call) { return panels_per_ca
 
 // ---- kernels_avx512.cpp ----
 
-// x is (N, IN) codes; xp is (ROWS, K_UNITS) units of 4 bytes x + 128 (u8, byte i = k + i), ROWS = N rounded up
-// to kPackedRowGroup; codes past IN and rows past N are 0 (their weights are 0, or the rows are not stored).
-void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t* xp, int threads);
+// body(t) for t in [0, count) on `threads` threads (static schedule). One thread runs a plain loop: an OpenMP
+// region costs a team allocation even with if(false), microseconds per op at batch 1.
+template <typename Body>
+void parallel_for(int64_t count, int threads, Body&& body) {
+  if (threads <= 1) {
+    for (int64_t t = 0; t < count; ++t) body(t);
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < count; ++t) body(t);
+}
+
+// x is (N, IN) codes; xp is (ROWS, K_UNITS) units of 4 bytes x + 128 (u8, byte i = k + i), ROWS >= N (the AMX
+// kernel needs N rounded up to kPackedRowGroup); codes past IN and rows past N are 0 (their weights are 0, or
+// the rows are not stored).
+void pack_x_u8(const int8_t* x, int64_t n, int64_t rows, int64_t in, int64_t k_units, int32_t* xp, int threads);
 
 // x is (N, IN) codes, w packed for Vnni512 or Amx, b is (OUT); y is (N, OUT) int32, equal to qgemm_s8_ref's.
 // xp is (ROWS, K_UNITS), already filled by pack_x_u8.
