@@ -13,7 +13,8 @@
 
 namespace lowbit::quant {
 
-// An observer only watches and proposes parameters (STYLE rule 11). observe() runs on the hot
+// An observer only watches and proposes parameters; it never changes the values it sees (that is
+// FakeQuantize's job, quant/fake_quant.h, and lowering is convert's). observe() runs on the hot
 // path of training, so it reads x.data() directly (no autograd) and does one or two passes.
 class Observer {
  public:
