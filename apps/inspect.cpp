@@ -68,27 +68,6 @@ std::vector<LogEntry> read_training_log(const std::string& path) {
   return entries;
 }
 
-// The first `count` images of a data set.
-data::Dataset first_images(const data::Dataset& set, int64_t count) {
-  const int64_t n = std::min(count, set.size()), pixels = set.images.rows * set.images.cols;
-  data::Dataset out{{n, set.images.rows, set.images.cols, {}}, {}};
-  out.images.pixels.assign(set.images.pixels.begin(), set.images.pixels.begin() + n * pixels);
-  out.labels.assign(set.labels.begin(), set.labels.begin() + n);
-  return out;
-}
-
-// The first `count` training images, normalised, in batches.
-std::vector<Tensor> normalised_batches(const data::Dataset& set, const Normalization& norm, int64_t count) {
-  const data::Dataset subset = first_images(set, count);
-  data::DataLoader loader(subset, {},
-                          {.batch_size = 250, .shuffle = false, .drop_last = false, .seed = 0, .norm = norm});
-  loader.start_epoch(0);
-  std::vector<Tensor> batches;
-  data::Batch batch;
-  while (loader.next(batch)) batches.push_back(batch.images);
-  return batches;
-}
-
 // ---------------------------------------------------------------------------------------------
 // what the report holds
 
@@ -564,10 +543,10 @@ void run(Settings s) {
   r.calib = std::min(s.calib, data.train.size());
   r.stats_images = std::min(kStatsImages, r.calib);
   r.float_bytes = apps::float_weight_bytes(*float_model);
-  const data::Dataset test = first_images(data.test, s.images);
+  const data::Dataset test = apps::first_images(data.test, s.images);
   r.images = test.size();
 
-  r.layers = quant::layer_stats(*qat, normalised_batches(data.train, m.norm, r.stats_images), s.bins);
+  r.layers = quant::layer_stats(*qat, apps::normalised_batches(data.train, m.norm, r.stats_images), s.bins);
 
   if (!s.layer.empty()) {
     for (const auto& l : r.layers)
