@@ -140,7 +140,11 @@ nn::Description checkpoint_description(const nn::Checkpoint& checkpoint) {
 std::shared_ptr<quant::QatModel> qat_model_from_checkpoint(const nn::Checkpoint& checkpoint) {
   const quant::QConfig config = qconfig_from_json(checkpoint.meta("qconfig"), checkpoint.path);
   auto qat = quant::prepare_qat(*nn::build_model(checkpoint_description(checkpoint)), config);
-  nn::load_weights(*qat, checkpoint);
+  // Parameters and buffers first (load_weights knows nothing of the QAT state), then the state.
+  nn::Checkpoint weights = checkpoint;
+  std::erase_if(weights.file.tensors, [](const auto& t) { return t.first.starts_with(quant::kQatStatePrefix); });
+  nn::load_weights(*qat, weights);
+  if (quant::has_qat_state(checkpoint)) quant::load_qat_state(*qat, checkpoint);
   qat->eval();
   return qat;
 }
@@ -308,6 +312,21 @@ Agreement agreement(const EvalResult& a, const EvalResult& b) {
     for (size_t i = 0; i < a.logit_codes.size(); ++i)
       out.max_logit_diff_lsb = std::max<int64_t>(out.max_logit_diff_lsb, std::abs(a.logit_codes[i] - b.logit_codes[i]));
   return out;
+}
+
+// ---- data
+
+std::vector<Tensor> normalised_batches(const data::Dataset& set, const Normalization& norm, int64_t count,
+                                       int64_t batch_size) {
+  const data::Dataset subset = data::first_images(set, count);
+  data::DataLoader loader(subset, {},
+                          {.batch_size = batch_size, .shuffle = false, .drop_last = false, .seed = 0, .norm = norm});
+  loader.start_epoch(0);
+  std::vector<Tensor> batches;
+  data::Batch batch;
+  // The loader overwrites batch.images in place on the next call: each batch keeps its own copy.
+  while (loader.next(batch)) batches.push_back(batch.images.clone());
+  return batches;
 }
 
 void calibrate(quant::QatModel& model, const data::Dataset& train, const Normalization& norm, int64_t images) {

@@ -53,7 +53,9 @@ struct LoadedModel {
 };
 LoadedModel load_model_file(const std::string& path);
 
-// Rebuilds the QAT model a QAT checkpoint describes and loads its weights and qparams.
+// Rebuilds the QAT model a QAT checkpoint describes and loads its weights and qparams, and its
+// observers' statistics and switches when the file carries them (quant::qat_state; files written
+// before they were saved load without them).
 std::shared_ptr<quant::QatModel> qat_model_from_checkpoint(const nn::Checkpoint& checkpoint);
 
 // "out.safetensors" + "int8" -> "out.int8.safetensors"
@@ -95,6 +97,13 @@ struct Agreement {
   int64_t max_logit_diff_lsb = 0;
 };
 Agreement agreement(const EvalResult& a, const EvalResult& b);
+
+// ---- data
+
+// The first `count` images of `set`, normalised with `norm`, in batches of `batch_size` (the last
+// one smaller): every batch holds its own images, batch i is images i*batch_size onwards.
+std::vector<Tensor> normalised_batches(const data::Dataset& set, const Normalization& norm, int64_t count,
+                                       int64_t batch_size = 250);
 
 // Post-training calibration on the first `images` training images.
 void calibrate(quant::QatModel& model, const data::Dataset& train, const Normalization& norm, int64_t images);

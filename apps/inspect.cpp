@@ -68,18 +68,6 @@ std::vector<LogEntry> read_training_log(const std::string& path) {
   return entries;
 }
 
-// The first `count` training images, normalised, in batches.
-std::vector<Tensor> normalised_batches(const data::Dataset& set, const Normalization& norm, int64_t count) {
-  const data::Dataset subset = data::first_images(set, count);
-  data::DataLoader loader(subset, {},
-                          {.batch_size = 250, .shuffle = false, .drop_last = false, .seed = 0, .norm = norm});
-  loader.start_epoch(0);
-  std::vector<Tensor> batches;
-  data::Batch batch;
-  while (loader.next(batch)) batches.push_back(batch.images);
-  return batches;
-}
-
 // ---------------------------------------------------------------------------------------------
 // what the report holds
 
@@ -558,7 +546,7 @@ void run(Settings s) {
   const data::Dataset test = data::first_images(data.test, s.images);
   r.images = test.size();
 
-  r.layers = quant::layer_stats(*qat, normalised_batches(data.train, m.norm, r.stats_images), s.bins);
+  r.layers = quant::layer_stats(*qat, apps::normalised_batches(data.train, m.norm, r.stats_images), s.bins);
 
   if (!s.layer.empty()) {
     for (const auto& l : r.layers)

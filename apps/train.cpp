@@ -82,7 +82,9 @@ struct Phase {
   optim::LrSchedule schedule;
   int64_t first_epoch, epochs;
   std::string checkpoint_path;
-  const quant::QConfig* qconfig;  // QAT only
+  const quant::QConfig* qconfig;                 // QAT only
+  const quant::QatModel* qat;                    // QAT only: its observers and switches are saved too
+  std::map<std::string, std::string> meta = {};  // more metadata for its checkpoints
 };
 
 class Trainer {
@@ -200,7 +202,11 @@ class Trainer {
     meta["optimizer"] = s_.optimizer;
     meta["seed"] = std::to_string(s_.seed);
     meta["rng_state"] = rng_state_string();
-    nn::save_checkpoint(p.checkpoint_path, p.model, meta, p.optimizer.state());
+    meta.insert(p.meta.begin(), p.meta.end());
+    nn::NamedTensors extra = p.optimizer.state();
+    if (p.qat)
+      for (auto& named : quant::qat_state(*p.qat)) extra.push_back(std::move(named));
+    nn::save_checkpoint(p.checkpoint_path, p.model, meta, extra);
   }
 
  private:
@@ -319,7 +325,8 @@ void run(Settings s, bool model_given) {
       restore_training_state(resume, *optimizer);
       first = resume_epoch;
     }
-    Phase phase{"fp32", *model, *optimizer, make_schedule(s, s.lr, s.epochs), first, s.epochs, float_path, nullptr};
+    Phase phase{"fp32",  *model,  *optimizer, make_schedule(s, s.lr, s.epochs), first, s.epochs, float_path,
+                nullptr, nullptr, {}};
     trainer.run(phase);
     if (first == s.epochs) trainer.save(phase, s.epochs);
   }
@@ -330,7 +337,10 @@ void run(Settings s, bool model_given) {
 
   // ---- QAT phase
   model->eval();
-  const double float_acc = apps::evaluate_model(*model, data.test, norm, 500).accuracy();
+  // The float model's test accuracy before QAT; a resumed QAT run has no float model and reads it
+  // from the checkpoint.
+  double float_acc = 0;
+  if (resume_phase != "qat") float_acc = apps::evaluate_model(*model, data.test, norm, 500).accuracy();
   if (s.keep_first_last) {
     const int64_t blocks = count_blocks(*model);
     qconfig.block_weight_bits[0] = static_cast<int>(s.keep_first_last);
@@ -340,7 +350,13 @@ void run(Settings s, bool model_given) {
   auto optimizer = make_optimizer(s, qat->parameters(), s.qat_lr);
   int64_t first = 0;
   if (resume_phase == "qat") {
+    if (!quant::has_qat_state(resume))
+      fail(
+          "{}: this QAT checkpoint has no observer statistics (written by an older lowbit), so it cannot resume "
+          "bit for bit; start QAT again from the float checkpoint with --qat --from",
+          s.resume);
     qat = apps::qat_model_from_checkpoint(resume);
+    float_acc = apps::meta_number(resume, "float_accuracy");
     optimizer = make_optimizer(s, qat->parameters(), s.qat_lr);
     restore_training_state(resume, *optimizer);
     first = resume_epoch;
@@ -358,8 +374,8 @@ void run(Settings s, bool model_given) {
     const auto total = static_cast<double>(batches * s.qat_epochs);
     const auto freeze_bn = static_cast<int64_t>(s.freeze_bn_after * total);
     const auto freeze_obs = static_cast<int64_t>(s.freeze_observers_after * total);
-    Phase phase{"qat", *qat,         *optimizer, make_schedule(s, s.qat_lr, s.qat_epochs),
-                first, s.qat_epochs, s.out,      &qconfig};
+    Phase phase{"qat", *qat,     *optimizer, make_schedule(s, s.qat_lr, s.qat_epochs),          first, s.qat_epochs,
+                s.out, &qconfig, qat.get(),  {{"float_accuracy", fmt::format("{}", float_acc)}}};
     trainer.run(phase, [&](int64_t step) {
       if (step >= freeze_bn) qat->freeze_bn_stats();
       qat->set_observing(step < freeze_obs);

@@ -17,7 +17,7 @@
 //  12. log_softmax                 along the last axis of a 2-D tensor
 //  13. cross_entropy               fused log-softmax + negative log-likelihood, mean over the batch
 //
-// Shape letters (STYLE.md rule 6): N batch, C channels in, OUT channels/features out, IN features in,
+// Shape letters, the same in every kernel comment: N batch, C channels in, OUT channels/features out, IN features in,
 // H, W height and width, K kernel size.
 #pragma once
 

@@ -81,7 +81,7 @@ class Tensor {
   std::shared_ptr<TensorImpl> impl_;
 };
 
-// ---- autograd machinery (used by ops; see core/autograd.cpp)
+// ---- autograd machinery (used by ops; record and backward are in core/tensor.cpp)
 
 // A node of the backward graph: the inputs of one op call and how to map the output gradient
 // to input gradients. `backward` returns one gradient per input (undefined where none flows).

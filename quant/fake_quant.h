@@ -21,8 +21,7 @@ Tensor fake_quantize(const Tensor& x, const std::vector<QParams>& params, QRange
 // tensor `scale` (one value, or one per channel along axis 0), which also receives a gradient:
 //   d y / d s = (round(x/s) − x/s)  inside the range,  (qmin − z) or (qmax − z) where clamped,
 // scaled by g = 1 / sqrt(values_per_scale · qmax) as the paper recommends.
-Tensor fake_quantize_lsq(const Tensor& x, const Tensor& scale, const std::vector<int32_t>& zero_points,
-                         QRange range);
+Tensor fake_quantize_lsq(const Tensor& x, const Tensor& scale, const std::vector<int32_t>& zero_points, QRange range);
 
 // A fake-quant node: watches its input with an observer (in training mode, while observing is on)
 // and fake-quantizes it with the qparams the observer proposes. The current qparams are kept in
@@ -46,6 +45,10 @@ class FakeQuantize : public nn::Module {
   int bits() const;
   const Observer& observer() const { return *observer_; }
   bool learns_scale() const { return learn_scale_; }
+  // Checkpointing (quant/qat.h, qat_state): the observer's statistics, Observer::state() (empty
+  // before any data), and putting them back; load_observer_state validates them.
+  std::vector<float> observer_state() const { return observer_->state(); }
+  void load_observer_state(const std::vector<float>& state) { observer_->load_state(state); }
   bool calibrated() const { return calibrated_.data()[0] != 0.f; }
 
  private:

@@ -196,9 +196,9 @@ void PerChannelMinMaxObserver::load_state(const std::vector<float>& state) {
 HistogramObserver::HistogramObserver(QRange range, bool symmetric, Method method, double percentile, int bins)
     : Observer(range, symmetric), method_(method), percentile_(percentile) {
   if (!(percentile > 50 && percentile <= 100))
-    fail("percentile observer: percentile {} must be in (50, 100] (the default is {})", percentile,
-         kDefaultPercentile);
-  if (bins < 16) fail("histogram observer: {} bins is too few (use at least 16; the default is {})", bins, kDefaultBins);
+    fail("percentile observer: percentile {} must be in (50, 100] (the default is {})", percentile, kDefaultPercentile);
+  if (bins < 16)
+    fail("histogram observer: {} bins is too few (use at least 16; the default is {})", bins, kDefaultBins);
   histogram_.counts.assign(static_cast<size_t>(bins), 0);
 }
 
@@ -316,8 +316,7 @@ std::pair<float, float> HistogramObserver::mse_range() const {
   auto expected_error = [&](double a, double b) {
     // bins [0, below) have centre < a; bins [above, bins) have centre > b
     const auto below = std::clamp(static_cast<int64_t>(std::ceil((a - h.lo) / width - 0.5)), int64_t{0}, bins);
-    const auto above =
-        std::clamp(static_cast<int64_t>(std::floor((b - h.lo) / width - 0.5)) + 1, below, bins);
+    const auto above = std::clamp(static_cast<int64_t>(std::floor((b - h.lo) / width - 0.5)) + 1, below, bins);
     const auto lo = static_cast<size_t>(below), hi = static_cast<size_t>(above), end = static_cast<size_t>(bins);
     const double clip_below = s2[lo] - 2 * a * s1[lo] + a * a * n[lo];
     const double clip_above = (s2[end] - s2[hi]) - 2 * b * (s1[end] - s1[hi]) + b * b * (n[end] - n[hi]);
@@ -360,8 +359,7 @@ std::pair<float, float> HistogramObserver::mse_range() const {
     for (size_t gj = gi + 1; gj < grid.size(); ++gj) try_pair(grid[gi], grid[gj]);
   const int64_t coarse_i = best_i, coarse_j = best_j;
   for (int64_t i = std::max<int64_t>(0, coarse_i - kStride); i <= std::min(bins, coarse_i + kStride); ++i)
-    for (int64_t j = std::max(i + 1, coarse_j - kStride); j <= std::min(bins, coarse_j + kStride); ++j)
-      try_pair(i, j);
+    for (int64_t j = std::max(i + 1, coarse_j - kStride); j <= std::min(bins, coarse_j + kStride); ++j) try_pair(i, j);
   return {static_cast<float>(std::min(edge(best_i), 0.0)), static_cast<float>(std::max(edge(best_j), 0.0))};
 }
 
@@ -377,8 +375,13 @@ std::vector<QParams> HistogramObserver::qparams() const {
 
 std::vector<float> HistogramObserver::state() const {
   if (!observed_) return {};
+  // A float holds whole numbers exactly only up to 2^24, and a bin of a QAT run counts more than
+  // that: each count is saved as two floats, c / 2^24 and c mod 2^24, exact up to 2^48.
   std::vector<float> state{histogram_.lo, histogram_.hi};
-  for (int64_t c : histogram_.counts) state.push_back(static_cast<float>(c));
+  for (int64_t c : histogram_.counts) {
+    state.push_back(static_cast<float>(c / kStateCountBase));
+    state.push_back(static_cast<float>(c % kStateCountBase));
+  }
   return state;
 }
 
@@ -388,19 +391,23 @@ void HistogramObserver::load_state(const std::vector<float>& state) {
     *this = HistogramObserver(range_, symmetric_, method_, percentile_, static_cast<int>(bins));
     return;
   }
-  if (state.size() != 2 + bins)
-    fail("{} observer: saved state has {} values, expected {} (lo, hi and {} bin counts)", name(), state.size(),
-         2 + bins, bins);
+  if (state.size() != 2 + 2 * bins)
+    fail("{} observer: saved state has {} values, expected {} (lo, hi and {} bin counts as two values each)", name(),
+         state.size(), 2 + 2 * bins, bins);
   if (!std::isfinite(state[0]) || !std::isfinite(state[1]) || !(state[0] < state[1]))
-    fail("{} observer: bad saved histogram range [{}, {}] (expected finite lo < hi; the checkpoint is corrupt)",
-         name(), state[0], state[1]);
+    fail("{} observer: bad saved histogram range [{}, {}] (expected finite lo < hi; the checkpoint is corrupt)", name(),
+         state[0], state[1]);
   std::vector<int64_t> counts(bins);
   for (size_t k = 0; k < bins; ++k) {
-    const float c = state[2 + k];
-    if (!(c >= 0 && c < 9.2e18f) || c != std::floor(c))
-      fail("{} observer: bad saved bin count {} at bin {} (expected a whole number >= 0; the checkpoint is corrupt)",
-           name(), c, k);
-    counts[k] = static_cast<int64_t>(c);
+    const float high = state[2 + 2 * k], low = state[3 + 2 * k];
+    const auto whole_below = [](float v, float limit) { return v >= 0 && v < limit && v == std::floor(v); };
+    if (!whole_below(high, static_cast<float>(kStateCountBase)) ||
+        !whole_below(low, static_cast<float>(kStateCountBase)))
+      fail(
+          "{} observer: bad saved bin count ({}, {}) at bin {} (expected two whole numbers in 0..2^24-1; the "
+          "checkpoint is corrupt)",
+          name(), high, low, k);
+    counts[k] = static_cast<int64_t>(high) * kStateCountBase + static_cast<int64_t>(low);
   }
   histogram_ = {state[0], state[1], std::move(counts)};
   observed_ = true;
@@ -418,21 +425,28 @@ ObserverKind parse_observer_kind(const std::string& name) {
 
 std::string to_string(ObserverKind kind) {
   switch (kind) {
-    case ObserverKind::MinMax: return "minmax";
-    case ObserverKind::MovingAverage: return "ema";
-    case ObserverKind::Percentile: return "percentile";
-    case ObserverKind::Mse: return "mse";
+    case ObserverKind::MinMax:
+      return "minmax";
+    case ObserverKind::MovingAverage:
+      return "ema";
+    case ObserverKind::Percentile:
+      return "percentile";
+    case ObserverKind::Mse:
+      return "mse";
   }
   return "unknown";
 }
 
 std::unique_ptr<Observer> make_activation_observer(ObserverKind kind, QRange range) {
   switch (kind) {
-    case ObserverKind::MinMax: return std::make_unique<MinMaxObserver>(range, false);
-    case ObserverKind::MovingAverage: return std::make_unique<MovingAverageMinMaxObserver>(range, false);
+    case ObserverKind::MinMax:
+      return std::make_unique<MinMaxObserver>(range, false);
+    case ObserverKind::MovingAverage:
+      return std::make_unique<MovingAverageMinMaxObserver>(range, false);
     case ObserverKind::Percentile:
       return std::make_unique<HistogramObserver>(range, false, HistogramObserver::Method::Percentile);
-    case ObserverKind::Mse: return std::make_unique<HistogramObserver>(range, false, HistogramObserver::Method::Mse);
+    case ObserverKind::Mse:
+      return std::make_unique<HistogramObserver>(range, false, HistogramObserver::Method::Mse);
   }
   fail("make_activation_observer: unknown observer kind {}", static_cast<int>(kind));
 }

@@ -13,7 +13,8 @@
 
 namespace lowbit::quant {
 
-// An observer only watches and proposes parameters (STYLE rule 11). observe() runs on the hot
+// An observer only watches and proposes parameters; it never changes the values it sees (that is
+// FakeQuantize's job, quant/fake_quant.h, and lowering is convert's). observe() runs on the hot
 // path of training, so it reads x.data() directly (no autograd) and does one or two passes.
 class Observer {
  public:
@@ -101,9 +102,9 @@ class PerChannelMinMaxObserver : public Observer {
  public:
   explicit PerChannelMinMaxObserver(QRange range, bool symmetric = true) : Observer(range, symmetric) {}
 
-  void observe(const Tensor& x) override;           // x is (OUT, ...)
-  std::vector<QParams> qparams() const override;    // one per output channel
-  std::pair<float, float> range() const override;   // min over all channels, max over all channels
+  void observe(const Tensor& x) override;          // x is (OUT, ...)
+  std::vector<QParams> qparams() const override;   // one per output channel
+  std::pair<float, float> range() const override;  // min over all channels, max over all channels
   std::string name() const override { return "minmax-per-channel"; }
   std::vector<float> state() const override;
   void load_state(const std::vector<float>& state) override;
@@ -132,10 +133,12 @@ struct Histogram {
 //   Mse: minimise the expected quantization error over candidate ranges [a, b] (0 included):
 //        Σ_{x<a} (x − a)² + Σ_{x>b} (x − b)² + n_inside · step² / 12,  step = (b − a) / (qmax − qmin)
 //        (bins stand in for their centres; a coarse grid of bin edges, then a fine one near the best).
-//   state: {} before any data, else {lo, hi, counts...} (counts as floats)
+//   state: {} before any data, else {lo, hi, then per bin c / 2^24, c mod 2^24} (a count c as two
+//          floats, so that counts up to 2^48 come back exactly)
 class HistogramObserver : public Observer {
  public:
   enum class Method { Percentile, Mse };
+  static constexpr int64_t kStateCountBase = int64_t{1} << 24;  // floats hold whole numbers exactly below 2^24
   static constexpr int kDefaultBins = 2048;
   static constexpr double kDefaultPercentile = 99.99;
 

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <regex>
+#include <set>
 
 #include "core/error.h"
 
@@ -169,6 +170,104 @@ void QatModel::set_fake_quant(bool on) {
 void QatModel::freeze_bn_stats() {
   for (size_t i = 0; i < layers->size(); ++i)
     if (auto q = std::dynamic_pointer_cast<QConvBlock>(layers->at(i))) q->bn_frozen = true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the QAT state of a checkpoint
+
+namespace {
+// The Conv2d blocks with a BatchNorm, named "layers.<i>".
+std::vector<std::pair<std::string, std::shared_ptr<QConvBlock>>> bn_blocks(const QatModel& model) {
+  std::vector<std::pair<std::string, std::shared_ptr<QConvBlock>>> out;
+  for (size_t i = 0; i < model.layers->size(); ++i)
+    if (auto q = std::dynamic_pointer_cast<QConvBlock>(model.layers->at(i)); q && q->bn)
+      out.emplace_back(fmt::format("layers.{}", i), q);
+  return out;
+}
+
+float flag(bool on) { return on ? 1.f : 0.f; }
+
+// A 0/1 value of a saved flag tensor; anything else means the file is corrupt.
+bool flag_of(const nn::Checkpoint& checkpoint, const std::string& name, const Tensor& t, int64_t k) {
+  const float v = t.data()[k];
+  if (v != 0.f && v != 1.f)
+    fail("{}: tensor '{}' holds {} at index {}, expected 0 or 1 (the checkpoint is corrupt)", checkpoint.path, name, v,
+         k);
+  return v == 1.f;
+}
+
+// A tensor of the QAT state with the expected shape.
+Tensor state_tensor(const nn::Checkpoint& checkpoint, const std::string& name, const Shape& shape) {
+  if (!checkpoint.has(name))
+    fail(
+        "{}: tensor '{}' is missing (a QAT checkpoint carries its observers' statistics and switches; "
+        "the file is corrupt or of another model)",
+        checkpoint.path, name);
+  Tensor t = checkpoint.tensor(name);
+  if (t.shape() != shape)
+    fail("{}: tensor '{}' has shape {}, expected {} (the checkpoint is corrupt or of another model)", checkpoint.path,
+         name, shape_str(t.shape()), shape_str(shape));
+  return t;
+}
+}  // namespace
+
+nn::NamedTensors qat_state(const QatModel& model) {
+  nn::NamedTensors out;
+  for (const auto& [name, fq] : model.fake_quant_nodes()) {
+    const std::string prefix = kQatStatePrefix + name;
+    const std::vector<float> observer = fq->observer_state();
+    if (!observer.empty())
+      out.emplace_back(prefix + ".observer", Tensor::from({static_cast<int64_t>(observer.size())}, observer));
+    out.emplace_back(prefix + ".switches", Tensor::from({3}, {flag(fq->observe_enabled), flag(fq->fake_quant_enabled),
+                                                              flag(!observer.empty())}));
+  }
+  for (const auto& [name, block] : bn_blocks(model))
+    out.emplace_back(kQatStatePrefix + name + ".bn_frozen", Tensor::from({1}, {flag(block->bn_frozen)}));
+  return out;
+}
+
+void load_qat_state(QatModel& model, const nn::Checkpoint& checkpoint) {
+  std::set<std::string> known;
+  for (const auto& [name, fq] : model.fake_quant_nodes()) {
+    const std::string prefix = kQatStatePrefix + name;
+    known.insert(prefix + ".switches");
+    const Tensor switches = state_tensor(checkpoint, prefix + ".switches", {3});
+    const bool observed = flag_of(checkpoint, prefix + ".switches", switches, 2);
+    if (observed) {
+      known.insert(prefix + ".observer");
+      if (!checkpoint.has(prefix + ".observer"))
+        fail("{}: tensor '{}' is missing although '{}' says the observer has seen data (the checkpoint is corrupt)",
+             checkpoint.path, prefix + ".observer", prefix + ".switches");
+      const Tensor state = checkpoint.tensor(prefix + ".observer");
+      if (state.dim() != 1)
+        fail("{}: tensor '{}' has shape {}, expected one dimension (the checkpoint is corrupt)", checkpoint.path,
+             prefix + ".observer", shape_str(state.shape()));
+      try {
+        fq->load_observer_state({state.data(), state.data() + state.numel()});
+      } catch (const Error& e) {
+        fail("{}: tensor '{}': {}", checkpoint.path, prefix + ".observer", e.what());
+      }
+    } else {
+      fq->load_observer_state({});
+    }
+    fq->observe_enabled = flag_of(checkpoint, prefix + ".switches", switches, 0);
+    fq->fake_quant_enabled = flag_of(checkpoint, prefix + ".switches", switches, 1);
+  }
+  for (const auto& [name, block] : bn_blocks(model)) {
+    const std::string tensor = kQatStatePrefix + name + ".bn_frozen";
+    known.insert(tensor);
+    block->bn_frozen = flag_of(checkpoint, tensor, state_tensor(checkpoint, tensor, {1}), 0);
+  }
+  for (const auto& [name, st] : checkpoint.file.tensors)
+    if (name.starts_with(kQatStatePrefix) && !known.contains(name))
+      fail("{}: tensor '{}' does not belong to this QAT model (the checkpoint is corrupt or of another model)",
+           checkpoint.path, name);
+}
+
+bool has_qat_state(const nn::Checkpoint& checkpoint) {
+  for (const auto& [name, st] : checkpoint.file.tensors)
+    if (name.starts_with(kQatStatePrefix)) return true;
+  return false;
 }
 
 // ---------------------------------------------------------------------------------------------

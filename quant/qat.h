@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "nn/checkpoint.h"
 #include "nn/graph.h"
 #include "quant/fake_quant.h"
 
@@ -112,6 +113,23 @@ class QatModel : public nn::Module {
 // what it cannot quantize yet: a graph with branches (Add, Concat), grouped convolution, ReLU6,
 // global average pooling (docs/design.md, "What quantizes today").
 std::shared_ptr<QatModel> prepare_qat(const nn::Model& model, const QConfig& config);
+
+// ---- the training state a QAT checkpoint carries besides parameters and buffers
+//
+// What a prepared model remembers between steps and is not a parameter or buffer, so that a QAT
+// run resumes bit for bit (docs/model-file-format.md, "QAT state"):
+//   qat_state.<node>.observer   (n,)  every fake-quant node's Observer::state(); absent while it has seen no data
+//   qat_state.<node>.switches   (3,)  its observe and fake-quantize switches, and whether its observer has
+//                                     seen data (then .observer is present): 1 = yes, 0 = no
+//   qat_state.<block>.bn_frozen (1,)  every Conv2d block with a BatchNorm: 1 once its statistics are frozen
+// (<node> as in fake_quant_nodes(), "layers.1.weight_fq"; <block> "layers.1").
+inline constexpr const char* kQatStatePrefix = "qat_state.";
+nn::NamedTensors qat_state(const QatModel& model);
+// Puts the state back. Every tensor must be there (an observer's exactly when its switches say it
+// has data) with a valid shape, and every "qat_state." tensor of the file must belong to the model.
+void load_qat_state(QatModel& model, const nn::Checkpoint& checkpoint);
+// True when the checkpoint carries any "qat_state." tensor (files written before it existed do not).
+bool has_qat_state(const nn::Checkpoint& checkpoint);
 
 // Post-training calibration: runs `batches` through the model in eval-like mode with observers on
 // and fake-quant off, then switches fake-quant on. No weight changes.

@@ -340,6 +340,39 @@ TEST_CASE("resume: flags that contradict the checkpoint are refused; a complete 
               "metadata 'epoch' = 'two' is not a whole number");
 }
 
+TEST_CASE("QAT resume: --qat-epochs 1 + --resume to 2 equals --qat-epochs 2 straight, bit for bit") {
+  // The observers keep observing through both QAT epochs (freezing at the end of the plan), so the
+  // resumed run continues from the observers' saved statistics, not from fresh ones. convbn has
+  // BatchNorm blocks and the default moving-average observer; mlp runs with the histogram observer.
+  auto& w = workspace();
+  for (const std::string flags : {"--model convbn --observer ema", "--model mlp --observer percentile"}) {
+    CAPTURE(flags);
+    const std::string straight = w.dir / "qat-straight.safetensors", half = w.dir / "qat-half.safetensors",
+                      resumed = w.dir / "qat-resumed.safetensors";
+    const std::string common = flags +
+                               " --epochs 1 --qat --threads 1 --batch-size 128 --freeze-bn-after 1 "
+                               "--freeze-observers-after 1 ";
+    const Run s = w.run("train", common + "--qat-epochs 2 --out " + straight);
+    REQUIRE_MESSAGE(s.code == 0, s.err);
+    REQUIRE(w.run("train", common + "--qat-epochs 1 --out " + half).code == 0);
+    CHECK(load_safetensors(half).find("qat_state.layers.0.fq.observer") != nullptr);
+    const Run r = w.run("train", common + "--qat-epochs 2 --resume " + half + " --out " + resumed);
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    const StFile a = load_safetensors(straight), b = load_safetensors(resumed);
+    REQUIRE(a.tensors.size() == b.tensors.size());
+    for (size_t i = 0; i < a.tensors.size(); ++i) {
+      CAPTURE(a.tensors[i].first);
+      CHECK(a.tensors[i].first == b.tensors[i].first);
+      CHECK(a.tensors[i].second.shape == b.tensors[i].second.shape);
+      CHECK(a.tensors[i].second.bytes == b.tensors[i].second.bytes);
+    }
+    // the same report (the float accuracy before QAT comes from the checkpoint) and the same integer model
+    CHECK(r.out.substr(0, r.out.find("wrote")) == s.out.substr(0, s.out.find("wrote")));
+    CHECK(data_fixtures::read_bytes(w.dir / "qat-straight.int8.safetensors") ==
+          data_fixtures::read_bytes(w.dir / "qat-resumed.int8.safetensors"));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // bad input: one clear line on stderr, a non-zero exit, no output file
 

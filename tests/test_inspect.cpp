@@ -5,12 +5,14 @@
 #include <sys/wait.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <string>
 
+#include "apps/common.h"
 #include "data_fixtures.h"
 #include "quant/analysis.h"
 
@@ -223,6 +225,37 @@ TEST_CASE("float_model_of: the float parameters and BatchNorm statistics come ba
     CHECK(got[k].first == want[k].first);
     CHECK(std::equal(want[k].second.data(), want[k].second.data() + want[k].second.numel(), got[k].second.data()));
   }
+}
+
+TEST_CASE("normalised_batches: the statistics batches are the first images in order, each batch its own") {
+  // 600 images whose pixels all equal (index mod 251), so every image of the first 500 is told apart
+  // from the 250 before and after it; inspect takes 500 images in batches of 250.
+  constexpr int64_t kImages = 600, kTaken = 500, kBatch = 250, kSide = 4;
+  data::Dataset set{{kImages, kSide, kSide, {}}, std::vector<uint8_t>(kImages, 0)};
+  for (int64_t i = 0; i < kImages; ++i)
+    set.images.pixels.insert(set.images.pixels.end(), kSide * kSide, static_cast<uint8_t>(i % 251));
+  const Normalization norm{0.25f, 0.5f};
+
+  const std::vector<Tensor> batches = apps::normalised_batches(set, norm, kTaken, kBatch);
+  REQUIRE(batches.size() == 2);
+  for (int64_t b = 0; b < 2; ++b) {
+    REQUIRE(batches[b].shape() == Shape{kBatch, 1, kSide, kSide});
+    for (int64_t k = 0; k < kBatch; ++k) {
+      const int64_t image = b * kBatch + k;
+      const float want = normalize_pixel(static_cast<uint8_t>(image % 251), norm);
+      const float* got = batches[b].data() + k * kSide * kSide;
+      CAPTURE(b);
+      CAPTURE(image);
+      REQUIRE(std::all_of(got, got + kSide * kSide, [&](float v) { return v == want; }));
+    }
+  }
+  CHECK(batches[0].data() != batches[1].data());  // two storages, not one overwritten twice
+
+  // fewer images than asked: all of them, the last batch smaller
+  const auto all = apps::normalised_batches(data::first_images(set, 260), norm, kTaken, kBatch);
+  REQUIRE(all.size() == 2);
+  CHECK(all[1].shape() == Shape{10, 1, kSide, kSide});
+  CHECK(all[1].data()[0] == normalize_pixel(250, norm));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ TEST_CASE("minmax: the range is exactly the running min and max over all batches
 }
 
 TEST_CASE("ema: follows PyTorch's moving average over three batches") {
-  MovingAverageMinMaxObserver observer(kInt8);  // c = 0.01
+  MovingAverageMinMaxObserver observer(kInt8);         // c = 0.01
   observer.observe(vector_tensor({-1.f, 0.5f, 2.f}));  // first batch initialises: [-1, 2]
   CHECK(observer.range() == std::pair{-1.f, 2.f});
   observer.observe(vector_tensor({-3.f, 4.f}));  // min -1 + 0.01·(-3 + 1) = -1.02, max 2 + 0.01·(4 - 2) = 2.02
@@ -232,10 +232,22 @@ TEST_CASE("state and load_state round trip, and bad states are refused") {
   bad = percentile.state();
   bad[1] = bad[0];
   CHECK_THROWS_AS(percentile2.load_state(bad), Error);
+
+  // Bin counts beyond a float's 2^24 whole numbers (a QAT epoch's activations) come back exactly.
+  constexpr int64_t kBig = (int64_t{1} << 24) + 1;
+  std::vector<float> big = percentile.state();
+  std::fill(big.begin() + 2, big.end(), 0.f);
+  big[2] = 1.f, big[3] = 1.f;  // bin 0 holds 1 * 2^24 + 1
+  percentile2.load_state(big);
+  CHECK(percentile2.histogram().counts[0] == kBig);
+  CHECK(percentile2.state() == big);
+  big[3] = static_cast<float>(HistogramObserver::kStateCountBase);  // the low part must stay below 2^24
+  CHECK(error_of([&] { percentile2.load_state(big); }).find("bin count") != std::string::npos);
 }
 
 TEST_CASE("observer kinds parse from their names and make asymmetric activation observers") {
-  for (ObserverKind kind : {ObserverKind::MinMax, ObserverKind::MovingAverage, ObserverKind::Percentile, ObserverKind::Mse}) {
+  for (ObserverKind kind :
+       {ObserverKind::MinMax, ObserverKind::MovingAverage, ObserverKind::Percentile, ObserverKind::Mse}) {
     CHECK(parse_observer_kind(to_string(kind)) == kind);
     const auto observer = make_activation_observer(kind, kInt8);
     CHECK(observer->name() == to_string(kind));

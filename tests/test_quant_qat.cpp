@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -16,7 +17,9 @@
 #include "core/rng.h"
 #include "data/loader.h"
 #include "data/mnist.h"
+#include "data_fixtures.h"
 #include "gradcheck.h"
+#include "nn/checkpoint.h"
 #include "nn/graph.h"
 #include "nn/layers.h"
 #include "optim/optimizer.h"
@@ -268,6 +271,83 @@ TEST_CASE("fake-quant eval forward matches the integer graph on random images") 
 
 // ============================================================================================
 // End to end on Fashion-MNIST (skipped when the data set is not installed)
+
+TEST_CASE("qat_state: observers, switches and BatchNorm freezing survive a checkpoint; training then continues alike") {
+  data_fixtures::TempDir dir{"qat_state"};
+  const std::string path = dir / "qat.safetensors";
+  manual_seed(11);
+  const nn::Description description = nn::with_data_shape(nn::find_description("convbn"), 1, 28, 28, 10);
+  auto model = nn::build_model(description);
+  auto a = quant::prepare_qat(*model, quant::QConfig{});
+  Rng rng(12);
+  quant::Calibrator calibrator(*a);
+  calibrator.observe(Tensor::randn({4, 1, 28, 28}, rng));
+  calibrator.finish();
+  a->train();
+  for (int k = 0; k < 2; ++k) a->forward(Tensor::randn({4, 1, 28, 28}, rng));  // QAT steps: the observers move on
+  a->freeze_bn_stats();
+  const auto nodes = a->fake_quant_nodes();
+  nodes.back().second->observe_enabled = false;  // one node frozen, the others observing
+  nodes.front().second->fake_quant_enabled = false;
+
+  nn::save_checkpoint(path, *a, {{"kind", "qat"}}, quant::qat_state(*a));
+  const nn::Checkpoint file = nn::read_checkpoint(path);
+  nn::Checkpoint weights = file;
+  std::erase_if(weights.file.tensors, [](const auto& t) { return t.first.starts_with(quant::kQatStatePrefix); });
+  auto b = quant::prepare_qat(*nn::build_model(description), quant::QConfig{});
+  nn::load_weights(*b, weights);
+  quant::load_qat_state(*b, file);
+
+  const auto b_nodes = b->fake_quant_nodes();
+  REQUIRE(b_nodes.size() == nodes.size());
+  for (size_t k = 0; k < nodes.size(); ++k) {
+    CAPTURE(nodes[k].first);
+    CHECK(!nodes[k].second->observer_state().empty());
+    CHECK(b_nodes[k].second->observer_state() == nodes[k].second->observer_state());
+    CHECK(b_nodes[k].second->observe_enabled == nodes[k].second->observe_enabled);
+    CHECK(b_nodes[k].second->fake_quant_enabled == nodes[k].second->fake_quant_enabled);
+  }
+  for (size_t i = 0; i < a->layers->size(); ++i)
+    if (auto qa = std::dynamic_pointer_cast<quant::QConvBlock>(a->layers->at(i)))
+      CHECK(std::dynamic_pointer_cast<quant::QConvBlock>(b->layers->at(i))->bn_frozen == qa->bn_frozen);
+
+  // Two more training batches through both: the same outputs and the same observer statistics.
+  b->train();
+  for (int k = 0; k < 2; ++k) {
+    const Tensor x = Tensor::randn({4, 1, 28, 28}, rng);
+    const Tensor ya = a->forward(x), yb = b->forward(x);
+    REQUIRE(std::equal(ya.data(), ya.data() + ya.numel(), yb.data()));
+  }
+  for (size_t k = 0; k < nodes.size(); ++k)
+    CHECK(b_nodes[k].second->observer_state() == nodes[k].second->observer_state());
+
+  // A corrupt or foreign state is refused with the file and tensor named.
+  auto refused = [&](const std::function<void(nn::Checkpoint&)>& damage, const std::string& needle) {
+    nn::Checkpoint bad = file;
+    damage(bad);
+    auto c = quant::prepare_qat(*nn::build_model(description), quant::QConfig{});
+    CHECK_THROWS_WITH_AS(quant::load_qat_state(*c, bad), doctest::Contains(needle.c_str()), Error);
+  };
+  const std::string switches = quant::kQatStatePrefix + nodes[0].first + ".switches";
+  const std::string observer = quant::kQatStatePrefix + nodes[0].first + ".observer";
+  auto drop = [](const std::string& name) {
+    return [name](nn::Checkpoint& c) { std::erase_if(c.file.tensors, [&](const auto& t) { return t.first == name; }); };
+  };
+  refused(drop(switches), switches + "' is missing");
+  refused(drop(observer), observer + "' is missing although");
+  refused(
+      [&](nn::Checkpoint& c) {
+        for (auto& [name, t] : c.file.tensors)
+          if (name == switches) std::fill(t.bytes.begin(), t.bytes.begin() + 4, std::byte{0x40});  // 3.0039...
+      },
+      "expected 0 or 1");
+  refused(
+      [&](nn::Checkpoint& c) {
+        auto extra = *c.file.find(switches);
+        c.file.tensors.emplace_back(quant::kQatStatePrefix + std::string("layers.99.output_fq.switches"), extra);
+      },
+      "does not belong");
+}
 
 TEST_CASE("QAT on a Fashion-MNIST subset: the int8 and W4A8 integer models keep the float accuracy") {
   if (!std::filesystem::exists(data::kDefaultDataDir)) {

@@ -6,7 +6,7 @@ For each model (mlp, lenet5, convbn) this measures, with lowbit's own programs:
   * inference: `eval --json --batch-size 1` (latency_us_median) and `--batch-size 256`
     (images_per_second) of the fp32 model and of the integer models int8 (w8a8), w4a8 and w4a4,
     made with `train --qat --bits B --dry-run` (a few batches: accuracy is irrelevant for speed);
-and runs the PyTorch peer (/work/shared/bench/peer/peer.py) with the same models and threads, or
+and runs the PyTorch peer (tools/peer.py, next to this script) with the same models and threads, or
 reuses its JSON (--peer-json). It prints a table (ours, PyTorch's best, ratio; ratio > 1 means lowbit
 is faster) and writes the same as JSON (--out). See docs/benchmarks.md.
 
@@ -300,7 +300,7 @@ def main():
     ap.add_argument("--skip-peer", action="store_true", help="measure lowbit only")
     ap.add_argument("--peer-out", help="where to keep the peer's own JSON (default: OUT with .peer.json)")
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"), help="folder with train and eval")
-    ap.add_argument("--peer", default="/work/shared/bench/peer/peer.py")
+    ap.add_argument("--peer", default=os.path.join(ROOT, "tools", "peer.py"), help="the PyTorch peer")
     ap.add_argument("--python", default="/usr/bin/python3", help="interpreter with torch, for the peer")
     ap.add_argument("--data", help="data folder for train/eval (default: theirs)")
     ap.add_argument("--work-dir", help="keep the models here (default: a temporary folder, removed)")

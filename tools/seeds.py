@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--seeds", type=seed_list, default=seed_list("0-7"), help="a range, e.g. 0-7")
     ap.add_argument("--side", choices=["both", "ours", "peer"], default="both")
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"))
-    ap.add_argument("--peer", default="/work/shared/bench/peer/peer.py")
+    ap.add_argument("--peer", default=os.path.join(ROOT, "tools", "peer.py"), help="the PyTorch peer")
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     args = ap.parse_args()
     results = {"ours": [], "peer": []}

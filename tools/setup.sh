@@ -4,7 +4,7 @@
 #   bash tools/setup.sh run    install what is missing, build, train LeNet-5 with QAT on Fashion-MNIST,
 #                              convert it to the integer graph and evaluate the int8 model
 #   bash tools/setup.sh test   install what is missing, build with warnings as errors, run every test
-#   bash tools/setup.sh deps   only install what is missing (LOWBIT_CI_PACKAGES=1 adds clang and chromium for CI)
+#   bash tools/setup.sh deps   only install what is missing (LOWBIT_CI_PACKAGES=1 adds clang, chromium, torch, cmark-gfm for CI)
 #
 # Run as root (or with sudo available) from anywhere; the build goes to build/ in the repository.
 set -euo pipefail
@@ -16,8 +16,9 @@ JOBS="$(nproc)"
 PACKAGES=(build-essential cmake libopenblas-dev libfmt-dev nlohmann-json3-dev doctest-dev zlib1g-dev
           libcli11-dev dataset-fashion-mnist binutils python3-numpy)
 # CI only: clang + compiler-rt + libomp for the libFuzzer build, chromium for tests/test_inspect.cpp,
-# python3-torch for tests/test_torch_parity.cpp (training step by step against PyTorch)
-CI_PACKAGES=(clang libclang-rt-14-dev libomp-14-dev chromium python3-torch)
+# python3-torch for tests/test_torch_parity.cpp (training step by step against PyTorch), cmark-gfm for
+# .ci/markdown.sh (every markdown file renders as written)
+CI_PACKAGES=(clang libclang-rt-14-dev libomp-14-dev chromium python3-torch cmark-gfm)
 
 # Installs the packages that are not installed yet; silent when everything is present.
 install_missing() {
