@@ -59,7 +59,7 @@ static int32_t weight_code(const void *weight, int weight_bits, int32_t row_leng
   }
 }
 
-/* Input: pixel p (uint8) -> code table[p]; the float normalisation was folded into the table by lowbit. */
+/* Input: pixel p (uint8) -> code table[p]; lowbit folded the normalisation (pixel / 255 - mean) / std into the table. */
 static void input_lookup(const uint8_t *image, int32_t size, const int8_t *table, int8_t *y) {
   for (int32_t i = 0; i < size; ++i) y[i] = table[image[i]];
 }
@@ -331,7 +331,7 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
   for (size_t i = 0; i < graph.ops.size(); ++i)
     c +=
         fmt::format("     op {:>3} {:<12} {:<24} output {:<18} arena [{}, {}){}\n", i, rt::to_string(graph.ops[i].kind),
-                    "\"" + comment_safe(graph.ops[i].name) + "\"", shape_text(shapes[i]), plan.offsets[i],
+                    fmt::format("\"{}\"", comment_safe(graph.ops[i].name)), shape_text(shapes[i]), plan.offsets[i],
                     plan.offsets[i] + plan.bytes[i], graph.ops[i].kind == rt::OpKind::Flatten ? " (its input)" : "");
   c += fmt::format("   arena: {} bytes = the lower bound (the largest input + output of one op). */\n",
                    plan.arena_bytes);
