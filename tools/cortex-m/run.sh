@@ -60,9 +60,14 @@ fi
 echo "no floating-point routine linked"
 arm-none-eabi-size "$work/model.elf"
 
-# 4. Run it under QEMU (bounded in time).
+# 4. Run it under QEMU (bounded in time); the semihosting output goes to qemu.txt.
+rm -f "$work/qemu.txt"
 timeout 600 qemu-system-arm -M mps2-an385 -cpu cortex-m3 -nographic -monitor none -serial none \
-  -semihosting-config enable=on,target=native -kernel "$work/model.elf" >"$work/qemu.txt"
+  -semihosting-config enable=on,target=native,chardev=semihosting -chardev file,id=semihosting,path="$work/qemu.txt" \
+  -kernel "$work/model.elf" || {
+  echo "run.sh: error: qemu-system-arm failed or timed out (exit status $?)" >&2
+  exit 1
+}
 
 # 5. The same images through lowbit's integer runtime.
 "$bin/eval" --model "$model" --data "$data" --logits "$work/eval.txt" >/dev/null
