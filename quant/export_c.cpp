@@ -386,7 +386,7 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
             "clamp [{}, {}]{} */\n",
             i, name, op.weight_bits, shape_text(in), shape_text(out), op.kernel, op.stride, op.padding,
             op.input_zero_point, rq.zero_point, rq.act_min, rq.act_max,
-            rq.act_min == rq.zero_point && rq.act_min > -128 ? " (fused ReLU)" : "");
+            rq.act_min == rq.zero_point ? " (ReLU fused: act_min = z_out)" : "");
         c += fmt::format(
             "  conv2d(a + {}, {}, {}, {}, {}, op{}_weight, {}, op{}_bias, op{}_multiplier, op{}_shift, {}, {}, {}, "
             "{}, {}, {}, {}, a + {});\n",
@@ -397,7 +397,7 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
         c += fmt::format(
             "\n  /* op {} \"{}\": linear {}-bit, x ({}) -> y ({}), z_in {}, z_out {}, clamp [{}, {}]{} */\n", i, name,
             op.weight_bits, in.size(), out.size(), op.input_zero_point, rq.zero_point, rq.act_min, rq.act_max,
-            rq.act_min == rq.zero_point && rq.act_min > -128 ? " (fused ReLU)" : "");
+            rq.act_min == rq.zero_point ? " (ReLU fused: act_min = z_out)" : "");
         c += fmt::format(
             "  linear(a + {}, {}, {}, op{}_weight, {}, op{}_bias, op{}_multiplier, op{}_shift, {}, {}, {}, {}, a + "
             "{});\n",

@@ -320,3 +320,33 @@ TEST_CASE("export c: bad prefixes, a missing folder and a corrupt or float model
   CHECK(text_of(out + "/tiny.h") == files.header);
   CHECK(std::distance(fs::directory_iterator(out), fs::directory_iterator()) == 2);
 }
+
+TEST_CASE("export c: on a Cortex-M3 under QEMU (tools/cortex-m/run.sh) the logits are eval's, bit for bit") {
+  // Needs Debian's gcc-arm-none-eabi and qemu-system-arm (CI installs them: tools/setup.sh CI_PACKAGES).
+  if (shell("command -v arm-none-eabi-gcc >/dev/null 2>&1 && command -v qemu-system-arm >/dev/null 2>&1") != 0) {
+    MESSAGE("skipped: arm-none-eabi-gcc or qemu-system-arm is not installed");
+    return;
+  }
+  TempDir dir("export_c_cortex_m");
+  constexpr int64_t kSide = 12, kQemuImages = 24;
+  fs::create_directories(dir / "data");
+  data_fixtures::write_mnist_folder(
+      dir / "data", {.train_count = 16, .test_count = kQemuImages, .rows = kSide, .cols = kSide, .gzip = true});
+  constexpr const char* kNet = R"({"format": "lowbit-model", "version": 1, "name": "small",
+    "input": {"channels": 1, "height": 12, "width": 12}, "classes": 10, "nodes": [
+      {"name": "0", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1}, {"name": "1", "kind": "ReLU"},
+      {"name": "2", "kind": "MaxPool2d", "kernel": 2}, {"name": "3", "kind": "AvgPool2d", "kernel": 2},
+      {"name": "4", "kind": "Flatten"}, {"name": "5", "kind": "Linear", "out_features": 10}]})";
+  for (const char* bits : {"w8a8", "w4a4"}) {
+    CAPTURE(bits);
+    const std::string model = dir / (std::string("small.") + bits + ".safetensors");
+    quant::save_int_model(model, converted_model(kNet, bits, 1, kSide, kSide, 51));
+    const std::string log = dir / "run.log";
+    const std::string command = fmt::format("LOWBIT_BIN={} {}/tools/cortex-m/run.sh {} {} {} >{} 2>&1", LOWBIT_BIN_DIR,
+                                            LOWBIT_SOURCE_DIR, model, dir / "data", kQemuImages, log);
+    CHECK_MESSAGE(shell(command) == 0, text_of(log));
+    CHECK(text_of(log).find(fmt::format("the logits of {} test images are identical to eval's", kQemuImages)) !=
+          std::string::npos);
+    CHECK(text_of(log).find("no floating-point routine linked") != std::string::npos);
+  }
+}
