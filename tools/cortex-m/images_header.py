@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""images_header.py DATA_DIR COUNT: the first COUNT test images of an MNIST-style folder as a C header (images.h)."""
+"""images_header.py DATA_DIR COUNT [--raw]: the first COUNT test images of an MNIST-style folder as a C header
+(images.h), or with --raw as raw bytes on stdout (COUNT 0: all of them)."""
 import gzip
 import os
 import struct
@@ -7,7 +8,7 @@ import sys
 
 
 def main():
-    data, count = sys.argv[1], int(sys.argv[2])
+    data, count, raw_out = sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["--raw"]
     for name in ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"):
         for path, opener in ((os.path.join(data, name), open), (os.path.join(data, name + ".gz"), gzip.open)):
             if os.path.exists(path):
@@ -22,8 +23,11 @@ def main():
     magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
     if magic != 2051:
         sys.exit(f"images_header.py: {path}: not an IDX image file (magic {magic}, expected 2051)")
-    count = min(count, n)
+    count = n if count == 0 else min(count, n)
     size = rows * cols
+    if raw_out:
+        sys.stdout.buffer.write(raw[16: 16 + count * size])
+        return
     print(f"/* images.h: the first {count} test images of {path}, {rows}x{cols} uint8 pixels each. */")
     print(f"#define NUM_IMAGES {count}\n#define IMAGE_BYTES {size}")
     print(f"static const uint8_t images[NUM_IMAGES][IMAGE_BYTES] = {{")
