@@ -80,34 +80,73 @@ static void linear(const int8_t *x, int32_t in, int32_t z_in, const void *weight
 )";
 
 constexpr const char* kConv2dC = R"(
-/* Conv2d: x is (C, H, W) codes with zero point z_in, w is (OUT, C, K, K), b is (OUT); y is (OUT, HO, WO) with
-   HO = (H + 2 * padding - K) / stride + 1 (WO alike):
-     acc[o, oh, ow] = b[o] + sum_{ci, kh, kw} w[o, ci, kh, kw] * (x[ci, oh * stride - padding + kh,
-                                                                        ow * stride - padding + kw] - z_in)
+/* The parameters of one Conv2d: x is (C, H, W) codes with zero point z_in, w is (OUT, C, K, K), b is (OUT);
+   y is (OUT, HO, WO) with HO = (H + 2 * padding - K) / stride + 1 (WO alike), requantized to z_out and
+   clamped to [act_min, act_max]. */
+struct conv2d_params {
+  int32_t c, height, width, z_in;
+  const void *weight;
+  int weight_bits;
+  const int32_t *bias, *multiplier;
+  const uint8_t *shift;
+  int32_t out, k, stride, padding, z_out, act_min, act_max;
+};
+
+/* One output code of a Conv2d, y[o, oh, ow] (eq. 5, eq. 6):
+     acc = b[o] + sum_{ci, kh, kw} w[o, ci, kh, kw] * (x[ci, oh * stride - padding + kh,
+                                                         ow * stride - padding + kw] - z_in)
    A position outside the input (padding) holds the code z_in and adds 0, so it is skipped. */
-static void conv2d(const int8_t *x, int32_t c, int32_t height, int32_t width, int32_t z_in, const void *weight,
-                   int weight_bits, const int32_t *bias, const int32_t *multiplier, const uint8_t *shift, int32_t out,
-                   int32_t k, int32_t stride, int32_t padding, int32_t z_out, int32_t act_min, int32_t act_max,
-                   int8_t *y) {
-  const int32_t ho = (height + 2 * padding - k) / stride + 1, wo = (width + 2 * padding - k) / stride + 1;
-  const int32_t row_length = c * k * k;
-  for (int32_t o = 0; o < out; ++o) {
+static int8_t conv2d_at(const int8_t *x, const struct conv2d_params *p, int32_t o, int32_t oh, int32_t ow) {
+  const int32_t row_length = p->c * p->k * p->k;
+  int32_t acc = p->bias[o];
+  for (int32_t ci = 0; ci < p->c; ++ci) {
+    for (int32_t kh = 0; kh < p->k; ++kh) {
+      const int32_t ih = oh * p->stride - p->padding + kh;
+      if (ih < 0 || ih >= p->height) continue;
+      for (int32_t kw = 0; kw < p->k; ++kw) {
+        const int32_t iw = ow * p->stride - p->padding + kw;
+        if (iw < 0 || iw >= p->width) continue;
+        acc += weight_code(p->weight, p->weight_bits, row_length, o, (ci * p->k + kh) * p->k + kw) *
+               (x[(ci * p->height + ih) * p->width + iw] - p->z_in);
+      }
+    }
+  }
+  return requantize(acc, p->multiplier[o], p->shift[o], p->z_out, p->act_min, p->act_max);
+}
+)";
+
+constexpr const char* kConv2dStoredC = R"(
+/* Conv2d: every output code, stored as y (OUT, HO, WO). */
+static void conv2d(const int8_t *x, const struct conv2d_params *p, int8_t *y) {
+  const int32_t ho = (p->height + 2 * p->padding - p->k) / p->stride + 1;
+  const int32_t wo = (p->width + 2 * p->padding - p->k) / p->stride + 1;
+  for (int32_t o = 0; o < p->out; ++o) {
     for (int32_t oh = 0; oh < ho; ++oh) {
-      for (int32_t ow = 0; ow < wo; ++ow) {
-        int32_t acc = bias[o];
-        for (int32_t ci = 0; ci < c; ++ci) {
-          for (int32_t kh = 0; kh < k; ++kh) {
-            const int32_t ih = oh * stride - padding + kh;
-            if (ih < 0 || ih >= height) continue;
-            for (int32_t kw = 0; kw < k; ++kw) {
-              const int32_t iw = ow * stride - padding + kw;
-              if (iw < 0 || iw >= width) continue;
-              acc += weight_code(weight, weight_bits, row_length, o, (ci * k + kh) * k + kw) *
-                     (x[(ci * height + ih) * width + iw] - z_in);
-            }
+      for (int32_t ow = 0; ow < wo; ++ow) y[(o * ho + oh) * wo + ow] = conv2d_at(x, p, o, oh, ow);
+    }
+  }
+}
+)";
+
+constexpr const char* kConv2dMaxPool2dC = R"(
+/* Conv2d fused with the MaxPool2d after it (window P x P, stride P, no padding): y is (OUT, HO / P, WO / P),
+   each code the largest of the P x P conv output codes in its window. Those are computed on the fly, each
+   once, so the conv's (OUT, HO, WO) map is never stored; the codes are those of conv2d then max_pool2d. */
+static void conv2d_max_pool2d(const int8_t *x, const struct conv2d_params *p, int32_t pool, int8_t *y) {
+  const int32_t ho = (p->height + 2 * p->padding - p->k) / p->stride + 1;
+  const int32_t wo = (p->width + 2 * p->padding - p->k) / p->stride + 1;
+  const int32_t pooled_h = ho / pool, pooled_w = wo / pool;
+  for (int32_t o = 0; o < p->out; ++o) {
+    for (int32_t ph = 0; ph < pooled_h; ++ph) {
+      for (int32_t pw = 0; pw < pooled_w; ++pw) {
+        int8_t best = -128;
+        for (int32_t dh = 0; dh < pool; ++dh) {
+          for (int32_t dw = 0; dw < pool; ++dw) {
+            const int8_t code = conv2d_at(x, p, o, ph * pool + dh, pw * pool + dw);
+            if (code > best) best = code;
           }
         }
-        y[(o * ho + oh) * wo + ow] = requantize(acc, multiplier[o], shift[o], z_out, act_min, act_max);
+        y[(o * pooled_h + ph) * pooled_w + pw] = best;
       }
     }
   }
@@ -305,7 +344,7 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
 
   CExport result;
   result.prefix = prefix;
-  result.plan = rt::plan_chain_arena(graph);
+  result.plan = rt::plan_chain_arena(graph, /*fuse_conv_max_pool=*/true);
   const rt::ArenaPlan& plan = result.plan;
   if (plan.arena_bytes > INT32_MAX) fail("the arena of {} bytes is too large for the exported C", plan.arena_bytes);
   const std::string P = upper(prefix);
@@ -328,11 +367,14 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
    Memory plan (one arena, offsets in bytes; an op reads only the previous op's output, so outputs alternate
    between the two ends of the arena and an op's input and output never overlap):
 )";
-  for (size_t i = 0; i < graph.ops.size(); ++i)
-    c +=
-        fmt::format("     op {:>3} {:<12} {:<24} output {:<18} arena [{}, {}){}\n", i, rt::to_string(graph.ops[i].kind),
-                    fmt::format("\"{}\"", comment_safe(graph.ops[i].name)), shape_text(shapes[i]), plan.offsets[i],
-                    plan.offsets[i] + plan.bytes[i], graph.ops[i].kind == rt::OpKind::Flatten ? " (its input)" : "");
+  for (size_t i = 0; i < graph.ops.size(); ++i) {
+    const std::string where =
+        plan.offsets[i] < 0 ? fmt::format("not stored: computed inside op {}", i + 1)
+                            : fmt::format("arena [{}, {}){}", plan.offsets[i], plan.offsets[i] + plan.bytes[i],
+                                          graph.ops[i].kind == rt::OpKind::Flatten ? " (its input's buffer)" : "");
+    c += fmt::format("     op {:>3} {:<12} {:<24} output {:<18} {}\n", i, rt::to_string(graph.ops[i].kind),
+                     fmt::format("\"{}\"", comment_safe(graph.ops[i].name)), shape_text(shapes[i]), where);
+  }
   c += fmt::format("   arena: {} bytes = the lower bound (the largest input + output of one op). */\n",
                    plan.arena_bytes);
   c += fmt::format("#include \"{}.h\"\n", prefix);
@@ -359,19 +401,41 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
 
   c += "\n/* ---- kernels: plain loops, one output at a time ---- */\n\n";
   c += kArithmeticC;
+  bool stored_conv = false, fused_conv = false;
+  for (size_t i = 0; i < graph.ops.size(); ++i) {
+    if (graph.ops[i].kind != rt::OpKind::Conv2d) continue;
+    (plan.offsets[i] < 0 ? fused_conv : stored_conv) = true;
+  }
   if (uses[static_cast<int>(rt::OpKind::Conv2d)]) c += kConv2dC;
-  if (uses[static_cast<int>(rt::OpKind::MaxPool2d)]) c += kMaxPool2dC;
+  if (stored_conv) c += kConv2dStoredC;
+  if (fused_conv) c += kConv2dMaxPool2dC;
+  bool stored_pool_input = false;  // a MaxPool2d that reads a stored input (not fused with its Conv2d)
+  for (size_t i = 1; i < graph.ops.size(); ++i)
+    stored_pool_input |= graph.ops[i].kind == rt::OpKind::MaxPool2d && plan.offsets[i - 1] >= 0;
+  if (stored_pool_input) c += kMaxPool2dC;
   if (uses[static_cast<int>(rt::OpKind::AvgPool2d)]) c += kAvgPool2dC;
   c += kLinearC;
 
   c += "\n/* ---- the model, op by op ---- */\n\n";
+  // The parameters of the Conv2d ops[i] with input shape `in`, as a C99 struct with designated initialisers.
+  auto conv_params = [&](size_t i, const rt::Shape& in) {
+    const rt::Op& op = graph.ops[i];
+    const auto& rq = op.requant;
+    return fmt::format(
+        "    static const struct conv2d_params p = {{.c = {}, .height = {}, .width = {}, .z_in = {},\n"
+        "        .weight = op{}_weight, .weight_bits = {}, .bias = op{}_bias, .multiplier = op{}_multiplier,\n"
+        "        .shift = op{}_shift, .out = {}, .k = {}, .stride = {}, .padding = {},\n"
+        "        .z_out = {}, .act_min = {}, .act_max = {}}};\n",
+        in.c, in.h, in.w, op.input_zero_point, i, op.weight_bits, i, i, i, op.out_channels, op.kernel, op.stride,
+        op.padding, rq.zero_point, rq.act_min, rq.act_max);
+  };
   c += fmt::format("int {}_run(const uint8_t *image, int8_t *logits, void *arena) {{\n", prefix);
   c += "  int8_t *const a = (int8_t *)arena;\n  int32_t best = 0;\n";
   for (size_t i = 0; i < graph.ops.size(); ++i) {
     const rt::Op& op = graph.ops[i];
     const rt::Shape in = i == 0 ? input : shapes[i - 1];
     const rt::Shape& out = shapes[i];
-    const int64_t x = i == 0 ? 0 : plan.offsets[i - 1], y = plan.offsets[i];
+    const int64_t x = plan.input_offsets[i], y = plan.offsets[i];
     const std::string name = comment_safe(op.name);
     const auto& rq = op.requant;
     switch (op.kind) {
@@ -387,11 +451,11 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
             i, name, op.weight_bits, shape_text(in), shape_text(out), op.kernel, op.stride, op.padding,
             op.input_zero_point, rq.zero_point, rq.act_min, rq.act_max,
             rq.act_min == rq.zero_point ? " (ReLU fused: act_min = z_out)" : "");
-        c += fmt::format(
-            "  conv2d(a + {}, {}, {}, {}, {}, op{}_weight, {}, op{}_bias, op{}_multiplier, op{}_shift, {}, {}, {}, "
-            "{}, {}, {}, {}, a + {});\n",
-            x, in.c, in.h, in.w, op.input_zero_point, i, op.weight_bits, i, i, i, op.out_channels, op.kernel, op.stride,
-            op.padding, rq.zero_point, rq.act_min, rq.act_max, y);
+        if (y < 0) {
+          c += fmt::format("  /* fused with the max_pool2d after it: see op {} */\n", i + 1);
+          continue;  // nothing stored, nothing to check
+        }
+        c += fmt::format("  {{\n{}    conv2d(a + {}, &p, a + {});\n  }}\n", conv_params(i, in), x, y);
         break;
       case rt::OpKind::Linear:
         c += fmt::format(
@@ -405,8 +469,16 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
             rq.act_max, y);
         break;
       case rt::OpKind::MaxPool2d:
-        c += fmt::format("\n  /* op {} \"{}\": max_pool2d, x {} -> y {}, K {}, stride {}, padding {} */\n", i, name,
-                         shape_text(in), shape_text(out), op.kernel, op.stride, op.padding);
+        c += fmt::format("\n  /* op {} \"{}\": max_pool2d, x {} -> y {}, K {}, stride {}, padding {}{}", i, name,
+                         shape_text(in), shape_text(out), op.kernel, op.stride, op.padding,
+                         plan.offsets[i - 1] < 0 ? ",\n" : " */\n");
+        if (plan.offsets[i - 1] < 0) {  // the Conv2d before it is computed here
+          c += fmt::format(
+              "     together with op {}: its conv outputs are computed window by window, never stored */\n", i - 1);
+          c += fmt::format("  {{\n{}    conv2d_max_pool2d(a + {}, &p, {}, a + {});\n  }}\n",
+                           conv_params(i - 1, shapes[i - 2]), x, op.kernel, y);
+          break;
+        }
         c += fmt::format("  max_pool2d(a + {}, {}, {}, {}, {}, {}, {}, a + {});\n", x, in.c, in.h, in.w, op.kernel,
                          op.stride, op.padding, y);
         break;

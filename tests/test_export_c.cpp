@@ -217,32 +217,59 @@ constexpr const char* kStridedNet = R"({"format": "lowbit-model", "version": 1, 
     {"name": "8", "kind": "Linear", "out_features": 8}, {"name": "9", "kind": "ReLU"},
     {"name": "10", "kind": "Linear", "out_features": 5}]})";
 
-// Three input channels, no padding, odd row lengths (int4 padding nibbles), an odd number of classes.
+// Three input channels, no padding, odd row lengths (int4 padding nibbles), a max pool that is not fused with
+// a conv (it follows an avg pool, and its windows overlap), an odd number of classes.
 constexpr const char* kColourNet = R"({"format": "lowbit-model", "version": 1, "name": "colour",
   "input": {"channels": 3, "height": 8, "width": 8}, "classes": 7, "nodes": [
     {"name": "0", "kind": "Conv2d", "out_channels": 5, "kernel": 3}, {"name": "1", "kind": "ReLU"},
-    {"name": "2", "kind": "AvgPool2d", "kernel": 2}, {"name": "3", "kind": "Flatten"},
-    {"name": "4", "kind": "Linear", "out_features": 7}]})";
+    {"name": "2", "kind": "AvgPool2d", "kernel": 2}, {"name": "3", "kind": "MaxPool2d", "kernel": 2, "stride": 1},
+    {"name": "4", "kind": "Flatten"}, {"name": "5", "kind": "Linear", "out_features": 7}]})";
 
 }  // namespace
 
-TEST_CASE("export c: the memory plan alternates ends, reaches the lower bound, and a flatten aliases its input") {
+TEST_CASE("export c: the memory plan alternates ends, reaches the lower bound, shares and fuses buffers") {
   using quant::runtime::plan_chain_arena;
-  const std::vector<int64_t> bytes{784, 4704, 1176, 1176, 120, 10};
-  const std::vector<bool> aliases{false, false, false, true, false, false};
-  const auto plan = plan_chain_arena(bytes, aliases);
-  CHECK(plan.lower_bound == 4704 + 1176);  // op 2's input and output
-  CHECK(plan.arena_bytes == plan.lower_bound);
-  CHECK(plan.offsets == std::vector<int64_t>{0, 5880 - 4704, 0, 0, 5880 - 120, 0});
+  using enum quant::runtime::Storage;
   // No op's input overlaps its output, and every buffer is inside the arena.
-  for (size_t i = 1; i < bytes.size(); ++i) {
-    CHECK(plan.offsets[i] + plan.bytes[i] <= plan.arena_bytes);
-    if (aliases[i]) continue;
-    const bool apart = plan.offsets[i] + plan.bytes[i] <= plan.offsets[i - 1] ||
-                       plan.offsets[i - 1] + plan.bytes[i - 1] <= plan.offsets[i];
-    CHECK(apart);
+  auto check_disjoint = [](const quant::runtime::ArenaPlan& plan, const std::vector<quant::runtime::Storage>& storage) {
+    for (size_t i = 1; i < storage.size(); ++i) {
+      if (storage[i] != Own) continue;
+      CHECK(plan.offsets[i] + plan.bytes[i] <= plan.arena_bytes);
+      int64_t in_bytes = 0;
+      for (size_t j = i; j-- > 0;)
+        if (storage[j] != NotStored) {
+          in_bytes = plan.bytes[j];
+          break;
+        }
+      const bool apart = plan.offsets[i] + plan.bytes[i] <= plan.input_offsets[i] ||
+                         plan.input_offsets[i] + in_bytes <= plan.offsets[i];
+      CHECK(apart);
+    }
+  };
+  {  // lenet5 unfused: input, conv, pool, conv, pool, flatten, linear (the conv and pool sizes of one branch)
+    const std::vector<int64_t> bytes{784, 4704, 1176, 1176, 120, 10};
+    const std::vector<quant::runtime::Storage> storage{Own, Own, Own, SharesInput, Own, Own};
+    const auto plan = plan_chain_arena(bytes, storage);
+    CHECK(plan.lower_bound == 4704 + 1176);  // op 2's input and output
+    CHECK(plan.arena_bytes == plan.lower_bound);
+    CHECK(plan.offsets == std::vector<int64_t>{0, 5880 - 4704, 0, 0, 5880 - 120, 0});
+    CHECK(plan.input_offsets == std::vector<int64_t>{-1, 0, 5880 - 4704, 0, 0, 5880 - 120});
+    check_disjoint(plan, storage);
   }
-  CHECK_THROWS_AS(plan_chain_arena(std::vector<int64_t>{10, 20}, std::vector<bool>{false, true}),
+  {  // the conv fused into its pool: the 4704-byte map is never stored
+    const std::vector<int64_t> bytes{784, 4704, 1176, 120, 10};
+    const std::vector<quant::runtime::Storage> storage{Own, NotStored, Own, Own, Own};
+    const auto plan = plan_chain_arena(bytes, storage);
+    CHECK(plan.lower_bound == 784 + 1176);  // the fused op reads the image codes and writes the pooled map
+    CHECK(plan.arena_bytes == plan.lower_bound);
+    CHECK(plan.offsets == std::vector<int64_t>{0, -1, 1960 - 1176, 0, 1960 - 10});
+    CHECK(plan.input_offsets == std::vector<int64_t>{-1, 0, 0, 1960 - 1176, 0});
+    check_disjoint(plan, storage);
+  }
+  using Storages = std::vector<quant::runtime::Storage>;
+  CHECK_THROWS_AS(plan_chain_arena(std::vector<int64_t>{10, 20}, Storages{Own, SharesInput}),
+                  quant::runtime::RuntimeError);
+  CHECK_THROWS_AS(plan_chain_arena(std::vector<int64_t>{10, 20}, Storages{Own, NotStored}),
                   quant::runtime::RuntimeError);
 }
 
@@ -256,7 +283,10 @@ TEST_CASE("export c: converted random models at w8a8, w4a8 and w4a4 are bit-exac
     CAPTURE(bits);
     check_exported_model_is_bit_exact(converted_model(kStridedNet, bits, 1, 9, 9, 31), std::string("strided_") + bits,
                                       7);
-    check_exported_model_is_bit_exact(converted_model(kColourNet, bits, 3, 8, 8, 41), std::string("colour_") + bits, 8);
+    const quant::IntModel colour = converted_model(kColourNet, bits, 3, 8, 8, 41);
+    REQUIRE(colour.graph.ops[3].kind == quant::runtime::OpKind::MaxPool2d);
+    CHECK(quant::export_c(colour, "colour").source.find("  max_pool2d(a + ") != std::string::npos);
+    check_exported_model_is_bit_exact(colour, std::string("colour_") + bits, 8);
   }
 }
 
@@ -275,6 +305,7 @@ TEST_CASE("export c: the generated code uses only <stdint.h> and <stddef.h>, no 
   const std::regex mutable_global("^static (?!const )[a-z0-9_]+ [a-z0-9_]+(\\[| =|;)", std::regex::multiline);
   CHECK_FALSE(std::regex_search(files.source, mutable_global));
   CHECK(files.source.find("static const uint8_t op1_weight[") != std::string::npos);  // int4 stays packed
+  CHECK(files.source.find("conv2d_max_pool2d(a + ") != std::string::npos);            // conv + max pool fused
 }
 
 TEST_CASE("export c: bad prefixes, a missing folder and a corrupt or float model are refused and write nothing") {

@@ -9,31 +9,45 @@
 
 namespace lowbit::quant::runtime {
 
-// Where each op's output codes live in one arena of `arena_bytes` bytes (one image).
-//
-// Liveness in a chain: op i reads only op i−1's output, so while op i runs exactly two buffers are live,
-// its input and its output; after it, the input is dead. Placing the outputs alternately at the low and
-// the high end of the arena (op 0 at offset 0, the next at arena_bytes − size, the next at 0, …) keeps each
-// op's input and output apart, and the arena needs only the largest input + output pair:
-//
-//   arena_bytes = max over ops i of (bytes[i−1] + bytes[i])  =  lower_bound
-//
-// An op that `aliases_input` (Flatten: the memory order does not change) gets its input's offset and takes
-// no memory of its own; the alternation continues from the buffer it aliases. Any executor that copies
-// nothing for such an op can run in this arena; the plan never overlaps two live buffers (test_export_c
-// poisons every byte outside the live buffer between ops).
-struct ArenaPlan {
-  std::vector<int64_t> offsets;  // offsets[i]: the first byte of ops[i]'s output in the arena
-  std::vector<int64_t> bytes;    // bytes[i]: its size
-  int64_t arena_bytes = 0;       // the arena the plan needs
-  int64_t lower_bound = 0;       // the largest set of simultaneously live bytes (input + output of one op)
+// How an op's output is kept.
+enum class Storage {
+  Own,          // a buffer of its own in the arena
+  SharesInput,  // its input's buffer, unchanged (Flatten: the memory order does not change)
+  NotStored,    // never stored: the next op computes it on the fly (a Conv2d fused into the MaxPool2d after it)
 };
 
-// bytes[i] is the size of op i's output; aliases_input[i] says op i reuses its input's buffer (same size).
-// Op 0 (the Input op) reads the caller's image, not the arena.
-ArenaPlan plan_chain_arena(std::span<const int64_t> bytes, const std::vector<bool>& aliases_input);
+// Where each op's output codes live in one arena of `arena_bytes` bytes (one image).
+//
+// Liveness in a chain: op i reads only the buffer of the op before it, so while op i runs exactly two buffers
+// are live, its input and its output; after it, the input is dead. Placing the stored outputs alternately at
+// the low and the high end of the arena (the first at offset 0, the next at arena_bytes − size, the next at 0,
+// …) keeps each op's input and output apart, and the arena needs only the largest input + output pair:
+//
+//   arena_bytes = max over ops i of (input bytes of i + output bytes of i)  =  lower_bound
+//
+// An op that SharesInput takes its input's offset and no memory of its own; an op that is NotStored takes
+// none either, and the op after it reads that op's input instead. test_export_c poisons every byte outside the
+// one live buffer between ops to show that no op reads anything else.
+struct ArenaPlan {
+  std::vector<int64_t> offsets;        // offsets[i]: the first byte of ops[i]'s output (−1: NotStored)
+  std::vector<int64_t> input_offsets;  // input_offsets[i]: where ops[i] reads its input (−1 for op 0: the image)
+  std::vector<int64_t> bytes;          // bytes[i]: the size of ops[i]'s output (0 if NotStored)
+  int64_t arena_bytes = 0;             // the arena the plan needs
+  int64_t lower_bound = 0;             // the largest set of simultaneously live bytes (input + output of one op)
+};
 
-// The plan for a validated chain graph, one image: int8 codes take one byte each; a Flatten aliases its input.
-ArenaPlan plan_chain_arena(const Graph& graph);
+// bytes[i] is the size of op i's output, storage[i] how it is kept. Op 0 (the Input op) reads the caller's
+// image, not the arena, and must be Own. Throws RuntimeError for a SharesInput of another size, or a NotStored
+// op that is the first or the last.
+ArenaPlan plan_chain_arena(std::span<const int64_t> bytes, std::span<const Storage> storage);
+
+// The plan for a validated chain graph, one image (int8 codes, one byte each): a Flatten shares its input; with
+// fuse_conv_max_pool, a Conv2d followed by a MaxPool2d whose stride equals its kernel and that has no padding
+// is NotStored (fusable_conv_max_pool).
+ArenaPlan plan_chain_arena(const Graph& graph, bool fuse_conv_max_pool);
+
+// ops[i] is a Conv2d and ops[i + 1] a MaxPool2d with stride = kernel and no padding: each conv output falls in
+// at most one window, so the pool can compute the conv outputs it needs and the unpooled map is never stored.
+bool fusable_conv_max_pool(const Graph& graph, size_t i);
 
 }  // namespace lowbit::quant::runtime
