@@ -1,6 +1,7 @@
 // eval: measures any lowbit model file on the test set — float, fake-quant or integer — and, with
 // --int8 / --int4, lowers a float (PTQ) or QAT checkpoint to the integer graph and compares the two.
 #include <algorithm>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -21,6 +22,7 @@ struct Settings {
   int threads = 0;
   bool json = false, int8 = false, int4 = false;
   std::string kernels;  // empty: LOWBIT_KERNELS, else the best path the CPU has
+  std::string logits;   // write each image's integer logits here (an integer model only)
 };
 
 // What one run measured, ready to print.
@@ -63,6 +65,22 @@ void check_bits(const quant::QConfig& config, const Settings& s, const std::stri
         wanted == 8 ? "w8a8" : "w4a8");
 }
 
+// One line per test image, "image I: L0 L1 ... class C" (the integer logit codes and the first maximum): the
+// format tools/cortex-m/main.c prints, so that a microcontroller's output can be diffed against it.
+void write_logits(const apps::EvalResult& result, int64_t classes, const std::string& path) {
+  std::string text;
+  for (int64_t i = 0; i < result.samples; ++i) {
+    text += fmt::format("image {}:", i);
+    for (int64_t c = 0; c < classes; ++c)
+      text += fmt::format(" {}", result.logit_codes[static_cast<size_t>(i * classes + c)]);
+    text += fmt::format(" class {}\n", result.predictions[static_cast<size_t>(i)]);
+  }
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+  out.flush();
+  if (!out) fail("{}: cannot write the logits file (check that the folder exists and is writable)", path);
+}
+
 Report evaluate(const Settings& s) {
   apps::LoadedModel m = apps::load_model_file(s.model);
   const bool lower = s.int8 || s.int4;
@@ -72,6 +90,9 @@ Report evaluate(const Settings& s) {
       fail("{}: this is an integer model in mode '{}', it cannot be evaluated as --int{} (drop the flag)", s.model,
            mode, s.int8 ? 8 : 4);
   }
+  if (!s.logits.empty() && m.kind != "int")
+    fail("{}: --logits writes the logits of an integer model; this is a {} model (convert it with quantize first)",
+         s.model, m.kind);
   if (m.kind == "qat" && lower) check_bits(m.qat_model->config, s, s.model);
   const data::MnistData data = data::load_mnist(s.data);
 
@@ -80,6 +101,7 @@ Report evaluate(const Settings& s) {
     r.mode = m.int_model->mode;
     r.result = apps::evaluate_int(*m.int_model, data.test, s.batch_size, std::max(1, num_threads()));
     r.model_bytes = m.file_bytes;
+    if (!s.logits.empty()) write_logits(r.result, m.int_model->num_classes(), s.logits);
     return r;
   }
   const auto float_model = m.float_model ? m.float_model : nn::build_model(apps::checkpoint_description(m.checkpoint));
@@ -176,6 +198,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--kernels", s.kernels,
                  "integer kernels: ref, avx2, vnni, amx or auto (default: $LOWBIT_KERNELS, else auto)");
+  app.add_option("--logits", s.logits, "integer model: write every test image's logit codes and class to this file");
   return apps::run_main(app, argc, argv, [&] {
     if (s.threads > 0) set_num_threads(s.threads);
     if (!s.kernels.empty()) quant::runtime::set_kernel_path(quant::runtime::parse_kernel_path(s.kernels));

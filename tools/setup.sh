@@ -17,8 +17,9 @@ PACKAGES=(build-essential cmake libopenblas-dev libfmt-dev nlohmann-json3-dev do
           libcli11-dev dataset-fashion-mnist binutils python3-numpy)
 # CI only: clang + compiler-rt + libomp for the libFuzzer build, chromium for tests/test_inspect.cpp,
 # python3-torch for tests/test_torch_parity.cpp (training step by step against PyTorch), cmark-gfm for
-# .ci/markdown.sh (every markdown file renders as written)
-CI_PACKAGES=(clang libclang-rt-14-dev libomp-14-dev chromium python3-torch cmark-gfm)
+# .ci/markdown.sh (every markdown file renders as written), gcc-arm-none-eabi + qemu-system-arm for
+# tests/test_export_c.cpp (tools/cortex-m/run.sh on an emulated Cortex-M3)
+CI_PACKAGES=(clang libclang-rt-14-dev libomp-14-dev chromium python3-torch cmark-gfm gcc-arm-none-eabi qemu-system-arm)
 
 # Installs the packages that are not installed yet; silent when everything is present.
 install_missing() {
