@@ -23,7 +23,8 @@ so it is checked differently: in the tutorial and in this run alike, every such 
 gives from the scale and zero point printed above it (q = round(w / s), half away from zero, clamped; s·q; the
 error s·q − w), to the printed digits.
 
-Lines are matched in order by their first word (digits masked); a line with no deterministic number is skipped.
+Every block must also keep its structure: the same first words of its lines (digits masked), in the same order of
+first appearance. Lines are matched in order by their first word; a line with no deterministic number is skipped.
 """
 import math
 import os
@@ -79,6 +80,15 @@ def classify(line):
 def key(line):
     words = line.split()
     return re.sub(r"[-+]?[0-9][0-9.eE+-]*%?", "#", words[0]) if words else ""
+
+
+def shape(body):
+    """The first word of every line, numbers masked as #, in order of first appearance: the block's structure."""
+    seen = []
+    for line in body.splitlines():
+        if line.split() and not line.startswith("```") and key(line) not in seen:
+            seen.append(key(line))
+    return seen
 
 
 def deterministic_lines(body):
@@ -162,6 +172,11 @@ def main():
         name, body = m.group("name"), m.group("body")
         run = output(name)
         problems.extend(check_worked(name, run) + check_worked(name, body))
+        if shape(run) != shape(body):
+            unfixable.append(name)
+            problems.append(f"  {name}: the tutorial's lines start with {shape(body)}\n"
+                            f"  {' ' * len(name)}  this run's lines with    {shape(run)}")
+            return m.group(0)
         want, got = deterministic_lines(body), deterministic_lines(run)
         want_keys, got_keys = [key(l) for _, l, _ in want], [key(l) for _, l, _ in got]
         if want_keys != got_keys or any(len(a[2]) != len(b[2]) for a, b in zip(want, got)):
