@@ -2,8 +2,9 @@
 # The exercise checks (docs/exercises/) can never drift from the code:
 #   1. in the default build (build/, already built), every exercise check passes against the real functions;
 #   2. in the student build (build-exercises/, -DLOWBIT_EXERCISES=ON, only the checks and what they link),
-#      every exercise check fails, with its stub's "not implemented yet" message, and with no other exercise's:
-#      each check depends on its own exercise only, so a student can do them in any order.
+#      every exercise check fails, with its stub's "not implemented yet" message, and with no other exercise's
+#      (a check that reaches another exercise's stub depends on that exercise: each must depend on its own only,
+#      so that a student can do them in any order).
 # Usage, from anywhere:  bash .ci/exercises.sh      (after bash tools/setup.sh test, or any build of build/)
 set -euo pipefail
 
