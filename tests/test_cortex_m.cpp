@@ -91,9 +91,9 @@ TEST_CASE("cortex-m: lenet5 on the microbit (Cortex-M0) and the mps2-an386 (Cort
     quant::save_int_model(model, builtin_int_model("lenet5", bits, 61));
     std::string log;
     CHECK_MESSAGE(run_on_board(board, model, dir / "data", kImages, &log) == 0, log);
-    CHECK_MESSAGE(log.find(fmt::format("the logits of {} test images are identical to eval's", kImages)) !=
-                      std::string::npos,
-                  log);
+    CHECK_MESSAGE(
+        log.find(fmt::format("the logits of {} test images are identical to eval's", kImages)) != std::string::npos,
+        log);
     CHECK(log.find("no floating-point routine linked") != std::string::npos);
     CHECK(log.find("stack used: ") != std::string::npos);
   }
