@@ -1,6 +1,6 @@
-// Tests for tools/cortex-m/run.sh on the Cortex-M0 and M4 boards: 100 images of lenet5 give eval's logits bit
-// for bit under QEMU, a model too large for the microbit is refused at link time with what it needs, and the
-// floating-point check finds a float routine when there is one. (The Cortex-M3 run is in test_export_c.)
+// Tests for tools/cortex-m/run.sh on every board: 100 images of lenet5 give eval's logits bit for bit under QEMU
+// on the Cortex-M0, M3 and M4, a model too large for the microbit is refused at link time with what it needs,
+// and the floating-point check finds a float routine when there is one.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 #include <sys/wait.h>
@@ -76,7 +76,7 @@ int run_on_board(const std::string& board, const std::string& model, const std::
 
 }  // namespace
 
-TEST_CASE("cortex-m: lenet5 on the microbit (Cortex-M0) and the mps2-an386 (Cortex-M4) computes eval's logits") {
+TEST_CASE("cortex-m: lenet5 on the microbit (Cortex-M0), mps2-an385 (M3) and mps2-an386 (M4) computes eval's logits") {
   if (!have_arm_tools()) {
     MESSAGE("skipped: arm-none-eabi-gcc or qemu-system-arm is not installed");
     return;
@@ -85,7 +85,8 @@ TEST_CASE("cortex-m: lenet5 on the microbit (Cortex-M0) and the mps2-an386 (Cort
   fs::create_directories(dir / "data");
   data_fixtures::write_mnist_folder(dir / "data",
                                     {.train_count = 16, .test_count = kImages, .rows = 28, .cols = 28, .gzip = true});
-  for (const auto& [board, bits] : {std::pair{"microbit", "w8a8"}, std::pair{"mps2-an386", "w4a8"}}) {
+  for (const auto& [board, bits] :
+       {std::pair{"microbit", "w8a8"}, std::pair{"mps2-an385", "w4a4"}, std::pair{"mps2-an386", "w4a8"}}) {
     CAPTURE(board);
     const std::string model = dir / fmt::format("lenet5.{}.safetensors", bits);
     quant::save_int_model(model, builtin_int_model("lenet5", bits, 61));
