@@ -131,10 +131,13 @@ def check_worked(name, body):
         digits = len(w.group("dq").split(".")[1])
         half_ulp = 0.5 * 10.0 ** -digits
         s_half_ulp = 0.5 * 10.0 ** -6  # scales are printed with 6 decimals
-        # The printed scale is rounded: accept a code that some scale within its rounding gives.
+        # The printed value and scale are rounded: accept a code that some value and scale within their
+        # rounding give.
+        x_half_ulp = 0.5 * 10.0 ** -len(w.group("x").split(".")[1])
         codes = {
-            max(qmin, min(qmax, round_half_away(x / s) + zero_point))
+            max(qmin, min(qmax, round_half_away(xv / s) + zero_point))
             for s in (scale - s_half_ulp, scale, scale + s_half_ulp)
+            for xv in (x - x_half_ulp, x, x + x_half_ulp)
         }
         if q not in codes:
             problems.append(f"  {name}: {line.strip()}: round({x} / {scale}) + {zero_point} is not {q}")
