@@ -117,6 +117,7 @@ def round_half_away(v):
 def check_worked(name, body):
     """The step-3 arithmetic: each worked line follows from the scale (and zero point) printed before it."""
     problems, scale, zero_point, qmin, qmax, channel0 = [], None, 0, -7, 7, False
+    worked, checked = 0, 0
     for line in body.splitlines():
         if re.match(r"\s+0\s+-?\d+\.\d+\s+-?\d+\.\d+\s+(\d+\.\d+)\s+0\s*$", line):  # channel 0's row: its scale
             scale, zero_point, channel0 = float(line.split()[3]), 0, True
@@ -125,8 +126,10 @@ def check_worked(name, body):
         if m := re.search(r"scale (\d+\.\d+), zero point (-?\d+)", line):
             scale, zero_point = float(m.group(1)), int(m.group(2))
         w = WORKED.match(line)
+        worked += w is not None
         if not w or scale is None or not channel0:
             continue
+        checked += 1
         x, q, dq, err = float(w.group("x")), int(w.group("q")), float(w.group("dq")), float(w.group("err"))
         digits = len(w.group("dq").split(".")[1])
         half_ulp = 0.5 * 10.0 ** -digits
@@ -145,6 +148,9 @@ def check_worked(name, body):
             problems.append(f"  {name}: {line.strip()}: {scale}·({q} − {zero_point}) is not {dq}")
         elif abs((dq - x) - err) > 3 * half_ulp:
             problems.append(f"  {name}: {line.strip()}: the error {dq} − {x} is not {err}")
+    if checked < worked:
+        problems.append(f"  {name}: {worked - checked} worked lines come before the scale they use (channel 0's row or "
+                        "'scale S, zero point Z'): tools/tutorial_check.py cannot check them")
     return problems
 
 
