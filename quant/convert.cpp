@@ -40,8 +40,9 @@ void lower_weighted(LoweredOp& lowered, const Tensor& w, const Tensor& b, Activa
   rt::Op& op = lowered.op;
   const int bits = weight_fq.bits();
   if (bits != 8 && bits > 4)
-    fail("convert: {}-bit weights of {} have no integer kernel (the runtime runs 8- and 4-bit weights; 2..4 bits "
-         "are stored as int4)", bits, op.name);
+    fail("{}-bit weights have no integer kernel (the runtime runs 8- and 4-bit weights; 2..4 bits are stored as "
+         "int4)",
+         bits);
   const QParams in = input_fq.qparams_per_tensor();
   const std::vector<QParams> w_params = weight_fq.qparams();
   const QParams out = output_fq.qparams_per_tensor();
@@ -159,7 +160,9 @@ IntModel convert(const QatModel& qat, const Normalization& norm, const Shape& in
   if (input_chw.size() != 3) fail("convert: input shape must be (C, H, W), got {}", shape_str(input_chw));
   IntModel model;
   model.model_name = qat.name;
+  // The file names four modes; any other width pair (w3a6, ...) is "mixed" there, its ops say their widths.
   model.mode = qat.config.mode_name();
+  if (model.mode != "int8" && model.mode != "w4a8" && model.mode != "w4a4") model.mode = "mixed";
   model.description = qat.description;
   model.norm = norm;
   rt::Graph& graph = model.graph;

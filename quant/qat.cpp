@@ -163,12 +163,39 @@ std::string QLinearBlock::describe() const {
 }
 
 QPassThrough::QPassThrough(std::shared_ptr<nn::Module> layer_, std::shared_ptr<FakeQuantize> input_fq_)
-    : layer(std::move(layer_)), input_fq(std::move(input_fq_)) {}
+    : layer(std::move(layer_)), input_fq(std::move(input_fq_)) {
+  register_module("layer", layer);  // (no parameters: registered so that train() / eval() reach a Dropout)
+}
 
 QKeepScale::QKeepScale(std::shared_ptr<nn::Module> layer_, std::shared_ptr<FakeQuantize> input_fq_)
-    : layer(std::move(layer_)), input_fq(std::move(input_fq_)) {}
+    : layer(std::move(layer_)), input_fq(std::move(input_fq_)) {
+  register_module("layer", layer);
+}
 
 Tensor QKeepScale::forward(const Tensor& x) {
+  auto avg = std::dynamic_pointer_cast<nn::AvgPool2d>(layer);
+  const bool pool = avg || std::dynamic_pointer_cast<nn::GlobalAvgPool2d>(layer);
+  if (pool && !is_training() && input_fq->fake_quant_enabled && input_fq->calibrated()) {
+    // Eval: the integer op itself on the input's codes (eq. 7, one rounding of the exact mean), so that the
+    // fake-quant model rounds its ties as the integer graph does.
+    NoGradGuard no_grad;
+    const QParams q = input_fq->qparams_per_tensor();
+    const QRange range = input_fq->range();
+    std::vector<int8_t> codes(static_cast<size_t>(x.numel()));
+    for (size_t k = 0; k < codes.size(); ++k) codes[k] = static_cast<int8_t>(quantize(x.data()[k], q, range));
+    const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+    Tensor y = avg ? Tensor::empty({n, c, runtime::pooled_size(h, avg->kernel, avg->stride, 0),
+                                    runtime::pooled_size(w, avg->kernel, avg->stride, 0)})
+                   : Tensor::empty({n, c, 1, 1});
+    std::vector<int8_t> out(static_cast<size_t>(y.numel()));
+    if (avg) {
+      runtime::avgpool2d(codes, q.zero_point, out, n, c, h, w, avg->kernel, avg->stride, 0);
+    } else {
+      runtime::global_avgpool(codes, q.zero_point, out, n, c, h * w, false);
+    }
+    for (size_t k = 0; k < out.size(); ++k) y.data()[k] = dequantize(out[k], q);
+    return y;
+  }
   Tensor y = layer->forward(x);
   if (!input_fq->fake_quant_enabled) return y;
   return fake_quantize(y, {input_fq->qparams_per_tensor()}, input_fq->range());

@@ -27,7 +27,7 @@ struct QConfig {
   // conv/linear).
   std::map<int, int> block_weight_bits;
   std::map<int, int> block_activation_bits;
-  std::string mode_name() const;  // "int8", "w4a8", "w4a4" or "mixed"
+  std::string mode_name() const;  // "int8", "w4a8", "w4a4", any "wNaM", or "mixed" (per-block overrides)
 };
 
 // Parses "w8a8" / "w4a8" / "w4a4" (or any "wNaM") into weight and activation bits.
