@@ -80,26 +80,30 @@ static void linear(const int8_t *x, int32_t in, int32_t z_in, const void *weight
 )";
 
 constexpr const char* kConv2dC = R"(
-/* The parameters of one Conv2d: x is (C, H, W) codes with zero point z_in, w is (OUT, C, K, K), b is (OUT);
+/* The parameters of one Conv2d: x is (C, H, W) codes with zero point z_in, w is (OUT, C / G, K, K), b is (OUT);
    y is (OUT, HO, WO) with HO = (H + 2 * padding - K) / stride + 1 (WO alike), requantized to z_out and
-   clamped to [act_min, act_max]. */
+   clamped to [act_min, act_max]. G = groups: output channel o belongs to group g = o / (OUT / G) and reads
+   only the C / G input channels of that group (G = 1: every channel; G = C = OUT: depthwise, one each). */
 struct conv2d_params {
   int32_t c, height, width, z_in;
   const void *weight;
   int weight_bits;
   const int32_t *bias, *multiplier;
   const uint8_t *shift;
-  int32_t out, k, stride, padding, z_out, act_min, act_max;
+  int32_t out, k, stride, padding, groups, z_out, act_min, act_max;
 };
 
-/* One output code of a Conv2d, y[o, oh, ow] (eq. 5, eq. 6):
-     acc = b[o] + sum_{ci, kh, kw} w[o, ci, kh, kw] * (x[ci, oh * stride - padding + kh,
-                                                         ow * stride - padding + kw] - z_in)
+/* One output code of a Conv2d, y[o, oh, ow] (eq. 5, eq. 6), with C' = C / G channels a group and
+   first = g * C' the group's first input channel:
+     acc = b[o] + sum_{ci < C', kh, kw} w[o, ci, kh, kw] * (x[first + ci, oh * stride - padding + kh,
+                                                                  ow * stride - padding + kw] - z_in)
    A position outside the input (padding) holds the code z_in and adds 0, so it is skipped. */
 static int8_t conv2d_at(const int8_t *x, const struct conv2d_params *p, int32_t o, int32_t oh, int32_t ow) {
-  const int32_t row_length = p->c * p->k * p->k;
+  const int32_t group_c = p->c / p->groups;
+  const int32_t first = o / (p->out / p->groups) * group_c;
+  const int32_t row_length = group_c * p->k * p->k;
   int32_t acc = p->bias[o];
-  for (int32_t ci = 0; ci < p->c; ++ci) {
+  for (int32_t ci = 0; ci < group_c; ++ci) {
     for (int32_t kh = 0; kh < p->k; ++kh) {
       const int32_t ih = oh * p->stride - p->padding + kh;
       if (ih < 0 || ih >= p->height) continue;
@@ -107,7 +111,7 @@ static int8_t conv2d_at(const int8_t *x, const struct conv2d_params *p, int32_t 
         const int32_t iw = ow * p->stride - p->padding + kw;
         if (iw < 0 || iw >= p->width) continue;
         acc += weight_code(p->weight, p->weight_bits, row_length, o, (ci * p->k + kh) * p->k + kw) *
-               (x[(ci * p->height + ih) * p->width + iw] - p->z_in);
+               (x[((first + ci) * p->height + ih) * p->width + iw] - p->z_in);
       }
     }
   }
@@ -212,6 +216,74 @@ static void avg_pool2d(const int8_t *x, int32_t c, int32_t height, int32_t width
 }
 )";
 
+constexpr const char* kClampC = R"(
+/* The clamp of requantize, on 64 bits. */
+static int8_t clamp_to(int64_t code, int32_t act_min, int32_t act_max) {
+  if (code < act_min) code = act_min;
+  if (code > act_max) code = act_max;
+  return (int8_t)code;
+}
+)";
+
+constexpr const char* kAddC = R"(
+/* The parameters of an Add (eq. 10): both inputs are brought to the output's scale by multipliers m_a, m_b
+   that share one shift n (m_a / 2^n = s_a / s_out, m_b / 2^n = s_b / s_out). */
+struct add_params {
+  int32_t z_a, m_a, z_b, m_b;
+  int shift;
+  int32_t z_out, act_min, act_max;
+};
+
+/* Add: a, b and y are `size` codes of the same shape (eq. 10), with one rounding, in 64 bits:
+     y[k] = clamp(z_out + round((m_a * (a[k] - z_a) + m_b * (b[k] - z_b)) / 2^n), act_min, act_max)
+   Each product is below 2^31 * 255 in magnitude, so the sum is exact in int64. y[k] depends on a[k] and b[k]
+   only: y may be a or b (the memory plan writes it in place over an input that dies here). */
+static void add(const int8_t *a, const int8_t *b, int32_t size, const struct add_params *p, int8_t *y) {
+  for (int32_t k = 0; k < size; ++k) {
+    const int64_t sum = (int64_t)p->m_a * (a[k] - p->z_a) + (int64_t)p->m_b * (b[k] - p->z_b);
+    y[k] = clamp_to(p->z_out + rounding_right_shift_half_away(sum, p->shift), p->act_min, p->act_max);
+  }
+}
+)";
+
+constexpr const char* kConcatC = R"(
+/* One input of a Concat along channels (eq. 10 with one input): its `count` codes with zero point z, brought
+   to the output's scale, go to the output's block of its channels ((C, H, W) order: one block per input):
+     y[k] = clamp(z_out + round(m * (x[k] - z) / 2^n), act_min, act_max)
+   When m = 2^n, z = z_out and [act_min, act_max] = [-128, 127], this is a copy. */
+static void concat_part(const int8_t *x, int32_t count, int32_t z, int32_t m, int shift, int32_t z_out,
+                        int32_t act_min, int32_t act_max, int8_t *y) {
+  for (int32_t k = 0; k < count; ++k) {
+    y[k] = clamp_to(z_out + rounding_right_shift_half_away((int64_t)m * (x[k] - z), shift), act_min, act_max);
+  }
+}
+)";
+
+constexpr const char* kGlobalAvgPool2dC = R"(
+/* GlobalAvgPool2d: x is (C, H, W) with zero point z, y is (C) with the same zero point; P = H * W positions:
+     y[c] = clamp(z + round(sum_{h, w} (x[c, h, w] - z) / P), -128, 127)
+   The division rounds half away from zero: (2 * sum + P) / (2 * P) for sum >= 0, its mirror below 0. */
+static void global_avg_pool2d(const int8_t *x, int32_t c, int32_t positions, int32_t z, int8_t *y) {
+  for (int32_t ci = 0; ci < c; ++ci) {
+    int32_t sum = 0;
+    int64_t twice;
+    for (int32_t p = 0; p < positions; ++p) sum += x[ci * positions + p] - z;
+    twice = 2 * (int64_t)sum;
+    y[ci] = clamp_to(z + (twice >= 0 ? (twice + positions) / (2 * (int64_t)positions)
+                                     : -((-twice + positions) / (2 * (int64_t)positions))),
+                     -128, 127);
+  }
+}
+)";
+
+constexpr const char* kClampCodesC = R"(
+/* Clamp (a ReLU or ReLU6 that is not fused into the op before it): y = clamp(x, lo, hi) for `size` codes.
+   y may be x (in place). */
+static void clamp_codes(const int8_t *x, int32_t size, int32_t lo, int32_t hi, int8_t *y) {
+  for (int32_t k = 0; k < size; ++k) y[k] = clamp_to(x[k], lo, hi);
+}
+)";
+
 // ---- helpers ---------------------------------------------------------------------------------------------
 
 // Text safe inside a C comment: no "*/", no trigraph "??", nothing unprintable.
@@ -256,7 +328,13 @@ std::string decimal(int64_t v) { return std::to_string(v); }
 int64_t emit_weighted_constants(const rt::Op& op, size_t index, const rt::Shape& in, std::string& c) {
   const std::string what =
       op.kind == rt::OpKind::Conv2d
-          ? fmt::format("(OUT {}, C {}, K {}, K {})", op.out_channels, op.in_channels, op.kernel, op.kernel)
+          ? (op.groups == 1 ? fmt::format("(OUT {}, C {}, K {}, K {})", op.out_channels, op.in_channels, op.kernel,
+                                          op.kernel)
+                            : fmt::format("(OUT {}, C / G {}, K {}, K {}), G = {} groups{}", op.out_channels,
+                                          op.in_channels / op.groups, op.kernel, op.kernel, op.groups,
+                                          op.groups == op.in_channels && op.groups == op.out_channels
+                                              ? " (depthwise)"
+                                              : ""))
           : fmt::format("(OUT {}, IN {})", op.out_channels, op.in_channels);
   (void)in;
   const std::string name = fmt::format("op{}", index);
@@ -318,20 +396,6 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
         comment_safe(prefix), kMaxPrefixLength);
   const rt::Graph& graph = model.graph;
   rt::validate(graph);
-  for (size_t i = 0; i < graph.ops.size(); ++i) {
-    const rt::OpKind kind = graph.ops[i].kind;
-    if (kind != rt::OpKind::Input && kind != rt::OpKind::Conv2d && kind != rt::OpKind::Linear &&
-        kind != rt::OpKind::MaxPool2d && kind != rt::OpKind::AvgPool2d && kind != rt::OpKind::Flatten)
-      fail(
-          "op {} '{}': a {} cannot be exported to C yet (supported: input, conv2d, linear, max_pool2d, avg_pool2d, "
-          "flatten)",
-          i, graph.ops[i].name, rt::to_string(kind));
-    if (i > 0 && graph.ops[i].inputs != std::vector<int>{static_cast<int>(i) - 1})
-      fail("op {} '{}' does not read the op before it: graphs with branches cannot be exported to C yet (only chains)",
-           i, graph.ops[i].name);
-    if (kind == rt::OpKind::Conv2d && graph.ops[i].groups != 1)
-      fail("op {} '{}': a grouped convolution cannot be exported to C yet", i, graph.ops[i].name);
-  }
   const std::vector<rt::Shape> shapes = rt::output_shapes(graph);
   const rt::Shape input{graph.in_channels, graph.in_height, graph.in_width};
   // The generated code indexes with int32_t: every tensor must fit.
@@ -349,15 +413,18 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
 
   CExport result;
   result.prefix = prefix;
-  result.plan = rt::plan_chain_arena(graph, /*fuse_conv_max_pool=*/true);
+  result.plan = rt::plan_graph_arena(graph, rt::c_fusions(graph));
   const rt::ArenaPlan& plan = result.plan;
   if (plan.arena_bytes > INT32_MAX) fail("the arena of {} bytes is too large for the exported C", plan.arena_bytes);
   const std::string P = upper(prefix);
   const rt::Op& last = graph.ops.back();
   const int64_t classes = shapes.back().size();
+  const auto stored = [&](int j) { return plan.storage[static_cast<size_t>(j)] != rt::Storage::NotStored; };
+  const auto offset_of = [&](int j) { return plan.offsets[static_cast<size_t>(j)]; };
 
-  bool uses[6] = {};
-  for (const rt::Op& op : graph.ops) uses[static_cast<int>(op.kind)] = true;
+  std::vector<bool> uses(static_cast<size_t>(rt::OpKind::Clamp) + 1, false);
+  for (const rt::Op& op : graph.ops) uses[static_cast<size_t>(op.kind)] = true;
+  const auto used = [&](rt::OpKind kind) { return uses[static_cast<size_t>(kind)]; };
 
   // ---- <prefix>.c
   std::string& c = result.source;
@@ -365,29 +432,49 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
                    comment_safe(model.model_name), comment_safe(model.mode));
   c += R"(
    Plain C99, integer arithmetic only. It computes exactly what lowbit's integer runtime computes, bit for bit:
-   the kernels below follow quant/runtime/kernels_ref.cpp and docs/int-graph-format.md section 6, and the
-   equation numbers (eq. 5, eq. 6) are those of docs/quantization.md. Activations are int8 codes in (C, H, W)
-   order; an op's real values are r = s * (q - z).
+   the kernels below follow quant/runtime/kernels_ref.cpp, quant/runtime/kernels_graph.cpp and
+   docs/int-graph-format.md section 6, and the equation numbers (eq. 5, eq. 6, eq. 10) are those of
+   docs/quantization.md. Activations are int8 codes in (C, H, W) order; an op's real values are r = s * (q - z).
 
-   Memory plan (one arena, offsets in bytes; an op reads only the previous op's output, so outputs alternate
-   between the two ends of the arena and an op's input and output never overlap):
+   Memory plan (quant/runtime/memory_plan.h, plan_graph_arena): one arena, offsets in bytes. Each buffer is
+   live from the op that writes it to the last op that reads it; buffers whose lives do not meet share bytes.
+   "live to op J" is that last reader; "in place" writes over an input that dies at this op.
 )";
   for (size_t i = 0; i < graph.ops.size(); ++i) {
-    const std::string where =
-        plan.offsets[i] < 0 ? fmt::format("not stored: computed inside op {}", i + 1)
-                            : fmt::format("arena [{}, {}){}", plan.offsets[i], plan.offsets[i] + plan.bytes[i],
-                                          graph.ops[i].kind == rt::OpKind::Flatten ? " (its input's buffer)" : "");
-    c += fmt::format("     op {:>3} {:<12} {:<24} output {:<18} {}\n", i, rt::to_string(graph.ops[i].kind),
-                     fmt::format("\"{}\"", comment_safe(graph.ops[i].name)), shape_text(shapes[i]), where);
+    const rt::Op& op = graph.ops[i];
+    std::string inputs;
+    for (const int j : op.inputs) inputs += (inputs.empty() ? "" : ", ") + std::to_string(j);
+    std::string where;
+    switch (plan.storage[i]) {
+      case rt::Storage::NotStored:
+        where = fmt::format("not stored: computed inside op {}", i + 1);
+        break;
+      case rt::Storage::SharesInput:
+        where = fmt::format("arena [{}, {}) its input's buffer", plan.offsets[i], plan.offsets[i] + plan.bytes[i]);
+        break;
+      case rt::Storage::InPlace:
+        where = fmt::format("arena [{}, {}) in place over op {}", plan.offsets[i], plan.offsets[i] + plan.bytes[i],
+                            plan.buffer_of[i]);
+        break;
+      case rt::Storage::Own:
+        where = fmt::format("arena [{}, {}) live to op {}", plan.offsets[i], plan.offsets[i] + plan.bytes[i],
+                            plan.live_until[i]);
+        break;
+    }
+    c += fmt::format("     op {:>3} {:<15} {:<22} in {:<8} output {:<16} {}\n", i, rt::to_string(op.kind),
+                     fmt::format("\"{}\"", comment_safe(op.name)), i == 0 ? "image" : inputs, shape_text(shapes[i]),
+                     where);
   }
-  c += fmt::format("   arena: {} bytes = the lower bound (the largest input + output of one op). */\n",
-                   plan.arena_bytes);
+  c += fmt::format(
+      "   arena: {} bytes; lower bound {} bytes (the most bytes live during one op: no plan can use less). */\n",
+      plan.arena_bytes, plan.lower_bound);
   c += fmt::format("#include \"{}.h\"\n", prefix);
   c += fmt::format(R"(
-/* Called after each op with the arena and the one live buffer (the op's output): a test can poison every
-   other byte to prove that no op reads memory the plan does not give it. Empty unless defined. */
+/* Called after each op with the arena and the buffers that are live after it, as live_count pairs
+   (offset, bytes) in `live` (an array of int32_t): a test can poison every other byte to prove that no op
+   reads memory the plan does not give it. Empty unless defined (the array is then never built). */
 #ifndef {0}_AFTER_OP
-#define {0}_AFTER_OP(op, arena, live_offset, live_bytes) ((void)0)
+#define {0}_AFTER_OP(op, arena, live, live_count) ((void)0)
 #endif
 )",
                    P);
@@ -406,20 +493,26 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
 
   c += "\n/* ---- kernels: plain loops, one output at a time ---- */\n\n";
   c += kArithmeticC;
-  bool stored_conv = false, fused_conv = false;
+  bool stored_conv = false, fused_conv = false, stored_pool_input = false;
   for (size_t i = 0; i < graph.ops.size(); ++i) {
-    if (graph.ops[i].kind != rt::OpKind::Conv2d) continue;
-    (plan.offsets[i] < 0 ? fused_conv : stored_conv) = true;
+    const rt::Op& op = graph.ops[i];
+    if (op.kind == rt::OpKind::Conv2d) (stored(static_cast<int>(i)) ? stored_conv : fused_conv) = true;
+    // a MaxPool2d that reads a stored input (not fused with its Conv2d)
+    if (op.kind == rt::OpKind::MaxPool2d) stored_pool_input |= stored(op.inputs[0]);
   }
-  if (uses[static_cast<int>(rt::OpKind::Conv2d)]) c += kConv2dC;
+  if (used(rt::OpKind::Conv2d)) c += kConv2dC;
   if (stored_conv) c += kConv2dStoredC;
   if (fused_conv) c += kConv2dMaxPool2dC;
-  bool stored_pool_input = false;  // a MaxPool2d that reads a stored input (not fused with its Conv2d)
-  for (size_t i = 1; i < graph.ops.size(); ++i)
-    stored_pool_input |= graph.ops[i].kind == rt::OpKind::MaxPool2d && plan.offsets[i - 1] >= 0;
   if (stored_pool_input) c += kMaxPool2dC;
-  if (uses[static_cast<int>(rt::OpKind::AvgPool2d)]) c += kAvgPool2dC;
-  c += kLinearC;
+  if (used(rt::OpKind::AvgPool2d)) c += kAvgPool2dC;
+  if (used(rt::OpKind::Add) || used(rt::OpKind::Concat) || used(rt::OpKind::GlobalAvgPool2d) ||
+      used(rt::OpKind::Clamp))
+    c += kClampC;
+  if (used(rt::OpKind::Add)) c += kAddC;
+  if (used(rt::OpKind::Concat)) c += kConcatC;
+  if (used(rt::OpKind::GlobalAvgPool2d)) c += kGlobalAvgPool2dC;
+  if (used(rt::OpKind::Clamp)) c += kClampCodesC;
+  if (used(rt::OpKind::Linear)) c += kLinearC;
 
   c += "\n/* ---- the model, op by op ---- */\n\n";
   // The parameters of the Conv2d ops[i] with input shape `in`, as a C99 struct with designated initialisers.
@@ -429,69 +522,86 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
     return fmt::format(
         "    static const struct conv2d_params p = {{.c = {}, .height = {}, .width = {}, .z_in = {},\n"
         "        .weight = op{}_weight, .weight_bits = {}, .bias = op{}_bias, .multiplier = op{}_multiplier,\n"
-        "        .shift = op{}_shift, .out = {}, .k = {}, .stride = {}, .padding = {},\n"
+        "        .shift = op{}_shift, .out = {}, .k = {}, .stride = {}, .padding = {}, .groups = {},\n"
         "        .z_out = {}, .act_min = {}, .act_max = {}}};\n",
         in.c, in.h, in.w, op.input_zero_point, i, op.weight_bits, i, i, i, op.out_channels, op.kernel, op.stride,
-        op.padding, rq.zero_point, rq.act_min, rq.act_max);
+        op.padding, op.groups, rq.zero_point, rq.act_min, rq.act_max);
   };
+  auto at = [](int64_t offset) { return fmt::format("a + {}", offset); };
   c += fmt::format("int {}_run(const uint8_t *image, int8_t *logits, void *arena) {{\n", prefix);
   c += "  int8_t *const a = (int8_t *)arena;\n  int32_t best = 0;\n";
   for (size_t i = 0; i < graph.ops.size(); ++i) {
     const rt::Op& op = graph.ops[i];
-    const rt::Shape in = i == 0 ? input : shapes[i - 1];
+    const rt::Shape in = i == 0 ? input : shapes[static_cast<size_t>(op.inputs[0])];
     const rt::Shape& out = shapes[i];
     const int64_t x = plan.input_offsets[i], y = plan.offsets[i];
     const std::string name = comment_safe(op.name);
     const auto& rq = op.requant;
+    const std::string in_place =
+        plan.storage[i] == rt::Storage::InPlace ? fmt::format(" (in place over op {})", plan.buffer_of[i]) : "";
     switch (op.kind) {
       case rt::OpKind::Input:
         c += fmt::format("\n  /* op {} \"{}\": input, image {} uint8 pixels -> codes {} */\n", i, name, shape_text(in),
                          shape_text(out));
-        c += fmt::format("  input_lookup(image, {}, input_table, a + {});\n", out.size(), y);
+        c += fmt::format("  input_lookup(image, {}, input_table, {});\n", out.size(), at(y));
         break;
-      case rt::OpKind::Conv2d:
+      case rt::OpKind::Conv2d: {
+        const std::string grouping =
+            op.groups == 1 ? ""
+            : op.groups == in.c && op.groups == op.out_channels
+                ? ", depthwise"
+                : fmt::format(", {} groups of {} channels", op.groups, in.c / op.groups);
         c += fmt::format(
-            "\n  /* op {} \"{}\": conv2d {}-bit, x {} -> y {}, K {}, stride {}, padding {}, z_in {}, z_out {}, "
+            "\n  /* op {} \"{}\": conv2d {}-bit{}, x {} -> y {}, K {}, stride {}, padding {}, z_in {}, z_out {}, "
             "clamp [{}, {}]{} */\n",
-            i, name, op.weight_bits, shape_text(in), shape_text(out), op.kernel, op.stride, op.padding,
+            i, name, op.weight_bits, grouping, shape_text(in), shape_text(out), op.kernel, op.stride, op.padding,
             op.input_zero_point, rq.zero_point, rq.act_min, rq.act_max,
             rq.act_min == rq.zero_point ? " (ReLU fused: act_min = z_out)" : "");
         if (y < 0) {
           c += fmt::format("  /* fused with the max_pool2d after it: see op {} */\n", i + 1);
           continue;  // nothing stored, nothing to check
         }
-        c += fmt::format("  {{\n{}    conv2d(a + {}, &p, a + {});\n  }}\n", conv_params(i, in), x, y);
+        c += fmt::format("  {{\n{}    conv2d({}, &p, {});\n  }}\n", conv_params(i, in), at(x), at(y));
         break;
+      }
       case rt::OpKind::Linear:
         c += fmt::format(
             "\n  /* op {} \"{}\": linear {}-bit, x ({}) -> y ({}), z_in {}, z_out {}, clamp [{}, {}]{} */\n", i, name,
             op.weight_bits, in.size(), out.size(), op.input_zero_point, rq.zero_point, rq.act_min, rq.act_max,
             rq.act_min == rq.zero_point ? " (ReLU fused: act_min = z_out)" : "");
         c += fmt::format(
-            "  linear(a + {}, {}, {}, op{}_weight, {}, op{}_bias, op{}_multiplier, op{}_shift, {}, {}, {}, {}, a + "
-            "{});\n",
-            x, in.size(), op.input_zero_point, i, op.weight_bits, i, i, i, op.out_channels, rq.zero_point, rq.act_min,
-            rq.act_max, y);
+            "  linear({}, {}, {}, op{}_weight, {}, op{}_bias, op{}_multiplier, op{}_shift, {}, {}, {}, {}, {});\n",
+            at(x), in.size(), op.input_zero_point, i, op.weight_bits, i, i, i, op.out_channels, rq.zero_point,
+            rq.act_min, rq.act_max, at(y));
         break;
-      case rt::OpKind::MaxPool2d:
+      case rt::OpKind::MaxPool2d: {
+        const bool fused = !stored(op.inputs[0]);
         c += fmt::format("\n  /* op {} \"{}\": max_pool2d, x {} -> y {}, K {}, stride {}, padding {}{}", i, name,
-                         shape_text(in), shape_text(out), op.kernel, op.stride, op.padding,
-                         plan.offsets[i - 1] < 0 ? ",\n" : " */\n");
-        if (plan.offsets[i - 1] < 0) {  // the Conv2d before it is computed here
+                         shape_text(in), shape_text(out), op.kernel, op.stride, op.padding, fused ? ",\n" : " */\n");
+        if (fused) {  // the Conv2d before it is computed here
+          const auto conv = static_cast<size_t>(op.inputs[0]);
           c += fmt::format(
-              "     together with op {}: its conv outputs are computed window by window, never stored */\n", i - 1);
-          c += fmt::format("  {{\n{}    conv2d_max_pool2d(a + {}, &p, {}, a + {});\n  }}\n",
-                           conv_params(i - 1, shapes[i - 2]), x, op.kernel, y);
+              "     together with op {}: its conv outputs are computed window by window, never stored */\n", conv);
+          c += fmt::format("  {{\n{}    conv2d_max_pool2d({}, &p, {}, {});\n  }}\n",
+                           conv_params(conv, conv == 0 ? input : shapes[static_cast<size_t>(graph.ops[conv].inputs[0])]),
+                           at(x), op.kernel, at(y));
           break;
         }
-        c += fmt::format("  max_pool2d(a + {}, {}, {}, {}, {}, {}, {}, a + {});\n", x, in.c, in.h, in.w, op.kernel,
-                         op.stride, op.padding, y);
+        c += fmt::format("  max_pool2d({}, {}, {}, {}, {}, {}, {}, {});\n", at(x), in.c, in.h, in.w, op.kernel,
+                         op.stride, op.padding, at(y));
         break;
+      }
       case rt::OpKind::AvgPool2d:
         c += fmt::format("\n  /* op {} \"{}\": avg_pool2d, x {} -> y {}, K {}, stride {}, padding {}, z {} */\n", i,
                          name, shape_text(in), shape_text(out), op.kernel, op.stride, op.padding, op.input_zero_point);
-        c += fmt::format("  avg_pool2d(a + {}, {}, {}, {}, {}, {}, {}, {}, a + {});\n", x, in.c, in.h, in.w, op.kernel,
-                         op.stride, op.padding, op.input_zero_point, y);
+        c += fmt::format("  avg_pool2d({}, {}, {}, {}, {}, {}, {}, {}, {});\n", at(x), in.c, in.h, in.w, op.kernel,
+                         op.stride, op.padding, op.input_zero_point, at(y));
+        break;
+      case rt::OpKind::GlobalAvgPool2d:
+        c += fmt::format("\n  /* op {} \"{}\": global_avg_pool2d, x {} -> y ({}), z {} */\n", i, name, shape_text(in),
+                         out.c, op.input_zero_point);
+        c += fmt::format("  global_avg_pool2d({}, {}, {}, {}, {});\n", at(x), in.c, in.h * in.w, op.input_zero_point,
+                         at(y));
         break;
       case rt::OpKind::Flatten:
         c += fmt::format(
@@ -499,10 +609,53 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
             "     where it already is: nothing to do (the codes stay at a + {}). */\n",
             i, name, shape_text(in), out.size(), y);
         break;
-      default:  // refused above
-        fail("op {} '{}': a {} cannot be exported to C yet", i, name, rt::to_string(op.kind));
+      case rt::OpKind::Clamp:
+        c += fmt::format("\n  /* op {} \"{}\": clamp {} to [{}, {}]{} */\n", i, name, shape_text(out), rq.act_min,
+                         rq.act_max, in_place);
+        c += fmt::format("  clamp_codes({}, {}, {}, {}, {});\n", at(x), out.size(), rq.act_min, rq.act_max, at(y));
+        break;
+      case rt::OpKind::Add: {
+        const rt::Rescale& r = op.rescale;
+        c += fmt::format(
+            "\n  /* op {} \"{}\": add, op {} + op {}, {} -> {}{}: m_a / 2^n = s_a / s_out, m_b / 2^n = s_b / s_out, "
+            "clamp [{}, {}]{} */\n",
+            i, name, op.inputs[0], op.inputs[1], shape_text(in), shape_text(out), in_place, rq.act_min, rq.act_max,
+            rq.act_min == rq.zero_point ? " (ReLU fused: act_min = z_out)" : "");
+        c += fmt::format(
+            "  {{\n    static const struct add_params p = {{.z_a = {}, .m_a = {}, .z_b = {}, .m_b = {}, .shift = {},\n"
+            "        .z_out = {}, .act_min = {}, .act_max = {}}};\n"
+            "    add({}, {}, {}, &p, {});\n  }}\n",
+            r.zero_points[0], r.multipliers[0], r.zero_points[1], r.multipliers[1], r.shift, rq.zero_point, rq.act_min,
+            rq.act_max, at(offset_of(op.inputs[0])), at(offset_of(op.inputs[1])), out.size(), at(y));
+        break;
+      }
+      case rt::OpKind::Concat: {
+        const rt::Rescale& r = op.rescale;
+        std::string parts;
+        for (size_t k = 0; k < op.inputs.size(); ++k)
+          parts += fmt::format("{}op {} {}", k == 0 ? "" : " + ", op.inputs[k],
+                               shape_text(shapes[static_cast<size_t>(op.inputs[k])]));
+        c += fmt::format(
+            "\n  /* op {} \"{}\": concat along channels, {} -> {}; each input to the output's scale, "
+            "m / 2^{} = s_in / s_out, z_out {}, clamp [{}, {}] */\n",
+            i, name, parts, shape_text(out), r.shift, rq.zero_point, rq.act_min, rq.act_max);
+        int64_t first = 0;  // the input's first code in the output
+        for (size_t k = 0; k < op.inputs.size(); ++k) {
+          const int64_t count = shapes[static_cast<size_t>(op.inputs[k])].size();
+          c += fmt::format("  concat_part({}, {}, {}, {}, {}, {}, {}, {}, {});\n", at(offset_of(op.inputs[k])), count,
+                           r.zero_points[k], r.multipliers[k], r.shift, rq.zero_point, rq.act_min, rq.act_max,
+                           at(y + first));
+          first += count;
+        }
+        break;
+      }
     }
-    c += fmt::format("  {}_AFTER_OP({}, a, {}, {});\n", P, i, y, plan.bytes[i]);
+    std::string live;
+    const std::vector<int> buffers = rt::live_after(plan, i);
+    for (const int b : buffers)
+      live += fmt::format("{}{}, {}", live.empty() ? "" : ", ", plan.offsets[static_cast<size_t>(b)],
+                          plan.bytes[static_cast<size_t>(b)]);
+    c += fmt::format("  {}_AFTER_OP({}, a, ((const int32_t[]){{{}}}), {});\n", P, i, live, buffers.size());
   }
   c += fmt::format(
       "\n  /* the logits: copied out of the arena; the class is the first maximum (the lowest index on ties) */\n"
@@ -547,8 +700,8 @@ extern "C" {{
 #define {0}_OUTPUT_SCALE_SHIFT {9}
 
 /* The working memory {0}_run needs: one arena of {0}_ARENA_BYTES bytes (any alignment), planned statically.
-   {0}_ARENA_LOWER_BOUND is the largest set of bytes that must be live at once (an op's input and output);
-   the plan reaches it. */
+   {0}_ARENA_LOWER_BOUND is the most bytes that must be live at once (the inputs and output of one op, and
+   what later ops still need): no plan of these buffers can use less. */
 #define {0}_ARENA_BYTES {10}
 #define {0}_ARENA_LOWER_BOUND {11}
 

@@ -13,6 +13,7 @@
 
 #include "core/normalize.h"
 #include "core/rng.h"
+#include "converted_models.h"
 #include "data_fixtures.h"
 #include "nn/graph.h"
 #include "quant/convert.h"
@@ -22,6 +23,7 @@
 namespace fs = std::filesystem;
 using namespace lowbit;
 using data_fixtures::TempDir;
+using test::builtin_int_model;
 
 namespace {
 
@@ -42,26 +44,6 @@ int shell(const std::string& command) {
 
 bool have_arm_tools() {
   return shell("command -v arm-none-eabi-gcc >/dev/null 2>&1 && command -v qemu-system-arm >/dev/null 2>&1") == 0;
-}
-
-// A built-in model for 28×28 images with random weights, calibrated on random pixels and converted: its logits
-// are as good a test of bit-exactness as a trained model's, and it takes a second, not a training run.
-quant::IntModel builtin_int_model(const std::string& name, const std::string& bits, uint64_t seed) {
-  const Normalization norm{0.2860f, 0.3530f};
-  manual_seed(seed);
-  Rng rng(seed + 1);
-  nn::Model float_model(nn::with_data_shape(nn::builtin_description(name), 1, 28, 28, 10));
-  float_model.eval();
-  const auto qat = quant::prepare_qat(float_model, quant::parse_bits(bits));
-  quant::Calibrator calibrator(*qat);
-  for (int b = 0; b < 2; ++b) {
-    Tensor x = Tensor::empty({16, 1, 28, 28});
-    for (float& v : x.values()) v = normalize_pixel(static_cast<uint8_t>(rng.below(256)), norm);
-    calibrator.observe(x);
-  }
-  calibrator.finish();
-  qat->eval();
-  return quant::convert(*qat, norm, {1, 28, 28});
 }
 
 // run.sh --board BOARD MODEL DATA IMAGES; returns the exit status and keeps the output in *log.

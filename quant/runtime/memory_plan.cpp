@@ -135,3 +135,121 @@ BufferPlan plan_arena(std::span<const LiveBuffer> buffers) {
 #endif  // LOWBIT_EXERCISES
 
 }  // namespace lowbit::quant::runtime
+
+// ---- The plan of any graph
+
+namespace lowbit::quant::runtime {
+
+std::vector<bool> c_fusions(const Graph& graph) {
+  const std::vector<std::vector<int>> reader_lists = readers(graph);
+  std::vector<bool> fused(graph.ops.size(), false);
+  for (size_t i = 0; i + 1 < graph.ops.size(); ++i) {
+    const Op& pool = graph.ops[i + 1];
+    fused[i] = graph.ops[i].kind == OpKind::Conv2d && pool.kind == OpKind::MaxPool2d && pool.stride == pool.kernel &&
+               pool.padding == 0 && reader_lists[i] == std::vector<int>{static_cast<int>(i) + 1};
+  }
+  return fused;
+}
+
+ArenaPlan plan_graph_arena(const Graph& graph, const std::vector<bool>& fused) {
+  const size_t n = graph.ops.size();
+  if (!fused.empty() && fused.size() != n) throw RuntimeError("plan_graph_arena: one fused entry per op expected");
+  const std::vector<Shape> shapes = output_shapes(graph);
+  const std::vector<std::vector<int>> reader_lists = readers(graph);
+  ArenaPlan plan;
+  plan.storage.assign(n, Storage::Own);
+  plan.bytes.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    plan.bytes[i] = shapes[i].size();
+    if (!fused.empty() && fused[i]) {
+      if (graph.ops[i].kind != OpKind::Conv2d || i + 1 >= n || graph.ops[i + 1].kind != OpKind::MaxPool2d ||
+          reader_lists[i] != std::vector<int>{static_cast<int>(i) + 1})
+        throw RuntimeError("plan_graph_arena: op " + std::to_string(i) +
+                           " cannot be fused: only a Conv2d read by nothing but the MaxPool2d after it can");
+      plan.storage[i] = Storage::NotStored;
+      plan.bytes[i] = 0;
+    } else if (graph.ops[i].kind == OpKind::Flatten) {
+      plan.storage[i] = Storage::SharesInput;
+    }
+  }
+  // reads[j]: the ops whose stored outputs ops[j] reads (a fused conv's input is read by the pool after it).
+  std::vector<std::vector<int>> reads(n);
+  for (size_t j = 0; j < n; ++j)
+    for (const int k : graph.ops[j].inputs) {
+      if (plan.storage[static_cast<size_t>(k)] == Storage::NotStored)
+        for (const int kk : graph.ops[static_cast<size_t>(k)].inputs) reads[j].push_back(kk);
+      else
+        reads[j].push_back(k);
+    }
+  // Which buffer each op's output is in; an Add or Clamp takes over an input's buffer that dies with it.
+  plan.buffer_of.assign(n, -1);
+  const auto read_after = [&](size_t i, int buffer) {  // does an op after ops[i] read `buffer`?
+    for (size_t j = i + 1; j < n; ++j)
+      for (const int k : reads[j])
+        if (static_cast<size_t>(k) <= i && plan.buffer_of[static_cast<size_t>(k)] == buffer) return true;
+    return false;
+  };
+  for (size_t i = 0; i < n; ++i) {
+    if (plan.storage[i] == Storage::NotStored) continue;
+    plan.buffer_of[i] = static_cast<int>(i);
+    if (plan.storage[i] == Storage::SharesInput) {
+      plan.buffer_of[i] = plan.buffer_of[static_cast<size_t>(reads[i][0])];
+      continue;
+    }
+    const OpKind kind = graph.ops[i].kind;
+    if (kind != OpKind::Add && kind != OpKind::Clamp) continue;
+    for (const int k : reads[i]) {
+      const int buffer = plan.buffer_of[static_cast<size_t>(k)];
+      if (plan.bytes[static_cast<size_t>(buffer)] == plan.bytes[i] && !read_after(i, buffer)) {
+        plan.storage[i] = Storage::InPlace;
+        plan.buffer_of[i] = buffer;
+        break;
+      }
+    }
+  }
+  // Each Own buffer lives from its op to the last op that reads it or an alias of it (or writes an alias).
+  plan.live_until.assign(n, -1);
+  for (size_t i = 0; i < n; ++i)
+    if (plan.buffer_of[i] >= 0) {
+      int64_t& until = plan.live_until[static_cast<size_t>(plan.buffer_of[i])];
+      until = std::max<int64_t>(until, static_cast<int64_t>(i));
+    }
+  for (size_t j = 0; j < n; ++j)
+    for (const int k : reads[j]) {
+      int64_t& until = plan.live_until[static_cast<size_t>(plan.buffer_of[static_cast<size_t>(k)])];
+      until = std::max<int64_t>(until, static_cast<int64_t>(j));
+    }
+  std::vector<LiveBuffer> buffers;
+  std::vector<size_t> owner;  // buffers[b] belongs to ops[owner[b]]
+  for (size_t i = 0; i < n; ++i)
+    if (plan.buffer_of[i] == static_cast<int>(i)) {
+      // A fused pool runs where its conv would have: it writes at i (its index), reads the conv's input.
+      buffers.push_back({plan.bytes[i], static_cast<int64_t>(i), plan.live_until[i]});
+      owner.push_back(i);
+    }
+  const BufferPlan placed = plan_arena(buffers);
+  plan.arena_bytes = placed.arena_bytes;
+  plan.lower_bound = placed.lower_bound;
+  std::vector<int64_t> buffer_offset(n, -1);
+  for (size_t b = 0; b < buffers.size(); ++b) buffer_offset[owner[b]] = placed.offsets[b];
+  plan.offsets.assign(n, -1);
+  plan.input_offsets.assign(n, -1);
+  for (size_t i = 0; i < n; ++i) {
+    if (plan.buffer_of[i] >= 0) plan.offsets[i] = buffer_offset[static_cast<size_t>(plan.buffer_of[i])];
+    if (!reads[i].empty()) plan.input_offsets[i] = buffer_offset[static_cast<size_t>(plan.buffer_of[reads[i][0]])];
+  }
+  return plan;
+}
+
+std::vector<int> live_after(const ArenaPlan& plan, size_t i) {
+  std::vector<int> live;
+  for (size_t b = 0; b < plan.buffer_of.size(); ++b) {
+    if (plan.buffer_of[b] != static_cast<int>(b)) continue;
+    if ((b <= i && plan.live_until[b] > static_cast<int64_t>(i)) ||
+        (plan.buffer_of[i] == static_cast<int>(b)))
+      live.push_back(static_cast<int>(b));
+  }
+  return live;
+}
+
+}  // namespace lowbit::quant::runtime

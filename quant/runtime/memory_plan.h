@@ -1,4 +1,4 @@
-// The static memory plan of a chain graph: one arena, an offset for every op's output, liveness-based reuse.
+// The static memory plan of an integer graph: one arena, an offset for every op's output, liveness-based reuse.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +14,7 @@ enum class Storage {
   Own,          // a buffer of its own in the arena
   SharesInput,  // its input's buffer, unchanged (Flatten: the memory order does not change)
   NotStored,    // never stored: the next op computes it on the fly (a Conv2d fused into the MaxPool2d after it)
+  InPlace,      // writes over the buffer of an input that dies at this op (an elementwise Add or Clamp)
 };
 
 // Where each op's output codes live in one arena of `arena_bytes` bytes (one image).
@@ -34,6 +35,10 @@ struct ArenaPlan {
   std::vector<int64_t> bytes;          // bytes[i]: the size of ops[i]'s output (0 if NotStored)
   int64_t arena_bytes = 0;             // the arena the plan needs
   int64_t lower_bound = 0;             // the largest set of simultaneously live bytes (input + output of one op)
+  // Filled by plan_graph_arena (empty for plan_chain_arena):
+  std::vector<Storage> storage;    // storage[i]: how ops[i]'s output is kept
+  std::vector<int> buffer_of;      // buffer_of[i]: the op whose buffer (Own) holds ops[i]'s output; −1 if NotStored
+  std::vector<int64_t> live_until; // live_until[i] for an Own op: the last op that reads its buffer (or ops[i] itself)
 };
 
 // bytes[i] is the size of op i's output, storage[i] how it is kept. Op 0 (the Input op) reads the caller's
@@ -88,5 +93,29 @@ int64_t arena_lower_bound(std::span<const LiveBuffer> buffers);
 // bound on chains and on typical residual blocks, but not on every set of ranges (finding the smallest arena is
 // NP-hard): tests/exercises/test_ex08_arena_planner.cpp measures the slack. Throws as arena_lower_bound.
 BufferPlan plan_arena(std::span<const LiveBuffer> buffers);
+
+// ---- The plan of any graph: the one planner of the exporter and the executor
+
+// The buffers of a validated graph, one image (int8 codes, one byte each), placed by plan_arena:
+//   - a Flatten SharesInput (its bytes are its input's);
+//   - fused[i] (optional, one entry per op): ops[i] is computed inside ops[i + 1] and NotStored — a Conv2d whose
+//     only reader is the MaxPool2d ops[i + 1]; the pool then reads the conv's input, which stays live until it;
+//   - an Add or a Clamp writes InPlace over an input of its own size whose buffer no later op reads (y[k]
+//     depends on x[k] only, so writing y[k] over x[k] is safe);
+//   - every other op gets a buffer of its own, live from the op that writes it to the last op that reads it or
+//     one of its aliases (SharesInput, InPlace, or an input of the fused pool).
+// offsets[i] is where ops[i]'s output lives, input_offsets[i] where its first input is read (through a fused
+// conv: the conv's input). arena_bytes is plan_arena's, lower_bound arena_lower_bound's over these buffers.
+// Throws RuntimeError for a fused op that is not a Conv2d read only by the MaxPool2d after it.
+ArenaPlan plan_graph_arena(const Graph& graph, const std::vector<bool>& fused = {});
+
+// The fusion the exported C makes: ops[i] is a Conv2d whose only reader is ops[i + 1], a MaxPool2d with
+// stride = kernel and no padding (each conv output falls in at most one window, so conv2d_max_pool2d computes
+// each once).
+std::vector<bool> c_fusions(const Graph& graph);
+
+// The buffers live just after ops[i] ran, as the op indices of their Own ops: every buffer written at or before
+// i and read after it, and ops[i]'s own. What a test may not touch between ops.
+std::vector<int> live_after(const ArenaPlan& plan, size_t i);
 
 }  // namespace lowbit::quant::runtime
