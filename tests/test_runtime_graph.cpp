@@ -188,10 +188,13 @@ TEST_CASE("Executor on a tiny Input→Conv→MaxPool→Flatten→Linear graph ma
     lowbit::Rng rng(1);
     for (const auto kernels : {rt::Executor::Kernels::Fastest, rt::Executor::Kernels::Reference}) {
       for (const int threads : {1, 2}) {
+       for (const bool keep : {false, true}) {  // the planned arena, or every op's output kept
         CAPTURE(bits);
         CAPTURE(threads);
+        CAPTURE(keep);
         CAPTURE(kernels == rt::Executor::Kernels::Fastest);
         rt::Executor executor(t.graph, threads, kernels);
+        executor.keep_all_outputs(keep);
         CHECK(executor.num_classes() == 5);
         const int8_t* first_buffer = nullptr;
         for (const int64_t batch : {5, 3, 1, 5}) {
@@ -202,7 +205,13 @@ TEST_CASE("Executor on a tiny Input→Conv→MaxPool→Flatten→Linear graph ma
           if (first_buffer == nullptr) first_buffer = logits.data();
           CHECK(logits.data() == first_buffer);  // no reallocation for a batch no larger than the first
         }
-        CHECK(executor.op_output(2).size() == 5 * 3 * 4 * 4);
+        if (keep) {
+          CHECK(executor.op_output(2).size() == 5 * 3 * 4 * 4);
+        } else {
+          CHECK_THROWS_AS(executor.op_output(2), rt::RuntimeError);
+          CHECK(executor.arena_bytes_per_image() == executor.memory_plan().lower_bound);
+        }
+       }
       }
     }
   }
@@ -227,14 +236,17 @@ TEST_CASE("Executor: fast kernels equal the reference on a LeNet-5 shaped graph,
     for (const int64_t batch : {9, 37}) {
       const auto images = random_images(rng, batch * 28 * 28);
       rt::Executor reference(g, 1, rt::Executor::Kernels::Reference);
+      reference.keep_all_outputs();
       const auto want = reference.run(images, batch);
       for (const int threads : {1, 2, 3}) {
-        rt::Executor fast(g, threads);
+        rt::Executor fast(g, threads), planned(g, threads);
+        fast.keep_all_outputs();
         const auto got = fast.run(images, batch);
         CAPTURE(bits);
         CAPTURE(batch);
         CAPTURE(threads);
         CHECK(count_mismatches(got, want) == 0);
+        CHECK(count_mismatches(planned.run(images, batch), want) == 0);  // the planned arena: the same logits
         for (size_t i = 0; i < g.ops.size(); ++i) {
           CAPTURE(i);
           if (fast.stores_output(i)) {

@@ -68,8 +68,7 @@ Executor::Executor(const Graph& graph, int threads, KernelPath path)
     if (op.kind == OpKind::Conv2d && op.groups > 1)
       grouped_[i] = pack_grouped_conv(op.weight, op.weight_bits, conv_shape(i, 1));
   }
-  if (!fast_) return;
-  for (size_t i = 0; i < graph_.ops.size(); ++i) {
+  for (size_t i = 0; fast_ && i < graph_.ops.size(); ++i) {  // the fast kernels' weights and fusions
     const Op& op = graph_.ops[i];
     const Shape in = i == 0 ? input_shape(0) : stored_shape(static_cast<size_t>(op.inputs[0]));
     if (op.kind == OpKind::Conv2d && op.groups == 1) {
@@ -97,6 +96,18 @@ Executor::Executor(const Graph& graph, int threads, KernelPath path)
       }
     }
   }
+  // One plan for every batch: a slice of B images lays its buffers out at B times the offsets of one image.
+  plan_ = plan_graph_arena(graph_, pool_fused_);
+}
+
+void Executor::keep_all_outputs(bool keep) {
+  if (keep != keep_outputs_) capacity_ = 0;  // re-plan on the next run
+  keep_outputs_ = keep;
+}
+
+int8_t* Executor::codes_at(size_t j, int64_t first, int64_t batch) {
+  if (keep_outputs_) return outputs_[j].data() + first * shapes_[j].size();
+  return arena_.data() + first * plan_.arena_bytes + plan_.offsets[j] * batch;
 }
 
 ConvShape Executor::conv_shape(size_t op_index, int64_t images) const {
@@ -129,8 +140,13 @@ Shape Executor::stored_shape(size_t op_index) const {
 
 std::span<const int8_t> Executor::op_output(size_t op_index) const {
   if (!stores_output(op_index)) return {};
+  const bool last = op_index + 1 == graph_.ops.size();
+  if (!keep_outputs_ && !last)
+    throw RuntimeError("runtime executor: op_output(" + std::to_string(op_index) +
+                       "): the planned arena keeps only the logits; call keep_all_outputs() before run()");
   const Shape s = stored_shape(op_index);
-  const std::span<const int8_t> codes(outputs_[op_index].data(), static_cast<size_t>(batch_ * s.size()));
+  const std::span<const int8_t> codes(keep_outputs_ ? outputs_[op_index].data() : logits_.data(),
+                                      static_cast<size_t>(batch_ * s.size()));
   if (!fast_ || s.c == 1 || s.h * s.w == 1) return codes;  // the two layouts are the same bytes
   view_.resize(codes.size());                              // channels last → (N, C, H, W)
   for (int64_t i = 0; i < batch_; ++i)
@@ -156,9 +172,16 @@ int64_t Executor::images_per_chunk(size_t op_index) const {
 void Executor::plan(int64_t batch) {
   if (batch <= capacity_) return;
   size_t cols = 0, acc = 0, workspace = 0, planes = 0;
+  if (keep_outputs_) {
+    arena_ = {};
+    for (size_t i = 0; i < graph_.ops.size(); ++i) outputs_[i].resize(static_cast<size_t>(batch * shapes_[i].size()));
+  } else {
+    outputs_.assign(graph_.ops.size(), {});
+    arena_.resize(static_cast<size_t>(batch * plan_.arena_bytes));
+    logits_.resize(static_cast<size_t>(batch * shapes_.back().size()));
+  }
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
-    outputs_[i].resize(static_cast<size_t>(batch * shapes_[i].size()));
     if (!is_weighted(op)) continue;
     const int64_t images = std::min(batch, images_per_chunk(i)), rows = images * shapes_[i].h * shapes_[i].w;
     if (op.kind == OpKind::Conv2d && op.groups > 1) {
@@ -277,6 +300,15 @@ std::span<const int8_t> Executor::run(std::span<const uint8_t> images, int64_t b
       run_images(images.data(), first, last - first, scratch_[static_cast<size_t>(s)], 1);
     }
   }
+  if (!keep_outputs_) {  // the logits of each slice's region, in image order
+    const size_t output = graph_.ops.size() - 1;
+    const int64_t size = shapes_[output].size();
+    for (int s = 0; s < count; ++s) {
+      const int64_t first = batch * s / count, last = batch * (s + 1) / count;
+      const int8_t* codes = codes_at(output, first, last - first);
+      std::copy(codes, codes + (last - first) * size, logits_.begin() + first * size);
+    }
+  }
   return op_output(graph_.ops.size() - 1);
 }
 
@@ -286,14 +318,13 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
   // The codes of op j's output for these images.
   const auto codes_of = [&](int j) {
     const auto k = static_cast<size_t>(j);
-    return std::span<const int8_t>(outputs_[k].data() + first * shapes_[k].size(),
-                                   static_cast<size_t>(batch * shapes_[k].size()));
+    return std::span<const int8_t>(codes_at(k, first, batch), static_cast<size_t>(batch * shapes_[k].size()));
   };
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
     const Shape x_shape = input_shape(i);
     const int8_t* x = i == 0 ? nullptr : codes_of(op.inputs[0]).data();
-    int8_t* y = outputs_[i].data() + first * shapes_[i].size();
+    int8_t* y = codes_at(i, first, batch);  // may be x's bytes (a Flatten; an Add or Clamp in place)
     const auto y_size = static_cast<size_t>(batch * shapes_[i].size());
     const auto x_size = static_cast<size_t>(batch * x_shape.size());
     const int threads = threads_for(static_cast<int64_t>(x_size + y_size), max_threads);
@@ -310,7 +341,7 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
       case OpKind::Conv2d:
       case OpKind::Linear:
         if (pool_fused_[i]) {  // writes the output of the max pool ops[i + 1], which is then done
-          run_weighted(i, x, outputs_[i + 1].data() + first * shapes_[i + 1].size(), batch, sc, max_threads);
+          run_weighted(i, x, codes_at(i + 1, first, batch), batch, sc, max_threads);
           ++i;
         } else {
           run_weighted(i, x, y, batch, sc, max_threads);
@@ -329,7 +360,8 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
                        threads);
         break;
       case OpKind::Flatten:
-        if (y_size > 0) std::memcpy(y, x, y_size);  // (N, C, H, W) and (N, C·H·W) are the same bytes
+        // (N, C, H, W) and (N, C·H·W) are the same bytes: planned, they are the input's; kept, a copy
+        if (y_size > 0 && y != x) std::memcpy(y, x, y_size);
         break;
       case OpKind::Clamp:
         clamp_codes({x, x_size}, op.requant.act_min, op.requant.act_max, {y, y_size}, threads);

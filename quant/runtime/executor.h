@@ -7,6 +7,7 @@
 
 #include "quant/runtime/graph.h"
 #include "quant/runtime/kernels.h"
+#include "quant/runtime/memory_plan.h"
 
 namespace lowbit::quant::runtime {
 
@@ -24,10 +25,25 @@ class Executor {
   // images is (N, C·H·W) uint8 pixels; returns (N, classes) int8 logits, a view into an internal buffer
   // valid until the next call. Buffers are planned on the first call and grow only with the batch:
   // later calls with a batch no larger allocate nothing.
+  //
+  // Activations live in one arena laid out by plan_graph_arena (memory_plan.h, the exporter's planner): an
+  // op's output shares bytes with outputs that are dead by the time it is written; a Flatten shares its input's
+  // bytes; an Add or Clamp writes over an input that dies with it. Each slice of the batch (one per thread)
+  // has its own region of slice images · arena_bytes_per_image() bytes, in which op i's codes start at
+  // offsets[i] · slice images.
   std::span<const int8_t> run(std::span<const uint8_t> images, int64_t batch);
 
+  // Keep every op's output of the last run for op_output (inspection, tests): each op gets a buffer of its own
+  // instead of the planned arena. Call before run().
+  void keep_all_outputs(bool keep = true);
+  // The buffer plan of one image (offsets in bytes, the arena and its lower bound), computed once.
+  const ArenaPlan& memory_plan() const { return plan_; }
+  // The peak activation memory the planned run needs per image: the arena of one image, in bytes.
+  int64_t arena_bytes_per_image() const { return plan_.arena_bytes; }
+
   int64_t num_classes() const;
-  // The (N, C, H, W) codes that ops[op_index] produced in the last run, and its per-image shape.
+  // The (N, C, H, W) codes that ops[op_index] produced in the last run, and its per-image shape. Needs
+  // keep_all_outputs() for every op but the last (throws RuntimeError otherwise).
   // (The fast kernels keep activations channels last; this transposes them into a buffer of its own,
   // valid until the next call.)
   std::span<const int8_t> op_output(size_t op_index) const;
@@ -54,6 +70,9 @@ class Executor {
   int slices(int64_t batch) const;                       // how many threads split the batch between them
   void plan(int64_t batch);
   void run_images(const uint8_t* pixels, int64_t first, int64_t batch, Scratch& sc, int max_threads);
+  // Where op j's codes of images [first, first + batch) live: its own buffer (keep_all_outputs) or the slice's
+  // region of the arena. batch is the slice's.
+  int8_t* codes_at(size_t j, int64_t first, int64_t batch);
   void run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch, Scratch& sc, int max_threads);
 
   Graph graph_;
@@ -67,8 +86,12 @@ class Executor {
   std::vector<bool> pool_fused_;       // ops[i] is a Conv2d run together with the MaxPool2d ops[i + 1]
   int64_t capacity_ = 0;               // the batch the buffers are sized for
   int64_t batch_ = 0;                  // the batch of the last run
+  bool keep_outputs_ = false;          // keep_all_outputs(): outputs_ instead of arena_
+  ArenaPlan plan_;                     // plan_graph_arena of one image, with the fusions the kernels make
   // (N, shapes_[i]) codes of every op: (N, C, H, W) on the reference kernels, (N, H, W, C) on the fast ones
-  std::vector<std::vector<int8_t>> outputs_;
+  std::vector<std::vector<int8_t>> outputs_;  // keep_all_outputs(): one buffer per op
+  std::vector<int8_t> arena_;                 // otherwise: N · arena_bytes_per_image() bytes
+  std::vector<int8_t> logits_;                // the last op's codes of every slice, gathered by run()
   mutable std::vector<int8_t> view_;  // op_output's channels-first copy
   std::vector<Scratch> scratch_;      // one per thread
 };
