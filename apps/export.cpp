@@ -25,7 +25,7 @@ void run(const Settings& s) {
   const std::string base = (std::filesystem::path(s.out) / prefix).string();
   std::cout << fmt::format("wrote {}.c and {}.h: model {} ({}), {} ops, {} classes\n", base, base, model.model_name,
                            model.mode, model.graph.ops.size(), model.num_classes());
-  std::cout << fmt::format("arena: {} bytes (lower bound {} bytes: the largest input + output of one op)\n",
+  std::cout << fmt::format("arena: {} bytes (lower bound {} bytes: the most bytes live during one op)\n",
                            files.plan.arena_bytes, files.plan.lower_bound);
   std::cout << fmt::format("const data: {} bytes (weights, biases, requantization constants, input table)\n",
                            files.weight_bytes);

@@ -1,6 +1,7 @@
 // Tests for tools/cortex-m/run.sh on every board: 100 images of lenet5 give eval's logits bit for bit under QEMU
-// on the Cortex-M0, M3 and M4, a model too large for the microbit is refused at link time with what it needs,
-// and the floating-point check finds a float routine when there is one.
+// on the Cortex-M0, M3 and M4, and 20 of resnet8 (a graph with branches) on the M4; a model too large for the
+// microbit is refused at link time with what it needs, and the floating-point check finds a float routine when
+// there is one.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 #include <sys/wait.h>
@@ -80,6 +81,28 @@ TEST_CASE("cortex-m: lenet5 on the microbit (Cortex-M0), mps2-an385 (M3) and mps
     CHECK(log.find("no floating-point routine linked") != std::string::npos);
     CHECK(log.find("stack used: ") != std::string::npos);
   }
+}
+
+TEST_CASE("cortex-m: resnet8 (residual Adds in place, global pooling) on the mps2-an386 (M4) computes eval's logits") {
+  if (!have_arm_tools()) {
+    MESSAGE("skipped: arm-none-eabi-gcc or qemu-system-arm is not installed");
+    return;
+  }
+  // About a second per image under QEMU (8 M multiply-adds in plain loops): a bounded run in CI; run.sh with
+  // 100 images or more gives the same agreement (docs/deploy.md).
+  constexpr int64_t kGraphImages = 20;
+  TempDir dir("cortex_m_resnet8");
+  fs::create_directories(dir / "data");
+  data_fixtures::write_mnist_folder(
+      dir / "data", {.train_count = 16, .test_count = kGraphImages, .rows = 28, .cols = 28, .gzip = true});
+  const std::string model = dir / "resnet8.w4a8.safetensors";
+  quant::save_int_model(model, builtin_int_model("resnet8", "w4a8", 63));
+  std::string log;
+  CHECK_MESSAGE(run_on_board("mps2-an386", model, dir / "data", kGraphImages, &log) == 0, log);
+  CHECK_MESSAGE(log.find(fmt::format("the logits of {} test images are identical to eval's", kGraphImages)) !=
+                    std::string::npos,
+                log);
+  CHECK(log.find("no floating-point routine linked") != std::string::npos);
 }
 
 TEST_CASE("cortex-m: a model larger than the microbit's 256 KB of flash is refused at link time, with its needs") {

@@ -401,6 +401,7 @@ TEST_CASE("export c: random graphs (residual, depthwise, grouped, concat, pools)
   Rng rng(2026);
   const std::vector<std::string> widths{"w8a8", "w4a8", "w4a4"};
   int64_t logits = 0;
+  int at_lower_bound = 0;
   for (int index = 0; index < 9; ++index) {
     const std::string text = test::random_description(rng, index);
     const std::string bits = widths[static_cast<size_t>(index) % widths.size()];
@@ -410,8 +411,12 @@ TEST_CASE("export c: random graphs (residual, depthwise, grouped, concat, pools)
     const quant::IntModel model =
         test::converted_int_model(nn::parse_description(text, "random"), bits, static_cast<uint64_t>(200 + index));
     logits += check_exported_model_is_bit_exact(model, fmt::format("random{}", index), 10 + index);
+    const auto plan = quant::runtime::plan_graph_arena(model.graph, quant::runtime::c_fusions(model.graph));
+    check_plan_never_overlaps_live_buffers(plan);
+    at_lower_bound += plan.arena_bytes == plan.lower_bound ? 1 : 0;
   }
-  MESSAGE(logits, " logits of random graphs identical to the runtime's (per compiler and arena mode)");
+  MESSAGE(logits, " logits of random graphs identical to the runtime's (per compiler and arena mode); ",
+          at_lower_bound, " of 9 arenas at their lower bound");
 }
 
 TEST_CASE("export c: the generated code uses only <stdint.h> and <stddef.h>, no float, no malloc, no mutable global") {
@@ -430,6 +435,16 @@ TEST_CASE("export c: the generated code uses only <stdint.h> and <stddef.h>, no 
   CHECK_FALSE(std::regex_search(files.source, mutable_global));
   CHECK(files.source.find("static const uint8_t op1_weight[") != std::string::npos);  // int4 stays packed
   CHECK(files.source.find("conv2d_max_pool2d(a + ") != std::string::npos);            // conv + max pool fused
+  // The graph models too: Add in place, depthwise convs, global pooling, 4-bit weights packed.
+  for (const std::string name : {"resnet8", "dsconv"}) {
+    CAPTURE(name);
+    const quant::CExport graph = quant::export_c(test::builtin_int_model(name, "w4a8", 91), name);
+    CHECK_FALSE(std::regex_search(graph.source, forbidden));
+    CHECK_FALSE(std::regex_search(graph.source, mutable_global));
+    CHECK(graph.source.find("#include <") == std::string::npos);
+    CHECK(graph.source.find(name == "resnet8" ? "add(a + " : "depthwise") != std::string::npos);
+    CHECK(graph.source.find("global_avg_pool2d(a + ") != std::string::npos);
+  }
 }
 
 TEST_CASE("export c: bad prefixes, a missing folder and a corrupt or float model are refused and write nothing") {
