@@ -461,7 +461,7 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
                             plan.live_until[i]);
         break;
     }
-    c += fmt::format("     op {:>3} {:<15} {:<22} in {:<8} output {:<16} {}\n", i, rt::to_string(op.kind),
+    c += fmt::format("     op {:>3} {:<15} {:<32} in {:<8} output {:<16} {}\n", i, rt::to_string(op.kind),
                      fmt::format("\"{}\"", comment_safe(op.name)), i == 0 ? "image" : inputs, shape_text(shapes[i]),
                      where);
   }

@@ -55,7 +55,13 @@ for model in "$@"; do
   if grep -q "does not fit" "$work/microbit.log"; then
     stack_m0=–
     ram_m0=–
-    fits="no: needs $(thousands "$(sed -n 's/.*it needs \([0-9]*\) bytes of flash.*/\1/p' "$work/microbit.log")") bytes of flash"
+    # run.sh names both needs; the table gives the one that does not fit (256 KB of flash, 16 KB of RAM).
+    flash_need=$(sed -n 's/.*it needs \([0-9]*\) bytes of flash.*/\1/p' "$work/microbit.log")
+    if [ "$flash_need" -gt 262144 ]; then
+      fits="no: needs $(thousands "$flash_need") bytes of flash"
+    else
+      fits="no: its arena needs $(thousands "$arena") bytes of RAM"
+    fi
   else
     stack_m0=$(sed -n 's/.*stack used: \([0-9]*\) bytes.*/\1/p' "$work/microbit.log")
     ram_m0=$(thousands $((arena + stack_m0)))
