@@ -338,6 +338,9 @@ TEST_CASE("export c: the graph plan of every built-in model is within 10% of its
       CHECK(plan.arena_bytes >= plan.lower_bound);
       CHECK(static_cast<double>(plan.arena_bytes) <= kMaxArenaOverLowerBound * static_cast<double>(plan.lower_bound));
       check_plan_never_overlaps_live_buffers(plan);
+      // One planner: the C++ executor's arena is the exported C's where they fuse the same ops (no max pool here).
+      if (name == "resnet8" || name == "dsconv" || name == "mlp")
+        CHECK(quant::runtime::Executor(model.graph).arena_bytes_per_image() == plan.arena_bytes);
       if (name == "resnet8") {  // every residual Add writes over an input that dies with it
         for (size_t i = 0; i < model.graph.ops.size(); ++i)
           if (model.graph.ops[i].kind == quant::runtime::OpKind::Add) CHECK(plan.storage[i] == Storage::InPlace);
@@ -456,6 +459,10 @@ TEST_CASE("export c: bad prefixes, a missing folder and a corrupt or float model
   CHECK(quant::c_prefix_from_model_name("8bit") == "m8bit");
   const quant::CExport files = quant::export_c(model, "tiny");
   CHECK_THROWS_WITH_AS(quant::write_c_export(files, dir / "missing"), doctest::Contains("does not exist"), Error);
+  // A graph whose op reads a later op (a cycle, in a file) is refused before any code is generated.
+  quant::IntModel corrupt = model;
+  corrupt.graph.ops[1].inputs = {static_cast<int>(corrupt.graph.ops.size()) - 1};
+  CHECK_THROWS_AS(quant::export_c(corrupt, "tiny"), quant::runtime::RuntimeError);
   CHECK_FALSE(fs::exists(dir / "missing"));
 
   // The program: one error line, exit code 1, nothing written.
