@@ -328,13 +328,11 @@ std::string decimal(int64_t v) { return std::to_string(v); }
 int64_t emit_weighted_constants(const rt::Op& op, size_t index, const rt::Shape& in, std::string& c) {
   const std::string what =
       op.kind == rt::OpKind::Conv2d
-          ? (op.groups == 1 ? fmt::format("(OUT {}, C {}, K {}, K {})", op.out_channels, op.in_channels, op.kernel,
-                                          op.kernel)
-                            : fmt::format("(OUT {}, C / G {}, K {}, K {}), G = {} groups{}", op.out_channels,
-                                          op.in_channels / op.groups, op.kernel, op.kernel, op.groups,
-                                          op.groups == op.in_channels && op.groups == op.out_channels
-                                              ? " (depthwise)"
-                                              : ""))
+          ? (op.groups == 1
+                 ? fmt::format("(OUT {}, C {}, K {}, K {})", op.out_channels, op.in_channels, op.kernel, op.kernel)
+                 : fmt::format("(OUT {}, C / G {}, K {}, K {}), G = {} groups{}", op.out_channels,
+                               op.in_channels / op.groups, op.kernel, op.kernel, op.groups,
+                               op.groups == op.in_channels && op.groups == op.out_channels ? " (depthwise)" : ""))
           : fmt::format("(OUT {}, IN {})", op.out_channels, op.in_channels);
   (void)in;
   const std::string name = fmt::format("op{}", index);
@@ -505,8 +503,7 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
   if (fused_conv) c += kConv2dMaxPool2dC;
   if (stored_pool_input) c += kMaxPool2dC;
   if (used(rt::OpKind::AvgPool2d)) c += kAvgPool2dC;
-  if (used(rt::OpKind::Add) || used(rt::OpKind::Concat) || used(rt::OpKind::GlobalAvgPool2d) ||
-      used(rt::OpKind::Clamp))
+  if (used(rt::OpKind::Add) || used(rt::OpKind::Concat) || used(rt::OpKind::GlobalAvgPool2d) || used(rt::OpKind::Clamp))
     c += kClampC;
   if (used(rt::OpKind::Add)) c += kAddC;
   if (used(rt::OpKind::Concat)) c += kConcatC;
@@ -546,11 +543,10 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
         c += fmt::format("  input_lookup(image, {}, input_table, {});\n", out.size(), at(y));
         break;
       case rt::OpKind::Conv2d: {
-        const std::string grouping =
-            op.groups == 1 ? ""
-            : op.groups == in.c && op.groups == op.out_channels
-                ? ", depthwise"
-                : fmt::format(", {} groups of {} channels", op.groups, in.c / op.groups);
+        const std::string grouping = op.groups == 1 ? ""
+                                     : op.groups == in.c && op.groups == op.out_channels
+                                         ? ", depthwise"
+                                         : fmt::format(", {} groups of {} channels", op.groups, in.c / op.groups);
         c += fmt::format(
             "\n  /* op {} \"{}\": conv2d {}-bit{}, x {} -> y {}, K {}, stride {}, padding {}, z_in {}, z_out {}, "
             "clamp [{}, {}]{} */\n",
@@ -582,9 +578,10 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
           const auto conv = static_cast<size_t>(op.inputs[0]);
           c += fmt::format(
               "     together with op {}: its conv outputs are computed window by window, never stored */\n", conv);
-          c += fmt::format("  {{\n{}    conv2d_max_pool2d({}, &p, {}, {});\n  }}\n",
-                           conv_params(conv, conv == 0 ? input : shapes[static_cast<size_t>(graph.ops[conv].inputs[0])]),
-                           at(x), op.kernel, at(y));
+          c +=
+              fmt::format("  {{\n{}    conv2d_max_pool2d({}, &p, {}, {});\n  }}\n",
+                          conv_params(conv, conv == 0 ? input : shapes[static_cast<size_t>(graph.ops[conv].inputs[0])]),
+                          at(x), op.kernel, at(y));
           break;
         }
         c += fmt::format("  max_pool2d({}, {}, {}, {}, {}, {}, {}, {});\n", at(x), in.c, in.h, in.w, op.kernel,

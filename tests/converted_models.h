@@ -15,8 +15,7 @@
 namespace lowbit::test {
 
 // `description` converted at `bits` ("w8a8", "w4a8", "w4a4"), calibrated on two batches of 16 random images.
-inline quant::IntModel converted_int_model(const nn::Description& description, const std::string& bits,
-                                           uint64_t seed) {
+inline quant::IntModel converted_int_model(const nn::Description& description, const std::string& bits, uint64_t seed) {
   const Normalization norm{0.2860f, 0.3530f};
   manual_seed(seed);
   Rng rng(seed + 1);

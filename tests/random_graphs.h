@@ -35,9 +35,10 @@ inline std::string random_description(Rng& rng, int index) {
   };
   const auto conv = [&](const std::string& x, int64_t out, int64_t k, int64_t stride, int64_t groups, bool bn) {
     const int64_t pad = k / 2;
-    std::string y = add("Conv2d", fmt::format(R"("out_channels": {}, "kernel": {}, "stride": {}, "padding": {}, )"
-                                              R"("groups": {}, "bias": {})",
-                                              out, k, stride, pad, groups, bn ? "false" : "true"),
+    std::string y = add("Conv2d",
+                        fmt::format(R"("out_channels": {}, "kernel": {}, "stride": {}, "padding": {}, )"
+                                    R"("groups": {}, "bias": {})",
+                                    out, k, stride, pad, groups, bn ? "false" : "true"),
                         {x});
     if (bn) y = add("BatchNorm2d", "", {y});
     h = (h + 2 * pad - k) / stride + 1;

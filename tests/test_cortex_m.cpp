@@ -12,9 +12,9 @@
 #include <sstream>
 #include <string>
 
+#include "converted_models.h"
 #include "core/normalize.h"
 #include "core/rng.h"
-#include "converted_models.h"
 #include "data_fixtures.h"
 #include "nn/graph.h"
 #include "quant/convert.h"
@@ -99,9 +99,9 @@ TEST_CASE("cortex-m: resnet8 (residual Adds in place, global pooling) on the mps
   quant::save_int_model(model, builtin_int_model("resnet8", "w4a8", 63));
   std::string log;
   CHECK_MESSAGE(run_on_board("mps2-an386", model, dir / "data", kGraphImages, &log) == 0, log);
-  CHECK_MESSAGE(log.find(fmt::format("the logits of {} test images are identical to eval's", kGraphImages)) !=
-                    std::string::npos,
-                log);
+  CHECK_MESSAGE(
+      log.find(fmt::format("the logits of {} test images are identical to eval's", kGraphImages)) != std::string::npos,
+      log);
   CHECK(log.find("no floating-point routine linked") != std::string::npos);
 }
 

@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "converted_models.h"
 #include "core/error.h"
 #include "core/normalize.h"
 #include "core/rng.h"
-#include "converted_models.h"
 #include "data_fixtures.h"
 #include "fuzz/fuzz_models.h"
 #include "nn/graph.h"
@@ -30,7 +30,7 @@ using data_fixtures::TempDir;
 
 namespace {
 
-constexpr int64_t kImages = 64;  // random images per model (plus an all-black and an all-white one)
+constexpr int64_t kImages = 64;         // random images per model (plus an all-black and an all-white one)
 constexpr int64_t kBuiltinImages = 14;  // for the 28×28 built-in models (their plain-loop C takes ~50 ms an image)
 // The arena of every built-in model is within 10% of its liveness lower bound (issue 18); random graphs too.
 constexpr double kMaxArenaOverLowerBound = 1.10;
@@ -159,7 +159,8 @@ int64_t check_exported_model_is_bit_exact(const quant::IntModel& model, const st
   CHECK(files.header.find(fmt::format("#define {}_ARENA_LOWER_BOUND {}\n", P, files.plan.lower_bound)) !=
         std::string::npos);
   CHECK(files.plan.arena_bytes >= files.plan.lower_bound);
-  CHECK(static_cast<double>(files.plan.arena_bytes) <= kMaxArenaOverLowerBound * static_cast<double>(files.plan.lower_bound));
+  CHECK(static_cast<double>(files.plan.arena_bytes) <=
+        kMaxArenaOverLowerBound * static_cast<double>(files.plan.lower_bound));
 
   // Expected: the reference kernels.
   const std::vector<uint8_t> images = test_images(image_bytes, seed, image_count);
@@ -317,8 +318,8 @@ void check_plan_never_overlaps_live_buffers(const quant::runtime::ArenaPlan& pla
     for (size_t b = a + 1; b < n; ++b) {
       if (plan.buffer_of[b] != static_cast<int>(b)) continue;
       const bool live_together = static_cast<int64_t>(b) <= plan.live_until[a];  // a is written first
-      const bool apart = plan.offsets[a] + plan.bytes[a] <= plan.offsets[b] ||
-                         plan.offsets[b] + plan.bytes[b] <= plan.offsets[a];
+      const bool apart =
+          plan.offsets[a] + plan.bytes[a] <= plan.offsets[b] || plan.offsets[b] + plan.bytes[b] <= plan.offsets[a];
       if (live_together) CHECK_MESSAGE(apart, "ops ", a, " and ", b, " are live together and overlap");
     }
   }
@@ -374,8 +375,8 @@ TEST_CASE("export c: the graph plan shares, fuses and writes in place only where
   g.ops[4].kind = OpKind::Flatten, g.ops[4].inputs = {3};
   rt::validate(g);
   const rt::ArenaPlan plan = rt::plan_graph_arena(g);
-  CHECK(plan.storage == std::vector<Storage>{Storage::Own, Storage::Own, Storage::InPlace, Storage::InPlace,
-                                             Storage::SharesInput});
+  CHECK(plan.storage ==
+        std::vector<Storage>{Storage::Own, Storage::Own, Storage::InPlace, Storage::InPlace, Storage::SharesInput});
   CHECK(plan.buffer_of == std::vector<int>{0, 1, 1, 1, 1});
   CHECK(plan.live_until[0] == 3);  // the image codes live until the add
   CHECK(plan.lower_bound == 36);   // 18 image codes + 18 conv codes
@@ -418,8 +419,8 @@ TEST_CASE("export c: random graphs (residual, depthwise, grouped, concat, pools)
     check_plan_never_overlaps_live_buffers(plan);
     at_lower_bound += plan.arena_bytes == plan.lower_bound ? 1 : 0;
   }
-  MESSAGE(logits, " logits of random graphs identical to the runtime's (per compiler and arena mode); ",
-          at_lower_bound, " of 9 arenas at their lower bound");
+  MESSAGE(logits, " logits of random graphs identical to the runtime's (per compiler and arena mode); ", at_lower_bound,
+          " of 9 arenas at their lower bound");
 }
 
 TEST_CASE("export c: the generated code uses only <stdint.h> and <stddef.h>, no float, no malloc, no mutable global") {

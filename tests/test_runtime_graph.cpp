@@ -188,30 +188,30 @@ TEST_CASE("Executor on a tiny Input→Conv→MaxPool→Flatten→Linear graph ma
     lowbit::Rng rng(1);
     for (const auto kernels : {rt::Executor::Kernels::Fastest, rt::Executor::Kernels::Reference}) {
       for (const int threads : {1, 2}) {
-       for (const bool keep : {false, true}) {  // the planned arena, or every op's output kept
-        CAPTURE(bits);
-        CAPTURE(threads);
-        CAPTURE(keep);
-        CAPTURE(kernels == rt::Executor::Kernels::Fastest);
-        rt::Executor executor(t.graph, threads, kernels);
-        executor.keep_all_outputs(keep);
-        CHECK(executor.num_classes() == 5);
-        const int8_t* first_buffer = nullptr;
-        for (const int64_t batch : {5, 3, 1, 5}) {
-          const auto images = random_images(rng, batch * 64);
-          const auto logits = executor.run(images, batch);
-          const auto want = tiny_reference(t, images, batch);
-          CHECK(count_mismatches(logits, want) == 0);
-          if (first_buffer == nullptr) first_buffer = logits.data();
-          CHECK(logits.data() == first_buffer);  // no reallocation for a batch no larger than the first
+        for (const bool keep : {false, true}) {  // the planned arena, or every op's output kept
+          CAPTURE(bits);
+          CAPTURE(threads);
+          CAPTURE(keep);
+          CAPTURE(kernels == rt::Executor::Kernels::Fastest);
+          rt::Executor executor(t.graph, threads, kernels);
+          executor.keep_all_outputs(keep);
+          CHECK(executor.num_classes() == 5);
+          const int8_t* first_buffer = nullptr;
+          for (const int64_t batch : {5, 3, 1, 5}) {
+            const auto images = random_images(rng, batch * 64);
+            const auto logits = executor.run(images, batch);
+            const auto want = tiny_reference(t, images, batch);
+            CHECK(count_mismatches(logits, want) == 0);
+            if (first_buffer == nullptr) first_buffer = logits.data();
+            CHECK(logits.data() == first_buffer);  // no reallocation for a batch no larger than the first
+          }
+          if (keep) {
+            CHECK(executor.op_output(2).size() == 5 * 3 * 4 * 4);
+          } else {
+            CHECK_THROWS_AS(executor.op_output(2), rt::RuntimeError);
+            CHECK(executor.arena_bytes_per_image() == executor.memory_plan().lower_bound);
+          }
         }
-        if (keep) {
-          CHECK(executor.op_output(2).size() == 5 * 3 * 4 * 4);
-        } else {
-          CHECK_THROWS_AS(executor.op_output(2), rt::RuntimeError);
-          CHECK(executor.arena_bytes_per_image() == executor.memory_plan().lower_bound);
-        }
-       }
       }
     }
   }

@@ -78,22 +78,22 @@ class Executor {
   Graph graph_;
   int threads_ = 1;
   KernelPath path_ = KernelPath::Ref;
-  bool fast_ = false;                  // path_ != Ref: packed weights, channels-last activations
-  std::vector<Shape> shapes_;          // output shape of ops[i]
-  std::vector<PackedWeights> packed_;  // a Linear ops[i]'s weights for qgemm_packed (fast path)
-  std::vector<PackedConv> conv_;       // a Conv2d ops[i]'s weights for qconv2d_rows (fast path)
+  bool fast_ = false;                        // path_ != Ref: packed weights, channels-last activations
+  std::vector<Shape> shapes_;                // output shape of ops[i]
+  std::vector<PackedWeights> packed_;        // a Linear ops[i]'s weights for qgemm_packed (fast path)
+  std::vector<PackedConv> conv_;             // a Conv2d ops[i]'s weights for qconv2d_rows (fast path)
   std::vector<GroupedConvWeights> grouped_;  // a grouped Conv2d ops[i]'s weights (both paths)
-  std::vector<bool> pool_fused_;       // ops[i] is a Conv2d run together with the MaxPool2d ops[i + 1]
-  int64_t capacity_ = 0;               // the batch the buffers are sized for
-  int64_t batch_ = 0;                  // the batch of the last run
-  bool keep_outputs_ = false;          // keep_all_outputs(): outputs_ instead of arena_
-  ArenaPlan plan_;                     // plan_graph_arena of one image, with the fusions the kernels make
+  std::vector<bool> pool_fused_;             // ops[i] is a Conv2d run together with the MaxPool2d ops[i + 1]
+  int64_t capacity_ = 0;                     // the batch the buffers are sized for
+  int64_t batch_ = 0;                        // the batch of the last run
+  bool keep_outputs_ = false;                // keep_all_outputs(): outputs_ instead of arena_
+  ArenaPlan plan_;                           // plan_graph_arena of one image, with the fusions the kernels make
   // (N, shapes_[i]) codes of every op: (N, C, H, W) on the reference kernels, (N, H, W, C) on the fast ones
   std::vector<std::vector<int8_t>> outputs_;  // keep_all_outputs(): one buffer per op
   std::vector<int8_t> arena_;                 // otherwise: N · arena_bytes_per_image() bytes
   std::vector<int8_t> logits_;                // the last op's codes of every slice, gathered by run()
-  mutable std::vector<int8_t> view_;  // op_output's channels-first copy
-  std::vector<Scratch> scratch_;      // one per thread
+  mutable std::vector<int8_t> view_;          // op_output's channels-first copy
+  std::vector<Scratch> scratch_;              // one per thread
 };
 
 }  // namespace lowbit::quant::runtime

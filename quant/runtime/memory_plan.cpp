@@ -245,8 +245,7 @@ std::vector<int> live_after(const ArenaPlan& plan, size_t i) {
   std::vector<int> live;
   for (size_t b = 0; b < plan.buffer_of.size(); ++b) {
     if (plan.buffer_of[b] != static_cast<int>(b)) continue;
-    if ((b <= i && plan.live_until[b] > static_cast<int64_t>(i)) ||
-        (plan.buffer_of[i] == static_cast<int>(b)))
+    if ((b <= i && plan.live_until[b] > static_cast<int64_t>(i)) || (plan.buffer_of[i] == static_cast<int>(b)))
       live.push_back(static_cast<int>(b));
   }
   return live;

@@ -36,9 +36,9 @@ struct ArenaPlan {
   int64_t arena_bytes = 0;             // the arena the plan needs
   int64_t lower_bound = 0;             // the largest set of simultaneously live bytes (input + output of one op)
   // Filled by plan_graph_arena (empty for plan_chain_arena):
-  std::vector<Storage> storage;    // storage[i]: how ops[i]'s output is kept
-  std::vector<int> buffer_of;      // buffer_of[i]: the op whose buffer (Own) holds ops[i]'s output; −1 if NotStored
-  std::vector<int64_t> live_until; // live_until[i] for an Own op: the last op that reads its buffer (or ops[i] itself)
+  std::vector<Storage> storage;     // storage[i]: how ops[i]'s output is kept
+  std::vector<int> buffer_of;       // buffer_of[i]: the op whose buffer (Own) holds ops[i]'s output; −1 if NotStored
+  std::vector<int64_t> live_until;  // live_until[i] for an Own op: the last op that reads its buffer (or ops[i] itself)
 };
 
 // bytes[i] is the size of op i's output, storage[i] how it is kept. Op 0 (the Input op) reads the caller's
