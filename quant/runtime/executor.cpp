@@ -107,6 +107,7 @@ void Executor::keep_all_outputs(bool keep) {
 
 int8_t* Executor::codes_at(size_t j, int64_t first, int64_t batch) {
   if (keep_outputs_) return outputs_[j].data() + first * shapes_[j].size();
+  if (plan_.offsets[j] < 0) return nullptr;  // a conv fused into its max pool: never stored
   return arena_.data() + first * plan_.arena_bytes + plan_.offsets[j] * batch;
 }
 
