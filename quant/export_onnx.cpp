@@ -6,6 +6,7 @@
 #include <onnx/onnx_pb.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -168,6 +169,17 @@ OnnxExport finish(const onnx::ModelProto& model, const GraphBuilder& builder, co
   return result;
 }
 
+
+// The normalisation x = (p / 255 − mean) / std of "image", as normalize_pixel computes it: one float32 operation at a
+// time (Cast, Div, Sub, Div). Returns the name of x, (N, C, H, W) float32.
+std::string emit_normalize(GraphBuilder& g, const Normalization& norm) {
+  onnx::NodeProto& cast = g.node("Cast", "normalize.to_float", {"image"}, {"normalize.pixel"});
+  GraphBuilder::attribute(cast, "to", static_cast<int64_t>(onnx::TensorProto_DataType_FLOAT));
+  g.node("Div", "normalize.div_255", {"normalize.pixel", g.scalar("normalize.255", 255.f)}, {"normalize.unit"});
+  g.node("Sub", "normalize.sub_mean", {"normalize.unit", g.scalar("normalize.mean", norm.mean)}, {"normalize.centred"});
+  g.node("Div", "normalize.div_std", {"normalize.centred", g.scalar("normalize.std", norm.std)}, {"normalized"});
+  return "normalized";
+}
 
 // The input table as a Gather: "image" (uint8 pixels) → Cast to int32 (Gather's index type) → table[pixel],
 // a tensor of the image's shape. `table` holds 256 entries, one per pixel value.
@@ -351,12 +363,45 @@ class IntGraphEmitter {
             g_.constant(p + ".bias", {op.out_channels}, op.bias)};
   }
 
+  // The input codes, eq. 9: table[p] = clamp(round_half_away(x(p) / s) + z, qmin, qmax). QuantizeLinear computes
+  // the same from x in float32, but rounds half to even: when no pixel value's x / s is a tie, the normalisation and
+  // a QuantizeLinear give the table exactly, and ONNX Runtime runs them far faster than a Gather on 1-byte values
+  // (docs/onnx.md, "The input"). Otherwise the table itself, as a Gather.
   QuantValue emit_input(size_t i) {
+    QuantValue y = new_value(i, model_.input_scale, model_.input_zero_point);
+    if (quantize_linear_gives_table()) {
+      const std::string x = emit_normalize(g_, model_.norm);
+      const QRange range = model_.input_range;
+      const bool clamp = range.qmin != -128 || range.qmax != 127;  // 4-bit input codes
+      const std::string codes = clamp ? y.name + ".unclamped" : y.name;
+      g_.node("QuantizeLinear", node_name(i), {x, y.scale, y.zero_point}, {codes});
+      if (clamp) {
+        g_.node("Clip", node_name(i) + ".clamp",
+                {codes, g_.scalar(y.name + ".min", static_cast<uint8_t>(range.qmin + kUint8Offset)),
+                 g_.scalar(y.name + ".max", static_cast<uint8_t>(range.qmax + kUint8Offset))},
+                {y.name});
+      }
+      return y;
+    }
     std::vector<uint8_t> table;  // lowbit's int8 table + 128
     for (const int8_t code : graph_.ops[i].input_table) table.push_back(static_cast<uint8_t>(code + kUint8Offset));
-    QuantValue y = new_value(i, model_.input_scale, model_.input_zero_point);
     emit_input_table(g_, node_name(i), table, y.name);
     return y;
+  }
+
+  // True when QuantizeLinear's arithmetic (x / s rounded half to even, + z, saturated, then clamped) reproduces the
+  // input table for all 256 pixel values.
+  bool quantize_linear_gives_table() const {
+    const float s = model_.input_scale;
+    for (int p = 0; p < 256; ++p) {
+      const float v = normalize_pixel(static_cast<uint8_t>(p), model_.norm) / s;
+      if (v - std::floor(v) == 0.5f) return false;  // a tie: the two roundings may differ
+      const float q = std::nearbyint(v) + static_cast<float>(model_.input_zero_point);  // half to even (default mode)
+      const float code = std::clamp(q, static_cast<float>(model_.input_range.qmin),
+                                    static_cast<float>(model_.input_range.qmax));
+      if (static_cast<int>(code) != graph_.ops[0].input_table[static_cast<size_t>(p)]) return false;
+    }
+    return true;
   }
 
   // QLinearConv (x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B).
@@ -580,15 +625,13 @@ OnnxExport export_onnx(const nn::Model& model, const Normalization& norm) {
   onnx::ModelProto proto =
       new_model(model.name,
                 fmt::format("lowbit float model '{}', exported by `export --format onnx`. Input: uint8 pixels, "
-                            "normalised by a 256-entry table ((p / 255 - {}) / {}). Output: logits (float32).",
+                            "normalised as (p / 255 - {}) / {}. Output: logits (float32).",
                             model.name, norm.mean, norm.std),
                 {{"lowbit.model", model.name}, {"lowbit.mode", "fp32"}}, /*microsoft_ops=*/false);
   GraphBuilder g(*proto.mutable_graph());
   const nn::Description& d = model.description;
   g.input("image", onnx::TensorProto_DataType_UINT8, {d.channels, d.height, d.width});
-  std::vector<float> table(256);
-  for (int p = 0; p < 256; ++p) table[static_cast<size_t>(p)] = normalize_pixel(static_cast<uint8_t>(p), norm);
-  emit_input_table(g, "normalize", table, "normalized");
+  emit_normalize(g, norm);
 
   const auto& emitters = float_node_emitters();
   for (size_t j = 0; j < model.nodes.size(); ++j) {

@@ -38,8 +38,8 @@ struct OnnxExport {
 // be exported, before anything is built. The same model gives the same bytes.
 OnnxExport export_onnx(const IntModel& model);
 
-// The float model as an fp32 ONNX model with the same input ("image", uint8 pixels, the normalisation `norm`
-// folded in as a 256-entry table) and one output, "logits", float32 (N, classes). Every layer kind of
+// The float model as an fp32 ONNX model with the same input ("image", uint8 pixels, normalised with `norm` by
+// the float32 operations of normalize_pixel) and one output, "logits", float32 (N, classes). Every layer kind of
 // nn/layers.h is exported (BatchNorm2d as BatchNormalization, in inference form). Throws lowbit::Error for a
 // kind it does not know (a user-registered one), naming the node.
 OnnxExport export_onnx(const nn::Model& model, const Normalization& norm);

@@ -7,12 +7,15 @@
 #include <cstdlib>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "apps/common.h"
 #include "core/error.h"
 #include "core/normalize.h"
 #include "core/rng.h"
+#include "data/mnist.h"
 #include "data_fixtures.h"
 #include "fuzz/fuzz_models.h"
 #include "nn/graph.h"
@@ -45,12 +48,18 @@ std::string text_of(const std::string& path) {
   return std::string(bytes.begin(), bytes.end());
 }
 
-// A tool the checks need. Missing, it fails the test in CI (CI=true, where tools/setup.sh installs it) and
-// skips the check elsewhere, saying why.
+// True in CI (.ci/run sets CI=true and runs LOWBIT_CI_PACKAGES=1 bash tools/setup.sh test).
+bool in_ci() {
+  const char* ci = std::getenv("CI");
+  const char* packages = std::getenv("LOWBIT_CI_PACKAGES");
+  return (ci && *ci) || (packages && std::string(packages) == "1");
+}
+
+// A tool the checks need. Missing, it fails the test in CI (where tools/setup.sh installs it) and skips the check
+// elsewhere, saying why.
 bool have_tool(const std::string& probe, const std::string& what) {
   if (shell(probe + " >/dev/null 2>&1") == 0) return true;
-  const char* ci = std::getenv("CI");
-  if (ci && *ci) FAIL_CHECK(what, " is missing, and CI must run this check (tools/setup.sh installs it)");
+  if (in_ci()) FAIL_CHECK(what, " is missing, and CI must run this check (tools/setup.sh installs it)");
   else MESSAGE("skipped: ", what, " is missing");
   return false;
 }
@@ -183,6 +192,45 @@ constexpr const char* kColourNet = R"({"format": "lowbit-model", "version": 1, "
     {"name": "4", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1},
     {"name": "5", "kind": "Flatten"}, {"name": "6", "kind": "Linear", "out_features": 7}]})";
 
+// Input (1, 16, 16) → Flatten → Linear(256 → 256) with the identity as weight, no bias, M = 1 and z_out = z_in: its
+// logits are its input codes, so an image holding the pixel values 0..255 shows the input table ONNX Runtime uses.
+quant::IntModel input_table_model(Normalization norm, float input_scale, int32_t zero_point, quant::QRange range) {
+  namespace rt = quant::runtime;
+  quant::IntModel m;
+  m.model_name = "table";
+  m.mode = "int8";
+  m.norm = norm;
+  m.input_scale = input_scale;
+  m.input_zero_point = zero_point;
+  m.input_range = range;
+  m.output_scale = input_scale;
+  m.graph.in_channels = 1;
+  m.graph.in_height = 16;
+  m.graph.in_width = 16;
+  rt::Op input, flatten, linear;
+  input.kind = rt::OpKind::Input;
+  input.name = "input";
+  input.input_table = quant::make_input_table(norm, {input_scale, zero_point}, range);
+  flatten.kind = rt::OpKind::Flatten;
+  flatten.name = "flatten";
+  linear.kind = rt::OpKind::Linear;
+  linear.name = "identity";
+  linear.in_channels = linear.out_channels = 256;
+  linear.weight.assign(256 * 256, 0);
+  for (size_t k = 0; k < 256; ++k) linear.weight[k * 256 + k] = 1;
+  linear.bias.assign(256, 0);
+  linear.input_zero_point = zero_point;
+  const std::vector<float> ones(256, 1.f);
+  quant::set_requant_from_scales(linear, ones);
+  linear.requant.zero_point = zero_point;
+  linear.requant.act_min = range.qmin;
+  linear.requant.act_max = range.qmax;
+  m.graph.ops = {input, flatten, linear};
+  m.op_output_scales = {input_scale, input_scale, input_scale};
+  m.op_requant_scales = {{}, {}, ones};
+  return m;
+}
+
 }  // namespace
 
 TEST_CASE("export onnx: mlp, lenet5 and convbn at w8a8, w4a8 and w4a4 agree with the integer runtime in ONNX Runtime") {
@@ -227,9 +275,42 @@ print(onnx.TensorProto.DataType.Name(init['op0.zero_point'].data_type), [i.name 
   REQUIRE(shell(fmt::format("/usr/bin/python3 {} {} >{} 2>&1", script, dir / "m.onnx", dir / "form.txt")) == 0);
   const std::string form = text_of(dir / "form.txt");
   CHECK(form ==
-        "Cast Gather QLinearConv MaxPool QLinearConv MaxPool Flatten QGemm QGemm QGemm DequantizeLinear Cast Sub Cast\n"
+        "Cast Div Sub Div QuantizeLinear QLinearConv MaxPool QLinearConv MaxPool Flatten QGemm QGemm QGemm DequantizeLinear Cast Sub Cast\n"
         "INT8 [6, 1, 5, 5]\n"  // 4-bit weights, unpacked: one int8 per code
         "UINT8 ['image'] ['logits', 'logit_codes'] [('', 13), ('com.microsoft', 1)]\n");
+}
+
+TEST_CASE("export onnx: ONNX Runtime's input codes are lowbit's input table, for all 256 pixel values") {
+  struct Case {
+    const char* what;
+    Normalization norm;
+    float scale;
+    int32_t zero_point;
+    quant::QRange range;
+    bool ties;  // some x(p) / s is exactly k + 0.5: QuantizeLinear would round it to even, so the export uses a Gather
+  };
+  for (const Case& c : {Case{"Fashion-MNIST, 8 bits", kNorm, 0.0219f, -115, {-128, 127}, false},
+                        Case{"Fashion-MNIST, 4-bit input codes", kNorm, 0.3312f, -7, {-8, 7}, false},
+                        Case{"ties: x(p) = p, s = 2", {0.f, 1.f / 255.f}, 2.f, -128, {-128, 127}, true}}) {
+    CAPTURE(c.what);
+    int ties = 0;
+    for (int p = 0; p < 256; ++p) {
+      const float v = normalize_pixel(static_cast<uint8_t>(p), c.norm) / c.scale;
+      ties += v - std::floor(v) == 0.5f;
+    }
+    REQUIRE((ties > 0) == c.ties);
+    const quant::IntModel model = input_table_model(c.norm, c.scale, c.zero_point, c.range);
+    TempDir dir("export_onnx_table");
+    quant::write_onnx(quant::export_onnx(model), dir / "table.onnx");
+    if (!have_onnx_runtime()) return;
+    data::IdxImages image{.count = 1, .rows = 16, .cols = 16, .pixels = {}, .channels = 1};
+    for (int p = 0; p < 256; ++p) image.pixels.push_back(static_cast<uint8_t>(p));
+    data_fixtures::write_bytes(dir / "pixels.idx", data_fixtures::idx_images_bytes(image));
+    const auto& table = model.graph.ops[0].input_table;
+    write_logits(dir / "table.txt", std::vector<int8_t>(table.begin(), table.end()), 256);
+    const nlohmann::json r = run_in_onnx_runtime(dir / "table.onnx", dir / "pixels.idx", dir / "table.txt");
+    CHECK_MESSAGE(r["max_logit_diff"] == 0, r.dump());
+  }
 }
 
 TEST_CASE("export onnx: the float model of every built-in model matches lowbit's float forward in ONNX Runtime") {
@@ -337,4 +418,60 @@ TEST_CASE("export onnx: the program writes one file or, on any error, one line a
   CHECK_MESSAGE(code == 0, err);
   CHECK(text_of(out + "/tiny.onnx") == quant::export_onnx(fuzz::tiny_int_model()).bytes);
   CHECK(std::distance(fs::directory_iterator(out), fs::directory_iterator()) == 1);
+}
+
+TEST_CASE("export onnx: trained models on the Fashion-MNIST test set (LOWBIT_ONNX_MODELS, for reports)") {
+  // LOWBIT_ONNX_MODELS="out/lenet5.qat.int8.safetensors out/lenet5.qat.fp32.safetensors ..." checks those files on
+  // the whole test set (LOWBIT_ONNX_DATA, default the Debian data set): integer models against the reference
+  // executor, float checkpoints against lowbit's float forward. docs/onnx.md reports its numbers.
+  const char* list = std::getenv("LOWBIT_ONNX_MODELS");
+  if (!list || !*list) return;  // a measurement on request, not part of the suite
+  if (!have_onnx_runtime()) return;
+  const char* data_dir = std::getenv("LOWBIT_ONNX_DATA");
+  const data::MnistData data = data::load_mnist(data_dir && *data_dir ? data_dir : data::kDefaultDataDir);
+  const data::IdxImages& images = data.test.images;
+  TempDir dir("export_onnx_report");
+  data_fixtures::write_bytes(dir / "test.idx", data_fixtures::idx_images_bytes(images));
+  std::istringstream paths(list);
+  for (std::string path; paths >> path;) {
+    CAPTURE(path);
+    const std::string onnx_path = dir / (fs::path(path).stem().string() + ".onnx");
+    const std::string reference = dir / "reference.txt";
+    const apps::LoadedModel m = apps::load_model_file(path);
+    const bool integer = m.kind == "int";
+    REQUIRE_MESSAGE((integer || m.kind == "float"), path, " is a ", m.kind, " model");
+    if (integer) {
+      const quant::IntModel& model = *m.int_model;
+      quant::write_onnx(quant::export_onnx(model), onnx_path);
+      quant::runtime::Executor executor(model.graph, 1, quant::runtime::Executor::Kernels::Reference);
+      const auto codes = executor.run(images.pixels, images.count);
+      write_logits(reference, std::vector<int8_t>(codes.begin(), codes.end()), model.num_classes());
+    } else {
+      nn::Model& model = *m.float_model;
+      quant::write_onnx(quant::export_onnx(model, m.norm), onnx_path);
+      std::vector<float> logits;
+      NoGradGuard no_grad;
+      constexpr int64_t kBatch = 500;
+      const int64_t size = images.image_size();
+      for (int64_t first = 0; first < images.count; first += kBatch) {
+        const int64_t n = std::min(kBatch, images.count - first);
+        Tensor x = Tensor::empty({n, images.channels, images.rows, images.cols});
+        for (int64_t i = 0; i < n * size; ++i)
+          x.values()[static_cast<size_t>(i)] =
+              normalize_pixel(images.pixels[static_cast<size_t>(first * size + i)], m.norm);
+        const Tensor y = model.forward(x);
+        logits.insert(logits.end(), y.values().begin(), y.values().end());
+      }
+      write_logits(reference, logits, static_cast<int64_t>(logits.size()) / images.count);
+    }
+    const nlohmann::json r = run_in_onnx_runtime(onnx_path, dir / "test.idx", reference);
+    MESSAGE(path, ": ", r.dump());
+    CHECK(r["images"] == images.count);
+    if (integer) {
+      CHECK(r["agreement"].get<double>() >= 0.999);
+      CHECK(r["max_logit_diff"].get<int64_t>() <= kMaxLogitDiffLsb);
+    } else {
+      CHECK(r["max_logit_diff"].get<double>() <= kFloatTolerance);
+    }
+  }
 }
