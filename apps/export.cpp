@@ -59,9 +59,9 @@ void run_onnx(const Settings& s) {
                            exported.nodes, exported.bytes.size(), exported.initializer_bytes, quant::kOnnxOpset);
   if (exported.inexact_scales > 0)
     std::cout << fmt::format(
-        "note: for {} output channels ONNX Runtime's float32 requantization scale differs from lowbit's by one "
-        "float32 step (docs/onnx.md, Scales)\n",
-        exported.inexact_scales);
+        "note: for {} of {} output channels ONNX Runtime's float32 requantization scale differs from lowbit's by "
+        "one float32 step (docs/onnx.md, Scales)\n",
+        exported.inexact_scales, exported.output_channels);
 #else
   (void)s;
   fail(

@@ -281,6 +281,7 @@ class IntGraphEmitter {
   }
 
   int64_t inexact_scales() const { return inexact_scales_; }
+  int64_t output_channels() const { return output_channels_; }
 
  private:
   QuantValue emit(size_t i) {
@@ -354,6 +355,7 @@ class IntGraphEmitter {
       const WeightScale s = weight_scale(x.s, m[c], s_out);
       w_scale[c] = s.scale;
       inexact_scales_ += s.exact ? 0 : 1;
+      ++output_channels_;
     }
     const std::string p = value_name(i);
     return {g_.constant(p + ".weight", dims, unpacked_weight(op)),
@@ -458,11 +460,49 @@ class IntGraphEmitter {
     return same_qparams(x, value_name(i), 2);
   }
 
+  // ---- graph ops: written for the integer graph's coming Add, Concat and GlobalAvgPool2d, NOT YET WIRED OR TESTED.
+  // To wire one: add its case to emit() and check_exportable(), reading its inputs from op.inputs (see input_op),
+  // its output scale from model_.op_output_scales[i] and its zero point from op.requant.zero_point; then test it
+  // against the executor like the chain ops (tests/test_export_onnx.cpp, check_integer_model). ONNX Runtime
+  // computes all three in float32 from the scales and rounds half to even: compare with lowbit's integer rounding
+  // before promising a bound.
+
+  // com.microsoft QLinearAdd (A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point):
+  // y = requantize(s_a·(a − z_a) + s_b·(b − z_b)) with y's scale and zero point.
+  QuantValue emit_add(size_t i, const QuantValue& a, const QuantValue& b, float s_out, int32_t z_out) {
+    const QuantValue y = new_value(i, s_out, z_out);
+    g_.node("QLinearAdd", node_name(i), {a.name, a.scale, a.zero_point, b.name, b.scale, b.zero_point, y.scale,
+                                         y.zero_point},
+            {y.name}, kMicrosoftDomain);
+    return y;
+  }
+
+  // com.microsoft QLinearConcat (Y_scale, Y_zero_point, then X, X_scale, X_zero_point of each input), axis 1:
+  // each input requantized to y's scale and zero point, joined along the channels.
+  QuantValue emit_concat(size_t i, const std::vector<QuantValue>& inputs, float s_out, int32_t z_out) {
+    const QuantValue y = new_value(i, s_out, z_out);
+    std::vector<std::string> in{y.scale, y.zero_point};
+    for (const QuantValue& x : inputs) in.insert(in.end(), {x.name, x.scale, x.zero_point});
+    GraphBuilder::attribute(g_.node("QLinearConcat", node_name(i), in, {y.name}, kMicrosoftDomain), "axis",
+                            int64_t{1});
+    return y;
+  }
+
+  // com.microsoft QLinearGlobalAveragePool (X, x_scale, x_zero_point, y_scale, y_zero_point): (N, C, H, W) →
+  // (N, C, 1, 1), the mean of each channel requantized to y's scale and zero point.
+  QuantValue emit_global_avg_pool2d(size_t i, const QuantValue& x, float s_out, int32_t z_out) {
+    const QuantValue y = new_value(i, s_out, z_out);
+    GraphBuilder::attribute(g_.node("QLinearGlobalAveragePool", node_name(i),
+                                    {x.name, x.scale, x.zero_point, y.scale, y.zero_point}, {y.name}, kMicrosoftDomain),
+                            "channels_last", int64_t{0});
+    return y;
+  }
+
   const IntModel& model_;
   const rt::Graph& graph_;
   GraphBuilder& g_;
   std::vector<QuantValue> values_;  // values_[i]: op i's output
-  int64_t inexact_scales_ = 0;
+  int64_t inexact_scales_ = 0, output_channels_ = 0;
 };
 
 // Every op kind is known, the graph is valid and every weighted op has its requantization scales: checked
@@ -618,6 +658,7 @@ OnnxExport export_onnx(const IntModel& model) {
 
   OnnxExport result = finish(proto, g, fmt::format("integer model '{}'", model.model_name));
   result.inexact_scales = emitter.inexact_scales();
+  result.output_channels = emitter.output_channels();
   return result;
 }
 

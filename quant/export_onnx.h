@@ -29,6 +29,7 @@ struct OnnxExport {
   // Integer export only: output channels whose weight scale could not be chosen so that ONNX Runtime's float32
   // x_scale · w_scale / y_scale equals the model's requantization scale M exactly (docs/onnx.md, "Scales").
   int64_t inexact_scales = 0;
+  int64_t output_channels = 0;  // of all convs and linears: what inexact_scales counts out of
 };
 
 // The integer graph as an ONNX model (docs/onnx.md): input "image", uint8 (N, C, H, W) pixels; outputs
