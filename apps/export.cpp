@@ -73,9 +73,10 @@ void run_onnx(const Settings& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"export: writes a model for other tools: an integer model as standalone C99 (integer arithmetic "
-               "only, one static arena), an integer or float model as ONNX",
-               "export"};
+  CLI::App app{
+      "export: writes a model for other tools: an integer model as standalone C99 (integer arithmetic "
+      "only, one static arena), an integer or float model as ONNX",
+      "export"};
   Settings s;
   app.add_option("--format", s.format, "c (integer model to C99) or onnx (integer or float model to ONNX)")
       ->required()

@@ -169,7 +169,6 @@ OnnxExport finish(const onnx::ModelProto& model, const GraphBuilder& builder, co
   return result;
 }
 
-
 // The normalisation x = (p / 255 − mean) / std of "image", as normalize_pixel computes it: one float32 operation at a
 // time (Cast, Div, Sub, Div). Returns the name of x, (N, C, H, W) float32.
 std::string emit_normalize(GraphBuilder& g, const Normalization& norm) {
@@ -289,11 +288,16 @@ class IntGraphEmitter {
     if (op.kind == rt::OpKind::Input) return emit_input(i);
     const QuantValue& x = values_[input_op(graph_, i)];
     switch (op.kind) {
-      case rt::OpKind::Conv2d: return emit_conv2d(i, as_rank(x, 4, i));
-      case rt::OpKind::Linear: return emit_linear(i, as_rank(x, 2, i));
-      case rt::OpKind::MaxPool2d: return emit_max_pool2d(i, as_rank(x, 4, i));
-      case rt::OpKind::AvgPool2d: return emit_avg_pool2d(i, as_rank(x, 4, i));
-      case rt::OpKind::Flatten: return emit_flatten(i, x);
+      case rt::OpKind::Conv2d:
+        return emit_conv2d(i, as_rank(x, 4, i));
+      case rt::OpKind::Linear:
+        return emit_linear(i, as_rank(x, 2, i));
+      case rt::OpKind::MaxPool2d:
+        return emit_max_pool2d(i, as_rank(x, 4, i));
+      case rt::OpKind::AvgPool2d:
+        return emit_avg_pool2d(i, as_rank(x, 4, i));
+      case rt::OpKind::Flatten:
+        return emit_flatten(i, x);
       // Add, Concat and GlobalAvgPool2d: see emit_add, emit_concat and emit_global_avg_pool2d below.
       default:
         fail("export: op {} '{}' ({}) cannot be exported to ONNX", i, op.name, rt::to_string(op.kind));
@@ -399,8 +403,8 @@ class IntGraphEmitter {
       const float v = normalize_pixel(static_cast<uint8_t>(p), model_.norm) / s;
       if (v - std::floor(v) == 0.5f) return false;  // a tie: the two roundings may differ
       const float q = std::nearbyint(v) + static_cast<float>(model_.input_zero_point);  // half to even (default mode)
-      const float code = std::clamp(q, static_cast<float>(model_.input_range.qmin),
-                                    static_cast<float>(model_.input_range.qmax));
+      const float code =
+          std::clamp(q, static_cast<float>(model_.input_range.qmin), static_cast<float>(model_.input_range.qmax));
       if (static_cast<int>(code) != graph_.ops[0].input_table[static_cast<size_t>(p)]) return false;
     }
     return true;
@@ -411,9 +415,9 @@ class IntGraphEmitter {
     const rt::Op& op = graph_.ops[i];
     const QuantValue y = new_value(i, model_.op_output_scales[i], op.requant.zero_point);
     const auto w = weight_constants(i, x, y.s, {op.out_channels, op.in_channels, op.kernel, op.kernel});
-    onnx::NodeProto& n = g_.node("QLinearConv", node_name(i),
-                                 {x.name, x.scale, x.zero_point, w[0], w[1], w[2], y.scale, y.zero_point, w[3]},
-                                 {y.name});
+    onnx::NodeProto& n =
+        g_.node("QLinearConv", node_name(i),
+                {x.name, x.scale, x.zero_point, w[0], w[1], w[2], y.scale, y.zero_point, w[3]}, {y.name});
     window_attributes(n, op.kernel, op.stride, op.padding);
     GraphBuilder::attribute(n, "group", int64_t{1});  // grouped convolutions: op.groups, once the graph has them
     return clamp_output(i, y);
@@ -436,8 +440,7 @@ class IntGraphEmitter {
   // MaxPool on the uint8 codes: the maximum of codes is the code of the maximum (scale and zero point unchanged).
   QuantValue emit_max_pool2d(size_t i, const QuantValue& x) {
     const rt::Op& op = graph_.ops[i];
-    window_attributes(g_.node("MaxPool", node_name(i), {x.name}, {value_name(i)}), op.kernel, op.stride,
-                      op.padding);
+    window_attributes(g_.node("MaxPool", node_name(i), {x.name}, {value_name(i)}), op.kernel, op.stride, op.padding);
     return same_qparams(x, value_name(i), 4);
   }
 
@@ -471,9 +474,9 @@ class IntGraphEmitter {
   // y = requantize(s_a·(a − z_a) + s_b·(b − z_b)) with y's scale and zero point.
   QuantValue emit_add(size_t i, const QuantValue& a, const QuantValue& b, float s_out, int32_t z_out) {
     const QuantValue y = new_value(i, s_out, z_out);
-    g_.node("QLinearAdd", node_name(i), {a.name, a.scale, a.zero_point, b.name, b.scale, b.zero_point, y.scale,
-                                         y.zero_point},
-            {y.name}, kMicrosoftDomain);
+    g_.node("QLinearAdd", node_name(i),
+            {a.name, a.scale, a.zero_point, b.name, b.scale, b.zero_point, y.scale, y.zero_point}, {y.name},
+            kMicrosoftDomain);
     return y;
   }
 
@@ -483,8 +486,7 @@ class IntGraphEmitter {
     const QuantValue y = new_value(i, s_out, z_out);
     std::vector<std::string> in{y.scale, y.zero_point};
     for (const QuantValue& x : inputs) in.insert(in.end(), {x.name, x.scale, x.zero_point});
-    GraphBuilder::attribute(g_.node("QLinearConcat", node_name(i), in, {y.name}, kMicrosoftDomain), "axis",
-                            int64_t{1});
+    GraphBuilder::attribute(g_.node("QLinearConcat", node_name(i), in, {y.name}, kMicrosoftDomain), "axis", int64_t{1});
     return y;
   }
 
@@ -575,12 +577,12 @@ const std::map<std::string, FloatNodeEmitter>& float_node_emitters() {
        [](GraphBuilder& g, const nn::Node& node, const std::vector<std::string>& x, const std::string& y) {
          const auto& l = layer<nn::BatchNorm2d>(node);
          const std::string p = "layers." + node.name;
-         onnx::NodeProto& n = g.node("BatchNormalization", node.name,
-                                     {x[0], float_constant(g, p + ".weight", l.weight),
-                                      float_constant(g, p + ".bias", l.bias),
-                                      float_constant(g, p + ".running_mean", l.running_mean),
-                                      float_constant(g, p + ".running_var", l.running_var)},
-                                     {y});
+         onnx::NodeProto& n =
+             g.node("BatchNormalization", node.name,
+                    {x[0], float_constant(g, p + ".weight", l.weight), float_constant(g, p + ".bias", l.bias),
+                     float_constant(g, p + ".running_mean", l.running_mean),
+                     float_constant(g, p + ".running_var", l.running_var)},
+                    {y});
          GraphBuilder::attribute(n, "epsilon", l.eps);
        }},
       {"ReLU", [](GraphBuilder& g, const nn::Node& node, const std::vector<std::string>& x,
@@ -608,12 +610,13 @@ const std::map<std::string, FloatNodeEmitter>& float_node_emitters() {
        }},
       {"Dropout", [](GraphBuilder& g, const nn::Node& node, const std::vector<std::string>& x,
                      const std::string& y) { g.node("Identity", node.name, {x[0]}, {y}); }},  // eval mode
-      {"Add", [](GraphBuilder& g, const nn::Node& node, const std::vector<std::string>& x,
-                 const std::string& y) { g.node("Add", node.name, {x[0], x[1]}, {y}); }},
-      {"Concat",
+      {"Add",
        [](GraphBuilder& g, const nn::Node& node, const std::vector<std::string>& x, const std::string& y) {
-         GraphBuilder::attribute(g.node("Concat", node.name, x, {y}), "axis", int64_t{1});
+         g.node("Add", node.name, {x[0], x[1]}, {y});
        }},
+      {"Concat",
+       [](GraphBuilder& g, const nn::Node& node, const std::vector<std::string>& x,
+          const std::string& y) { GraphBuilder::attribute(g.node("Concat", node.name, x, {y}), "axis", int64_t{1}); }},
   };
   return emitters;
 }
@@ -626,14 +629,16 @@ OnnxExport export_onnx(const IntModel& model) {
   check_exportable(model);
   const rt::Graph& graph = model.graph;
   const int64_t classes = model.num_classes();
-  onnx::ModelProto proto = new_model(
-      model.model_name,
-      fmt::format("lowbit integer model '{}' ({}), exported by `export --format onnx`. Input: uint8 pixels. "
-                  "Activations are uint8 codes = lowbit's int8 codes + 128; weights are int8 (4-bit weights "
-                  "unpacked). Outputs: logits (float32) and logit_codes (lowbit's int8 logits).",
-                  model.model_name, model.mode),
-      {{"lowbit.model", model.model_name}, {"lowbit.mode", model.mode}, {"lowbit.form", "QOperator, uint8 activations"}},
-      /*microsoft_ops=*/true);
+  onnx::ModelProto proto =
+      new_model(model.model_name,
+                fmt::format("lowbit integer model '{}' ({}), exported by `export --format onnx`. Input: uint8 pixels. "
+                            "Activations are uint8 codes = lowbit's int8 codes + 128; weights are int8 (4-bit weights "
+                            "unpacked). Outputs: logits (float32) and logit_codes (lowbit's int8 logits).",
+                            model.model_name, model.mode),
+                {{"lowbit.model", model.model_name},
+                 {"lowbit.mode", model.mode},
+                 {"lowbit.form", "QOperator, uint8 activations"}},
+                /*microsoft_ops=*/true);
   GraphBuilder g(*proto.mutable_graph());
   g.input("image", onnx::TensorProto_DataType_UINT8, {graph.in_channels, graph.in_height, graph.in_width});
 

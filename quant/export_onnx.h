@@ -17,14 +17,14 @@ namespace lowbit::quant {
 // DequantizeLinear, MaxPool on 8-bit tensors, Clip with tensor bounds); ONNX Runtime, TensorRT and the ONNX
 // checker of Debian 12 (onnx 1.12, opsets up to 17) all take it. ONNX Runtime fuses quantized MaxPool
 // up to opset 21, so the export stays at or below it.
-inline constexpr int64_t kOnnxOpset = 13;           // the default domain "" (ai.onnx)
-inline constexpr int64_t kOnnxMicrosoftOpset = 1;   // "com.microsoft": QGemm, QLinearAveragePool
-inline constexpr int64_t kOnnxIrVersion = 7;        // the IR version that goes with opset 13
+inline constexpr int64_t kOnnxOpset = 13;          // the default domain "" (ai.onnx)
+inline constexpr int64_t kOnnxMicrosoftOpset = 1;  // "com.microsoft": QGemm, QLinearAveragePool
+inline constexpr int64_t kOnnxIrVersion = 7;       // the IR version that goes with opset 13
 
 // One exported model: the serialized ModelProto and what the export measured.
 struct OnnxExport {
-  std::string bytes;        // the .onnx file's contents
-  int64_t nodes = 0;        // graph nodes
+  std::string bytes;              // the .onnx file's contents
+  int64_t nodes = 0;              // graph nodes
   int64_t initializer_bytes = 0;  // bytes of constant tensor data (weights, biases, scales, the input table)
   // Integer export only: output channels whose weight scale could not be chosen so that ONNX Runtime's float32
   // x_scale · w_scale / y_scale equals the model's requantization scale M exactly (docs/onnx.md, "Scales").

@@ -32,10 +32,10 @@ using data_fixtures::TempDir;
 
 namespace {
 
-constexpr int64_t kImages = 300;            // random images per model (plus an all-black and an all-white one)
-constexpr int64_t kMaxLogitDiffLsb = 1;     // ONNX Runtime vs the integer runtime, integer logits
-constexpr double kMinAgreement = 0.99;      // identical predictions, integer models, on kImages random images
-constexpr double kFloatTolerance = 1e-4;    // |ONNX Runtime − lowbit| per float logit (logits are O(1))
+constexpr int64_t kImages = 300;              // random images per model (plus an all-black and an all-white one)
+constexpr int64_t kMaxLogitDiffLsb = 1;       // ONNX Runtime vs the integer runtime, integer logits
+constexpr double kMinAgreement = 0.99;        // identical predictions, integer models, on kImages random images
+constexpr double kFloatTolerance = 1e-4;      // |ONNX Runtime − lowbit| per float logit (logits are O(1))
 const Normalization kNorm{0.2860f, 0.3530f};  // Fashion-MNIST's
 
 int shell(const std::string& command) {
@@ -59,8 +59,10 @@ bool in_ci() {
 // elsewhere, saying why.
 bool have_tool(const std::string& probe, const std::string& what) {
   if (shell(probe + " >/dev/null 2>&1") == 0) return true;
-  if (in_ci()) FAIL_CHECK(what, " is missing, and CI must run this check (tools/setup.sh installs it)");
-  else MESSAGE("skipped: ", what, " is missing");
+  if (in_ci())
+    FAIL_CHECK(what, " is missing, and CI must run this check (tools/setup.sh installs it)");
+  else
+    MESSAGE("skipped: ", what, " is missing");
   return false;
 }
 bool have_onnx_checker() {
@@ -101,8 +103,10 @@ void write_logits(const std::string& path, const std::vector<T>& logits, int64_t
     int64_t best = 0;
     text += fmt::format("image {}:", i);
     for (int64_t k = 0; k < classes; ++k) {
-      if constexpr (std::is_floating_point_v<T>) text += fmt::format(" {:.9g}", row[k]);
-      else text += fmt::format(" {}", int{row[k]});
+      if constexpr (std::is_floating_point_v<T>)
+        text += fmt::format(" {:.9g}", row[k]);
+      else
+        text += fmt::format(" {}", int{row[k]});
       if (row[k] > row[best]) best = k;
     }
     text += fmt::format(" class {}\n", best);
@@ -275,7 +279,8 @@ print(onnx.TensorProto.DataType.Name(init['op0.zero_point'].data_type), [i.name 
   REQUIRE(shell(fmt::format("/usr/bin/python3 {} {} >{} 2>&1", script, dir / "m.onnx", dir / "form.txt")) == 0);
   const std::string form = text_of(dir / "form.txt");
   CHECK(form ==
-        "Cast Div Sub Div QuantizeLinear QLinearConv MaxPool QLinearConv MaxPool Flatten QGemm QGemm QGemm DequantizeLinear Cast Sub Cast\n"
+        "Cast Div Sub Div QuantizeLinear QLinearConv MaxPool QLinearConv MaxPool Flatten QGemm QGemm QGemm "
+        "DequantizeLinear Cast Sub Cast\n"
         "INT8 [6, 1, 5, 5]\n"  // 4-bit weights, unpacked: one int8 per code
         "UINT8 ['image'] ['logits', 'logit_codes'] [('', 13), ('com.microsoft', 1)]\n");
 }
@@ -363,7 +368,8 @@ TEST_CASE("export onnx: the same model gives the same bytes, and the file holds 
 TEST_CASE("export onnx: an op kind it cannot export is refused, naming the op") {
   quant::IntModel model = fuzz::tiny_int_model();
   model.graph.ops[3].kind = static_cast<quant::runtime::OpKind>(99);  // a kind added to the graph but not here
-  CHECK_THROWS_WITH_AS(quant::export_onnx(model), "export: op 3 'features.3' (unknown) cannot be exported to ONNX", Error);
+  CHECK_THROWS_WITH_AS(quant::export_onnx(model), "export: op 3 'features.3' (unknown) cannot be exported to ONNX",
+                       Error);
 
   // A user-registered float layer kind.
   nn::register_layer_kind({.name = "OnnxTestSquare",
