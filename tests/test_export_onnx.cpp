@@ -18,6 +18,7 @@
 #include "data/mnist.h"
 #include "data_fixtures.h"
 #include "fuzz/fuzz_models.h"
+#include "nn/checkpoint.h"
 #include "nn/graph.h"
 #include "nn/kinds.h"
 #include "quant/convert.h"
@@ -419,6 +420,27 @@ TEST_CASE("export onnx: the program writes one file or, on any error, one line a
     CHECK(err.find(c.message) != std::string::npos);
     CHECK(fs::is_empty(out));
   }
+  // A QAT checkpoint: its integer model or its float checkpoint is what exports.
+  manual_seed(6);
+  const auto float_model = nn::build_model("mlp");
+  const auto qat = quant::prepare_qat(*float_model, quant::parse_bits("w8a8"));
+  nn::save_checkpoint(dir / "mlp.qat.safetensors", *qat,
+                      apps::model_metadata(float_model->description, kNorm, &qat->config));
+  const auto [qat_code, qat_err] =
+      run("--format onnx --model " + (dir / "mlp.qat.safetensors") + " --out " + out + "/m.onnx");
+  CHECK(qat_code == 1);
+  CHECK(qat_err.find("this is a QAT checkpoint") != std::string::npos);
+  CHECK(fs::is_empty(out));
+
+  // A float checkpoint: the fp32 model, rebuilt from the file, gives the bytes of the model it was saved from.
+  nn::save_checkpoint(dir / "mlp.safetensors", *float_model,
+                      apps::model_metadata(float_model->description, kNorm, nullptr));
+  const auto [float_code, float_err] =
+      run("--format onnx --model " + (dir / "mlp.safetensors") + " --out " + out + "/mlp.fp32.onnx");
+  CHECK_MESSAGE(float_code == 0, float_err);
+  CHECK(text_of(out + "/mlp.fp32.onnx") == quant::export_onnx(*float_model, kNorm).bytes);
+  fs::remove(out + "/mlp.fp32.onnx");
+
   // A valid integer model: exactly the file, the bytes export_onnx gives.
   const auto [code, err] = run("--format onnx --model " + tiny + " --out " + out + "/tiny.onnx");
   CHECK_MESSAGE(code == 0, err);
