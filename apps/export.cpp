@@ -62,6 +62,11 @@ void run_onnx(const Settings& s) {
         "note: for {} of {} output channels ONNX Runtime's float32 requantization scale differs from lowbit's by "
         "one float32 step (docs/onnx.md, Scales)\n",
         exported.inexact_scales, exported.output_channels);
+  if (exported.inexact_avg_pools > 0)
+    std::cout << fmt::format(
+        "note: {} average pools have an even window larger than 8x8: ONNX Runtime rounds their means half to even, "
+        "lowbit half away from zero (docs/onnx.md, Rounding)\n",
+        exported.inexact_avg_pools);
 #else
   (void)s;
   fail(

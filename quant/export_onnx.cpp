@@ -242,6 +242,23 @@ WeightScale weight_scale(float s_in, float m, float s_out) {
   return best;
 }
 
+// The y_scale of an average pool over `count` positions whose x_scale is 1. ONNX Runtime computes the mean
+// y = Σ(x − z) / count in float32 and outputs round_half_even(y / y_scale) + z; lowbit rounds the same mean half away
+// from zero. With an odd count no mean is a tie (2·Σ = odd · count has no integer solution), so y_scale = 1 and the
+// two agree. With an even count a mean k + ½ is common (a 2×2 window: whenever Σ ≡ 2 mod 4), and y_scale =
+// 1 − 2^−e moves every mean away from zero by |y|·2^−e, about, which
+//   - pushes a tie k + ½ (|y| ≥ ½) off the tie by at least 2^−(e+1): more than float32's rounding of y / y_scale + z
+//     below 256 (at most 2^−17) when e ≤ 15, so it rounds away from zero as in lowbit;
+//   - moves no other mean across a boundary: those are at least 1/count from k + ½ (y is a multiple of 1/count),
+//     and |y| ≤ 255 moves by less when 2^e > 255·count.
+// The smallest such e is at most 15 for count ≤ 64 (K ≤ 8). Larger even windows get 1: ties round to even there.
+float avg_pool_output_scale(int64_t count) {
+  if (count % 2 == 1) return 1.f;
+  int e = 0;
+  while (std::ldexp(1.0, e) <= 255.0 * static_cast<double>(count)) ++e;
+  return e <= 15 ? static_cast<float>(1.0 - std::ldexp(1.0, -e)) : 1.f;
+}
+
 // A weight matrix as int8 codes, (OUT, row length) row-major: 8-bit weights as they are, 4-bit weights
 // unpacked from their rows of nibbles (int4.h). ONNX Runtime's CPU kernels have no int4 QLinearConv or QGemm.
 std::vector<int8_t> unpacked_weight(const rt::Op& op) {
@@ -281,6 +298,7 @@ class IntGraphEmitter {
 
   int64_t inexact_scales() const { return inexact_scales_; }
   int64_t output_channels() const { return output_channels_; }
+  int64_t inexact_avg_pools() const { return inexact_avg_pools_; }
 
  private:
   QuantValue emit(size_t i) {
@@ -445,14 +463,19 @@ class IntGraphEmitter {
   }
 
   // com.microsoft QLinearAveragePool (x, x_scale, x_zero_point, y_scale, y_zero_point), count_include_pad = 1
-  // (lowbit divides by K·K). Input and output share lowbit's scale, so only their ratio matters: both are given
-  // as 1.0, which keeps ONNX Runtime's float sum of (x − z) exact. ONNX Runtime rounds the mean half to even,
-  // lowbit half away from zero: a mean that ends in .5 can differ by one code (docs/onnx.md, "Rounding").
+  // (lowbit divides by K·K). Input and output share lowbit's scale and zero point, so only the ratio of the two
+  // scales matters: x_scale = 1 keeps ONNX Runtime's float sum of (x − z) exact, and y_scale is
+  // avg_pool_output_scale(K·K), which makes its rounding of the mean lowbit's.
   QuantValue emit_avg_pool2d(size_t i, const QuantValue& x) {
     const rt::Op& op = graph_.ops[i];
-    const std::string one = g_.scalar(value_name(i) + ".unit_scale", 1.f);
-    onnx::NodeProto& n = g_.node("QLinearAveragePool", node_name(i), {x.name, one, x.zero_point, one, x.zero_point},
-                                 {value_name(i)}, kMicrosoftDomain);
+    const int64_t count = op.kernel * op.kernel;
+    const float y_scale = avg_pool_output_scale(count);
+    inexact_avg_pools_ += y_scale == 1.f && count % 2 == 0 ? 1 : 0;
+    const std::string in_scale = g_.scalar(value_name(i) + ".x_scale", 1.f);
+    const std::string out_scale = g_.scalar(value_name(i) + ".y_scale", y_scale);
+    onnx::NodeProto& n =
+        g_.node("QLinearAveragePool", node_name(i), {x.name, in_scale, x.zero_point, out_scale, x.zero_point},
+                {value_name(i)}, kMicrosoftDomain);
     window_attributes(n, op.kernel, op.stride, op.padding);
     GraphBuilder::attribute(n, "count_include_pad", int64_t{1});
     return same_qparams(x, value_name(i), 4);
@@ -505,6 +528,7 @@ class IntGraphEmitter {
   GraphBuilder& g_;
   std::vector<QuantValue> values_;  // values_[i]: op i's output
   int64_t inexact_scales_ = 0, output_channels_ = 0;
+  int64_t inexact_avg_pools_ = 0;  // average pools with an even window larger than 8 × 8: ties round to even
 };
 
 // Every op kind is known, the graph is valid and every weighted op has its requantization scales: checked
@@ -664,6 +688,7 @@ OnnxExport export_onnx(const IntModel& model) {
   OnnxExport result = finish(proto, g, fmt::format("integer model '{}'", model.model_name));
   result.inexact_scales = emitter.inexact_scales();
   result.output_channels = emitter.output_channels();
+  result.inexact_avg_pools = emitter.inexact_avg_pools();
   return result;
 }
 

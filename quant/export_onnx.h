@@ -30,6 +30,9 @@ struct OnnxExport {
   // x_scale · w_scale / y_scale equals the model's requantization scale M exactly (docs/onnx.md, "Scales").
   int64_t inexact_scales = 0;
   int64_t output_channels = 0;  // of all convs and linears: what inexact_scales counts out of
+  // Integer export only: average pools whose mean ONNX Runtime rounds half to even where lowbit rounds half away
+  // from zero (an even window larger than 8 × 8; docs/onnx.md, "Rounding").
+  int64_t inexact_avg_pools = 0;
 };
 
 // The integer graph as an ONNX model (docs/onnx.md): input "image", uint8 (N, C, H, W) pixels; outputs

@@ -236,6 +236,15 @@ quant::IntModel input_table_model(Normalization norm, float input_scale, int32_t
   return m;
 }
 
+// Two 2×2 average pools (a mean ends in .5 whenever its window's sum is 2 mod 4): ONNX Runtime would round those
+// half to even, lowbit half away from zero, unless the export's y_scale moves them (avg_pool_output_scale).
+constexpr const char* kAvgNet = R"({"format": "lowbit-model", "version": 1, "name": "avg",
+  "input": {"channels": 1, "height": 12, "width": 12}, "classes": 10, "nodes": [
+    {"name": "0", "kind": "Conv2d", "out_channels": 8, "kernel": 3, "padding": 1}, {"name": "1", "kind": "ReLU"},
+    {"name": "2", "kind": "AvgPool2d", "kernel": 2}, {"name": "3", "kind": "Conv2d", "out_channels": 8, "kernel": 3},
+    {"name": "4", "kind": "AvgPool2d", "kernel": 2}, {"name": "5", "kind": "Flatten"},
+    {"name": "6", "kind": "Linear", "out_features": 10}]})";
+
 }  // namespace
 
 TEST_CASE("export onnx: mlp, lenet5 and convbn at w8a8, w4a8 and w4a4 agree with the integer runtime in ONNX Runtime") {
@@ -250,10 +259,16 @@ TEST_CASE("export onnx: mlp, lenet5 and convbn at w8a8, w4a8 and w4a4 agree with
   }
 }
 
-TEST_CASE("export onnx: strides, padding, three channels, an unfused pool and a clamp agree in ONNX Runtime") {
+TEST_CASE("export onnx: strides, padding, three channels, unfused and average pools, clamps agree in ONNX Runtime") {
   for (const char* bits : {"w8a8", "w4a4"}) {
     CAPTURE(bits);
     check_integer_model(converted_description(kColourNet, bits, 3, 9, 9, 7), std::string("colour_") + bits, 7);
+  }
+  for (const char* bits : {"w8a8", "w4a4"}) {  // bit-exact: every mean that ends in .5 rounds away from zero
+    CAPTURE(bits);
+    const nlohmann::json r =
+        check_integer_model(converted_description(kAvgNet, bits, 1, 12, 12, 3), std::string("avg_") + bits, 3);
+    if (!r.empty()) CHECK(r["differing_logits"] == 0);
   }
   // The tiny model: a 4-bit conv with a fused ReLU, max pool, an avg pool (3x3, padding 1: nine positions, so no
   // mean ends in .5 and no tie rounds differently), an 8-bit linear with int32 biases.
