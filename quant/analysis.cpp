@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <optional>
 
 #include "core/error.h"
@@ -13,9 +14,9 @@ namespace lowbit::quant {
 
 std::vector<BlockInfo> quantized_blocks(const nn::Model& model) {
   std::vector<BlockInfo> out;
-  for (size_t i = 0; i < model.layers->size(); ++i) {
-    auto layer = model.layers->at(i);
-    const std::string name = "layers." + model.nodes[i].name;
+  for (const nn::Node& node : model.nodes) {  // execution order: the order prepare_qat numbers blocks in
+    const auto& layer = node.module;
+    const std::string name = "layers." + node.name;
     const int block = static_cast<int>(out.size());
     if (auto c = std::dynamic_pointer_cast<nn::Conv2d>(layer))
       out.push_back({block, name, c->weight.numel(), c->out_channels});
@@ -133,18 +134,19 @@ std::pair<float, float> min_max(std::span<const float> v) {
 
 // The block's weight as it is quantized (BatchNorm folded in) and its fake-quant nodes.
 struct BlockView {
+  size_t node;  // in QatModel::nodes
   std::shared_ptr<nn::Module> module;
   Tensor weight;
   std::shared_ptr<FakeQuantize> weight_fq, output_fq;
 };
 
-std::optional<BlockView> block_view(const std::shared_ptr<nn::Module>& layer) {
+std::optional<BlockView> block_view(size_t node, const std::shared_ptr<QNode>& layer) {
   if (auto c = std::dynamic_pointer_cast<QConvBlock>(layer)) {
     NoGradGuard no_grad;
-    return BlockView{layer, c->folded_weight_and_bias().first.detach(), c->weight_fq, c->output_fq};
+    return BlockView{node, layer, c->folded_weight_and_bias().first.detach(), c->weight_fq, c->output_fq};
   }
   if (auto l = std::dynamic_pointer_cast<QLinearBlock>(layer))
-    return BlockView{layer, l->linear->weight, l->weight_fq, l->output_fq};
+    return BlockView{node, layer, l->linear->weight, l->weight_fq, l->output_fq};
   return std::nullopt;
 }
 }  // namespace
@@ -158,8 +160,8 @@ std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& 
   const std::vector<BlockInfo> names = quantized_blocks(*nn::build_model(model.description));
   std::vector<LayerStats> stats;
   std::vector<BlockView> views;
-  for (size_t i = 0; i < model.layers->size(); ++i)
-    if (auto v = block_view(model.layers->at(i))) views.push_back(*v);
+  for (size_t i = 0; i < model.nodes.size(); ++i)
+    if (auto v = block_view(i, model.nodes[i].module)) views.push_back(*v);
   if (views.size() != names.size())
     fail("layer_stats: model '{}' has {} quantized blocks, its float architecture {}", model.name, views.size(),
          names.size());
@@ -194,14 +196,10 @@ std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& 
   std::vector<std::vector<float>> outputs(views.size());
   try {
     for (const Tensor& batch : batches) {
-      Tensor x = batch;
-      size_t b = 0;
-      for (size_t i = 0; i < model.layers->size(); ++i) {
-        x = model.layers->at(i)->forward(x);
-        if (b < views.size() && model.layers->at(i) == views[b].module) {
-          outputs[b].insert(outputs[b].end(), x.data(), x.data() + x.numel());
-          ++b;
-        }
+      const std::vector<Tensor> all = model.forward_all(batch);
+      for (size_t b = 0; b < views.size(); ++b) {
+        const Tensor& x = all[views[b].node];
+        outputs[b].insert(outputs[b].end(), x.data(), x.data() + x.numel());
       }
     }
   } catch (...) {
@@ -234,30 +232,26 @@ std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& 
 
 std::shared_ptr<nn::Model> float_model_of(const QatModel& model) {
   auto out = nn::build_model(model.description);
-  // The float modules in the order they appear inside the QAT blocks.
-  std::vector<std::shared_ptr<nn::Module>> trained;
-  for (size_t i = 0; i < model.layers->size(); ++i) {
-    auto layer = model.layers->at(i);
-    if (auto c = std::dynamic_pointer_cast<QConvBlock>(layer)) {
-      trained.push_back(c->conv);
-      if (c->bn) trained.push_back(c->bn);
-    }
-    if (auto l = std::dynamic_pointer_cast<QLinearBlock>(layer)) trained.push_back(l->linear);
-  }
-  size_t next = 0;
-  for (size_t i = 0; i < out->layers->size(); ++i) {
-    auto layer = out->layers->at(i);
-    if (!std::dynamic_pointer_cast<nn::Conv2d>(layer) && !std::dynamic_pointer_cast<nn::BatchNorm2d>(layer) &&
-        !std::dynamic_pointer_cast<nn::Linear>(layer))
-      continue;
-    if (next == trained.size()) fail("float_model_of: '{}' has more weighted layers than its QAT model", model.name);
-    auto dst = layer->named_parameters(), src = trained[next]->named_parameters();
-    auto dst_b = layer->named_buffers(), src_b = trained[next]->named_buffers();
+  std::map<std::string, std::shared_ptr<nn::Module>> by_name;
+  for (const nn::Node& node : out->nodes) by_name[node.name] = node.module;
+  // Copies the trained float module of a prepared block into the float node it came from.
+  const auto copy_into = [&](const std::string& name, const nn::Module& trained) {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) fail("float_model_of: '{}' has no node '{}' (the QAT model is not of it)", model.name, name);
+    auto dst = it->second->named_parameters(), src = trained.named_parameters();
+    auto dst_b = it->second->named_buffers(), src_b = trained.named_buffers();
     dst.insert(dst.end(), dst_b.begin(), dst_b.end());
     src.insert(src.end(), src_b.begin(), src_b.end());
-    if (dst.size() != src.size()) fail("float_model_of: layers.{} of '{}' does not match its QAT block", i, model.name);
+    if (dst.size() != src.size()) fail("float_model_of: node '{}' of '{}' does not match its QAT block", name, model.name);
     for (size_t k = 0; k < dst.size(); ++k) dst[k].second.copy_from(src[k].second);
-    ++next;
+  };
+  for (const QatNode& node : model.nodes) {
+    const auto& names = node.module->float_names;
+    if (auto c = std::dynamic_pointer_cast<QConvBlock>(node.module)) {
+      copy_into(names.at(0), *c->conv);
+      if (c->bn) copy_into(names.at(1), *c->bn);
+    }
+    if (auto l = std::dynamic_pointer_cast<QLinearBlock>(node.module)) copy_into(names.at(0), *l->linear);
   }
   out->eval();
   return out;

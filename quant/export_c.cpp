@@ -326,6 +326,11 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
           "op {} '{}': a {} cannot be exported to C yet (supported: input, conv2d, linear, max_pool2d, avg_pool2d, "
           "flatten)",
           i, graph.ops[i].name, rt::to_string(kind));
+    if (i > 0 && graph.ops[i].inputs != std::vector<int>{static_cast<int>(i) - 1})
+      fail("op {} '{}' does not read the op before it: graphs with branches cannot be exported to C yet (only chains)",
+           i, graph.ops[i].name);
+    if (kind == rt::OpKind::Conv2d && graph.ops[i].groups != 1)
+      fail("op {} '{}': a grouped convolution cannot be exported to C yet", i, graph.ops[i].name);
   }
   const std::vector<rt::Shape> shapes = rt::output_shapes(graph);
   const rt::Shape input{graph.in_channels, graph.in_height, graph.in_width};
@@ -494,6 +499,8 @@ CExport export_c(const IntModel& model, const std::string& prefix) {
             "     where it already is: nothing to do (the codes stay at a + {}). */\n",
             i, name, shape_text(in), out.size(), y);
         break;
+      default:  // refused above
+        fail("op {} '{}': a {} cannot be exported to C yet", i, name, rt::to_string(op.kind));
     }
     c += fmt::format("  {}_AFTER_OP({}, a, {}, {});\n", P, i, y, plan.bytes[i]);
   }

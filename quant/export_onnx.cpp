@@ -200,12 +200,8 @@ void window_attributes(onnx::NodeProto& n, int64_t kernel, int64_t stride, int64
 
 // ---- the integer graph ---------------------------------------------------------------------------------------
 
-// The index of the op whose output op i reads. The integer graph is a chain today: each op reads the one before.
-// When ops name their inputs (op.inputs), this returns op.inputs[0]; Add and Concat read all of op.inputs.
-size_t input_op(const rt::Graph& graph, size_t i) {
-  (void)graph;
-  return i - 1;
-}
+// The index of the op whose output op i reads first (ops name their inputs; Add and Concat read all of op.inputs).
+size_t input_op(const rt::Graph& graph, size_t i) { return static_cast<size_t>(graph.ops[i].inputs.at(0)); }
 
 // The float32 requantization scale ONNX Runtime forms from an op's three scales (QLinearConv and QGemm both
 // compute x_scale · w_scale / y_scale in float32, in that order) and multiplies each int32 accumulator by.
@@ -316,7 +312,17 @@ class IntGraphEmitter {
         return emit_avg_pool2d(i, as_rank(x, 4, i));
       case rt::OpKind::Flatten:
         return emit_flatten(i, x);
-      // Add, Concat and GlobalAvgPool2d: see emit_add, emit_concat and emit_global_avg_pool2d below.
+      case rt::OpKind::GlobalAvgPool2d:
+        return emit_global_avg_pool2d(i, as_rank(x, 4, i));
+      case rt::OpKind::Clamp:
+        return clamp_output(i, same_qparams(x, x.name, x.rank));
+      case rt::OpKind::Add:
+        return emit_add(i, as_rank(x, 4, i), as_rank(values_[static_cast<size_t>(op.inputs[1])], 4, i));
+      case rt::OpKind::Concat: {
+        std::vector<QuantValue> parts;
+        for (const int j : op.inputs) parts.push_back(as_rank(values_[static_cast<size_t>(j)], 4, i));
+        return emit_concat(i, parts);
+      }
       default:
         fail("export: op {} '{}' ({}) cannot be exported to ONNX", i, op.name, rt::to_string(op.kind));
     }
@@ -359,7 +365,7 @@ class IntGraphEmitter {
   QuantValue clamp_output(size_t i, const QuantValue& y) {
     const rt::Requant& rq = graph_.ops[i].requant;
     if (rq.act_min == -128 && rq.act_max == 127) return y;
-    const std::string name = y.name + ".clamped";
+    const std::string name = graph_.ops[i].kind == rt::OpKind::Clamp ? value_name(i) : y.name + ".clamped";
     const std::string lo = g_.scalar(name + ".min", static_cast<uint8_t>(rq.act_min + kUint8Offset));
     const std::string hi = g_.scalar(name + ".max", static_cast<uint8_t>(rq.act_max + kUint8Offset));
     g_.node("Clip", node_name(i) + ".clamp", {y.name, lo, hi}, {name});
@@ -432,12 +438,12 @@ class IntGraphEmitter {
   QuantValue emit_conv2d(size_t i, const QuantValue& x) {
     const rt::Op& op = graph_.ops[i];
     const QuantValue y = new_value(i, model_.op_output_scales[i], op.requant.zero_point);
-    const auto w = weight_constants(i, x, y.s, {op.out_channels, op.in_channels, op.kernel, op.kernel});
+    const auto w = weight_constants(i, x, y.s, {op.out_channels, op.in_channels / op.groups, op.kernel, op.kernel});
     onnx::NodeProto& n =
         g_.node("QLinearConv", node_name(i),
                 {x.name, x.scale, x.zero_point, w[0], w[1], w[2], y.scale, y.zero_point, w[3]}, {y.name});
     window_attributes(n, op.kernel, op.stride, op.padding);
-    GraphBuilder::attribute(n, "group", int64_t{1});  // grouped convolutions: op.groups, once the graph has them
+    GraphBuilder::attribute(n, "group", op.groups);
     return clamp_output(i, y);
   }
 
@@ -486,45 +492,49 @@ class IntGraphEmitter {
     return same_qparams(x, value_name(i), 2);
   }
 
-  // ---- graph ops: written for the integer graph's coming Add, Concat and GlobalAvgPool2d, NOT YET WIRED OR TESTED.
-  // To wire one: add its case to emit() and check_exportable(), reading its inputs from op.inputs (see input_op),
-  // its output scale from model_.op_output_scales[i] and its zero point from op.requant.zero_point; then test it
-  // against the executor like the chain ops (tests/test_export_onnx.cpp, check_integer_model). ONNX Runtime
-  // computes all three in float32 from the scales and rounds half to even: compare with lowbit's integer rounding
-  // before promising a bound.
-
   // com.microsoft QLinearAdd (A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale, C_zero_point):
-  // y = requantize(s_a·(a − z_a) + s_b·(b − z_b)) with y's scale and zero point.
-  QuantValue emit_add(size_t i, const QuantValue& a, const QuantValue& b, float s_out, int32_t z_out) {
-    const QuantValue y = new_value(i, s_out, z_out);
+  // y = s_a/s_y·(a − z_a) + s_b/s_y·(b − z_b) + z_y, computed by ONNX Runtime in float32 and rounded half to even;
+  // lowbit's eq. 10 rounds the same sum once, exactly, half away from zero. Then the clamp of a fused ReLU.
+  QuantValue emit_add(size_t i, const QuantValue& a, const QuantValue& b) {
+    const rt::Op& op = graph_.ops[i];
+    const QuantValue y = new_value(i, model_.op_output_scales[i], op.requant.zero_point);
     g_.node("QLinearAdd", node_name(i),
             {a.name, a.scale, a.zero_point, b.name, b.scale, b.zero_point, y.scale, y.zero_point}, {y.name},
             kMicrosoftDomain);
-    return y;
+    return clamp_output(i, y);
   }
 
   // com.microsoft QLinearConcat (Y_scale, Y_zero_point, then X, X_scale, X_zero_point of each input), axis 1:
-  // each input requantized to y's scale and zero point, joined along the channels.
-  QuantValue emit_concat(size_t i, const std::vector<QuantValue>& inputs, float s_out, int32_t z_out) {
-    const QuantValue y = new_value(i, s_out, z_out);
+  // each input requantized to y's scale and zero point (a copy where they are the same), joined along channels.
+  QuantValue emit_concat(size_t i, const std::vector<QuantValue>& inputs) {
+    const rt::Op& op = graph_.ops[i];
+    const QuantValue y = new_value(i, model_.op_output_scales[i], op.requant.zero_point);
     std::vector<std::string> in{y.scale, y.zero_point};
     for (const QuantValue& x : inputs) in.insert(in.end(), {x.name, x.scale, x.zero_point});
     GraphBuilder::attribute(g_.node("QLinearConcat", node_name(i), in, {y.name}, kMicrosoftDomain), "axis", int64_t{1});
-    return y;
+    return clamp_output(i, y);
   }
 
   // com.microsoft QLinearGlobalAveragePool (X, x_scale, x_zero_point, y_scale, y_zero_point): (N, C, H, W) →
-  // (N, C, 1, 1), the mean of each channel requantized to y's scale and zero point.
-  QuantValue emit_global_avg_pool2d(size_t i, const QuantValue& x, float s_out, int32_t z_out) {
-    const QuantValue y = new_value(i, s_out, z_out);
-    GraphBuilder::attribute(g_.node("QLinearGlobalAveragePool", node_name(i),
-                                    {x.name, x.scale, x.zero_point, y.scale, y.zero_point}, {y.name}, kMicrosoftDomain),
-                            "channels_last", int64_t{0});
-    return y;
+  // (N, C, 1, 1), the mean of each channel, qparams kept: the average pool's scales (avg_pool_output_scale),
+  // with the whole image as the window.
+  QuantValue emit_global_avg_pool2d(size_t i, const QuantValue& x) {
+    const rt::Shape& in = shapes_[input_op(graph_, i)];
+    const int64_t count = in.h * in.w;
+    const float y_scale = avg_pool_output_scale(count);
+    inexact_avg_pools_ += y_scale == 1.f && count % 2 == 0 ? 1 : 0;
+    const std::string in_scale = g_.scalar(value_name(i) + ".x_scale", 1.f);
+    const std::string out_scale = g_.scalar(value_name(i) + ".y_scale", y_scale);
+    GraphBuilder::attribute(
+        g_.node("QLinearGlobalAveragePool", node_name(i), {x.name, in_scale, x.zero_point, out_scale, x.zero_point},
+                {value_name(i)}, kMicrosoftDomain),
+        "channels_last", int64_t{0});
+    return same_qparams(x, value_name(i), 4);
   }
 
   const IntModel& model_;
   const rt::Graph& graph_;
+  const std::vector<rt::Shape> shapes_ = rt::output_shapes(graph_);  // each op's output shape
   GraphBuilder& g_;
   std::vector<QuantValue> values_;  // values_[i]: op i's output
   int64_t inexact_scales_ = 0, output_channels_ = 0;
@@ -545,6 +555,10 @@ void check_exportable(const IntModel& model) {
       case rt::OpKind::MaxPool2d:
       case rt::OpKind::AvgPool2d:
       case rt::OpKind::Flatten:
+      case rt::OpKind::GlobalAvgPool2d:
+      case rt::OpKind::Clamp:
+      case rt::OpKind::Add:
+      case rt::OpKind::Concat:
         break;
       case rt::OpKind::Conv2d:
       case rt::OpKind::Linear:

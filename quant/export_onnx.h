@@ -37,7 +37,8 @@ struct OnnxExport {
 
 // The integer graph as an ONNX model (docs/onnx.md): input "image", uint8 (N, C, H, W) pixels; outputs
 // "logits", float32 (N, classes), and "logit_codes", int8 (N, classes), lowbit's integer logits. Activations
-// are uint8 codes equal to lowbit's int8 codes + 128; 4-bit weights are unpacked to int8 tensors.
+// are uint8 codes equal to lowbit's int8 codes + 128; 4-bit weights are unpacked to int8 tensors. Every op kind of
+// runtime::OpKind is exported (Add, Concat and GlobalAvgPool2d as com.microsoft QLinear ops).
 // Checks the graph (runtime::validate) and every op's kind first: throws lowbit::Error naming an op that cannot
 // be exported, before anything is built. The same model gives the same bytes.
 OnnxExport export_onnx(const IntModel& model);

@@ -11,6 +11,7 @@
 #include <initializer_list>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <optional>
 #include <set>
 #include <unordered_set>
@@ -28,9 +29,10 @@ using json = nlohmann::json;
 using runtime::Op;
 using runtime::OpKind;
 
-constexpr int kMaxGraphJsonDepth = 4;  // graph object → ops array → op object → its fields
+constexpr int kMaxGraphJsonDepth = 5;  // graph object → ops array → op object → its fields → an op's inputs
 constexpr const char* kBadFileHint = "the file is damaged or was not written by lowbit";
 const std::set<std::string> kMetadataKeys = {"format", "format_version", "graph", "mode", "model"};
+const char* const kDescriptionKey = "description";  // optional: the float model's description (nn/graph.h)
 const std::set<std::string> kModes = {"int8", "w4a8", "w4a4", "mixed"};
 
 // ---- op kinds and their fields ------------------------------------------------------------------
@@ -45,17 +47,25 @@ const KindInfo kKinds[] = {
     {OpKind::Input, "input", {"kind", "name", "output_scale"}},
     {OpKind::Conv2d,
      "conv2d",
-     {"kind", "name", "weight_bits", "in_channels", "out_channels", "kernel", "stride", "padding", "input_zero_point",
-      "zero_point", "act_min", "act_max", "output_scale"}},
+     {"kind", "name", "inputs", "weight_bits", "in_channels", "out_channels", "kernel", "stride", "padding", "groups",
+      "input_zero_point", "zero_point", "act_min", "act_max", "output_scale"}},
     {OpKind::Linear,
      "linear",
-     {"kind", "name", "weight_bits", "in_channels", "out_channels", "input_zero_point", "zero_point", "act_min",
-      "act_max", "output_scale"}},
-    {OpKind::MaxPool2d, "max_pool2d", {"kind", "name", "kernel", "stride", "padding", "output_scale"}},
+     {"kind", "name", "inputs", "weight_bits", "in_channels", "out_channels", "input_zero_point", "zero_point",
+      "act_min", "act_max", "output_scale"}},
+    {OpKind::MaxPool2d, "max_pool2d", {"kind", "name", "inputs", "kernel", "stride", "padding", "output_scale"}},
     {OpKind::AvgPool2d,
      "avg_pool2d",
-     {"kind", "name", "kernel", "stride", "padding", "input_zero_point", "output_scale"}},
-    {OpKind::Flatten, "flatten", {"kind", "name", "output_scale"}},
+     {"kind", "name", "inputs", "kernel", "stride", "padding", "input_zero_point", "output_scale"}},
+    {OpKind::Flatten, "flatten", {"kind", "name", "inputs", "output_scale"}},
+    {OpKind::GlobalAvgPool2d, "global_avg_pool2d", {"kind", "name", "inputs", "input_zero_point", "output_scale"}},
+    {OpKind::Clamp, "clamp", {"kind", "name", "inputs", "input_zero_point", "act_min", "act_max", "output_scale"}},
+    {OpKind::Add,
+     "add",
+     {"kind", "name", "inputs", "input_zero_points", "zero_point", "act_min", "act_max", "output_scale"}},
+    {OpKind::Concat,
+     "concat",
+     {"kind", "name", "inputs", "input_zero_points", "zero_point", "act_min", "act_max", "output_scale"}},
 };
 
 const KindInfo& kind_info(OpKind kind) {
@@ -73,6 +83,16 @@ const KindInfo* kind_info(std::string_view name) {
 }
 
 bool is_weighted(OpKind kind) { return kind == OpKind::Conv2d || kind == OpKind::Linear; }
+bool is_join(OpKind kind) { return kind == OpKind::Add || kind == OpKind::Concat; }
+// Ops whose output keeps their input's qparams and that store that zero point as input_zero_point.
+bool keeps_zero_point(OpKind kind) {
+  return kind == OpKind::AvgPool2d || kind == OpKind::GlobalAvgPool2d || kind == OpKind::Clamp;
+}
+// The file stores one scale per output channel (Conv2d, Linear) or per input (Add, Concat).
+size_t stored_scale_count(const Op& op) {
+  if (is_weighted(op.kind)) return static_cast<size_t>(std::max<int64_t>(op.out_channels, 0));
+  return is_join(op.kind) ? op.inputs.size() : 0;
+}
 
 std::string tensor_name(size_t op_index, const char* what) { return fmt::format("ops.{}.{}", op_index, what); }
 
@@ -82,7 +102,7 @@ std::vector<int64_t> weight_shape(const Op& op) {
   if (op.weight_bits == 4) {
     return {op.out_channels, static_cast<int64_t>(runtime::int4_packed_size(runtime::weight_row_length(op)))};
   }
-  if (op.kind == OpKind::Conv2d) return {op.out_channels, op.in_channels, op.kernel, op.kernel};
+  if (op.kind == OpKind::Conv2d) return {op.out_channels, op.in_channels / op.groups, op.kernel, op.kernel};
   return {op.out_channels, op.in_channels};
 }
 
@@ -115,6 +135,10 @@ ordered_json op_to_json(const IntModel& model, size_t i) {
   ordered_json j = ordered_json::object();
   j["kind"] = kind_info(op.kind).name;
   j["name"] = op.name;
+  if (op.kind != OpKind::Input) {
+    j["inputs"] = ordered_json::array();
+    for (const int k : op.inputs) j["inputs"].push_back(model.graph.ops[static_cast<size_t>(k)].name);
+  }
   if (is_weighted(op.kind)) {
     j["weight_bits"] = op.weight_bits;
     j["in_channels"] = op.in_channels;
@@ -125,9 +149,11 @@ ordered_json op_to_json(const IntModel& model, size_t i) {
     j["stride"] = op.stride;
     j["padding"] = op.padding;
   }
-  if (is_weighted(op.kind) || op.kind == OpKind::AvgPool2d) j["input_zero_point"] = op.input_zero_point;
-  if (is_weighted(op.kind)) {
-    j["zero_point"] = op.requant.zero_point;
+  if (op.kind == OpKind::Conv2d) j["groups"] = op.groups;
+  if (is_weighted(op.kind) || keeps_zero_point(op.kind)) j["input_zero_point"] = op.input_zero_point;
+  if (is_join(op.kind)) j["input_zero_points"] = op.rescale.zero_points;
+  if (is_weighted(op.kind) || is_join(op.kind)) j["zero_point"] = op.requant.zero_point;
+  if (is_weighted(op.kind) || is_join(op.kind) || op.kind == OpKind::Clamp) {
     j["act_min"] = op.requant.act_min;
     j["act_max"] = op.requant.act_max;
   }
@@ -165,9 +191,15 @@ StFile to_st_file(const IntModel& model) {
   file.metadata["model"] = model.model_name;
   file.metadata["mode"] = model.mode;
   file.metadata["graph"] = graph.dump();
+  if (!model.description.nodes.empty()) file.metadata[kDescriptionKey] = nn::description_to_json(model.description);
   // The Input op's table is not stored: the loader rebuilds it from the graph JSON (make_input_table).
   for (size_t i = 0; i < model.graph.ops.size(); ++i) {
     const Op& op = model.graph.ops[i];
+    if (is_join(op.kind)) {
+      const std::span<const float> scales(model.op_requant_scales[i]);
+      const auto count = static_cast<int64_t>(scales.size());
+      file.tensors.emplace_back(tensor_name(i, "scale"), make_st_tensor<float>(DType::F32, {count}, scales));
+    }
     if (!is_weighted(op.kind)) continue;
     const DType weight_dtype = op.weight_bits == 4 ? DType::U8 : DType::I8;
     const auto out = static_cast<int64_t>(op.out_channels);
@@ -343,7 +375,7 @@ void check_metadata(const StFile& file, const std::string& path) {
     }
   }
   for (const auto& [key, value] : file.metadata) {
-    if (!kMetadataKeys.contains(key)) {
+    if (!kMetadataKeys.contains(key) && key != kDescriptionKey) {
       fail("{}: unexpected metadata field '{}' (an integer model of format version {} has exactly {})", path,
            key.substr(0, 40), kIntModelVersion, fmt::join(kMetadataKeys, ", "));
     }
@@ -403,7 +435,9 @@ class TensorReader {
 };
 
 // One op: its JSON fields, then its tensors.
-Op read_op(const json& value, size_t i, const std::string& path, IntModel& model, TensorReader& tensors) {
+// names: the ops before this one, by name (an op's inputs are names of earlier ops).
+Op read_op(const json& value, size_t i, const std::string& path, IntModel& model, TensorReader& tensors,
+           std::map<std::string, int>& names) {
   const std::string where = fmt::format("{}: graph op {}", path, i);
   if (!value.is_object()) fail("{}: must be a JSON object, found {} ({})", where, value.type_name(), kBadFileHint);
   if (!value.contains("kind")) fail("{}: field 'kind' missing ({})", where, kBadFileHint);
@@ -412,13 +446,40 @@ Op read_op(const json& value, size_t i, const std::string& path, IntModel& model
   const std::string kind_name = head.string("kind", 64);
   const KindInfo* info = kind_info(kind_name);
   if (info == nullptr) {
-    fail("{}: unknown op kind '{}' (known: input, conv2d, linear, max_pool2d, avg_pool2d, flatten)", where, kind_name);
+    fail("{}: unknown op kind '{}' (known: input, conv2d, linear, max_pool2d, avg_pool2d, flatten, "
+         "global_avg_pool2d, clamp, add, concat)",
+         where, kind_name);
   }
   Op op;
   op.kind = info->kind;
   op.name = head.string("name", kIntModelMaxNameLength);
+  if (i == 0 && op.kind != OpKind::Input) {
+    fail("{}: graph op 0 must be an 'input' op, found '{}' ({})", path, kind_name, kBadFileHint);
+  }
+  if (i > 0 && op.kind == OpKind::Input) {
+    fail("{}: graph op {} '{}' is an 'input' op; only op 0 may be ({})", path, i, op.name, kBadFileHint);
+  }
   const FieldReader f(value, fmt::format("{} '{}' ({})", where, op.name, kind_name));
   f.require_exactly(info->fields, fmt::format("a {} op", kind_name));
+  if (op.kind != OpKind::Input) {
+    const size_t min_inputs = is_join(op.kind) ? 2 : 1;
+    const size_t max_inputs = op.kind == OpKind::Concat ? 64 : min_inputs;
+    const json& inputs = f.array("inputs", min_inputs, max_inputs);
+    for (const json& input : inputs) {
+      if (!input.is_string()) fail("{}: 'inputs' must hold op names (strings), found {}", f.where(), short_dump(input));
+      const auto& input_name = input.get_ref<const std::string&>();
+      const auto it = names.find(input_name);
+      if (it == names.end()) {
+        fail("{}: input '{}' is not the name of an earlier op (a dangling name, or ops out of order: every op "
+             "comes after its inputs, so there is no cycle)",
+             f.where(), input_name.substr(0, 60));
+      }
+      op.inputs.push_back(it->second);
+    }
+  }
+  if (!names.emplace(op.name, static_cast<int>(i)).second) {
+    fail("{}: the name '{}' is used by an earlier op (op names are unique)", where, op.name.substr(0, 60));
+  }
 
   if (is_weighted(op.kind)) {
     op.weight_bits = static_cast<int>(f.integer("weight_bits", 4, 8));
@@ -433,11 +494,25 @@ Op read_op(const json& value, size_t i, const std::string& path, IntModel& model
     op.stride = f.integer("stride", 1, kIntModelMaxKernel);
     op.padding = f.integer("padding", 0, kIntModelMaxKernel);
   }
-  if (is_weighted(op.kind) || op.kind == OpKind::AvgPool2d) {
+  if (op.kind == OpKind::Conv2d) {
+    op.groups = f.integer("groups", 1, op.in_channels);
+    if (op.in_channels % op.groups != 0 || op.out_channels % op.groups != 0) {
+      fail("{}: 'groups' {} must divide in_channels {} and out_channels {}", f.where(), op.groups, op.in_channels,
+           op.out_channels);
+    }
+  }
+  if (is_weighted(op.kind) || keeps_zero_point(op.kind)) {
     op.input_zero_point = static_cast<int32_t>(f.integer("input_zero_point", -128, 127));
   }
-  if (is_weighted(op.kind)) {
+  if (is_join(op.kind)) {
+    const json& zero_points = f.array("input_zero_points", op.inputs.size(), op.inputs.size());
+    for (const json& z : zero_points)
+      op.rescale.zero_points.push_back(static_cast<int32_t>(f.integer_value(z, "input_zero_points[]", -128, 127)));
+  }
+  if (is_weighted(op.kind) || is_join(op.kind)) {
     op.requant.zero_point = static_cast<int32_t>(f.integer("zero_point", -128, 127));
+  }
+  if (is_weighted(op.kind) || is_join(op.kind) || op.kind == OpKind::Clamp) {
     op.requant.act_min = static_cast<int32_t>(f.integer("act_min", -128, 127));
     op.requant.act_max = static_cast<int32_t>(f.integer("act_max", -128, 127));
   }
@@ -448,6 +523,20 @@ Op read_op(const json& value, size_t i, const std::string& path, IntModel& model
     op.input_table = make_input_table(model.norm, {model.input_scale, model.input_zero_point}, model.input_range);
   }
   model.op_requant_scales.emplace_back();
+  if (is_join(op.kind)) {
+    const std::string scale_name = tensor_name(i, "scale");
+    std::vector<float> scales =
+        tensors.read<float>(scale_name, DType::F32, {static_cast<int64_t>(op.inputs.size())},
+                            fmt::format("op {} '{}': rescale scale s_i/s_out, one per input", i, op.name));
+    try {
+      const std::vector<int32_t> zero_points = op.rescale.zero_points;
+      op.rescale = rescale_from_scales(scales);
+      op.rescale.zero_points = zero_points;
+    } catch (const Error& e) {
+      fail("{}: tensor '{}': {}", path, scale_name, e.what());
+    }
+    model.op_requant_scales.back() = std::move(scales);
+  }
   if (is_weighted(op.kind)) {
     const std::string what =
         fmt::format("op {} '{}' ({}, {}-bit weights, {})", i, op.name, kind_name, op.weight_bits,
@@ -487,19 +576,30 @@ Op read_op(const json& value, size_t i, const std::string& path, IntModel& model
   return op;
 }
 
+// The zero point of every op's output codes: the Input's is the model's input zero point; weighted ops, Add
+// and Concat set their own; every other op keeps its (first) input's.
+std::vector<int32_t> output_zero_points(const IntModel& model) {
+  std::vector<int32_t> z;
+  for (const Op& op : model.graph.ops) {
+    if (op.kind == OpKind::Input) {
+      z.push_back(model.input_zero_point);
+    } else if (is_weighted(op.kind) || is_join(op.kind)) {
+      z.push_back(op.requant.zero_point);
+    } else {
+      z.push_back(z[static_cast<size_t>(op.inputs.at(0))]);
+    }
+  }
+  return z;
+}
+
 // Checks of the whole model that runtime::validate() does not make (it knows nothing of the model's
-// input zero point, its mode or which op yields the logits).
+// input zero point or its mode).
 void check_model(const IntModel& model, const std::string& path) {
   const auto& ops = model.graph.ops;
   if (ops.front().kind != OpKind::Input) {
     fail("{}: graph op 0 must be an 'input' op, found '{}' ({})", path, kind_info(ops.front().kind).name, kBadFileHint);
   }
-  if (ops.back().kind != OpKind::Linear) {
-    fail("{}: the last graph op must be a 'linear' op (it yields the logits), found '{}' ('{}')", path,
-         kind_info(ops.back().kind).name, ops.back().name);
-  }
-  int32_t zero_point = model.input_zero_point;
-  std::string source = "the input codes' input_zero_point";
+  const std::vector<int32_t> zero_points = output_zero_points(model);
   for (size_t i = 1; i < ops.size(); ++i) {
     const Op& op = ops[i];
     if (op.kind == OpKind::Input) fail("{}: graph op {} '{}' is an 'input' op; only op 0 may be", path, i, op.name);
@@ -507,29 +607,32 @@ void check_model(const IntModel& model, const std::string& path) {
       fail("{}: graph op {} '{}' has {}-bit weights but the mode is 'int8' (use mode 'mixed')", path, i, op.name,
            op.weight_bits);
     }
-    if ((is_weighted(op.kind) || op.kind == OpKind::AvgPool2d) && op.input_zero_point != zero_point) {
-      fail("{}: graph op {} '{}': input_zero_point {} must equal {} ({}) ({})", path, i, op.name, op.input_zero_point,
-           zero_point, source, kBadFileHint);
-    }
-    if (is_weighted(op.kind)) {
-      zero_point = op.requant.zero_point;
-      source = fmt::format("the zero_point of op {} '{}'", i, op.name);
-    }
+    const auto chains = [&](int32_t z, size_t input, const char* field) {
+      const auto producer = static_cast<size_t>(op.inputs[input]);
+      if (z != zero_points[producer]) {
+        fail("{}: graph op {} '{}': {} {} must equal the zero point {} of its input '{}' ({})", path, i, op.name, field,
+             z, zero_points[producer], ops[producer].name, kBadFileHint);
+      }
+    };
+    if (is_weighted(op.kind) || keeps_zero_point(op.kind)) chains(op.input_zero_point, 0, "input_zero_point");
+    if (is_join(op.kind))
+      for (size_t k = 0; k < op.inputs.size(); ++k) chains(op.rescale.zero_points[k], k, "input zero point");
   }
 }
 
-// Max pool and flatten pass their input codes through and an avg pool keeps its input's qparams, so their
-// zero points are those of the codes they carry. The file does not store them and the runtime does not read
-// them; the loader sets them as convert does, so that a loaded graph equals the converted one field by field.
+// Max pool and flatten pass their input codes through, and avg pool, global avg pool and clamp keep their
+// input's qparams, so their zero points are those of the codes they carry. The file does not store them all
+// and the runtime does not read them; the loader sets them as convert does, so that a loaded graph equals
+// the converted one field by field.
 void set_pass_through_zero_points(IntModel& model) {
-  int32_t zero_point = model.input_zero_point;
-  for (Op& op : model.graph.ops) {
+  const std::vector<int32_t> zero_points = output_zero_points(model);
+  for (size_t i = 0; i < model.graph.ops.size(); ++i) {
+    Op& op = model.graph.ops[i];
     if (op.kind == OpKind::MaxPool2d || op.kind == OpKind::Flatten) {
-      op.input_zero_point = zero_point;
-      op.requant.zero_point = zero_point;
+      op.input_zero_point = zero_points[i];
+      op.requant.zero_point = zero_points[i];
     }
-    if (op.kind == OpKind::AvgPool2d) op.requant.zero_point = op.input_zero_point;
-    if (is_weighted(op.kind)) zero_point = op.requant.zero_point;
+    if (keeps_zero_point(op.kind)) op.requant.zero_point = op.input_zero_point;
   }
 }
 
@@ -546,6 +649,13 @@ IntModel from_st_file(const StFile& file, const std::string& path) {
     fail("{}: metadata 'mode' must be one of {}, found '{}'", path, fmt::join(kModes, ", "), model.mode.substr(0, 40));
   }
 
+  if (const auto d = file.metadata.find(kDescriptionKey); d != file.metadata.end()) {
+    try {
+      model.description = nn::parse_description(d->second, path + ": metadata 'description'");
+    } catch (const Error& e) {
+      fail("{} ({})", e.what(), kBadFileHint);
+    }
+  }
   const json graph = parse_graph_json(file.metadata.at("graph"), path);
   const FieldReader g(graph, path + ": metadata 'graph'");
   g.require_exactly({"input_shape", "input_scale", "input_zero_point", "input_qmin", "input_qmax", "norm_mean",
@@ -566,7 +676,8 @@ IntModel from_st_file(const StFile& file, const std::string& path) {
 
   const json& ops = g.array("ops", 2, kIntModelMaxOps);
   TensorReader tensors(file, path);
-  for (size_t i = 0; i < ops.size(); ++i) model.graph.ops.push_back(read_op(ops[i], i, path, model, tensors));
+  std::map<std::string, int> names;
+  for (size_t i = 0; i < ops.size(); ++i) model.graph.ops.push_back(read_op(ops[i], i, path, model, tensors, names));
   tensors.check_no_extra();
   check_model(model, path);
   set_pass_through_zero_points(model);
@@ -612,6 +723,26 @@ void set_requant_from_scales(Op& op, std::span<const float> scales) {
   }
 }
 
+float rescale_scale(float input_scale, float output_scale) {
+  return static_cast<float>(static_cast<double>(input_scale) / static_cast<double>(output_scale));
+}
+
+runtime::Rescale rescale_from_scales(std::span<const float> scales) {
+  runtime::Rescale r;
+  if (scales.empty()) fail("rescale: no input scales");
+  for (const float m : scales)
+    if (!(std::isfinite(m) && m > 0.f)) fail("rescale: input scale {} must be finite and > 0", m);
+  const float largest = *std::max_element(scales.begin(), scales.end());
+  const QuantizedMultiplier top = quantize_multiplier(static_cast<double>(largest));
+  r.shift = top.shift;
+  for (const float m : scales) {
+    // M·2^n < 2^31: exact in double (a float times a power of two), then rounded half away from zero.
+    const double scaled = std::ldexp(static_cast<double>(m), top.shift);
+    r.multipliers.push_back(m == largest ? top.multiplier : static_cast<int32_t>(std::llround(scaled)));
+  }
+  return r;
+}
+
 int64_t IntModel::num_classes() const {
   if (graph.ops.empty()) return 0;
   try {
@@ -632,9 +763,10 @@ void save_int_model(const std::string& path, const IntModel& model) {
   }
   for (size_t i = 0; i < n; ++i) {
     const Op& op = model.graph.ops[i];
-    const size_t expected = is_weighted(op.kind) ? static_cast<size_t>(std::max<int64_t>(op.out_channels, 0)) : 0;
+    const size_t expected = stored_scale_count(op);
     if (model.op_requant_scales[i].size() != expected) {
-      fail("{}: op {} '{}' needs {} requantization scales (one per output channel of a conv2d / linear), found {}",
+      fail("{}: op {} '{}' needs {} stored scales (one per output channel of a conv2d / linear, one per input of "
+           "an add / concat), found {}",
            where, i, op.name, expected, model.op_requant_scales[i].size());
     }
   }
@@ -652,6 +784,11 @@ void save_int_model(const std::string& path, const IntModel& model) {
     if (op.kind == OpKind::Input && op.input_table != loaded.input_table) {
       fail("{}: the input table of op {} '{}' is not make_input_table(norm, input qparams, input_range) (the file "
            "stores only those; build the table with make_input_table)",
+           where, i, op.name);
+    }
+    if (op.rescale.multipliers != loaded.rescale.multipliers || op.rescale.shift != loaded.rescale.shift) {
+      fail("{}: the rescale multipliers of op {} '{}' are not the ones its scales give (set them with "
+           "rescale_from_scales)",
            where, i, op.name);
     }
     if (op.requant.multiplier != loaded.requant.multiplier || op.requant.shift != loaded.requant.shift) {

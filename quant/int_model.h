@@ -10,13 +10,14 @@
 #include <vector>
 
 #include "core/normalize.h"
+#include "nn/graph.h"
 #include "quant/qparams.h"
 #include "quant/runtime/graph.h"
 
 namespace lowbit::quant {
 
 inline constexpr const char* kIntModelFormat = "lowbit-int-graph";  // __metadata__["format"]
-inline constexpr int kIntModelVersion = 3;                          // __metadata__["format_version"]
+inline constexpr int kIntModelVersion = 4;                          // __metadata__["format_version"]
 
 // Limits a file must respect (checked before any value is used as a size).
 inline constexpr int64_t kIntModelMaxChannels = 65536;  // channels, features, input height / width
@@ -28,6 +29,9 @@ struct IntModel {
   runtime::Graph graph;
   std::string model_name;  // "lenet5"
   std::string mode;        // "int8", "w4a8", "w4a4" or "mixed"
+  // The float model's description (nn/graph.h), carried along from the checkpoint so that reports can draw
+  // the model it came from; empty (no nodes) when unknown. Not needed to run.
+  nn::Description description;
   // The Input op's table is derived from these four (make_input_table): the file stores them, not the table.
   Normalization norm;       // the float normalisation x = (pixel/255 − mean)/std
   float input_scale = 1.f;  // qparams of the Input op's codes: x = input_scale · (code − input_zero_point)
@@ -36,8 +40,10 @@ struct IntModel {
   float output_scale = 1.f;  // real logit = output_scale · (code − graph.ops.back().requant.zero_point)
   std::vector<float> op_output_scales;  // one per op (for reports; not needed to run)
   // One entry per op: for a Conv2d / Linear the requantization scales M[c] = s_in·s_w[c]/s_out as float32,
-  // one per output channel (requant_scale); empty for the other ops. The file stores these; the op's
-  // requant.multiplier and requant.shift are derived from them (set_requant_from_scales).
+  // one per output channel (requant_scale); for an Add / Concat the rescale scales M[i] = s_i/s_out, one per
+  // input (rescale_scale); empty for the other ops. The file stores these; the op's requant.multiplier and
+  // requant.shift (rescale.multipliers and shift) are derived from them (set_requant_from_scales,
+  // rescale_from_scales).
   std::vector<std::vector<float>> op_requant_scales;
 
   // The number of logits: the size of the last op's output (0 for an empty graph).
@@ -60,6 +66,15 @@ float requant_scale(float input_scale, float weight_scale, float output_scale);
 // float exactly: the result is the same on every machine. Throws lowbit::Error (naming the op and the
 // channel) for a scale that is not finite and positive or outside [2^−32, 2^30).
 void set_requant_from_scales(runtime::Op& op, std::span<const float> scales);
+
+// The rescale scale M[i] = s_i/s_out of an Add's or Concat's input (eq. 10), in double rounded once to float32.
+float rescale_scale(float input_scale, float output_scale);
+
+// The fixed-point form of an Add's or Concat's scales M[i] (eq. 10): the largest becomes m·2^(−n) by
+// quantize_multiplier (m in [2^30, 2^31)), every other m[i] = round(M[i]·2^n) with the same n. Exact and the
+// same on every machine, like set_requant_from_scales. zero_points is left empty. Throws lowbit::Error for a
+// scale that is not finite and positive, or a largest scale outside [2^−32, 2^30).
+runtime::Rescale rescale_from_scales(std::span<const float> scales);
 
 // Checks the model like load_int_model does, then writes it atomically (save_safetensors).
 // Throws lowbit::Error, leaving an existing file untouched, if the model would not load back, or if the

@@ -2,10 +2,13 @@
 #include "quant/qat.h"
 
 #include <cmath>
+#include <tuple>
 #include <regex>
 #include <set>
 
 #include "core/error.h"
+#include "quant/int_model.h"
+#include "quant/runtime/kernels.h"
 
 namespace lowbit::quant {
 
@@ -47,12 +50,49 @@ Tensor maybe_quantize_bias(const Tensor& b, const FakeQuantize& input_fq, const 
 }
 }  // namespace
 
-QConvBlock::QConvBlock(std::shared_ptr<nn::Conv2d> conv_, std::shared_ptr<nn::BatchNorm2d> bn_, bool relu_,
+Tensor apply_activation(const Tensor& x, Activation activation) {
+  switch (activation) {
+    case Activation::None:
+      return x;
+    case Activation::ReLU:
+      return ops::relu(x);
+    case Activation::ReLU6:
+      return ops::clamp(x, 0.f, 6.f);
+  }
+  return x;
+}
+
+const char* activation_name(Activation activation) {
+  return activation == Activation::ReLU ? " + ReLU" : activation == Activation::ReLU6 ? " + ReLU6" : "";
+}
+
+std::pair<int32_t, int32_t> activation_clamp(Activation activation, QParams q, QRange range) {
+  // quantize() never decreases, so quantize(clamp(x, 0, 6)) = clamp(quantize(x), quantize(0), quantize(6)).
+  const int32_t lo = activation == Activation::None ? range.qmin : std::max(range.qmin, quantize(0.f, q, range));
+  const int32_t hi = activation == Activation::ReLU6 ? quantize(6.f, q, range) : range.qmax;
+  return {lo, hi};
+}
+
+std::string QNode::float_nodes() const {
+  std::string out;
+  for (const std::string& name : float_names) out += (out.empty() ? "" : " + ") + name;
+  return out;
+}
+
+namespace {
+using FakeQuants = std::vector<std::pair<std::string, std::shared_ptr<FakeQuantize>>>;
+}  // namespace
+
+QuantInput::QuantInput(std::shared_ptr<FakeQuantize> fq_) : fq(std::move(fq_)) { register_module("fq", fq); }
+
+FakeQuants QuantInput::own_fake_quants() const { return {{"fq", fq}}; }
+
+QConvBlock::QConvBlock(std::shared_ptr<nn::Conv2d> conv_, std::shared_ptr<nn::BatchNorm2d> bn_, Activation activation_,
                        std::shared_ptr<FakeQuantize> input_fq_, std::shared_ptr<FakeQuantize> weight_fq_,
                        std::shared_ptr<FakeQuantize> output_fq_)
     : conv(std::move(conv_)),
       bn(std::move(bn_)),
-      relu(relu_),
+      activation(activation_),
       input_fq(std::move(input_fq_)),
       weight_fq(std::move(weight_fq_)),
       output_fq(std::move(output_fq_)) {
@@ -61,6 +101,8 @@ QConvBlock::QConvBlock(std::shared_ptr<nn::Conv2d> conv_, std::shared_ptr<nn::Ba
   register_module("weight_fq", weight_fq);
   register_module("output_fq", output_fq);
 }
+
+FakeQuants QConvBlock::own_fake_quants() const { return {{"weight_fq", weight_fq}, {"output_fq", output_fq}}; }
 
 // eq. 8: with f[c] = gamma[c] / sqrt(running_var[c] + eps),
 //   w_fold[c] = w[c] · f[c],   b_fold[c] = beta[c] + (b[c] − running_mean[c]) · f[c].
@@ -79,25 +121,25 @@ std::pair<Tensor, Tensor> QConvBlock::folded_weight_and_bias() const {
 Tensor QConvBlock::forward(const Tensor& x) {
   if (bn && is_training() && !bn_frozen) {  // keep the running statistics tracking the batches
     NoGradGuard no_grad;
-    Tensor y = ops::conv2d(x, conv->weight, conv->bias, conv->stride, conv->padding);
+    Tensor y = ops::conv2d(x, conv->weight, conv->bias, conv->stride, conv->padding, conv->groups);
     ops::batch_norm(y, bn->weight, bn->bias, bn->running_mean, bn->running_var, true, bn->momentum, bn->eps);
   }
   auto [w, b] = folded_weight_and_bias();
-  Tensor y =
-      ops::conv2d(x, weight_fq->forward(w), maybe_quantize_bias(b, *input_fq, *weight_fq), conv->stride, conv->padding);
-  if (relu) y = ops::relu(y);
-  return output_fq->forward(y);
+  Tensor y = ops::conv2d(x, weight_fq->forward(w), maybe_quantize_bias(b, *input_fq, *weight_fq), conv->stride,
+                         conv->padding, conv->groups);
+  return output_fq->forward(apply_activation(y, activation));
 }
 
 std::string QConvBlock::describe() const {
-  return fmt::format("Q[{}{}{}] w{} a{}", conv->describe(), bn ? " + BatchNorm2d" : "", relu ? " + ReLU" : "",
+  return fmt::format("Q[{}{}{}] w{} a{}", conv->describe(), bn ? " + BatchNorm2d" : "", activation_name(activation),
                      weight_fq->bits(), output_fq->bits());
 }
 
-QLinearBlock::QLinearBlock(std::shared_ptr<nn::Linear> linear_, bool relu_, std::shared_ptr<FakeQuantize> input_fq_,
-                           std::shared_ptr<FakeQuantize> weight_fq_, std::shared_ptr<FakeQuantize> output_fq_)
+QLinearBlock::QLinearBlock(std::shared_ptr<nn::Linear> linear_, Activation activation_,
+                           std::shared_ptr<FakeQuantize> input_fq_, std::shared_ptr<FakeQuantize> weight_fq_,
+                           std::shared_ptr<FakeQuantize> output_fq_)
     : linear(std::move(linear_)),
-      relu(relu_),
+      activation(activation_),
       input_fq(std::move(input_fq_)),
       weight_fq(std::move(weight_fq_)),
       output_fq(std::move(output_fq_)) {
@@ -106,56 +148,171 @@ QLinearBlock::QLinearBlock(std::shared_ptr<nn::Linear> linear_, bool relu_, std:
   register_module("output_fq", output_fq);
 }
 
+FakeQuants QLinearBlock::own_fake_quants() const { return {{"weight_fq", weight_fq}, {"output_fq", output_fq}}; }
+
 Tensor QLinearBlock::forward(const Tensor& x) {
   Tensor y = ops::matmul(x, weight_fq->forward(linear->weight), false, true);
   Tensor b = maybe_quantize_bias(linear->bias, *input_fq, *weight_fq);
   if (b.defined()) y = ops::add(y, b);
-  if (relu) y = ops::relu(y);
-  return output_fq->forward(y);
+  return output_fq->forward(apply_activation(y, activation));
 }
 
 std::string QLinearBlock::describe() const {
-  return fmt::format("Q[{}{}] w{} a{}", linear->describe(), relu ? " + ReLU" : "", weight_fq->bits(),
+  return fmt::format("Q[{}{}] w{} a{}", linear->describe(), activation_name(activation), weight_fq->bits(),
                      output_fq->bits());
 }
 
-QuantInput::QuantInput(std::shared_ptr<FakeQuantize> fq_) : fq(std::move(fq_)) { register_module("fq", fq); }
+QPassThrough::QPassThrough(std::shared_ptr<nn::Module> layer_, std::shared_ptr<FakeQuantize> input_fq_)
+    : layer(std::move(layer_)), input_fq(std::move(input_fq_)) {
+  register_module("layer", layer);  // (no parameters: registered so that train() / eval() reach a Dropout)
+}
 
-QAvgPool::QAvgPool(std::shared_ptr<nn::AvgPool2d> pool_, std::shared_ptr<FakeQuantize> input_fq_)
-    : pool(std::move(pool_)), input_fq(std::move(input_fq_)) {}
+QKeepScale::QKeepScale(std::shared_ptr<nn::Module> layer_, std::shared_ptr<FakeQuantize> input_fq_)
+    : layer(std::move(layer_)), input_fq(std::move(input_fq_)) {
+  register_module("layer", layer);
+}
 
-Tensor QAvgPool::forward(const Tensor& x) {
-  Tensor y = pool->forward(x);
+Tensor QKeepScale::forward(const Tensor& x) {
+  auto avg = std::dynamic_pointer_cast<nn::AvgPool2d>(layer);
+  const bool pool = avg || std::dynamic_pointer_cast<nn::GlobalAvgPool2d>(layer);
+  if (pool && !is_training() && input_fq->fake_quant_enabled && input_fq->calibrated()) {
+    // Eval: the integer op itself on the input's codes (eq. 7, one rounding of the exact mean), so that the
+    // fake-quant model rounds its ties as the integer graph does.
+    NoGradGuard no_grad;
+    const QParams q = input_fq->qparams_per_tensor();
+    const QRange range = input_fq->range();
+    std::vector<int8_t> codes(static_cast<size_t>(x.numel()));
+    for (size_t k = 0; k < codes.size(); ++k) codes[k] = static_cast<int8_t>(quantize(x.data()[k], q, range));
+    const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+    Tensor y = avg ? Tensor::empty({n, c, runtime::pooled_size(h, avg->kernel, avg->stride, 0),
+                                    runtime::pooled_size(w, avg->kernel, avg->stride, 0)})
+                   : Tensor::empty({n, c, 1, 1});
+    std::vector<int8_t> out(static_cast<size_t>(y.numel()));
+    if (avg) {
+      runtime::avgpool2d(codes, q.zero_point, out, n, c, h, w, avg->kernel, avg->stride, 0);
+    } else {
+      runtime::global_avgpool(codes, q.zero_point, out, n, c, h * w, false);
+    }
+    for (size_t k = 0; k < out.size(); ++k) y.data()[k] = dequantize(out[k], q);
+    return y;
+  }
+  Tensor y = layer->forward(x);
   if (!input_fq->fake_quant_enabled) return y;
   return fake_quantize(y, {input_fq->qparams_per_tensor()}, input_fq->range());
+}
+
+QJoin::QJoin(Kind kind_, Activation activation_, std::shared_ptr<FakeQuantize> output_fq_)
+    : kind(kind_), activation(activation_), output_fq(std::move(output_fq_)) {
+  register_module("output_fq", output_fq);
+}
+
+FakeQuants QJoin::own_fake_quants() const { return {{"output_fq", output_fq}}; }
+
+std::string QJoin::describe() const {
+  return fmt::format("Q[{}{}] a{}", kind == Kind::Add ? "Add" : "Concat", activation_name(activation),
+                     output_fq->bits());
+}
+
+Tensor QJoin::forward(const Tensor&) {
+  fail("{} takes {} inputs; call it through its model graph", kind == Kind::Add ? "Add" : "Concat",
+       kind == Kind::Add ? "two" : "two or more");
+}
+
+std::vector<float> QJoin::input_scales() const {
+  const float s_out = output_fq->qparams_per_tensor().scale;
+  std::vector<float> scales;
+  for (const auto& in : input_quants) scales.push_back(rescale_scale(in->qparams_per_tensor().scale, s_out));
+  return scales;
+}
+
+Tensor QJoin::forward_inputs(std::span<const Tensor> inputs) {
+  bool integer = !is_training() && output_fq->fake_quant_enabled && output_fq->calibrated();
+  for (const auto& in : input_quants) integer = integer && in->fake_quant_enabled && in->calibrated();
+  if (!integer) {
+    Tensor y = kind == Kind::Add ? ops::add(inputs[0], inputs[1]) : ops::concat(std::vector<Tensor>(inputs.begin(), inputs.end()), 1);
+    return output_fq->forward(apply_activation(y, activation));
+  }
+  // The integer op on the inputs' codes (eq. 10), with the multipliers convert() will store.
+  NoGradGuard no_grad;
+  const QParams out = output_fq->qparams_per_tensor();
+  const QRange out_range = output_fq->range();
+  runtime::Requant rq;
+  rq.zero_point = out.zero_point;
+  std::tie(rq.act_min, rq.act_max) = activation_clamp(activation, out, out_range);
+  runtime::Rescale rescale = rescale_from_scales(input_scales());
+  std::vector<std::vector<int8_t>> codes;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const QParams q = input_quants[i]->qparams_per_tensor();
+    rescale.zero_points.push_back(q.zero_point);
+    std::vector<int8_t> c(static_cast<size_t>(inputs[i].numel()));
+    const Tensor& x = inputs[i];
+    for (size_t k = 0; k < c.size(); ++k)
+      c[k] = static_cast<int8_t>(quantize(x.data()[k], q, input_quants[i]->range()));
+    codes.push_back(std::move(c));
+  }
+  Shape shape = inputs[0].shape();
+  if (kind == Kind::Concat) {
+    shape[1] = 0;
+    for (const Tensor& x : inputs) shape[1] += x.size(1);
+  }
+  Tensor y = Tensor::empty(shape);
+  std::vector<int8_t> result(static_cast<size_t>(y.numel()));
+  if (kind == Kind::Add) {
+    runtime::qadd(codes[0], codes[1], rescale, rq, result);
+  } else {
+    std::vector<std::span<const int8_t>> parts(codes.begin(), codes.end());
+    std::vector<int64_t> channels;
+    for (const Tensor& x : inputs) channels.push_back(x.size(1));
+    const int64_t positions = shape.size() > 2 ? y.numel() / (shape[0] * shape[1]) : 1;
+    runtime::qconcat(parts, channels, positions, shape[0], rescale, rq, result, false);
+  }
+  for (size_t k = 0; k < result.size(); ++k) y.data()[k] = dequantize(result[k], out);
+  return y;
 }
 
 // ---------------------------------------------------------------------------------------------
 // QatModel
 
-QatModel::QatModel(nn::Description description, std::shared_ptr<nn::Sequential> layers, QConfig config)
-    : name(description.name),
-      description(std::move(description)),
-      layers(std::move(layers)),
-      config(std::move(config)) {
-  register_module("layers", this->layers);
+QatModel::QatModel(nn::Description description_, std::vector<QatNode> nodes_, QConfig config_)
+    : name(description_.name),
+      description(std::move(description_)),
+      layers(std::make_shared<nn::Sequential>()),
+      nodes(std::move(nodes_)),
+      config(std::move(config_)) {
+  register_module("layers", layers);
+  for (const QatNode& node : nodes) layers->append(node.module);
+}
+
+std::vector<Tensor> QatModel::forward_all(const Tensor& x) {
+  std::vector<Tensor> outputs(nodes.size());
+  std::vector<Tensor> in;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    in.clear();
+    for (int j : nodes[i].inputs) in.push_back(j < 0 ? x : outputs[static_cast<size_t>(j)]);
+    outputs[i] = nodes[i].module->forward_inputs(in);
+  }
+  return outputs;
+}
+
+Tensor QatModel::forward(const Tensor& x) {
+  std::vector<Tensor> outputs(nodes.size());
+  std::vector<Tensor> in;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    in.clear();
+    for (int j : nodes[i].inputs) in.push_back(j < 0 ? x : outputs[static_cast<size_t>(j)]);
+    outputs[i] = nodes[i].module->forward_inputs(in);
+    for (int j : nodes[i].inputs)  // free what no later node reads
+      if (j >= 0 && nodes[static_cast<size_t>(j)].last_reader == static_cast<int>(i))
+        outputs[static_cast<size_t>(j)] = Tensor();
+  }
+  return outputs.back();
 }
 
 std::vector<std::pair<std::string, std::shared_ptr<FakeQuantize>>> QatModel::fake_quant_nodes() const {
   std::vector<std::pair<std::string, std::shared_ptr<FakeQuantize>>> out;
-  for (size_t i = 0; i < layers->size(); ++i) {
-    const std::string prefix = fmt::format("layers.{}.", i);
-    auto layer = layers->at(i);
-    if (auto q = std::dynamic_pointer_cast<QuantInput>(layer)) out.emplace_back(prefix + "fq", q->fq);
-    if (auto q = std::dynamic_pointer_cast<QConvBlock>(layer)) {
-      out.emplace_back(prefix + "weight_fq", q->weight_fq);
-      out.emplace_back(prefix + "output_fq", q->output_fq);
-    }
-    if (auto q = std::dynamic_pointer_cast<QLinearBlock>(layer)) {
-      out.emplace_back(prefix + "weight_fq", q->weight_fq);
-      out.emplace_back(prefix + "output_fq", q->output_fq);
-    }
-  }
+  for (size_t i = 0; i < nodes.size(); ++i)
+    for (auto& [local, fq] : nodes[i].module->own_fake_quants())
+      out.emplace_back(fmt::format("layers.{}.{}", i, local), fq);
   return out;
 }
 
@@ -168,8 +325,8 @@ void QatModel::set_fake_quant(bool on) {
 }
 
 void QatModel::freeze_bn_stats() {
-  for (size_t i = 0; i < layers->size(); ++i)
-    if (auto q = std::dynamic_pointer_cast<QConvBlock>(layers->at(i))) q->bn_frozen = true;
+  for (const QatNode& node : nodes)
+    if (auto q = std::dynamic_pointer_cast<QConvBlock>(node.module)) q->bn_frozen = true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,8 +336,8 @@ namespace {
 // The Conv2d blocks with a BatchNorm, named "layers.<i>".
 std::vector<std::pair<std::string, std::shared_ptr<QConvBlock>>> bn_blocks(const QatModel& model) {
   std::vector<std::pair<std::string, std::shared_ptr<QConvBlock>>> out;
-  for (size_t i = 0; i < model.layers->size(); ++i)
-    if (auto q = std::dynamic_pointer_cast<QConvBlock>(model.layers->at(i)); q && q->bn)
+  for (size_t i = 0; i < model.nodes.size(); ++i)
+    if (auto q = std::dynamic_pointer_cast<QConvBlock>(model.nodes[i].module); q && q->bn)
       out.emplace_back(fmt::format("layers.{}", i), q);
   return out;
 }
@@ -274,11 +431,6 @@ bool has_qat_state(const nn::Checkpoint& checkpoint) {
 // prepare
 
 namespace {
-template <typename T>
-std::shared_ptr<T> as(const nn::Sequential& seq, size_t i) {
-  return i < seq.size() ? std::dynamic_pointer_cast<T>(seq.at(i)) : nullptr;
-}
-
 // Copies the values of every parameter and buffer of `from` into the same-named ones of `to`.
 void copy_state(const nn::Module& from, nn::Module& to) {
   auto src = from.named_parameters(), dst = to.named_parameters();
@@ -286,6 +438,18 @@ void copy_state(const nn::Module& from, nn::Module& to) {
   src.insert(src.end(), src_b.begin(), src_b.end());
   dst.insert(dst.end(), dst_b.begin(), dst_b.end());
   for (size_t i = 0; i < src.size(); ++i) dst[i].second.copy_from(src[i].second);
+}
+
+// A copy of a layer without parameters (the prepared model shares nothing with the float one).
+std::shared_ptr<nn::Module> copy_layer(const nn::Module& layer) {
+  if (auto m = dynamic_cast<const nn::MaxPool2d*>(&layer)) return std::make_shared<nn::MaxPool2d>(m->kernel, m->stride);
+  if (auto m = dynamic_cast<const nn::AvgPool2d*>(&layer)) return std::make_shared<nn::AvgPool2d>(m->kernel, m->stride);
+  if (auto m = dynamic_cast<const nn::Dropout*>(&layer)) return std::make_shared<nn::Dropout>(m->p);
+  if (dynamic_cast<const nn::GlobalAvgPool2d*>(&layer)) return std::make_shared<nn::GlobalAvgPool2d>();
+  if (dynamic_cast<const nn::Flatten*>(&layer)) return std::make_shared<nn::Flatten>();
+  if (dynamic_cast<const nn::ReLU*>(&layer)) return std::make_shared<nn::ReLU>();
+  if (dynamic_cast<const nn::ReLU6*>(&layer)) return std::make_shared<nn::ReLU6>();
+  fail("prepare: cannot copy layer {} (internal error)", layer.describe());
 }
 
 std::shared_ptr<FakeQuantize> activation_fq(const QConfig& config, int bits) {
@@ -302,73 +466,134 @@ int lookup(const std::map<int, int>& overrides, int block, int fallback) {
   auto it = overrides.find(block);
   return it == overrides.end() ? fallback : it->second;
 }
+
+// Walks the float graph in execution order and builds the prepared one. A Conv2d absorbs the BatchNorm2d
+// that is its only reader, and a Conv2d (+ BN), Linear or Add the ReLU / ReLU6 that is its only reader.
+class Preparer {
+ public:
+  Preparer(const nn::Model& model, const QConfig& config) : model_(model), config_(config) {
+    readers_.resize(model.nodes.size());
+    for (size_t i = 0; i < model.nodes.size(); ++i)
+      for (int j : model.nodes[i].inputs)
+        if (j >= 0) readers_[static_cast<size_t>(j)].push_back(static_cast<int>(i));
+    produced_by_.assign(model.nodes.size(), -1);
+  }
+
+  std::vector<QatNode> run() {
+    add(std::make_shared<QuantInput>(activation_fq(config_, config_.input_bits)), {-1}, {"input"});
+    for (size_t i = 0; i < model_.nodes.size(); ++i)
+      if (produced_by_[i] < 0) prepare_node(static_cast<int>(i));  // (fused nodes already have their producer)
+    for (size_t i = 0; i < nodes_.size(); ++i)
+      for (int j : nodes_[i].inputs)
+        if (j >= 0) nodes_[static_cast<size_t>(j)].last_reader = static_cast<int>(i);
+    nodes_.back().last_reader = static_cast<int>(nodes_.size());
+    return std::move(nodes_);
+  }
+
+ private:
+  const nn::Node& node(int i) const { return model_.nodes[static_cast<size_t>(i)]; }
+  std::string where(int i) const {
+    return fmt::format("prepare: node '{}' ({})", node(i).name, node(i).module->describe());
+  }
+  bool is_output(int i) const { return i == static_cast<int>(model_.nodes.size()) - 1; }
+
+  // The node that is i's only reader, if it is of one of `kinds` (and so can be fused into i's block).
+  int only_reader_of_kind(int i, std::initializer_list<std::string_view> kinds) const {
+    const auto& r = readers_[static_cast<size_t>(i)];
+    if (r.size() != 1 || is_output(i)) return -1;  // the output is read by the user too
+    for (std::string_view kind : kinds)
+      if (node(r[0]).kind == kind) return r[0];
+    return -1;
+  }
+
+  // Fuses the ReLU / ReLU6 that is the only reader of the block's last node `fused.back()`.
+  Activation fuse_activation(std::vector<int>& fused) {
+    const int r = only_reader_of_kind(fused.back(), {"ReLU", "ReLU6"});
+    if (r < 0) return Activation::None;
+    fused.push_back(r);
+    return node(r).kind == "ReLU" ? Activation::ReLU : Activation::ReLU6;
+  }
+
+  std::shared_ptr<FakeQuantize> quant_of(int prepared) const {
+    return nodes_[static_cast<size_t>(prepared)].module->output_quant();
+  }
+
+  // Activation bits of a block whose output is float node `last`: the logits stay 8-bit (argmax over 16
+  // levels would throw away the ranking).
+  int activation_bits(int last, int block) const {
+    return is_output(last) ? 8 : lookup(config_.block_activation_bits, block, config_.activation_bits);
+  }
+
+  int add(std::shared_ptr<QNode> module, std::vector<int> inputs, std::vector<std::string> float_names) {
+    for (int j : inputs)
+      if (j >= 0) module->input_quants.push_back(quant_of(j));
+    module->float_names = std::move(float_names);
+    nodes_.push_back({std::move(module), std::move(inputs), -1});
+    return static_cast<int>(nodes_.size()) - 1;
+  }
+
+  void prepare_node(int i) {
+    const nn::Node& n = node(i);
+    std::vector<int> in;  // the prepared nodes whose outputs are this node's inputs
+    for (int j : n.inputs) in.push_back(j < 0 ? 0 : produced_by_[static_cast<size_t>(j)]);
+    const auto input_fq = quant_of(in.at(0));
+    std::vector<int> fused{i};  // the float nodes this prepared node stands for, in order
+    std::shared_ptr<QNode> q;
+    if (auto conv = std::dynamic_pointer_cast<nn::Conv2d>(n.module)) {
+      auto c = std::make_shared<nn::Conv2d>(conv->in_channels, conv->out_channels, conv->kernel, conv->stride,
+                                            conv->padding, conv->bias.defined(), conv->groups);
+      copy_state(*conv, *c);
+      std::shared_ptr<nn::BatchNorm2d> bn;
+      if (const int b = only_reader_of_kind(i, {"BatchNorm2d"}); b >= 0) {
+        auto f = std::dynamic_pointer_cast<nn::BatchNorm2d>(node(b).module);
+        bn = std::make_shared<nn::BatchNorm2d>(f->channels, f->eps, f->momentum);
+        copy_state(*f, *bn);
+        fused.push_back(b);
+      }
+      const Activation activation = fuse_activation(fused);
+      const int w_bits = lookup(config_.block_weight_bits, block_, config_.weight_bits);
+      q = std::make_shared<QConvBlock>(c, bn, activation, input_fq, weight_fq(config_, w_bits, c->out_channels),
+                                       activation_fq(config_, activation_bits(fused.back(), block_)));
+      ++block_;
+    } else if (auto linear = std::dynamic_pointer_cast<nn::Linear>(n.module)) {
+      auto l = std::make_shared<nn::Linear>(linear->in_features, linear->out_features, linear->bias.defined());
+      copy_state(*linear, *l);
+      const Activation activation = fuse_activation(fused);
+      const int w_bits = lookup(config_.block_weight_bits, block_, config_.weight_bits);
+      q = std::make_shared<QLinearBlock>(l, activation, input_fq, weight_fq(config_, w_bits, l->out_features),
+                                         activation_fq(config_, activation_bits(fused.back(), block_)));
+      ++block_;
+    } else if (n.kind == "Add" || n.kind == "Concat") {
+      const Activation activation = n.kind == "Add" ? fuse_activation(fused) : Activation::None;
+      q = std::make_shared<QJoin>(n.kind == "Add" ? QJoin::Kind::Add : QJoin::Kind::Concat, activation,
+                                  activation_fq(config_, activation_bits(fused.back(), -1)));
+    } else if (n.kind == "MaxPool2d" || n.kind == "Flatten" || n.kind == "Dropout") {
+      q = std::make_shared<QPassThrough>(copy_layer(*n.module), input_fq);
+    } else if (n.kind == "AvgPool2d" || n.kind == "GlobalAvgPool2d" || n.kind == "ReLU" || n.kind == "ReLU6") {
+      q = std::make_shared<QKeepScale>(copy_layer(*n.module), input_fq);
+    } else if (n.kind == "BatchNorm2d") {
+      fail("{}: a BatchNorm2d is quantized folded into a Conv2d, so it must read a Conv2d that nothing else reads",
+           where(i));
+    } else {
+      fail("{}: layer kind '{}' has no quantized form (docs/design.md, \"What quantizes\")", where(i), n.kind);
+    }
+    std::vector<std::string> names;
+    for (int k : fused) names.push_back(node(k).name);
+    const int prepared = add(q, in, names);
+    for (int k : fused) produced_by_[static_cast<size_t>(k)] = prepared;
+  }
+
+  const nn::Model& model_;
+  const QConfig& config_;
+  std::vector<std::vector<int>> readers_;
+  std::vector<int> produced_by_;  // float node → the prepared node whose output is its value (−1: not yet)
+  std::vector<QatNode> nodes_;
+  int block_ = 0;  // weighted blocks so far
+};
 }  // namespace
 
 std::shared_ptr<QatModel> prepare_qat(const nn::Model& model, const QConfig& config) {
-  if (!model.is_chain())
-    fail(
-        "prepare: model '{}' is a graph with branches (Add or Concat); quantizing those is not supported yet, "
-        "only chains of layers",
-        model.name);
-  const nn::Sequential& in = *model.layers;
-  auto out = std::make_shared<nn::Sequential>();
-  auto current = activation_fq(config, config.input_bits);  // quantizes the block input
-  out->append(std::make_shared<QuantInput>(current));
-  int block = 0;
-  int blocks_total = 0;
-  for (size_t i = 0; i < in.size(); ++i)
-    if (as<nn::Conv2d>(in, i) || as<nn::Linear>(in, i)) ++blocks_total;
-
-  for (size_t i = 0; i < in.size(); ++i) {
-    const int w_bits = lookup(config.block_weight_bits, block, config.weight_bits);
-    // The logits stay 8-bit: argmax over 16 levels would throw away the ranking.
-    const int a_bits =
-        block == blocks_total - 1 ? 8 : lookup(config.block_activation_bits, block, config.activation_bits);
-    if (auto conv = as<nn::Conv2d>(in, i)) {
-      if (conv->groups != 1)
-        fail("prepare: node '{}' ({}) is a grouped convolution, which cannot be quantized yet", model.nodes[i].name,
-             conv->describe());
-      auto c = std::make_shared<nn::Conv2d>(conv->in_channels, conv->out_channels, conv->kernel, conv->stride,
-                                            conv->padding, conv->bias.defined());
-      copy_state(*conv, *c);
-      std::shared_ptr<nn::BatchNorm2d> bn;
-      if (auto b = as<nn::BatchNorm2d>(in, i + 1)) {
-        bn = std::make_shared<nn::BatchNorm2d>(b->channels, b->eps, b->momentum);
-        copy_state(*b, *bn);
-        ++i;
-      }
-      const bool relu = as<nn::ReLU>(in, i + 1) != nullptr;
-      if (relu) ++i;
-      auto output = activation_fq(config, a_bits);
-      out->append(
-          std::make_shared<QConvBlock>(c, bn, relu, current, weight_fq(config, w_bits, c->out_channels), output));
-      current = output;
-      ++block;
-    } else if (auto linear = as<nn::Linear>(in, i)) {
-      auto l = std::make_shared<nn::Linear>(linear->in_features, linear->out_features, linear->bias.defined());
-      copy_state(*linear, *l);
-      const bool relu = as<nn::ReLU>(in, i + 1) != nullptr;
-      if (relu) ++i;
-      auto output = activation_fq(config, a_bits);
-      out->append(std::make_shared<QLinearBlock>(l, relu, current, weight_fq(config, w_bits, l->out_features), output));
-      current = output;
-      ++block;
-    } else if (auto pool = as<nn::MaxPool2d>(in, i)) {
-      out->append(std::make_shared<nn::MaxPool2d>(pool->kernel, pool->stride));
-    } else if (auto avg = as<nn::AvgPool2d>(in, i)) {
-      out->append(std::make_shared<QAvgPool>(std::make_shared<nn::AvgPool2d>(avg->kernel, avg->stride), current));
-    } else if (as<nn::Flatten>(in, i)) {
-      out->append(std::make_shared<nn::Flatten>());
-    } else if (auto drop = as<nn::Dropout>(in, i)) {
-      out->append(std::make_shared<nn::Dropout>(drop->p));
-    } else {
-      fail(
-          "prepare: node '{}' ({}) cannot be quantized here: a ReLU or BatchNorm2d must follow a Conv2d or Linear, "
-          "and ReLU6, GlobalAvgPool2d, Add and Concat are not quantized yet",
-          model.nodes[i].name, in[i].describe());
-    }
-  }
-  auto qat = std::make_shared<QatModel>(model.description, out, config);
+  auto qat = std::make_shared<QatModel>(model.description, Preparer(model, config).run(), config);
   qat->train(model.is_training());
   return qat;
 }

@@ -282,10 +282,27 @@ TEST_CASE("a user's own description on 32x32 images with 20 classes: train, eval
   // A description whose stated size disagrees with the data is refused before training.
   check_fails(w.run("train", "--model " + chain + " --epochs 1 --out " + w.dir / "x.safetensors"),
               "takes 32 pixel rows, the data set has 28");
-  // The graph with branches cannot be quantized yet: one clear line.
-  check_fails(
-      w.run("train", "--model " + graph + " --epochs 1 --qat --data " + data + " --out " + w.dir / "y.safetensors"),
-      "is a graph with branches");
+  // The graph with a residual Add and a depthwise convolution goes through QAT to the integer graph, which
+  // computes what its fake-quant model computes (issue "Quantize any graph": 100% agreement).
+  const std::string graph_qat = w.dir / "my-net.qat.safetensors";
+  const Run g = w.run("train", "--model " + graph + " --epochs 3 --lr 3e-3 --qat --threads 2 --data " + data +
+                                   " --out " + graph_qat);
+  REQUIRE_MESSAGE(g.code == 0, g.err);
+  const nlohmann::json gi = w.run_json("eval", "--int8 --model " + graph_qat + " --data " + data);
+  CHECK(gi["accuracy"].get<double>() >= kMinAccuracy);
+  CHECK(gi["agreement"].get<double>() == 1.0);
+  // What the integer graph cannot hold is refused before training, in one line naming the node.
+  const std::string bad = w.dir / "bn-after-relu.json";
+  data_fixtures::write_bytes(bad, [] {
+    const std::string text = R"({"format": "lowbit-model", "version": 1, "name": "bn-after-relu",
+      "input": {"channels": 1, "height": 32, "width": 32}, "classes": 20, "nodes": [
+      {"name": "c", "kind": "Conv2d", "out_channels": 4, "kernel": 3}, {"name": "r", "kind": "ReLU"},
+      {"name": "b", "kind": "BatchNorm2d"}, {"name": "f", "kind": "Flatten"},
+      {"name": "fc", "kind": "Linear", "out_features": "classes"}]})";
+    return std::vector<uint8_t>(text.begin(), text.end());
+  }());
+  check_fails(w.run("train", "--model " + bad + " --epochs 1 --qat --data " + data + " --out " + w.dir / "y.safetensors"),
+              "node 'b' (BatchNorm2d(4)): a BatchNorm2d is quantized folded into a Conv2d");
 }
 
 TEST_CASE("images with 3 channels (rank-4 IDX files): train --qat, then eval --int8 from the files alone") {

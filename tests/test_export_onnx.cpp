@@ -231,6 +231,7 @@ quant::IntModel input_table_model(Normalization norm, float input_scale, int32_t
   linear.requant.act_min = range.qmin;
   linear.requant.act_max = range.qmax;
   m.graph.ops = {input, flatten, linear};
+  rt::chain_inputs(m.graph);
   m.op_output_scales = {input_scale, input_scale, input_scale};
   m.op_requant_scales = {{}, {}, ones};
   return m;
@@ -245,11 +246,24 @@ constexpr const char* kAvgNet = R"({"format": "lowbit-model", "version": 1, "nam
     {"name": "4", "kind": "AvgPool2d", "kernel": 2}, {"name": "5", "kind": "Flatten"},
     {"name": "6", "kind": "Linear", "out_features": 10}]})";
 
+// Two branches joined by a Concat (each rescaled to the output's scale), a ReLU after a max pool that no op absorbs
+// (a Clamp op), a residual Add with a ReLU6, a global average pool over 6×6 positions (an even count: ties).
+constexpr const char* kBranchNet = R"({"format": "lowbit-model", "version": 1, "name": "branches",
+  "input": {"channels": 1, "height": 12, "width": 12}, "classes": 10, "nodes": [
+    {"name": "a", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1}, {"name": "a_relu", "kind": "ReLU"},
+    {"name": "b", "kind": "Conv2d", "inputs": ["input"], "out_channels": 4, "kernel": 5, "padding": 2},
+    {"name": "cat", "kind": "Concat", "inputs": ["a_relu", "b"]},
+    {"name": "pool", "kind": "MaxPool2d", "kernel": 2}, {"name": "pool_relu", "kind": "ReLU"},
+    {"name": "c", "kind": "Conv2d", "out_channels": 8, "kernel": 3, "padding": 1},
+    {"name": "sum", "kind": "Add", "inputs": ["c", "pool_relu"]}, {"name": "six", "kind": "ReLU6"},
+    {"name": "gap", "kind": "GlobalAvgPool2d"}, {"name": "flat", "kind": "Flatten"},
+    {"name": "fc", "kind": "Linear", "out_features": 10}]})";
+
 }  // namespace
 
-TEST_CASE("export onnx: mlp, lenet5 and convbn at w8a8, w4a8 and w4a4 agree with the integer runtime in ONNX Runtime") {
+TEST_CASE("export onnx: every built-in model at w8a8, w4a8 and w4a4 agrees with the integer runtime in ONNX Runtime") {
   uint64_t seed = 100;
-  for (const char* name : {"mlp", "lenet5", "convbn"}) {
+  for (const char* name : {"mlp", "lenet5", "convbn", "resnet8", "dsconv"}) {
     for (const char* bits : {"w8a8", "w4a8", "w4a4"}) {
       CAPTURE(name);
       CAPTURE(bits);
@@ -259,7 +273,7 @@ TEST_CASE("export onnx: mlp, lenet5 and convbn at w8a8, w4a8 and w4a4 agree with
   }
 }
 
-TEST_CASE("export onnx: strides, padding, three channels, unfused and average pools, clamps agree in ONNX Runtime") {
+TEST_CASE("export onnx: strides, padding, channels, pools, clamps, Concat, Add agree in ONNX Runtime") {
   for (const char* bits : {"w8a8", "w4a4"}) {
     CAPTURE(bits);
     check_integer_model(converted_description(kColourNet, bits, 3, 9, 9, 7), std::string("colour_") + bits, 7);
@@ -269,6 +283,10 @@ TEST_CASE("export onnx: strides, padding, three channels, unfused and average po
     const nlohmann::json r =
         check_integer_model(converted_description(kAvgNet, bits, 1, 12, 12, 3), std::string("avg_") + bits, 3);
     if (!r.empty()) CHECK(r["differing_logits"] == 0);
+  }
+  for (const char* bits : {"w8a8", "w4a4"}) {  // Concat, Add, Clamp, GlobalAvgPool2d
+    CAPTURE(bits);
+    check_integer_model(converted_description(kBranchNet, bits, 1, 12, 12, 5), std::string("branches_") + bits, 5);
   }
   // The tiny model: a 4-bit conv with a fused ReLU, max pool, an avg pool (3x3, padding 1: nine positions, so no
   // mean ends in .5 and no tie rounds differently), an 8-bit linear with int32 biases.

@@ -127,6 +127,7 @@ IntModel small_model() {
     set_requant_from_scales(op, scales);
     m.op_requant_scales.push_back(scales);
   }
+  runtime::chain_inputs(m.graph);
   return m;
 }
 
@@ -231,7 +232,7 @@ TEST_CASE("int model: save / load round trip is exact, file size, num_classes") 
   check_same(model, parse_int_model(bytes, path));
   StFile file = load_safetensors(path);
   CHECK(file.metadata.at("format") == kIntModelFormat);
-  CHECK(file.metadata.at("format_version") == "3");
+  CHECK(file.metadata.at("format_version") == "4");
   CHECK(file.find("ops.0.input_table") == nullptr);  // derived at load from the graph JSON
   CHECK(tensor(file, "ops.1.scale").dtype == DType::F32);
   CHECK(tensor(file, "ops.1.scale").shape == std::vector<int64_t>{3});
@@ -293,15 +294,6 @@ TEST_CASE("int model: save refuses an invalid model and leaves the old file unto
   short_scales.op_output_scales.pop_back();
   CHECK_THROWS_WITH_AS(save_int_model(path, short_scales), doctest::Contains("one entry per op"), Error);
 
-  IntModel no_logits = small_model();
-  no_logits.graph.ops.pop_back();
-  no_logits.graph.ops.back().requant.act_min = -128;
-  no_logits.op_output_scales.pop_back();
-  no_logits.graph.ops.push_back(window(OpKind::Flatten, "flatten2", 1, 1, 0, -3));
-  no_logits.op_output_scales.push_back(0.1f);
-  no_logits.op_requant_scales.back().clear();
-  CHECK_THROWS_WITH_AS(save_int_model(path, no_logits), doctest::Contains("must be a 'linear' op"), Error);
-
   IntModel overflow = small_model();
   overflow.graph.ops[1].bias[0] = std::numeric_limits<int32_t>::max();
   CHECK_THROWS_WITH_AS(save_int_model(path, overflow), doctest::Contains("accumulator could overflow"), Error);
@@ -321,7 +313,7 @@ TEST_CASE("int model: save refuses an invalid model and leaves the old file unto
   CHECK_THROWS_WITH_AS(save_int_model(path, own_scale), doctest::Contains("are not the ones"), Error);
   IntModel no_scales = small_model();
   no_scales.op_requant_scales[1].pop_back();
-  CHECK_THROWS_WITH_AS(save_int_model(path, no_scales), doctest::Contains("needs 3 requantization scales"), Error);
+  CHECK_THROWS_WITH_AS(save_int_model(path, no_scales), doctest::Contains("needs 3 stored scales"), Error);
   no_scales.op_requant_scales.pop_back();
   CHECK_THROWS_WITH_AS(save_int_model(path, no_scales), doctest::Contains("op_requant_scales needs one entry per op"),
                        Error);
@@ -504,12 +496,12 @@ TEST_CASE("int model: format tag and version") {
 
   file = good_file(dir);
   file.metadata["format_version"] = "7";
-  CHECK_CONTAINS(load_error(file, dir), "format version 7 is newer than this lowbit (reads 3): upgrade lowbit");
+  CHECK_CONTAINS(load_error(file, dir), "format version 7 is newer than this lowbit (reads 4): upgrade lowbit");
   file.metadata["format_version"] = "0";
   CHECK_CONTAINS(load_error(file, dir), "format version 0 is not supported");
-  file.metadata["format_version"] = "2";  // version 2 stored the input table, int32 multipliers and shifts
+  file.metadata["format_version"] = "3";  // version 3 had chains only: no inputs, no add or concat
   CHECK_CONTAINS(load_error(file, dir),
-                 "format version 2 is not supported (this lowbit reads version 3 only): re-convert with this version "
+                 "format version 3 is not supported (this lowbit reads version 4 only): re-convert with this version "
                  "of lowbit");
   file.metadata["format_version"] = "1";
   CHECK_CONTAINS(load_error(file, dir), "format version 1 is not supported");
@@ -627,15 +619,15 @@ TEST_CASE("int model: zero points and clamps out of range, zero points that do n
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][6]["act_min"] = 10; }), "requant.zero_point must be in [10");
   // The first Conv2d must read the input codes with their zero point.
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][1]["input_zero_point"] = 0; }),
-                 "input_zero_point 0 must equal -10 (the input codes' input_zero_point)");
+                 "input_zero_point 0 must equal the zero point -10 of its input 'input'");
   // An AvgPool2d and a Linear must use the zero point of the op that produced their input.
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][3]["input_zero_point"] = 0; }),
-                 "must equal -128 (the zero_point of op 1 'features.0')");
+                 "input_zero_point 0 must equal the zero point -128 of its input 'features.2'");
   CHECK_CONTAINS(graph_error(dir, [](json& g) { g["ops"][6]["input_zero_point"] = 0; }),
-                 "must equal -3 (the zero_point of op 5 'classifier.0')");
+                 "input_zero_point 0 must equal the zero point -3 of its input 'classifier.0'");
 }
 
-TEST_CASE("int model: op order: one Input first, a Linear last") {
+TEST_CASE("int model: op order: one Input first, inputs that name earlier ops") {
   TempDir dir("order");
   {  // op 0 is not an Input (and its table is gone)
     StFile file = good_file(dir);
@@ -651,13 +643,34 @@ TEST_CASE("int model: op order: one Input first, a Linear last") {
     file.metadata["graph"] = graph.dump();
     CHECK_CONTAINS(load_error(file, dir), "graph op 4 'flatten' is an 'input' op; only op 0 may be");
   }
-  {  // the logits come from a Flatten: drop the last Linear, end with a Flatten
+  {  // an input that names no op (dangling)
     StFile file = good_file(dir);
     json graph = json::parse(file.metadata.at("graph"));
-    graph["ops"][6] = {{"kind", "flatten"}, {"name", "end"}, {"output_scale", 0.5}};
+    graph["ops"][6]["inputs"] = {"nowhere"};
     file.metadata["graph"] = graph.dump();
-    std::erase_if(file.tensors, [](const auto& t) { return t.first.starts_with("ops.6."); });
-    CHECK_CONTAINS(load_error(file, dir), "the last graph op must be a 'linear' op");
+    CHECK_CONTAINS(load_error(file, dir), "input 'nowhere' is not the name of an earlier op");
+  }
+  {  // an input that names a later op (ops out of order, or a cycle)
+    StFile file = good_file(dir);
+    json graph = json::parse(file.metadata.at("graph"));
+    graph["ops"][5]["inputs"] = {"classifier.2"};
+    file.metadata["graph"] = graph.dump();
+    CHECK_CONTAINS(load_error(file, dir), "input 'classifier.2' is not the name of an earlier op");
+  }
+  {  // two ops of the same name
+    StFile file = good_file(dir);
+    json graph = json::parse(file.metadata.at("graph"));
+    graph["ops"][3]["name"] = "features.2";
+    graph["ops"][4]["inputs"] = {"features.2"};
+    file.metadata["graph"] = graph.dump();
+    CHECK_CONTAINS(load_error(file, dir), "the name 'features.2' is used by an earlier op");
+  }
+  {  // a linear with two inputs
+    StFile file = good_file(dir);
+    json graph = json::parse(file.metadata.at("graph"));
+    graph["ops"][6]["inputs"] = {"classifier.0", "flatten"};
+    file.metadata["graph"] = graph.dump();
+    CHECK_CONTAINS(load_error(file, dir), "'inputs' must have 1 entries, found 2");
   }
 }
 

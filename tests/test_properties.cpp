@@ -230,6 +230,7 @@ rt::Graph random_graph(lowbit::Rng& rng) {
   shape = {shape.size(), 1, 1};
   const int64_t linears = random_in(rng, 1, 2);
   for (int64_t i = 0; i < linears; ++i) weighted(rt::OpKind::Linear, shape.c, random_in(rng, 1, 17));
+  rt::chain_inputs(g);
   try {
     rt::validate(g);
   } catch (const rt::RuntimeError&) {
@@ -282,6 +283,8 @@ std::vector<int8_t> run_by_definition(const rt::Graph& g, std::span<const uint8_
         break;
       case rt::OpKind::Input:
         break;
+      default:
+        FAIL("random_graph makes chains of Conv2d, pools, Flatten and Linear only");
     }
     if (op.kind == rt::OpKind::Conv2d || op.kind == rt::OpKind::Linear) {
       const rt::Requant& rq = op.requant;

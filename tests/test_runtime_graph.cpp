@@ -99,6 +99,7 @@ TinyGraph tiny_graph(int bits, uint64_t seed) {
   t.graph.ops.push_back(window_op(rt::OpKind::MaxPool2d, "pool", 2, 2));
   t.graph.ops.push_back(flatten_op());
   t.graph.ops.push_back(weighted_op(rng, rt::OpKind::Linear, "fc", bits, 48, 5, 1, 0, -100, 4, false, t.linear_codes));
+  rt::chain_inputs(t.graph);
   return t;
 }
 
@@ -221,6 +222,7 @@ TEST_CASE("Executor: fast kernels equal the reference on a LeNet-5 shaped graph,
     g.ops.push_back(weighted_op(rng, rt::OpKind::Linear, "f1", bits, 400, 120, 1, 0, -128, -128, true, unused));
     g.ops.push_back(weighted_op(rng, rt::OpKind::Linear, "f2", bits, 120, 84, 1, 0, -128, -128, true, unused));
     g.ops.push_back(weighted_op(rng, rt::OpKind::Linear, "f3", bits, 84, 10, 1, 0, -128, 5, false, unused));
+    rt::chain_inputs(g);
     // 9 images: one slice, each op split over the threads; 37: the batch split into one slice per thread.
     for (const int64_t batch : {9, 37}) {
       const auto images = random_images(rng, batch * 28 * 28);
@@ -261,6 +263,7 @@ TEST_CASE("validate refuses graphs that cannot run") {
   const auto modified = [&](auto&& edit) {
     rt::Graph g = t.graph;
     edit(g);
+    rt::chain_inputs(g);  // an edit that inserts or removes ops keeps the chain
     return g;
   };
   // Shapes that do not chain.
@@ -322,6 +325,7 @@ TEST_CASE("validate refuses graphs that cannot run") {
     fc.requant.multiplier = {rt::kMultiplierMin};
     fc.requant.shift = {31};
     g.ops.push_back(fc);
+    rt::chain_inputs(g);
     check_refused(g, {"'wide'", "accumulator could overflow", "2266950000", "< 2^31"});
     g.ops[1].weight.assign(70000, 60);  // 60·255·70000 = 1071000000 fits
     CHECK_NOTHROW(rt::validate(g));

@@ -238,6 +238,7 @@ void bench_models(int threads) {
                 simple(rt::OpKind::Flatten),
                 weighted(state, rt::OpKind::Linear, 3136, 128, 1, 0),
                 weighted(state, rt::OpKind::Linear, 128, 10, 1, 0)};
+  for (rt::Graph* g : {&mlp, &lenet5, &convbn}) rt::chain_inputs(*g);
   const int64_t batch = 256;
   std::vector<uint8_t> images(batch * 28 * 28);
   for (auto& p : images) p = static_cast<uint8_t>(next(state));

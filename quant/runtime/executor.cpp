@@ -61,20 +61,48 @@ Executor::Executor(const Graph& graph, int threads, KernelPath path)
   conv_.resize(graph_.ops.size());
   pool_fused_.assign(graph_.ops.size(), false);
   outputs_.resize(graph_.ops.size());
+  grouped_.resize(graph_.ops.size());
+  const std::vector<std::vector<int>> reader_lists = readers(graph_);
+  for (size_t i = 0; i < graph_.ops.size(); ++i) {
+    const Op& op = graph_.ops[i];
+    if (op.kind == OpKind::Conv2d && op.groups > 1)
+      grouped_[i] = pack_grouped_conv(op.weight, op.weight_bits, conv_shape(i, 1));
+  }
   if (!fast_) return;
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
-    const Shape in = i == 0 ? input_shape(0) : stored_shape(i - 1);
-    if (op.kind == OpKind::Conv2d) {
-      pool_fused_[i] = i + 1 < graph_.ops.size() && graph_.ops[i + 1].kind == OpKind::MaxPool2d;
+    const Shape in = i == 0 ? input_shape(0) : stored_shape(static_cast<size_t>(op.inputs[0]));
+    if (op.kind == OpKind::Conv2d && op.groups == 1) {
+      // Fused with the max pool after it when the pool is the conv's only reader.
+      pool_fused_[i] = i + 1 < graph_.ops.size() && graph_.ops[i + 1].kind == OpKind::MaxPool2d &&
+                       reader_lists[i] == std::vector<int>{static_cast<int>(i) + 1};
       conv_[i] = pack_conv_weights(op.weight, op.weight_bits, in.c, in.h, in.w, op.out_channels, op.kernel, op.stride,
                                    op.padding, path_);
     } else if (op.kind == OpKind::Linear && in.h * in.w > 1) {
       packed_[i] = pack_weights(channels_last_columns(op, in), op.weight_bits, in.size(), op.out_channels, path_);
     } else if (op.kind == OpKind::Linear) {
       packed_[i] = pack_weights(op.weight, op.weight_bits, in.size(), op.out_channels, path_);
+    } else if (op.kind == OpKind::Add || op.kind == OpKind::Concat) {
+      // Channels last, a flattened feature map keeps its (H, W, C) byte order (stored_shape): elementwise Add
+      // and Concat are only right when every input's bytes follow its own shape's order.
+      for (const int j : op.inputs) {
+        const auto input = static_cast<size_t>(j);
+        const bool reordered = stored_shape(input) != shapes_[input];
+        if (reordered && (op.kind == OpKind::Concat || stored_shape(input) != stored_shape(op.inputs[0]))) {
+          throw RuntimeError("runtime executor: op " + std::to_string(i) + " '" + op.name + "' (" +
+                             to_string(op.kind) +
+                             ") joins flattened feature maps of different shapes, which the channels-last "
+                             "kernels cannot; join them before the Flatten, or run on the reference kernels");
+        }
+      }
     }
   }
+}
+
+ConvShape Executor::conv_shape(size_t op_index, int64_t images) const {
+  const Op& op = graph_.ops[op_index];
+  const Shape in = input_shape(op_index);
+  return {images, in.c, in.h, in.w, op.out_channels, op.kernel, op.stride, op.padding, op.groups};
 }
 
 int Executor::threads_for(int64_t work, int max_threads) const {
@@ -90,9 +118,13 @@ int64_t Executor::num_classes() const { return shapes_.back().size(); }
 
 // The (C, H, W) shape whose channels-last order ops[op_index]'s output bytes follow on the fast kernels:
 // a Flatten keeps the bytes, and so the order, of its input.
+// An Add or a Clamp keeps the order of its input's bytes too.
 Shape Executor::stored_shape(size_t op_index) const {
-  while (op_index > 0 && graph_.ops[op_index].kind == OpKind::Flatten) --op_index;
-  return shapes_[op_index];
+  for (;;) {
+    const OpKind kind = graph_.ops[op_index].kind;
+    if (kind != OpKind::Flatten && kind != OpKind::Add && kind != OpKind::Clamp) return shapes_[op_index];
+    op_index = static_cast<size_t>(graph_.ops[op_index].inputs[0]);
+  }
 }
 
 std::span<const int8_t> Executor::op_output(size_t op_index) const {
@@ -110,7 +142,8 @@ std::span<const int8_t> Executor::op_output(size_t op_index) const {
 }
 
 Shape Executor::input_shape(size_t op_index) const {
-  return op_index == 0 ? Shape{graph_.in_channels, graph_.in_height, graph_.in_width} : shapes_[op_index - 1];
+  return op_index == 0 ? Shape{graph_.in_channels, graph_.in_height, graph_.in_width}
+                       : shapes_[static_cast<size_t>(graph_.ops[op_index].inputs[0])];
 }
 
 int64_t Executor::images_per_chunk(size_t op_index) const {
@@ -128,7 +161,9 @@ void Executor::plan(int64_t batch) {
     outputs_[i].resize(static_cast<size_t>(batch * shapes_[i].size()));
     if (!is_weighted(op)) continue;
     const int64_t images = std::min(batch, images_per_chunk(i)), rows = images * shapes_[i].h * shapes_[i].w;
-    if (op.kind == OpKind::Conv2d && fast_) {
+    if (op.kind == OpKind::Conv2d && op.groups > 1) {
+      // accumulators only
+    } else if (op.kind == OpKind::Conv2d && fast_) {
       planes = std::max(planes, conv_planes_size(images, conv_[i]));
     } else if (op.kind == OpKind::Conv2d) {
       cols = std::max(cols, static_cast<size_t>(rows * weight_row_length(op)));
@@ -160,7 +195,16 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
     std::span<int32_t> acc(sc.acc.data(), static_cast<size_t>(rows * op.out_channels));
     const std::span<const int8_t> xs(xc, static_cast<size_t>(images * in.size()));
     const int threads = threads_for(rows * row_length * op.out_channels, max_threads);
-    if (fast_ && op.kind == OpKind::Conv2d) {
+    if (op.kind == OpKind::Conv2d && op.groups > 1) {
+      // Grouped and depthwise: direct loops to (ROWS, OUT) accumulators, requantized below.
+      if (fast_) {
+        qconv2d_grouped_nhwc(xs, op.input_zero_point, grouped_[op_index], op.bias, acc, conv_shape(op_index, images),
+                             threads, path_);
+      } else {
+        qconv2d_grouped_ref(xs, op.input_zero_point, op.weight, op.weight_bits, op.bias, acc,
+                            conv_shape(op_index, images), threads);
+      }
+    } else if (fast_ && op.kind == OpKind::Conv2d) {
       // Channels last: the micro-kernel reads the windows straight from the padded images (an implicit
       // GEMM, no im2col). Thread t computes a contiguous range of the chunk's GEMM rows.
       const PackedConv& pc = conv_[op_index];
@@ -239,10 +283,16 @@ std::span<const int8_t> Executor::run(std::span<const uint8_t> images, int64_t b
 // Images [first, first + batch) of the call through every op, in order.
 void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, Scratch& sc, int max_threads) {
   const Shape in{graph_.in_channels, graph_.in_height, graph_.in_width};
+  // The codes of op j's output for these images.
+  const auto codes_of = [&](int j) {
+    const auto k = static_cast<size_t>(j);
+    return std::span<const int8_t>(outputs_[k].data() + first * shapes_[k].size(),
+                                   static_cast<size_t>(batch * shapes_[k].size()));
+  };
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
     const Shape x_shape = input_shape(i);
-    const int8_t* x = i == 0 ? nullptr : outputs_[i - 1].data() + first * x_shape.size();
+    const int8_t* x = i == 0 ? nullptr : codes_of(op.inputs[0]).data();
     int8_t* y = outputs_[i].data() + first * shapes_[i].size();
     const auto y_size = static_cast<size_t>(batch * shapes_[i].size());
     const auto x_size = static_cast<size_t>(batch * x_shape.size());
@@ -274,9 +324,30 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
         (fast_ ? avgpool2d_nhwc : avgpool2d)({x, x_size}, op.input_zero_point, {y, y_size}, batch, x_shape.c, x_shape.h,
                                              x_shape.w, op.kernel, op.stride, op.padding, threads);
         break;
+      case OpKind::GlobalAvgPool2d:
+        global_avgpool({x, x_size}, op.input_zero_point, {y, y_size}, batch, x_shape.c, x_shape.h * x_shape.w, fast_,
+                       threads);
+        break;
       case OpKind::Flatten:
         if (y_size > 0) std::memcpy(y, x, y_size);  // (N, C, H, W) and (N, C·H·W) are the same bytes
         break;
+      case OpKind::Clamp:
+        clamp_codes({x, x_size}, op.requant.act_min, op.requant.act_max, {y, y_size}, threads);
+        break;
+      case OpKind::Add:
+        qadd(codes_of(op.inputs[0]), codes_of(op.inputs[1]), op.rescale, op.requant, {y, y_size}, threads);
+        break;
+      case OpKind::Concat: {
+        std::vector<std::span<const int8_t>> parts;
+        std::vector<int64_t> channels;
+        for (const int j : op.inputs) {
+          parts.push_back(codes_of(j));
+          channels.push_back(shapes_[static_cast<size_t>(j)].c);
+        }
+        qconcat(parts, channels, shapes_[i].h * shapes_[i].w, batch, op.rescale, op.requant, {y, y_size}, fast_,
+                threads);
+        break;
+      }
     }
   }
 }

@@ -39,7 +39,8 @@ class Executor {
   KernelPath kernel_path() const { return path_; }  // the path every op runs on
 
  private:
-  Shape input_shape(size_t op_index) const;
+  Shape input_shape(size_t op_index) const;  // the shape of its (first) input
+  ConvShape conv_shape(size_t op_index, int64_t images) const;
   Shape stored_shape(size_t op_index) const;
   int64_t images_per_chunk(size_t op_index) const;  // a weighted op runs on chunks of images
   // Scratch of one slice of the batch (one per thread): reused by every op, sized by plan().
@@ -62,6 +63,7 @@ class Executor {
   std::vector<Shape> shapes_;          // output shape of ops[i]
   std::vector<PackedWeights> packed_;  // a Linear ops[i]'s weights for qgemm_packed (fast path)
   std::vector<PackedConv> conv_;       // a Conv2d ops[i]'s weights for qconv2d_rows (fast path)
+  std::vector<GroupedConvWeights> grouped_;  // a grouped Conv2d ops[i]'s weights (both paths)
   std::vector<bool> pool_fused_;       // ops[i] is a Conv2d run together with the MaxPool2d ops[i + 1]
   int64_t capacity_ = 0;               // the batch the buffers are sized for
   int64_t batch_ = 0;                  // the batch of the last run

@@ -55,6 +55,12 @@ struct CodeRange {
 void check_weighted(const Op& op, size_t index, const CodeRange& input_range) {
   check_range(op, index, "in_channels", op.in_channels, 1, kMaxDim);
   check_range(op, index, "out_channels", op.out_channels, 1, kMaxDim);
+  check_range(op, index, "groups", op.groups, 1, op.kind == OpKind::Conv2d ? op.in_channels : 1);
+  if (op.in_channels % op.groups != 0 || op.out_channels % op.groups != 0) {
+    fail(op, index,
+         "groups " + std::to_string(op.groups) + " must divide in_channels " + std::to_string(op.in_channels) +
+             " and out_channels " + std::to_string(op.out_channels));
+  }
   if (op.weight_bits != 8 && op.weight_bits != 4) {
     fail(op, index, "weight_bits must be 8 or 4, found " + std::to_string(op.weight_bits));
   }
@@ -116,6 +122,34 @@ void check_weighted(const Op& op, size_t index, const CodeRange& input_range) {
   }
 }
 
+// Add / Concat: one rescale per input, the largest multiplier normalised (docs/quantization.md eq. 10).
+void check_rescale(const Op& op, size_t index, const std::vector<int32_t>& producer_zero_points) {
+  const Rescale& r = op.rescale;
+  if (r.zero_points.size() != producer_zero_points.size() || r.multipliers.size() != producer_zero_points.size()) {
+    fail(op, index,
+         "expected " + std::to_string(producer_zero_points.size()) + " input zero points and multipliers (one per "
+         "input), found " + std::to_string(r.zero_points.size()) + " and " + std::to_string(r.multipliers.size()));
+  }
+  check_range(op, index, "rescale.shift", r.shift, kShiftMin, kShiftMax);
+  int32_t largest = 0;
+  for (size_t k = 0; k < r.multipliers.size(); ++k) {
+    const std::string input = " of input " + std::to_string(k);
+    check_range(op, index, ("rescale.multiplier" + input).c_str(), r.multipliers[k], 0, kMultiplierMax);
+    if (r.zero_points[k] != producer_zero_points[k]) {
+      fail(op, index,
+           "the zero point" + input + " must equal the z_out " + std::to_string(producer_zero_points[k]) +
+               " of the op that produced it, found " + std::to_string(r.zero_points[k]));
+    }
+    largest = std::max(largest, r.multipliers[k]);
+  }
+  if (largest < kMultiplierMin) {
+    fail(op, index, "the largest rescale multiplier must be in [2^30, 2^31), found " + std::to_string(largest));
+  }
+  check_range(op, index, "requant.act_min", op.requant.act_min, -128, 127);
+  check_range(op, index, "requant.act_max", op.requant.act_max, op.requant.act_min, 127);
+  check_range(op, index, "requant.zero_point", op.requant.zero_point, op.requant.act_min, op.requant.act_max);
+}
+
 }  // namespace
 
 const char* to_string(OpKind kind) {
@@ -132,8 +166,30 @@ const char* to_string(OpKind kind) {
       return "AvgPool2d";
     case OpKind::Flatten:
       return "Flatten";
+    case OpKind::Add:
+      return "Add";
+    case OpKind::Concat:
+      return "Concat";
+    case OpKind::GlobalAvgPool2d:
+      return "GlobalAvgPool2d";
+    case OpKind::Clamp:
+      return "Clamp";
   }
   return "unknown";
+}
+
+void chain_inputs(Graph& graph) {
+  for (size_t i = 0; i < graph.ops.size(); ++i)
+    graph.ops[i].inputs =
+        graph.ops[i].kind == OpKind::Input ? std::vector<int>{} : std::vector<int>{static_cast<int>(i) - 1};
+}
+
+std::vector<std::vector<int>> readers(const Graph& graph) {
+  std::vector<std::vector<int>> out(graph.ops.size());
+  for (size_t i = 0; i < graph.ops.size(); ++i)
+    for (const int j : graph.ops[i].inputs)
+      if (j >= 0 && static_cast<size_t>(j) < out.size()) out[static_cast<size_t>(j)].push_back(static_cast<int>(i));
+  return out;
 }
 
 WindowRange window_range(int64_t o, int64_t kernel, int64_t stride, int64_t padding, int64_t size) {
@@ -147,14 +203,51 @@ int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, int64_t paddin
 }
 
 int64_t weight_row_length(const Op& op) {
-  return op.kind == OpKind::Conv2d ? op.in_channels * op.kernel * op.kernel : op.in_channels;
+  return op.kind == OpKind::Conv2d ? op.in_channels / std::max<int64_t>(op.groups, 1) * op.kernel * op.kernel
+                                   : op.in_channels;
 }
 
 Shape output_shape(const Op& op, const Shape& input, size_t op_index) {
+  return output_shape(op, std::vector<Shape>{input}, op_index);
+}
+
+Shape output_shape(const Op& op, const std::vector<Shape>& inputs, size_t op_index) {
+  const size_t expected = op.kind == OpKind::Input ? 0 : op.kind == OpKind::Add ? 2 : 1;
+  const bool count_ok = op.kind == OpKind::Concat ? inputs.size() >= 2 : inputs.size() == expected;
+  if (!count_ok && op.kind != OpKind::Input) {
+    fail(op, op_index,
+         "takes " + std::string(op.kind == OpKind::Concat ? "at least 2" : std::to_string(expected)) + " input" +
+             (expected == 1 ? "" : "s") + ", found " + std::to_string(inputs.size()));
+  }
+  const Shape& input = inputs.empty() ? Shape{} : inputs[0];
   switch (op.kind) {
     case OpKind::Input:
+      return inputs.empty() ? Shape{} : input;
     case OpKind::Flatten:
-      return op.kind == OpKind::Input ? input : Shape{input.size(), 1, 1};
+      return Shape{input.size(), 1, 1};
+    case OpKind::Clamp:
+      return input;
+    case OpKind::GlobalAvgPool2d:
+      return Shape{input.c, 1, 1};
+    case OpKind::Add:
+      if (inputs[1] != input) {
+        fail(op, op_index,
+             "its two inputs must have the same shape, found " + shape_string(input) + " and " +
+                 shape_string(inputs[1]));
+      }
+      return input;
+    case OpKind::Concat: {
+      Shape out{0, input.h, input.w};
+      for (const Shape& s : inputs) {
+        if (s.h != input.h || s.w != input.w) {
+          fail(op, op_index,
+               "its inputs must have the same height and width, found " + shape_string(input) + " and " +
+                   shape_string(s));
+        }
+        out.c += s.c;
+      }
+      return out;
+    }
     case OpKind::Linear:
       if (input.h != 1 || input.w != 1 || input.c != op.in_channels) {
         fail(op, op_index,
@@ -183,12 +276,31 @@ Shape output_shape(const Op& op, const Shape& input, size_t op_index) {
   fail(op, op_index, "unknown op kind");
 }
 
-std::vector<Shape> output_shapes(const Graph& graph) {
-  std::vector<Shape> shapes;
-  Shape shape{graph.in_channels, graph.in_height, graph.in_width};
+namespace {
+// Every op reads earlier ops only (so ops is a topological order and there is no cycle).
+void check_inputs(const Graph& graph) {
   for (size_t i = 0; i < graph.ops.size(); ++i) {
-    shape = output_shape(graph.ops[i], shape, i);
-    shapes.push_back(shape);
+    const Op& op = graph.ops[i];
+    if (op.kind == OpKind::Input && !op.inputs.empty()) fail(op, i, "an Input op reads no other op");
+    for (const int j : op.inputs) {
+      if (j < 0 || static_cast<size_t>(j) >= i) {
+        fail(op, i,
+             "input " + std::to_string(j) + " must be an earlier op (0.." + std::to_string(static_cast<int>(i) - 1) +
+                 "): the ops must be in an order where every op comes after its inputs, with no cycle");
+      }
+    }
+  }
+}
+}  // namespace
+
+std::vector<Shape> output_shapes(const Graph& graph) {
+  check_inputs(graph);
+  std::vector<Shape> shapes;
+  for (size_t i = 0; i < graph.ops.size(); ++i) {
+    std::vector<Shape> in;
+    for (const int j : graph.ops[i].inputs) in.push_back(shapes[static_cast<size_t>(j)]);
+    if (graph.ops[i].kind == OpKind::Input) in = {Shape{graph.in_channels, graph.in_height, graph.in_width}};
+    shapes.push_back(output_shape(graph.ops[i], in, i));
   }
   return shapes;
 }
@@ -205,48 +317,86 @@ void validate(const Graph& graph) {
     throw RuntimeError(std::string("runtime graph: ops[0] must be an Input op, found ") +
                        (graph.ops.empty() ? "no ops" : to_string(graph.ops[0].kind)));
   }
-  Shape shape{graph.in_channels, graph.in_height, graph.in_width};
-  CodeRange range;
-  bool has_zero_point = false;  // false until a Conv2d / Linear has set the activation's z
-  int32_t zero_point = 0;
   for (size_t i = 0; i < graph.ops.size(); ++i) {
     const Op& op = graph.ops[i];
     if (op.kind == OpKind::Conv2d || op.kind == OpKind::MaxPool2d || op.kind == OpKind::AvgPool2d) check_window(op, i);
-    const Shape input = shape;
-    shape = output_shape(op, input, i);  // shapes first: a wrong in_channels is reported as such
+  }
+  const std::vector<Shape> shapes = output_shapes(graph);  // inputs and shapes first: a wrong size is reported as such
+  // Per op output: the codes it can hold and its zero point (nullopt until a weighted op has set one: the
+  // Input's codes have the model's input zero point, which the graph does not store).
+  std::vector<CodeRange> ranges(graph.ops.size());
+  std::vector<int32_t> zero_points(graph.ops.size(), 0);
+  std::vector<bool> has_zero_point(graph.ops.size(), false);
+  for (size_t i = 0; i < graph.ops.size(); ++i) {
+    const Op& op = graph.ops[i];
+    const size_t first = op.inputs.empty() ? 0 : static_cast<size_t>(op.inputs[0]);
+    const CodeRange range = ranges[first];
     const auto check_zero_point_chains = [&] {
-      if (has_zero_point && op.input_zero_point != zero_point) {
+      if (has_zero_point[first] && op.input_zero_point != zero_points[first]) {
         fail(op, i,
-             "input_zero_point must equal the z_out " + std::to_string(zero_point) +
+             "input_zero_point must equal the z_out " + std::to_string(zero_points[first]) +
                  " of the op that produced its input, found " + std::to_string(op.input_zero_point));
       }
     };
+    // By default an op passes its input's codes and qparams on.
+    ranges[i] = range;
+    zero_points[i] = zero_points[first];
+    has_zero_point[i] = has_zero_point[first];
     switch (op.kind) {
       case OpKind::Input:
         if (i != 0) fail(op, i, "only ops[0] may be an Input op");
-        range.lo = *std::min_element(op.input_table.begin(), op.input_table.end());
-        range.hi = *std::max_element(op.input_table.begin(), op.input_table.end());
+        ranges[i].lo = *std::min_element(op.input_table.begin(), op.input_table.end());
+        ranges[i].hi = *std::max_element(op.input_table.begin(), op.input_table.end());
+        has_zero_point[i] = false;
         break;
       case OpKind::Conv2d:
       case OpKind::Linear:
         check_weighted(op, i, range);
         check_zero_point_chains();
-        range = {op.requant.act_min, op.requant.act_max};
-        has_zero_point = true;
-        zero_point = op.requant.zero_point;
+        ranges[i] = {op.requant.act_min, op.requant.act_max};
+        has_zero_point[i] = true;
+        zero_points[i] = op.requant.zero_point;
         break;
       case OpKind::MaxPool2d:
-        break;
-      case OpKind::AvgPool2d:
-        check_range(op, i, "input_zero_point", op.input_zero_point, -128, 127);
-        check_zero_point_chains();
-        range = {std::min(range.lo, op.input_zero_point), std::max(range.hi, op.input_zero_point)};  // padding holds z
-        break;
       case OpKind::Flatten:
         break;
+      case OpKind::AvgPool2d:
+      case OpKind::GlobalAvgPool2d:
+        check_range(op, i, "input_zero_point", op.input_zero_point, -128, 127);
+        check_zero_point_chains();
+        ranges[i] = {std::min(range.lo, op.input_zero_point), std::max(range.hi, op.input_zero_point)};  // padding holds z
+        has_zero_point[i] = true;
+        zero_points[i] = op.input_zero_point;
+        break;
+      case OpKind::Clamp:
+        check_range(op, i, "input_zero_point", op.input_zero_point, -128, 127);
+        check_zero_point_chains();
+        check_range(op, i, "requant.act_min", op.requant.act_min, -128, 127);
+        check_range(op, i, "requant.act_max", op.requant.act_max, op.requant.act_min, 127);
+        ranges[i] = {std::clamp(range.lo, op.requant.act_min, op.requant.act_max),
+                     std::clamp(range.hi, op.requant.act_min, op.requant.act_max)};
+        has_zero_point[i] = true;
+        zero_points[i] = op.input_zero_point;
+        break;
+      case OpKind::Add:
+      case OpKind::Concat: {
+        std::vector<int32_t> producers;
+        for (const int j : op.inputs) {
+          // An input with no zero point yet is the Input op's codes: its z is the model's, checked by the loader.
+          producers.push_back(has_zero_point[static_cast<size_t>(j)] ? zero_points[static_cast<size_t>(j)]
+                                                                     : op.rescale.zero_points.size() > producers.size()
+                                                                           ? op.rescale.zero_points[producers.size()]
+                                                                           : 0);
+        }
+        check_rescale(op, i, producers);
+        ranges[i] = {op.requant.act_min, op.requant.act_max};
+        has_zero_point[i] = true;
+        zero_points[i] = op.requant.zero_point;
+        break;
+      }
     }
-    if (shape.size() > kMaxImageSize) {
-      fail(op, i, "output " + shape_string(shape) + " is larger than the runtime supports (2^30 codes per image)");
+    if (shapes[i].size() > kMaxImageSize) {
+      fail(op, i, "output " + shape_string(shapes[i]) + " is larger than the runtime supports (2^30 codes per image)");
     }
   }
 }

@@ -174,4 +174,53 @@ void avgpool2d_nhwc(std::span<const int8_t> x, int32_t zero_point, std::span<int
 void input_lookup_nhwc(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
                        int64_t n, int64_t c, int64_t positions, int threads = 1);
 
+// =====================================================================================================
+// The graph ops (kernels_graph.cpp): grouped and depthwise Conv2d, Add, Concat, GlobalAvgPool2d, Clamp.
+// =====================================================================================================
+
+// The sizes of a (grouped) convolution: N images of (C, H, W), OUT output channels, G groups.
+struct ConvShape {
+  int64_t n = 1, channels = 1, height = 1, width = 1, out = 1, kernel = 1, stride = 1, padding = 0, groups = 1;
+};
+
+// Grouped Conv2d (groups = C = OUT: depthwise) by direct loops, the definition (eq. 5 within each group):
+//   acc[n][p][o] = b[o] + Σ_{ci < C/G, kh, kw} w[o][ci][kh][kw]·(x[n][g·C/G + ci][ih][iw] − z_in),  g = o / (OUT/G)
+// x is (N, C, H, W) codes; w is (OUT, C/G, K, K) int8 or packed int4 rows of C/G·K·K codes; acc is
+// (N, HO·WO, OUT) int32, the layout requantize_to_nchw reads.
+void qconv2d_grouped_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w,
+                         int weight_bits, std::span<const int32_t> b, std::span<int32_t> acc, const ConvShape& s,
+                         int threads = 1);
+
+// The weights re-laid out once for the channels-last kernel: codes[(kh·K + kw)·C/G + ci][o], int8 (int4 unpacked),
+// so that the inner loop runs over contiguous output channels.
+struct GroupedConvWeights {
+  std::vector<int8_t> codes;  // (K·K·C/G, OUT)
+};
+GroupedConvWeights pack_grouped_conv(std::span<const int8_t> w, int weight_bits, const ConvShape& s);
+
+// The same accumulators from channels-last x (N, H, W, C). Depthwise layers (C/G = OUT/G = 1) run 8 channels
+// at a time with AVX2 on every path but Ref.
+void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,
+                          std::span<const int32_t> b, std::span<int32_t> acc, const ConvShape& s, int threads = 1,
+                          KernelPath path = kernel_path());
+
+// Add (eq. 10): y[k] = clamp(z_out + round((m[0]·(a[k] − z_0) + m[1]·(b[k] − z_1))·2^(−n)), act_min, act_max),
+// one rounding, ties away from zero. a, b and y have the same size; any layout (elementwise).
+void qadd(std::span<const int8_t> a, std::span<const int8_t> b, const Rescale& r, const Requant& rq,
+          std::span<int8_t> y, int threads = 1);
+
+// Concat along channels: input k, (N, channels[k], positions) codes, rescaled to the output's scale
+// (eq. 10 with one input: a copy when its multiplier is 2^n and its zero point z_out), fills output channels
+// [Σ_{j<k} channels[j], …). channels_last: the inputs and y are (N, positions, C) instead.
+void qconcat(std::span<const std::span<const int8_t>> inputs, std::span<const int64_t> channels, int64_t positions,
+             int64_t n, const Rescale& r, const Requant& rq, std::span<int8_t> y, bool channels_last, int threads = 1);
+
+// GlobalAvgPool2d: y[n][c] = z + round_half_away(Σ_p (x[n][c][p] − z) / P), the input's qparams kept (eq. 7
+// with one window over the whole image). x is (N, C, P) codes, or (N, P, C) when channels_last; y is (N, C).
+void global_avgpool(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> y, int64_t n, int64_t c,
+                    int64_t positions, bool channels_last, int threads = 1);
+
+// A ReLU or ReLU6 that no op before it absorbed: y = clamp(x, lo, hi), qparams kept. Any layout.
+void clamp_codes(std::span<const int8_t> x, int32_t lo, int32_t hi, std::span<int8_t> y, int threads = 1);
+
 }  // namespace lowbit::quant::runtime

@@ -834,6 +834,21 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
 
 }  // namespace
 
+namespace detail {
+__attribute__((target("avx2"))) void depthwise_accumulate_avx2(const int8_t* pixel, const int8_t* taps, int32_t zero_point, int32_t* sum,
+                               int64_t count) {
+  const __m256i z = _mm256_set1_epi32(zero_point);
+  int64_t c = 0;
+  for (; c + 8 <= count; c += 8) {
+    const __m256i x = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pixel + c)));
+    const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(taps + c)));
+    store8(sum + c, _mm256_add_epi32(load8(sum + c), _mm256_mullo_epi32(w, _mm256_sub_epi32(x, z))));
+  }
+  for (; c < count; ++c) sum[c] += taps[c] * (pixel[c] - zero_point);
+}
+}  // namespace detail
+
+
 PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t height, int64_t width, int64_t out,
                              int64_t k, int64_t stride, int64_t padding, KernelPath path) {
   check_packing_path(path, "pack_conv_weights");

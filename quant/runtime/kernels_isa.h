@@ -20,6 +20,12 @@ constexpr int64_t kAmxMinRows = 32;
 constexpr int64_t kConvPanelsVnni = 4;
 constexpr int64_t conv_rows_vnni(int64_t panels_per_call) { return panels_per_call == 1 ? 12 : 6; }
 
+// ---- kernels_avx2.cpp ----
+
+// sum[c] += taps[c]·(pixel[c] − z) for c < count, 8 channels at a time: the depthwise convolution's inner loop.
+void depthwise_accumulate_avx2(const int8_t* pixel, const int8_t* taps, int32_t zero_point, int32_t* sum,
+                               int64_t count);
+
 // ---- kernels_avx512.cpp ----
 
 // body(t) for t in [0, count) on `threads` threads (static schedule). One thread runs a plain loop: an OpenMP

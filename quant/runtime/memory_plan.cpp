@@ -71,4 +71,67 @@ ArenaPlan plan_chain_arena(const Graph& graph, bool fuse_conv_max_pool) {
   return plan_chain_arena(bytes, storage);
 }
 
+// ---- Any graph: buffers with live ranges
+
+// Exercise 08 (docs/exercises/08-arena-planner.md): the student's version replaces these two.
+#ifndef LOWBIT_EXERCISES
+namespace {
+
+void check_buffers(std::span<const LiveBuffer> buffers, const char* caller) {
+  for (size_t i = 0; i < buffers.size(); ++i)
+    if (buffers[i].bytes < 0 || buffers[i].first_op > buffers[i].last_op)
+      throw RuntimeError(std::string(caller) + ": buffer " + std::to_string(i) + " has " +
+                         std::to_string(buffers[i].bytes) + " bytes, live from op " +
+                         std::to_string(buffers[i].first_op) + " to op " + std::to_string(buffers[i].last_op) +
+                         " (expected bytes >= 0 and first_op <= last_op)");
+}
+
+}  // namespace
+
+int64_t arena_lower_bound(std::span<const LiveBuffer> buffers) {
+  check_buffers(buffers, "arena_lower_bound");
+  // The live bytes only change where a range starts, so the maximum is reached at some first_op.
+  int64_t bound = 0;
+  for (const LiveBuffer& at : buffers) {
+    int64_t live = 0;
+    for (const LiveBuffer& b : buffers)
+      if (b.first_op <= at.first_op && at.first_op <= b.last_op) live += b.bytes;
+    bound = std::max(bound, live);
+  }
+  return bound;
+}
+
+BufferPlan plan_arena(std::span<const LiveBuffer> buffers) {
+  check_buffers(buffers, "plan_arena");
+  const size_t n = buffers.size();
+  std::vector<size_t> order(n);
+  for (size_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    if (buffers[a].bytes != buffers[b].bytes) return buffers[a].bytes > buffers[b].bytes;
+    return buffers[a].first_op < buffers[b].first_op;  // stable: then the lower index
+  });
+  BufferPlan plan;
+  plan.offsets.assign(n, -1);
+  std::vector<size_t> placed;  // indices of the buffers placed so far
+  for (const size_t i : order) {
+    // The placed buffers live together with buffer i, by offset; i goes into the first gap that holds it.
+    std::vector<size_t> neighbours;
+    for (const size_t j : placed)
+      if (live_together(buffers[i], buffers[j])) neighbours.push_back(j);
+    std::sort(neighbours.begin(), neighbours.end(),
+              [&](size_t a, size_t b) { return plan.offsets[a] < plan.offsets[b]; });
+    int64_t offset = 0;
+    for (const size_t j : neighbours) {
+      if (offset + buffers[i].bytes <= plan.offsets[j]) break;  // the gap below buffer j is large enough
+      offset = std::max(offset, plan.offsets[j] + buffers[j].bytes);
+    }
+    plan.offsets[i] = offset;
+    plan.arena_bytes = std::max(plan.arena_bytes, offset + buffers[i].bytes);
+    placed.push_back(i);
+  }
+  plan.lower_bound = arena_lower_bound(buffers);
+  return plan;
+}
+#endif  // LOWBIT_EXERCISES
+
 }  // namespace lowbit::quant::runtime

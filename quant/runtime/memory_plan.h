@@ -50,4 +50,43 @@ ArenaPlan plan_chain_arena(const Graph& graph, bool fuse_conv_max_pool);
 // at most one window, so the pool can compute the conv outputs it needs and the unpooled map is never stored.
 bool fusable_conv_max_pool(const Graph& graph, size_t i);
 
+// ---- Any graph: buffers with live ranges
+
+// In a graph with branches a tensor can stay live across several ops (the input of a residual block lives until
+// the Add that reads it), so the two ends of one arena are not enough. The general form: each buffer has a size
+// and a live range of ops, and two buffers may share bytes only if their live ranges do not meet.
+
+// A buffer to place: `bytes` bytes, live from op `first_op` (the op that writes it) to op `last_op` (the last op
+// that reads it), both included; ops are numbered in execution order.
+struct LiveBuffer {
+  int64_t bytes = 0;
+  int64_t first_op = 0;
+  int64_t last_op = 0;
+};
+
+// Two buffers are live at the same time when their op ranges share an op.
+constexpr bool live_together(const LiveBuffer& a, const LiveBuffer& b) {
+  return a.first_op <= b.last_op && b.first_op <= a.last_op;
+}
+
+struct BufferPlan {
+  std::vector<int64_t> offsets;  // offsets[i]: the first byte of buffers[i] in the arena
+  int64_t arena_bytes = 0;       // max over i of offsets[i] + bytes[i] (0 without buffers)
+  int64_t lower_bound = 0;       // arena_lower_bound(buffers)
+};
+
+// Exercise 08 (docs/exercises/08-arena-planner.md): the student build only declares the next two functions and
+// compiles docs/exercises/student/ex08_plan_arena.cpp instead.
+
+// No plan can use less than the most bytes live during one op: max over ops t of Σ bytes of the buffers whose
+// range contains t. Throws RuntimeError for negative bytes or a range that ends before it starts.
+int64_t arena_lower_bound(std::span<const LiveBuffer> buffers);
+
+// Greedy by size, as TensorFlow Lite Micro's GreedyMemoryPlanner: take the buffers largest first (equal sizes:
+// the one live from the earlier op first, then the lower index); put each at the lowest offset where it overlaps
+// no buffer already placed that is live at the same time. Never overlaps two live buffers; reaches the lower
+// bound on chains and on typical residual blocks, but not on every set of ranges (finding the smallest arena is
+// NP-hard): tests/exercises/test_ex08_arena_planner.cpp measures the slack. Throws as arena_lower_bound.
+BufferPlan plan_arena(std::span<const LiveBuffer> buffers);
+
 }  // namespace lowbit::quant::runtime

@@ -3,11 +3,13 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <utility>
 
 #include "core/error.h"
 #include "core/tensor.h"
 #include "quant/observer.h"
+#include "quant/qparams.h"
 
 using namespace lowbit;
 using quant::QParams;
@@ -22,6 +24,19 @@ constexpr QRange kInt8Activations{-128, 127};  // eq. 2, 8 bits
 constexpr QRange kInt8Weights{-127, 127};      // eq. 3, 8 bits
 
 using Range = std::pair<float, float>;
+
+// qparams() hands the range to choose_qparams, which is exercise 01. So that this check depends on exercise 02
+// alone, its qparams() cases are skipped (with a message saying so) while choose_qparams is still a stub.
+bool choose_qparams_is_written() {
+  try {
+    quant::choose_qparams(-1.f, 3.f, kInt8Activations, /*symmetric=*/false);
+    return true;
+  } catch (const Error& e) {
+    if (!std::string(e.what()).starts_with("exercise 01:")) throw;
+    MESSAGE("skipped until exercise 01 is done: qparams() calls choose_qparams, which is still the stub");
+    return false;
+  }
+}
 
 }  // namespace
 
@@ -49,6 +64,7 @@ TEST_CASE("the running range starts empty, not at 0: [−3, −2] stays [−3, �
 }
 
 TEST_CASE("qparams() is choose_qparams of the running range (eq. 4)") {
+  if (!choose_qparams_is_written()) return;
   quant::MinMaxObserver observer(kInt8Activations);
   observer.observe(Tensor::from({2}, {-1.f, 0.5f}));
   observer.observe(Tensor::from({2}, {3.f, 2.f}));
@@ -75,6 +91,7 @@ TEST_CASE("an empty tensor is ignored; qparams() before any data throws") {
   CHECK_THROWS_WITH_AS(observer.qparams(), doctest::Contains("seen no data"), Error);
   observer.observe(Tensor::from({1}, {2.55f}));
   CHECK(observer.range() == Range{2.55f, 2.55f});
+  if (!choose_qparams_is_written()) return;
   // [2.55, 2.55] widened to [0, 2.55]: s = 0.01, z = −128.
   const auto params = observer.qparams();
   REQUIRE(params.size() == 1);
@@ -88,6 +105,7 @@ TEST_CASE("a NaN is sticky: once seen, qparams() throws (choose_qparams reports 
   observer.observe(Tensor::from({3}, {1.f, nan, 2.f}));
   CHECK(std::isnan(observer.min()));
   CHECK(std::isnan(observer.max()));
+  if (!choose_qparams_is_written()) return;
   CHECK_THROWS_WITH_AS(observer.qparams(), doctest::Contains("not finite"), Error);
   observer.observe(Tensor::from({2}, {-1.f, 1.f}));  // later clean batches do not hide it
   CHECK(std::isnan(observer.min()));

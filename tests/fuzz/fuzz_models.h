@@ -104,6 +104,7 @@ inline quant::IntModel tiny_int_model() {
   m.graph.ops.push_back(
       tiny_weighted_op(rt::OpKind::Linear, "classifier", 8, 8, 3, 1, 0, -128, 0, -128, 40000, m.op_requant_scales[5]));
   m.op_output_scales = {0.0156f, 0.05f, 0.05f, 0.05f, 0.05f, 0.25f};
+  rt::chain_inputs(m.graph);
   return m;
 }
 

@@ -1,10 +1,11 @@
 /* main.c: runs an exported model (model.h, from `export --format c --prefix model`) on the test images in
-   images.h and prints one line per image, "image I: L0 L1 ... class C", the format of `eval --logits`. */
+   images.h and prints one line per image, "image I: L0 L1 ... class C", the format of `eval --logits`; then
+   one line "stack: B bytes", the deepest the stack has been. */
 #include <stdint.h>
 
 #include "images.h"
 #include "model.h"
-#include "semihosting.h"
+#include "startup.h"
 
 /* The images must have the model's input size. */
 typedef char image_size_matches_model[IMAGE_BYTES == MODEL_INPUT_BYTES ? 1 : -1];
@@ -36,7 +37,7 @@ int main(void) {
     char *p = line;
     const int predicted = model_run(images[i], logits, arena);
     put_text(&p, "image ");
-    put_int(&p, i);
+    put_int(&p, FIRST_IMAGE + i);
     put_text(&p, ":");
     for (c = 0; c < MODEL_NUM_CLASSES; ++c) {
       put_text(&p, " ");
@@ -45,6 +46,14 @@ int main(void) {
     put_text(&p, " class ");
     put_int(&p, predicted);
     put_text(&p, "\n");
+    *p = '\0';
+    semihost_write0(line);
+  }
+  {
+    char *p = line;
+    put_text(&p, "stack: ");
+    put_int(&p, (int32_t)stack_bytes_used());
+    put_text(&p, " bytes\n");
     *p = '\0';
     semihost_write0(line);
   }

@@ -3,9 +3,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "semihosting.h"
+#include "startup.h"
 
-/* Defined by the linker script (mps2-an385.ld). */
+/* Defined by the linker script (sections.ld, included by the board's microbit.ld or mps2.ld). */
 extern uint32_t _sidata, _sdata, _edata, _sbss, _ebss, _estack;
 int main(void);
 
@@ -42,12 +42,26 @@ void *memset(void *dst, int value, size_t n) {
   return dst;
 }
 
-/* After reset: copy .data from flash to RAM, zero .bss, run main, exit with its status. */
+/* The free RAM between .bss and the stack pointer is painted with this word at reset; the stack overwrites it
+   as it grows, so the lowest overwritten word marks the deepest the stack has been. */
+#define STACK_PAINT 0x5AC3A55Au
+
+uint32_t stack_bytes_used(void) {
+  const uint32_t *p = &_ebss;
+  while (p < &_estack && *p == STACK_PAINT) ++p;
+  return (uint32_t)((uintptr_t)&_estack - (uintptr_t)p);
+}
+
+/* After reset: copy .data from flash to RAM, zero .bss, paint the free RAM below the stack, run main, exit with
+   its status. */
 void Reset_Handler(void) {
   const uint32_t *src = &_sidata;
   uint32_t *dst;
+  uintptr_t sp;
   for (dst = &_sdata; dst < &_edata;) *dst++ = *src++;
   for (dst = &_sbss; dst < &_ebss;) *dst++ = 0;
+  __asm__ volatile("mov %0, sp" : "=r"(sp));
+  for (dst = &_ebss; (uintptr_t)dst + 64 < sp;) *dst++ = STACK_PAINT; /* 64 bytes below sp: this function's frame */
   semihost_exit(main());
 }
 
@@ -57,7 +71,8 @@ void Default_Handler(void) {
   semihost_exit(1);
 }
 
-/* The vector table, at address 0: the initial stack pointer, then the handlers (Cortex-M3: 16 system entries). */
+/* The vector table, at address 0: the initial stack pointer, then the handlers (16 system entries; on a Cortex-M0
+   the memory management, bus and usage fault and debug monitor entries are reserved and never taken). */
 __attribute__((section(".isr_vector"), used)) static const uintptr_t vector_table[16] = {
     (uintptr_t)&_estack,        /* initial stack pointer */
     (uintptr_t)Reset_Handler,   /* reset */

@@ -1,0 +1,192 @@
+// The kernels of the graph ops: grouped and depthwise Conv2d, Add, Concat, GlobalAvgPool2d and Clamp.
+// Each has a reference form on (N, C, H, W) codes (the definition) and a channels-last form for the
+// executor's fast path, equal to it bit for bit; the depthwise inner loop runs 8 channels at a time with
+// AVX2 (kernels_avx2.cpp, depthwise_accumulate_avx2) when the CPU has it.
+#include <algorithm>
+#include <cstring>
+
+#include "quant/runtime/int4.h"
+#include "quant/runtime/kernels.h"
+#include "quant/runtime/kernels_isa.h"
+#include "quant/runtime/requantize.h"
+
+namespace lowbit::quant::runtime {
+
+namespace {
+
+// Code k of output row o of a weight matrix with rows of `row_length` codes (8 bits, or packed int4 rows).
+inline int32_t weight_code(std::span<const int8_t> w, int bits, int64_t row_length, int64_t o, int64_t k) {
+  if (bits == 8) return w[o * row_length + k];
+  const auto row_bytes = static_cast<int64_t>(int4_packed_size(row_length));
+  return unpack_int4_at(w.subspan(o * row_bytes, row_bytes), k);
+}
+
+}  // namespace
+
+// ---- Grouped Conv2d -----------------------------------------------------------------------------------
+
+void qconv2d_grouped_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w,
+                         int weight_bits, std::span<const int32_t> b, std::span<int32_t> acc, const ConvShape& s,
+                         int threads) {
+  const int64_t ho = pooled_size(s.height, s.kernel, s.stride, s.padding);
+  const int64_t wo = pooled_size(s.width, s.kernel, s.stride, s.padding);
+  const int64_t group_in = s.channels / s.groups, group_out = s.out / s.groups;
+  const int64_t row_length = group_in * s.kernel * s.kernel;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < s.n; ++i) {
+    for (int64_t p = 0; p < ho * wo; ++p) {
+      const int64_t oh = p / wo, ow = p % wo;
+      for (int64_t o = 0; o < s.out; ++o) {
+        const int64_t first_channel = o / group_out * group_in;  // the group's input channels start here
+        int32_t sum = b[o];
+        for (int64_t ci = 0; ci < group_in; ++ci) {
+          for (int64_t kh = 0; kh < s.kernel; ++kh) {
+            for (int64_t kw = 0; kw < s.kernel; ++kw) {
+              const int64_t ih = oh * s.stride - s.padding + kh, iw = ow * s.stride - s.padding + kw;
+              const bool inside = ih >= 0 && ih < s.height && iw >= 0 && iw < s.width;
+              const int32_t code =
+                  inside ? x[((i * s.channels + first_channel + ci) * s.height + ih) * s.width + iw] : x_zero_point;
+              sum += weight_code(w, weight_bits, row_length, o, (ci * s.kernel + kh) * s.kernel + kw) *
+                     (code - x_zero_point);
+            }
+          }
+        }
+        acc[(i * ho * wo + p) * s.out + o] = sum;
+      }
+    }
+  }
+}
+
+GroupedConvWeights pack_grouped_conv(std::span<const int8_t> w, int weight_bits, const ConvShape& s) {
+  GroupedConvWeights packed;
+  const int64_t group_in = s.channels / s.groups, taps = s.kernel * s.kernel;
+  const int64_t row_length = group_in * taps;
+  packed.codes.resize(static_cast<size_t>(taps * group_in * s.out));
+  for (int64_t o = 0; o < s.out; ++o)
+    for (int64_t ci = 0; ci < group_in; ++ci)
+      for (int64_t t = 0; t < taps; ++t)
+        packed.codes[static_cast<size_t>((t * group_in + ci) * s.out + o)] =
+            static_cast<int8_t>(weight_code(w, weight_bits, row_length, o, ci * taps + t));
+  return packed;
+}
+
+void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,
+                          std::span<const int32_t> b, std::span<int32_t> acc, const ConvShape& s, int threads,
+                          KernelPath path) {
+  const int64_t ho = pooled_size(s.height, s.kernel, s.stride, s.padding);
+  const int64_t wo = pooled_size(s.width, s.kernel, s.stride, s.padding);
+  const int64_t group_in = s.channels / s.groups, group_out = s.out / s.groups;
+  const bool depthwise = group_in == 1 && group_out == 1;
+  const bool avx2 = depthwise && path != KernelPath::Ref && cpu_has_avx2();
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t row = 0; row < s.n * ho * wo; ++row) {
+    const int64_t i = row / (ho * wo), oh = row / wo % ho, ow = row % wo;
+    int32_t* sum = acc.data() + row * s.out;
+    std::copy(b.begin(), b.begin() + s.out, sum);
+    for (int64_t kh = 0; kh < s.kernel; ++kh) {
+      const int64_t ih = oh * s.stride - s.padding + kh;
+      if (ih < 0 || ih >= s.height) continue;  // padding holds z_in: it adds w·(z_in − z_in) = 0
+      for (int64_t kw = 0; kw < s.kernel; ++kw) {
+        const int64_t iw = ow * s.stride - s.padding + kw;
+        if (iw < 0 || iw >= s.width) continue;
+        const int8_t* pixel = x.data() + ((i * s.height + ih) * s.width + iw) * s.channels;
+        const int8_t* taps = w.codes.data() + (kh * s.kernel + kw) * group_in * s.out;
+        if (avx2) {
+          detail::depthwise_accumulate_avx2(pixel, taps, x_zero_point, sum, s.out);
+        } else if (depthwise) {  // one input channel per output channel: channel c reads channel c
+          for (int64_t c = 0; c < s.out; ++c) sum[c] += taps[c] * (pixel[c] - x_zero_point);
+        } else {
+          for (int64_t ci = 0; ci < group_in; ++ci)
+            for (int64_t o = 0; o < s.out; ++o)
+              sum[o] += taps[ci * s.out + o] * (pixel[o / group_out * group_in + ci] - x_zero_point);
+        }
+      }
+    }
+  }
+}
+
+// ---- Add and Concat (eq. 10) ----------------------------------------------------------------------------
+
+void qadd(std::span<const int8_t> a, std::span<const int8_t> b, const Rescale& r, const Requant& rq,
+          std::span<int8_t> y, int threads) {
+  const int64_t ma = r.multipliers[0], mb = r.multipliers[1];
+  const int32_t za = r.zero_points[0], zb = r.zero_points[1];
+  const auto size = static_cast<int64_t>(y.size());
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t k = 0; k < size; ++k) {
+    // |q − z| <= 255 and m < 2^31: the sum stays below 2^40, exact in int64.
+    const int64_t sum = ma * (a[k] - za) + mb * (b[k] - zb);
+    y[k] = static_cast<int8_t>(
+        std::clamp<int64_t>(rq.zero_point + rounding_right_shift_half_away(sum, r.shift), rq.act_min, rq.act_max));
+  }
+}
+
+namespace {
+// One input's codes rescaled to the output's (eq. 10 with one input); a copy when the rescale is the identity.
+void rescale_codes(const int8_t* x, int8_t* y, int64_t count, int64_t x_stride, int64_t y_stride, int64_t width,
+                   int32_t multiplier, int32_t zero_point, int shift, const Requant& rq) {
+  const bool identity = zero_point == rq.zero_point && int64_t{multiplier} == int64_t{1} << shift &&
+                        rq.act_min == -128 && rq.act_max == 127;
+  for (int64_t k = 0; k < count; ++k) {
+    const int8_t* src = x + k * x_stride;
+    int8_t* dst = y + k * y_stride;
+    if (identity) {
+      std::memcpy(dst, src, static_cast<size_t>(width));
+      continue;
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t scaled = rounding_right_shift_half_away(int64_t{multiplier} * (src[j] - zero_point), shift);
+      dst[j] = static_cast<int8_t>(std::clamp<int64_t>(rq.zero_point + scaled, rq.act_min, rq.act_max));
+    }
+  }
+}
+}  // namespace
+
+void qconcat(std::span<const std::span<const int8_t>> inputs, std::span<const int64_t> channels, int64_t positions,
+             int64_t n, const Rescale& r, const Requant& rq, std::span<int8_t> y, bool channels_last, int threads) {
+  int64_t total = 0;
+  for (const int64_t c : channels) total += c;
+  const auto count = static_cast<int64_t>(inputs.size());
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t offset = 0;  // the first output channel of input k
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t c = channels[k];
+      const int8_t* x = inputs[k].data() + i * c * positions;
+      int8_t* out = y.data() + i * total * positions;
+      if (channels_last) {  // (positions, c) rows into (positions, total) rows
+        rescale_codes(x, out + offset, positions, c, total, c, r.multipliers[k], r.zero_points[k], r.shift, rq);
+      } else {  // one block of c·positions codes
+        rescale_codes(x, out + offset * positions, 1, 0, 0, c * positions, r.multipliers[k], r.zero_points[k],
+                      r.shift, rq);
+      }
+      offset += c;
+    }
+  }
+}
+
+// ---- GlobalAvgPool2d and Clamp -------------------------------------------------------------------------
+
+void global_avgpool(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> y, int64_t n, int64_t c,
+                    int64_t positions, bool channels_last, int threads) {
+  const auto count = static_cast<int32_t>(positions);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      // Σ (q − z) fits int32: positions <= 2^30 / c and |q − z| <= 255 would not, so validate() bounds the
+      // image size; 2^23 positions · 255 < 2^31.
+      int32_t sum = 0;
+      for (int64_t p = 0; p < positions; ++p)
+        sum += (channels_last ? x[(i * positions + p) * c + ch] : x[(i * c + ch) * positions + p]) - zero_point;
+      y[i * c + ch] = static_cast<int8_t>(std::clamp(zero_point + rounding_divide_half_away(sum, count), -128, 127));
+    }
+  }
+}
+
+void clamp_codes(std::span<const int8_t> x, int32_t lo, int32_t hi, std::span<int8_t> y, int threads) {
+  const auto size = static_cast<int64_t>(y.size());
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t k = 0; k < size; ++k) y[k] = static_cast<int8_t>(std::clamp<int32_t>(x[k], lo, hi));
+}
+
+}  // namespace lowbit::quant::runtime

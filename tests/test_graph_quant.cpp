@@ -1,0 +1,411 @@
+// Quantizing graphs: the integer graph ops of residual, depthwise, grouped and concatenating models against
+// their float definitions and their reference kernels, and a property test over random architectures
+// (prepare → calibrate → QAT steps → convert → save → load → run).
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+#include <cmath>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "core/normalize.h"
+#include "core/ops.h"
+#include "core/rng.h"
+#include "kernel_paths.h"
+#include "nn/graph.h"
+#include "optim/optimizer.h"
+#include "quant/convert.h"
+#include "quant/int_model.h"
+#include "quant/qat.h"
+#include "quant/runtime/executor.h"
+#include "quant/runtime/int4.h"
+#include "quant/runtime/kernels.h"
+#include "quant/runtime/requantize.h"
+
+using namespace lowbit;
+namespace rt = lowbit::quant::runtime;
+
+namespace {
+
+int32_t random_in(Rng& rng, int32_t lo, int32_t hi) {
+  return lo + static_cast<int32_t>(rng.below(static_cast<uint64_t>(hi - lo + 1)));
+}
+
+std::vector<int8_t> random_codes(Rng& rng, size_t count, int32_t lo = -128, int32_t hi = 127) {
+  std::vector<int8_t> out(count);
+  for (int8_t& v : out) v = static_cast<int8_t>(random_in(rng, lo, hi));
+  return out;
+}
+
+// The real value of an output code at (scale, zero point) against the float result, in output LSBs.
+double lsb_error(int8_t code, int32_t zero_point, double real, double scale) {
+  return std::fabs((code - zero_point) - real / scale);
+}
+
+}  // namespace
+
+// ---- Add -----------------------------------------------------------------------------------------------
+
+TEST_CASE("QAdd: within one output LSB of the float sum over the whole scale-ratio range, zero points at both ends") {
+  Rng rng(1);
+  // s_a / s_out and s_b / s_out from far below 1 to above 1, in both orders.
+  const std::vector<std::pair<float, float>> ratios = {
+      {1.f, 1.f}, {0.5f, 0.25f}, {3.7f, 0.01f}, {0.01f, 3.7f}, {1e-4f, 0.8f}, {12.f, 9.f}, {0.3f, 0.3f}, {200.f, 1.f}};
+  for (const auto& [ra, rb] : ratios) {
+    for (const int32_t za : {-128, 0, 127}) {
+      for (const int32_t z_out : {-128, 5, 127}) {
+        CAPTURE(ra);
+        CAPTURE(rb);
+        CAPTURE(za);
+        CAPTURE(z_out);
+        const float s_out = 0.05f;
+        const float sa = ra * s_out, sb = rb * s_out;
+        const int32_t zb = -za / 2;
+        rt::Rescale r = quant::rescale_from_scales(std::vector<float>{quant::rescale_scale(sa, s_out),
+                                                                     quant::rescale_scale(sb, s_out)});
+        r.zero_points = {za, zb};
+        rt::Requant rq;
+        rq.zero_point = z_out;
+        const auto a = random_codes(rng, 257), b = random_codes(rng, 257);
+        std::vector<int8_t> y(a.size());
+        rt::qadd(a, b, r, rq, y);
+        for (size_t k = 0; k < a.size(); ++k) {
+          const double real = double{sa} * (a[k] - za) + double{sb} * (b[k] - zb);
+          const double code = std::clamp(real / s_out + z_out, -128.0, 127.0);
+          // At most one rounding step away from the float result (0.5 LSB rounding + the multiplier's error).
+          CHECK(std::fabs(y[k] - code) <= 1.0);
+        }
+      }
+    }
+  }
+  // The fixed-point multipliers: the largest normalised, the other with the same shift.
+  const rt::Rescale r = quant::rescale_from_scales(std::vector<float>{0.25f, 2.f});
+  CHECK(r.multipliers[1] == (int32_t{1} << 30));
+  CHECK(r.multipliers[0] == (int32_t{1} << 27));
+  CHECK(r.shift == 29);
+  CHECK_THROWS_AS(quant::rescale_from_scales(std::vector<float>{0.f, 1.f}), Error);
+}
+
+// ---- grouped / depthwise convolution ------------------------------------------------------------------
+
+TEST_CASE("grouped and depthwise conv: channels-last kernel == reference, every stride, padding, width, thread count") {
+  Rng rng(2);
+  const auto paths = test::fast_paths_to_test();
+  struct Case {
+    int64_t channels, out, groups, kernel, stride, padding;
+  };
+  const std::vector<Case> cases = {{7, 7, 7, 3, 1, 1},   {9, 9, 9, 3, 2, 1},   {13, 13, 13, 5, 1, 2},
+                                   {17, 34, 17, 3, 1, 0}, {6, 9, 3, 3, 2, 1},   {8, 4, 2, 1, 1, 0},
+                                   {5, 10, 5, 2, 2, 0},   {33, 33, 33, 3, 1, 1}, {4, 6, 2, 3, 1, 2}};
+  for (const Case& c : cases) {
+    for (const int bits : {8, 4}) {
+      CAPTURE(c.channels);
+      CAPTURE(c.groups);
+      CAPTURE(bits);
+      const rt::ConvShape s{3, c.channels, 7, 6, c.out, c.kernel, c.stride, c.padding, c.groups};
+      const int64_t row = c.channels / c.groups * c.kernel * c.kernel;
+      std::vector<int8_t> codes = random_codes(rng, static_cast<size_t>(c.out * row), bits == 8 ? -127 : -8,
+                                               bits == 8 ? 127 : 7);
+      std::vector<int8_t> w = codes;
+      if (bits == 4) {
+        const auto row_bytes = static_cast<int64_t>(rt::int4_packed_size(row));
+        w.assign(static_cast<size_t>(c.out * row_bytes), 0);
+        for (int64_t o = 0; o < c.out; ++o)
+          rt::pack_int4(std::span<const int8_t>(codes).subspan(o * row, row),
+                        std::span<int8_t>(w).subspan(o * row_bytes, row_bytes));
+      }
+      std::vector<int32_t> bias(static_cast<size_t>(c.out));
+      for (int32_t& b : bias) b = random_in(rng, -5000, 5000);
+      const int32_t z = random_in(rng, -128, 127);
+      const auto x = random_codes(rng, static_cast<size_t>(s.n * c.channels * 7 * 6));
+      const int64_t ho = rt::pooled_size(7, c.kernel, c.stride, c.padding);
+      const int64_t wo = rt::pooled_size(6, c.kernel, c.stride, c.padding);
+      std::vector<int32_t> want(static_cast<size_t>(s.n * ho * wo * c.out));
+      rt::qconv2d_grouped_ref(x, z, w, bits, bias, want, s);
+      // The direct definition, here once more in the plainest form (NCHW, no groups formula shared).
+      const int64_t gi = c.channels / c.groups, go = c.out / c.groups;
+      for (int64_t i = 0; i < s.n; ++i)
+        for (int64_t o = 0; o < c.out; ++o)
+          for (int64_t p = 0; p < ho * wo; ++p) {
+            int64_t sum = bias[static_cast<size_t>(o)];
+            for (int64_t ci = 0; ci < gi; ++ci)
+              for (int64_t kh = 0; kh < c.kernel; ++kh)
+                for (int64_t kw = 0; kw < c.kernel; ++kw) {
+                  const int64_t ih = p / wo * c.stride - c.padding + kh, iw = p % wo * c.stride - c.padding + kw;
+                  if (ih < 0 || ih >= 7 || iw < 0 || iw >= 6) continue;
+                  const int64_t channel = o / go * gi + ci;
+                  sum += int64_t{codes[static_cast<size_t>(o * row + (ci * c.kernel + kh) * c.kernel + kw)]} *
+                         (x[static_cast<size_t>(((i * c.channels + channel) * 7 + ih) * 6 + iw)] - z);
+                }
+            REQUIRE(want[static_cast<size_t>((i * ho * wo + p) * c.out + o)] == sum);
+          }
+      // Channels last, on the reference and on every fast path, 1 to 3 threads.
+      std::vector<int8_t> nhwc(x.size());
+      for (int64_t i = 0; i < s.n; ++i)
+        for (int64_t ch = 0; ch < c.channels; ++ch)
+          for (int64_t q = 0; q < 42; ++q)
+            nhwc[static_cast<size_t>((i * 42 + q) * c.channels + ch)] = x[static_cast<size_t>((i * c.channels + ch) * 42 + q)];
+      const rt::GroupedConvWeights packed = rt::pack_grouped_conv(w, bits, s);
+      std::vector<rt::KernelPath> all = paths;
+      all.push_back(rt::KernelPath::Ref);
+      for (const rt::KernelPath path : all) {
+        for (const int threads : {1, 2, 3}) {
+          std::vector<int32_t> got(want.size());
+          rt::qconv2d_grouped_nhwc(nhwc, z, packed, bias, got, s, threads, path);
+          CHECK(got == want);
+        }
+      }
+    }
+  }
+}
+
+// ---- Concat, GlobalAvgPool2d, Clamp -------------------------------------------------------------------
+
+TEST_CASE("Concat, GlobalAvgPool2d and Clamp: both layouts agree, within one LSB of the float result") {
+  Rng rng(3);
+  // Concat of 3 + 5 channels over 6 positions, the second input at another scale; a copy for the first.
+  const int64_t n = 2, positions = 6;
+  const std::vector<int64_t> channels = {3, 5};
+  const auto a = random_codes(rng, static_cast<size_t>(n * 3 * positions));
+  const auto b = random_codes(rng, static_cast<size_t>(n * 5 * positions));
+  const float s_out = 0.1f, sb = 0.037f;
+  rt::Rescale r = quant::rescale_from_scales(std::vector<float>{1.f, quant::rescale_scale(sb, s_out)});
+  r.zero_points = {4, -20};
+  rt::Requant rq;
+  rq.zero_point = 4;
+  std::vector<int8_t> nchw(static_cast<size_t>(n * 8 * positions)), nhwc(nchw.size());
+  const std::vector<std::span<const int8_t>> parts = {a, b};
+  rt::qconcat(parts, channels, positions, n, r, rq, nchw, false);
+  // The same codes laid out channels last.
+  const auto to_nhwc = [&](const std::vector<int8_t>& x, int64_t c) {
+    std::vector<int8_t> y(x.size());
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t ch = 0; ch < c; ++ch)
+        for (int64_t p = 0; p < positions; ++p)
+          y[static_cast<size_t>((i * positions + p) * c + ch)] = x[static_cast<size_t>((i * c + ch) * positions + p)];
+    return y;
+  };
+  const auto a_last = to_nhwc(a, 3), b_last = to_nhwc(b, 5);
+  const std::vector<std::span<const int8_t>> parts_last = {a_last, b_last};
+  rt::qconcat(parts_last, channels, positions, n, r, rq, nhwc, true);
+  CHECK(to_nhwc(nchw, 8) == nhwc);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t ch = 0; ch < 8; ++ch)
+      for (int64_t p = 0; p < positions; ++p) {
+        const int8_t got = nchw[static_cast<size_t>((i * 8 + ch) * positions + p)];
+        if (ch < 3) {
+          CHECK(got == a[static_cast<size_t>((i * 3 + ch) * positions + p)]);  // equal qparams: a copy
+        } else {
+          const int8_t q = b[static_cast<size_t>((i * 5 + ch - 3) * positions + p)];
+          CHECK(lsb_error(got, 4, double{sb} * (q + 20), s_out) <= 0.5 + 1e-6);
+        }
+      }
+  // GlobalAvgPool2d: the mean of each channel, rounded once, ties away from zero.
+  const auto x = random_codes(rng, static_cast<size_t>(n * 3 * 7));
+  std::vector<int8_t> pooled(static_cast<size_t>(n * 3)), pooled_last(pooled.size());
+  rt::global_avgpool(x, -7, pooled, n, 3, 7, false);
+  std::vector<int8_t> x_last(x.size());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t ch = 0; ch < 3; ++ch)
+      for (int64_t p = 0; p < 7; ++p) x_last[static_cast<size_t>((i * 7 + p) * 3 + ch)] = x[static_cast<size_t>((i * 3 + ch) * 7 + p)];
+  rt::global_avgpool(x_last, -7, pooled_last, n, 3, 7, true);
+  CHECK(pooled == pooled_last);
+  for (int64_t i = 0; i < n * 3; ++i) {
+    double sum = 0;
+    for (int64_t p = 0; p < 7; ++p) sum += x[static_cast<size_t>(i * 7 + p)] + 7;
+    CHECK(lsb_error(pooled[static_cast<size_t>(i)], -7, sum / 7, 1.0) <= 0.5 + 1e-9);
+  }
+  // Clamp: ReLU6 on codes of scale 0.05, zero point −100: [−100, quantize(6) = 20].
+  std::vector<int8_t> clamped(x.size());
+  rt::clamp_codes(x, -100, 20, clamped);
+  for (size_t k = 0; k < x.size(); ++k) CHECK(clamped[k] == std::clamp<int>(x[k], -100, 20));
+}
+
+// ---- random architectures ------------------------------------------------------------------------------
+
+namespace {
+
+// A random classifier description: a stem, 1-3 blocks (residual, depthwise-separable, grouped, concat, pool)
+// and a head (global pooling or flatten), for a random input size and number of classes.
+std::string random_description(Rng& rng, int index) {
+  const int64_t channels = random_in(rng, 1, 3), height = random_in(rng, 6, 11), width = random_in(rng, 6, 11);
+  int64_t h = height, w = width, c = 2 * random_in(rng, 2, 4);
+  std::vector<std::string> nodes;
+  std::string last = "input";
+  int count = 0;
+  const auto add = [&](const std::string& kind, const std::string& attributes, const std::vector<std::string>& inputs) {
+    const std::string name = fmt::format("n{}", count++);
+    std::string in;
+    for (const std::string& i : inputs) in += (in.empty() ? "\"" : ", \"") + i + "\"";
+    nodes.push_back(fmt::format(R"({{"name": "{}", "kind": "{}"{}, "inputs": [{}]}})", name, kind,
+                                attributes.empty() ? "" : ", " + attributes, in));
+    return name;
+  };
+  const auto activation = [&](const std::string& x) {
+    const int a = random_in(rng, 0, 2);
+    return a == 0 ? x : add(a == 1 ? "ReLU" : "ReLU6", "", {x});
+  };
+  const auto conv = [&](const std::string& x, int64_t out, int64_t k, int64_t stride, int64_t groups, bool bn) {
+    const int64_t pad = k / 2;
+    std::string y = add("Conv2d", fmt::format(R"("out_channels": {}, "kernel": {}, "stride": {}, "padding": {}, )"
+                                              R"("groups": {}, "bias": {})",
+                                              out, k, stride, pad, groups, bn ? "false" : "true"),
+                        {x});
+    if (bn) y = add("BatchNorm2d", "", {y});
+    h = (h + 2 * pad - k) / stride + 1;
+    w = (w + 2 * pad - k) / stride + 1;
+    c = out;
+    return y;
+  };
+  last = activation(conv(last, c, 3, 1, 1, random_in(rng, 0, 1) == 1));
+  const int blocks = random_in(rng, 1, 3);
+  for (int b = 0; b < blocks; ++b) {
+    switch (random_in(rng, 0, 4)) {
+      case 0: {  // residual: two convs and the identity, Add, maybe ReLU
+        const std::string x = last;
+        std::string y = add("ReLU", "", {conv(x, c, 3, 1, 1, true)});
+        y = conv(y, c, 3, 1, 1, random_in(rng, 0, 1) == 1);
+        last = activation(add("Add", "", {y, x}));
+        break;
+      }
+      case 1: {  // depthwise-separable, maybe strided
+        const int64_t stride = std::min(h, w) >= 5 ? random_in(rng, 1, 2) : 1;
+        std::string y = add("ReLU6", "", {conv(last, c, 3, stride, c, true)});
+        last = activation(conv(y, 2 * random_in(rng, 2, 5), 1, 1, 1, random_in(rng, 0, 1) == 1));
+        break;
+      }
+      case 2:  // grouped: two groups (or depthwise with a channel multiplier of 2 when c is odd)
+        last = activation(c % 2 == 0 ? conv(last, 2 * random_in(rng, 1, 4), 3, 1, 2, random_in(rng, 0, 1) == 1)
+                                     : conv(last, 2 * c, 3, 1, c, random_in(rng, 0, 1) == 1));
+        break;
+      case 3: {  // two branches joined along the channels
+        const std::string x = last;
+        const int64_t h0 = h, w0 = w;
+        const std::string p = activation(conv(x, random_in(rng, 1, 5), 1, 1, 1, false));
+        const int64_t cp = c;
+        h = h0, w = w0;
+        const std::string q = conv(x, random_in(rng, 1, 5), 3, 1, 1, random_in(rng, 0, 1) == 1);
+        last = activation(add("Concat", "", {p, q}));
+        c += cp;
+        break;
+      }
+      default:  // a pool
+        if (std::min(h, w) >= 4) {
+          last = add(random_in(rng, 0, 1) == 0 ? "MaxPool2d" : "AvgPool2d", R"("kernel": 2)", {last});
+          h /= 2, w /= 2;
+        }
+        break;
+    }
+  }
+  if (random_in(rng, 0, 1) == 0) {
+    last = add("Flatten", "", {add("GlobalAvgPool2d", "", {last})});
+  } else {
+    last = add("ReLU", "", {add("Linear", R"("out_features": 12)", {add("Flatten", "", {last})})});
+    if (random_in(rng, 0, 1) == 0) last = add("Dropout", R"("p": 0.1)", {last});
+  }
+  add("Linear", R"("out_features": "classes")", {last});
+  std::string list;
+  for (const std::string& n : nodes) list += (list.empty() ? "" : ",\n  ") + n;
+  return fmt::format(R"({{"format": "lowbit-model", "version": 1, "name": "random{}",
+  "input": {{"channels": {}, "height": {}, "width": {}}}, "classes": {}, "nodes": [
+  {}]}})",
+                     index, channels, height, width, random_in(rng, 2, 7), list);
+}
+
+Tensor normalised(std::span<const uint8_t> pixels, const Shape& shape, const Normalization& norm) {
+  Tensor t = Tensor::empty(shape);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = normalize_pixel(pixels[static_cast<size_t>(i)], norm);
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("random architectures: prepare → calibrate → QAT → convert → save → load → run agree within 1 LSB") {
+  const auto paths = test::fast_paths_to_test();
+  const Normalization norm{0.3f, 0.35f};
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("lowbit_graph_quant_{}", ::getpid());
+  std::filesystem::create_directories(dir);
+  Rng rng(2026);
+  const std::vector<std::string> widths = {"w8a8", "w4a8", "w4a4", "w3a6"};
+  int max_lsb = 0;
+  int64_t logits = 0;
+  for (int index = 0; index < 16; ++index) {
+    const std::string text = random_description(rng, index);
+    const std::string bits = widths[static_cast<size_t>(index) % widths.size()];
+    CAPTURE(index);
+    CAPTURE(bits);
+    CAPTURE(text);
+    manual_seed(static_cast<uint64_t>(100 + index));
+    nn::Model model(nn::parse_description(text, fmt::format("random description {}", index)));
+    const Shape image = model.input_shape();
+    const int64_t pixels = image[0] * image[1] * image[2], classes = model.description.classes;
+    const auto batch_of = [&](int64_t n) {
+      std::vector<uint8_t> p(static_cast<size_t>(n * pixels));
+      for (uint8_t& v : p) v = static_cast<uint8_t>(rng.below(256));
+      return p;
+    };
+    const Shape batch_shape = {16, image[0], image[1], image[2]};
+    quant::QConfig config = quant::parse_bits(bits);
+    auto qat = quant::prepare_qat(model, config);
+    // Calibrate, then a few QAT steps (BatchNorm statistics, observers and weights all move).
+    {
+      quant::Calibrator calibrator(*qat);
+      for (int b = 0; b < 2; ++b) calibrator.observe(normalised(batch_of(16), batch_shape, norm));
+      calibrator.finish();
+    }
+    qat->train();
+    qat->set_observing(true);
+    optim::SGD sgd(qat->parameters(), {.lr = 0.01f, .momentum = 0.9f});
+    for (int step = 0; step < 3; ++step) {
+      std::vector<int32_t> labels(16);
+      for (int32_t& l : labels) l = static_cast<int32_t>(rng.below(static_cast<uint64_t>(classes)));
+      qat->zero_grad();
+      ops::cross_entropy(qat->forward(normalised(batch_of(16), batch_shape, norm)), labels).backward();
+      sgd.step();
+    }
+    qat->eval();
+    qat->set_observing(false);
+    const quant::IntModel converted = quant::convert(*qat, norm, image);
+    const std::string path = (dir / fmt::format("random{}.int.safetensors", index)).string();
+    quant::save_int_model(path, converted);
+    const quant::IntModel loaded = quant::load_int_model(path);
+    CHECK(loaded.description.nodes.size() == model.description.nodes.size());
+
+    const int64_t n = 23;
+    const auto images = batch_of(n);
+    Tensor fq;
+    {
+      NoGradGuard no_grad;
+      fq = qat->forward(normalised(images, {n, image[0], image[1], image[2]}, norm));
+    }
+    rt::Executor reference(loaded.graph, 1, rt::Executor::Kernels::Reference);
+    const auto ref_span = reference.run(images, n);
+    const std::vector<int8_t> want(ref_span.begin(), ref_span.end());
+    // The converted graph (before saving) runs to the same codes: the reload is identical.
+    rt::Executor before(converted.graph, 1, rt::Executor::Kernels::Reference);
+    const auto before_span = before.run(images, n);
+    CHECK(std::vector<int8_t>(before_span.begin(), before_span.end()) == want);
+    // Fake-quant logits vs integer logits: at most 1 LSB apart on every logit.
+    const int32_t z_out = loaded.graph.ops.back().requant.zero_point;
+    for (int64_t k = 0; k < n * classes; ++k) {
+      const int fq_code = static_cast<int>(std::lround(fq.data()[k] / loaded.output_scale)) + z_out;
+      const int diff = std::abs(fq_code - want[static_cast<size_t>(k)]);
+      max_lsb = std::max(max_lsb, diff);
+      CHECK(diff <= 1);
+    }
+    logits += n * classes;
+    // Every fast path, any thread count: bit for bit the reference.
+    for (const rt::KernelPath kernel_path : paths) {
+      for (const int threads : {1, 2, 3}) {
+        CAPTURE(rt::kernel_path_name(kernel_path));
+        CAPTURE(threads);
+        rt::Executor fast(loaded.graph, threads, kernel_path);
+        const auto got = fast.run(images, n);
+        CHECK(std::vector<int8_t>(got.begin(), got.end()) == want);
+      }
+    }
+  }
+  MESSAGE("random architectures: ", logits, " logits, largest fake-quant vs integer difference ", max_lsb, " LSB");
+  std::filesystem::remove_all(dir);
+}
