@@ -85,6 +85,16 @@ TEST_CASE("QAdd: within one output LSB of the float sum over the whole scale-rat
   CHECK(r.multipliers[0] == (int32_t{1} << 27));
   CHECK(r.shift == 29);
   CHECK_THROWS_AS(quant::rescale_from_scales(std::vector<float>{0.f, 1.f}), Error);
+  // The worked Add of docs/quantization.md (eq. 10): M = 1.25 and 0.5, a − z_a = 7, b − z_b = −3, z_out = −10.
+  rt::Rescale worked = quant::rescale_from_scales(std::vector<float>{1.25f, 0.5f});
+  CHECK(worked.multipliers == std::vector<int32_t>{1342177280, 536870912});
+  CHECK(worked.shift == 30);
+  worked.zero_points = {2, -5};
+  rt::Requant out;
+  out.zero_point = -10;
+  std::vector<int8_t> y(1);
+  rt::qadd(std::vector<int8_t>{9}, std::vector<int8_t>{-8}, worked, out, y);
+  CHECK(y[0] == -3);
 }
 
 // ---- grouped / depthwise convolution ------------------------------------------------------------------
