@@ -7,7 +7,8 @@ include(CMakePackageConfigHelpers)
 
 foreach(folder core nn optim data quant)
   install(DIRECTORY ${PROJECT_SOURCE_DIR}/${folder}/ DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/${folder}
-          FILES_MATCHING PATTERN "*.h")  # quant/ includes quant/runtime/
+          FILES_MATCHING PATTERN "*.h"   # quant/ includes quant/runtime/
+          PATTERN "export_onnx.h" EXCLUDE)  # lowbit_onnx (ONNX export) is not part of the installed package
 endforeach()
 
 install(TARGETS lowbit_core lowbit_nn lowbit_optim lowbit_data lowbit_quant lowbit_runtime lowbit

@@ -191,7 +191,9 @@ StFile to_st_file(const IntModel& model) {
   file.metadata["model"] = model.model_name;
   file.metadata["mode"] = model.mode;
   file.metadata["graph"] = graph.dump();
-  if (!model.description.nodes.empty()) file.metadata[kDescriptionKey] = nn::description_to_json(model.description);
+  // The description on one line: it is for tools, and every byte counts on a microcontroller's flash.
+  if (!model.description.nodes.empty())
+    file.metadata[kDescriptionKey] = json::parse(nn::description_to_json(model.description)).dump();
   // The Input op's table is not stored: the loader rebuilds it from the graph JSON (make_input_table).
   for (size_t i = 0; i < model.graph.ops.size(); ++i) {
     const Op& op = model.graph.ops[i];

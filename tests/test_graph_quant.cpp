@@ -9,7 +9,11 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
 #include "core/normalize.h"
+#include "core/safetensors.h"
 #include "core/ops.h"
 #include "core/rng.h"
 #include "kernel_paths.h"
@@ -87,6 +91,16 @@ TEST_CASE("QAdd: within one output LSB of the float sum over the whole scale-rat
   CHECK(r.multipliers[0] == (int32_t{1} << 27));
   CHECK(r.shift == 29);
   CHECK_THROWS_AS(quant::rescale_from_scales(std::vector<float>{0.f, 1.f}), Error);
+  // The worked Add of docs/quantization.md (eq. 10): M = 1.25 and 0.5, a − z_a = 7, b − z_b = −3, z_out = −10.
+  rt::Rescale worked = quant::rescale_from_scales(std::vector<float>{1.25f, 0.5f});
+  CHECK(worked.multipliers == std::vector<int32_t>{1342177280, 536870912});
+  CHECK(worked.shift == 30);
+  worked.zero_points = {2, -5};
+  rt::Requant out;
+  out.zero_point = -10;
+  std::vector<int8_t> y(1);
+  rt::qadd(std::vector<int8_t>{9}, std::vector<int8_t>{-8}, worked, out, y);
+  CHECK(y[0] == -3);
 }
 
 // ---- grouped / depthwise convolution ------------------------------------------------------------------
@@ -322,5 +336,106 @@ TEST_CASE("random architectures: prepare → calibrate → QAT → convert → s
     }
   }
   MESSAGE("random architectures: ", logits, " logits, largest fake-quant vs integer difference ", max_lsb, " LSB");
+  std::filesystem::remove_all(dir);
+}
+
+// ---- corrupt version-4 files ---------------------------------------------------------------------------
+
+TEST_CASE("a v4 file with graph ops: corrupt inputs, zero points and Add multipliers are refused on load") {
+  // A small residual model with a Concat, calibrated and converted.
+  manual_seed(5);
+  nn::Model model(nn::parse_description(R"({"format": "lowbit-model", "version": 1, "name": "joins",
+    "input": {"channels": 1, "height": 6, "width": 6}, "classes": 3, "nodes": [
+      {"name": "stem", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1}, {"name": "r", "kind": "ReLU"},
+      {"name": "c2", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1},
+      {"name": "add", "kind": "Add", "inputs": ["c2", "r"]},
+      {"name": "dw", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1, "groups": 4, "inputs": ["r"]},
+      {"name": "cat", "kind": "Concat", "inputs": ["add", "dw"]},
+      {"name": "gap", "kind": "GlobalAvgPool2d"}, {"name": "f", "kind": "Flatten"},
+      {"name": "fc", "kind": "Linear", "out_features": 3}]})",
+                                        "joins"));
+  const Normalization norm{0.3f, 0.35f};
+  auto qat = quant::prepare_qat(model, quant::parse_bits("w8a8"));
+  {
+    quant::Calibrator calibrator(*qat);
+    Rng rng(6);
+    std::vector<uint8_t> pixels(16 * 36);
+    for (uint8_t& p : pixels) p = static_cast<uint8_t>(rng.below(256));
+    calibrator.observe(normalised(pixels, {16, 1, 6, 6}, norm));
+    calibrator.finish();
+  }
+  const quant::IntModel converted = quant::convert(*qat, norm, {1, 6, 6});
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("lowbit_graph_corrupt_{}", ::getpid());
+  std::filesystem::create_directories(dir);
+  const std::string good = (dir / "good.int.safetensors").string();
+  quant::save_int_model(good, converted);
+  CHECK(quant::load_int_model(good).graph.ops.size() == converted.graph.ops.size());
+  // The index of the add and concat ops.
+  size_t add = 0, cat = 0;
+  for (size_t i = 0; i < converted.graph.ops.size(); ++i) {
+    if (converted.graph.ops[i].kind == rt::OpKind::Add) add = i;
+    if (converted.graph.ops[i].kind == rt::OpKind::Concat) cat = i;
+  }
+  REQUIRE(add > 0);
+  REQUIRE(cat > 0);
+  const auto refused = [&](auto&& edit) {
+    StFile file = load_safetensors(good);
+    nlohmann::json graph = nlohmann::json::parse(file.metadata.at("graph"));
+    edit(graph, file);
+    file.metadata["graph"] = graph.dump();
+    const std::string path = (dir / "bad.int.safetensors").string();
+    save_safetensors(path, file);
+    std::string message;
+    try {
+      quant::load_int_model(path);
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    return message;
+  };
+  const auto op_name = [&](size_t i) { return converted.graph.ops[i].name; };
+  // A dangling input, an input that comes later (a cycle), an Add with one input.
+  CHECK(refused([&](nlohmann::json& g, StFile&) { g["ops"][add]["inputs"][1] = "nowhere"; })
+            .find("input 'nowhere' is not the name of an earlier op") != std::string::npos);
+  CHECK(refused([&](nlohmann::json& g, StFile&) { g["ops"][add]["inputs"][0] = op_name(cat); })
+            .find("is not the name of an earlier op") != std::string::npos);
+  CHECK(refused([&](nlohmann::json& g, StFile&) { g["ops"][add]["inputs"] = {op_name(1)}; })
+            .find("'inputs' must have 2 entries, found 1") != std::string::npos);
+  // Zero points that do not chain, and of the wrong count.
+  CHECK(refused([&](nlohmann::json& g, StFile&) {
+          g["ops"][add]["input_zero_points"][1] = g["ops"][add]["input_zero_points"][1].get<int>() == 5 ? 6 : 5;
+        }).find("input zero point") != std::string::npos);
+  CHECK(refused([&](nlohmann::json& g, StFile&) { g["ops"][cat]["input_zero_points"] = {0}; })
+            .find("'input_zero_points' must have 2 entries") != std::string::npos);
+  // An Add whose scales give multipliers out of range: a scale of 2^31 (shift below 1) or of 0.
+  CHECK(refused([&](nlohmann::json&, StFile& f) {
+          for (auto& [name, t] : f.tensors)
+            if (name == fmt::format("ops.{}.scale", add)) {
+              const std::vector<float> huge = {2147483648.f, 1.f};
+              t = make_st_tensor<float>(DType::F32, {2}, std::span<const float>(huge));
+            }
+        }).find(fmt::format("ops.{}.scale", add)) != std::string::npos);
+  CHECK(refused([&](nlohmann::json&, StFile& f) {
+          for (auto& [name, t] : f.tensors)
+            if (name == fmt::format("ops.{}.scale", add)) {
+              const std::vector<float> zero = {0.f, 1.f};
+              t = make_st_tensor<float>(DType::F32, {2}, std::span<const float>(zero));
+            }
+        }).find("must be finite and > 0") != std::string::npos);
+  // The scale tensor of a Concat with the wrong number of entries.
+  CHECK(refused([&](nlohmann::json&, StFile& f) {
+          for (auto& [name, t] : f.tensors)
+            if (name == fmt::format("ops.{}.scale", cat)) {
+              const std::vector<float> one = {1.f};
+              t = make_st_tensor<float>(DType::F32, {1}, std::span<const float>(one));
+            }
+        }).find("has shape [1], expected [2]") != std::string::npos);
+  // Groups that do not divide the channels.
+  size_t dw = 0;
+  for (size_t i = 0; i < converted.graph.ops.size(); ++i)
+    if (converted.graph.ops[i].groups > 1) dw = i;
+  REQUIRE(dw > 0);
+  CHECK(refused([&](nlohmann::json& g, StFile&) { g["ops"][dw]["groups"] = 3; }).find("'groups' 3 must divide") !=
+        std::string::npos);
   std::filesystem::remove_all(dir);
 }

@@ -7,8 +7,11 @@ For each model (mlp, lenet5, convbn) this measures, with lowbit's own programs:
     (images_per_second) of the fp32 model and of the integer models int8 (w8a8), w4a8 and w4a4,
     made with `train --qat --bits B --dry-run` (a few batches: accuracy is irrelevant for speed);
 and runs the PyTorch peer (tools/peer.py, next to this script) with the same models and threads, or
-reuses its JSON (--peer-json). It prints a table (ours, PyTorch's best, ratio; ratio > 1 means lowbit
-is faster) and writes the same as JSON (--out). See docs/benchmarks.md.
+reuses its JSON (--peer-json). ONNX Runtime is the second peer: the same fp32 and integer models,
+exported with `export --format onnx`, timed by tools/ort/time_ort.js (npm onnxruntime-node in
+tools/ort/node_modules; --skip-ort without it). It prints a table (ours, PyTorch's best, ratio, ONNX
+Runtime, ratio; ratio > 1 means lowbit is faster) and writes the same as JSON (--out). See
+docs/benchmarks.md.
 
 The whole run holds /tmp/bench.lock (flock), like `flock /tmp/bench.lock peer.py`, so it does not
 overlap other timing jobs that honour the lock. Python 3 standard library only.
@@ -244,6 +247,43 @@ def peer_figures(P, threads):
 
 
 # ------------------------------------------------------------------------------------------------
+# the ONNX Runtime peer
+# ------------------------------------------------------------------------------------------------
+def ort_model(args, model, files, work):
+    """ONNX Runtime on our own models, exported to ONNX: {mode: {b1_median_us, b256_images_per_s, ...}}."""
+    onnx = {}
+    for mode, path in files.items():
+        onnx[mode] = os.path.join(work, f"{model}.{mode}.onnx")
+        run([os.path.join(args.bin, "export"), "--format", "onnx", "--model", path, "--out", onnx[mode]])
+    cmd = [args.node, os.path.join(args.ort_dir, "time_ort.js"), "--threads", str(args.threads)]
+    if args.quick:
+        cmd += ["--b1-calls", "1000", "--b256-reps", "5"]
+    modes = list(onnx)
+    results = {}
+    for _ in range(args.repeats):
+        out, foreign = run(cmd + [onnx[m] for m in modes])
+        lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+        # The first line is an identity model: the cost of one call through the Node.js binding, no kernel.
+        for mode, line in zip(["call_overhead"] + modes, lines):
+            line["foreign_cpu"] = foreign
+            results.setdefault(mode, []).append(line)
+    return {mode: {"b1_median_us": median(r["b1_median_us"] for r in runs),
+                   "b256_images_per_s": median(r["b256_images_per_s"] for r in runs),
+                   "onnxruntime": runs[0].get("onnxruntime"), "runs": runs}
+            for mode, runs in results.items()}
+
+
+def ort_figures(O):
+    f = {"train": None}  # inference only
+    for mode, res in (O or {}).items():
+        if mode == "call_overhead":
+            continue
+        f[f"{mode}_b1"] = res["b1_median_us"]
+        f[f"{mode}_b256"] = res["b256_images_per_s"]
+    return f
+
+
+# ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
 def ratio(ours, peer, higher_is_better):
@@ -259,13 +299,29 @@ def fmt(v, unit):
 
 
 def table(rows):
-    lines = ["| model | figure | lowbit | PyTorch best | ratio |", "|---|---|---:|---:|---:|"]
+    lines = ["| model | figure | lowbit | PyTorch best | ratio | ONNX Runtime | ratio |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    times = lambda r: "—" if r is None else f"{r:.2f}×"
     for model, cols in rows.items():
         for key, header, unit, _ in COLUMNS:
             c = cols[key]
-            r = "—" if c["ratio"] is None else f"{c['ratio']:.2f}×"
-            lines.append(f"| {model} | {header} | {fmt(c['ours'], unit)} | {fmt(c['peer'], unit)} | {r} |")
+            lines.append(f"| {model} | {header} | {fmt(c['ours'], unit)} | {fmt(c['peer'], unit)} | {times(c['ratio'])} "
+                         f"| {fmt(c['ort'], unit)} | {times(c['ort_ratio'])} |")
     return "\n".join(lines)
+
+
+def cpu_flags():
+    """The instruction sets the integer kernels of lowbit and ONNX Runtime choose from, as /proc/cpuinfo names them."""
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
 
 
 def machine_meta(args):
@@ -283,7 +339,8 @@ def machine_meta(args):
         dirty = bool(subprocess.run(["git", "-C", ROOT, "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
     except OSError:
         rev, dirty = None, None
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cpu_count": os.cpu_count(),
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cpu_flags": cpu_flags(),
+            "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "git": rev, "git_dirty": dirty, "threads": args.threads,
             "quick": args.quick, "repeats": args.repeats, "loadavg_start": os.getloadavg()}
 
@@ -297,7 +354,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=None, help="eval runs per figure, median kept (default 3; --quick 1)")
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--peer-json", help="reuse this peer.py result instead of running the peer")
-    ap.add_argument("--skip-peer", action="store_true", help="measure lowbit only")
+    ap.add_argument("--skip-peer", action="store_true", help="do not run the PyTorch peer")
+    ap.add_argument("--skip-ort", action="store_true", help="do not run the ONNX Runtime peer")
+    ap.add_argument("--node", default="node", help="Node.js, for the ONNX Runtime peer")
+    ap.add_argument("--ort-dir", default=os.path.join(ROOT, "tools", "ort"),
+                    help="folder with time_ort.js and node_modules/onnxruntime-node")
     ap.add_argument("--peer-out", help="where to keep the peer's own JSON (default: OUT with .peer.json)")
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"), help="folder with train and eval")
     ap.add_argument("--peer", default=os.path.join(ROOT, "tools", "peer.py"), help="the PyTorch peer")
@@ -316,9 +377,12 @@ def main():
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     args.data_flag = ["--data", args.data] if args.data else []
-    for prog in ("train", "eval"):
+    for prog in ("train", "eval") + (() if args.skip_ort else ("export",)):
         if not os.access(os.path.join(args.bin, prog), os.X_OK):
             ap.error(f"{os.path.join(args.bin, prog)} is missing: build first (cmake --build build)")
+    if not args.skip_ort and not os.path.isdir(os.path.join(args.ort_dir, "node_modules", "onnxruntime-node")):
+        ap.error(f"ONNX Runtime is not installed in {args.ort_dir}: cd tools/ort && npm ci --ignore-scripts "
+                 "(or --skip-ort)")
     peer_json = None
     if args.peer_json:
         with open(args.peer_json) as fh:
@@ -343,9 +407,12 @@ def main():
     work = args.work_dir or tempfile.mkdtemp(prefix="lowbit-bench-")
     os.makedirs(work, exist_ok=True)
     try:
-        ours = {}
+        ours, ort = {}, {}
         for m in models:
             ours[m] = ours_model(args, m, work)
+            if not args.skip_ort:
+                files = {mode: os.path.join(work, name) for mode, name in ours[m]["files"].items()}
+                ort[m] = ort_model(args, m, files, work)
         peer_foreign = None
         if args.skip_peer:
             peer_json = None
@@ -371,21 +438,30 @@ def main():
     for m in models:
         of = ours_figures(ours[m])
         pf, psrc = peer_figures((peer_json or {}).get("models", {}).get(m), args.threads)
+        orf = ort_figures(ort.get(m))
         rows[m] = {key: {"ours": of.get(key), "peer": pf.get(key), "peer_source": psrc.get(key),
-                         "ratio": ratio(of.get(key), pf.get(key), hib), "unit": unit,
+                         "ratio": ratio(of.get(key), pf.get(key), hib), "ort": orf.get(key),
+                         "ort_ratio": ratio(of.get(key), orf.get(key), hib), "unit": unit,
                          "ratio_means": "ours/peer" if hib else "peer/ours"}
                    for key, _, unit, hib in COLUMNS}
-        result["models"][m] = {"figures": rows[m], "ours": ours[m]}
+        result["models"][m] = {"figures": rows[m], "ours": ours[m], "onnxruntime": ort.get(m)}
 
     text = table(rows)
     foreign = [r["foreign_cpu"] for m in models for res in ours[m]["inference"].values() for b in res.values()
                for r in b["runs"]]
     foreign += [ours[m]["train"]["foreign_cpu"] for m in models if ours[m].get("train")]
+    foreign += [r["foreign_cpu"] for m in ort for res in ort[m].values() for r in res["runs"]]
     foreign = [f for f in foreign if f is not None]
     meta["ours_max_foreign_cpu"] = max(foreign) if foreign else None
-    print(f"\nlowbit vs PyTorch, {args.threads} thread(s), {meta['cpu']}; ratio > 1: lowbit is faster "
+    print(f"\nlowbit vs PyTorch and ONNX Runtime, {args.threads} thread(s), {meta['cpu']} "
+          f"({', '.join(meta['cpu_flags']) or 'no AVX2'}); ratio > 1: lowbit is faster "
           f"(throughput ours/peer, latency peer/ours){' [--quick]' if args.quick else ''}\n")
     print(text)
+    overheads = [ort[m]["call_overhead"]["b1_median_us"] for m in ort]
+    if overheads:
+        print(f"\nONNX Runtime {next(iter(ort.values()))['int8'].get('onnxruntime')} (npm onnxruntime-node): its b1 "
+              f"figures include {min(overheads):.1f}-{max(overheads):.1f} µs per call of the Node.js binding "
+              f"(an identity model's b1 latency).")
     if meta["ours_max_foreign_cpu"] and meta["ours_max_foreign_cpu"] > 0.05:
         print(f"\nWARNING: other processes used up to {meta['ours_max_foreign_cpu']:.0%} of the CPUs during our "
               f"timings (load average {meta['loadavg_start'][0]:.1f} at the start): the figures are not meaningful; "

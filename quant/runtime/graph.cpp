@@ -363,6 +363,10 @@ void validate(const Graph& graph) {
       case OpKind::AvgPool2d:
       case OpKind::GlobalAvgPool2d:
         check_range(op, i, "input_zero_point", op.input_zero_point, -128, 127);
+        if (op.kind == OpKind::GlobalAvgPool2d) {  // Σ (q − z) over the image must fit int32: 255·H·W < 2^31
+          const Shape& in = shapes[first];
+          check_range(op, i, "its input's H·W", in.h * in.w, 1, int64_t{1} << 23);
+        }
         check_zero_point_chains();
         ranges[i] = {std::min(range.lo, op.input_zero_point), std::max(range.hi, op.input_zero_point)};  // padding holds z
         has_zero_point[i] = true;

@@ -173,8 +173,7 @@ void global_avgpool(std::span<const int8_t> x, int32_t zero_point, std::span<int
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t ch = 0; ch < c; ++ch) {
-      // Σ (q − z) fits int32: positions <= 2^30 / c and |q − z| <= 255 would not, so validate() bounds the
-      // image size; 2^23 positions · 255 < 2^31.
+      // Σ (q − z) fits int32: validate() allows at most 2^23 positions, and 2^23 · 255 < 2^31.
       int32_t sum = 0;
       for (int64_t p = 0; p < positions; ++p)
         sum += (channels_last ? x[(i * positions + p) * c + ch] : x[(i * c + ch) * positions + p]) - zero_point;

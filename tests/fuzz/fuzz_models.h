@@ -7,7 +7,10 @@
 
 #include "nn/graph.h"
 #include "nn/layers.h"
+#include "core/normalize.h"
+#include "quant/convert.h"
 #include "quant/int_model.h"
+#include "quant/qat.h"
 #include "quant/runtime/int4.h"
 
 namespace lowbit::fuzz {
@@ -106,6 +109,30 @@ inline quant::IntModel tiny_int_model() {
   m.op_output_scales = {0.0156f, 0.05f, 0.05f, 0.05f, 0.05f, 0.25f};
   rt::chain_inputs(m.graph);
   return m;
+}
+
+// A graph with every op kind of format version 4 that tiny_int_model lacks: a residual Add, a depthwise
+// conv, a Concat, a standalone ReLU6 (a clamp) and global average pooling; calibrated on fixed pixels.
+inline quant::IntModel tiny_graph_int_model() {
+  manual_seed(3);
+  nn::Model model(nn::parse_description(R"({"format": "lowbit-model", "version": 1, "name": "tiny-graph",
+    "input": {"channels": 1, "height": 4, "width": 4}, "classes": 3, "nodes": [
+      {"name": "c1", "kind": "Conv2d", "out_channels": 2, "kernel": 3, "padding": 1}, {"name": "r", "kind": "ReLU"},
+      {"name": "c2", "kind": "Conv2d", "out_channels": 2, "kernel": 3, "padding": 1},
+      {"name": "add", "kind": "Add", "inputs": ["c2", "r"]},
+      {"name": "dw", "kind": "Conv2d", "out_channels": 2, "kernel": 3, "padding": 1, "groups": 2, "inputs": ["r"]},
+      {"name": "r6", "kind": "ReLU6"}, {"name": "cat", "kind": "Concat", "inputs": ["add", "r6"]},
+      {"name": "gap", "kind": "GlobalAvgPool2d"}, {"name": "f", "kind": "Flatten"},
+      {"name": "fc", "kind": "Linear", "out_features": 3}]})",
+                                        "tiny-graph"));
+  const Normalization norm{0.25f, 0.5f};
+  auto qat = quant::prepare_qat(model, quant::parse_bits("w4a8"));
+  quant::Calibrator calibrator(*qat);
+  Tensor x = Tensor::empty({8, 1, 4, 4});
+  for (int64_t i = 0; i < x.numel(); ++i) x.data()[i] = normalize_pixel(static_cast<uint8_t>(i * 37 % 256), norm);
+  calibrator.observe(x);
+  calibrator.finish();
+  return quant::convert(*qat, norm, {1, 4, 4});
 }
 
 }  // namespace lowbit::fuzz

@@ -68,6 +68,7 @@ inline void write_checkpoint_seeds(const fs::path& dir) {
 
 inline void write_int_model_seeds(const fs::path& dir) {
   quant::save_int_model((dir / "tiny.int.safetensors").string(), tiny_int_model());
+  quant::save_int_model((dir / "tiny-graph.int.safetensors").string(), tiny_graph_int_model());
 }
 
 }  // namespace seeds_detail
