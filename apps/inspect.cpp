@@ -258,11 +258,14 @@ std::string histogram_svg(const quant::Histogram& h, std::pair<float, float> cli
   std::vector<int64_t> ticks{0};
   for (int64_t c = 1; c * 3 <= most; c *= 10) ticks.push_back(c);  // a power of ten well below the top
   if (most > 0) ticks.push_back(most);
+  double last_y = 1e9;
   for (int64_t c : ticks) {
     const double y = y0 - (top > 0 ? std::log1p(static_cast<double>(c)) / top * ht : 0);
+    if (last_y - y < 12 && c != most) continue;  // labels 12 px apart at least (the tallest bar's always shown)
+    last_y = y;
     out += fmt::format(
         "<line class=\"axis\" x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\"/>"
-        "<text x=\"{}\" y=\"{:.1f}\" class=\"tick ytick\" text-anchor=\"end\">{}</text>\n",
+        "<text x=\"{}\" y=\"{:.1f}\" class=\"tick count\" text-anchor=\"end\">{}</text>\n",
         kLeft - 3, y, kLeft, y, kLeft - 5, y + 4, c);
   }
   out += fmt::format(
@@ -484,7 +487,7 @@ svg { background: #fff; border: 1px solid #ddd; margin: 4px 8px 4px 0; }
 .nodename { font-size: 12px; font-weight: bold; } .nodeop { font-size: 10px; fill: #555; }
 .edge { fill: none; stroke: #666; stroke-width: 1.3; } .edge.skip { stroke: #c2185b; stroke-width: 2; }
 .arrow { fill: #666; } .arrow.skip { fill: #c2185b; }
-table.nodes td { font-family: monospace; font-size: 12px; }
+table.nodes td { font-family: monospace; font-size: 12px; } table.nodes td:nth-child(-n+3) { text-align: left; }
 .s0 { stroke: #4a78b0; fill: #4a78b0; } .s1 { stroke: #e08a1e; fill: #e08a1e; } .s2 { stroke: #3a9a4a; fill: #3a9a4a; }
 polyline.s0, polyline.s1, polyline.s2, line.line { fill: none; }
 .note { color: #666; })";
@@ -828,11 +831,13 @@ void run(Settings s) {
                            qparams_origin(r));
   std::cout << fmt::format("ranges and SQNR: weights, and block outputs over the first {} calibration images\n",
                            r.stats_images);
-  std::cout << fmt::format("  {:<10} {:>20} {:>11} {:>18} {:>18} {:>11}\n", "layer", "weight range", "weight SQNR",
+  size_t name_width = 10;  // the longest layer name ("layers.b2_shortcut"), so that the columns line up
+  for (const auto& l : r.layers) name_width = std::max(name_width, l.layer.size());
+  std::cout << fmt::format("  {:<{}} {:>20} {:>11} {:>18} {:>18} {:>11}\n", "layer", name_width, "weight range", "weight SQNR",
                            "output range", "output clip", "output SQNR");
   for (const auto& l : r.layers)
     std::cout << fmt::format(
-        "  {:<10} {:>20} {:>11} {:>18} {:>18} {:>11}\n", l.layer,
+        "  {:<{}} {:>20} {:>11} {:>18} {:>18} {:>11}\n", l.layer, name_width,
         fmt::format("[{:.4f}, {:.4f}]", l.weight_minmax.first, l.weight_minmax.second), db(l.weight_sqnr_db),
         fmt::format("[{:.3f}, {:.3f}]", l.activation_minmax.first, l.activation_minmax.second),
         fmt::format("[{:.3f}, {:.3f}]", l.activation_clip.first, l.activation_clip.second), db(l.activation_sqnr_db));

@@ -388,7 +388,8 @@ TEST_CASE("lenet5 report: y-axis values, per-channel weight ranges, true labels,
   REQUIRE_MESSAGE(r.code == 0, r.err);
   const std::string html = text_of(out);
   // Every histogram has count labels on its y axis (0 and at least the tallest bar's count).
-  CHECK(count_of(html, "class=\"tick ytick\">0<") >= 2 * kBlocks);
+  CHECK(count_of(html, "class=\"tick count\" text-anchor=\"end\">0</text>") == 2 * kBlocks);
+  CHECK(count_of(html, "class=\"tick count\"") >= 2 * 2 * kBlocks);  // 0 and the tallest bar, at least
   CHECK(count_of(html, "count (log scale)") == 2 * kBlocks);
   // One per-channel plot per weighted layer; a bar and two clamp ticks per output channel (6+16+120+84+10).
   CHECK(count_of(html, "<svg class=\"channels\"") == kBlocks);

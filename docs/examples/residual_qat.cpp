@@ -26,11 +26,12 @@ using namespace lowbit;
 
 namespace {
 
-constexpr int64_t kTestImages = 2000;  // the first test images: enough to see the agreement, quick to run
+constexpr int64_t kTestImages = 1000;  // the first test images: enough to see the agreement, quick to run
 constexpr int64_t kCalibBatches = 4;   // calibration before QAT: 4 batches of 250 images
 
-// The network, node by node, as a description (the same thing a models/*.json file holds; docs/model-
-// description.md). A node reads the node before it unless it names its inputs; "Add" names both of its.
+// The network, node by node, as a description (what a models/*.json file holds, docs/model-description.md,
+// built in code). Every node names its inputs: here the node before it ("input" for the first), unless
+// given; the Add names both of its.
 nn::Description residual_net(const data::MnistData& mnist) {
   nn::Description d;
   d.name = "tiny-residual";
@@ -39,6 +40,7 @@ nn::Description residual_net(const data::MnistData& mnist) {
   d.width = mnist.train.images.cols;
   d.classes = mnist.classes;
   auto node = [&](std::string name, std::string kind, nlohmann::json attributes, std::vector<std::string> inputs = {}) {
+    if (inputs.empty()) inputs = {d.nodes.empty() ? std::string("input") : d.nodes.back().name};
     d.nodes.push_back({std::move(name), std::move(kind), std::move(inputs), std::move(attributes)});
   };
   using J = nlohmann::json;
@@ -56,6 +58,7 @@ nn::Description residual_net(const data::MnistData& mnist) {
   node("pool", "GlobalAvgPool2d", J::object());
   node("flatten", "Flatten", J::object());
   node("fc", "Linear", J{{"out_features", "classes"}});
+  d.output = "fc";  // the logits
   return d;
 }
 
@@ -100,7 +103,7 @@ int main(int argc, char** argv) try {
   auto model = nn::build_model(residual_net(mnist));
   std::printf("%s", nn::format_summary(nn::summarize(*model)).c_str());
   data::DataLoader train_loader(mnist.train, {}, {.batch_size = 64, .seed = 0, .norm = norm});
-  const double loss = train(*model, train_loader, max_batches, 3e-3f, [](int64_t) {});
+  const double loss = train(*model, train_loader, max_batches, 1e-2f, [](int64_t) {});
 
   // 2. Prepare for QAT: Conv2d + BatchNorm2d + ReLU, the Add + ReLU fused; fake-quant on every weight and
   //    on every activation the integer graph will hold (both inputs of the Add and its output too).
@@ -116,7 +119,7 @@ int main(int argc, char** argv) try {
   // 3. QAT: fine-tune through the fake quantizers; freeze the BatchNorm statistics half way and the
   //    observers (the activation ranges) at three quarters, as `train --qat` does.
   const int64_t qat_batches = max_batches == 0 ? train_loader.batches_per_epoch() : max_batches;
-  const double qat_loss = train(*qat, train_loader, qat_batches, 5e-4f, [&](int64_t step) {
+  const double qat_loss = train(*qat, train_loader, qat_batches, 1e-3f, [&](int64_t step) {
     if (step >= qat_batches / 2) qat->freeze_bn_stats();
     qat->set_observing(step < 3 * qat_batches / 4);
   });
@@ -164,7 +167,7 @@ int main(int argc, char** argv) try {
   auto pct = [&](int64_t n) { return 100.0 * static_cast<double>(n) / static_cast<double>(seen); };
   std::printf("float: train loss %.4f; QAT (calibrated on %lld images first): train loss %.4f\n", loss,
               static_cast<long long>(calibrated), qat_loss);
-  std::printf("accuracy on %lld test images: float %.2f%%, fake-quant %.2f%%, integer %.2f%%\n",
+  std::printf("accuracy on %lld test images: float (before QAT) %.2f%%, fake-quant %.2f%%, integer %.2f%%\n",
               static_cast<long long>(seen), pct(float_correct), pct(fq_correct), pct(int_correct));
   std::printf("fake-quant vs integer: %.2f%% of predictions agree, max logit difference %lld LSB\n", pct(agree),
               static_cast<long long>(max_lsb));
