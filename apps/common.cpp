@@ -145,9 +145,10 @@ std::string file_format(const std::string& path) {
 nn::Description checkpoint_description(const nn::Checkpoint& checkpoint) {
   if (!checkpoint.has_meta("description")) {
     if (!checkpoint.has_meta("model"))
-      fail("{}: the checkpoint names no model: it has neither 'description' nor 'model' metadata (save the "
-           "description with it: metadata 'description' = nn::description_to_json(model's description))",
-           checkpoint.path);
+      fail(
+          "{}: the checkpoint names no model: it has neither 'description' nor 'model' metadata (save the "
+          "description with it: metadata 'description' = nn::description_to_json(model's description))",
+          checkpoint.path);
     nn::Description d = nn::builtin_description(checkpoint.meta("model"));
     return nn::with_data_shape(d, 1, 28, 28, 10);
   }

@@ -97,10 +97,14 @@ json tensor_quant_json(const quant::TensorQuantStats& t) {
     scales.push_back(p.scale);
     zero_points.push_back(p.zero_point);
   }
-  return {{"bits", t.bits},     {"scales", scales},
-          {"zero_points", zero_points}, {"codes", {t.codes.first, t.codes.second}},
-          {"clamp", t.clamp},   {"range", t.minmax},
-          {"clipped_fraction", t.clipped_fraction}, {"values", t.values}};
+  return {{"bits", t.bits},
+          {"scales", scales},
+          {"zero_points", zero_points},
+          {"codes", {t.codes.first, t.codes.second}},
+          {"clamp", t.clamp},
+          {"range", t.minmax},
+          {"clipped_fraction", t.clipped_fraction},
+          {"values", t.values}};
 }
 
 json node_json(const quant::NodeStats& n) {
@@ -292,9 +296,10 @@ std::string channel_ranges_svg(const quant::TensorQuantStats& w, const std::stri
       kPlotW, kPlotH, kPlotW, kPlotH, kLeft, escape(title));
   for (size_t c = 0; c < w.minmax.size(); ++c) {
     const double x = kLeft + (static_cast<double>(c) + 0.5) * step, half = std::max(1.0, 0.35 * step);
-    out += fmt::format("<line class=\"chrange\" x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" "
-                       "stroke-width=\"{:.1f}\"/>\n",
-                       x, py(w.minmax[c].first), x, py(w.minmax[c].second), std::max(1.0, 0.5 * step));
+    out += fmt::format(
+        "<line class=\"chrange\" x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" "
+        "stroke-width=\"{:.1f}\"/>\n",
+        x, py(w.minmax[c].first), x, py(w.minmax[c].second), std::max(1.0, 0.5 * step));
     for (float v : {w.clamp[c].first, w.clamp[c].second})
       out += fmt::format("<line class=\"chclamp\" x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\"/>\n",
                          x - half, py(v), x + half, py(v));
@@ -314,8 +319,8 @@ std::string channel_ranges_svg(const quant::TensorQuantStats& w, const std::stri
 struct Series {
   std::string name, css_class;
   std::vector<std::pair<double, double>> points;
-  double width = 2;         // stroke width: drawn widest first, so that a line on top of another leaves it visible
-  std::string dash = "";    // stroke-dasharray
+  double width = 2;       // stroke width: drawn widest first, so that a line on top of another leaves it visible
+  std::string dash = "";  // stroke-dasharray
 };
 
 // Lines through each series' points; x ticks at every x that occurs, y from y_lo to y_hi.
@@ -389,9 +394,9 @@ std::string graph_svg(const std::vector<quant::NodeStats>& nodes) {
   const double height = 2 * kMargin + static_cast<double>(row_size.size()) * kRowH;
   auto left = [&](size_t i) { return kMargin + column[i] * (kBoxW + kGap); };
   auto top = [&](size_t i) { return kMargin + row[i] * kRowH; };
-  std::string out = fmt::format(
-      "<svg class=\"graph\" width=\"{:.0f}\" height=\"{:.0f}\" viewBox=\"0 0 {:.0f} {:.0f}\">\n", width, height, width,
-      height);
+  std::string out =
+      fmt::format("<svg class=\"graph\" width=\"{:.0f}\" height=\"{:.0f}\" viewBox=\"0 0 {:.0f} {:.0f}\">\n", width,
+                  height, width, height);
   // Edges first, so that the boxes sit on top of their ends.
   int lane = 0;
   const double right_of_nodes = kMargin + widest * kBoxW + (widest - 1) * kGap;
@@ -401,8 +406,8 @@ std::string graph_svg(const std::vector<quant::NodeStats>& nodes) {
       const auto j = static_cast<size_t>(in);
       if (row[i] - row[j] <= 1) {
         const double x1 = left(j) + kBoxW / 2, y1 = top(j) + kBoxH, x2 = left(i) + kBoxW / 2, y2 = top(i) - 6;
-        out += fmt::format("<path class=\"edge\" d=\"M{:.1f},{:.1f} C{:.1f},{:.1f} {:.1f},{:.1f} {:.1f},{:.1f}\"/>\n", x1,
-                           y1, x1, (y1 + y2) / 2, x2, (y1 + y2) / 2, x2, y2);
+        out += fmt::format("<path class=\"edge\" d=\"M{:.1f},{:.1f} C{:.1f},{:.1f} {:.1f},{:.1f} {:.1f},{:.1f}\"/>\n",
+                           x1, y1, x1, (y1 + y2) / 2, x2, (y1 + y2) / 2, x2, y2);
         out += fmt::format("<path class=\"arrow\" d=\"M{:.1f},{:.1f} l-5,-7 l10,0 z\"/>\n", x2, y2 + 6);
       } else {  // a skip: out of the source's right side, down a lane right of every node, into the target's side
         const double lane_x = right_of_nodes + kSkipLane * (++lane);
@@ -447,7 +452,8 @@ std::string node_table(const std::vector<quant::NodeStats>& nodes) {
   std::vector<std::vector<std::string>> rows;
   for (const auto& n : nodes) {
     std::string inputs;
-    for (int in : n.inputs) inputs += (inputs.empty() ? "" : ", ") + (in < 0 ? std::string("image") : nodes[static_cast<size_t>(in)].name);
+    for (int in : n.inputs)
+      inputs += (inputs.empty() ? "" : ", ") + (in < 0 ? std::string("image") : nodes[static_cast<size_t>(in)].name);
     std::vector<std::string> row{n.name, n.kind, inputs};
     if (n.weight) {
       const auto& w = *n.weight;
@@ -458,17 +464,17 @@ std::string node_table(const std::vector<quant::NodeStats>& nodes) {
       row.insert(row.end(), {"", "", "", "", ""});
     }
     const auto& o = n.output;
-    row.insert(row.end(), {std::to_string(o.bits) + (n.own_output_qparams ? "" : " (its input's)"),
-                           num(o.qparams[0].scale), std::to_string(o.qparams[0].zero_point),
-                           fmt::format("[{}, {}] = {}", o.codes.first, o.codes.second, clamp_text(o)),
-                           fmt::format("[{}, {}]", num(o.minmax[0].first), num(o.minmax[0].second)),
-                           percent(o.clipped_fraction)});
+    row.insert(row.end(),
+               {std::to_string(o.bits) + (n.own_output_qparams ? "" : " (its input's)"), num(o.qparams[0].scale),
+                std::to_string(o.qparams[0].zero_point),
+                fmt::format("[{}, {}] = {}", o.codes.first, o.codes.second, clamp_text(o)),
+                fmt::format("[{}, {}]", num(o.minmax[0].first), num(o.minmax[0].second)), percent(o.clipped_fraction)});
     rows.push_back(row);
   }
-  std::string t = table({"node", "op", "inputs", "w bits", "w scale", "w zero point", "w clamp: codes = real",
-                         "w clipped", "out bits", "out scale", "out zero point", "out clamp: codes = real",
-                         "out range", "out clipped"},
-                        rows);
+  std::string t =
+      table({"node", "op", "inputs", "w bits", "w scale", "w zero point", "w clamp: codes = real", "w clipped",
+             "out bits", "out scale", "out zero point", "out clamp: codes = real", "out range", "out clipped"},
+            rows);
   return "<div style=\"overflow-x: auto\">" + t.replace(0, 7, "<table class=\"nodes\">") + "</div>\n";
 }
 
@@ -833,8 +839,8 @@ void run(Settings s) {
                            r.stats_images);
   size_t name_width = 10;  // the longest layer name ("layers.b2_shortcut"), so that the columns line up
   for (const auto& l : r.layers) name_width = std::max(name_width, l.layer.size());
-  std::cout << fmt::format("  {:<{}} {:>20} {:>11} {:>18} {:>18} {:>11}\n", "layer", name_width, "weight range", "weight SQNR",
-                           "output range", "output clip", "output SQNR");
+  std::cout << fmt::format("  {:<{}} {:>20} {:>11} {:>18} {:>18} {:>11}\n", "layer", name_width, "weight range",
+                           "weight SQNR", "output range", "output clip", "output SQNR");
   for (const auto& l : r.layers)
     std::cout << fmt::format(
         "  {:<{}} {:>20} {:>11} {:>18} {:>18} {:>11}\n", l.layer, name_width,

@@ -237,12 +237,14 @@ std::shared_ptr<nn::Model> float_model_of(const QatModel& model) {
   // Copies the trained float module of a prepared block into the float node it came from.
   const auto copy_into = [&](const std::string& name, const nn::Module& trained) {
     auto it = by_name.find(name);
-    if (it == by_name.end()) fail("float_model_of: '{}' has no node '{}' (the QAT model is not of it)", model.name, name);
+    if (it == by_name.end())
+      fail("float_model_of: '{}' has no node '{}' (the QAT model is not of it)", model.name, name);
     auto dst = it->second->named_parameters(), src = trained.named_parameters();
     auto dst_b = it->second->named_buffers(), src_b = trained.named_buffers();
     dst.insert(dst.end(), dst_b.begin(), dst_b.end());
     src.insert(src.end(), src_b.begin(), src_b.end());
-    if (dst.size() != src.size()) fail("float_model_of: node '{}' of '{}' does not match its QAT block", name, model.name);
+    if (dst.size() != src.size())
+      fail("float_model_of: node '{}' of '{}' does not match its QAT block", name, model.name);
     for (size_t k = 0; k < dst.size(); ++k) dst[k].second.copy_from(src[k].second);
   };
   for (const QatNode& node : model.nodes) {
@@ -277,7 +279,6 @@ std::vector<BitWidthPoint> bit_width_sweep(const nn::Model& model, const QConfig
   }
   return out;
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // every node of the integer graph
@@ -366,9 +367,11 @@ std::vector<NodeStats> node_stats(QatModel& model, const std::vector<Tensor>& ba
       s.batchnorm_folded = c->bn != nullptr;
       s.weight = weight_quant_stats(c->folded_weight_and_bias().first.detach(), *c->weight_fq);
     }
-    if (auto l = dynamic_cast<const QLinearBlock*>(&node)) s.weight = weight_quant_stats(l->linear->weight, *l->weight_fq);
+    if (auto l = dynamic_cast<const QLinearBlock*>(&node))
+      s.weight = weight_quant_stats(l->linear->weight, *l->weight_fq);
     const auto own = node.own_fake_quants();
-    s.own_output_qparams = std::any_of(own.begin(), own.end(), [&](const auto& f) { return f.second == node.output_quant(); });
+    s.own_output_qparams =
+        std::any_of(own.begin(), own.end(), [&](const auto& f) { return f.second == node.output_quant(); });
     const FakeQuantize& out = *node.output_quant();
     s.output.bits = out.bits();
     s.output.qparams = {out.qparams_per_tensor()};

@@ -103,7 +103,7 @@ std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& 
 // One quantized tensor of a node: its codes, the real range they stand for, and what the clamp cut off.
 struct TensorQuantStats {
   int bits = 8;
-  std::vector<QParams> qparams;    // one per output channel (weights) or one (activations)
+  std::vector<QParams> qparams;             // one per output channel (weights) or one (activations)
   std::pair<int32_t, int32_t> codes{0, 0};  // the clamp [lo, hi] of the codes (a fused ReLU raises lo)
   // Real values of the clamp, s·(lo − z) and s·(hi − z) (eq. 1); for weights one pair per output channel.
   std::vector<std::pair<float, float>> clamp;
@@ -117,14 +117,14 @@ struct TensorQuantStats {
 
 // A node of the prepared model that becomes an op of the integer graph (Dropout does not).
 struct NodeStats {
-  int node = 0;                     // index in QatModel::nodes
-  std::string name;                 // the integer op's name: the float nodes it stands for, "b1_conv2 + b1_bn2"
-  std::string kind;                 // QNode::describe(): "Q[Conv2d(16, 16, kernel=3, padding=1) + BatchNorm2d] w8 a8"
-  std::vector<int> inputs;          // indices into the returned vector; -1 is the model's input
-  bool batchnorm_folded = false;    // a Conv2d block with a BatchNorm2d (its weights are the folded ones)
+  int node = 0;                   // index in QatModel::nodes
+  std::string name;               // the integer op's name: the float nodes it stands for, "b1_conv2 + b1_bn2"
+  std::string kind;               // QNode::describe(): "Q[Conv2d(16, 16, kernel=3, padding=1) + BatchNorm2d] w8 a8"
+  std::vector<int> inputs;        // indices into the returned vector; -1 is the model's input
+  bool batchnorm_folded = false;  // a Conv2d block with a BatchNorm2d (its weights are the folded ones)
   std::optional<TensorQuantStats> weight;  // Conv2d and Linear blocks
-  TensorQuantStats output;          // the codes the node writes (an op keeping its input's qparams: those)
-  bool own_output_qparams = true;   // false for the ops that keep their input's qparams (pools, Flatten, clamps)
+  TensorQuantStats output;                 // the codes the node writes (an op keeping its input's qparams: those)
+  bool own_output_qparams = true;          // false for the ops that keep their input's qparams (pools, Flatten, clamps)
 };
 
 // For every node of a calibrated (or QAT-trained) model that the integer graph holds, in execution order:

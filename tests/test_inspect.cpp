@@ -23,15 +23,15 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kBlocks = 5;              // lenet5: 2 convs + 3 linears
-constexpr int kSweepPoints = 13;        // 8, 6, 4, 3, 2 bits: weights only, activations only, both (w8a8 once)
-constexpr int64_t kStatsImages = 50;    // --calib of the tests: every calibration image is in the histograms
-constexpr double kMinNonWhite = 0.02;   // fraction of screenshot pixels that must be drawn
-constexpr int64_t kMinBarPixels = 500;  // pixels of the histogram bar colour (#4a78b0) in the screenshot
-constexpr int64_t kMinSkipPixels = 200; // pixels of the residual-edge colour (#c2185b) in resnet8's screenshot
-constexpr int kResnet8Blocks = 10;      // resnet8: 7 convs with BatchNorm, 2 shortcut convs without, 1 linear
+constexpr int kBlocks = 5;               // lenet5: 2 convs + 3 linears
+constexpr int kSweepPoints = 13;         // 8, 6, 4, 3, 2 bits: weights only, activations only, both (w8a8 once)
+constexpr int64_t kStatsImages = 50;     // --calib of the tests: every calibration image is in the histograms
+constexpr double kMinNonWhite = 0.02;    // fraction of screenshot pixels that must be drawn
+constexpr int64_t kMinBarPixels = 500;   // pixels of the histogram bar colour (#4a78b0) in the screenshot
+constexpr int64_t kMinSkipPixels = 200;  // pixels of the residual-edge colour (#c2185b) in resnet8's screenshot
+constexpr int kResnet8Blocks = 10;       // resnet8: 7 convs with BatchNorm, 2 shortcut convs without, 1 linear
 constexpr int kResnet8BatchNorms = 7;
-constexpr int kResnet8Skips = 3;        // edges that skip a row of the drawn graph: one per residual block
+constexpr int kResnet8Skips = 3;  // edges that skip a row of the drawn graph: one per residual block
 const char* const kChromium = "/usr/bin/chromium";
 
 struct Run {
@@ -606,6 +606,7 @@ TEST_CASE("headless Chromium: resnet8's report loads without console errors and 
   const Image img = read_png(png);
   int64_t skip = 0;
   for (size_t i = 0; i < img.rgb.size(); i += 3)
-    skip += std::abs(img.rgb[i] - 0xc2) < 12 && std::abs(img.rgb[i + 1] - 0x18) < 12 && std::abs(img.rgb[i + 2] - 0x5b) < 12;
+    skip += std::abs(img.rgb[i] - 0xc2) < 12 && std::abs(img.rgb[i + 1] - 0x18) < 12 &&
+            std::abs(img.rgb[i + 2] - 0x5b) < 12;
   CHECK_MESSAGE(skip > kMinSkipPixels, "residual-edge pixels: ", skip);
 }

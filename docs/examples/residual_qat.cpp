@@ -5,8 +5,8 @@
 // Usage: residual_qat [max_batches] [data_dir] [out.int8.safetensors]
 //   max_batches: training batches of 64 images per phase (float, then QAT); 0 = whole epochs (default 300)
 #include <algorithm>
-#include <cstdio>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <span>
@@ -113,8 +113,7 @@ int main(int argc, char** argv) try {
   calib_loader.start_epoch(0);
   data::Batch calib_batch;
   const int64_t calibrated = quant::calibrate(
-      *qat, [&](Tensor& x) { return calib_loader.next(calib_batch) && (x = calib_batch.images, true); },
-      kCalibBatches);
+      *qat, [&](Tensor& x) { return calib_loader.next(calib_batch) && (x = calib_batch.images, true); }, kCalibBatches);
 
   // 3. QAT: fine-tune through the fake quantizers; freeze the BatchNorm statistics half way and the
   //    observers (the activation ranges) at three quarters, as `train --qat` does.
@@ -129,8 +128,8 @@ int main(int argc, char** argv) try {
   // 4. Convert: the integer graph (int8 weights and activations, int32 accumulators, fixed-point
   //    requantization; the Add rescales both inputs to the output's scale, docs/quantization.md eq. 10).
   //    Save it, and load it back as a deployment would.
-  quant::save_int_model(out, quant::convert(*qat, norm, {mnist.train.images.channels, mnist.train.images.rows,
-                                                         mnist.train.images.cols}));
+  quant::save_int_model(
+      out, quant::convert(*qat, norm, {mnist.train.images.channels, mnist.train.images.rows, mnist.train.images.cols}));
   const quant::IntModel int_model = quant::load_int_model(out);
   quant::runtime::Executor executor(int_model.graph, 1);
 
@@ -158,7 +157,8 @@ int main(int argc, char** argv) try {
       int_correct += integer == label;
       agree += fq == integer;
       for (int64_t c = 0; c < classes; ++c) {
-        const int64_t fq_code = static_cast<int64_t>(std::lround(fq_logits.data()[i * classes + c] / out_scale)) + out_zero;
+        const int64_t fq_code =
+            static_cast<int64_t>(std::lround(fq_logits.data()[i * classes + c] / out_scale)) + out_zero;
         max_lsb = std::max<int64_t>(max_lsb, std::abs(fq_code - codes[static_cast<size_t>(i * classes + c)]));
       }
     }
