@@ -588,9 +588,12 @@ TEST_CASE("headless Chromium: resnet8's report loads without console errors and 
     return;
   }
   auto& w = workspace();
-  const std::string html = w.dir / "browser_resnet8.html";
-  const Run r = w.inspect("--model " + w.resnet8 + " --out " + html);
-  REQUIRE_MESSAGE(r.code == 0, r.err);
+  // The report the resnet8 test case wrote, when it ran (a report takes a while: one is enough).
+  const std::string html = w.dir / "resnet8.html";
+  if (!fs::exists(html)) {
+    const Run r = w.inspect("--model " + w.resnet8 + " --out " + html);
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+  }
   const fs::path shots = fs::temp_directory_path() / "lowbit_inspect_screenshot";
   fs::create_directories(shots);
   const std::string png = (shots / "report_resnet8.png").string();

@@ -128,7 +128,7 @@ step step5-percentile quantize --model lenet5.safetensors --bits w4a4 --observer
 step step5-mse quantize --model lenet5.safetensors --bits w4a4 --observer mse --threads 1
 step step6 train --from lenet5.safetensors --qat --bits w4a4 --observer mse --freeze-observers-after 0 \
   --qat-epochs 1 --threads 1 --out lenet5.w4a4.ptq-qat.safetensors
-step step7 train --model resnet8 --epochs 1 --qat --qat-epochs 1 --threads 2 --out resnet8.qat.safetensors
+step step7 train --model resnet8 --dry-run --qat --threads 1 --out resnet8.qat.safetensors
 script step8 "python3 tools/explain_add.py resnet8.qat.int8.safetensors b2_add" \
   "$PYTHON" "$ROOT/tools/explain_add.py" resnet8.qat.int8.safetensors b2_add
 step step9 train --model dsconv --summary --dry-run --qat --threads 1 --out dsconv.qat.safetensors

@@ -11,7 +11,8 @@ DETERMINISTIC unless one of the rules below calls it noise:
 
   NOISE (depends on training, the data subset, the epochs or the machine):
     a number with a decimal point (accuracies, losses, ranges, scales, SQNR, seconds, means, ...),
-    a percentage, "N LSB", "N img/s", "epoch N/M", "N training images", "N test images".
+    a percentage, "N LSB", "N img/s", "epoch N/M", "N training images", "N test images", QEMU's "in Ns;",
+    and the rows of arm-none-eabi-size's table (code size depends on the compiler and the trained zero points).
   DETERMINISTIC WITHIN A TOLERANCE:
     an integer model's size in bytes ("integer model, N bytes", "N bytes integer model") and the ratio after it
     ("(7.05x smaller)"): within 1%, because a layer's biases are stored as int16 when every one of them fits
@@ -45,6 +46,10 @@ NOISE_CONTEXT = [
     re.compile(r"epoch \d+/\d+"),
     re.compile(r"\d+ training images"),
     re.compile(r"\d+ test images"),
+    re.compile(r"in \d+s;"),  # tools/cortex-m/run.sh's QEMU time
+    # arm-none-eabi-size's table (text, data, bss, dec, hex, file): code size depends on the compiler and on the
+    # trained zero points the generated code holds as immediates
+    re.compile(r"^\s*\d+\s+\d+\s+\d+\s+\d+\s+[0-9a-f]+\s+\S+\s*$"),
 ]
 SIZE_CONTEXT = [
     re.compile(r"integer model, \d+ bytes"),
