@@ -253,6 +253,34 @@ TEST_CASE("float_model_of: the float parameters and BatchNorm statistics come ba
   }
 }
 
+TEST_CASE("quant::calibrate: observes at most max_batches batches, then fake-quantizes; no batch is an error") {
+  // Batch 0 holds values in [-1, 1], batch 1 values up to 10: the input's min/max range shows which were seen.
+  Tensor small = Tensor::full({4, 1, 28, 28}, 1.f), large = Tensor::full({4, 1, 28, 28}, 10.f);
+  for (int64_t i = 0; i < small.numel(); i += 2) small.data()[i] = -1.f;
+  for (int64_t i = 0; i < large.numel(); i += 2) large.data()[i] = -1.f;
+  auto source = [&](std::vector<Tensor> batches) {
+    return
+        [batches, next = size_t{0}](Tensor& x) mutable { return next < batches.size() && (x = batches[next++], true); };
+  };
+  quant::QConfig config;
+  config.activation_observer = quant::ObserverKind::MinMax;
+  auto model = nn::build_model("mlp");
+  const float levels = 255.f;  // 8-bit activation codes [-128, 127]
+
+  auto first_only = quant::prepare_qat(*model, config);
+  CHECK(quant::calibrate(*first_only, source({small, large}), 1) == 4);
+  const auto& input_fq = *first_only->nodes[0].module->output_quant();
+  CHECK(input_fq.qparams_per_tensor().scale == doctest::Approx(2.f / levels));
+  CHECK(input_fq.fake_quant_enabled);
+
+  auto both = quant::prepare_qat(*model, config);
+  CHECK(quant::calibrate(*both, source({small, large})) == 8);  // 0: every batch
+  CHECK(both->nodes[0].module->output_quant()->qparams_per_tensor().scale == doctest::Approx(11.f / levels));
+
+  auto none = quant::prepare_qat(*model, config);
+  CHECK_THROWS_WITH_AS(quant::calibrate(*none, source({})), doctest::Contains("no calibration images"), Error);
+}
+
 TEST_CASE("normalised_batches: the statistics batches are the first images in order, each batch its own") {
   // 600 images whose pixels all equal (index mod 251), so every image of the first 500 is told apart
   // from the 250 before and after it; inspect takes 500 images in batches of 250.
