@@ -284,9 +284,10 @@ std::string histogram_svg(const quant::Histogram& h, std::pair<float, float> cli
 std::string channel_ranges_svg(const quant::TensorQuantStats& w, const std::string& title) {
   const double width = kPlotW - kLeft - kRight, ht = kPlotH - kTop - kBottom;
   double lo = 0, hi = 0;
-  for (size_t c = 0; c < w.minmax.size(); ++c)
-    lo = std::min({lo, double{w.minmax[c].first}, double{w.clamp[c].first}}),
+  for (size_t c = 0; c < w.minmax.size(); ++c) {
+    lo = std::min({lo, double{w.minmax[c].first}, double{w.clamp[c].first}});
     hi = std::max({hi, double{w.minmax[c].second}, double{w.clamp[c].second}});
+  }
   if (!(hi > lo)) hi = lo + 1;
   auto py = [&](double v) { return kTop + ht - (v - lo) / (hi - lo) * ht; };
   const double step = width / static_cast<double>(std::max<size_t>(1, w.minmax.size()));
@@ -443,7 +444,10 @@ std::string scales_text(const std::vector<quant::QParams>& q) {
 std::string clamp_text(const quant::TensorQuantStats& t) {
   if (t.clamp.size() == 1) return fmt::format("[{}, {}]", num(t.clamp[0].first), num(t.clamp[0].second));
   float lo = std::numeric_limits<float>::infinity(), hi = 0;
-  for (auto [a, b] : t.clamp) lo = std::min(lo, b), hi = std::max(hi, b);
+  for (const auto& range : t.clamp) {  // symmetric: [−a, a]
+    lo = std::min(lo, range.second);
+    hi = std::max(hi, range.second);
+  }
   return fmt::format("±{} … ±{}", num(lo), num(hi));
 }
 
