@@ -73,7 +73,8 @@ def main():
     m[big] = m_big
     m[1 - big] = int(math.floor(abs(M[1 - big]) * 2.0**n + 0.5))  # round_half_away(M·2^n), exact in double
     for k in range(2):
-        print(f"  M_{k} = s_{k} / s_out = {M[k]:.6g} -> m_{k} = {m[k]} (M_{k} x 2^{n} rounded)")
+        how = f"the larger: M_{k} = m_{k} x 2^-{n} exactly" if k == big else f"M_{k} x 2^{n} rounded"
+        print(f"  M_{k} = s_{k} / s_out = {M[k]:.6g} -> m_{k} = {m[k]} ({how})")
     print(f"  shared shift n = {n}")
 
     # Two example codes: a few steps above each input's zero point, inside the int8 range.
