@@ -101,6 +101,23 @@ float parse_float(const std::string& text, const std::string& what, const std::s
 
 }  // namespace
 
+Normalization checkpoint_normalization(const nn::Checkpoint& checkpoint) {
+  const bool has_mean = checkpoint.has_meta("norm_mean"), has_std = checkpoint.has_meta("norm_std");
+  if (has_mean != has_std)
+    fail("{}: metadata has '{}' but not '{}' (write both, or neither for the Fashion-MNIST default)", checkpoint.path,
+         has_mean ? "norm_mean" : "norm_std", has_mean ? "norm_std" : "norm_mean");
+  if (!has_mean) {
+    const Normalization norm = data::kFashionMnistNormalization;
+    std::cerr << fmt::format(
+        "note: {} has no 'norm_mean'/'norm_std' metadata; assuming the images were normalised as Fashion-MNIST "
+        "(mean {}, std {}, data::kFashionMnistNormalization)\n",
+        checkpoint.path, norm.mean, norm.std);
+    return norm;
+  }
+  return {parse_float(checkpoint.meta("norm_mean"), "norm_mean", checkpoint.path),
+          parse_float(checkpoint.meta("norm_std"), "norm_std", checkpoint.path)};
+}
+
 int64_t meta_integer(const nn::Checkpoint& checkpoint, const std::string& key) {
   const std::string& text = checkpoint.meta(key);
   try {
@@ -127,6 +144,11 @@ std::string file_format(const std::string& path) {
 
 nn::Description checkpoint_description(const nn::Checkpoint& checkpoint) {
   if (!checkpoint.has_meta("description")) {
+    if (!checkpoint.has_meta("model"))
+      fail(
+          "{}: the checkpoint names no model: it has neither 'description' nor 'model' metadata (save the "
+          "description with it: metadata 'description' = nn::description_to_json(model's description))",
+          checkpoint.path);
     nn::Description d = nn::builtin_description(checkpoint.meta("model"));
     return nn::with_data_shape(d, 1, 28, 28, 10);
   }
@@ -162,10 +184,10 @@ LoadedModel load_model_file(const std::string& path) {
     return m;
   }
   m.checkpoint = nn::read_checkpoint(path);
-  m.norm = {parse_float(m.checkpoint.meta("norm_mean"), "norm_mean", path),
-            parse_float(m.checkpoint.meta("norm_std"), "norm_std", path)};
+  m.norm = checkpoint_normalization(m.checkpoint);
   if (!(m.norm.std > 0)) fail("{}: normalisation std {} must be positive (the file is corrupt)", path, m.norm.std);
-  m.kind = m.checkpoint.meta("kind");
+  // A checkpoint of one's own program may leave 'kind' out: its qconfig says which.
+  m.kind = m.checkpoint.meta_or("kind", m.checkpoint.has_meta("qconfig") ? "qat" : "float");
   if (m.kind == "float") {
     m.float_model = nn::build_model(checkpoint_description(m.checkpoint));
     nn::load_weights(*m.float_model, m.checkpoint);
@@ -337,10 +359,8 @@ void calibrate(quant::QatModel& model, const data::Dataset& train, const Normali
   data::DataLoader loader(train, indices,
                           {.batch_size = 250, .shuffle = false, .drop_last = false, .seed = 0, .norm = norm});
   loader.start_epoch(0);
-  quant::Calibrator calibrator(model);
   data::Batch batch;
-  while (loader.next(batch)) calibrator.observe(batch.images);
-  calibrator.finish();
+  quant::calibrate(model, [&](Tensor& x) { return loader.next(batch) && (x = batch.images, true); });
 }
 
 std::string format_report(const EvalResult& r, const std::string& mode) {

@@ -15,6 +15,7 @@
 #include "data/mnist.h"
 #include "nn/checkpoint.h"
 #include "nn/graph.h"
+#include "quant/calibrate.h"
 #include "quant/int_model.h"
 #include "quant/qat.h"
 
@@ -34,6 +35,10 @@ std::map<std::string, std::string> model_metadata(const nn::Description& descrip
 int64_t meta_integer(const nn::Checkpoint& checkpoint, const std::string& key);
 float meta_number(const nn::Checkpoint& checkpoint, const std::string& key);
 
+// The normalisation a checkpoint was trained with (its 'norm_mean' and 'norm_std' metadata). A file without
+// both (one written by a program of one's own with nn::save_checkpoint) gets the Fashion-MNIST normalisation
+// the data loader's examples use, with a note on stderr saying so.
+Normalization checkpoint_normalization(const nn::Checkpoint& checkpoint);
 // The model description a checkpoint carries (files written before descriptions existed name a
 // built-in model, for 1x28x28 images and 10 classes).
 nn::Description checkpoint_description(const nn::Checkpoint& checkpoint);

@@ -75,6 +75,7 @@ struct Report {
   std::string model_path, model_name, kind, mode, observer;
   int64_t calib = 0, images = 0, stats_images = 0;
   std::vector<quant::LayerStats> layers;
+  std::vector<quant::NodeStats> nodes;  // every node of the integer graph
   double float_accuracy = 0, fake_quant_accuracy = 0;
   std::optional<double> int_accuracy;
   std::optional<apps::Agreement> agree;
@@ -89,6 +90,32 @@ struct Report {
 std::pair<double, double> range_of(std::pair<float, float> r) { return {r.first, r.second}; }
 
 json histogram_json(const quant::Histogram& h) { return {{"lo", h.lo}, {"hi", h.hi}, {"counts", h.counts}}; }
+
+json tensor_quant_json(const quant::TensorQuantStats& t) {
+  json scales = json::array(), zero_points = json::array();
+  for (const auto& p : t.qparams) {
+    scales.push_back(p.scale);
+    zero_points.push_back(p.zero_point);
+  }
+  return {{"bits", t.bits},
+          {"scales", scales},
+          {"zero_points", zero_points},
+          {"codes", {t.codes.first, t.codes.second}},
+          {"clamp", t.clamp},
+          {"range", t.minmax},
+          {"clipped_fraction", t.clipped_fraction},
+          {"values", t.values}};
+}
+
+json node_json(const quant::NodeStats& n) {
+  return {{"name", n.name},
+          {"op", n.kind},
+          {"inputs", n.inputs},
+          {"batchnorm_folded", n.batchnorm_folded},
+          {"weight", n.weight ? tensor_quant_json(*n.weight) : json(nullptr)},
+          {"output", tensor_quant_json(n.output)},
+          {"own_output_qparams", n.own_output_qparams}};
+}
 
 json to_json(const Report& r, const std::string& out) {
   json layers = json::array();
@@ -111,6 +138,8 @@ json to_json(const Report& r, const std::string& out) {
                       {"activation_sqnr_db", s.activation_sqnr_db},
                       {"activation_histogram", histogram_json(s.activation_histogram)}});
   }
+  json nodes = json::array();
+  for (const auto& n : r.nodes) nodes.push_back(node_json(n));
   json sweep = json::array();
   for (const auto& p : r.sweep)
     sweep.push_back({{"weight_bits", p.weight_bits},
@@ -136,6 +165,7 @@ json to_json(const Report& r, const std::string& out) {
           {"calib", r.calib},
           {"images", r.images},
           {"layers", layers},
+          {"nodes", nodes},
           {"float_accuracy", r.float_accuracy},
           {"fake_quant_accuracy", r.fake_quant_accuracy},
           {"int_accuracy", r.int_accuracy ? json(*r.int_accuracy) : json(nullptr)},
@@ -191,7 +221,7 @@ std::string table(const std::vector<std::string>& header, const std::vector<std:
   return out + "</table>\n";
 }
 
-constexpr int kPlotW = 540, kPlotH = 220, kLeft = 56, kRight = 16, kTop = 28, kBottom = 38;
+constexpr int kPlotW = 540, kPlotH = 220, kLeft = 64, kRight = 16, kTop = 28, kBottom = 38;
 
 // Bars of log(1 + count) over the value axis, the clipping range [clip.first, clip.second] marked
 // in red; everything outside it is clamped by the quantizer.
@@ -199,7 +229,8 @@ std::string histogram_svg(const quant::Histogram& h, std::pair<float, float> cli
   const double w = kPlotW - kLeft - kRight, ht = kPlotH - kTop - kBottom;
   const double lo = h.lo, hi = h.hi;
   auto x_of = [&](double v) { return kLeft + (v - lo) / (hi - lo) * w; };
-  const double top = std::log1p(static_cast<double>(*std::max_element(h.counts.begin(), h.counts.end())));
+  const int64_t most = *std::max_element(h.counts.begin(), h.counts.end());
+  const double top = std::log1p(static_cast<double>(most));
   std::string out = fmt::format(
       "<svg class=\"hist\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\">\n"
       "<text x=\"{}\" y=\"16\" class=\"title\">{}</text>\n",
@@ -226,16 +257,71 @@ std::string histogram_svg(const quant::Histogram& h, std::pair<float, float> cli
                        anchors[k], num(c, 3));
     ++k;
   }
+  // The y axis: counts 0, 1, 10, 100, ... and the tallest bar's, placed where log(1 + count) puts them.
+  out += fmt::format("<line class=\"axis\" x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{:.1f}\"/>\n", kLeft, kTop, kLeft, y0);
+  std::vector<int64_t> ticks{0};
+  for (int64_t c = 1; c * 3 <= most; c *= 10) ticks.push_back(c);  // a power of ten well below the top
+  if (most > 0) ticks.push_back(most);
+  double last_y = 1e9;
+  for (int64_t c : ticks) {
+    const double y = y0 - (top > 0 ? std::log1p(static_cast<double>(c)) / top * ht : 0);
+    if (last_y - y < 12 && c != most) continue;  // labels 12 px apart at least (the tallest bar's always shown)
+    last_y = y;
+    out += fmt::format(
+        "<line class=\"axis\" x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\"/>"
+        "<text x=\"{}\" y=\"{:.1f}\" class=\"tick count\" text-anchor=\"end\">{}</text>\n",
+        kLeft - 3, y, kLeft, y, kLeft - 5, y + 4, c);
+  }
   out += fmt::format(
       "<text x=\"12\" y=\"{:.1f}\" class=\"tick\" transform=\"rotate(-90 12 {:.1f})\" "
-      "text-anchor=\"middle\">log(1+count)</text>\n</svg>\n",
+      "text-anchor=\"middle\">count (log scale)</text>\n</svg>\n",
       kTop + ht / 2, kTop + ht / 2);
   return out;
+}
+
+// Each output channel's weights as a vertical bar from their min to their max, and the clamp its own scale
+// gives, [s·qmin, s·qmax] (eq. 1), as two red ticks: a weight beyond its channel's ticks is clipped.
+std::string channel_ranges_svg(const quant::TensorQuantStats& w, const std::string& title) {
+  const double width = kPlotW - kLeft - kRight, ht = kPlotH - kTop - kBottom;
+  double lo = 0, hi = 0;
+  for (size_t c = 0; c < w.minmax.size(); ++c) {
+    lo = std::min({lo, double{w.minmax[c].first}, double{w.clamp[c].first}});
+    hi = std::max({hi, double{w.minmax[c].second}, double{w.clamp[c].second}});
+  }
+  if (!(hi > lo)) hi = lo + 1;
+  auto py = [&](double v) { return kTop + ht - (v - lo) / (hi - lo) * ht; };
+  const double step = width / static_cast<double>(std::max<size_t>(1, w.minmax.size()));
+  std::string out = fmt::format(
+      "<svg class=\"channels\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\">\n"
+      "<text x=\"{}\" y=\"16\" class=\"title\">{}</text>\n",
+      kPlotW, kPlotH, kPlotW, kPlotH, kLeft, escape(title));
+  for (size_t c = 0; c < w.minmax.size(); ++c) {
+    const double x = kLeft + (static_cast<double>(c) + 0.5) * step, half = std::max(1.0, 0.35 * step);
+    out += fmt::format(
+        "<line class=\"chrange\" x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" "
+        "stroke-width=\"{:.1f}\"/>\n",
+        x, py(w.minmax[c].first), x, py(w.minmax[c].second), std::max(1.0, 0.5 * step));
+    for (float v : {w.clamp[c].first, w.clamp[c].second})
+      out += fmt::format("<line class=\"chclamp\" x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\"/>\n",
+                         x - half, py(v), x + half, py(v));
+  }
+  out += fmt::format("<line class=\"axis\" x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{:.1f}\"/>\n", kLeft, kTop, kLeft,
+                     kTop + ht);
+  out += fmt::format("<line class=\"axis\" x1=\"{}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\"/>\n", kLeft, py(0),
+                     kLeft + width, py(0));
+  for (double v : {lo, 0.0, hi})
+    out += fmt::format("<text x=\"{}\" y=\"{:.1f}\" class=\"tick ytick\" text-anchor=\"end\">{}</text>\n", kLeft - 5,
+                       py(v) + 4, num(v, 3));
+  out += fmt::format("<text x=\"{:.1f}\" y=\"{}\" class=\"tick\" text-anchor=\"middle\">output channel 0 … {}</text>\n",
+                     kLeft + width / 2, kPlotH - 8, w.minmax.size() - 1);
+  return out + "</svg>\n";
 }
 
 struct Series {
   std::string name, css_class;
   std::vector<std::pair<double, double>> points;
+  double width = 2;       // stroke width: drawn widest first, so that a line on top of another leaves it visible
+  std::string dash = "";  // stroke-dasharray
 };
 
 // Lines through each series' points; x ticks at every x that occurs, y from y_lo to y_hi.
@@ -272,16 +358,128 @@ std::string line_plot_svg(const std::string& title, const std::vector<Series>& s
     const Series& s = series[k];
     std::string points;
     for (auto [x, y] : s.points) points += fmt::format("{:.1f},{:.1f} ", px(x), py(y));
-    out += fmt::format("<polyline class=\"line {}\" points=\"{}\"/>\n", s.css_class, points);
+    const std::string stroke =
+        fmt::format("stroke-width=\"{}\"{}", s.width, s.dash.empty() ? "" : " stroke-dasharray=\"" + s.dash + "\"");
+    out += fmt::format("<polyline class=\"line {}\" points=\"{}\" {}/>\n", s.css_class, points, stroke);
     for (auto [x, y] : s.points)
-      out += fmt::format("<circle class=\"dot {}\" cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\"/>\n", s.css_class, px(x), py(y));
+      out += fmt::format("<circle class=\"dot {}\" cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"{}\"/>\n", s.css_class, px(x), py(y),
+                         s.width + 1);
     const double ly = kTop + 12 + 18 * static_cast<double>(k);
     out += fmt::format(
-        "<line class=\"line {}\" x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\"/>"
+        "<line class=\"line {}\" x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" {}/>"
         "<text x=\"{:.1f}\" y=\"{:.1f}\" class=\"tick\">{}</text>\n",
-        s.css_class, kLeft + w + 12, ly, kLeft + w + 30, ly, kLeft + w + 34, ly + 4, escape(s.name));
+        s.css_class, kLeft + w + 12, ly, kLeft + w + 30, ly, stroke, kLeft + w + 34, ly + 4, escape(s.name));
   }
   return out + "</svg>\n";
+}
+
+// The graph of the integer ops, top to bottom: each node on the row one below its deepest input (a layered
+// layout from the topological order), the nodes of a row side by side. An edge to the next row is a short
+// straight arrow; an edge that skips rows (a residual connection) runs down a lane right of the
+// nodes, drawn in magenta, so it is never hidden behind them.
+std::string graph_svg(const std::vector<quant::NodeStats>& nodes) {
+  constexpr double kBoxW = 330, kBoxH = 34, kRowH = 56, kGap = 40, kMargin = 16, kSkipLane = 22;
+  std::vector<int> row(nodes.size(), 0), column(nodes.size(), 0);
+  std::vector<int> row_size;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    for (int in : nodes[i].inputs)
+      if (in >= 0) row[i] = std::max(row[i], row[static_cast<size_t>(in)] + 1);
+    if (static_cast<size_t>(row[i]) >= row_size.size()) row_size.resize(static_cast<size_t>(row[i]) + 1, 0);
+    column[i] = row_size[static_cast<size_t>(row[i])]++;
+  }
+  const int widest = row_size.empty() ? 1 : *std::max_element(row_size.begin(), row_size.end());
+  int skips = 0;
+  for (size_t i = 0; i < nodes.size(); ++i)
+    for (int in : nodes[i].inputs) skips += in >= 0 && row[i] - row[static_cast<size_t>(in)] > 1;
+  const double width = 2 * kMargin + widest * kBoxW + (widest - 1) * kGap + (skips + 1) * kSkipLane;
+  const double height = 2 * kMargin + static_cast<double>(row_size.size()) * kRowH;
+  auto left = [&](size_t i) { return kMargin + column[i] * (kBoxW + kGap); };
+  auto top = [&](size_t i) { return kMargin + row[i] * kRowH; };
+  std::string out =
+      fmt::format("<svg class=\"graph\" width=\"{:.0f}\" height=\"{:.0f}\" viewBox=\"0 0 {:.0f} {:.0f}\">\n", width,
+                  height, width, height);
+  // Edges first, so that the boxes sit on top of their ends.
+  int lane = 0;
+  const double right_of_nodes = kMargin + widest * kBoxW + (widest - 1) * kGap;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    for (int in : nodes[i].inputs) {
+      if (in < 0) continue;
+      const auto j = static_cast<size_t>(in);
+      if (row[i] - row[j] <= 1) {
+        const double x1 = left(j) + kBoxW / 2, y1 = top(j) + kBoxH, x2 = left(i) + kBoxW / 2, y2 = top(i) - 6;
+        out += fmt::format("<path class=\"edge\" d=\"M{:.1f},{:.1f} C{:.1f},{:.1f} {:.1f},{:.1f} {:.1f},{:.1f}\"/>\n",
+                           x1, y1, x1, (y1 + y2) / 2, x2, (y1 + y2) / 2, x2, y2);
+        out += fmt::format("<path class=\"arrow\" d=\"M{:.1f},{:.1f} l-5,-7 l10,0 z\"/>\n", x2, y2 + 6);
+      } else {  // a skip: out of the source's right side, down a lane right of every node, into the target's side
+        const double lane_x = right_of_nodes + kSkipLane * (++lane);
+        const double x1 = left(j) + kBoxW, y1 = top(j) + kBoxH / 2, x2 = left(i) + kBoxW + 6, y2 = top(i) + kBoxH / 2;
+        out += fmt::format(
+            "<path class=\"edge skip\" d=\"M{:.1f},{:.1f} L{:.1f},{:.1f} L{:.1f},{:.1f} L{:.1f},{:.1f}\"/>\n", x1, y1,
+            lane_x, y1, lane_x, y2, x2, y2);
+        out += fmt::format("<path class=\"arrow skip\" d=\"M{:.1f},{:.1f} l7,-5 l0,10 z\"/>\n", x2 - 6, y2);
+      }
+    }
+  }
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    const quant::NodeStats& n = nodes[i];
+    const char* kind = n.weight ? " weighted" : n.inputs.size() > 1 ? " join" : "";
+    std::string op = n.kind.size() > 58 ? n.kind.substr(0, 55) + "..." : n.kind;
+    out += fmt::format(
+        "<g class=\"node{}\"><title>{}: {}</title><rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{}\" height=\"{}\" rx=\"5\"/>"
+        "<text x=\"{:.1f}\" y=\"{:.1f}\" class=\"nodename\">{}</text>"
+        "<text x=\"{:.1f}\" y=\"{:.1f}\" class=\"nodeop\">{}</text></g>\n",
+        kind, escape(n.name), escape(n.kind), left(i), top(i), kBoxW, kBoxH, left(i) + 8, top(i) + 14, escape(n.name),
+        left(i) + 8, top(i) + 28, escape(op));
+  }
+  return out + "</svg>\n";
+}
+
+// Scales as "s" or, per channel, "min … max" over the channels.
+std::string scales_text(const std::vector<quant::QParams>& q) {
+  const auto [lo, hi] = std::minmax_element(q.begin(), q.end(), [](auto a, auto b) { return a.scale < b.scale; });
+  return q.size() == 1 ? num(lo->scale) : fmt::format("{} … {} ({} ch)", num(lo->scale), num(hi->scale), q.size());
+}
+
+// A clamp in real values: "[lo, hi]", or per channel the narrowest and widest "±a … ±b".
+std::string clamp_text(const quant::TensorQuantStats& t) {
+  if (t.clamp.size() == 1) return fmt::format("[{}, {}]", num(t.clamp[0].first), num(t.clamp[0].second));
+  float lo = std::numeric_limits<float>::infinity(), hi = 0;
+  for (const auto& range : t.clamp) {  // symmetric: [−a, a]
+    lo = std::min(lo, range.second);
+    hi = std::max(hi, range.second);
+  }
+  return fmt::format("±{} … ±{}", num(lo), num(hi));
+}
+
+// The table of every integer op: bits, scale, zero point, clamp and clipped fraction, weights and output.
+std::string node_table(const std::vector<quant::NodeStats>& nodes) {
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& n : nodes) {
+    std::string inputs;
+    for (int in : n.inputs)
+      inputs += (inputs.empty() ? "" : ", ") + (in < 0 ? std::string("image") : nodes[static_cast<size_t>(in)].name);
+    std::vector<std::string> row{n.name, n.kind, inputs};
+    if (n.weight) {
+      const auto& w = *n.weight;
+      row.insert(row.end(), {std::to_string(w.bits), scales_text(w.qparams), "0",
+                             fmt::format("[{}, {}] = {}", w.codes.first, w.codes.second, clamp_text(w)),
+                             percent(w.clipped_fraction)});
+    } else {
+      row.insert(row.end(), {"", "", "", "", ""});
+    }
+    const auto& o = n.output;
+    row.insert(row.end(),
+               {std::to_string(o.bits) + (n.own_output_qparams ? "" : " (its input's)"), num(o.qparams[0].scale),
+                std::to_string(o.qparams[0].zero_point),
+                fmt::format("[{}, {}] = {}", o.codes.first, o.codes.second, clamp_text(o)),
+                fmt::format("[{}, {}]", num(o.minmax[0].first), num(o.minmax[0].second)), percent(o.clipped_fraction)});
+    rows.push_back(row);
+  }
+  std::string t =
+      table({"node", "op", "inputs", "w bits", "w scale", "w zero point", "w clamp: codes = real", "w clipped",
+             "out bits", "out scale", "out zero point", "out clamp: codes = real", "out range", "out clipped"},
+            rows);
+  return "<div style=\"overflow-x: auto\">" + t.replace(0, 7, "<table class=\"nodes\">") + "</div>\n";
 }
 
 constexpr const char* kCss = R"(body { font: 14px/1.4 sans-serif; margin: 24px; color: #222; max-width: 1150px; }
@@ -293,7 +491,13 @@ svg { background: #fff; border: 1px solid #ddd; margin: 4px 8px 4px 0; }
 .title { font-size: 13px; font-weight: bold; } .tick { font-size: 11px; fill: #444; }
 .bar { fill: #4a78b0; } .axis { stroke: #444; stroke-width: 1; }
 .clip { stroke: #d0312d; stroke-width: 2; stroke-dasharray: 5 3; } .cliplabel { font-size: 11px; fill: #d0312d; }
-.line { fill: none; stroke-width: 2; } .dot { stroke: none; }
+.line { fill: none; } .dot { stroke: none; }
+.chrange { stroke: #4a78b0; } .chclamp { stroke: #d0312d; stroke-width: 1.5; }
+.node rect { fill: #eef3fa; stroke: #4a78b0; } .node.weighted rect { fill: #dce8f6; } .node.join rect { fill: #fbeedd; stroke: #e08a1e; }
+.nodename { font-size: 12px; font-weight: bold; } .nodeop { font-size: 10px; fill: #555; }
+.edge { fill: none; stroke: #666; stroke-width: 1.3; } .edge.skip { stroke: #c2185b; stroke-width: 2; }
+.arrow { fill: #666; } .arrow.skip { fill: #c2185b; }
+table.nodes td { font-family: monospace; font-size: 12px; } table.nodes td:nth-child(-n+3) { text-align: left; }
 .s0 { stroke: #4a78b0; fill: #4a78b0; } .s1 { stroke: #e08a1e; fill: #e08a1e; } .s2 { stroke: #3a9a4a; fill: #3a9a4a; }
 polyline.s0, polyline.s1, polyline.s2, line.line { fill: none; }
 .note { color: #666; })";
@@ -302,16 +506,22 @@ std::string sweep_series_name(int which) {
   return which == 0 ? "weights (a8)" : which == 1 ? "activations (w8)" : "both";
 }
 
-// The three curves of the sweep: weights only, activations only, both at the same width.
+// The three curves of the sweep: weights only, activations only, both at the same width. At 8 bits all
+// three meet, and where a width costs nothing the curves coincide: "both" is drawn widest and first,
+// "activations" narrower on it, "weights" narrowest and dashed on top, so that none hides another.
 std::vector<Series> sweep_series(const std::vector<quant::BitWidthPoint>& sweep) {
   std::vector<Series> out(3);
-  for (int k = 0; k < 3; ++k) out[static_cast<size_t>(k)] = {sweep_series_name(k), fmt::format("s{}", k), {}};
+  const double widths[] = {2, 4.5, 7};
+  const char* dashes[] = {"6 4", "", ""};
+  for (int k = 0; k < 3; ++k)
+    out[static_cast<size_t>(k)] = {sweep_series_name(k), fmt::format("s{}", k), {}, widths[k], dashes[k]};
   for (const auto& p : sweep) {
     if (p.activation_bits == 8) out[0].points.emplace_back(p.weight_bits, 100 * p.accuracy);
     if (p.weight_bits == 8) out[1].points.emplace_back(p.activation_bits, 100 * p.accuracy);
     if (p.weight_bits == p.activation_bits) out[2].points.emplace_back(p.weight_bits, 100 * p.accuracy);
   }
   for (auto& s : out) std::sort(s.points.begin(), s.points.end());
+  std::reverse(out.begin(), out.end());  // drawn in order: "both" first
   return out;
 }
 
@@ -345,6 +555,22 @@ std::string html_report(const Report& r) {
   else
     h += "<p class=\"note\">No integer graph: " + escape(r.no_integer_reason) + "</p>\n";
 
+  h += "<h2>The model graph: the integer ops and what each reads</h2>\n";
+  h += "<p class=\"note\">One box per op of the integer graph (fused: a convolution with its BatchNorm and ReLU is "
+       "one op), top to bottom in execution order; a magenta edge skips rows (a residual connection).</p>\n";
+  h += graph_svg(r.nodes);
+
+  h += "<h2>Every node: bit widths, scales, zero points, clamps and clipped values</h2>\n";
+  h += fmt::format(
+      "<p class=\"note\">Codes q stand for r = s·(q − z) (eq. 1). Weights are symmetric per output channel (z = 0, one "
+      "scale per channel: the smallest and largest are shown); outputs are per tensor. The clamp is the code range "
+      "the op writes (a fused ReLU raises its floor to z) and the real values it stands for. Clipped: the fraction of "
+      "values whose code round(r/s) + z falls outside the clamp (outputs over the first {} calibration images, "
+      "measured with fake-quant off). Pools, Flatten and standalone ReLUs keep their input's scale and zero "
+      "point.</p>\n",
+      r.stats_images);
+  h += node_table(r.nodes);
+
   h += "<h2>Layers: ranges and SQNR at the chosen bit widths</h2>\n";
   std::vector<std::vector<std::string>> rows;
   for (const auto& s : r.layers)
@@ -359,11 +585,22 @@ std::string html_report(const Report& r) {
               "output clip", "output SQNR"},
              rows);
 
-  h += "<h2>Histograms (the red dashed lines are the clipping range)</h2>\n";
-  for (const auto& s : r.layers) {
+  h += "<h2>Histograms and per-channel weight ranges</h2>\n";
+  h += "<p class=\"note\">Weight histograms: all weights of the layer; the red dashed lines are the clamp of its "
+       "widest channel (each channel has its own scale, so a channel's weights may be clipped inside these lines: "
+       "the per-channel plot shows each channel's range in blue and its own clamp in red). Output histograms: the "
+       "red dashed lines are the clamp of the output codes.</p>\n";
+  std::vector<const quant::NodeStats*> weighted;  // the nodes with weights, in the order of r.layers
+  for (const auto& n : r.nodes)
+    if (n.weight) weighted.push_back(&n);
+  for (size_t b = 0; b < r.layers.size(); ++b) {
+    const auto& s = r.layers[b];
+    const quant::NodeStats* n = b < weighted.size() ? weighted[b] : nullptr;
+    const std::string weights = n && n->batchnorm_folded ? " weights (BatchNorm folded)" : " weights";
     h += "<div class=\"layer\">\n<h3>" + escape(s.layer + "  " + s.description) + "</h3>\n";
-    h += histogram_svg(s.weight_histogram, s.weight_clip, s.layer + " weights (BatchNorm folded)");
+    h += histogram_svg(s.weight_histogram, s.weight_clip, s.layer + weights);
     h += histogram_svg(s.activation_histogram, s.activation_clip, s.layer + " output activations");
+    if (n) h += channel_ranges_svg(*n->weight, s.layer + weights + " per output channel");
     h += "</div>\n";
   }
 
@@ -546,7 +783,9 @@ void run(Settings s) {
   const data::Dataset test = data::first_images(data.test, s.images);
   r.images = test.size();
 
-  r.layers = quant::layer_stats(*qat, apps::normalised_batches(data.train, m.norm, r.stats_images), s.bins);
+  const std::vector<Tensor> stats_batches = apps::normalised_batches(data.train, m.norm, r.stats_images);
+  r.layers = quant::layer_stats(*qat, stats_batches, s.bins);
+  r.nodes = quant::node_stats(*qat, stats_batches);
 
   if (!s.layer.empty()) {
     for (const auto& l : r.layers)
@@ -602,11 +841,13 @@ void run(Settings s) {
                            qparams_origin(r));
   std::cout << fmt::format("ranges and SQNR: weights, and block outputs over the first {} calibration images\n",
                            r.stats_images);
-  std::cout << fmt::format("  {:<10} {:>20} {:>11} {:>18} {:>18} {:>11}\n", "layer", "weight range", "weight SQNR",
-                           "output range", "output clip", "output SQNR");
+  size_t name_width = 10;  // the longest layer name ("layers.b2_shortcut"), so that the columns line up
+  for (const auto& l : r.layers) name_width = std::max(name_width, l.layer.size());
+  std::cout << fmt::format("  {:<{}} {:>20} {:>11} {:>18} {:>18} {:>11}\n", "layer", name_width, "weight range",
+                           "weight SQNR", "output range", "output clip", "output SQNR");
   for (const auto& l : r.layers)
     std::cout << fmt::format(
-        "  {:<10} {:>20} {:>11} {:>18} {:>18} {:>11}\n", l.layer,
+        "  {:<{}} {:>20} {:>11} {:>18} {:>18} {:>11}\n", l.layer, name_width,
         fmt::format("[{:.4f}, {:.4f}]", l.weight_minmax.first, l.weight_minmax.second), db(l.weight_sqnr_db),
         fmt::format("[{:.3f}, {:.3f}]", l.activation_minmax.first, l.activation_minmax.second),
         fmt::format("[{:.3f}, {:.3f}]", l.activation_clip.first, l.activation_clip.second), db(l.activation_sqnr_db));

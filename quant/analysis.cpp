@@ -237,12 +237,14 @@ std::shared_ptr<nn::Model> float_model_of(const QatModel& model) {
   // Copies the trained float module of a prepared block into the float node it came from.
   const auto copy_into = [&](const std::string& name, const nn::Module& trained) {
     auto it = by_name.find(name);
-    if (it == by_name.end()) fail("float_model_of: '{}' has no node '{}' (the QAT model is not of it)", model.name, name);
+    if (it == by_name.end())
+      fail("float_model_of: '{}' has no node '{}' (the QAT model is not of it)", model.name, name);
     auto dst = it->second->named_parameters(), src = trained.named_parameters();
     auto dst_b = it->second->named_buffers(), src_b = trained.named_buffers();
     dst.insert(dst.end(), dst_b.begin(), dst_b.end());
     src.insert(src.end(), src_b.begin(), src_b.end());
-    if (dst.size() != src.size()) fail("float_model_of: node '{}' of '{}' does not match its QAT block", name, model.name);
+    if (dst.size() != src.size())
+      fail("float_model_of: node '{}' of '{}' does not match its QAT block", name, model.name);
     for (size_t k = 0; k < dst.size(); ++k) dst[k].second.copy_from(src[k].second);
   };
   for (const QatNode& node : model.nodes) {
@@ -276,6 +278,134 @@ std::vector<BitWidthPoint> bit_width_sweep(const nn::Model& model, const QConfig
     out.push_back({w, a, evaluate(*qat), model_parameter_bytes(model, config)});
   }
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// every node of the integer graph
+
+namespace {
+// Counts values into a TensorQuantStats row: their min and max, and how many the clamp changes.
+struct ClipCounter {
+  QParams q;
+  std::pair<int32_t, int32_t> codes;
+  float lo = std::numeric_limits<float>::infinity(), hi = -std::numeric_limits<float>::infinity();
+  int64_t clipped = 0, values = 0;
+  void add(const float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      lo = std::min(lo, x[i]);
+      hi = std::max(hi, x[i]);
+      // The code before the clamp of eq. 1: q = round(x/s) + z (computed in double: no int32 overflow).
+      const double code = std::round(static_cast<double>(x[i]) / q.scale) + q.zero_point;
+      clipped += code < codes.first || code > codes.second;
+    }
+    values += n;
+  }
+};
+
+// The real values of the codes [lo, hi]: s·(lo − z), s·(hi − z) (eq. 1).
+std::pair<float, float> real_range(QParams q, std::pair<int32_t, int32_t> codes) {
+  return {dequantize(codes.first, q), dequantize(codes.second, q)};
+}
+
+TensorQuantStats weight_quant_stats(const Tensor& w, const FakeQuantize& fq) {
+  // w is (OUT, ...): one QParams and one clamp per output channel.
+  TensorQuantStats s;
+  s.bits = fq.bits();
+  s.qparams = fq.qparams();
+  s.codes = {fq.range().qmin, fq.range().qmax};
+  const int64_t per = w.numel() / static_cast<int64_t>(s.qparams.size());
+  int64_t clipped = 0;
+  for (size_t c = 0; c < s.qparams.size(); ++c) {
+    ClipCounter counter{s.qparams[c], s.codes};
+    counter.add(w.data() + static_cast<int64_t>(c) * per, per);
+    s.minmax.emplace_back(counter.lo, counter.hi);
+    s.clamp.push_back(real_range(s.qparams[c], s.codes));
+    clipped += counter.clipped;
+  }
+  s.values = w.numel();
+  s.clipped_fraction = static_cast<double>(clipped) / static_cast<double>(std::max<int64_t>(1, s.values));
+  return s;
+}
+
+// The activation a node's output codes are clamped to: a fused or standalone ReLU / ReLU6 raises the floor.
+Activation output_activation(const QNode& node) {
+  if (auto c = dynamic_cast<const QConvBlock*>(&node)) return c->activation;
+  if (auto l = dynamic_cast<const QLinearBlock*>(&node)) return l->activation;
+  if (auto j = dynamic_cast<const QJoin*>(&node)) return j->activation;
+  if (auto k = dynamic_cast<const QKeepScale*>(&node)) {
+    if (std::dynamic_pointer_cast<nn::ReLU6>(k->layer)) return Activation::ReLU6;
+    if (std::dynamic_pointer_cast<nn::ReLU>(k->layer)) return Activation::ReLU;
+  }
+  return Activation::None;
+}
+
+bool lowered_to_nothing(const QNode& node) {  // Dropout: the identity at inference, no integer op
+  auto p = dynamic_cast<const QPassThrough*>(&node);
+  return p && std::dynamic_pointer_cast<nn::Dropout>(p->layer);
+}
+}  // namespace
+
+std::vector<NodeStats> node_stats(QatModel& model, const std::vector<Tensor>& batches) {
+  if (batches.empty()) fail("node_stats: no calibration batches (give at least one image)");
+  std::vector<NodeStats> stats;
+  std::vector<int> index_of(model.nodes.size(), -1);  // prepared node -> row of `stats` (a skipped node: its input's)
+  std::vector<ClipCounter> counters;
+  for (size_t i = 0; i < model.nodes.size(); ++i) {
+    const QatNode& n = model.nodes[i];
+    const QNode& node = *n.module;
+    if (lowered_to_nothing(node)) {
+      index_of[i] = n.inputs.at(0) < 0 ? -1 : index_of[static_cast<size_t>(n.inputs[0])];
+      continue;
+    }
+    NodeStats s;
+    s.node = static_cast<int>(i);
+    s.name = node.float_nodes();
+    s.kind = node.describe();
+    for (int in : n.inputs) s.inputs.push_back(in < 0 ? -1 : index_of[static_cast<size_t>(in)]);
+    if (auto c = dynamic_cast<const QConvBlock*>(&node)) {
+      NoGradGuard no_grad;
+      s.batchnorm_folded = c->bn != nullptr;
+      s.weight = weight_quant_stats(c->folded_weight_and_bias().first.detach(), *c->weight_fq);
+    }
+    if (auto l = dynamic_cast<const QLinearBlock*>(&node))
+      s.weight = weight_quant_stats(l->linear->weight, *l->weight_fq);
+    const auto own = node.own_fake_quants();
+    s.own_output_qparams =
+        std::any_of(own.begin(), own.end(), [&](const auto& f) { return f.second == node.output_quant(); });
+    const FakeQuantize& out = *node.output_quant();
+    s.output.bits = out.bits();
+    s.output.qparams = {out.qparams_per_tensor()};
+    s.output.codes = activation_clamp(output_activation(node), s.output.qparams[0], out.range());
+    s.output.clamp = {real_range(s.output.qparams[0], s.output.codes)};
+    counters.push_back({s.output.qparams[0], s.output.codes});
+    index_of[i] = static_cast<int>(stats.size());
+    stats.push_back(std::move(s));
+  }
+
+  // Outputs: every node's float output (fake-quant off) over all batches, counted against its clamp.
+  NoGradGuard no_grad;
+  model.eval();
+  model.set_fake_quant(false);
+  try {
+    for (const Tensor& batch : batches) {
+      const std::vector<Tensor> all = model.forward_all(batch);
+      for (size_t k = 0; k < stats.size(); ++k) {
+        const Tensor& x = all[static_cast<size_t>(stats[k].node)];
+        counters[k].add(x.data(), x.numel());
+      }
+    }
+  } catch (...) {
+    model.set_fake_quant(true);
+    throw;
+  }
+  model.set_fake_quant(true);
+  for (size_t k = 0; k < stats.size(); ++k) {
+    TensorQuantStats& o = stats[k].output;
+    o.minmax = {{counters[k].lo, counters[k].hi}};
+    o.values = counters[k].values;
+    o.clipped_fraction = static_cast<double>(counters[k].clipped) / static_cast<double>(std::max<int64_t>(1, o.values));
+  }
+  return stats;
 }
 
 }  // namespace lowbit::quant

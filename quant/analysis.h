@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -96,6 +97,40 @@ inline constexpr double kActivationQuantiles[] = {0.5, 0.9, 0.99, 0.999, 1.0};
 // values, and measures them against the block's qparams. Leaves the model in eval mode with
 // fake-quant on.
 std::vector<LayerStats> layer_stats(QatModel& model, const std::vector<Tensor>& batches, int bins);
+
+// ---- every node of the integer graph (the inspect report's node table and graph drawing)
+
+// One quantized tensor of a node: its codes, the real range they stand for, and what the clamp cut off.
+struct TensorQuantStats {
+  int bits = 8;
+  std::vector<QParams> qparams;             // one per output channel (weights) or one (activations)
+  std::pair<int32_t, int32_t> codes{0, 0};  // the clamp [lo, hi] of the codes (a fused ReLU raises lo)
+  // Real values of the clamp, s·(lo − z) and s·(hi − z) (eq. 1); for weights one pair per output channel.
+  std::vector<std::pair<float, float>> clamp;
+  // The values' own min and max; for weights one pair per output channel.
+  std::vector<std::pair<float, float>> minmax;
+  // The fraction of the values whose code round(x/s) + z falls outside the clamp, so that the clamp
+  // changes them (values within half a step of the range only round, they are not counted).
+  double clipped_fraction = 0;
+  int64_t values = 0;  // how many values were counted
+};
+
+// A node of the prepared model that becomes an op of the integer graph (Dropout does not).
+struct NodeStats {
+  int node = 0;                   // index in QatModel::nodes
+  std::string name;               // the integer op's name: the float nodes it stands for, "b1_conv2 + b1_bn2"
+  std::string kind;               // QNode::describe(): "Q[Conv2d(16, 16, kernel=3, padding=1) + BatchNorm2d] w8 a8"
+  std::vector<int> inputs;        // indices into the returned vector; -1 is the model's input
+  bool batchnorm_folded = false;  // a Conv2d block with a BatchNorm2d (its weights are the folded ones)
+  std::optional<TensorQuantStats> weight;  // Conv2d and Linear blocks
+  TensorQuantStats output;                 // the codes the node writes (an op keeping its input's qparams: those)
+  bool own_output_qparams = true;          // false for the ops that keep their input's qparams (pools, Flatten, clamps)
+};
+
+// For every node of a calibrated (or QAT-trained) model that the integer graph holds, in execution order:
+// the weight and output qparams, clamps and clipped fractions, with the outputs measured in float
+// (fake-quant off) on `batches`. Leaves the model in eval mode with fake-quant on.
+std::vector<NodeStats> node_stats(QatModel& model, const std::vector<Tensor>& batches);
 
 // The float model inside a QAT model: the same architecture with the trained Conv2d, BatchNorm2d
 // and Linear parameters and buffers copied out (for PTQ sweeps of a QAT checkpoint).

@@ -15,6 +15,7 @@
 #include "apps/common.h"
 #include "data_fixtures.h"
 #include "quant/analysis.h"
+#include "quant/convert.h"
 
 using namespace lowbit;
 using data_fixtures::TempDir;
@@ -22,11 +23,15 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kBlocks = 5;              // lenet5: 2 convs + 3 linears
-constexpr int kSweepPoints = 13;        // 8, 6, 4, 3, 2 bits: weights only, activations only, both (w8a8 once)
-constexpr int64_t kStatsImages = 50;    // --calib of the tests: every calibration image is in the histograms
-constexpr double kMinNonWhite = 0.02;   // fraction of screenshot pixels that must be drawn
-constexpr int64_t kMinBarPixels = 500;  // pixels of the histogram bar colour (#4a78b0) in the screenshot
+constexpr int kBlocks = 5;               // lenet5: 2 convs + 3 linears
+constexpr int kSweepPoints = 13;         // 8, 6, 4, 3, 2 bits: weights only, activations only, both (w8a8 once)
+constexpr int64_t kStatsImages = 50;     // --calib of the tests: every calibration image is in the histograms
+constexpr double kMinNonWhite = 0.02;    // fraction of screenshot pixels that must be drawn
+constexpr int64_t kMinBarPixels = 500;   // pixels of the histogram bar colour (#4a78b0) in the screenshot
+constexpr int64_t kMinSkipPixels = 200;  // pixels of the residual-edge colour (#c2185b) in resnet8's screenshot
+constexpr int kResnet8Blocks = 10;       // resnet8: 7 convs with BatchNorm, 2 shortcut convs without, 1 linear
+constexpr int kResnet8BatchNorms = 7;
+constexpr int kResnet8Skips = 3;  // edges that skip a row of the drawn graph: one per residual block
 const char* const kChromium = "/usr/bin/chromium";
 
 struct Run {
@@ -60,6 +65,8 @@ struct Workspace {
   std::string qat_model = dir / "lenet5.qat.safetensors";
   std::string float_model = dir / "lenet5.qat.fp32.safetensors";
   std::string log = dir / "train.jsonl";
+  std::string resnet8 = dir / "resnet8.qat.safetensors";  // a dry run: 3 batches float, 3 of QAT
+  std::string custom = dir / "custom.safetensors";        // a description of its own, saved without metadata norms
 
   Workspace() {
     fs::create_directories(data);
@@ -68,6 +75,8 @@ struct Workspace {
     const Run r =
         run("train", "--model lenet5 --epochs 1 --qat --qat-epochs 1 --threads 2 --log " + log + " --out " + qat_model);
     REQUIRE_MESSAGE(r.code == 0, r.err);
+    const Run res = run("train", "--model resnet8 --dry-run --qat --threads 2 --out " + resnet8);
+    REQUIRE_MESSAGE(res.code == 0, res.err);
   }
 
   Run run(const std::string& program, const std::string& args) const {
@@ -76,6 +85,23 @@ struct Workspace {
   }
   Run inspect(const std::string& args) const { return run("inspect", "--threads 2 --calib 50 --images 40 " + args); }
 };
+
+// A residual net with a depthwise convolution, as a user would describe it, as a float checkpoint written
+// the way one's own program writes it: nn::save_checkpoint with the description but no normalisation.
+const char* const kCustomDescription = R"({
+  "format": "lowbit-model", "version": 1, "name": "my-net",
+  "input": {"channels": 1, "height": 28, "width": 28}, "classes": 10,
+  "nodes": [
+    {"name": "stem", "kind": "Conv2d", "out_channels": 8, "kernel": 3, "padding": 1, "stride": 2},
+    {"name": "stem_relu", "kind": "ReLU6"},
+    {"name": "dw", "kind": "Conv2d", "out_channels": 8, "kernel": 3, "padding": 1, "groups": 8},
+    {"name": "add", "kind": "Add", "inputs": ["dw", "stem_relu"]},
+    {"name": "cat", "kind": "Concat", "inputs": ["add", "stem_relu"]},
+    {"name": "pool", "kind": "GlobalAvgPool2d"},
+    {"name": "flatten", "kind": "Flatten"},
+    {"name": "fc", "kind": "Linear", "out_features": "classes"}
+  ]
+})";
 
 Workspace& workspace() {
   static Workspace w;
@@ -227,6 +253,34 @@ TEST_CASE("float_model_of: the float parameters and BatchNorm statistics come ba
   }
 }
 
+TEST_CASE("quant::calibrate: observes at most max_batches batches, then fake-quantizes; no batch is an error") {
+  // Batch 0 holds values in [-1, 1], batch 1 values up to 10: the input's min/max range shows which were seen.
+  Tensor small = Tensor::full({4, 1, 28, 28}, 1.f), large = Tensor::full({4, 1, 28, 28}, 10.f);
+  for (int64_t i = 0; i < small.numel(); i += 2) small.data()[i] = -1.f;
+  for (int64_t i = 0; i < large.numel(); i += 2) large.data()[i] = -1.f;
+  auto source = [&](std::vector<Tensor> batches) {
+    return
+        [batches, next = size_t{0}](Tensor& x) mutable { return next < batches.size() && (x = batches[next++], true); };
+  };
+  quant::QConfig config;
+  config.activation_observer = quant::ObserverKind::MinMax;
+  auto model = nn::build_model("mlp");
+  const float levels = 255.f;  // 8-bit activation codes [-128, 127]
+
+  auto first_only = quant::prepare_qat(*model, config);
+  CHECK(quant::calibrate(*first_only, source({small, large}), 1) == 4);
+  const auto& input_fq = *first_only->nodes[0].module->output_quant();
+  CHECK(input_fq.qparams_per_tensor().scale == doctest::Approx(2.f / levels));
+  CHECK(input_fq.fake_quant_enabled);
+
+  auto both = quant::prepare_qat(*model, config);
+  CHECK(quant::calibrate(*both, source({small, large})) == 8);  // 0: every batch
+  CHECK(both->nodes[0].module->output_quant()->qparams_per_tensor().scale == doctest::Approx(11.f / levels));
+
+  auto none = quant::prepare_qat(*model, config);
+  CHECK_THROWS_WITH_AS(quant::calibrate(*none, source({})), doctest::Contains("no calibration images"), Error);
+}
+
 TEST_CASE("normalised_batches: the statistics batches are the first images in order, each batch its own") {
   // 600 images whose pixels all equal (index mod 251), so every image of the first 500 is told apart
   // from the 250 before and after it; inspect takes 500 images in batches of 250.
@@ -355,6 +409,126 @@ TEST_CASE("--layer walks one layer through quantization; --sweep prints accuracy
     CHECK(sweep.out.find(row) != std::string::npos);
 }
 
+TEST_CASE("lenet5 report: y-axis values, per-channel weight ranges, true labels, lines that do not hide") {
+  auto& w = workspace();
+  const std::string out = w.dir / "labels.html";
+  const Run r = w.inspect("--model " + w.float_model + " --out " + out);
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  const std::string html = text_of(out);
+  // Every histogram has count labels on its y axis (0 and at least the tallest bar's count).
+  CHECK(count_of(html, "class=\"tick count\" text-anchor=\"end\">0</text>") == 2 * kBlocks);
+  CHECK(count_of(html, "class=\"tick count\"") >= 2 * 2 * kBlocks);  // 0 and the tallest bar, at least
+  CHECK(count_of(html, "count (log scale)") == 2 * kBlocks);
+  // One per-channel plot per weighted layer; a bar and two clamp ticks per output channel (6+16+120+84+10).
+  CHECK(count_of(html, "<svg class=\"channels\"") == kBlocks);
+  CHECK(count_of(html, "class=\"chrange\"") == 236);
+  CHECK(count_of(html, "class=\"chclamp\"") == 2 * 236);
+  // lenet5 has no BatchNorm: no label may say one was folded.
+  CHECK(count_of(html, "BatchNorm folded") == 0);
+  // The three bit-width curves: drawn widest first ("both"), then narrower ones on top.
+  const size_t both = html.find("polyline class=\"line s2\""), acts = html.find("polyline class=\"line s1\""),
+               weights = html.find("polyline class=\"line s0\"");
+  REQUIRE(both != std::string::npos);
+  CHECK(both < acts);
+  CHECK(acts < weights);
+  CHECK(html.find("stroke-width=\"7\"", both) < acts);
+  CHECK(html.find("stroke-dasharray=\"6 4\"", weights) != std::string::npos);
+}
+
+// Compares every row of the report's node table (inspect --json "nodes") with the integer graph convert
+// makes from the same checkpoint: one row per op, same names and inputs, same output scale, zero point and
+// clamp codes, and per-channel weight scales that give the op's requantization scales.
+void check_nodes_match_integer_graph(const nlohmann::json& nodes, const std::string& checkpoint) {
+  const apps::LoadedModel m = apps::load_model_file(checkpoint);
+  REQUIRE(m.qat_model);
+  const auto& d = m.qat_model->description;
+  const quant::IntModel im = quant::convert(*m.qat_model, m.norm, {d.channels, d.height, d.width});
+  REQUIRE(nodes.size() == im.graph.ops.size());
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    const auto& n = nodes[i];
+    const auto& op = im.graph.ops[i];
+    CAPTURE(op.name);
+    CHECK(n["name"] == op.name);
+    if (i > 0) CHECK(n["inputs"].get<std::vector<int>>() == op.inputs);
+    CHECK(n["output"]["scales"][0].get<float>() == doctest::Approx(im.op_output_scales[i]).epsilon(1e-6));
+    CHECK(n["output"]["zero_points"][0] == op.requant.zero_point);
+    if (i > 0) {  // the Input op's table saturates at the full range
+      CHECK(n["output"]["codes"][0] == op.requant.act_min);
+      CHECK(n["output"]["codes"][1] == op.requant.act_max);
+    }
+    const double clipped = n["output"]["clipped_fraction"].get<double>();
+    CHECK(clipped >= 0);
+    CHECK(clipped <= 1);
+    CHECK(n["output"]["values"].get<int64_t>() > 0);
+    if (!n["weight"].is_null()) {
+      REQUIRE(n["weight"]["scales"].size() == static_cast<size_t>(op.out_channels));
+      CHECK(n["weight"]["bits"] == op.weight_bits);
+      CHECK(n["weight"]["range"].size() == static_cast<size_t>(op.out_channels));  // per-channel min and max
+      const float s_in = im.op_output_scales[static_cast<size_t>(op.inputs[0])];
+      for (size_t c = 0; c < n["weight"]["scales"].size(); ++c)  // M[c] = s_in·s_w[c]/s_out
+        CHECK(s_in * n["weight"]["scales"][c].get<float>() / im.op_output_scales[i] ==
+              doctest::Approx(im.op_requant_scales[i][c]).epsilon(1e-5));
+    }
+  }
+}
+
+TEST_CASE("resnet8 report: the graph drawn with its residual edges, and every node of the integer graph in the table") {
+  auto& w = workspace();
+  const std::string out = w.dir / "resnet8.html";
+  const Run r = w.inspect("--model " + w.resnet8 + " --out " + out + " --json");
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  const auto j = nlohmann::json::parse(r.out);
+  CHECK(j["layers"].size() == kResnet8Blocks);
+  check_nodes_match_integer_graph(j["nodes"], w.resnet8);
+
+  // The residual Adds are rows of their own, with two inputs and qparams of their own.
+  int adds = 0;
+  for (const auto& n : j["nodes"]) {
+    if (n["op"].get<std::string>().find("Add") == std::string::npos) continue;
+    ++adds;
+    CHECK(n["inputs"].size() == 2);
+    CHECK(n["own_output_qparams"] == true);
+    CHECK(n["weight"].is_null());
+  }
+  CHECK(adds == 3);
+
+  const std::string html = text_of(out);
+  CHECK(count_of(html, "<svg class=\"graph\"") == 1);
+  CHECK(count_of(html, "<g class=\"node") == j["nodes"].size());
+  CHECK(count_of(html, "class=\"edge skip\"") == kResnet8Skips);
+  CHECK(count_of(html, "<table class=\"nodes\">") == 1);
+  CHECK(html.find("b1_add + b1_relu") != std::string::npos);
+  // "BatchNorm folded" only on the 7 convs that had one, in the histogram title and the per-channel plot.
+  CHECK(count_of(html, "weights (BatchNorm folded)") == 2 * kResnet8BatchNorms);
+  CHECK(count_of(html, "<svg class=\"channels\"") == kResnet8Blocks);
+}
+
+TEST_CASE("a model of one's own: a custom description saved without normalisation metadata") {
+  auto& w = workspace();
+  manual_seed(4);
+  const nn::Description d = nn::parse_description(kCustomDescription, "test_inspect.cpp");
+  auto model = nn::build_model(d);
+  nn::save_checkpoint(w.custom, *model, {{"description", nn::description_to_json(d)}});
+
+  const std::string out = w.dir / "custom.html";
+  const Run r = w.inspect("--model " + w.custom + " --out " + out + " --json");
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  CHECK(r.err.find("no 'norm_mean'/'norm_std' metadata; assuming") != std::string::npos);
+  const auto j = nlohmann::json::parse(r.out);
+  CHECK(j["architecture"] == "my-net");
+  CHECK(j["kind"] == "float");
+  // input, stem + stem_relu, dw, add, cat, pool, flatten, fc: every op, the Concat's two inputs named.
+  const std::vector<std::string> names{"input", "stem + stem_relu", "dw", "add", "cat", "pool", "flatten", "fc"};
+  REQUIRE(j["nodes"].size() == names.size());
+  for (size_t i = 0; i < names.size(); ++i) CHECK(j["nodes"][i]["name"] == names[i]);
+  CHECK(j["nodes"][4]["inputs"] == nlohmann::json::array({3, 1}));
+  CHECK(j["nodes"][1]["output"]["codes"][0].get<int>() == j["nodes"][1]["output"]["zero_points"][0].get<int>());
+  CHECK(text_of(out).find("BatchNorm folded") == std::string::npos);
+
+  const Run q = w.run("quantize", "--model " + w.custom + " --calib 50 --out " + (w.dir / "custom.int8.safetensors"));
+  CHECK_MESSAGE(q.code == 0, q.err);
+}
+
 // ---------------------------------------------------------------------------------------------
 // bad input: one clear line, non-zero exit, no report
 
@@ -434,4 +608,36 @@ TEST_CASE("headless Chromium: the report loads without console errors and its sc
   const double pixels = static_cast<double>(img.width * img.height);
   CHECK_MESSAGE(static_cast<double>(non_white) / pixels > kMinNonWhite, "non-white pixels: ", non_white);
   CHECK_MESSAGE(bar > kMinBarPixels, "histogram-bar pixels: ", bar);
+}
+
+TEST_CASE("headless Chromium: resnet8's report loads without console errors and shows its graph's residual edges") {
+  if (!fs::exists(kChromium)) {
+    MESSAGE("skipped: ", kChromium, " is not installed (apt-get install chromium)");
+    return;
+  }
+  auto& w = workspace();
+  // The report the resnet8 test case wrote, when it ran (a report takes a while: one is enough).
+  const std::string html = w.dir / "resnet8.html";
+  if (!fs::exists(html)) {
+    const Run r = w.inspect("--model " + w.resnet8 + " --out " + html);
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+  }
+  const fs::path shots = fs::temp_directory_path() / "lowbit_inspect_screenshot";
+  fs::create_directories(shots);
+  const std::string png = (shots / "report_resnet8.png").string();
+  fs::remove(png);
+  const Run c = chromium_screenshot(html, png, w.dir.str());
+  REQUIRE_MESSAGE(c.code == 0, c.err);
+  const auto console = console_lines(c.err);
+  CHECK_MESSAGE(console.empty(), "console: ", console.empty() ? "" : console.front());
+  REQUIRE(fs::exists(png));
+  MESSAGE("screenshot of resnet8's inspect report: ", png);
+
+  // The graph comes first in the page: its magenta residual edges are in the screenshot.
+  const Image img = read_png(png);
+  int64_t skip = 0;
+  for (size_t i = 0; i < img.rgb.size(); i += 3)
+    skip += std::abs(img.rgb[i] - 0xc2) < 12 && std::abs(img.rgb[i + 1] - 0x18) < 12 &&
+            std::abs(img.rgb[i + 2] - 0x5b) < 12;
+  CHECK_MESSAGE(skip > kMinSkipPixels, "residual-edge pixels: ", skip);
 }

@@ -20,7 +20,8 @@
 # depend on the reduced data (image counts, epochs), is spelled out in tools/tutorial_check.py. Integer model
 # sizes are compared within 1%: a layer's biases are stored as int16 only when all of them fit.
 #
-# Needs a build in build/ (or $LOWBIT_BUILD_DIR) and /usr/bin/python3.
+# Needs a build in build/ (or $LOWBIT_BUILD_DIR), /usr/bin/python3, and for step 10 gcc-arm-none-eabi and
+# qemu-system-arm (tools/cortex-m/run.sh).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,7 +39,7 @@ case "${1:-}/${2:-}" in
   *) echo "usage: bash tools/tutorial.sh [--reduced [--update]]" >&2; exit 2 ;;
 esac
 
-for program in train inspect quantize eval; do
+for program in train inspect quantize eval export; do
   if [[ ! -x "$BUILD/bin/$program" ]]; then
     echo "tutorial.sh: $BUILD/bin/$program is missing (build first: bash tools/setup.sh test)" >&2
     exit 1
@@ -98,6 +99,22 @@ step() {
   echo "   ($((SECONDS - started))s)" >&2
 }
 
+# script NAME SHOWN COMMAND...: like step, for a command that is not one of build/bin's programs; SHOWN is the
+# command as the tutorial prints it, COMMAND what runs (the same, with this run's data folder).
+script() {
+  local name=$1 shown=$2
+  shift 2
+  echo "== $name: $shown" >&2
+  local started=$SECONDS
+  if ! { echo "\$ $shown"; "$@" 2>&1; } >"outputs/$name.txt"; then
+    cat "outputs/$name.txt" >&2
+    echo "tutorial.sh: step $name failed: $shown" >&2
+    exit 1
+  fi
+  echo "   ($((SECONDS - started))s)" >&2
+}
+DATA_DIR="${DATA_FLAG[1]:-$FASHION}"
+
 # ---- the commands of docs/tutorial.md, in order
 
 step train-float train --model lenet5 --epochs "$EPOCHS" --threads 1 --log lenet5.jsonl --out lenet5.safetensors
@@ -111,6 +128,12 @@ step step5-percentile quantize --model lenet5.safetensors --bits w4a4 --observer
 step step5-mse quantize --model lenet5.safetensors --bits w4a4 --observer mse --threads 1
 step step6 train --from lenet5.safetensors --qat --bits w4a4 --observer mse --freeze-observers-after 0 \
   --qat-epochs 1 --threads 1 --out lenet5.w4a4.ptq-qat.safetensors
+step step7 train --model resnet8 --dry-run --qat --threads 1 --out resnet8.qat.safetensors
+script step8 "python3 tools/explain_add.py resnet8.qat.int8.safetensors b2_add" \
+  "$PYTHON" "$ROOT/tools/explain_add.py" resnet8.qat.int8.safetensors b2_add
+step step9 train --model dsconv --summary --dry-run --qat --threads 1 --out dsconv.qat.safetensors
+script step10 "KEEP=m3 sh tools/cortex-m/run.sh lenet5.w4a4.qat.w4a4.safetensors $FASHION 20" \
+  env KEEP=m3 LOWBIT_BIN="$BUILD/bin" sh "$ROOT/tools/cortex-m/run.sh" lenet5.w4a4.qat.w4a4.safetensors "$DATA_DIR" 20
 
 # ---- into the tutorial (full) or checked against it (reduced)
 

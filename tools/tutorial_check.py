@@ -11,7 +11,8 @@ DETERMINISTIC unless one of the rules below calls it noise:
 
   NOISE (depends on training, the data subset, the epochs or the machine):
     a number with a decimal point (accuracies, losses, ranges, scales, SQNR, seconds, means, ...),
-    a percentage, "N LSB", "N img/s", "epoch N/M", "N training images", "N test images".
+    a percentage, "N LSB", "N img/s", "epoch N/M", "N training images", "N test images", QEMU's "in Ns;",
+    and the rows of arm-none-eabi-size's table (code size depends on the compiler and the trained zero points).
   DETERMINISTIC WITHIN A TOLERANCE:
     an integer model's size in bytes ("integer model, N bytes", "N bytes integer model") and the ratio after it
     ("(7.05x smaller)"): within 1%, because a layer's biases are stored as int16 when every one of them fits
@@ -22,6 +23,11 @@ The worked arithmetic of step 3 ("w -> q -> s*q (error)" and the quantile lines)
 so it is checked differently: in the tutorial and in this run alike, every such line must be what its formula
 gives from the scale and zero point printed above it (q = round(w / s), half away from zero, clamped; s·q; the
 error s·q − w), to the printed digits.
+
+The walk through one integer Add (block "step8", tools/explain_add.py) prints the trained model's zero points,
+multipliers and codes: integers, but they depend on training. Its numbers are not compared; instead, in the
+tutorial and in this run alike, the addition must follow from the parameters printed above it (each m_i is M_i·2^n
+to the printed digits; the integer sum, its one rounding and the clamp recomputed exactly).
 
 Every block must also keep its structure: the same first words of its lines (digits masked), in the same order of
 first appearance. Lines are matched in order by their first word; a line with no deterministic number is skipped.
@@ -40,6 +46,10 @@ NOISE_CONTEXT = [
     re.compile(r"epoch \d+/\d+"),
     re.compile(r"\d+ training images"),
     re.compile(r"\d+ test images"),
+    re.compile(r"in \d+s;"),  # tools/cortex-m/run.sh's QEMU time
+    # arm-none-eabi-size's table (text, data, bss, dec, hex, file): code size depends on the compiler and on the
+    # trained zero points the generated code holds as immediates
+    re.compile(r"^\s*\d+\s+\d+\s+\d+\s+\d+\s+[0-9a-f]+\s+\S+\s*$"),
 ]
 SIZE_CONTEXT = [
     re.compile(r"integer model, \d+ bytes"),
@@ -154,6 +164,42 @@ def check_worked(name, body):
     return problems
 
 
+FORMULA_BLOCKS = {"step8": "check_add"}  # blocks checked by recomputing their arithmetic, not number by number
+
+
+def check_add(name, body):
+    """The integer Add of tools/explain_add.py: its sum, rounding and clamp follow from the printed parameters."""
+    def find(pattern):
+        found = re.findall(pattern, body)
+        return found
+    try:
+        z = [int(v) for v in find(r"zero point z_\d = (-?\d+)")]
+        (z_out, lo, hi), = [tuple(map(int, t)) for t in find(r"z_out = (-?\d+), clamp \[(-?\d+), (-?\d+)\]")]
+        M_m = [(float(a), int(b)) for a, b in find(r"= ([\d.e+-]+) -> m_\d = (\d+)")]
+        (n,) = [int(v) for v in find(r"shared shift n = (\d+)")]
+        ((a, b),) = [tuple(map(int, t)) for t in find(r"codes a = (-?\d+) \(input 0\) and b = (-?\d+)")]
+        (acc,) = [int(v) for v in find(r"integer sum: .* = (-?\d+)\n")]
+        ((acc2, n2, step, q),) = [tuple(map(int, t)) for t in find(r"round\((-?\d+) / 2\^(\d+)\) = (-?\d+); q = .* = (-?\d+)")]
+    except ValueError:
+        return [f"  {name}: not the lines tools/explain_add.py prints (its parameters or the addition are missing)"]
+    problems = []
+    if len(z) != 2 or len(M_m) != 2:
+        return [f"  {name}: expected two inputs' zero points and multipliers"]
+    for k, (M, m) in enumerate(M_m):
+        if abs(m / 2.0**n - M) > 5e-6 * M + 2.0**-n:
+            problems.append(f"  {name}: m_{k} = {m} is not M_{k} = {M} times 2^{n}")
+    want = M_m[0][1] * (a - z[0]) + M_m[1][1] * (b - z[1])
+    rounded = (abs(want) + (1 << (n - 1))) >> n
+    rounded = rounded if want >= 0 else -rounded
+    if acc != want or acc2 != want or n2 != n:
+        problems.append(f"  {name}: the integer sum m_0·({a} − {z[0]}) + m_1·({b} − {z[1]}) is {want}, not {acc}")
+    if step != rounded:
+        problems.append(f"  {name}: round({want} / 2^{n}) is {rounded}, not {step}")
+    if q != max(lo, min(hi, z_out + rounded)):
+        problems.append(f"  {name}: clamp({z_out} + {rounded}, {lo}, {hi}) is not {q}")
+    return problems
+
+
 def main():
     if len(sys.argv) != 4 or sys.argv[1] not in ("write", "check", "update"):
         sys.exit(__doc__)
@@ -181,10 +227,14 @@ def main():
         name, body = m.group("name"), m.group("body")
         run = output(name)
         problems.extend(check_worked(name, run) + check_worked(name, body))
+        if name in FORMULA_BLOCKS:
+            problems.extend(check_add(name, run) + check_add(name, body))
         if shape(run) != shape(body):
             unfixable.append(name)
             problems.append(f"  {name}: the tutorial's lines start with {shape(body)}\n"
                             f"  {' ' * len(name)}  this run's lines with    {shape(run)}")
+            return m.group(0)
+        if name in FORMULA_BLOCKS:
             return m.group(0)
         want, got = deterministic_lines(body), deterministic_lines(run)
         want_keys, got_keys = [key(l) for _, l, _ in want], [key(l) for _, l, _ in got]
