@@ -320,19 +320,7 @@ Model::Model(Description d) : name(d.name), description(std::move(d)), layers(st
          shape_str(logits), desc.classes);
 }
 
-Tensor Model::forward(const Tensor& x) {
-  std::vector<Tensor> outputs(nodes.size());
-  std::vector<Tensor> in;
-  for (size_t i = 0; i < nodes.size(); ++i) {
-    in.clear();
-    for (int j : nodes[i].inputs) in.push_back(j < 0 ? x : outputs[static_cast<size_t>(j)]);
-    outputs[i] = nodes[i].module->forward_inputs(in);
-    for (int j : nodes[i].inputs)
-      if (j >= 0 && nodes[static_cast<size_t>(j)].last_reader == static_cast<int>(i))
-        outputs[static_cast<size_t>(j)] = Tensor();
-  }
-  return outputs.back();
-}
+Tensor Model::forward(const Tensor& x) { return run_nodes(nodes, x, false).back(); }
 
 bool Model::is_chain() const {
   for (size_t i = 0; i < nodes.size(); ++i)

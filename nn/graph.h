@@ -85,6 +85,26 @@ class Model : public Module {
   std::vector<Node> nodes;
 };
 
+// Runs graph nodes in order on the input x: node i gets the outputs of nodes[i].inputs (−1 is x). With keep_all
+// false each output is freed after its last reader (Node::last_reader) and only the last node's output is kept;
+// with keep_all true every node's output is returned (for reports). Model and the prepared QatModel both run
+// through this.
+template <typename GraphNode>
+std::vector<Tensor> run_nodes(const std::vector<GraphNode>& nodes, const Tensor& x, bool keep_all) {
+  std::vector<Tensor> outputs(nodes.size());
+  std::vector<Tensor> in;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    in.clear();
+    for (int j : nodes[i].inputs) in.push_back(j < 0 ? x : outputs[static_cast<size_t>(j)]);
+    outputs[i] = nodes[i].module->forward_inputs(in);
+    if (keep_all) continue;
+    for (int j : nodes[i].inputs)  // free what no later node reads
+      if (j >= 0 && nodes[static_cast<size_t>(j)].last_reader == static_cast<int>(i))
+        outputs[static_cast<size_t>(j)] = Tensor();
+  }
+  return outputs;
+}
+
 // A freshly initialised model (weights from global_rng()). The built-in name form builds for 1×28×28
 // images and 10 classes where the description says "auto".
 std::shared_ptr<Model> build_model(const Description& description);

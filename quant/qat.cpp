@@ -283,30 +283,9 @@ QatModel::QatModel(nn::Description description_, std::vector<QatNode> nodes_, QC
   for (const QatNode& node : nodes) layers->append(node.module);
 }
 
-std::vector<Tensor> QatModel::forward_all(const Tensor& x) {
-  std::vector<Tensor> outputs(nodes.size());
-  std::vector<Tensor> in;
-  for (size_t i = 0; i < nodes.size(); ++i) {
-    in.clear();
-    for (int j : nodes[i].inputs) in.push_back(j < 0 ? x : outputs[static_cast<size_t>(j)]);
-    outputs[i] = nodes[i].module->forward_inputs(in);
-  }
-  return outputs;
-}
+std::vector<Tensor> QatModel::forward_all(const Tensor& x) { return nn::run_nodes(nodes, x, true); }
 
-Tensor QatModel::forward(const Tensor& x) {
-  std::vector<Tensor> outputs(nodes.size());
-  std::vector<Tensor> in;
-  for (size_t i = 0; i < nodes.size(); ++i) {
-    in.clear();
-    for (int j : nodes[i].inputs) in.push_back(j < 0 ? x : outputs[static_cast<size_t>(j)]);
-    outputs[i] = nodes[i].module->forward_inputs(in);
-    for (int j : nodes[i].inputs)  // free what no later node reads
-      if (j >= 0 && nodes[static_cast<size_t>(j)].last_reader == static_cast<int>(i))
-        outputs[static_cast<size_t>(j)] = Tensor();
-  }
-  return outputs.back();
-}
+Tensor QatModel::forward(const Tensor& x) { return nn::run_nodes(nodes, x, false).back(); }
 
 std::vector<std::pair<std::string, std::shared_ptr<FakeQuantize>>> QatModel::fake_quant_nodes() const {
   std::vector<std::pair<std::string, std::shared_ptr<FakeQuantize>>> out;

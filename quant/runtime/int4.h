@@ -49,6 +49,15 @@ inline int8_t unpack_int4_at(std::span<const int8_t> packed, size_t i) {
   return unpack_int4_nibble(packed[i / 2], static_cast<int>(i % 2));
 }
 
+// Code k of output row o of a weight matrix with rows of `row_length` codes: int8 codes (bits 8), or packed
+// int4 rows each starting on a byte (bits 4). The reference kernels read weights through this.
+inline int32_t weight_code(std::span<const int8_t> w, int bits, int64_t row_length, int64_t o, int64_t k) {
+  if (bits == 8) return w[static_cast<size_t>(o * row_length + k)];
+  const auto row_bytes = static_cast<int64_t>(int4_packed_size(static_cast<size_t>(row_length)));
+  return unpack_int4_at(w.subspan(static_cast<size_t>(o * row_bytes), static_cast<size_t>(row_bytes)),
+                        static_cast<size_t>(k));
+}
+
 // codes (COUNT) in [−8, 7] → packed (int4_packed_size(COUNT)).
 inline void pack_int4(std::span<const int8_t> codes, std::span<int8_t> packed) {
   for (size_t i = 0; i < codes.size(); i += 2) {

@@ -12,17 +12,6 @@
 
 namespace lowbit::quant::runtime {
 
-namespace {
-
-// Code k of output row o of a weight matrix with rows of `row_length` codes (8 bits, or packed int4 rows).
-inline int32_t weight_code(std::span<const int8_t> w, int bits, int64_t row_length, int64_t o, int64_t k) {
-  if (bits == 8) return w[o * row_length + k];
-  const auto row_bytes = static_cast<int64_t>(int4_packed_size(row_length));
-  return unpack_int4_at(w.subspan(o * row_bytes, row_bytes), k);
-}
-
-}  // namespace
-
 // ---- Grouped Conv2d -----------------------------------------------------------------------------------
 
 void qconv2d_grouped_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w,

@@ -10,13 +10,6 @@ namespace lowbit::quant::runtime {
 
 namespace {
 
-// Code k of output row o of a weight matrix with rows of `row_length` codes (8 bits, or packed int4 rows).
-inline int32_t weight_code(std::span<const int8_t> w, int bits, int64_t row_length, int64_t o, int64_t k) {
-  if (bits == 8) return w[o * row_length + k];
-  const auto row_bytes = static_cast<int64_t>(int4_packed_size(row_length));
-  return unpack_int4_at(w.subspan(o * row_bytes, row_bytes), k);
-}
-
 // x is (N, IN), w is (OUT, IN) of `bits`, b is (OUT); y is (N, OUT). docs/quantization.md eq. 5.
 void qgemm_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, int bits,
                std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
