@@ -172,6 +172,20 @@ QKeepScale::QKeepScale(std::shared_ptr<nn::Module> layer_, std::shared_ptr<FakeQ
   register_module("layer", layer);
 }
 
+namespace {
+// The codes of a tensor that a fake-quant node with these qparams has quantized (exact: its values lie on the grid).
+std::vector<int8_t> codes_of(const Tensor& x, QParams q, QRange range) {
+  std::vector<int8_t> codes(static_cast<size_t>(x.numel()));
+  for (size_t k = 0; k < codes.size(); ++k) codes[k] = static_cast<int8_t>(quantize(x.data()[k], q, range));
+  return codes;
+}
+
+// y = the real values of codes (eq. 1).
+void dequantize_into(std::span<const int8_t> codes, QParams q, Tensor& y) {
+  for (size_t k = 0; k < codes.size(); ++k) y.data()[k] = dequantize(codes[k], q);
+}
+}  // namespace
+
 Tensor QKeepScale::forward(const Tensor& x) {
   auto avg = std::dynamic_pointer_cast<nn::AvgPool2d>(layer);
   const bool pool = avg || std::dynamic_pointer_cast<nn::GlobalAvgPool2d>(layer);
@@ -180,9 +194,7 @@ Tensor QKeepScale::forward(const Tensor& x) {
     // fake-quant model rounds its ties as the integer graph does.
     NoGradGuard no_grad;
     const QParams q = input_fq->qparams_per_tensor();
-    const QRange range = input_fq->range();
-    std::vector<int8_t> codes(static_cast<size_t>(x.numel()));
-    for (size_t k = 0; k < codes.size(); ++k) codes[k] = static_cast<int8_t>(quantize(x.data()[k], q, range));
+    const std::vector<int8_t> codes = codes_of(x, q, input_fq->range());
     const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
     Tensor y = avg ? Tensor::empty({n, c, runtime::pooled_size(h, avg->kernel, avg->stride, 0),
                                     runtime::pooled_size(w, avg->kernel, avg->stride, 0)})
@@ -193,7 +205,7 @@ Tensor QKeepScale::forward(const Tensor& x) {
     } else {
       runtime::global_avgpool(codes, q.zero_point, out, n, c, h * w, false);
     }
-    for (size_t k = 0; k < out.size(); ++k) y.data()[k] = dequantize(out[k], q);
+    dequantize_into(out, q, y);
     return y;
   }
   Tensor y = layer->forward(x);
@@ -244,11 +256,7 @@ Tensor QJoin::forward_inputs(std::span<const Tensor> inputs) {
   for (size_t i = 0; i < inputs.size(); ++i) {
     const QParams q = input_quants[i]->qparams_per_tensor();
     rescale.zero_points.push_back(q.zero_point);
-    std::vector<int8_t> c(static_cast<size_t>(inputs[i].numel()));
-    const Tensor& x = inputs[i];
-    for (size_t k = 0; k < c.size(); ++k)
-      c[k] = static_cast<int8_t>(quantize(x.data()[k], q, input_quants[i]->range()));
-    codes.push_back(std::move(c));
+    codes.push_back(codes_of(inputs[i], q, input_quants[i]->range()));
   }
   Shape shape = inputs[0].shape();
   if (kind == Kind::Concat) {
@@ -266,7 +274,7 @@ Tensor QJoin::forward_inputs(std::span<const Tensor> inputs) {
     const int64_t positions = shape.size() > 2 ? y.numel() / (shape[0] * shape[1]) : 1;
     runtime::qconcat(parts, channels, positions, shape[0], rescale, rq, result, false);
   }
-  for (size_t k = 0; k < result.size(); ++k) y.data()[k] = dequantize(result[k], out);
+  dequantize_into(result, out, y);
   return y;
 }
 

@@ -65,7 +65,7 @@ Executor::Executor(const Graph& graph, int threads, KernelPath path)
   const std::vector<std::vector<int>> reader_lists = readers(graph_);
   for (size_t i = 0; i < graph_.ops.size(); ++i) {
     const Op& op = graph_.ops[i];
-    if (op.kind == OpKind::Conv2d && op.groups > 1)
+    if (fast_ && op.kind == OpKind::Conv2d && op.groups > 1)  // (the reference path reads op.weight)
       grouped_[i] = pack_grouped_conv(op.weight, op.weight_bits, conv_shape(i, 1));
   }
   for (size_t i = 0; fast_ && i < graph_.ops.size(); ++i) {  // the fast kernels' weights and fusions
