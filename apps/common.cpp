@@ -11,11 +11,13 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/threads.h"
 #include "quant/runtime/executor.h"
 
 namespace lowbit::apps {
 
 int run_main(CLI::App& app, int argc, char** argv, const std::function<void()>& body) {
+  shorten_openmp_waits(argv);  // before any thread starts: may restart the program (core/threads.h)
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -151,6 +151,7 @@ void print(const Report& r, const Settings& s) {
     j["threads"] = num_threads();
     j["batch_size"] = s.batch_size;
     j["kernel_path"] = quant::runtime::kernel_path_name(quant::runtime::kernel_path());  // the integer kernels
+    j["openmp_waits"] = openmp_wait_description();
     std::cout << j.dump() << "\n";
     return;
   }

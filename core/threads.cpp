@@ -3,6 +3,7 @@
 
 #include <cblas.h>
 #include <omp.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdlib>
@@ -69,7 +70,36 @@ void set_up_blas() {
 
 // Before main(): no thread of the program can be inside OpenBLAS while its kernels are switched.
 [[maybe_unused]] const bool g_blas_ready_at_start = (prepare_blas(), true);
+
+// How long an idle OpenMP thread spins before it sleeps, in libgomp's GOMP_SPINCOUNT units (docs/design.md,
+// "Threads"): enough for a barrier between busy threads on an idle machine, then the thread sleeps.
+constexpr const char* kSpinCount = "1000";
+bool g_spin_count_set_here = false;
 }  // namespace
+
+void shorten_openmp_waits(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr || std::getenv("GOMP_SPINCOUNT") != nullptr) {
+    // Either the user's choice, or this process is the restarted one.
+    g_spin_count_set_here = std::getenv("LOWBIT_SHORT_OPENMP_WAITS") != nullptr;
+    ::unsetenv("LOWBIT_SHORT_OPENMP_WAITS");  // not inherited by the programs this one starts
+    return;
+  }
+  ::setenv("GOMP_SPINCOUNT", kSpinCount, 1);
+  ::setenv("LOWBIT_SHORT_OPENMP_WAITS", "1", 1);
+  ::execv("/proc/self/exe", argv);
+  // Not restarted (no /proc, say): carry on with libgomp's defaults, and say so in the description.
+  ::unsetenv("GOMP_SPINCOUNT");
+  ::unsetenv("LOWBIT_SHORT_OPENMP_WAITS");
+}
+
+std::string openmp_wait_description() {
+  if (const char* policy = std::getenv("OMP_WAIT_POLICY"); policy != nullptr)
+    return std::string("OpenMP wait policy ") + policy + " (set by OMP_WAIT_POLICY)";
+  const char* spins = std::getenv("GOMP_SPINCOUNT");
+  if (spins == nullptr) return "OpenMP waits: libgomp's default";
+  return std::string("OpenMP waits: ") + spins + " spins, then sleep" +
+         (g_spin_count_set_here ? " (lowbit's default)" : " (set by GOMP_SPINCOUNT)");
+}
 
 void set_num_threads(int n) {
   if (n < 1) fail("thread count must be at least 1, got {}", n);

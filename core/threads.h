@@ -31,4 +31,18 @@ void prepare_blas();
 // "OpenBLAS core Cooperlake (OpenBLAS chose Prescott for this CPU)".
 std::string blas_description();
 
+// How long idle OpenMP threads spin before they sleep. libgomp's default (when the user sets neither
+// OMP_WAIT_POLICY nor GOMP_SPINCOUNT) is 300,000 spins, tens of milliseconds on CPUs with a slow `pause`:
+// on a machine busy with other work, a thread waiting at a barrier for a descheduled partner burns its
+// whole time slice, and two threads ran slower than one (docs/design.md, "Threads"). libgomp reads these
+// two variables once, when it loads, before main() starts; so, unless the user set one of them, this
+// restarts the program (execv of /proc/self/exe, same arguments) with GOMP_SPINCOUNT=1000. Call it first
+// thing in main(), before any thread starts; every lowbit program does, and library users' programs
+// should (docs/examples/). Returns normally in the restarted program, or when the user chose.
+void shorten_openmp_waits(char** argv);
+
+// How idle OpenMP threads wait, for the programs' first line and the benchmarks, e.g.
+// "OpenMP waits: 1000 spins, then sleep (lowbit's default)".
+std::string openmp_wait_description();
+
 }  // namespace lowbit

@@ -1,7 +1,9 @@
-// OpenBLAS runs kernels that use the CPU's vector instructions, not its generic fallback (core/threads.h).
+// OpenBLAS runs kernels that use the CPU's vector instructions, not its generic fallback, and OpenMP threads do not
+// spin long (core/threads.h).
 #include <cblas.h>
 #include <doctest/doctest.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -28,4 +30,26 @@ TEST_CASE("on a CPU with AVX2, sgemm does not run OpenBLAS's generic pre-AVX2 ke
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
     CHECK_MESSAGE((core == "SkylakeX" || core == "Cooperlake" || core == "SapphireRapids"), "OpenBLAS runs its ", core,
                   " kernels on a CPU with AVX-512");
+}
+
+TEST_CASE("unless the user chose a wait policy, a lowbit program restarts itself with short OpenMP spin-waits") {
+  // The environment this process was started with (tests/test_main.cpp calls shorten_openmp_waits first).
+  std::string start_env;
+  if (std::FILE* f = std::fopen("/proc/self/environ", "rb"); f != nullptr) {
+    for (int c; (c = std::fgetc(f)) != EOF;) start_env.push_back(c == '\0' ? '\n' : static_cast<char>(c));
+    std::fclose(f);
+  }
+  const auto started_with = [&](const std::string& entry) {
+    return start_env.rfind(entry, 0) == 0 || start_env.find("\n" + entry) != std::string::npos;
+  };
+  MESSAGE(openmp_wait_description());
+  CHECK(std::getenv("LOWBIT_SHORT_OPENMP_WAITS") == nullptr);  // not passed on to the programs it starts
+  if (started_with("LOWBIT_SHORT_OPENMP_WAITS=1")) {            // restarted by shorten_openmp_waits
+    CHECK(started_with("GOMP_SPINCOUNT=1000"));
+    CHECK(openmp_wait_description() == "OpenMP waits: 1000 spins, then sleep (lowbit's default)");
+  } else {
+    MESSAGE("the user's OMP_WAIT_POLICY / GOMP_SPINCOUNT stands");
+    REQUIRE((started_with("OMP_WAIT_POLICY=") || started_with("GOMP_SPINCOUNT=")));
+    CHECK(openmp_wait_description().find("lowbit's default") == std::string::npos);
+  }
 }

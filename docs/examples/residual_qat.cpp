@@ -13,6 +13,7 @@
 #include <string>
 
 #include "core/ops.h"
+#include "core/threads.h"
 #include "data/loader.h"
 #include "data/mnist.h"
 #include "nn/graph.h"
@@ -92,6 +93,7 @@ double train(nn::Module& model, data::DataLoader& loader, int64_t max_batches, f
 }  // namespace
 
 int main(int argc, char** argv) try {
+  shorten_openmp_waits(argv);  // first: OpenMP threads that do not spin for long on a busy machine (core/threads.h)
   const int64_t max_batches = argc > 1 ? std::atoll(argv[1]) : 300;
   const data::MnistData mnist = data::load_mnist(argc > 2 ? argv[2] : data::kDefaultDataDir);
   const std::string out = argc > 3 ? argv[3] : "tiny-residual.int8.safetensors";

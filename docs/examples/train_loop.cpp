@@ -5,6 +5,7 @@
 #include <exception>
 
 #include "core/ops.h"
+#include "core/threads.h"
 #include "data/loader.h"
 #include "data/mnist.h"
 #include "nn/graph.h"
@@ -13,6 +14,7 @@
 using namespace lowbit;
 
 int main(int argc, char** argv) try {
+  shorten_openmp_waits(argv);  // first: OpenMP threads that do not spin for long on a busy machine (core/threads.h)
   const int64_t max_batches = argc > 1 ? std::atoll(argv[1]) : 0;
   const data::MnistData mnist = data::load_mnist(argc > 2 ? argv[2] : data::kDefaultDataDir);
   manual_seed(0);  // the weight initialisation
