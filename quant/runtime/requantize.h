@@ -1,4 +1,4 @@
-// Integer rounding and fixed-point requantization of int32 accumulators to int8 codes.
+// Integer rounding and fixed-point requantization to int8 codes: of int32 accumulators, and of an Add's two inputs.
 #pragma once
 
 #include <algorithm>
@@ -12,6 +12,8 @@ namespace lowbit::quant::runtime {
 //   eq. 6  out = clamp(z_out + round(acc·m·2^(−n)), act_min, act_max)
 //          with M = s_in·s_w[c]/s_out ≈ m·2^(−n), m in [2^30, 2^31), n in [1, 62]
 //   eq. 7  round(·) rounds to nearest, ties away from zero.
+//   eq. 10 out = clamp(z_out + round((m_a·(a − z_a) + m_b·(b − z_b))·2^(−n)), act_min, act_max)   an Add
+//          with m_i·2^(−n) ≈ M_i = s_i/s_out, one shared n (rescale_from_scales)
 
 inline constexpr int32_t kMultiplierMin = int32_t{1} << 30;  // m in [2^30, 2^31 − 1]
 inline constexpr int32_t kMultiplierMax = INT32_MAX;
@@ -53,6 +55,24 @@ constexpr int8_t requantize(int32_t acc, int32_t multiplier, int shift, int32_t 
 }
 #endif  // LOWBIT_EXERCISES
 
+// Exercise 10 (docs/exercises/10-integer-add.md): the student build only declares the next function and
+// compiles docs/exercises/student/ex10_requantize_add.cpp instead.
+#ifdef LOWBIT_EXERCISES
+int8_t requantize_add(int8_t a, int32_t a_zero_point, int32_t a_multiplier, int8_t b, int32_t b_zero_point,
+                      int32_t b_multiplier, int shift, int32_t zero_point, int32_t act_min, int32_t act_max);
+#else
+// One output code of an Add of two differently scaled inputs (docs/quantization.md eq. 10): both brought to the
+// fixed-point scale 2^(−n), added exactly, rounded once (eq. 7):
+//   out = clamp(z_out + rounding_right_shift_half_away(m_a·(a − z_a) + m_b·(b − z_b), n), act_min, act_max).
+// |q − z| <= 255 and m < 2^31: the sum stays below 2^40, exact in int64.
+constexpr int8_t requantize_add(int8_t a, int32_t a_zero_point, int32_t a_multiplier, int8_t b, int32_t b_zero_point,
+                                int32_t b_multiplier, int shift, int32_t zero_point, int32_t act_min, int32_t act_max) {
+  const int64_t sum = int64_t{a_multiplier} * (a - a_zero_point) + int64_t{b_multiplier} * (b - b_zero_point);
+  return static_cast<int8_t>(
+      std::clamp<int64_t>(zero_point + rounding_right_shift_half_away(sum, shift), act_min, act_max));
+}
+#endif  // LOWBIT_EXERCISES
+
 // Worked examples, checked by the compiler.
 static_assert(rounding_divide_half_away(3, 2) == 2 && rounding_divide_half_away(-3, 2) == -2);
 static_assert(rounding_divide_half_away(4, 3) == 1 && rounding_divide_half_away(-5, 3) == -2);
@@ -66,6 +86,11 @@ static_assert(rounding_right_shift_half_away(-1, 2) == 0);   // −0.25 → 0
 
 static_assert(requantize(100, int32_t{1} << 30, 31, 3, -128, 127) == 53);  // M = 2^30·2^−31 = 0.5: 3 + 50
 static_assert(requantize(100, int32_t{1} << 30, 31, 3, 0, 40) == 40);      // clamped to act_max
+#endif
+// Exercise 10: the student's version is not constexpr. The worked Add of docs/quantization.md: M_a = 1.25 and
+// M_b = 0.5 (n = 30), a − z_a = 7 and b − z_b = −3: 7.25 output steps → 7, and z_out = −10 gives −3.
+#ifndef LOWBIT_EXERCISES
+static_assert(requantize_add(9, 2, 1342177280, -8, -5, 536870912, 30, -10, -128, 127) == -3);
 #endif
 
 }  // namespace lowbit::quant::runtime
