@@ -576,7 +576,8 @@ def run_model(name, Xtr, Ytr, Xte, Yte, args, log, mon):
                  "test_acc": ep[-1]["test_acc"] if ep else evaluate(fp32, Xte, Yte),
                  "mean_epoch_s": round(statistics.mean(x["seconds"] for x in ep), 2) if ep else None,
                  "state_dict_bytes": state_dict_bytes(fp32)}
-    if args.fp32_only:
+    if args.fp32_only:  # empty sections, so that --table still reads the result
+        R.update(inference={}, ptq_int8={}, qat_int8={}, qat_w4a8={})
         return R
 
     # ---- 4a. fp32 inference ---------------------------------------------------------------
@@ -710,6 +711,8 @@ def markdown_tables(summary):
             if not isinstance(d, dict) or k not in d:
                 return "err" if isinstance(d, dict) and "error" in d else "-"
             d = d[k]
+        if isinstance(d, dict):  # an {"error": ...} where a figure would be
+            return "err" if "error" in d else "-"
         return fmt.format(d)
 
     pct = "{:.2%}"
