@@ -18,7 +18,7 @@ The whole run holds /tmp/bench.lock (flock), like `flock /tmp/bench.lock peer.py
 overlap other timing jobs that honour the lock. Python 3 standard library only.
 
     /usr/bin/python3 tools/bench.py                          # the three chains (~25-35 min with the peer)
-    /usr/bin/python3 tools/bench.py --models resnet8,dsconv  # the graph models (~50-60 min at 1 thread)
+    /usr/bin/python3 tools/bench.py --models resnet8,dsconv  # the graph models (~50-60 min at 1 thread, estimated; --quick ~12 min)
     /usr/bin/python3 tools/bench.py --models mlp --quick     # smoke test, a few minutes
     /usr/bin/python3 tools/bench.py --peer-json peer.json    # reuse a peer run
 """
