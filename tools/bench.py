@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """lowbit vs PyTorch, in one run on one machine: training and inference speed, as ratios.
 
-For each model (mlp, lenet5, convbn) this measures, with lowbit's own programs:
+For each model (by default the three chains mlp, lenet5, convbn; the graph models resnet8 and dsconv
+on request, --models resnet8,dsconv) this measures, with lowbit's own programs:
   * float training images/s: one full epoch of `train --epochs 1 --log L` (the log's images_per_second);
   * inference: `eval --json --batch-size 1` (latency_us_median) and `--batch-size 256`
     (images_per_second) of the fp32 model and of the integer models int8 (w8a8), w4a8 and w4a4,
@@ -16,7 +17,8 @@ docs/benchmarks.md.
 The whole run holds /tmp/bench.lock (flock), like `flock /tmp/bench.lock peer.py`, so it does not
 overlap other timing jobs that honour the lock. Python 3 standard library only.
 
-    /usr/bin/python3 tools/bench.py                          # everything (~25-35 min with the peer)
+    /usr/bin/python3 tools/bench.py                          # the three chains (~25-35 min with the peer)
+    /usr/bin/python3 tools/bench.py --models resnet8,dsconv  # the graph models (~50-60 min at 1 thread, estimated; --quick ~12 min)
     /usr/bin/python3 tools/bench.py --models mlp --quick     # smoke test, a few minutes
     /usr/bin/python3 tools/bench.py --peer-json peer.json    # reuse a peer run
 """
@@ -36,7 +38,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = ("mlp", "lenet5", "convbn")
+MODELS = ("mlp", "lenet5", "convbn")  # the default set
+GRAPH_MODELS = ("resnet8", "dsconv")  # on request: each adds ~25 min at 1 thread (a slow float epoch on both sides)
+NO_TRAIN_QUICK = ("convbn",) + GRAPH_MODELS  # --quick skips their full float training epoch (minutes each)
 BITS = (("w8a8", "int8"), ("w4a8", "w4a8"), ("w4a4", "w4a4"))  # --bits, integer mode written by train
 LOCK = "/tmp/bench.lock"
 T0 = time.perf_counter()
@@ -169,8 +173,8 @@ def ours_eval(args, path, batch):
 
 def ours_model(args, model, work):
     R = {}
-    if args.quick and model == "convbn":
-        log("convbn: --quick skips the full float training epoch")
+    if args.quick and model in NO_TRAIN_QUICK:
+        log(f"{model}: --quick skips the full float training epoch")
         R["train"] = None
     else:
         R["train"] = ours_train(args, model, work)
@@ -199,8 +203,9 @@ def run_peer(args, models, path):
     if args.quick:
         cmd += ["--b1-calls", "2000", "--b256-reps", "2", "--bench-tries", "1", "--epoch-tries", "1",
                 "--max-wait-total", "30"]
-        if "convbn" in models:
-            cmd += ["--convbn-epochs", "0"]  # as ours: no convbn training in --quick
+        untrained = [m for m in models if m in NO_TRAIN_QUICK]
+        if untrained:
+            cmd += ["--no-train", *untrained]  # as ours: no float epoch for these in --quick
     log("$ " + " ".join(cmd) + "   (stderr follows)")
     a = cpu_snapshot()
     p = subprocess.run(cmd, stdout=subprocess.DEVNULL)
@@ -347,10 +352,11 @@ def machine_meta(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: mlp,lenet5,convbn")
+    ap.add_argument("--models", nargs="+", default=[",".join(MODELS)],
+                    help=f"comma- or space-separated, from {','.join(MODELS + GRAPH_MODELS)} (default {','.join(MODELS)})")
     ap.add_argument("--threads", type=int, default=2, help="threads for ours and for the peer")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test: no convbn training, one eval run per figure, a short peer run")
+                    help=f"smoke test: no training of {','.join(NO_TRAIN_QUICK)}, one eval run per figure, a short peer run")
     ap.add_argument("--repeats", type=int, default=None, help="eval runs per figure, median kept (default 3; --quick 1)")
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--peer-json", help="reuse this peer.py result instead of running the peer")
@@ -368,10 +374,10 @@ def main():
     ap.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK}")
     args = ap.parse_args()
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in MODELS]
+    models = [m.strip() for arg in args.models for m in arg.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS + GRAPH_MODELS]
     if bad or not models:
-        ap.error(f"--models: unknown {bad}; choose from {','.join(MODELS)}")
+        ap.error(f"--models: unknown {bad}; choose from {','.join(MODELS + GRAPH_MODELS)}")
     if args.threads < 1:
         ap.error("--threads must be >= 1 (the peer needs an explicit count)")
     if args.repeats is None:
