@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include <climits>
 #include <cmath>
 #include <filesystem>
 #include <string>
@@ -101,6 +102,44 @@ TEST_CASE("QAdd: within one output LSB of the float sum over the whole scale-rat
   std::vector<int8_t> y(1);
   rt::qadd(std::vector<int8_t>{9}, std::vector<int8_t>{-8}, worked, out, y);
   CHECK(y[0] == -3);
+}
+
+TEST_CASE("QAdd: the AVX2 kernel == the reference on every path, for any multipliers, shift, zero points and clamp") {
+  Rng rng(11);
+  const auto paths = test::fast_paths_to_test();
+  const auto draw = [&](int64_t lo, int64_t hi) { return lo + static_cast<int64_t>(rng.below(static_cast<uint64_t>(hi - lo + 1))); };
+  for (int trial = 0; trial < 400; ++trial) {
+    rt::Rescale r;
+    // Every shift eq. 10 allows. Multipliers up to 2^31 − 1 (odd trials: most sums saturate) or up to about
+    // 2^(n+1) (even trials: sums land inside the int8 range and ties, x·2^(−n) = k + 1/2, are frequent); the
+    // extremes are drawn often.
+    r.shift = static_cast<int>(trial < 124 ? trial / 2 + 1 : draw(1, 62));
+    const int64_t cap = trial % 2 == 1 ? INT32_MAX : std::min<int64_t>(INT32_MAX, int64_t{1} << std::min(r.shift + 1, 31));
+    for (int i = 0; i < 2; ++i) {
+      const int64_t pick = draw(0, 3);
+      r.multipliers.push_back(static_cast<int32_t>(pick == 0 ? 0 : pick == 1 ? cap : draw(0, cap)));
+      r.zero_points.push_back(static_cast<int32_t>(draw(-128, 127)));
+    }
+    rt::Requant rq;
+    rq.zero_point = static_cast<int32_t>(draw(-128, 127));
+    rq.act_min = static_cast<int32_t>(draw(-128, 0));
+    rq.act_max = static_cast<int32_t>(draw(rq.act_min, 127));
+    const auto size = static_cast<size_t>(draw(0, 70));  // lengths that are not multiples of 4
+    const auto a = random_codes(rng, size), b = random_codes(rng, size);
+    std::vector<int8_t> want(size);
+    rt::qadd(a, b, r, rq, want, 1, rt::KernelPath::Ref);
+    for (const rt::KernelPath path : paths) {
+      for (const int threads : {1, 2, 3}) {
+        const std::string path_name = rt::kernel_path_name(path);
+        CAPTURE(path_name);
+        CAPTURE(threads);
+        CAPTURE(r.shift);
+        std::vector<int8_t> got(size, 99);
+        rt::qadd(a, b, r, rq, got, threads, path);
+        CHECK(got == want);
+      }
+    }
+  }
 }
 
 // ---- grouped / depthwise convolution ------------------------------------------------------------------

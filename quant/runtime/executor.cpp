@@ -368,7 +368,7 @@ void Executor::run_images(const uint8_t* pixels, int64_t first, int64_t batch, S
         clamp_codes({x, x_size}, op.requant.act_min, op.requant.act_max, {y, y_size}, threads);
         break;
       case OpKind::Add:
-        qadd(codes_of(op.inputs[0]), codes_of(op.inputs[1]), op.rescale, op.requant, {y, y_size}, threads);
+        qadd(codes_of(op.inputs[0]), codes_of(op.inputs[1]), op.rescale, op.requant, {y, y_size}, threads, path_);
         break;
       case OpKind::Concat: {
         std::vector<std::span<const int8_t>> parts;

@@ -205,9 +205,10 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
                           KernelPath path = kernel_path());
 
 // Add (eq. 10): y[k] = clamp(z_out + round((m[0]·(a[k] − z_0) + m[1]·(b[k] − z_1))·2^(−n)), act_min, act_max),
-// one rounding, ties away from zero. a, b and y have the same size; any layout (elementwise).
+// one rounding, ties away from zero. a, b and y have the same size; any layout (elementwise). Every path but
+// Ref runs it 4 elements at a time with AVX2 (bit-exact: the same integer steps).
 void qadd(std::span<const int8_t> a, std::span<const int8_t> b, const Rescale& r, const Requant& rq,
-          std::span<int8_t> y, int threads = 1);
+          std::span<int8_t> y, int threads = 1, KernelPath path = kernel_path());
 
 // Concat along channels: input k, (N, channels[k], positions) codes, rescaled to the output's scale
 // (eq. 10 with one input: a copy when its multiplier is 2^n and its zero point z_out), fills output channels

@@ -26,6 +26,10 @@ constexpr int64_t conv_rows_vnni(int64_t panels_per_call) { return panels_per_ca
 void depthwise_accumulate_avx2(const int8_t* pixel, const int8_t* taps, int32_t zero_point, int32_t* sum,
                                int64_t count);
 
+// y[k] = the Add of a[k] and b[k] (eq. 10, requantize_add) for k < count, 4 at a time: qadd's inner loop.
+void add_requantize_avx2(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
+                         const Requant& rq);
+
 // ---- kernels_avx512.cpp ----
 
 // body(t) for t in [0, count) on `threads` threads (static schedule). One thread runs a plain loop: an OpenMP

@@ -171,7 +171,7 @@ TEST_CASE("random inputs against eq. 10 written out with a quotient and a remain
   }
 }
 
-TEST_CASE("the runtime's Add kernel, qadd, computes requantize_add for every element") {
+TEST_CASE("the runtime's reference Add kernel, qadd on the Ref path, computes requantize_add for every element") {
   Rescale r;
   r.zero_points = {2, -5};
   r.multipliers = {kWorkedMa, kWorkedMb};
@@ -183,7 +183,7 @@ TEST_CASE("the runtime's Add kernel, qadd, computes requantize_add for every ele
   REQUIRE(requantize_add(9, 2, kWorkedMa, -8, -5, kWorkedMb, kWorkedShift, -10, -10, 127) == -3);
   const std::vector<int8_t> a = {9, 2, 4, 0, 127, -128}, b = {-8, -5, -5, -4, 127, -128};
   std::vector<int8_t> y(a.size());
-  qadd(a, b, r, rq, y);
+  qadd(a, b, r, rq, y, 1, KernelPath::Ref);  // the other paths do the same steps 4 elements at a time (AVX2)
   // 7.25 → 7; 0; 2.5 → 3; −2.5 + 0.5 = −2 → the ReLU; 156.25 + 66 saturates; −162.5 − 61.5 → the ReLU.
   CHECK(y == std::vector<int8_t>{-3, -10, -7, -10, 127, -10});
 }
