@@ -18,6 +18,8 @@
 extern "C" {
 __attribute__((weak)) void gotoblas_dynamic_init(void);
 __attribute__((weak)) void gotoblas_dynamic_quit(void);
+// Stops OpenBLAS's worker threads (what its own fork handler calls); they start again when a call needs them.
+__attribute__((weak)) int blas_thread_shutdown_(void);
 }
 
 namespace lowbit {
@@ -60,6 +62,10 @@ void set_up_blas() {
     return;
   // OpenBLAS reads OPENBLAS_CORETYPE when it selects its kernels; set it for that moment only.
   ::setenv("OPENBLAS_CORETYPE", std::string(best).c_str(), 1);
+  // OpenBLAS starts its worker threads when it loads, and a worker that is still starting reads the kernel
+  // table: switching under it crashed about one program start in a thousand. Stop the workers first (with one
+  // thread, lowbit never needs them).
+  if (blas_thread_shutdown_ != nullptr) blas_thread_shutdown_();
   gotoblas_dynamic_quit();
   gotoblas_dynamic_init();
   ::unsetenv("OPENBLAS_CORETYPE");
