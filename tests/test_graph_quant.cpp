@@ -104,7 +104,8 @@ TEST_CASE("QAdd: within one output LSB of the float sum over the whole scale-rat
   CHECK(y[0] == -3);
 }
 
-TEST_CASE("QAdd: the AVX2 kernel == the reference on every path, for any multipliers, shift, zero points and clamp") {
+TEST_CASE("QAdd: the AVX2 and AVX-512 kernels == the reference on every path, for any multipliers, shift, zero "
+          "points and clamp, in place too") {
   Rng rng(11);
   const auto paths = test::fast_paths_to_test();
   const auto draw = [&](int64_t lo, int64_t hi) { return lo + static_cast<int64_t>(rng.below(static_cast<uint64_t>(hi - lo + 1))); };
@@ -124,7 +125,7 @@ TEST_CASE("QAdd: the AVX2 kernel == the reference on every path, for any multipl
     rq.zero_point = static_cast<int32_t>(draw(-128, 127));
     rq.act_min = static_cast<int32_t>(draw(-128, 0));
     rq.act_max = static_cast<int32_t>(draw(rq.act_min, 127));
-    const auto size = static_cast<size_t>(draw(0, 70));  // lengths that are not multiples of 4
+    const auto size = static_cast<size_t>(draw(0, 70));  // lengths that are not multiples of 4, 8 or 16
     const auto a = random_codes(rng, size), b = random_codes(rng, size);
     std::vector<int8_t> want(size);
     rt::qadd(a, b, r, rq, want, 1, rt::KernelPath::Ref);
@@ -137,6 +138,9 @@ TEST_CASE("QAdd: the AVX2 kernel == the reference on every path, for any multipl
         std::vector<int8_t> got(size, 99);
         rt::qadd(a, b, r, rq, got, threads, path);
         CHECK(got == want);
+        std::vector<int8_t> in_place = a;  // as the executor runs an Add: over its first input
+        rt::qadd(in_place, b, r, rq, in_place, threads, path);
+        CHECK(in_place == want);
       }
     }
   }

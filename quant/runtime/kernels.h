@@ -205,8 +205,8 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
                           KernelPath path = kernel_path());
 
 // Add (eq. 10): y[k] = clamp(z_out + round((m[0]·(a[k] − z_0) + m[1]·(b[k] − z_1))·2^(−n)), act_min, act_max),
-// one rounding, ties away from zero. a, b and y have the same size; any layout (elementwise). Every path but
-// Ref runs it 4 elements at a time with AVX2 (bit-exact: the same integer steps).
+// one rounding, ties away from zero. a, b and y have the same size; any layout (elementwise); y may be a. The
+// Avx2 path runs it 4 elements per instruction, Vnni512 and Amx 8 with AVX-512 (bit-exact: the same integer steps).
 void qadd(std::span<const int8_t> a, std::span<const int8_t> b, const Rescale& r, const Requant& rq,
           std::span<int8_t> y, int threads = 1, KernelPath path = kernel_path());
 

@@ -723,28 +723,25 @@ static_assert(detail::conv_rows_vnni(1) <= kConvMaxRows && kConvRowBlock % detai
 // The epilogue constants of one panel: offset b − z_eff·Σw per channel (wrapping), which of the two halves of 8
 // channels exist, and their requantization constants.
 struct PanelEpilogue {
-  __m256i offset0, offset1;
-  int64_t count0, count1;  // channels in each half
-  Requant8 rq0, rq1;
+  alignas(32) int32_t offset[kPanel];
+  int64_t channels, count0, count1;  // channels of the panel, and in each half
+  Requant8 rq0, rq1;                 // not on the VNNI path: its epilogue is conv_tile_requantize_avx512
 };
 
 PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Requant* rq, int32_t z_eff, int64_t p,
                              int64_t panel, __m256i lane) {
   PanelEpilogue e{};
-  const int64_t channels = min_i64(panel, w.out - p * panel);
-  alignas(32) int32_t offset[kPanel] = {};
-  for (int64_t j = 0; j < channels; ++j) {
+  e.channels = min_i64(panel, w.out - p * panel);
+  for (int64_t j = 0; j < e.channels; ++j) {
     const int64_t o = p * panel + j;
-    offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
-                                     static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
+    e.offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
+                                       static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
   }
-  e.offset0 = load8(offset);
-  e.offset1 = load8(offset + 8);
-  e.count0 = min_i64(8, channels);
-  e.count1 = channels - e.count0;
+  e.count0 = min_i64(8, e.channels);
+  e.count1 = e.channels - e.count0;
   const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count0)), lane);
   const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count1)), lane);
-  if (rq) {
+  if (rq && w.path == KernelPath::Avx2) {
     e.rq0 = requant8_constants(rq->multiplier.data() + p * panel, rq->shift.data() + p * panel, mask0);
     if (e.count1 > 0)
       e.rq1 = requant8_constants(rq->multiplier.data() + p * panel + 8, rq->shift.data() + p * panel + 8, mask1);
@@ -808,13 +805,20 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
         } else {
           conv_kernel_s4<8, 1>(xr, offsets, w.k_units, wpanel, tile);
         }
+        const int64_t tile_rows = min_i64(count, r0 + mr) - r0;
         for (int64_t v = 0; v < g; ++v) {
           const PanelEpilogue& e = ep[v];
           const int64_t o0 = (p0 + v) * panel;
-          for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
+          if (rq && w.path != KernelPath::Avx2) {  // 16 channels per instruction
+            detail::conv_tile_requantize_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, *rq, o0, e.channels,
+                                                y + (start + r0) * out + o0, out);
+            continue;
+          }
+          for (int64_t r = r0; r < r0 + tile_rows; ++r) {
             const int32_t* tr = tile + (v * mr + r - r0) * panel;
-            const __m256i a0 = _mm256_add_epi32(load8(tr), e.offset0);
-            const __m256i a1 = e.count1 > 0 ? _mm256_add_epi32(load8(tr + 8), e.offset1) : _mm256_setzero_si256();
+            const __m256i a0 = _mm256_add_epi32(load8(tr), load8(e.offset));
+            const __m256i a1 =
+                e.count1 > 0 ? _mm256_add_epi32(load8(tr + 8), load8(e.offset + 8)) : _mm256_setzero_si256();
             if (rq) {
               int8_t* yr = y + (start + r) * out + o0;
               store_codes8(requant8(a0, e.rq0, z_out, lo, hi), yr, e.count0);

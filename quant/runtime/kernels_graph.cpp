@@ -106,12 +106,13 @@ void qadd(std::span<const int8_t> a, std::span<const int8_t> b, const Rescale& r
   const int32_t za = r.zero_points[0], zb = r.zero_points[1];
   const int32_t shift = r.shift, z_out = rq.zero_point, act_min = rq.act_min, act_max = rq.act_max;
   const auto size = static_cast<int64_t>(y.size());
-  if (path != KernelPath::Ref && cpu_has_avx2()) {  // the same formula, 4 elements per instruction
+  if (path != KernelPath::Ref && cpu_has_avx2()) {  // the same formula, 8 (AVX-512) or 4 (AVX2) elements at a time
+    const auto kernel = path == KernelPath::Avx2 ? detail::add_requantize_avx2 : detail::add_requantize_avx512;
     const int64_t chunk = (size + threads - 1) / threads;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t t = 0; t < threads; ++t) {
       const int64_t begin = std::min(size, t * chunk), end = std::min(size, begin + chunk);
-      detail::add_requantize_avx2(a.data() + begin, b.data() + begin, y.data() + begin, end - begin, r, rq);
+      kernel(a.data() + begin, b.data() + begin, y.data() + begin, end - begin, r, rq);
     }
     return;
   }

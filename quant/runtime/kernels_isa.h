@@ -60,6 +60,16 @@ void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights&
 void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
                        int64_t panel, int64_t panels, int32_t* tile);
 
+// The epilogue of conv_tile_vnni512 for one panel: rows [0, rows) of tile, int32 rows tile_stride apart, plus
+// offset[j] (b − z_eff·Σw of channel first_channel + j), requantized (eq. 6) with rq's constants of channels
+// [first_channel, first_channel + count), count <= 16; row r's codes go to y + r·y_stride.
+void conv_tile_requantize_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
+                                 const Requant& rq, int64_t first_channel, int64_t count, int8_t* y, int64_t y_stride);
+
+// add_requantize_avx2, 8 elements per instruction.
+void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
+                           const Requant& rq);
+
 // y[i] = table[images[i]] for i < size (input_lookup), with two-table byte permutes. Needs AVX-512 VBMI.
 void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads);
 
