@@ -148,15 +148,21 @@ TEST_CASE("QAdd: the AVX2 and AVX-512 kernels == the reference on every path, fo
 
 // ---- grouped / depthwise convolution ------------------------------------------------------------------
 
-TEST_CASE("grouped and depthwise conv: channels-last kernel == reference, every stride, padding, width, thread count") {
+TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every stride, padding, width, thread "
+          "count; the one-pass depthwise kernel == the reference requantized") {
   Rng rng(2);
   const auto paths = test::fast_paths_to_test();
   struct Case {
     int64_t channels, out, groups, kernel, stride, padding;
   };
-  const std::vector<Case> cases = {{7, 7, 7, 3, 1, 1},   {9, 9, 9, 3, 2, 1},   {13, 13, 13, 5, 1, 2},
-                                   {17, 34, 17, 3, 1, 0}, {6, 9, 3, 3, 2, 1},   {8, 4, 2, 1, 1, 0},
-                                   {5, 10, 5, 2, 2, 0},   {33, 33, 33, 3, 1, 1}, {4, 6, 2, 3, 1, 2}};
+  // Depthwise with 1 to 64 channels (16-lane blocks and their tails), K = 1, 2, 3, 5, 7 and 9 (too many taps for
+  // the one-pass kernel: it must refuse).
+  const std::vector<Case> cases = {{7, 7, 7, 3, 1, 1},    {9, 9, 9, 3, 2, 1},    {13, 13, 13, 5, 1, 2},
+                                   {17, 34, 17, 3, 1, 0}, {6, 9, 3, 3, 2, 1},    {8, 4, 2, 1, 1, 0},
+                                   {5, 10, 5, 2, 2, 0},   {33, 33, 33, 3, 1, 1}, {4, 6, 2, 3, 1, 2},
+                                   {1, 1, 1, 3, 1, 1},    {16, 16, 16, 3, 1, 1}, {32, 32, 32, 3, 2, 1},
+                                   {64, 64, 64, 3, 1, 0}, {20, 20, 20, 7, 1, 3}, {6, 6, 6, 2, 2, 0},
+                                   {18, 18, 18, 1, 1, 0}, {3, 3, 3, 9, 1, 4}};
   for (const Case& c : cases) {
     for (const int bits : {8, 4}) {
       CAPTURE(c.channels);
@@ -213,6 +219,39 @@ TEST_CASE("grouped and depthwise conv: channels-last kernel == reference, every 
           std::vector<int32_t> got(want.size());
           rt::qconv2d_grouped_nhwc(nhwc, z, packed, bias, got, s, threads, path);
           CHECK(got == want);
+        }
+      }
+      // Requantized in one pass: per-channel multipliers, shifts from 1 to 62 (most where codes land inside
+      // the int8 range), any zero point and clamp.
+      rt::Requant rq;
+      for (int64_t o = 0; o < c.out; ++o) {
+        rq.multiplier.push_back(random_in(rng, int64_t{1} << 30, INT32_MAX));
+        rq.shift.push_back(random_in(rng, 0, 3) == 0 ? random_in(rng, 1, 62) : random_in(rng, 28, 44));
+      }
+      rq.zero_point = random_in(rng, -128, 127);
+      rq.act_min = random_in(rng, -128, 0);
+      rq.act_max = random_in(rng, rq.act_min, 127);
+      std::vector<int8_t> want_codes(want.size());
+      for (size_t e = 0; e < want.size(); ++e) {
+        const auto o = static_cast<size_t>(static_cast<int64_t>(e) % c.out);
+        want_codes[e] = rt::requantize(want[e], rq.multiplier[o], rq.shift[o], rq.zero_point, rq.act_min, rq.act_max);
+      }
+      const bool depthwise = c.groups == c.channels && c.out == c.channels;
+      for (const rt::KernelPath path : all) {
+        const bool one_pass = rt::depthwise_in_one_pass(s, path);
+        CHECK(one_pass == (depthwise && c.kernel <= 7 &&
+                           (path == rt::KernelPath::Vnni512 || path == rt::KernelPath::Amx)));
+        std::vector<int8_t> got(want.size(), 99);
+        if (!one_pass) {
+          CHECK_THROWS_WITH_AS(rt::qconv2d_depthwise_requantized(nhwc, z, packed, bias, rq, got, s, 1, path),
+                               doctest::Contains("not a depthwise conv with K <= 7"), rt::RuntimeError);
+          continue;
+        }
+        for (const int threads : {1, 2, 3}) {
+          CAPTURE(threads);
+          std::fill(got.begin(), got.end(), int8_t{99});
+          rt::qconv2d_depthwise_requantized(nhwc, z, packed, bias, rq, got, s, threads, path);
+          CHECK(got == want_codes);
         }
       }
     }

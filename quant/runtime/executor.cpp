@@ -221,7 +221,14 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
     const std::span<const int8_t> xs(xc, static_cast<size_t>(images * in.size()));
     const int threads = threads_for(rows * row_length * op.out_channels, max_threads);
     if (op.kind == OpKind::Conv2d && op.groups > 1) {
-      // Grouped and depthwise: direct loops to (ROWS, OUT) accumulators, requantized below.
+      const ConvShape s = conv_shape(op_index, images);
+      if (fast_ && depthwise_in_one_pass(s, path_)) {
+        qconv2d_depthwise_requantized(xs, op.input_zero_point, grouped_[op_index], op.bias, op.requant,
+                                      {y + first * out.size(), static_cast<size_t>(images * out.size())}, s, threads,
+                                      path_);
+        continue;
+      }
+      // Grouped, and depthwise on the other paths: direct loops to (ROWS, OUT) accumulators, requantized below.
       if (fast_) {
         qconv2d_grouped_nhwc(xs, op.input_zero_point, grouped_[op_index], op.bias, acc, conv_shape(op_index, images),
                              threads, path_);

@@ -204,6 +204,14 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
                           std::span<const int32_t> b, std::span<int32_t> acc, const ConvShape& s, int threads = 1,
                           KernelPath path = kernel_path());
 
+// A depthwise Conv2d (C = OUT = groups) straight to codes: qconv2d_grouped_nhwc's accumulators requantized
+// (eq. 6), y (N, HO, WO, C), in one pass with AVX-512, each sum in a register over the K² taps. Only where
+// depthwise_in_one_pass(s, path): the Vnni512 and Amx paths, K <= 7.
+bool depthwise_in_one_pass(const ConvShape& s, KernelPath path);
+void qconv2d_depthwise_requantized(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,
+                                   std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y,
+                                   const ConvShape& s, int threads = 1, KernelPath path = kernel_path());
+
 // Add (eq. 10): y[k] = clamp(z_out + round((m[0]·(a[k] − z_0) + m[1]·(b[k] − z_1))·2^(−n)), act_min, act_max),
 // one rounding, ties away from zero. a, b and y have the same size; any layout (elementwise); y may be a. The
 // Avx2 path runs it 4 elements per instruction, Vnni512 and Amx 8 with AVX-512 (bit-exact: the same integer steps).

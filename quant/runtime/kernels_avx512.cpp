@@ -340,6 +340,57 @@ LOWBIT_AVX512_VNNI void add_requantize_range(const int8_t* a, const int8_t* b, i
   }
 }
 
+// Output rows [row0, row1) (row = image · HO + oh) of a depthwise convolution, channels [c0, c0 + 16), as
+// depthwise_requantize_avx512 describes. Each tap is one vpdpbusd whose u8 operand has three zero bytes per
+// lane: lane c gets (x + 128)·w, exactly, added to the int32 sum (the sign-extended weight's upper bytes meet
+// zeros). Taps over the padding read z_in + 128, so every window has all K² terms and
+//   Σ_t w_t·(x_t − z_in) = Σ_t w_t·(x_t + 128) − (z_in + 128)·Σ_t w_t,
+// the second term folded into the bias once per channel block (wrapping, like the sums: point 3 above).
+LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t* w, const int32_t* b,
+                                        const Requant& rq, int8_t* y, const ConvShape& s, int64_t c0, int64_t row0,
+                                        int64_t row1) {
+  const int64_t k = s.kernel, c = s.channels, taps = k * k;
+  const int64_t ho = pooled_size(s.height, k, s.stride, s.padding), wo = pooled_size(s.width, k, s.stride, s.padding);
+  const __mmask16 mask = low_lanes(c - c0);
+  const bool full = c - c0 >= 16;
+  __m512i wt[kMaxDepthwiseTaps];
+  __m512i wsum = _mm512_setzero_si512();
+  for (int64_t t = 0; t < taps; ++t) {
+    wt[t] = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + t * c + c0));
+    wsum = _mm512_add_epi32(wsum, wt[t]);
+  }
+  const __m512i pad = _mm512_set1_epi32(z + 128);
+  const __m512i offset = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mask, b + c0), _mm512_mullo_epi32(pad, wsum));
+  const Requant16 rc = requant16_constants(rq.multiplier.data() + c0, rq.shift.data() + c0, mask);
+  const __m512i z_out = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
+  const __m512i hi = _mm512_set1_epi32(rq.act_max);
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t i = row / ho, oh = row % ho;
+    int8_t* yr = y + row * wo * c + c0;
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      __m512i acc = offset;
+      for (int64_t kh = 0; kh < k; ++kh) {
+        const int64_t ih = oh * s.stride - s.padding + kh;
+        const bool row_inside = ih >= 0 && ih < s.height;
+        const int8_t* line = x + ((i * s.height + ih) * s.width) * c + c0;
+        for (int64_t kw = 0; kw < k; ++kw) {
+          const int64_t iw = ow * s.stride - s.padding + kw;
+          __m512i xv = pad;
+          if (row_inside && iw >= 0 && iw < s.width) {
+            const int8_t* pixel = line + iw * c;
+            const __m128i codes = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(pixel))
+                                       : _mm_maskz_loadu_epi8(mask, pixel);
+            xv = _mm512_cvtepu8_epi32(_mm_xor_si128(codes, flip));
+          }
+          acc = _mm512_dpbusd_epi32(acc, xv, wt[kh * k + kw]);
+        }
+      }
+      _mm512_mask_cvtepi32_storeu_epi8(yr + ow * c, mask, requant16(acc, rc, z_out, lo, hi));
+    }
+  }
+}
+
 // Image i of maxpool2_requantize_avx512.
 LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Requant& rq, int8_t* y, int64_t c,
                                                   int64_t height, int64_t width) {
@@ -388,6 +439,15 @@ void conv_tile_requantize_avx512(const int32_t* tile, int64_t rows, int64_t tile
 void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
                            const Requant& rq) {
   add_requantize_range(a, b, y, count, r, rq);
+}
+
+void depthwise_requantize_avx512(const int8_t* x, int32_t x_zero_point, const int8_t* w, const int32_t* b,
+                                 const Requant& rq, int8_t* y, const ConvShape& s, int threads) {
+  const int64_t rows = s.n * pooled_size(s.height, s.kernel, s.stride, s.padding);
+  parallel_for(threads, threads, [&](int64_t t) {  // contiguous rows per thread, every channel block on each
+    const int64_t row0 = rows * t / threads, row1 = rows * (t + 1) / threads;
+    for (int64_t c0 = 0; c0 < s.channels; c0 += 16) depthwise_block(x, x_zero_point, w, b, rq, y, s, c0, row0, row1);
+  });
 }
 
 void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads) {

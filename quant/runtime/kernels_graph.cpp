@@ -4,6 +4,7 @@
 // AVX2 (kernels_avx2.cpp, depthwise_accumulate_avx2) when the CPU has it.
 #include <algorithm>
 #include <cstring>
+#include <string>
 
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
@@ -96,6 +97,20 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
       }
     }
   }
+}
+
+bool depthwise_in_one_pass(const ConvShape& s, KernelPath path) {
+  return (path == KernelPath::Vnni512 || path == KernelPath::Amx) && cpu_supports(path) && s.groups == s.channels &&
+         s.out == s.channels && s.kernel * s.kernel <= detail::kMaxDepthwiseTaps;
+}
+
+void qconv2d_depthwise_requantized(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,
+                                   std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y,
+                                   const ConvShape& s, int threads, KernelPath path) {
+  if (!depthwise_in_one_pass(s, path))
+    throw RuntimeError(std::string("qconv2d_depthwise_requantized: not a depthwise conv with K <= 7 on the ") +
+                       kernel_path_name(path) + " path; use qconv2d_grouped_nhwc and requantize_to_nchw");
+  detail::depthwise_requantize_avx512(x.data(), x_zero_point, w.codes.data(), b.data(), rq, y.data(), s, threads);
 }
 
 // ---- Add and Concat (eq. 10) ----------------------------------------------------------------------------

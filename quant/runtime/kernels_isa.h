@@ -70,6 +70,13 @@ void conv_tile_requantize_avx512(const int32_t* tile, int64_t rows, int64_t tile
 void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
                            const Requant& rq);
 
+// A depthwise Conv2d (C = OUT = groups), requantized: x is (N, H, W, C) codes, w is (K·K, C) codes (the
+// GroupedConvWeights), b is (C); y is (N, HO, WO, C) codes, equal to qconv2d_grouped_ref's accumulators
+// requantized (eq. 6). 16 channels per instruction, each sum kept in a register over the K² taps. K² <= kMaxDepthwiseTaps.
+constexpr int64_t kMaxDepthwiseTaps = 49;
+void depthwise_requantize_avx512(const int8_t* x, int32_t x_zero_point, const int8_t* w, const int32_t* b,
+                                 const Requant& rq, int8_t* y, const ConvShape& s, int threads);
+
 // y[i] = table[images[i]] for i < size (input_lookup), with two-table byte permutes. Needs AVX-512 VBMI.
 void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads);
 
