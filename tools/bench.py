@@ -11,8 +11,11 @@ and runs the PyTorch peer (tools/peer.py, next to this script) with the same mod
 reuses its JSON (--peer-json). ONNX Runtime is the second peer: the same fp32 and integer models,
 exported with `export --format onnx`, timed by tools/ort/time_ort.js (npm onnxruntime-node in
 tools/ort/node_modules; --skip-ort without it). It prints a table (ours, PyTorch's best, ratio, ONNX
-Runtime, ratio; ratio > 1 means lowbit is faster) and writes the same as JSON (--out). See
-docs/benchmarks.md.
+Runtime, ratio; ratio > 1 means lowbit is faster) and writes the same as JSON (--out). Each of
+lowbit's figures records the kernels that produced it (`ours_kernels` in the JSON, a line under the
+table): the OpenBLAS core for float training and fp32 inference (as train reports it), eval's
+`kernel_path` (ref, avx2, vnni or amx) for the integer models. --kernels PATH passes
+`--kernels PATH` to every eval run, to time one integer path. See docs/benchmarks.md.
 
 The whole run holds /tmp/bench.lock (flock), like `flock /tmp/bench.lock peer.py`, so it does not
 overlap other timing jobs that honour the lock. Python 3 standard library only.
@@ -21,6 +24,7 @@ overlap other timing jobs that honour the lock. Python 3 standard library only.
     /usr/bin/python3 tools/bench.py --models resnet8,dsconv  # the graph models (~50-60 min at 1 thread, estimated; --quick ~12 min)
     /usr/bin/python3 tools/bench.py --models mlp --quick     # smoke test, a few minutes
     /usr/bin/python3 tools/bench.py --peer-json peer.json    # reuse a peer run
+    /usr/bin/python3 tools/bench.py --kernels avx2 --skip-peer  # lowbit's integer figures on the AVX2 kernels
 """
 import argparse
 import datetime
@@ -29,6 +33,7 @@ import glob
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -87,8 +92,9 @@ def foreign_cpu(a, b):
     return round(max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1])), 3)
 
 
-def run(cmd, capture=True):
-    """Runs cmd, returns (stdout, foreign_cpu). Fails loudly with the program's stderr."""
+def run(cmd, capture=True, stderr=False):
+    """Runs cmd, returns (stdout, foreign_cpu), and its stderr too with stderr=True. Fails loudly with the program's
+    stderr."""
     log("$ " + " ".join(cmd))
     for attempt in range(6):  # a binary being relinked by a concurrent build is briefly not executable
         try:
@@ -105,7 +111,8 @@ def run(cmd, capture=True):
     if p.returncode != 0:
         sys.stderr.write(p.stderr[-4000:])
         raise SystemExit(f"bench: command failed (exit {p.returncode}): {' '.join(cmd)}")
-    return p.stdout if capture else "", foreign_cpu(a, b)
+    out = (p.stdout if capture else "", foreign_cpu(a, b))
+    return out + (p.stderr,) if stderr else out
 
 
 def median(xs):
@@ -116,6 +123,13 @@ def median(xs):
 # ------------------------------------------------------------------------------------------------
 # ours
 # ------------------------------------------------------------------------------------------------
+def blas_core(stderr):
+    """The OpenBLAS core in train's stderr, e.g. "OpenBLAS core Cooperlake (OpenBLAS chose Prescott for this CPU)".
+    eval does not report it; every lowbit program sets OpenBLAS up the same way before main, so eval's is the same."""
+    m = re.search(r"OpenBLAS core [^\n]*", stderr)
+    return m.group(0) if m else "OpenBLAS (core not reported)"
+
+
 def ours_train(args, model, work):
     """images/s of one full float training epoch (the `--log` line of phase fp32)."""
     log_path = os.path.join(work, f"{model}.train.jsonl")
@@ -123,22 +137,25 @@ def ours_train(args, model, work):
         os.remove(log_path)
     cmd = [os.path.join(args.bin, "train"), "--model", model, "--epochs", "1", "--threads", str(args.threads),
            "--log", log_path, "--out", os.path.join(work, f"{model}.float.safetensors")] + args.data_flag
-    _, foreign = run(cmd)
+    _, foreign, err = run(cmd, stderr=True)
     with open(log_path) as fh:
         lines = [json.loads(line) for line in fh if line.strip()]
     rates = [x["images_per_second"] for x in lines if x.get("phase", "fp32") == "fp32"]
     if not rates:
         raise SystemExit(f"bench: {log_path} has no fp32 epoch line")
-    return {"images_per_second": rates[-1], "seconds": lines[-1].get("seconds"), "foreign_cpu": foreign}
+    return {"images_per_second": rates[-1], "seconds": lines[-1].get("seconds"), "foreign_cpu": foreign,
+            "blas": blas_core(err)}
 
 
 def ours_make_models(args, model, work):
-    """Dry-run QAT for every bit width; returns {mode: file} with the fp32 sibling under 'fp32'."""
+    """Dry-run QAT for every bit width; returns {mode: file} with the fp32 sibling under 'fp32', and train's OpenBLAS
+    core (blas_core)."""
     files = {}
     for bits, mode in BITS:
         out = os.path.join(work, f"{model}.{bits}.safetensors")
-        run([os.path.join(args.bin, "train"), "--model", model, "--qat", "--bits", bits, "--epochs", "1",
-             "--qat-epochs", "1", "--dry-run", "--threads", str(args.threads), "--out", out] + args.data_flag)
+        _, _, err = run([os.path.join(args.bin, "train"), "--model", model, "--qat", "--bits", bits, "--epochs", "1",
+                         "--qat-epochs", "1", "--dry-run", "--threads", str(args.threads), "--out", out]
+                        + args.data_flag, stderr=True)
         stem = out[: -len(".safetensors")]
         found = [f for f in glob.glob(stem + ".*.safetensors") if not f.endswith(".fp32.safetensors")]
         expected = f"{stem}.{mode}.safetensors"
@@ -152,20 +169,22 @@ def ours_make_models(args, model, work):
             files["fp32"] = stem + ".fp32.safetensors"
     if "fp32" not in files:
         raise SystemExit(f"bench: train --qat wrote no .fp32.safetensors sibling in {work}")
-    return files
+    return files, blas_core(err)
 
 
 def ours_eval(args, path, batch):
-    """Median over --repeats eval runs of images_per_second and latency_us_median."""
+    """Median over --repeats eval runs of images_per_second and latency_us_median, and the integer kernel path."""
     runs = []
+    kernels = ["--kernels", args.kernels] if args.kernels else []
     for _ in range(args.repeats):
         out, foreign = run([os.path.join(args.bin, "eval"), "--json", "--threads", str(args.threads),
-                            "--batch-size", str(batch), "--model", path] + args.data_flag)
+                            "--batch-size", str(batch), "--model", path] + kernels + args.data_flag)
         text = out.strip()
         j = json.loads(text[text.index("{"):])
         runs.append({"images_per_second": j.get("images_per_second"), "latency_us_median": j.get("latency_us_median"),
-                     "mode": j.get("mode"), "accuracy": j.get("accuracy"), "foreign_cpu": foreign})
-    return {"batch": batch, "mode": runs[0]["mode"],
+                     "mode": j.get("mode"), "accuracy": j.get("accuracy"), "kernel_path": j.get("kernel_path"),
+                     "foreign_cpu": foreign})
+    return {"batch": batch, "mode": runs[0]["mode"], "kernel_path": runs[0]["kernel_path"],
             "images_per_second": median(r["images_per_second"] for r in runs),
             "latency_us_median": median(r["latency_us_median"] for r in runs),
             "runs": runs}
@@ -178,7 +197,7 @@ def ours_model(args, model, work):
         R["train"] = None
     else:
         R["train"] = ours_train(args, model, work)
-    files = ours_make_models(args, model, work)
+    files, R["blas"] = ours_make_models(args, model, work)
     R["files"] = {k: os.path.basename(v) for k, v in files.items()}
     R["inference"] = {}
     for mode in ("fp32",) + tuple(m for _, m in BITS):
@@ -187,11 +206,16 @@ def ours_model(args, model, work):
 
 
 def ours_figures(R):
+    """lowbit's figure per column, and the kernels that produced it: the OpenBLAS core for float training and fp32
+    inference, eval's kernel_path for the integer models."""
     f = {"train": R["train"]["images_per_second"] if R.get("train") else None}
+    src = {"train": R["train"].get("blas") if R.get("train") else None}
     for mode, res in R["inference"].items():
         f[f"{mode}_b1"] = res["b1"]["latency_us_median"]
         f[f"{mode}_b256"] = res["b256"]["images_per_second"]
-    return f
+        for b in ("b1", "b256"):
+            src[f"{mode}_{b}"] = R.get("blas") if mode == "fp32" else res[b].get("kernel_path")
+    return f, src
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,6 +339,17 @@ def table(rows):
     return "\n".join(lines)
 
 
+def kernels_note(rows):
+    """Under the table: the kernels of lowbit's figures, one line per distinct set (usually one for all models)."""
+    notes = {}
+    for model, cols in rows.items():
+        paths = lambda keys: ", ".join(sorted({cols[k]["ours_kernels"] for k in keys} - {None})) or "—"
+        note = (f"float (train, fp32) on {paths(('train', 'fp32_b1', 'fp32_b256'))}; integer on "
+                f"{paths([k for k, *_ in COLUMNS if not k.startswith(('train', 'fp32'))])}")
+        notes.setdefault(note, []).append(model)
+    return "\n\n".join(f"lowbit's kernels ({', '.join(ms)}): {note}." for note, ms in notes.items())
+
+
 def cpu_flags():
     """The instruction sets the integer kernels of lowbit and ONNX Runtime choose from, as /proc/cpuinfo names them."""
     wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
@@ -347,7 +382,7 @@ def machine_meta(args):
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cpu_flags": cpu_flags(),
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "git": rev, "git_dirty": dirty, "threads": args.threads,
-            "quick": args.quick, "repeats": args.repeats, "loadavg_start": os.getloadavg()}
+            "quick": args.quick, "repeats": args.repeats, "kernels": args.kernels, "loadavg_start": os.getloadavg()}
 
 
 def main():
@@ -358,6 +393,10 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke test: no training of {','.join(NO_TRAIN_QUICK)}, one eval run per figure, a short peer run")
     ap.add_argument("--repeats", type=int, default=None, help="eval runs per figure, median kept (default 3; --quick 1)")
+    ap.add_argument("--kernels", choices=("ref", "avx2", "vnni", "amx", "auto"),
+                    help="integer kernels for every eval run, passed on as eval --kernels, to time one path "
+                         "(default: eval's own choice, $LOWBIT_KERNELS else the best the CPU has); the JSON "
+                         "(ours_kernels) and the line under the table say which path each figure ran on either way")
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--peer-json", help="reuse this peer.py result instead of running the peer")
     ap.add_argument("--skip-peer", action="store_true", help="do not run the PyTorch peer")
@@ -442,17 +481,18 @@ def main():
 
     rows, result = {}, {"meta": meta, "models": {}}
     for m in models:
-        of = ours_figures(ours[m])
+        of, osrc = ours_figures(ours[m])
         pf, psrc = peer_figures((peer_json or {}).get("models", {}).get(m), args.threads)
         orf = ort_figures(ort.get(m))
-        rows[m] = {key: {"ours": of.get(key), "peer": pf.get(key), "peer_source": psrc.get(key),
+        rows[m] = {key: {"ours": of.get(key), "ours_kernels": osrc.get(key), "peer": pf.get(key),
+                         "peer_source": psrc.get(key),
                          "ratio": ratio(of.get(key), pf.get(key), hib), "ort": orf.get(key),
                          "ort_ratio": ratio(of.get(key), orf.get(key), hib), "unit": unit,
                          "ratio_means": "ours/peer" if hib else "peer/ours"}
                    for key, _, unit, hib in COLUMNS}
         result["models"][m] = {"figures": rows[m], "ours": ours[m], "onnxruntime": ort.get(m)}
 
-    text = table(rows)
+    text = table(rows) + "\n\n" + kernels_note(rows)
     foreign = [r["foreign_cpu"] for m in models for res in ours[m]["inference"].values() for b in res.values()
                for r in b["runs"]]
     foreign += [ours[m]["train"]["foreign_cpu"] for m in models if ours[m].get("train")]
