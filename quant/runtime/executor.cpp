@@ -17,7 +17,6 @@ constexpr int64_t kChunkRows = 1024;  // GEMM rows (output positions) per chunk:
 // turns every join into a scheduler tick — the batch-1 latency tail.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 19;
 constexpr int64_t kMinImagesPerSlice = 8;  // smaller batches split each op over the threads instead
-constexpr int64_t kGroupBytes = int64_t{1} << 19;  // the buffers of one group of images (run_slice): half of L2
 
 bool is_weighted(const Op& op) { return op.kind == OpKind::Conv2d || op.kind == OpKind::Linear; }
 
@@ -299,34 +298,26 @@ std::span<const int8_t> Executor::run(std::span<const uint8_t> images, int64_t b
   batch_ = batch;
   const int count = slices(batch);
   if (count == 1) {
-    run_slice(images.data(), 0, batch, scratch_[0], threads_);  // the kernels split each op over threads
+    run_images(images.data(), 0, batch, scratch_[0], threads_);  // the kernels split each op over threads
   } else {
     // One parallel region per call: each thread runs every op on its own images, with one-thread kernels.
     // Images are independent, so the codes are those of any other split.
 #pragma omp parallel for num_threads(count) schedule(static)
     for (int s = 0; s < count; ++s) {
       const int64_t first = batch * s / count, last = batch * (s + 1) / count;
-      run_slice(images.data(), first, last - first, scratch_[static_cast<size_t>(s)], 1);
+      run_images(images.data(), first, last - first, scratch_[static_cast<size_t>(s)], 1);
+    }
+  }
+  if (!keep_outputs_) {  // the logits of each slice's region, in image order
+    const size_t output = graph_.ops.size() - 1;
+    const int64_t size = shapes_[output].size();
+    for (int s = 0; s < count; ++s) {
+      const int64_t first = batch * s / count, last = batch * (s + 1) / count;
+      const int8_t* codes = codes_at(output, first, last - first);
+      std::copy(codes, codes + (last - first) * size, logits_.begin() + first * size);
     }
   }
   return op_output(graph_.ops.size() - 1);
-}
-
-// A slice runs in groups of images whose buffers fit in the core's L2 cache (kGroupBytes): every op reads what
-// the ops before it wrote while it is still cached. Op after op over the whole slice, resnet8's activations at
-// batch 256 (3 MB per feature map) had left the cache before the next op read them.
-void Executor::run_slice(const uint8_t* pixels, int64_t first, int64_t batch, Scratch& sc, int max_threads) {
-  const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, plan_.arena_bytes));
-  for (int64_t g = first; g < first + batch; g += group) {
-    const int64_t images = std::min(group, first + batch - g);
-    run_images(pixels, g, images, sc, max_threads);
-    if (!keep_outputs_) {  // the logits, from the group's region of the arena, in image order
-      const size_t output = graph_.ops.size() - 1;
-      const int64_t size = shapes_[output].size();
-      const int8_t* codes = codes_at(output, g, images);
-      std::copy(codes, codes + images * size, logits_.begin() + g * size);
-    }
-  }
 }
 
 // Images [first, first + batch) of the call through every op, in order.

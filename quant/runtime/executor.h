@@ -29,8 +29,8 @@ class Executor {
   // Activations live in one arena laid out by plan_graph_arena (memory_plan.h, the exporter's planner): an
   // op's output shares bytes with outputs that are dead by the time it is written; a Flatten shares its input's
   // bytes; an Add or Clamp writes over an input that dies with it. Each slice of the batch (one per thread)
-  // runs in groups of images small enough for the L2 cache; a group of G images has its own region of
-  // G · arena_bytes_per_image() bytes, in which op i's codes start at offsets[i] · G.
+  // has its own region of slice images · arena_bytes_per_image() bytes, in which op i's codes start at
+  // offsets[i] · slice images.
   std::span<const int8_t> run(std::span<const uint8_t> images, int64_t batch);
 
   // Keep every op's output of the last run for op_output (inspection, tests): each op gets a buffer of its own
@@ -69,7 +69,6 @@ class Executor {
   int threads_for(int64_t work, int max_threads) const;  // threads worth starting for this much work
   int slices(int64_t batch) const;                       // how many threads split the batch between them
   void plan(int64_t batch);
-  void run_slice(const uint8_t* pixels, int64_t first, int64_t batch, Scratch& sc, int max_threads);
   void run_images(const uint8_t* pixels, int64_t first, int64_t batch, Scratch& sc, int max_threads);
   // Where op j's codes of images [first, first + batch) live: its own buffer (keep_all_outputs) or the slice's
   // region of the arena. batch is the slice's.
