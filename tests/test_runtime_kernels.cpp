@@ -170,7 +170,11 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       {2, 5, 6, 6, 7, 3, 1, 1},    {1, 1, 8, 8, 2, 3, 1, 0},     // 7 and 2 channels: every partial 8-code store
       {1, 40, 5, 5, 23, 3, 1, 1},                                // kernel rows of 120 codes, 16 + 7 channels
       {3, 32, 6, 5, 64, 3, 1, 1},  {5, 3, 9, 9, 9, 2, 1, 0},     // convbn-like conv2; 9 channels, 25 rows a part
-      {2, 5, 6, 7, 70, 3, 1, 1}};                                // 5 panels: a VNNI call of 4, then one of 1
+      {2, 5, 6, 7, 70, 3, 1, 1},                                 // 5 panels: a VNNI call of 4, then one of 1
+      // AMX tiles (kernel rows of 8 units or more): stride 2, 1×1 windows, odd panel counts, and images so
+      // small that the last A tile reads far past them (into the planes' slack).
+      {2, 16, 9, 9, 32, 3, 2, 1},  {2, 64, 5, 7, 40, 1, 1, 0},  {2, 32, 7, 7, 48, 1, 2, 0},
+      {3, 32, 2, 1, 5, 1, 1, 0},   {1, 16, 3, 3, 17, 3, 1, 1}};
   lowbit::Rng rng(5);
   for (const ConvShape& s : shapes) {
     for (const int bits : {8, 4}) {
@@ -212,6 +216,8 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       for (const rt::KernelPath path : paths) {
         CAPTURE(rt::kernel_path_name(path));
         const rt::PackedConv pc = rt::pack_conv_weights(w, bits, s.c, s.h, s.w, s.out, s.k, s.stride, s.padding, path);
+        // Amx runs a convolution on tiles from kernel rows of 8 units (29 codes) on.
+        CHECK(pc.amx_tiles.empty() == (path != rt::KernelPath::Amx || (s.k * s.c + 3) / 4 < 8));
         std::vector<int16_t> planes(rt::conv_planes_size(s.n, pc), 0x5A5A);
         rt::conv_planes(x_nhwc, z, pc, planes, s.n, 2);
         for (const int parts : {1, 2, 3}) {

@@ -84,10 +84,16 @@ struct PackedConv {
   int64_t segment_units = 0;          // units per kernel row: K·C codes rounded up (to an even count for Avx2 int4)
   int64_t panel_channels = 16;        // output channels per panel: 16, or 8 for a layer of at most 8 channels
   std::vector<int32_t> unit_offsets;  // (K · SEGMENT): where each unit of a window starts, in operands
+  // Amx, when the kernel rows are long enough (kernels_amx.cpp): the weights again as AMX B tiles, (PANELS, K,
+  // BLOCKS, 16 units, 16 channels) int32 units, each kernel row's SEGMENT units in BLOCKS blocks of 16 units,
+  // zero-padded, PANELS even. Empty: the convolution runs on the VNNI kernels.
+  std::vector<int32_t> amx_tiles;
+  int64_t amx_blocks = 0;
 };
 
 // w is (OUT, C, K, K) int8 codes (bits 8) or packed int4 rows of C·K·K codes (bits 4), for (C, H, W) inputs.
-// path as for pack_weights; convolutions have no AMX kernel, so Amx packs (and runs) them for Vnni512.
+// path as for pack_weights; Amx packs for Vnni512 too, and adds amx_tiles when a kernel row has at least
+// kAmxMinSegmentUnits units (shorter ones would leave most of each tile's 64 k empty).
 PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t height, int64_t width, int64_t out,
                              int64_t k, int64_t stride, int64_t padding, KernelPath path);
 

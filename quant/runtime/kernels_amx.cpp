@@ -1,6 +1,7 @@
 // AMX-INT8 GEMM (tdpbusd: u8 × s8 tile products into int32 tiles), bit-exact with qgemm_s8_ref / qgemm_s4_ref.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "quant/runtime/kernels.h"
@@ -111,7 +112,117 @@ LOWBIT_AMX void amx_task(const int32_t* xp, const PackedWeights& w, const int32_
   }
 }
 
+// ---- Convolutions ----
+//
+// An implicit GEMM, as conv_rows on the VNNI kernels (kernels_avx2.cpp), with A tiles read straight from the
+// padded image (channels last, x + 128 as u8). Count an image's output positions over the padded width,
+// v = oh·WP + ow with ow < WP: position v's window then starts v·stride·C bytes after the image's first byte,
+// so the 16 rows of an A tile are 16 consecutive positions exactly stride·C bytes apart, across output rows
+// too, and tileloadd reads them with that row stride. Positions with ow >= WO are computed and dropped.
+// A tile row holds 64 bytes of one kernel row of the window: block j is codes 64j … 64j + 63 of its (kw, c)
+// run; the B tiles hold zero weights past the K·C codes, so whatever a row reads beyond them adds nothing.
+
+// 32 positions from v0 (2 A tiles) × panels 2q, 2q + 1 (2 B tiles) into c (32, 32), over every kernel row and
+// block.
+LOWBIT_AMX void conv_block(const uint8_t* image, const PackedConv& pc, int64_t v0, int64_t q, int32_t* c) {
+  const int64_t k = pc.kernel, blocks = pc.amx_blocks, row_step = pc.stride * pc.channels;
+  const int64_t kernel_row = (pc.width + 2 * pc.padding) * pc.channels, tile = 16 * kPanel;
+  const uint8_t* a = image + v0 * row_step;
+  const int32_t* b0 = pc.amx_tiles.data() + 2 * q * k * blocks * tile;
+  const int32_t* b1 = b0 + k * blocks * tile;
+  compiler_barrier();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t j = 0; j < blocks; ++j) {
+      const uint8_t* at = a + kh * kernel_row + 64 * j;
+      _tile_loadd(4, at, row_step);                    // positions v0 … v0 + 15
+      _tile_loadd(5, at + 16 * row_step, row_step);    // v0 + 16 … v0 + 31
+      _tile_loadd(6, b0 + (kh * blocks + j) * tile, 4 * kPanel);
+      _tile_loadd(7, b1 + (kh * blocks + j) * tile, 4 * kPanel);
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 4, 7);
+      _tile_dpbusd(2, 5, 6);
+      _tile_dpbusd(3, 5, 7);
+    }
+  _tile_stored(0, c, 4 * kBlock);
+  _tile_stored(1, c + 16, 4 * kBlock);
+  _tile_stored(2, c + 16 * kBlock, 4 * kBlock);
+  _tile_stored(3, c + 16 * kBlock + 16, 4 * kBlock);
+  compiler_barrier();
+}
+
+// Rows [m0, m0 + count) of c's panel half h (GEMM rows r0 …), + b − z_eff·Σw: into acc, or requantized into y.
+LOWBIT_AMX void conv_store(const int32_t* c, int64_t m0, int64_t count, int64_t h, const PackedConv& pc,
+                           const int32_t* offset, int64_t o0, const Requant* rq, int32_t* acc, int8_t* y, int64_t r0) {
+  const int64_t out = pc.weights.out, channels = min_i64(kPanel, out - o0);
+  if (rq) {
+    conv_tile_requantize_avx512(c + m0 * kBlock + h * kPanel, count, kBlock, offset, *rq, o0, channels,
+                                y + r0 * out + o0, out);
+    return;
+  }
+  const auto mask = static_cast<__mmask16>(channels >= 16 ? 0xFFFF : (1u << channels) - 1);
+  const __m512i bias = _mm512_maskz_loadu_epi32(mask, offset);
+  for (int64_t m = 0; m < count; ++m)
+    _mm512_mask_storeu_epi32(acc + (r0 + m) * out + o0, mask,
+                             _mm512_add_epi32(_mm512_load_si512(c + (m0 + m) * kBlock + h * kPanel), bias));
+}
+
 }  // namespace
+
+int64_t amx_conv_overrun_bytes(const PackedConv& pc) {
+  const int64_t wp = pc.width + 2 * pc.padding, hp = pc.height + 2 * pc.padding, c = pc.channels;
+  const int64_t ho = pooled_size(pc.height, pc.kernel, pc.stride, pc.padding);
+  // A block starts at a position below HO·WP and spans 32; its last row reads 64·BLOCKS bytes of kernel row K − 1.
+  const int64_t end = (ho * wp + 31) * pc.stride * c + (pc.kernel - 1) * wp * c + 64 * pc.amx_blocks;
+  return end > hp * wp * c ? end - hp * wp * c : 0;
+}
+
+void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant* rq,
+                   int32_t* acc, int8_t* y, int64_t first, int64_t rows) {
+  const int64_t hp = pc.height + 2 * pc.padding, wp = pc.width + 2 * pc.padding;
+  const int64_t ho = pooled_size(pc.height, pc.kernel, pc.stride, pc.padding);
+  const int64_t wo = pooled_size(pc.width, pc.kernel, pc.stride, pc.padding), per_image = ho * wo;
+  const int64_t out = pc.weights.out, pairs = ceil_div(ceil_div(out, kPanel), 2), last = first + rows;
+  const auto position = [&](int64_t r) { return r / wo * wp + r % wo; };  // of row r within its image
+  alignas(64) int32_t c[kBlock * kBlock];
+  alignas(64) int32_t offset[2][kPanel];
+  configure_tiles();
+  for (int64_t q = 0; q < pairs; ++q) {
+    for (int64_t h = 0; h < 2; ++h)  // b − z_eff·Σw per channel, wrapping
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t o = (2 * q + h) * kPanel + j;
+        offset[h][j] = o < out ? static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
+                                                      static_cast<uint32_t>(z_eff) *
+                                                          static_cast<uint32_t>(pc.weights.row_sums[o]))
+                               : 0;
+      }
+    for (int64_t i = first / per_image; i * per_image < last; ++i) {
+      const int64_t r_begin = std::max(first, i * per_image) - i * per_image;
+      const int64_t r_end = std::min(last, (i + 1) * per_image) - i * per_image;
+      const int64_t v_end = position(r_end - 1) + 1;
+      for (int64_t v0 = position(r_begin); v0 < v_end; v0 += kBlock) {
+        conv_block(planes + i * hp * wp * pc.channels, pc, v0, q, c);
+        // Store the runs of positions that are outputs (ow < WO): consecutive positions, consecutive rows.
+        for (int64_t m = 0; m < kBlock && v0 + m < v_end;) {
+          const int64_t v = v0 + m, ow = v % wp;
+          if (ow >= wo) {
+            ++m;
+            continue;
+          }
+          const int64_t count = std::min({kBlock - m, wo - ow, v_end - v});
+          const int64_t r0 = i * per_image + v / wp * wo + ow;
+          for (int64_t h = 0; h < 2 && (2 * q + h) * kPanel < out; ++h)
+            conv_store(c, m, count, h, pc, offset[h], (2 * q + h) * kPanel, rq, acc, y, r0 - first);
+          m += count;
+        }
+      }
+    }
+  }
+  release_tiles();
+}
 
 void qgemm_amx(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
                int threads) {

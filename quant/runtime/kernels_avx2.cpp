@@ -892,7 +892,8 @@ __attribute__((target("avx2"))) void add_requantize_avx2(const int8_t* a, const 
 PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t height, int64_t width, int64_t out,
                              int64_t k, int64_t stride, int64_t padding, KernelPath path) {
   check_packing_path(path, "pack_conv_weights");
-  if (path == KernelPath::Amx) path = KernelPath::Vnni512;  // no AMX convolution: the VNNI one, same packing
+  const bool amx = path == KernelPath::Amx;
+  if (amx) path = KernelPath::Vnni512;  // the VNNI packing, with the AMX tiles below
   PackedConv pc;
   pc.channels = c;
   pc.height = height;
@@ -931,6 +932,20 @@ PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int
                 std::span<int8_t>(packed).subspan(o * row_bytes, row_bytes));
     pc.weights = pack_weights(packed, 4, row, out, path);
   }
+  if (amx && pc.segment_units >= detail::kAmxMinSegmentUnits) {
+    // B tiles: tile (p, kh, j) holds units 16·j … 16·j + 15 of kernel row kh for channels 16·p … 16·p + 15.
+    pc.amx_blocks = ceil_div(pc.segment_units, 16);
+    const int64_t panels = ceil_div(out, kPanel) + ceil_div(out, kPanel) % 2, tile = 16 * kPanel;
+    pc.amx_tiles.assign(static_cast<size_t>(panels * k * pc.amx_blocks * tile), 0);
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t kh = 0; kh < k; ++kh)
+        for (int64_t u = 0; u < pc.segment_units; ++u) {
+          int32_t unit = 0;
+          std::memcpy(&unit, codes.data() + o * row + kh * segment_codes + 4 * u, 4);
+          const int64_t at = ((o / kPanel * k + kh) * pc.amx_blocks + u / 16) * tile + u % 16 * kPanel + o % kPanel;
+          pc.amx_tiles[static_cast<size_t>(at)] = unit;
+        }
+  }
   if (out <= 8) {  // one 8-channel panel: keep the first 8 lanes of each unit row of the 16-channel panel
     pc.panel_channels = 8;
     std::vector<int32_t>& units = pc.weights.units;
@@ -951,8 +966,9 @@ bool int16_operands(const PackedConv& pc) { return pc.weights.path == KernelPath
 
 size_t conv_planes_size(int64_t n, const PackedConv& pc) {
   const int64_t padding = pc.padding;
+  const int64_t slack = pc.amx_tiles.empty() ? kPlaneSlackBytes : std::max(kPlaneSlackBytes, detail::amx_conv_overrun_bytes(pc));
   return static_cast<size_t>(n * (pc.height + 2 * padding) * (pc.width + 2 * padding) * pc.channels +
-                             kPlaneSlackBytes / 2);
+                             ceil_div(slack, 2));
 }
 
 void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, const PackedConv& pc, std::span<int16_t> planes,
@@ -970,6 +986,9 @@ void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const P
                   std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows) {
   if (int16_operands(pc)) {
     conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), nullptr, acc.data(), nullptr, first, rows);
+  } else if (!pc.amx_tiles.empty()) {
+    detail::conv_rows_amx(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), nullptr,
+                          acc.data(), nullptr, first, rows);
   } else {
     conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), nullptr,
                        acc.data(), nullptr, first, rows);
@@ -981,6 +1000,9 @@ void qconv2d_rows_requantized(std::span<const int16_t> planes, int32_t x_zero_po
                               int64_t rows) {
   if (int16_operands(pc)) {
     conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), &rq, nullptr, y.data(), first, rows);
+  } else if (!pc.amx_tiles.empty()) {
+    detail::conv_rows_amx(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), &rq,
+                          nullptr, y.data(), first, rows);
   } else {
     conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), &rq, nullptr,
                        y.data(), first, rows);

@@ -88,6 +88,17 @@ void maxpool2_requantize_avx512(const int32_t* acc, const Requant& rq, int8_t* y
 
 // ---- kernels_amx.cpp ----
 
+// A convolution gets AMX tiles (PackedConv::amx_tiles) from this many units (32 codes) per kernel row on.
+constexpr int64_t kAmxMinSegmentUnits = 8;
+
+// Bytes an AMX convolution may read past the end of its padded images (their weights are zero).
+int64_t amx_conv_overrun_bytes(const PackedConv& pc);
+
+// conv_rows on AMX tiles: GEMM rows [first, first + rows) of the convolution of planes (x + 128 as u8), pc with
+// amx_tiles; acc (ROWS, OUT) int32 when rq is null, else y (ROWS, OUT) codes (eq. 6).
+void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant* rq,
+                   int32_t* acc, int8_t* y, int64_t first, int64_t rows);
+
 // As qgemm_vnni512, with w packed for Amx and N >= kAmxMinRows.
 void qgemm_amx(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
                int threads);
