@@ -154,20 +154,51 @@ LOWBIT_AMX void conv_block(const uint8_t* image, const PackedConv& pc, int64_t v
   compiler_barrier();
 }
 
-// Rows [m0, m0 + count) of c's panel half h (GEMM rows r0 …), + b − z_eff·Σw: into acc, or requantized into y.
-LOWBIT_AMX void conv_store(const int32_t* c, int64_t m0, int64_t count, int64_t h, const PackedConv& pc,
+// A layer of at most 16 channels has one panel: 64 positions from v0 (4 A tiles, rotating through tmm4, tmm5,
+// tmm7) × panel 0 (B in tmm6) into c (64, 16), rather than half the tile work on a panel of zeros.
+LOWBIT_AMX void conv_block_one_panel(const uint8_t* image, const PackedConv& pc, int64_t v0, int32_t* c) {
+  const int64_t k = pc.kernel, blocks = pc.amx_blocks, row_step = pc.stride * pc.channels;
+  const int64_t kernel_row = (pc.width + 2 * pc.padding) * pc.channels, tile = 16 * kPanel;
+  const uint8_t* a = image + v0 * row_step;
+  compiler_barrier();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t j = 0; j < blocks; ++j) {
+      const uint8_t* at = a + kh * kernel_row + 64 * j;
+      _tile_loadd(6, pc.amx_tiles.data() + (kh * blocks + j) * tile, 4 * kPanel);
+      _tile_loadd(4, at, row_step);
+      _tile_dpbusd(0, 4, 6);
+      _tile_loadd(5, at + 16 * row_step, row_step);
+      _tile_dpbusd(1, 5, 6);
+      _tile_loadd(7, at + 32 * row_step, row_step);
+      _tile_dpbusd(2, 7, 6);
+      _tile_loadd(4, at + 48 * row_step, row_step);
+      _tile_dpbusd(3, 4, 6);
+    }
+  _tile_stored(0, c, 4 * kPanel);
+  _tile_stored(1, c + 16 * kPanel, 4 * kPanel);
+  _tile_stored(2, c + 32 * kPanel, 4 * kPanel);
+  _tile_stored(3, c + 48 * kPanel, 4 * kPanel);
+  compiler_barrier();
+}
+
+// Rows [m0, m0 + count) of c (rows c_stride int32 apart), channels o0 … o0 + 15, + b − z_eff·Σw (offset): into
+// acc, or requantized into y, from GEMM row r0.
+LOWBIT_AMX void conv_store(const int32_t* c, int64_t c_stride, int64_t m0, int64_t count, const PackedConv& pc,
                            const int32_t* offset, int64_t o0, const Requant* rq, int32_t* acc, int8_t* y, int64_t r0) {
   const int64_t out = pc.weights.out, channels = min_i64(kPanel, out - o0);
   if (rq) {
-    conv_tile_requantize_avx512(c + m0 * kBlock + h * kPanel, count, kBlock, offset, *rq, o0, channels,
-                                y + r0 * out + o0, out);
+    conv_tile_requantize_avx512(c + m0 * c_stride, count, c_stride, offset, *rq, o0, channels, y + r0 * out + o0, out);
     return;
   }
   const auto mask = static_cast<__mmask16>(channels >= 16 ? 0xFFFF : (1u << channels) - 1);
   const __m512i bias = _mm512_maskz_loadu_epi32(mask, offset);
   for (int64_t m = 0; m < count; ++m)
     _mm512_mask_storeu_epi32(acc + (r0 + m) * out + o0, mask,
-                             _mm512_add_epi32(_mm512_load_si512(c + (m0 + m) * kBlock + h * kPanel), bias));
+                             _mm512_add_epi32(_mm512_load_si512(c + (m0 + m) * c_stride), bias));
 }
 
 }  // namespace
@@ -175,8 +206,9 @@ LOWBIT_AMX void conv_store(const int32_t* c, int64_t m0, int64_t count, int64_t 
 int64_t amx_conv_overrun_bytes(const PackedConv& pc) {
   const int64_t wp = pc.width + 2 * pc.padding, hp = pc.height + 2 * pc.padding, c = pc.channels;
   const int64_t ho = pooled_size(pc.height, pc.kernel, pc.stride, pc.padding);
-  // A block starts at a position below HO·WP and spans 32; its last row reads 64·BLOCKS bytes of kernel row K − 1.
-  const int64_t end = (ho * wp + 31) * pc.stride * c + (pc.kernel - 1) * wp * c + 64 * pc.amx_blocks;
+  // A block starts at a position below HO·WP and spans up to 64; its last row reads 64·BLOCKS bytes of kernel
+  // row K − 1.
+  const int64_t end = (ho * wp + 63) * pc.stride * c + (pc.kernel - 1) * wp * c + 64 * pc.amx_blocks;
   return end > hp * wp * c ? end - hp * wp * c : 0;
 }
 
@@ -187,6 +219,9 @@ void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, c
   const int64_t wo = pooled_size(pc.width, pc.kernel, pc.stride, pc.padding), per_image = ho * wo;
   const int64_t out = pc.weights.out, pairs = ceil_div(ceil_div(out, kPanel), 2), last = first + rows;
   const auto position = [&](int64_t r) { return r / wo * wp + r % wo; };  // of row r within its image
+  // A block: 32 positions × 2 panels, or 64 positions × the one panel of a layer of at most 16 channels.
+  const bool one_panel = out <= kPanel;
+  const int64_t block = one_panel ? 2 * kBlock : kBlock, c_stride = one_panel ? kPanel : 2 * kPanel;
   alignas(64) int32_t c[kBlock * kBlock];
   alignas(64) int32_t offset[2][kPanel];
   configure_tiles();
@@ -203,19 +238,25 @@ void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, c
       const int64_t r_begin = std::max(first, i * per_image) - i * per_image;
       const int64_t r_end = std::min(last, (i + 1) * per_image) - i * per_image;
       const int64_t v_end = position(r_end - 1) + 1;
-      for (int64_t v0 = position(r_begin); v0 < v_end; v0 += kBlock) {
-        conv_block(planes + i * hp * wp * pc.channels, pc, v0, q, c);
+      const uint8_t* image = planes + i * hp * wp * pc.channels;
+      for (int64_t v0 = position(r_begin); v0 < v_end; v0 += block) {
+        if (one_panel) {
+          conv_block_one_panel(image, pc, v0, c);
+        } else {
+          conv_block(image, pc, v0, q, c);
+        }
         // Store the runs of positions that are outputs (ow < WO): consecutive positions, consecutive rows.
-        for (int64_t m = 0; m < kBlock && v0 + m < v_end;) {
+        for (int64_t m = 0; m < block && v0 + m < v_end;) {
           const int64_t v = v0 + m, ow = v % wp;
           if (ow >= wo) {
             ++m;
             continue;
           }
-          const int64_t count = std::min({kBlock - m, wo - ow, v_end - v});
+          const int64_t count = std::min({block - m, wo - ow, v_end - v});
           const int64_t r0 = i * per_image + v / wp * wo + ow;
           for (int64_t h = 0; h < 2 && (2 * q + h) * kPanel < out; ++h)
-            conv_store(c, m, count, h, pc, offset[h], (2 * q + h) * kPanel, rq, acc, y, r0 - first);
+            conv_store(c + h * kPanel, c_stride, m, count, pc, offset[h], (2 * q + h) * kPanel, rq, acc, y,
+                       r0 - first);
           m += count;
         }
       }
