@@ -62,20 +62,28 @@ LOWBIT_AMX void configure_tiles() {
 
 LOWBIT_AMX void release_tiles() { _tile_release(); }
 
-// c (32, 32) int32 = Σ over K_UNITS units of x·w for rows [0, 32) of xp (rows K_UNITS units apart) and the two
-// panels w0, w1 ((K_UNITS, 16) units each). K_UNITS is a multiple of 16.
-LOWBIT_AMX void block_kernel(const int32_t* xp, int64_t k_units, const int32_t* w0, const int32_t* w1, int32_t* c) {
-  const int64_t x_stride = 4 * k_units;  // bytes from one row of x to the next
+// The 32 × 32 block of C that the GEMM and the 2-panel convolution compute: c (32, 32) int32 = Σ over steps s
+// of A_s·[B0_s B1_s]. step(s) gives A_s, 32 rows of 64 bytes with row r at a + r·a_stride, and B0_s and B1_s,
+// one B tile (16 units × 16 channels) of each panel.
+struct TileStep {
+  const void* a;
+  const int32_t* b0;
+  const int32_t* b1;
+};
+
+template <typename Step>
+LOWBIT_AMX void tiles_2x2(int64_t steps, int64_t a_stride, Step step, int32_t* c) {
   compiler_barrier();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t ku = 0; ku < k_units; ku += kUnitsPerTile) {
-    _tile_loadd(4, xp + ku, x_stride);                 // rows 0-15, 64 k
-    _tile_loadd(5, xp + 16 * k_units + ku, x_stride);  // rows 16-31
-    _tile_loadd(6, w0 + ku * kPanel, 4 * kPanel);      // 16 units of panel 0
-    _tile_loadd(7, w1 + ku * kPanel, 4 * kPanel);      // 16 units of panel 1
+  for (int64_t s = 0; s < steps; ++s) {
+    const TileStep t = step(s);
+    _tile_loadd(4, t.a, a_stride);                                           // rows 0-15, 64 k
+    _tile_loadd(5, static_cast<const uint8_t*>(t.a) + 16 * a_stride, a_stride);  // rows 16-31
+    _tile_loadd(6, t.b0, 4 * kPanel);                                         // 16 units of panel 0
+    _tile_loadd(7, t.b1, 4 * kPanel);                                         // 16 units of panel 1
     _tile_dpbusd(0, 4, 6);
     _tile_dpbusd(1, 4, 7);
     _tile_dpbusd(2, 5, 6);
@@ -86,6 +94,15 @@ LOWBIT_AMX void block_kernel(const int32_t* xp, int64_t k_units, const int32_t* 
   _tile_stored(2, c + 16 * kBlock, 4 * kBlock);
   _tile_stored(3, c + 16 * kBlock + 16, 4 * kBlock);
   compiler_barrier();
+}
+
+// c (32, 32) int32 = Σ over K_UNITS units of x·w for rows [0, 32) of xp (rows K_UNITS units apart) and the two
+// panels w0, w1 ((K_UNITS, 16) units each). K_UNITS is a multiple of 16.
+LOWBIT_AMX void block_kernel(const int32_t* xp, int64_t k_units, const int32_t* w0, const int32_t* w1, int32_t* c) {
+  tiles_2x2(k_units / kUnitsPerTile, 4 * k_units, [&](int64_t s) {
+    const int64_t ku = s * kUnitsPerTile;
+    return TileStep{xp + ku, w0 + ku * kPanel, w1 + ku * kPanel};
+  }, c);
 }
 
 // Rows [r0, r0 + 32) ∩ [0, N) × panel pairs [q0, q1) of y.
@@ -130,28 +147,9 @@ LOWBIT_AMX void conv_block(const uint8_t* image, const PackedConv& pc, int64_t v
   const uint8_t* a = image + v0 * row_step;
   const int32_t* b0 = pc.amx_tiles.data() + 2 * q * k * blocks * tile;
   const int32_t* b1 = b0 + k * blocks * tile;
-  compiler_barrier();
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t kh = 0; kh < k; ++kh)
-    for (int64_t j = 0; j < blocks; ++j) {
-      const uint8_t* at = a + kh * kernel_row + 64 * j;
-      _tile_loadd(4, at, row_step);                    // positions v0 … v0 + 15
-      _tile_loadd(5, at + 16 * row_step, row_step);    // v0 + 16 … v0 + 31
-      _tile_loadd(6, b0 + (kh * blocks + j) * tile, 4 * kPanel);
-      _tile_loadd(7, b1 + (kh * blocks + j) * tile, 4 * kPanel);
-      _tile_dpbusd(0, 4, 6);
-      _tile_dpbusd(1, 4, 7);
-      _tile_dpbusd(2, 5, 6);
-      _tile_dpbusd(3, 5, 7);
-    }
-  _tile_stored(0, c, 4 * kBlock);
-  _tile_stored(1, c + 16, 4 * kBlock);
-  _tile_stored(2, c + 16 * kBlock, 4 * kBlock);
-  _tile_stored(3, c + 16 * kBlock + 16, 4 * kBlock);
-  compiler_barrier();
+  tiles_2x2(k * blocks, row_step, [&](int64_t s) {  // s = kh·BLOCKS + j
+    return TileStep{a + s / blocks * kernel_row + 64 * (s % blocks), b0 + s * tile, b1 + s * tile};
+  }, c);
 }
 
 // A layer of at most 16 channels has one panel: 64 positions from v0 (4 A tiles, rotating through tmm4, tmm5,
