@@ -80,10 +80,10 @@ LOWBIT_AMX void tiles_2x2(int64_t steps, int64_t a_stride, Step step, int32_t* c
   _tile_zero(3);
   for (int64_t s = 0; s < steps; ++s) {
     const TileStep t = step(s);
-    _tile_loadd(4, t.a, a_stride);                                           // rows 0-15, 64 k
+    _tile_loadd(4, t.a, a_stride);                                               // rows 0-15, 64 k
     _tile_loadd(5, static_cast<const uint8_t*>(t.a) + 16 * a_stride, a_stride);  // rows 16-31
-    _tile_loadd(6, t.b0, 4 * kPanel);                                         // 16 units of panel 0
-    _tile_loadd(7, t.b1, 4 * kPanel);                                         // 16 units of panel 1
+    _tile_loadd(6, t.b0, 4 * kPanel);                                            // 16 units of panel 0
+    _tile_loadd(7, t.b1, 4 * kPanel);                                            // 16 units of panel 1
     _tile_dpbusd(0, 4, 6);
     _tile_dpbusd(1, 4, 7);
     _tile_dpbusd(2, 5, 6);
@@ -99,10 +99,13 @@ LOWBIT_AMX void tiles_2x2(int64_t steps, int64_t a_stride, Step step, int32_t* c
 // c (32, 32) int32 = Σ over K_UNITS units of x·w for rows [0, 32) of xp (rows K_UNITS units apart) and the two
 // panels w0, w1 ((K_UNITS, 16) units each). K_UNITS is a multiple of 16.
 LOWBIT_AMX void block_kernel(const int32_t* xp, int64_t k_units, const int32_t* w0, const int32_t* w1, int32_t* c) {
-  tiles_2x2(k_units / kUnitsPerTile, 4 * k_units, [&](int64_t s) {
-    const int64_t ku = s * kUnitsPerTile;
-    return TileStep{xp + ku, w0 + ku * kPanel, w1 + ku * kPanel};
-  }, c);
+  tiles_2x2(
+      k_units / kUnitsPerTile, 4 * k_units,
+      [&](int64_t s) {
+        const int64_t ku = s * kUnitsPerTile;
+        return TileStep{xp + ku, w0 + ku * kPanel, w1 + ku * kPanel};
+      },
+      c);
 }
 
 // Rows [r0, r0 + 32) ∩ [0, N) × panel pairs [q0, q1) of y.
@@ -147,9 +150,12 @@ LOWBIT_AMX void conv_block(const uint8_t* image, const PackedConv& pc, int64_t v
   const uint8_t* a = image + v0 * row_step;
   const int32_t* b0 = pc.amx_tiles.data() + 2 * q * k * blocks * tile;
   const int32_t* b1 = b0 + k * blocks * tile;
-  tiles_2x2(k * blocks, row_step, [&](int64_t s) {  // s = kh·BLOCKS + j
-    return TileStep{a + s / blocks * kernel_row + 64 * (s % blocks), b0 + s * tile, b1 + s * tile};
-  }, c);
+  tiles_2x2(
+      k * blocks, row_step,
+      [&](int64_t s) {  // s = kh·BLOCKS + j
+        return TileStep{a + s / blocks * kernel_row + 64 * (s % blocks), b0 + s * tile, b1 + s * tile};
+      },
+      c);
 }
 
 // A layer of at most 16 channels has one panel: 64 positions from v0 (4 A tiles, rotating through tmm4, tmm5,
@@ -227,10 +233,10 @@ void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, c
     for (int64_t h = 0; h < 2; ++h)  // b − z_eff·Σw per channel, wrapping
       for (int64_t j = 0; j < kPanel; ++j) {
         const int64_t o = (2 * q + h) * kPanel + j;
-        offset[h][j] = o < out ? static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
-                                                      static_cast<uint32_t>(z_eff) *
-                                                          static_cast<uint32_t>(pc.weights.row_sums[o]))
-                               : 0;
+        offset[h][j] =
+            o < out ? static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
+                                           static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(pc.weights.row_sums[o]))
+                    : 0;
       }
     for (int64_t i = first / per_image; i * per_image < last; ++i) {
       const int64_t r_begin = std::max(first, i * per_image) - i * per_image;
@@ -253,8 +259,7 @@ void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, c
           const int64_t count = std::min({block - m, wo - ow, v_end - v});
           const int64_t r0 = i * per_image + v / wp * wo + ow;
           for (int64_t h = 0; h < 2 && (2 * q + h) * kPanel < out; ++h)
-            conv_store(c + h * kPanel, c_stride, m, count, pc, offset[h], (2 * q + h) * kPanel, rq, acc, y,
-                       r0 - first);
+            conv_store(c + h * kPanel, c_stride, m, count, pc, offset[h], (2 * q + h) * kPanel, rq, acc, y, r0 - first);
           m += count;
         }
       }

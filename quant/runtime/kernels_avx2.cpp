@@ -966,7 +966,8 @@ bool int16_operands(const PackedConv& pc) { return pc.weights.path == KernelPath
 
 size_t conv_planes_size(int64_t n, const PackedConv& pc) {
   const int64_t padding = pc.padding;
-  const int64_t slack = pc.amx_tiles.empty() ? kPlaneSlackBytes : std::max(kPlaneSlackBytes, detail::amx_conv_overrun_bytes(pc));
+  const int64_t slack =
+      pc.amx_tiles.empty() ? kPlaneSlackBytes : std::max(kPlaneSlackBytes, detail::amx_conv_overrun_bytes(pc));
   return static_cast<size_t>(n * (pc.height + 2 * padding) * (pc.width + 2 * padding) * pc.channels +
                              ceil_div(slack, 2));
 }

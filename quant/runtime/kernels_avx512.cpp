@@ -312,7 +312,8 @@ LOWBIT_AVX512_VNNI __m128i add_requantize8(__m128i a8, __m128i b8, __m512i za, _
   // rounding_right_shift_half_away: round the magnitude, then give the sign back.
   const __m512i rounded = _mm512_srl_epi64(_mm512_add_epi64(_mm512_abs_epi64(sum), half), shift);
   const __mmask8 negative = _mm512_cmplt_epi64_mask(sum, _mm512_setzero_si512());
-  const __m512i out = _mm512_add_epi64(_mm512_mask_sub_epi64(rounded, negative, _mm512_setzero_si512(), rounded), z_out);
+  const __m512i out =
+      _mm512_add_epi64(_mm512_mask_sub_epi64(rounded, negative, _mm512_setzero_si512(), rounded), z_out);
   return _mm512_cvtepi64_epi8(_mm512_min_epi64(_mm512_max_epi64(out, lo), hi));  // vpmovqb: codes in [−128, 127]
 }
 
@@ -323,7 +324,9 @@ LOWBIT_AVX512_VNNI void add_requantize_range(const int8_t* a, const int8_t* b, i
   const __m512i half = _mm512_set1_epi64(int64_t{1} << (r.shift - 1)), z_out = _mm512_set1_epi64(rq.zero_point);
   const __m512i lo = _mm512_set1_epi64(rq.act_min), hi = _mm512_set1_epi64(rq.act_max);
   const __m128i shift = _mm_cvtsi32_si128(r.shift);
-  const auto add8 = [&](__m128i a8, __m128i b8) { return add_requantize8(a8, b8, za, ma, zb, mb, half, shift, z_out, lo, hi); };
+  const auto add8 = [&](__m128i a8, __m128i b8) {
+    return add_requantize8(a8, b8, za, ma, zb, mb, half, shift, z_out, lo, hi);
+  };
   // 16 codes per step with plain loads and stores: y is often a itself (the executor's Add writes over an
   // input), and a masked 16-byte store followed by a masked load of the next 8 bytes stalled every step
   // (the load waited for the store to retire), a third of resnet8's time.
@@ -367,7 +370,7 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
   const Requant16 rc = requant16_constants(rq.multiplier.data() + c0, rq.shift.data() + c0, mask);
   const __m512i z_out = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
   const __m512i hi = _mm512_set1_epi32(rq.act_max);
-  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));        // x + 128 as u8 is x with bit 7 flipped
   const auto operand = [&](const int8_t* pixel) LOWBIT_AVX512_VNNI {  // 16 codes → 16 lanes of x + 128
     const __m128i codes =
         full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(pixel)) : _mm_maskz_loadu_epi8(mask, pixel);

@@ -72,7 +72,8 @@ void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t 
 
 // A depthwise Conv2d (C = OUT = groups), requantized: x is (N, H, W, C) codes, w is (K·K, C) codes (the
 // GroupedConvWeights), b is (C); y is (N, HO, WO, C) codes, equal to qconv2d_grouped_ref's accumulators
-// requantized (eq. 6). 16 channels per instruction, each sum kept in a register over the K² taps. K² <= kMaxDepthwiseTaps.
+// requantized (eq. 6). 16 channels per instruction, each sum kept in a register over the K² taps. K² <=
+// kMaxDepthwiseTaps.
 constexpr int64_t kMaxDepthwiseTaps = 49;
 void depthwise_requantize_avx512(const int8_t* x, int32_t x_zero_point, const int8_t* w, const int32_t* b,
                                  const Requant& rq, int8_t* y, const ConvShape& s, int threads);
