@@ -50,7 +50,7 @@ double best_seconds(int repeats, F&& f) {
 // The fast paths this CPU has, slowest first.
 std::vector<rt::KernelPath> fast_paths() {
   std::vector<rt::KernelPath> paths;
-  for (const auto path : {rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx})
+  for (const auto path : {rt::KernelPath::Avx2, rt::KernelPath::AvxVnni, rt::KernelPath::Vnni512, rt::KernelPath::Amx})
     if (rt::cpu_supports(path)) paths.push_back(path);
   return paths;
 }
@@ -206,7 +206,7 @@ void bench_convs() {
             rt::pack_conv_weights(bits == 8 ? w8 : w4, bits, v.c, v.hw, v.hw, v.out, v.k, 1, v.padding, path);
         std::vector<int16_t> planes(rt::conv_planes_size(v.n, pc));
         rt::conv_planes(x, 3, pc, planes, v.n);
-        std::printf(" %9.1f", ops / 1e9 / best_seconds(50, [&] { rt::qconv2d_rows(planes, 3, pc, b, acc, 0, rows); }));
+        std::printf(" %10.1f", ops / 1e9 / best_seconds(50, [&] { rt::qconv2d_rows(planes, 3, pc, b, acc, 0, rows); }));
       }
     }
     std::printf("\n");
@@ -252,7 +252,7 @@ void bench_models(int threads) {
       const double seconds = best_seconds(fast ? 20 : 2, [&] { executor.run(images, batch); });
       // Batch 1: the best of many single-image calls (the best, not the median: this is a kernel benchmark).
       const double b1 = best_seconds(fast ? 500 : 5, [&] { executor.run(std::span(images).first(28 * 28), 1); });
-      std::printf("%-8s %-5s batch %lld: %10.0f images/s   batch 1: %8.1f us\n", name, rt::kernel_path_name(path),
+      std::printf("%-8s %-7s batch %lld: %10.0f images/s   batch 1: %8.1f us\n", name, rt::kernel_path_name(path),
                   static_cast<long long>(batch), static_cast<double>(batch) / seconds, b1 * 1e6);
     }
   }
@@ -275,7 +275,7 @@ int main(int argc, char** argv) {
   print_peaks();
   std::printf("%-36s %9s", "GOP/s: shape (N x IN -> OUT)", "ref s8");
   for (const rt::KernelPath path : fast_paths())
-    std::printf(" %6s s8 %6s s4", rt::kernel_path_name(path), rt::kernel_path_name(path));
+    std::printf(" %7s s8 %7s s4", rt::kernel_path_name(path), rt::kernel_path_name(path));
   std::printf("\n");
   uint64_t state = 1;
   for (const Shape& s : shapes) {
@@ -298,9 +298,9 @@ int main(int argc, char** argv) {
       for (const int bits : {8, 4}) {
         const rt::PackedWeights pw = rt::pack_weights(bits == 8 ? w8 : w4, bits, s.in, s.out, path);
         std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(s.n, pw));
-        std::printf(" %9.1f", ops / 1e9 / best_seconds(repeats, [&] {
-                                rt::qgemm_packed(x, 3, pw, b, y, s.n, workspace, threads);
-                              }));
+        std::printf(" %10.1f", ops / 1e9 / best_seconds(repeats, [&] {
+                                 rt::qgemm_packed(x, 3, pw, b, y, s.n, workspace, threads);
+                               }));
       }
     }
     std::printf("\n");
