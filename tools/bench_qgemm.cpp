@@ -1,7 +1,7 @@
 // Micro benchmark of the runtime's integer GEMMs: GOP/s (2 ops per multiply-add) of every kernel path the CPU has.
 //
 // Run: build/bin/bench_qgemm [threads]
-// Prints the CPU and its instruction sets, the measured peak of vpdpbusd and tdpbusd (tiny unrolled loops),
+// Prints the CPU and its instruction sets, the measured peak of vpdpbusd (zmm, ymm) and tdpbusd (tiny unrolled loops),
 // then one line per GEMM shape (1024³ first) and conv shape with the GOP/s of each path, then whole graphs
 // in images/s per path.
 #include <immintrin.h>
@@ -100,6 +100,28 @@ __attribute__((target("avx512f,avx512vnni"), noipa)) void vpdpbusd_loop(int64_t 
   }
 }
 
+// AVX-VNNI's vpdpbusd ymm (VEX) is 32 multiply-adds; 12 accumulators (of the 16 ymm registers) hide its latency.
+__attribute__((target("avxvnni"), noipa)) void vpdpbusd_ymm_loop(int64_t iterations) {
+  for (int64_t i = 0; i < iterations; ++i) {
+    __asm__ volatile(
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm0\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm1\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm2\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm3\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm4\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm5\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm6\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm7\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm8\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm9\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm10\n\t"
+        "%{vex%} vpdpbusd %%ymm14, %%ymm15, %%ymm11\n\t"
+        :
+        :
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11");
+  }
+}
+
 // tdpbusd is 16 × 16 × 64 = 16384 multiply-adds; four C tiles on operands already in tiles.
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -134,6 +156,13 @@ void print_peaks() {
     const double per_second = 24.0 * static_cast<double>(iterations) / s;
     std::printf("peak vpdpbusd zmm: %.2f G instructions/s x 64 MACs x 2 = %.0f GOP/s per core (measured)\n",
                 per_second / 1e9, per_second * 128 / 1e9);
+  }
+  if (f.avx_vnni) {
+    const int64_t iterations = 2'000'000;
+    const double s = best_seconds(20, [&] { vpdpbusd_ymm_loop(iterations); });
+    const double per_second = 12.0 * static_cast<double>(iterations) / s;
+    std::printf("peak vpdpbusd ymm (AVX-VNNI): %.2f G instructions/s x 32 MACs x 2 = %.0f GOP/s per core (measured)\n",
+                per_second / 1e9, per_second * 64 / 1e9);
   }
   if (f.amx_int8) {
     const int64_t iterations = 100'000;
