@@ -198,7 +198,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"minmax", "ema", "percentile", "mse"}))
       ->capture_default_str();
   app.add_option("--kernels", s.kernels,
-                 "integer kernels: ref, avx2, vnni, amx or auto (default: $LOWBIT_KERNELS, else auto)");
+                 "integer kernels: ref, avx2, avxvnni, vnni, amx or auto (default: $LOWBIT_KERNELS, else auto)");
   app.add_option("--logits", s.logits, "integer model: write every test image's logit codes and class to this file");
   return apps::run_main(app, argc, argv, [&] {
     if (s.threads > 0) set_num_threads(s.threads);

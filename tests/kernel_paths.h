@@ -10,13 +10,14 @@
 
 namespace lowbit::test {
 
-// Avx2, Vnni512 and Amx where the CPU (and OS) supports them. Prints, once per test case that asks, which
+// Avx2, AvxVnni, Vnni512 and Amx where the CPU (and OS) supports them. Prints, once per test case that asks, which
 // paths the test exercises and which it skips, so a machine without AVX-512 never passes them silently.
 inline std::vector<quant::runtime::KernelPath> fast_paths_to_test() {
   namespace rt = quant::runtime;
   std::vector<rt::KernelPath> paths;
   std::string run, skipped;
-  for (const rt::KernelPath path : {rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+  for (const rt::KernelPath path :
+       {rt::KernelPath::Avx2, rt::KernelPath::AvxVnni, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
     std::string& list = rt::cpu_supports(path) ? run : skipped;
     if (!list.empty()) list += ", ";
     list += rt::kernel_path_name(path);

@@ -105,7 +105,8 @@ TEST_CASE("requantize_to_nchw (fast and reference) equals the exact rounding for
     rt::requantize_to_nchw_ref(acc, rq, reference, n, positions, out, 1);
     CAPTURE(z);
     mismatches += count_mismatches<int8_t>(reference, want, "reference");
-    for (const rt::KernelPath path : {rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+    for (const rt::KernelPath path :
+         {rt::KernelPath::Avx2, rt::KernelPath::AvxVnni, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
       if (!rt::cpu_supports(path)) continue;  // (the GEMM property test reports the skipped paths)
       CAPTURE(rt::kernel_path_name(path));
       rt::requantize_to_nchw(acc, rq, fast, n, positions, out, 1 + (z & 1), path);

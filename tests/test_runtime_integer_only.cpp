@@ -30,10 +30,12 @@ const std::regex kFloatMnemonic(
     "|cvt"
     "|^f[a-z0-9]*$");
 
-// Prefix words objdump prints before the mnemonic.
+// Prefix words objdump prints before the mnemonic ({vex}: the VEX form of an instruction that also has an EVEX
+// one, as AVX-VNNI's vpdpbusd).
 bool is_prefix(const std::string& word) {
-  return word == "lock" || word == "rep" || word == "repz" || word == "repnz" || word == "repe" || word == "repne" ||
-         word == "notrack" || word == "bnd" || word == "data16" || word == "addr32" || word == "cs" || word == "ds";
+  return word == "{vex}" || word == "lock" || word == "rep" || word == "repz" || word == "repnz" || word == "repe" ||
+         word == "repne" || word == "notrack" || word == "bnd" || word == "data16" || word == "addr32" ||
+         word == "cs" || word == "ds";
 }
 
 std::string run_command(const std::string& command) {
@@ -56,7 +58,8 @@ TEST_CASE("the object files of lowbit_runtime contain no floating-point instruct
   for (const auto& entry : fs::directory_iterator(objects)) {
     if (entry.path().extension() == ".o") files.push_back(entry.path());
   }
-  REQUIRE(files.size() >= 7);  // graph, executor, cpu, kernels_ref, kernels_avx2, kernels_avx512, kernels_amx
+  // graph, executor, cpu, kernels_ref, kernels_avx2, kernels_avxvnni, kernels_avx512, kernels_amx
+  REQUIRE(files.size() >= 8);
   int offending = 0, undecoded = 0;
   int64_t vnni = 0, amx = 0;  // the instructions the fast paths exist for: proof that their code was read
   int64_t instructions = 0;
@@ -91,6 +94,31 @@ TEST_CASE("the object files of lowbit_runtime contain no floating-point instruct
   CHECK(amx > 0);
   CHECK(undecoded == 0);
   CHECK(offending == 0);
+}
+
+TEST_CASE("the AVX-VNNI kernels contain no AVX-512 instruction: they run on CPUs without AVX-512") {
+  const fs::path object = fs::path(LOWBIT_BIN_DIR) / ".." / "quant" / "CMakeFiles" / "lowbit_runtime.dir" / "runtime" /
+                          "kernels_avxvnni.cpp.o";
+  REQUIRE_MESSAGE(fs::exists(object), "no object file ", object.string());
+  // Every AVX-512 instruction (zmm, opmask, or an EVEX-only form on ymm) is EVEX-encoded, and in 64-bit mode an
+  // instruction whose first byte is 0x62 is EVEX; AVX2 and AVX-VNNI are VEX-encoded (first byte 0xC4 or 0xC5).
+  std::istringstream listing(run_command("objdump -d '" + object.string() + "'"));
+  int evex = 0;
+  int64_t vex_vnni = 0;
+  std::string line;
+  while (std::getline(listing, line)) {
+    // "  4f:\tc4 e2 75 50 c1          \t{vex} vpdpbusd %ymm1,%ymm2,%ymm0"; a long instruction's last bytes
+    // continue on a line without the mnemonic column.
+    const size_t tab = line.find(":\t");
+    if (tab == std::string::npos) continue;
+    const size_t text = line.find('\t', tab + 2);
+    if (text == std::string::npos) continue;
+    vex_vnni += line.find("{vex} vpdpbusd", text) != std::string::npos;
+    if (line.compare(tab + 2, 2, "62") == 0 && ++evex <= kMaxReportedLines) std::printf("EVEX: %s\n", line.c_str());
+  }
+  MESSAGE(vex_vnni, " VEX-encoded vpdpbusd in kernels_avxvnni");
+  CHECK(vex_vnni > 0);
+  CHECK(evex == 0);
 }
 
 TEST_CASE("the runtime sources never name a real-number type") {

@@ -247,8 +247,8 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
 }
 
 TEST_CASE("kernel paths: names parse, 'auto' is the best, a path the CPU lacks or a bad name is a clear error") {
-  for (const rt::KernelPath path :
-       {rt::KernelPath::Ref, rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+  for (const rt::KernelPath path : {rt::KernelPath::Ref, rt::KernelPath::Avx2, rt::KernelPath::AvxVnni,
+                                    rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
     CAPTURE(rt::kernel_path_name(path));
     if (rt::cpu_supports(path)) {
       CHECK(rt::parse_kernel_path(rt::kernel_path_name(path)) == path);
@@ -260,8 +260,8 @@ TEST_CASE("kernel paths: names parse, 'auto' is the best, a path the CPU lacks o
   }
   CHECK(rt::parse_kernel_path("auto") == rt::best_kernel_path());
   CHECK(rt::cpu_supports(rt::KernelPath::Ref));
-  CHECK_THROWS_WITH_AS(rt::parse_kernel_path("avx9"), doctest::Contains("expected ref, avx2, vnni, amx or auto"),
-                       rt::RuntimeError);
+  CHECK_THROWS_WITH_AS(rt::parse_kernel_path("avx9"),
+                       doctest::Contains("expected ref, avx2, avxvnni, vnni, amx or auto"), rt::RuntimeError);
   CHECK_THROWS_AS(rt::pack_weights(std::vector<int8_t>(4), 8, 2, 2, rt::KernelPath::Ref), rt::RuntimeError);
   // set_kernel_path steers the convenience kernels; each path gives the reference's sums.
   lowbit::Rng rng(8);
@@ -271,8 +271,8 @@ TEST_CASE("kernel paths: names parse, 'auto' is the best, a path the CPU lacks o
   std::vector<int32_t> want(n * out), got(n * out);
   rt::qgemm_s8_ref(x, -3, w, b, want, n, in, out, 1);
   const rt::KernelPath before = rt::kernel_path();
-  for (const rt::KernelPath path :
-       {rt::KernelPath::Ref, rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+  for (const rt::KernelPath path : {rt::KernelPath::Ref, rt::KernelPath::Avx2, rt::KernelPath::AvxVnni,
+                                    rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
     if (!rt::cpu_supports(path)) continue;
     rt::set_kernel_path(path);
     CHECK(rt::kernel_path() == path);
@@ -554,7 +554,8 @@ TEST_CASE("channels-last pooling, input lookup and the fused max pool + requanti
       rt::requantize_to_nchw_ref(acc, rq, codes, n * h * w, 1, c, 1);  // one position per row: channels last
       std::vector<int8_t> pooled(n * ho * wo * c), fused(pooled.size(), 0x5A);
       rt::maxpool2d_nhwc(codes, pooled, n, c, h, w, win.k, win.stride, win.padding, 1);
-      for (const rt::KernelPath path : {rt::KernelPath::Avx2, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
+      for (const rt::KernelPath path :
+           {rt::KernelPath::Avx2, rt::KernelPath::AvxVnni, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
         if (!rt::cpu_supports(path)) continue;  // (fast_paths_to_test reports the skipped paths elsewhere)
         CAPTURE(rt::kernel_path_name(path));
         std::fill(fused.begin(), fused.end(), int8_t{0x5A});

@@ -14,7 +14,7 @@ tools/ort/node_modules; --skip-ort without it). It prints a table (ours, PyTorch
 Runtime, ratio; ratio > 1 means lowbit is faster) and writes the same as JSON (--out). Each of
 lowbit's figures records the kernels that produced it (`ours_kernels` in the JSON, a line under the
 table): the OpenBLAS core for float training and fp32 inference (as train reports it), eval's
-`kernel_path` (ref, avx2, vnni or amx) for the integer models. --kernels PATH passes
+`kernel_path` (ref, avx2, avxvnni, vnni or amx) for the integer models. --kernels PATH passes
 `--kernels PATH` to every eval run, to time one integer path. See docs/benchmarks.md.
 
 The whole run holds /tmp/bench.lock (flock), like `flock /tmp/bench.lock peer.py`, so it does not
@@ -393,7 +393,7 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke test: no training of {','.join(NO_TRAIN_QUICK)}, one eval run per figure, a short peer run")
     ap.add_argument("--repeats", type=int, default=None, help="eval runs per figure, median kept (default 3; --quick 1)")
-    ap.add_argument("--kernels", choices=("ref", "avx2", "vnni", "amx", "auto"),
+    ap.add_argument("--kernels", choices=("ref", "avx2", "avxvnni", "vnni", "amx", "auto"),
                     help="integer kernels for every eval run, passed on as eval --kernels, to time one path "
                          "(default: eval's own choice, $LOWBIT_KERNELS else the best the CPU has); the JSON "
                          "(ours_kernels) and the line under the table say which path each figure ran on either way")

@@ -100,6 +100,8 @@ bool cpu_supports(KernelPath path) {
       return true;
     case KernelPath::Avx2:
       return f.avx2;
+    case KernelPath::AvxVnni:
+      return f.avx2 && f.avx_vnni;
     case KernelPath::Vnni512:
       return f.avx2 && f.avx512_vnni;  // the shared parts (requantization, padding) are AVX2 code
     case KernelPath::Amx:
@@ -109,7 +111,7 @@ bool cpu_supports(KernelPath path) {
 }
 
 KernelPath best_kernel_path() {
-  for (const KernelPath path : {KernelPath::Amx, KernelPath::Vnni512, KernelPath::Avx2}) {
+  for (const KernelPath path : {KernelPath::Amx, KernelPath::Vnni512, KernelPath::AvxVnni, KernelPath::Avx2}) {
     if (cpu_supports(path)) return path;
   }
   return KernelPath::Ref;
@@ -121,6 +123,8 @@ const char* kernel_path_name(KernelPath path) {
       return "ref";
     case KernelPath::Avx2:
       return "avx2";
+    case KernelPath::AvxVnni:
+      return "avxvnni";
     case KernelPath::Vnni512:
       return "vnni";
     case KernelPath::Amx:
@@ -131,7 +135,8 @@ const char* kernel_path_name(KernelPath path) {
 
 KernelPath parse_kernel_path(std::string_view name) {
   if (name == "auto") return best_kernel_path();
-  for (const KernelPath path : {KernelPath::Ref, KernelPath::Avx2, KernelPath::Vnni512, KernelPath::Amx}) {
+  for (const KernelPath path :
+       {KernelPath::Ref, KernelPath::Avx2, KernelPath::AvxVnni, KernelPath::Vnni512, KernelPath::Amx}) {
     if (name != kernel_path_name(path)) continue;
     if (!cpu_supports(path)) {
       throw RuntimeError("kernel path '" + std::string(name) + "' needs instructions this CPU (" +
@@ -140,7 +145,7 @@ KernelPath parse_kernel_path(std::string_view name) {
     }
     return path;
   }
-  throw RuntimeError("unknown kernel path '" + std::string(name) + "': expected ref, avx2, vnni, amx or auto");
+  throw RuntimeError("unknown kernel path '" + std::string(name) + "': expected ref, avx2, avxvnni, vnni, amx or auto");
 }
 
 KernelPath kernel_path() {

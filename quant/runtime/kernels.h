@@ -1,5 +1,5 @@
-// The integer kernels: plain reference loops (the definitions) and AVX2, AVX-512 VNNI and AMX versions that match
-// them bit for bit.
+// The integer kernels: plain reference loops (the definitions) and AVX2, AVX-VNNI, AVX-512 VNNI and AMX versions that
+// match them bit for bit.
 #pragma once
 
 #include <array>
@@ -45,9 +45,9 @@ bool cpu_has_avx2();
 // Weights re-laid-out once for one fast path's GEMM, in panels of kPanelChannels output channels.
 // Each int32 "unit" holds the codes of one channel for a few consecutive k:
 //   Avx2, 8 bits: 2 codes as int16 (low half = even k) — the operand of vpmaddwd;
-//   Avx2, 4 bits, and Vnni512 / Amx, 8 or 4 bits: 4 codes as int8 (int4 nibbles sign-extended; byte i = k + i) —
-//     the s8 operand of vpmaddubsw, vpdpbusd and tdpbusd. A panel (K_UNITS, 16) is then also a column of
-//     AMX B tiles: 16 units (64 k) × 16 channels × 4 bytes.
+//   Avx2, 4 bits, and AvxVnni / Vnni512 / Amx, 8 or 4 bits: 4 codes as int8 (int4 nibbles sign-extended;
+//     byte i = k + i) — the s8 operand of vpmaddubsw, vpdpbusd and tdpbusd. A panel (K_UNITS, 16) is then also
+//     a column of AMX B tiles: 16 units (64 k) × 16 channels × 4 bytes.
 // units is (PANELS, K_UNITS, 16); channels past OUT and codes past IN are 0.
 struct PackedWeights {
   static constexpr int64_t kPanelChannels = 16;
@@ -61,8 +61,8 @@ struct PackedWeights {
   std::vector<int32_t> row_sums;  // (PANELS · 16): Σ_k w[o][k], folds the zero point out of the inner loop
 };
 
-// w is (OUT, IN) int8 (bits 8) or packed int4 rows (bits 4). path is Avx2, Vnni512 or Amx, and cpu_supports it
-// (else RuntimeError).
+// w is (OUT, IN) int8 (bits 8) or packed int4 rows (bits 4). path is Avx2, AvxVnni, Vnni512 or Amx, and
+// cpu_supports it (else RuntimeError). AvxVnni and Vnni512 pack the same units; the path says which kernels run.
 PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int64_t out, KernelPath path);
 
 // int32 elements of workspace that qgemm_packed needs for n rows of x.
@@ -220,7 +220,8 @@ void qconv2d_depthwise_requantized(std::span<const int8_t> x, int32_t x_zero_poi
 
 // Add (eq. 10): y[k] = clamp(z_out + round((m[0]·(a[k] − z_0) + m[1]·(b[k] − z_1))·2^(−n)), act_min, act_max),
 // one rounding, ties away from zero. a, b and y have the same size; any layout (elementwise); y may be a. The
-// Avx2 path runs it 4 elements per instruction, Vnni512 and Amx 8 with AVX-512 (bit-exact: the same integer steps).
+// Avx2 and AvxVnni paths run it 4 elements per instruction, Vnni512 and Amx 8 with AVX-512 (bit-exact: the same
+// integer steps).
 void qadd(std::span<const int8_t> a, std::span<const int8_t> b, const Rescale& r, const Requant& rq,
           std::span<int8_t> y, int threads = 1, KernelPath path = kernel_path());
 

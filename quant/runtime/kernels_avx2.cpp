@@ -33,6 +33,10 @@ namespace lowbit::quant::runtime {
 //        that nothing saturates: |(x + 128)·w| <= 255·8 = 2040, a vpmaddubsw pair <= 4080, and the
 //        kernel adds two such results in int16 (vpaddw) before widening: <= 8160 < 32767.
 //        The +128 is folded like z_in: y = (b − (z_in + 128)·Σw) + Σ w·(x + 128).
+//      AvxVnni path, either width: x + 128 as u8 quads (as for int4 weights) times units of 4 s8 weights,
+//        by AVX-VNNI's vpdpbusd, which adds the four products in 32 bits: exact, nothing saturates
+//        (kernels_avx512.cpp, point 1). Its micro-kernels are in kernels_avxvnni.cpp; the packing, tiling
+//        and epilogues around them are the ones here.
 // 4. Tiles of (4·MR rows × 128 channels) go to the threads; every y element is computed by exactly one
 //    thread in a fixed order, so results do not depend on the thread count.
 
@@ -48,7 +52,21 @@ constexpr int64_t kRequantPositionBlock = 32;              // positions per bloc
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t rows_per_block(int bits) { return bits == 8 ? kRowsS8 : kRowsS4; }
+
+// The multiply of the ymm GEMM micro-kernels that run_tiles and run_row drive, fixed by how w was packed:
+//   Madd     Avx2, 8 bits: vpmaddwd on int16 pairs (micro_kernel_s8)
+//   Maddubs  Avx2, 4 bits: vpmaddubsw on u8 quads x + 128 (micro_kernel_s4)
+//   Dpbusd   AvxVnni, 8 or 4 bits: vpdpbusd on u8 quads x + 128 (kernels_avxvnni.cpp)
+enum class YmmMultiply { Madd, Maddubs, Dpbusd };
+inline YmmMultiply ymm_multiply(const PackedWeights& w) {
+  if (w.path == KernelPath::AvxVnni) return YmmMultiply::Dpbusd;
+  return w.bits == 8 ? YmmMultiply::Madd : YmmMultiply::Maddubs;
+}
+inline int64_t rows_per_block(YmmMultiply m) {
+  if (m == YmmMultiply::Dpbusd) return detail::kGemmRowsAvxVnni;
+  return m == YmmMultiply::Madd ? kRowsS8 : kRowsS4;
+}
+static_assert(detail::kGemmRowsAvxVnni <= kRowsS8);  // run_tiles' sums hold kRowsS8 rows per block
 
 // The int8 code of unit position `byte` (0..3) as the u8 operand of vpmaddubsw: x + 128.
 inline uint32_t biased_byte(int8_t code, int byte) {
@@ -66,11 +84,12 @@ inline __m256i load8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_c
 inline void store8(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
 // x is (N, IN) codes; xp is (ROWS, K_UNITS) units, ROWS = N rounded up to MR: row r of x as int16 pairs
-// (8 bits) or as biased u8 quads x + 128 (4 bits). Codes past IN and rows past N are 0 (their weights
+// (Madd) or as biased u8 quads x + 128 (Maddubs, Dpbusd). Codes past IN and rows past N are 0 (their weights
 // are 0 too, or the rows are never stored).
-void pack_x(const int8_t* x, int64_t n, int64_t in, int bits, int64_t k_units, int32_t* xp, int threads) {
-  const int64_t rows = ceil_div(n, rows_per_block(bits)) * rows_per_block(bits);
-  const int64_t per_unit = bits == 8 ? 2 : 4;
+void pack_x(const int8_t* x, int64_t n, int64_t in, YmmMultiply m, int64_t k_units, int32_t* xp, int threads) {
+  const int64_t rows = ceil_div(n, rows_per_block(m)) * rows_per_block(m);
+  const bool int16_pairs = m == YmmMultiply::Madd;
+  const int64_t per_unit = int16_pairs ? 2 : 4;
   const int64_t full_units = in / per_unit;  // units with every code inside the row
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
@@ -78,7 +97,7 @@ void pack_x(const int8_t* x, int64_t n, int64_t in, int bits, int64_t k_units, i
     int64_t ku = 0;
     if (row < n) {
       const int8_t* src = x + row * in;
-      if (bits == 8) {
+      if (int16_pairs) {
         for (; ku + 8 <= full_units; ku += 8) {  // 16 codes → 16 int16 = 8 units
           const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * ku));
           store8(dst + ku, _mm256_cvtepi8_epi16(codes));
@@ -102,7 +121,7 @@ void pack_x(const int8_t* x, int64_t n, int64_t in, int bits, int64_t k_units, i
         for (int64_t i = 0; i < per_unit; ++i) {
           const int64_t k = ku * per_unit + i;
           if (k < in)
-            unit |= bits == 8 ? int16_half(src[k], static_cast<int>(i)) : biased_byte(src[k], static_cast<int>(i));
+            unit |= int16_pairs ? int16_half(src[k], static_cast<int>(i)) : biased_byte(src[k], static_cast<int>(i));
         }
         dst[ku] = static_cast<int32_t>(unit);
       }
@@ -175,13 +194,14 @@ __attribute__((noipa)) void micro_kernel_s4(const int32_t* xp, int64_t x_stride,
 
 // One row of x against NP panels at once (a batch of one image: the MR-row kernels would compute MR − 1
 // rows of padding). xp is K_UNITS units; panel q's units start at wp + q·panel_stride; tile is (NP, 16)
-// int32 = Σ x·w. The same operand forms, and so the same no-saturation proofs, as the MR-row kernels.
+// int32 = Σ x·w. The same operand forms, and so the same no-saturation proofs, as the MR-row kernels
+// (Madd or Maddubs; Dpbusd has its own, row_kernel_avxvnni).
 template <int NP>
-__attribute__((noipa)) void row_kernel(const int32_t* xp, int bits, const int32_t* wp, int64_t panel_stride,
+__attribute__((noipa)) void row_kernel(const int32_t* xp, YmmMultiply m, const int32_t* wp, int64_t panel_stride,
                                        int64_t k_units, int32_t* tile) {
   __m256i acc[NP][2];
   for (int q = 0; q < NP; ++q) acc[q][0] = acc[q][1] = _mm256_setzero_si256();
-  if (bits == 8) {
+  if (m == YmmMultiply::Madd) {
     for (int64_t ku = 0; ku < k_units; ++ku) {
       const __m256i x = _mm256_set1_epi32(xp[ku]);
       for (int q = 0; q < NP; ++q) {
@@ -212,24 +232,23 @@ __attribute__((noipa)) void row_kernel(const int32_t* xp, int bits, const int32_
 }
 
 // y (OUT) = Σ x·w + offset for one packed row xp, four panels at a time.
-void run_row(const int32_t* xp, const int32_t* units, const int32_t* row_sums, int bits, int64_t k_units,
+void run_row(const int32_t* xp, const int32_t* units, const int32_t* row_sums, YmmMultiply m, int64_t k_units,
              const int32_t* b, int32_t z_eff, int32_t* y, int64_t out) {
   const int64_t panels = ceil_div(out, kPanel), panel_stride = k_units * kPanel;
   for (int64_t p0 = 0; p0 < panels; p0 += 4) {
     alignas(32) int32_t tile[4 * kPanel];
     const int32_t* wp = units + p0 * panel_stride;
-    switch (min_i64(4, panels - p0)) {
-      case 4:
-        row_kernel<4>(xp, bits, wp, panel_stride, k_units, tile);
-        break;
-      case 3:
-        row_kernel<3>(xp, bits, wp, panel_stride, k_units, tile);
-        break;
-      case 2:
-        row_kernel<2>(xp, bits, wp, panel_stride, k_units, tile);
-        break;
-      default:
-        row_kernel<1>(xp, bits, wp, panel_stride, k_units, tile);
+    const int64_t np = min_i64(4, panels - p0);
+    if (m == YmmMultiply::Dpbusd) {
+      detail::row_kernel_avxvnni(xp, wp, panel_stride, k_units, np, tile);
+    } else if (np == 4) {
+      row_kernel<4>(xp, m, wp, panel_stride, k_units, tile);
+    } else if (np == 3) {
+      row_kernel<3>(xp, m, wp, panel_stride, k_units, tile);
+    } else if (np == 2) {
+      row_kernel<2>(xp, m, wp, panel_stride, k_units, tile);
+    } else {
+      row_kernel<1>(xp, m, wp, panel_stride, k_units, tile);
     }
     for (int64_t o = p0 * kPanel; o < min_i64(out, (p0 + 4) * kPanel); ++o) {
       y[o] = static_cast<int32_t>(static_cast<uint32_t>(tile[o - p0 * kPanel]) + static_cast<uint32_t>(b[o]) -
@@ -248,9 +267,9 @@ void add_tile(const int32_t* tile, int64_t rows, int32_t* sums) {
 // A tile (4 row blocks × 8 panels) walks K in blocks of kKBlockUnits: the weight block of one panel
 // (16 × 256 units = 16 KB) stays in L1 while the x blocks of the 4 row blocks (6 KB each) pass by it.
 // (Blocking chosen by measuring 1024³ on the target CPU; see tools/bench_qgemm.cpp.)
-void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums, int bits, int64_t k_units,
+void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums, YmmMultiply m, int64_t k_units,
                const int32_t* b, int32_t z_eff, int32_t* y, int64_t n, int64_t out, int threads) {
-  const int64_t mr = rows_per_block(bits);
+  const int64_t mr = rows_per_block(m);
   const int64_t row_blocks = ceil_div(n, mr), panels = ceil_div(out, kPanel);
   const int64_t row_tiles = ceil_div(row_blocks, kRowBlocksPerTile), panel_tiles = ceil_div(panels, kPanelsPerTile);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
@@ -259,7 +278,7 @@ void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums,
     const int64_t rb0 = rt * kRowBlocksPerTile, rb1 = min_i64(row_blocks, rb0 + kRowBlocksPerTile);
     const int64_t p0 = pt * kPanelsPerTile, p1 = min_i64(panels, p0 + kPanelsPerTile);
     alignas(32) int32_t sums[kPanelsPerTile][kRowBlocksPerTile][kRowsS8 * kPanel];  // (panel, row block) tiles
-    alignas(32) int32_t tile[kRowsS8 * kPanel];                                     // kRowsS8 >= kRowsS4
+    alignas(32) int32_t tile[kRowsS8 * kPanel];                                     // kRowsS8: the largest MR
     for (int64_t k0 = 0; k0 < k_units; k0 += kKBlockUnits) {
       const int64_t kb = min_i64(kKBlockUnits, k_units - k0);
       for (int64_t p = p0; p < p1; ++p) {
@@ -268,10 +287,12 @@ void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums,
           const int32_t* xb = xp + rb * mr * k_units + k0;  // row rb·MR at unit k0
           int32_t* sum = sums[p - p0][rb - rb0];
           int32_t* target = k0 == 0 ? sum : tile;  // the first K block writes the sums, later ones add
-          if (bits == 8) {
+          if (m == YmmMultiply::Madd) {
             micro_kernel_s8(xb, k_units, wb, kb, target);
-          } else {
+          } else if (m == YmmMultiply::Maddubs) {
             micro_kernel_s4(xb, k_units, wb, kb, target);
+          } else {
+            detail::gemm_kernel_avxvnni(xb, k_units, wb, kb, target);
           }
           if (k0 > 0) add_tile(tile, mr, sum);
         }
@@ -496,7 +517,8 @@ namespace {
 // Refuses to pack for a path that has no packed kernels or that this CPU cannot run.
 void check_packing_path(KernelPath path, const char* what) {
   if (path == KernelPath::Ref) {
-    throw RuntimeError(std::string(what) + ": the reference path has no packed kernels; pack for avx2, vnni or amx");
+    throw RuntimeError(std::string(what) +
+                       ": the reference path has no packed kernels; pack for avx2, avxvnni, vnni or amx");
   }
   if (!cpu_supports(path)) (void)parse_kernel_path(kernel_path_name(path));  // throws, naming what the CPU has
 }
@@ -536,13 +558,13 @@ PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int6
 }
 
 size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
-  const int64_t mr = w.path == KernelPath::Avx2 ? rows_per_block(w.bits) : detail::kPackedRowGroup;
+  const int64_t mr = detail::uses_avx512(w.path) ? detail::kPackedRowGroup : rows_per_block(ymm_multiply(w));
   return static_cast<size_t>(ceil_div(n, mr) * mr * w.k_units);
 }
 
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads) {
-  if (w.path != KernelPath::Avx2) {  // u8 × s8 units of 4 codes for either weight width
+  if (detail::uses_avx512(w.path)) {  // u8 × s8 units of 4 codes for either weight width
     const bool tiles = w.path == KernelPath::Amx && n >= detail::kAmxMinRows;
     const int64_t rows = tiles ? ceil_div(n, detail::kPackedRowGroup) * detail::kPackedRowGroup : n;
     detail::pack_x_u8(x.data(), n, rows, w.in, w.k_units, workspace.data(), threads);
@@ -551,12 +573,12 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
     }
     return detail::qgemm_vnni512(workspace.data(), x_zero_point, w, b.data(), y.data(), n, threads);
   }
-  pack_x(x.data(), n, w.in, w.bits, w.k_units, workspace.data(), threads);
-  const int32_t z_eff = w.bits == 8 ? x_zero_point : x_zero_point + 128;
+  const YmmMultiply m = ymm_multiply(w);  // the Avx2 and AvxVnni paths
+  pack_x(x.data(), n, w.in, m, w.k_units, workspace.data(), threads);
+  const int32_t z_eff = m == YmmMultiply::Madd ? x_zero_point : x_zero_point + 128;
   if (n == 1)
-    return run_row(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(),
-                   w.out);
-  run_tiles(workspace.data(), w.units.data(), w.row_sums.data(), w.bits, w.k_units, b.data(), z_eff, y.data(), n, w.out,
+    return run_row(workspace.data(), w.units.data(), w.row_sums.data(), m, w.k_units, b.data(), z_eff, y.data(), w.out);
+  run_tiles(workspace.data(), w.units.data(), w.row_sums.data(), m, w.k_units, b.data(), z_eff, y.data(), n, w.out,
             threads);
 }
 
@@ -711,7 +733,8 @@ __attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, const int32_
 
 // Rows per conv micro-kernel call, by path, weight bits, panel width and panels per call.
 inline int64_t conv_rows_per_block(KernelPath path, int bits, int64_t panel, int64_t panels_per_call) {
-  if (path != KernelPath::Avx2) return detail::conv_rows_vnni(panels_per_call);
+  if (detail::uses_avx512(path)) return detail::conv_rows_vnni(panels_per_call);
+  if (path == KernelPath::AvxVnni) return detail::conv_rows_avxvnni(panel);
   if (bits == 8) return panel == 16 ? 6 : 12;
   return panel == 16 ? 4 : 8;
 }
@@ -719,13 +742,15 @@ constexpr int64_t kConvMaxRows = 12;
 constexpr int64_t kConvMaxGroup = detail::kConvPanelsVnni;  // panels per micro-kernel call, at most
 static_assert(detail::conv_rows_vnni(1) <= kConvMaxRows && kConvRowBlock % detail::conv_rows_vnni(1) == 0 &&
               kConvRowBlock % detail::conv_rows_vnni(2) == 0);
+static_assert(detail::conv_rows_avxvnni(8) <= kConvMaxRows && kConvRowBlock % detail::conv_rows_avxvnni(8) == 0 &&
+              kConvRowBlock % detail::conv_rows_avxvnni(16) == 0);
 
 // The epilogue constants of one panel: offset b − z_eff·Σw per channel (wrapping), which of the two halves of 8
 // channels exist, and their requantization constants.
 struct PanelEpilogue {
   alignas(32) int32_t offset[kPanel];
   int64_t channels, count0, count1;  // channels of the panel, and in each half
-  Requant8 rq0, rq1;                 // not on the VNNI path: its epilogue is conv_tile_requantize_avx512
+  Requant8 rq0, rq1;                 // not on the AVX-512 paths: their epilogue is conv_tile_requantize_avx512
 };
 
 PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Requant* rq, int32_t z_eff, int64_t p,
@@ -741,7 +766,7 @@ PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Req
   e.count1 = e.channels - e.count0;
   const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count0)), lane);
   const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count1)), lane);
-  if (rq && w.path == KernelPath::Avx2) {
+  if (rq && !detail::uses_avx512(w.path)) {
     e.rq0 = requant8_constants(rq->multiplier.data() + p * panel, rq->shift.data() + p * panel, mask0);
     if (e.count1 > 0)
       e.rq1 = requant8_constants(rq->multiplier.data() + p * panel + 8, rq->shift.data() + p * panel + 8, mask1);
@@ -762,7 +787,7 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   const int32_t* offsets = pc.unit_offsets.data();
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const int64_t panel = pc.panel_channels, out = w.out, panels = ceil_div(out, panel);
-  const int64_t group = w.path != KernelPath::Avx2 && panel == 16 ? kConvMaxGroup : 1;
+  const int64_t group = detail::uses_avx512(w.path) && panel == 16 ? kConvMaxGroup : 1;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i z_out = _mm256_set1_epi32(rq ? rq->zero_point : 0);
   const __m256i lo = _mm256_set1_epi32(rq ? rq->act_min : 0), hi = _mm256_set1_epi32(rq ? rq->act_max : 0);
@@ -781,7 +806,7 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
       window[r] = planes + ((i * hp + oh * stride) * wp + ow * stride) * c;
     }
     for (int64_t r = count; r < count + kConvMaxRows; ++r) window[r] = window[count - 1];  // covers any MR
-    // Panels go through the micro-kernel `group` at a time (the VNNI kernel takes up to 4, reusing each x unit
+    // Panels go through the micro-kernel `group` at a time (the AVX-512 kernel takes up to 4, reusing each x unit
     // it broadcasts 4 times); each panel's epilogue constants are computed once per block.
     for (int64_t p0 = 0; p0 < panels; p0 += group) {
       const int64_t g = min_i64(group, panels - p0);
@@ -798,8 +823,10 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
           } else {
             conv_kernel_s8<12, 1>(xr, offsets, w.k_units, wpanel, tile);
           }
-        } else if (w.path != KernelPath::Avx2) {  // Vnni512 (and Amx, whose convolutions run on VNNI)
+        } else if (detail::uses_avx512(w.path)) {  // Vnni512, and Amx for kernel rows too short for tiles
           detail::conv_tile_vnni512(xr, offsets, w.k_units, wpanel, panel, g, tile);
+        } else if (w.path == KernelPath::AvxVnni) {
+          detail::conv_tile_avxvnni(xr, offsets, w.k_units, wpanel, panel, tile);
         } else if (panel == 16) {
           conv_kernel_s4<4, 2>(xr, offsets, w.k_units, wpanel, tile);
         } else {
@@ -809,7 +836,7 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
         for (int64_t v = 0; v < g; ++v) {
           const PanelEpilogue& e = ep[v];
           const int64_t o0 = (p0 + v) * panel;
-          if (rq && w.path != KernelPath::Avx2) {  // 16 channels per instruction
+          if (rq && detail::uses_avx512(w.path)) {  // 16 channels per instruction
             detail::conv_tile_requantize_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, *rq, o0, e.channels,
                                                 y + (start + r0) * out + o0, out);
             continue;
@@ -1035,7 +1062,7 @@ void qgemm_s4(std::span<const int8_t> x, int32_t x_zero_point, std::span<const i
 
 void input_lookup_fast(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
                        KernelPath path, int threads) {
-  const bool vbmi = (path == KernelPath::Vnni512 || path == KernelPath::Amx) && cpu_features().avx512_vbmi;
+  const bool vbmi = detail::uses_avx512(path) && cpu_features().avx512_vbmi;
   if (!vbmi) return input_lookup(images, table, y, threads);
   detail::input_lookup_vbmi(images.data(), table.data(), y.data(), static_cast<int64_t>(images.size()), threads);
 }
@@ -1043,7 +1070,7 @@ void input_lookup_fast(std::span<const uint8_t> images, const std::array<int8_t,
 void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
                              int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads,
                              KernelPath path) {
-  if ((path == KernelPath::Vnni512 || path == KernelPath::Amx) && k == 2 && stride == 2 && padding == 0) {
+  if (detail::uses_avx512(path) && k == 2 && stride == 2 && padding == 0) {
     return detail::maxpool2_requantize_avx512(acc.data(), rq, y.data(), n, c, height, width, threads);
   }
   maxpool_requantize_avx2(acc.data(), rq, y.data(), n, c, height, width, k, stride, padding, threads);
@@ -1052,7 +1079,7 @@ void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, st
 void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
                         int64_t positions, int64_t out, int threads, KernelPath path) {
   if (path == KernelPath::Ref || !cpu_has_avx2()) return requantize_to_nchw_ref(acc, rq, y, n, positions, out, threads);
-  if ((path == KernelPath::Vnni512 || path == KernelPath::Amx) && positions == 1) {
+  if (detail::uses_avx512(path) && positions == 1) {
     return detail::requantize_rows_avx512(acc.data(), rq, y.data(), n, out, threads);
   }
   requantize_to_nchw_avx2(acc.data(), rq.multiplier.data(), rq.shift.data(), rq.zero_point, rq.act_min, rq.act_max,

@@ -100,8 +100,8 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
 }
 
 bool depthwise_in_one_pass(const ConvShape& s, KernelPath path) {
-  return (path == KernelPath::Vnni512 || path == KernelPath::Amx) && cpu_supports(path) && s.groups == s.channels &&
-         s.out == s.channels && s.kernel * s.kernel <= detail::kMaxDepthwiseTaps;
+  return detail::uses_avx512(path) && cpu_supports(path) && s.groups == s.channels && s.out == s.channels &&
+         s.kernel * s.kernel <= detail::kMaxDepthwiseTaps;
 }
 
 void qconv2d_depthwise_requantized(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,
@@ -122,7 +122,7 @@ void qadd(std::span<const int8_t> a, std::span<const int8_t> b, const Rescale& r
   const int32_t shift = r.shift, z_out = rq.zero_point, act_min = rq.act_min, act_max = rq.act_max;
   const auto size = static_cast<int64_t>(y.size());
   if (path != KernelPath::Ref && cpu_has_avx2()) {  // the same formula, 8 (AVX-512) or 4 (AVX2) elements at a time
-    const auto kernel = path == KernelPath::Avx2 ? detail::add_requantize_avx2 : detail::add_requantize_avx512;
+    const auto kernel = detail::uses_avx512(path) ? detail::add_requantize_avx512 : detail::add_requantize_avx2;
     const int64_t chunk = (size + threads - 1) / threads;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t t = 0; t < threads; ++t) {

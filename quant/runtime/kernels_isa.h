@@ -1,5 +1,5 @@
-// Internal to quant/runtime: the entry points of the AVX-512 VNNI and AMX kernel files, which the dispatch in
-// kernels_avx2.cpp calls once the CPU has been checked (cpu.h). Not part of the library's interface.
+// Internal to quant/runtime: the entry points of the AVX-VNNI, AVX-512 VNNI and AMX kernel files, which the dispatch
+// in kernels_avx2.cpp calls once the CPU has been checked (cpu.h). Not part of the library's interface.
 #pragma once
 
 #include <cstddef>
@@ -8,6 +8,10 @@
 #include "quant/runtime/kernels.h"
 
 namespace lowbit::quant::runtime::detail {
+
+// The paths that run AVX-512 kernels (Amx runs everything but its tile GEMMs on the Vnni512 ones). The others,
+// AvxVnni included, must never reach a function of kernels_avx512.cpp: their CPUs may lack AVX-512.
+constexpr bool uses_avx512(KernelPath path) { return path == KernelPath::Vnni512 || path == KernelPath::Amx; }
 
 // Rows of x are packed for the Vnni512 and Amx GEMMs in groups of this many (two AMX A tiles of 16 rows).
 constexpr int64_t kPackedRowGroup = 32;
@@ -29,6 +33,25 @@ void depthwise_accumulate_avx2(const int8_t* pixel, const int8_t* taps, int32_t 
 // y[k] = the Add of a[k] and b[k] (eq. 10, requantize_add) for k < count, 4 at a time: qadd's inner loop.
 void add_requantize_avx2(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
                          const Requant& rq);
+
+// ---- kernels_avxvnni.cpp ----
+
+// The GEMM micro-kernel: xp holds kGemmRowsAvxVnni rows of units (4 u8 operands x + 128), row r at xp + r·x_stride;
+// wp is (K_UNITS, 16) units of 4 s8 weights; tile is (kGemmRowsAvxVnni, 16) int32 = Σ over K_UNITS units of x·w.
+// kernels_avx2.cpp's run_tiles drives it as it drives the AVX2 micro-kernels.
+constexpr int64_t kGemmRowsAvxVnni = 6;
+void gemm_kernel_avxvnni(const int32_t* xp, int64_t x_stride, const int32_t* wp, int64_t k_units, int32_t* tile);
+
+// One row of x against `panels` (1-4) panels at once, for a batch of one: panel q's units start at
+// wp + q·panel_stride; tile is (PANELS, 16) int32 = Σ x·w.
+void row_kernel_avxvnni(const int32_t* xp, const int32_t* wp, int64_t panel_stride, int64_t k_units, int64_t panels,
+                        int32_t* tile);
+
+// The conv micro-kernel, as conv_tile_vnni512 but one panel per call: PANEL 16 (two ymm halves, 6 rows) or 8
+// (12 rows); tile is (MR, PANEL) int32, MR = conv_rows_avxvnni(PANEL).
+constexpr int64_t conv_rows_avxvnni(int64_t panel) { return panel == 16 ? 6 : 12; }
+void conv_tile_avxvnni(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
+                       int64_t panel, int32_t* tile);
 
 // ---- kernels_avx512.cpp ----
 
