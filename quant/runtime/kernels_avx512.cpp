@@ -324,7 +324,7 @@ LOWBIT_AVX512_VNNI void add_requantize_range(const int8_t* a, const int8_t* b, i
   const __m512i half = _mm512_set1_epi64(int64_t{1} << (r.shift - 1)), z_out = _mm512_set1_epi64(rq.zero_point);
   const __m512i lo = _mm512_set1_epi64(rq.act_min), hi = _mm512_set1_epi64(rq.act_max);
   const __m128i shift = _mm_cvtsi32_si128(r.shift);
-  const auto add8 = [&](__m128i a8, __m128i b8) {
+  const auto add8 = [&](__m128i a8, __m128i b8) LOWBIT_AVX512_VNNI {
     return add_requantize8(a8, b8, za, ma, zb, mb, half, shift, z_out, lo, hi);
   };
   // 16 codes per step with plain loads and stores: y is often a itself (the executor's Add writes over an
