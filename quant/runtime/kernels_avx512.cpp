@@ -270,30 +270,16 @@ LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c, __m512i z, _
   return _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
 }
 
-// Rows [r0, r1) of requantize_rows_avx512.
-LOWBIT_AVX512_VNNI void requantize_row_range(const int32_t* acc, const Requant& rq, int8_t* y, int64_t r0, int64_t r1,
-                                             int64_t out) {
-  const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
-  const __m512i hi = _mm512_set1_epi32(rq.act_max);
-  for (int64_t o = 0; o < out; o += 16) {
-    const __mmask16 mask = low_lanes(out - o);
-    const Requant16 c = requant16_constants(rq.multiplier.data() + o, rq.shift.data() + o, mask);
-    for (int64_t r = r0; r < r1; ++r) {
-      const __m512i q = requant16(_mm512_maskz_loadu_epi32(mask, acc + r * out + o), c, z, lo, hi);
-      _mm512_mask_cvtepi32_storeu_epi8(y + r * out + o, mask, q);  // vpmovdb: the codes are in [−128, 127]
-    }
-  }
-}
-
-// Rows [0, rows) of a conv tile, (rows, 16) int32 with rows `tile_stride` apart: + offset, requantized, the first
-// `count` codes of each row stored at y, rows y_stride apart.
+// Rows [0, rows) of (rows, 16) int32 sums with rows `tile_stride` apart (a conv tile, or accumulator rows):
+// + offset (none when null), requantized, the first `count` codes of each row stored at y, rows y_stride apart.
 LOWBIT_AVX512_VNNI void requantize_tile_rows(const int32_t* tile, int64_t rows, int64_t tile_stride,
                                              const int32_t* offset, const Requant& rq, int64_t first_channel,
                                              int64_t count, int8_t* y, int64_t y_stride) {
   const __mmask16 mask = low_lanes(count);
   const Requant16 c = requant16_constants(rq.multiplier.data() + first_channel, rq.shift.data() + first_channel, mask);
   const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
-  const __m512i hi = _mm512_set1_epi32(rq.act_max), bias = _mm512_maskz_loadu_epi32(mask, offset);
+  const __m512i hi = _mm512_set1_epi32(rq.act_max);
+  const __m512i bias = offset ? _mm512_maskz_loadu_epi32(mask, offset) : _mm512_setzero_si512();
   for (int64_t r = 0; r < rows; ++r) {
     const __m512i a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, tile + r * tile_stride), bias);
     _mm512_mask_cvtepi32_storeu_epi8(y + r * y_stride, mask, requant16(a, c, z, lo, hi));
@@ -449,7 +435,9 @@ LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Re
 void requantize_rows_avx512(const int32_t* acc, const Requant& rq, int8_t* y, int64_t rows, int64_t out, int threads) {
   constexpr int64_t kBlockRows = 32;  // the block's accumulators stay in L1 while every channel block reads them
   parallel_for(ceil_div(rows, kBlockRows), threads, [&](int64_t blk) {
-    requantize_row_range(acc, rq, y, blk * kBlockRows, min_i64(rows, (blk + 1) * kBlockRows), out);
+    const int64_t r0 = blk * kBlockRows, count = min_i64(rows, r0 + kBlockRows) - r0;
+    for (int64_t o = 0; o < out; o += 16)  // each block of 16 channels over the block's rows
+      requantize_tile_rows(acc + r0 * out + o, count, out, nullptr, rq, o, min_i64(16, out - o), y + r0 * out + o, out);
   });
 }
 
