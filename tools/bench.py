@@ -17,6 +17,12 @@ table): the OpenBLAS core for float training and fp32 inference (as train report
 `kernel_path` (ref, avx2, avxvnni, vnni or amx) for the integer models. --kernels PATH passes
 `--kernels PATH` to every eval run, to time one integer path. See docs/benchmarks.md.
 
+The GEMM section (before the models; --gemm runs only it, --skip-gemm leaves it out) compares the exact int8 GEMM
+alone: lowbit's (build/bin/bench_qgemm --json: each kernel path, checked against the reference) and ONNX Runtime's
+MatMulInteger (tools/ort/time_gemm.js: checked against a reference, timed in its kernel by ORT's profiler and
+through session.run) at 1024³ and the models' Linear shapes at batch 256, in alternating rounds (lowbit, ORT, lowbit,
+ORT, ...; --gemm-rounds), medians over rounds; with the per-core peaks bench_qgemm measures.
+
 The whole run holds /tmp/bench.lock (flock), like `flock /tmp/bench.lock peer.py`, so it does not
 overlap other timing jobs that honour the lock. Python 3 standard library only.
 
@@ -25,6 +31,7 @@ overlap other timing jobs that honour the lock. Python 3 standard library only.
     /usr/bin/python3 tools/bench.py --models mlp --quick     # smoke test, a few minutes
     /usr/bin/python3 tools/bench.py --peer-json peer.json    # reuse a peer run
     /usr/bin/python3 tools/bench.py --kernels avx2 --skip-peer  # lowbit's integer figures on the AVX2 kernels
+    /usr/bin/python3 tools/bench.py --gemm --threads 1       # the int8 GEMM against ONNX Runtime's only (~1-2 min)
 """
 import argparse
 import datetime
@@ -313,6 +320,120 @@ def ort_figures(O):
 
 
 # ------------------------------------------------------------------------------------------------
+# the int8 GEMM alone: lowbit's (bench_qgemm --json) and ONNX Runtime's MatMulInteger (time_gemm.js)
+# ------------------------------------------------------------------------------------------------
+PEAK_OF_PATH = {"amx": "tdpbusd", "vnni": "vpdpbusd zmm", "avxvnni": "vpdpbusd ymm (AVX-VNNI)"}  # avx2: not measured
+
+
+def gemm_rounds(args):
+    """Alternating runs of bench_qgemm --json and time_gemm.js on its shapes (M = N rows, K = IN, N = OUT); ORT's
+    result is checked against its reference in the first round only (the data are the same every round)."""
+    rounds = []
+    for r in range(args.gemm_rounds):
+        out, foreign = run([os.path.join(args.bin, "bench_qgemm"), "--json", "--seconds", str(args.gemm_seconds),
+                            str(args.threads)])
+        ours = json.loads(out)
+        ours["foreign_cpu"] = foreign
+        ort = None
+        shapes = list(dict.fromkeys(f"{g['n']}x{g['in']}x{g['out']}" for g in ours["gemms"]))
+        if shapes and not args.skip_ort:
+            cmd = [args.node, os.path.join(args.ort_dir, "time_gemm.js"), "--threads", str(args.threads),
+                   "--seconds", str(args.gemm_seconds)] + ([] if r == 0 else ["--no-check"]) + shapes
+            out, foreign = run(cmd)
+            ort = {"shapes": [json.loads(line) for line in out.splitlines() if line.strip()], "foreign_cpu": foreign}
+        rounds.append({"lowbit": ours, "onnxruntime": ort})
+    return rounds
+
+
+def gemm_summary(rounds):
+    """Per shape: lowbit's GOP/s per path and ORT's (kernel, session.run) as median and range over rounds; the peaks
+    likewise."""
+    spread = lambda xs: {"median": round(median(xs), 1), "min": round(min(xs), 1), "max": round(max(xs), 1)}
+    first = rounds[0]["lowbit"]
+    shapes = []
+    for g in first["gemms"]:
+        if shapes and shapes[-1]["shape"] == g["shape"]:
+            continue
+        shapes.append({"shape": g["shape"], "m": g["n"], "k": g["in"], "n": g["out"], "lowbit": {}})
+    for s in shapes:
+        for path in dict.fromkeys(g["path"] for g in first["gemms"]):
+            xs = [g["gops"] for r in rounds for g in r["lowbit"]["gemms"] if g["shape"] == s["shape"] and g["path"] == path]
+            s["lowbit"][path] = spread(xs)
+        ort = [x for r in rounds if r["onnxruntime"] for x in r["onnxruntime"]["shapes"]
+               if (x["m"], x["k"], x["n"]) == (s["m"], s["k"], s["n"])]
+        if ort:
+            s["onnxruntime"] = {key: spread([x[f"gops_{key}"] for x in ort]) for key in ("kernel", "run", "wall")}
+            # time_gemm.js stops on any difference, so a checked shape is exact; None: not checked
+            s["onnxruntime"]["exact"] = True if any(x.get("exact") for x in ort) else None
+            s["onnxruntime"]["binding_ms"] = round(median(x["binding_median_s"] for x in ort) * 1e3, 3)
+    peaks = {p["instruction"]: {"instructions_per_second": spread([q["instructions_per_second"] / 1e6 for r in rounds
+                                                                   for q in r["lowbit"]["peaks"]
+                                                                   if q["instruction"] == p["instruction"]]),
+                                "macs": p["macs"],
+                                "gops": spread([q["gops"] for r in rounds for q in r["lowbit"]["peaks"]
+                                                if q["instruction"] == p["instruction"]])}
+             for p in first["peaks"]}
+    ort_version = next((x.get("onnxruntime") for r in rounds if r["onnxruntime"] for x in r["onnxruntime"]["shapes"]),
+                       None)
+    return {"auto_path": first["auto_path"], "threads": first["threads"], "rounds": len(rounds), "shapes": shapes,
+            "peaks": peaks, "onnxruntime": ort_version}
+
+
+def gemm_text(S):
+    """The GEMM tables, the peaks and how they were measured, as Markdown."""
+    if not S["shapes"]:
+        return "bench_qgemm has no fast kernel path on this CPU (it needs AVX2): no GEMM figures."
+    auto, paths = S["auto_path"], list(S["shapes"][0]["lowbit"])
+    machine_peak = max(S["peaks"].items(), key=lambda kv: kv[1]["gops"]["median"]) if S["peaks"] else None
+    g = lambda x: f"{x['median']:,.0f} ({x['min']:,.0f}–{x['max']:,.0f})" if S["rounds"] > 1 else f"{x['median']:,.0f}"
+    pct = lambda v, peak: f"{100 * v / peak:.0f}%" if peak else "—"
+    times = lambda a, b: f"{a / b:.2f}×" if a and b else "—"
+    lines = [f"| shape (M×K×N) | lowbit `{auto}` GOP/s | ONNX Runtime kernel GOP/s | ratio | ONNX Runtime session.run "
+             f"GOP/s | ratio | of the peak: lowbit / ORT |", "|---|---:|---:|---:|---:|---:|---:|"]
+    peak = machine_peak[1]["gops"]["median"] if machine_peak else None
+    for s in S["shapes"]:
+        ours, o = s["lowbit"][auto], s.get("onnxruntime")
+        lines.append(f"| {s['shape']}, {s['m']}×{s['k']}×{s['n']} | {g(ours)} | {g(o['kernel']) if o else '—'} | "
+                     f"{times(ours['median'], o['kernel']['median']) if o else '—'} | {g(o['wall']) if o else '—'} | "
+                     f"{times(ours['median'], o['wall']['median']) if o else '—'} | "
+                     f"{pct(ours['median'], peak)} / {pct(o['kernel']['median'], peak) if o else '—'} |")
+    lines += ["", "| shape | " + " | ".join(f"lowbit `{p}` GOP/s (of its peak)" for p in paths) + " |",
+              "|---|" + "---:|" * len(paths)]
+    for s in S["shapes"]:
+        cells = []
+        for p in paths:
+            peak_p = S["peaks"].get(PEAK_OF_PATH.get(p), {}).get("gops", {}).get("median")
+            cells.append(f"{g(s['lowbit'][p])}" + (f" ({pct(s['lowbit'][p]['median'], peak_p)})" if peak_p else ""))
+        lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    spread_note = f"medians over {S['rounds']} alternating rounds (range in parentheses)" if S["rounds"] > 1 else \
+        "one round"
+    lines.append(f"GOP/s = 2·M·K·N / median time of calls adding up to at least the set seconds per shape and round, "
+                 f"{spread_note}; {S['threads']} thread(s). lowbit: `qgemm_packed` on int8 codes with weights packed "
+                 f"beforehand, each path checked bit for bit against `qgemm_s8_ref`. ONNX Runtime "
+                 f"{S['onnxruntime'] or ''}: one MatMulInteger node (uint8 A with a zero point, int8 B as an "
+                 f"initializer, int32 out), checked bit for bit against a plain-loop reference on full-range codes; "
+                 f"\"kernel\" is the node's time in ORT's profiler, \"session.run\" the wall time of the call from "
+                 f"Node.js, which adds the binding: allocating and copying out the int32 result (median "
+                 f"{', '.join(str(s['onnxruntime']['binding_ms']) for s in S['shapes'] if s.get('onnxruntime'))} ms "
+                 f"per call at these shapes). Ratio > 1: lowbit is faster.")
+    exact = [s["onnxruntime"]["exact"] for s in S["shapes"] if s.get("onnxruntime")]
+    if exact:
+        lines.append("")
+        lines.append("ONNX Runtime's results were bit-exact at every shape (checked in the first round)." if all(exact)
+                     else "ONNX Runtime's results were NOT checked at every shape.")
+    if S["peaks"]:
+        lines.append("")
+        lines.append("Peaks of one core, measured by `bench_qgemm` (a loop of one instruction on registers only, "
+                     "enough independent accumulators to hide its latency, best of 20 runs; 2 ops per multiply-add): "
+                     + "; ".join(f"`{name}` {p['instructions_per_second']['median']:,.1f} M instructions/s × "
+                                 f"{p['macs']} multiply-adds × 2 = {g(p['gops'])} GOP/s"
+                                 for name, p in S["peaks"].items())
+                     + f". \"Of the peak\" in the first table is of `{machine_peak[0]}`'s, the machine's highest.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
 def ratio(ours, peer, higher_is_better):
@@ -382,7 +503,9 @@ def machine_meta(args):
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cpu_flags": cpu_flags(),
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "git": rev, "git_dirty": dirty, "threads": args.threads,
-            "quick": args.quick, "repeats": args.repeats, "kernels": args.kernels, "loadavg_start": os.getloadavg()}
+            "quick": args.quick, "repeats": args.repeats, "kernels": args.kernels, "loadavg_start": os.getloadavg(),
+            "gemm": None if args.skip_gemm else {"rounds": args.gemm_rounds, "seconds": args.gemm_seconds,
+                                                 "only": args.gemm}}
 
 
 def main():
@@ -401,11 +524,18 @@ def main():
     ap.add_argument("--peer-json", help="reuse this peer.py result instead of running the peer")
     ap.add_argument("--skip-peer", action="store_true", help="do not run the PyTorch peer")
     ap.add_argument("--skip-ort", action="store_true", help="do not run the ONNX Runtime peer")
+    ap.add_argument("--gemm", action="store_true",
+                    help="run only the int8 GEMM comparison (bench_qgemm against ONNX Runtime's MatMulInteger)")
+    ap.add_argument("--skip-gemm", action="store_true", help="do not run the int8 GEMM comparison")
+    ap.add_argument("--gemm-rounds", type=int, default=None,
+                    help="alternating rounds of the GEMM comparison, medians kept (default 3; --quick 1)")
+    ap.add_argument("--gemm-seconds", type=float, default=0.5,
+                    help="seconds of timed calls per shape, path and round (after warm-up)")
     ap.add_argument("--node", default="node", help="Node.js, for the ONNX Runtime peer")
     ap.add_argument("--ort-dir", default=os.path.join(ROOT, "tools", "ort"),
-                    help="folder with time_ort.js and node_modules/onnxruntime-node")
+                    help="folder with time_ort.js, time_gemm.js and node_modules/onnxruntime-node")
     ap.add_argument("--peer-out", help="where to keep the peer's own JSON (default: OUT with .peer.json)")
-    ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"), help="folder with train and eval")
+    ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"), help="folder with train, eval and bench_qgemm")
     ap.add_argument("--peer", default=os.path.join(ROOT, "tools", "peer.py"), help="the PyTorch peer")
     ap.add_argument("--python", default="/usr/bin/python3", help="interpreter with torch, for the peer")
     ap.add_argument("--data", help="data folder for train/eval (default: theirs)")
@@ -421,10 +551,18 @@ def main():
         ap.error("--threads must be >= 1 (the peer needs an explicit count)")
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
+    if args.gemm and args.skip_gemm:
+        ap.error("--gemm and --skip-gemm exclude each other")
+    if args.gemm_rounds is None:
+        args.gemm_rounds = 1 if args.quick else 3
+    if args.gemm_rounds < 1 or args.gemm_seconds <= 0:
+        ap.error("--gemm-rounds must be >= 1 and --gemm-seconds > 0")
     args.data_flag = ["--data", args.data] if args.data else []
-    for prog in ("train", "eval") + (() if args.skip_ort else ("export",)):
+    progs = () if args.gemm else ("train", "eval") + (() if args.skip_ort else ("export",))
+    for prog in progs + (() if args.skip_gemm else ("bench_qgemm",)):
         if not os.access(os.path.join(args.bin, prog), os.X_OK):
-            ap.error(f"{os.path.join(args.bin, prog)} is missing: build first (cmake --build build)")
+            ap.error(f"{os.path.join(args.bin, prog)} is missing: build first (cmake --build build)"
+                     + ("" if prog != "bench_qgemm" else " (or --skip-gemm)"))
     if not args.skip_ort and not os.path.isdir(os.path.join(args.ort_dir, "node_modules", "onnxruntime-node")):
         ap.error(f"ONNX Runtime is not installed in {args.ort_dir}: cd tools/ort && npm ci --ignore-scripts "
                  "(or --skip-ort)")
@@ -452,14 +590,16 @@ def main():
     work = args.work_dir or tempfile.mkdtemp(prefix="lowbit-bench-")
     os.makedirs(work, exist_ok=True)
     try:
-        ours, ort = {}, {}
-        for m in models:
+        ours, ort, gemm = {}, {}, None
+        if not args.skip_gemm:
+            gemm = {"rounds": gemm_rounds(args)}
+        for m in models if not args.gemm else ():
             ours[m] = ours_model(args, m, work)
             if not args.skip_ort:
                 files = {mode: os.path.join(work, name) for mode, name in ours[m]["files"].items()}
                 ort[m] = ort_model(args, m, files, work)
         peer_foreign = None
-        if args.skip_peer:
+        if args.skip_peer or args.gemm:
             peer_json = None
         elif peer_json is None:
             peer_out = args.peer_out or (os.path.splitext(args.out)[0] + ".peer.json")
@@ -480,7 +620,10 @@ def main():
                         "reused": bool(args.peer_json), "foreign_cpu": peer_foreign}
 
     rows, result = {}, {"meta": meta, "models": {}}
-    for m in models:
+    if gemm:
+        gemm["summary"] = gemm_summary(gemm["rounds"])
+        result["gemm"] = gemm
+    for m in models if not args.gemm else ():
         of, osrc = ours_figures(ours[m])
         pf, psrc = peer_figures((peer_json or {}).get("models", {}).get(m), args.threads)
         orf = ort_figures(ort.get(m))
@@ -492,17 +635,24 @@ def main():
                    for key, _, unit, hib in COLUMNS}
         result["models"][m] = {"figures": rows[m], "ours": ours[m], "onnxruntime": ort.get(m)}
 
-    text = table(rows) + "\n\n" + kernels_note(rows)
-    foreign = [r["foreign_cpu"] for m in models for res in ours[m]["inference"].values() for b in res.values()
+    text = table(rows) + "\n\n" + kernels_note(rows) if rows else ""
+    foreign = [r["foreign_cpu"] for m in ours for res in ours[m]["inference"].values() for b in res.values()
                for r in b["runs"]]
-    foreign += [ours[m]["train"]["foreign_cpu"] for m in models if ours[m].get("train")]
+    foreign += [ours[m]["train"]["foreign_cpu"] for m in ours if ours[m].get("train")]
     foreign += [r["foreign_cpu"] for m in ort for res in ort[m].values() for r in res["runs"]]
+    foreign += [side["foreign_cpu"] for r in (gemm or {}).get("rounds", []) for side in r.values() if side]
     foreign = [f for f in foreign if f is not None]
     meta["ours_max_foreign_cpu"] = max(foreign) if foreign else None
-    print(f"\nlowbit vs PyTorch and ONNX Runtime, {args.threads} thread(s), {meta['cpu']} "
-          f"({', '.join(meta['cpu_flags']) or 'no AVX2'}); ratio > 1: lowbit is faster "
-          f"(throughput ours/peer, latency peer/ours){' [--quick]' if args.quick else ''}\n")
-    print(text)
+    if gemm:
+        result["gemm_markdown"] = gemm_text(gemm["summary"])
+        print(f"\nThe exact int8 GEMM: lowbit against ONNX Runtime's MatMulInteger, {args.threads} thread(s), "
+              f"{meta['cpu']} ({', '.join(meta['cpu_flags']) or 'no AVX2'})\n")
+        print(result["gemm_markdown"])
+    if rows:
+        print(f"\nlowbit vs PyTorch and ONNX Runtime, {args.threads} thread(s), {meta['cpu']} "
+              f"({', '.join(meta['cpu_flags']) or 'no AVX2'}); ratio > 1: lowbit is faster "
+              f"(throughput ours/peer, latency peer/ours){' [--quick]' if args.quick else ''}\n")
+        print(text)
     overheads = [ort[m]["call_overhead"]["b1_median_us"] for m in ort]
     if overheads:
         print(f"\nONNX Runtime {next(iter(ort.values()))['int8'].get('onnxruntime')} (npm onnxruntime-node): its b1 "

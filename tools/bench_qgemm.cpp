@@ -4,12 +4,18 @@
 // Prints the CPU and its instruction sets, the measured peak of vpdpbusd (zmm, ymm) and tdpbusd (tiny unrolled loops),
 // then one line per GEMM shape (1024³ first) and conv shape with the GOP/s of each path, then whole graphs
 // in images/s per path.
+//
+// Run: build/bin/bench_qgemm --json [--seconds S] [threads]
+// Prints one JSON object for tools/bench.py --gemm: the CPU, the peaks, and the int8 (s8) GEMM shapes only, on each
+// fast path, each checked bit for bit against qgemm_s8_ref, then timed for S seconds (default 0.5) of calls after
+// warm-up: median and best seconds, and GOP/s of the median.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -45,6 +51,26 @@ double best_seconds(int repeats, F&& f) {
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   return best;
+}
+
+// Wall seconds of each call of f: warm-up calls for at least 0.1 s (2 or more), then calls until they add up to
+// `seconds` (5 or more).
+template <typename F>
+std::vector<double> timed_calls(double seconds, F&& f) {
+  const auto now = [] { return std::chrono::steady_clock::now(); };
+  for (auto start = now(); std::chrono::duration<double>(now() - start).count() < 0.1;) f();
+  std::vector<double> times;
+  for (double total = 0; times.size() < 5 || total < seconds; total += times.back()) {
+    const auto start = now();
+    f();
+    times.push_back(std::chrono::duration<double>(now() - start).count());
+  }
+  return times;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
 }
 
 // The fast paths this CPU has, slowest first.
@@ -148,28 +174,43 @@ __attribute__((target("amx-tile,amx-int8"), noipa)) void tdpbusd_loop(int64_t it
   _tile_release();
 }
 
-void print_peaks() {
+// The measured issue rate of each int8 dot-product instruction this CPU has, and its multiply-adds.
+struct Peak {
+  const char* instruction;
+  double instructions_per_second;
+  int macs;
+  double gops() const { return instructions_per_second * macs * 2 / 1e9; }
+};
+
+std::vector<Peak> measure_peaks() {
   const rt::CpuFeatures& f = rt::cpu_features();
+  std::vector<Peak> peaks;
   if (f.avx512_vnni) {
     const int64_t iterations = 2'000'000;  // about 20 ms; the best of 20 runs, as the machine may be shared
     const double s = best_seconds(20, [&] { vpdpbusd_loop(iterations); });
-    const double per_second = 24.0 * static_cast<double>(iterations) / s;
-    std::printf("peak vpdpbusd zmm: %.2f G instructions/s x 64 MACs x 2 = %.0f GOP/s per core (measured)\n",
-                per_second / 1e9, per_second * 128 / 1e9);
+    peaks.push_back({"vpdpbusd zmm", 24.0 * static_cast<double>(iterations) / s, 64});
   }
   if (f.avx_vnni) {
     const int64_t iterations = 2'000'000;
     const double s = best_seconds(20, [&] { vpdpbusd_ymm_loop(iterations); });
-    const double per_second = 12.0 * static_cast<double>(iterations) / s;
-    std::printf("peak vpdpbusd ymm (AVX-VNNI): %.2f G instructions/s x 32 MACs x 2 = %.0f GOP/s per core (measured)\n",
-                per_second / 1e9, per_second * 64 / 1e9);
+    peaks.push_back({"vpdpbusd ymm (AVX-VNNI)", 12.0 * static_cast<double>(iterations) / s, 32});
   }
   if (f.amx_int8) {
     const int64_t iterations = 100'000;
     const double s = best_seconds(20, [&] { tdpbusd_loop(iterations); });
-    const double per_second = 4.0 * static_cast<double>(iterations) / s;
-    std::printf("peak tdpbusd: %.1f M instructions/s x 16384 MACs x 2 = %.0f GOP/s per core (measured)\n",
-                per_second / 1e6, per_second * 32768 / 1e9);
+    peaks.push_back({"tdpbusd", 4.0 * static_cast<double>(iterations) / s, 16384});
+  }
+  return peaks;
+}
+
+void print_peaks(const std::vector<Peak>& peaks) {
+  for (const Peak& p : peaks) {
+    if (p.macs == 16384)
+      std::printf("peak %s: %.1f M instructions/s x %d MACs x 2 = %.0f GOP/s per core (measured)\n", p.instruction,
+                  p.instructions_per_second / 1e6, p.macs, p.gops());
+    else
+      std::printf("peak %s: %.2f G instructions/s x %d MACs x 2 = %.0f GOP/s per core (measured)\n", p.instruction,
+                  p.instructions_per_second / 1e9, p.macs, p.gops());
   }
 }
 
@@ -287,48 +328,131 @@ void bench_models(int threads) {
   }
 }
 
+// The GEMM shapes: 1024³, and the Linear layers of the canonical models at batch 256.
+const std::vector<Shape> kShapes = {
+    {"square 1024^3", 1024, 1024, 1024},
+    {"mlp fc1 batch 256 (256x784)", 256, 784, 256},
+    {"mlp fc2 batch 256 (128x256)", 256, 256, 128},
+    {"lenet5 fc1 batch 256 (120x400)", 256, 400, 120},
+    {"convbn fc1 batch 256 (128x3136)", 256, 3136, 128},
+};
+
+// Random codes for a shape: x (N, IN) full-range int8, w8 (OUT, IN) in -127..127, w4 packed int4 codes.
+struct GemmData {
+  std::vector<int8_t> x, w8, w4;
+};
+
+GemmData gemm_data(const Shape& s, uint64_t& state) {
+  GemmData d{std::vector<int8_t>(s.n * s.in), std::vector<int8_t>(s.out * s.in), {}};
+  std::vector<int8_t> codes4(s.out * s.in);
+  for (auto& v : d.x) v = static_cast<int8_t>(next(state));
+  for (auto& v : d.w8) v = static_cast<int8_t>(static_cast<int>(next(state) % 255) - 127);
+  for (auto& v : codes4) v = static_cast<int8_t>(static_cast<int>(next(state) % 16) - 8);
+  const auto row_bytes = static_cast<int64_t>(rt::int4_packed_size(s.in));
+  d.w4.resize(s.out * row_bytes);
+  for (int64_t o = 0; o < s.out; ++o)
+    rt::pack_int4(std::span(codes4).subspan(o * s.in, s.in), std::span(d.w4).subspan(o * row_bytes, row_bytes));
+  return d;
+}
+
+std::string json_string(const std::string& text) {
+  std::string out = "\"";
+  for (const char c : text) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) >= 0x20) out += c;
+  }
+  return out + "\"";
+}
+
+// --json: the peaks and the s8 GEMMs on every fast path, each checked against the reference, as one JSON object.
+int print_json(int threads, double seconds) {
+  const rt::CpuFeatures& f = rt::cpu_features();
+  std::printf("{\"cpu\": %s, \"cpuid\": %s, \"instruction_sets\": %s, \"auto_path\": \"%s\", \"threads\": %d,\n",
+              json_string(cpuinfo_model_name()).c_str(), json_string(f.model).c_str(),
+              json_string(rt::cpu_instruction_sets()).c_str(), rt::kernel_path_name(rt::kernel_path()), threads);
+  std::printf(" \"peaks\": [");
+  const std::vector<Peak> peaks = measure_peaks();
+  for (size_t i = 0; i < peaks.size(); ++i)
+    std::printf("%s\n  {\"instruction\": \"%s\", \"instructions_per_second\": %.6g, \"macs\": %d, \"gops\": %.1f}",
+                i ? "," : "", peaks[i].instruction, peaks[i].instructions_per_second, peaks[i].macs, peaks[i].gops());
+  std::printf("],\n \"gemms\": [");
+  uint64_t state = 1;
+  bool first = true;
+  for (const Shape& s : kShapes) {
+    const GemmData d = gemm_data(s, state);
+    std::vector<int32_t> b(s.out, 0), ref(s.n * s.out), y(s.n * s.out);
+    rt::qgemm_s8_ref(d.x, 3, d.w8, b, ref, s.n, s.in, s.out, threads);
+    const double ops = 2.0 * static_cast<double>(s.n) * static_cast<double>(s.in) * static_cast<double>(s.out);
+    for (const rt::KernelPath path : fast_paths()) {
+      const rt::PackedWeights pw = rt::pack_weights(d.w8, 8, s.in, s.out, path);
+      std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(s.n, pw));
+      std::fill(y.begin(), y.end(), 0);
+      rt::qgemm_packed(d.x, 3, pw, b, y, s.n, workspace, threads);
+      if (y != ref) {
+        const auto at = std::mismatch(y.begin(), y.end(), ref.begin()).first - y.begin();
+        std::fprintf(stderr, "bench_qgemm: %s on %s differs from qgemm_s8_ref: y[%lld] = %d, expected %d\n", s.what,
+                     rt::kernel_path_name(path), static_cast<long long>(at), y[at], ref[at]);
+        return 1;
+      }
+      const std::vector<double> t =
+          timed_calls(seconds, [&] { rt::qgemm_packed(d.x, 3, pw, b, y, s.n, workspace, threads); });
+      const double med = median(t), best = *std::min_element(t.begin(), t.end());
+      std::printf(
+          "%s\n  {\"shape\": \"%s\", \"n\": %lld, \"in\": %lld, \"out\": %lld, \"path\": \"%s\", "
+          "\"exact\": true, \"calls\": %zu, \"median_s\": %.6g, \"best_s\": %.6g, \"gops\": %.2f, "
+          "\"gops_best\": %.2f}",
+          first ? "" : ",", s.what, static_cast<long long>(s.n), static_cast<long long>(s.in),
+          static_cast<long long>(s.out), rt::kernel_path_name(path), t.size(), med, best, ops / med / 1e9,
+          ops / best / 1e9);
+      first = false;
+    }
+  }
+  std::printf("]}\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int threads = argc > 1 ? std::atoi(argv[1]) : 1;
-  const std::vector<Shape> shapes = {
-      {"square 1024^3", 1024, 1024, 1024},
-      {"mlp fc1 batch 256 (256x784)", 256, 784, 256},
-      {"mlp fc2 batch 256 (128x256)", 256, 256, 128},
-      {"lenet5 fc1 batch 256 (120x400)", 256, 400, 120},
-      {"convbn fc1 batch 256 (128x3136)", 256, 3136, 128},
-  };
+  int threads = 1;
+  bool json = false;
+  double seconds = 0.5;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--json") == 0) {
+      json = true;
+    } else if (std::strcmp(argv[i], "--seconds") == 0 && i + 1 < argc) {
+      seconds = std::atof(argv[++i]);
+    } else if (std::atoi(argv[i]) >= 1) {
+      threads = std::atoi(argv[i]);
+    } else {
+      std::fprintf(stderr, "usage: bench_qgemm [--json [--seconds S]] [threads]\n");
+      return 2;
+    }
+  }
+  if (json) return print_json(threads, seconds);
   std::printf("CPU: %s (/proc/cpuinfo); CPUID: %s\n", cpuinfo_model_name().c_str(), rt::cpu_features().model.c_str());
   std::printf("instruction sets: %s; best kernel path: %s; threads %d\n", rt::cpu_instruction_sets().c_str(),
               rt::kernel_path_name(rt::best_kernel_path()), threads);
-  print_peaks();
+  print_peaks(measure_peaks());
   std::printf("%-36s %9s", "GOP/s: shape (N x IN -> OUT)", "ref s8");
   for (const rt::KernelPath path : fast_paths())
     std::printf(" %7s s8 %7s s4", rt::kernel_path_name(path), rt::kernel_path_name(path));
   std::printf("\n");
   uint64_t state = 1;
-  for (const Shape& s : shapes) {
-    std::vector<int8_t> x(s.n * s.in), w8(s.out * s.in), codes4(s.out * s.in);
-    for (auto& v : x) v = static_cast<int8_t>(next(state));
-    for (auto& v : w8) v = static_cast<int8_t>(static_cast<int>(next(state) % 255) - 127);
-    for (auto& v : codes4) v = static_cast<int8_t>(static_cast<int>(next(state) % 16) - 8);
-    const auto row_bytes = static_cast<int64_t>(rt::int4_packed_size(s.in));
-    std::vector<int8_t> w4(s.out * row_bytes);
-    for (int64_t o = 0; o < s.out; ++o) {
-      rt::pack_int4(std::span(codes4).subspan(o * s.in, s.in), std::span(w4).subspan(o * row_bytes, row_bytes));
-    }
+  for (const Shape& s : kShapes) {
+    const GemmData d = gemm_data(s, state);
     std::vector<int32_t> b(s.out, 0), y(s.n * s.out);
     const double ops = 2.0 * static_cast<double>(s.n) * static_cast<double>(s.in) * static_cast<double>(s.out);
     const int repeats = std::clamp(static_cast<int>(2e9 / ops), 3, 200);
-    const double ref =
-        best_seconds(std::max(1, repeats / 20), [&] { rt::qgemm_s8_ref(x, 3, w8, b, y, s.n, s.in, s.out, threads); });
+    const double ref = best_seconds(std::max(1, repeats / 20),
+                                    [&] { rt::qgemm_s8_ref(d.x, 3, d.w8, b, y, s.n, s.in, s.out, threads); });
     std::printf("%-36s %9.1f", s.what, ops / 1e9 / ref);
     for (const rt::KernelPath path : fast_paths()) {
       for (const int bits : {8, 4}) {
-        const rt::PackedWeights pw = rt::pack_weights(bits == 8 ? w8 : w4, bits, s.in, s.out, path);
+        const rt::PackedWeights pw = rt::pack_weights(bits == 8 ? d.w8 : d.w4, bits, s.in, s.out, path);
         std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(s.n, pw));
         std::printf(" %10.1f", ops / 1e9 / best_seconds(repeats, [&] {
-                                 rt::qgemm_packed(x, 3, pw, b, y, s.n, workspace, threads);
+                                 rt::qgemm_packed(d.x, 3, pw, b, y, s.n, workspace, threads);
                                }));
       }
     }
