@@ -487,27 +487,64 @@ std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g, int64_t kj) {
   return {std::min(lo, hi), hi};
 }
 
-// x is (C/groups, H, W), one group of one image; cols is (C/groups*K*K, OH*OW).
-void im2col(const ConvGeometry& g, const float* x, float* cols) {
+// Depthwise works on one channel of one image at a time, with its zero padding written out:
+// xp is (H + 2 * padding, W + 2 * padding), so the loops need no bounds and vectorise along ox.
+void pad_plane(const ConvGeometry& g, const float* x, float* xp) {
+  const int64_t wp = g.w + 2 * g.padding;
+  std::fill_n(xp, (g.h + 2 * g.padding) * wp, 0.f);
+  for (int64_t iy = 0; iy < g.h; ++iy) std::copy_n(x + iy * g.w, g.w, xp + (iy + g.padding) * wp + g.padding);
+}
+
+// GCC turns a copy loop into a call to memmove, which costs more than the copy for runs of 7 to 28
+// floats as im2col's are; this keeps the loop (vectorised) for the function it marks.
+#if defined(__GNUC__) && !defined(__clang__)
+#define LOWBIT_NO_LIBRARY_COPIES __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define LOWBIT_NO_LIBRARY_COPIES
+#endif
+
+// Row (ci, ki, kj) of cols from the group's planes xp, zero-padded when padding > 0 (width wp): OH runs
+// of OW taps, `stride` apart. STRIDE is the stride when it is known at compile time (1 and 2: the
+// loops then vectorise), 0 otherwise.
+template <int64_t STRIDE>
+LOWBIT_NO_LIBRARY_COPIES void gather_taps(const ConvGeometry& g, const float* xp, int64_t wp, float* __restrict cols) {
+  const int64_t stride = STRIDE == 0 ? g.stride : STRIDE, plane = (g.h + 2 * g.padding) * wp;
   for (int64_t row = 0; row < g.rows(); ++row) {
     const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
-    const auto [lo, hi] = inside_columns(g, kj);
-    float* dst = cols + row * g.cols();
-    for (int64_t oy = 0; oy < g.oh; ++oy, dst += g.ow) {
-      const int64_t iy = oy * g.stride - g.padding + ki;
-      if (iy < 0 || iy >= g.h) {
-        std::fill_n(dst, g.ow, 0.f);
-        continue;
-      }
-      const float* src = x + (ci * g.h + iy) * g.w;  // src[ox * stride + kj - padding] is x[ci][iy][ix]
-      std::fill(dst, dst + lo, 0.f);
-      if (g.stride == 1)
-        std::copy(src + lo + kj - g.padding, src + hi + kj - g.padding, dst + lo);  // one run
-      else
-        for (int64_t ox = lo; ox < hi; ++ox) dst[ox] = src[ox * g.stride + kj - g.padding];
-      std::fill(dst + hi, dst + g.ow, 0.f);
-    }
+    const float* __restrict src = xp + ci * plane + ki * wp + kj;  // tap (ki, kj) of output (0, 0)
+    float* __restrict dst = cols + row * g.cols();
+    for (int64_t oy = 0; oy < g.oh; ++oy, src += stride * wp, dst += g.ow)
+      for (int64_t ox = 0; ox < g.ow; ++ox) dst[ox] = src[ox * stride];
   }
+}
+
+// Floats of scratch that im2col needs: cols, then the group's padded planes.
+int64_t im2col_scratch(const ConvGeometry& g) {
+  return g.rows() * g.cols() + (g.padding > 0 ? g.group_c() * g.padded_plane() : 0);
+}
+
+// x is (C/groups, H, W), one group of one image; returns its cols (C/groups*K*K, OH*OW). That is x
+// itself for a 1 x 1 convolution with stride 1 and no padding (no copy); otherwise cols is built in
+// scratch (im2col_scratch floats): the planes are first copied into zero-padded ones, so that every
+// row of cols is OH runs of OW taps with no bounds to check. (Copying run by run from the unpadded
+// planes, with a fill for the taps in the padding, was 25% of resnet8's fp32 inference: runs of 7 to
+// 28 floats, three library calls each, and a scalar loop for stride 2.)
+const float* im2col(const ConvGeometry& g, const float* x, float* scratch) {
+  if (g.k == 1 && g.stride == 1 && g.padding == 0) return x;
+  const float* xp = x;
+  if (g.padding > 0) {
+    float* planes = scratch + g.rows() * g.cols();
+    for (int64_t ci = 0; ci < g.group_c(); ++ci) pad_plane(g, x + ci * g.h * g.w, planes + ci * g.padded_plane());
+    xp = planes;
+  }
+  const int64_t wp = g.w + 2 * g.padding;
+  if (g.stride == 1)
+    gather_taps<1>(g, xp, wp, scratch);
+  else if (g.stride == 2)
+    gather_taps<2>(g, xp, wp, scratch);
+  else
+    gather_taps<0>(g, xp, wp, scratch);
+  return scratch;
 }
 
 // The adjoint of im2col: dx = 0, then each entry of cols is added onto the input pixel it came
@@ -532,13 +569,6 @@ void col2im(const ConvGeometry& g, const float* cols, float* dx) {
   }
 }
 
-// Depthwise works on one channel of one image at a time, with its zero padding written out:
-// xp is (H + 2 * padding, W + 2 * padding), so the loops need no bounds and vectorise along ox.
-void pad_plane(const ConvGeometry& g, const float* x, float* xp) {
-  const int64_t wp = g.w + 2 * g.padding;
-  std::fill_n(xp, (g.h + 2 * g.padding) * wp, 0.f);
-  for (int64_t iy = 0; iy < g.h; ++iy) std::copy_n(x + iy * g.w, g.w, xp + (iy + g.padding) * wp + g.padding);
-}
 
 // xp is one padded plane, w is (K, K); y (OH, OW) += the convolution.
 void depthwise_forward(const ConvGeometry& g, const float* xp, const float* w, float* __restrict y) {
@@ -607,7 +637,7 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
 
   Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
   for_each_slice(g.n, [&](int64_t first, int64_t last, int) {
-    Tensor cols = Tensor::empty(g.depthwise() ? Shape{g.padded_plane()} : Shape{g.rows(), g.cols()});  // or xp
+    Tensor scratch = Tensor::empty({g.depthwise() ? g.padded_plane() : im2col_scratch(g)});  // xp, or im2col's
     for (int64_t n = first; n < last; ++n) {
       float* yn = y.data() + n * g.out * g.cols();
       if (b.defined() || g.depthwise())  // y[n] = b (or 0), then y[n] += w cols
@@ -615,14 +645,14 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
       for (int64_t gi = 0; gi < g.groups; ++gi) {
         const float* xg = x.data() + (n * g.groups + gi) * x_group;
         if (g.depthwise()) {
-          pad_plane(g, xg, cols.data());
+          pad_plane(g, xg, scratch.data());
           for (int64_t o = 0; o < g.group_out(); ++o)
-            depthwise_forward(g, cols.data(), w.data() + (gi * g.group_out() + o) * g.rows(),
+            depthwise_forward(g, scratch.data(), w.data() + (gi * g.group_out() + o) * g.rows(),
                               yn + gi * y_group + o * g.cols());
           continue;
         }
-        im2col(g, xg, cols.data());
-        sgemm(false, false, g.group_out(), g.cols(), g.rows(), w.data() + gi * w_group, g.rows(), cols.data(), g.cols(),
+        const float* cols = im2col(g, xg, scratch.data());
+        sgemm(false, false, g.group_out(), g.cols(), g.rows(), w.data() + gi * w_group, g.rows(), cols, g.cols(),
               yn + gi * y_group, g.cols(), b.defined() ? 1.f : 0.f);
       }
     }
@@ -637,7 +667,7 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
         std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
         std::vector<std::vector<double>> db_part(dw_part.size(), std::vector<double>(has_bias ? g.out : 0, 0.0));
         for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
-          Tensor cols = Tensor::empty({g.rows(), g.cols()});  // cols, then reused for dcols
+          Tensor scratch = Tensor::empty({g.depthwise() ? 0 : im2col_scratch(g)});  // im2col's, then dcols
           Tensor planes =
               Tensor::empty({g.depthwise() ? 2 * g.padded_plane() + g.k * g.k * g.ow : 0});  // xp, dxp, partial
           Tensor& dw = dw_part[static_cast<size_t>(slice)] = Tensor::zeros(w.shape());
@@ -661,13 +691,13 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
                     std::copy_n(dxp + (iy + g.padding) * (g.w + 2 * g.padding) + g.padding, g.w, dxg + iy * g.w);
                 continue;
               }
-              im2col(g, xg, cols.data());  // dw_gi += dy[n]_gi cols^T
-              sgemm(false, true, g.group_out(), g.rows(), g.cols(), dyn + gi * y_group, g.cols(), cols.data(), g.cols(),
+              const float* cols = im2col(g, xg, scratch.data());  // dw_gi += dy[n]_gi cols^T
+              sgemm(false, true, g.group_out(), g.rows(), g.cols(), dyn + gi * y_group, g.cols(), cols, g.cols(),
                     dw.data() + gi * w_group, g.rows(), 1.f);
               if (!need_dx) continue;  // dcols = w_gi^T dy[n]_gi;  dx[n]_gi = col2im(dcols)
               sgemm(true, false, g.rows(), g.cols(), g.group_out(), w.data() + gi * w_group, g.rows(),
-                    dyn + gi * y_group, g.cols(), cols.data(), g.cols(), 0.f);
-              col2im(g, cols.data(), dxg);
+                    dyn + gi * y_group, g.cols(), scratch.data(), g.cols(), 0.f);
+              col2im(g, scratch.data(), dxg);
             }
           }
         });
@@ -722,15 +752,33 @@ std::pair<int64_t, int64_t> inside_taps(const PoolGeometry& g, int64_t o, int64_
   const int64_t start = o * g.stride - g.padding;
   return {std::max<int64_t>(0, -start), std::min(g.k, size - start)};
 }
-}  // namespace
 
-Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
-  const PoolGeometry g = pool_geometry(x, kernel, stride, padding, "max_pool2d");
-  Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
-  auto argmax = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(y.numel()));  // index within the plane
-  const float* px = x.data();
-  float* py = y.data();
-  int32_t* parg = argmax->data();
+
+// Window 2 x 2, stride 2, no padding: the common case, the same results as max_pool_windows
+// (the taps in the same order, the first maximum wins) without branches.
+void max_pool_2x2(const PoolGeometry& g, const float* px, float* py, int32_t* parg) {
+#pragma omp parallel for
+  for (int64_t plane = 0; plane < g.n * g.c; ++plane)
+    for (int64_t oy = 0; oy < g.oh; ++oy) {
+      const int64_t top = 2 * oy * g.w;  // index of tap (0, 0) of window (oy, 0) within the plane
+      const float* __restrict r0 = px + plane * g.h * g.w + top;
+      const float* __restrict r1 = r0 + g.w;
+      float* __restrict out = py + (plane * g.oh + oy) * g.ow;
+      int32_t* __restrict arg = parg + (plane * g.oh + oy) * g.ow;
+      for (int64_t ox = 0; ox < g.ow; ++ox) {
+        float best = r0[2 * ox];
+        int32_t tap = 0;  // 0..3: row tap >> 1, column tap & 1
+        tap = r0[2 * ox + 1] > best ? 1 : tap, best = std::max(best, r0[2 * ox + 1]);
+        tap = r1[2 * ox] > best ? 2 : tap, best = std::max(best, r1[2 * ox]);
+        tap = r1[2 * ox + 1] > best ? 3 : tap, best = std::max(best, r1[2 * ox + 1]);
+        out[ox] = best;
+        arg[ox] = static_cast<int32_t>(top + 2 * ox) + (tap & 1) + (tap >> 1) * static_cast<int32_t>(g.w);
+      }
+    }
+}
+
+// Any window, stride and padding; parg gets each maximum's index within its plane.
+void max_pool_windows(const PoolGeometry& g, const float* px, float* py, int32_t* parg) {
 #pragma omp parallel for
   for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
     const float* src = px + plane * g.h * g.w;
@@ -752,14 +800,28 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
       }
     }
   }
+}
+}  // namespace
+
+Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
+  const PoolGeometry g = pool_geometry(x, kernel, stride, padding, "max_pool2d");
+  Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
+  auto argmax = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(y.numel()));  // index within the plane
+  if (g.k == 2 && g.stride == 2 && g.padding == 0)
+    max_pool_2x2(g, x.data(), y.data(), argmax->data());
+  else
+    max_pool_windows(g, x.data(), y.data(), argmax->data());
   return record(y, "max_pool2d", {x}, [g, argmax](const Tensor& dy) {
     Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
     const int64_t per_plane = g.oh * g.ow;
+    const float* pdy = dy.data();
+    const int32_t* parg = argmax->data();
+    float* pdx = dx.data();
 #pragma omp parallel for
     for (int64_t plane = 0; plane < g.n * g.c; ++plane)
       for (int64_t i = 0; i < per_plane; ++i) {
         const int64_t o = plane * per_plane + i;
-        dx.data()[plane * g.h * g.w + (*argmax)[static_cast<size_t>(o)]] += dy.data()[o];
+        pdx[plane * g.h * g.w + parg[o]] += pdy[o];
       }
     return std::vector<Tensor>{dx};
   });
@@ -835,27 +897,34 @@ Tensor global_avg_pool2d(const Tensor& x) {
 //   dx_i = (1 / sqrt(var + eps)) * (g_i - mean(g) - xhat_i * mean(g * xhat)).
 
 namespace {
-// A sum in double over kLanes interleaved partial sums (value j of a run goes to lane j % kLanes),
-// so that the loop vectorises; the lanes are added in order at the end. A fixed order: the same
-// bits for any thread count, and as accurate as one double accumulator.
-constexpr int kLanes = 8;
+// A sum over runs of floats (one channel's plane of one image at a time). Within a run, value j
+// goes to float lane j % kLanes, so that the loop vectorises in single precision; at the end of the
+// run each lane is added to a double lane, and the double lanes are added in order at the end. A
+// fixed order: the same bits for any thread count. Float partial sums over one plane (a lane holds
+// H*W / kLanes values) lose little; the double lanes keep the sum over the batch accurate.
+// (Double lanes throughout were twice as slow: batch norm was 20% of convbn's training.)
+constexpr int kLanes = 16;
 struct LaneSum {
   double lane[kLanes] = {};
   // Adds f(p[j]) for j in [0, len).
   template <typename F>
-  void add(const float* p, int64_t len, F f) {
+  void add(const float* __restrict p, int64_t len, F f) {
+    float run[kLanes] = {};
     int64_t j = 0;
     for (; j + kLanes <= len; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) lane[l] += f(p[j + l]);
-    for (int l = 0; j < len; ++j, ++l) lane[l] += f(p[j]);
+      for (int l = 0; l < kLanes; ++l) run[l] += f(p[j + l]);
+    for (int l = 0; j < len; ++j, ++l) run[l] += f(p[j]);
+    for (int l = 0; l < kLanes; ++l) lane[l] += double{run[l]};
   }
   // Adds f(p[j], q[j]) for j in [0, len).
   template <typename F>
-  void add2(const float* p, const float* q, int64_t len, F f) {
+  void add2(const float* __restrict p, const float* __restrict q, int64_t len, F f) {
+    float run[kLanes] = {};
     int64_t j = 0;
     for (; j + kLanes <= len; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) lane[l] += f(p[j + l], q[j + l]);
-    for (int l = 0; j < len; ++j, ++l) lane[l] += f(p[j], q[j]);
+      for (int l = 0; l < kLanes; ++l) run[l] += f(p[j + l], q[j + l]);
+    for (int l = 0; j < len; ++j, ++l) run[l] += f(p[j], q[j]);
+    for (int l = 0; l < kLanes; ++l) lane[l] += double{run[l]};
   }
   double total() const {
     double t = 0;
@@ -884,10 +953,11 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
     double mean_c, var_c;
     if (training) {
       LaneSum s, s2;
-      for (int64_t i = 0; i < n; ++i) s.add(x.data() + (i * c + ch) * hw, hw, [](float v) { return double{v}; });
+      for (int64_t i = 0; i < n; ++i) s.add(x.data() + (i * c + ch) * hw, hw, [](float v) { return v; });
       mean_c = s.total() / static_cast<double>(m);
+      const float mean_f = static_cast<float>(mean_c);
       for (int64_t i = 0; i < n; ++i)
-        s2.add(x.data() + (i * c + ch) * hw, hw, [mean_c](float v) { return (v - mean_c) * (v - mean_c); });
+        s2.add(x.data() + (i * c + ch) * hw, hw, [mean_f](float v) { return (v - mean_f) * (v - mean_f); });
       var_c = s2.total() / static_cast<double>(m);
       running_mean.data()[ch] = static_cast<float>((1 - momentum) * running_mean.data()[ch] + momentum * mean_c);
       running_var.data()[ch] =
@@ -924,8 +994,8 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
           for (int64_t i = 0; i < n; ++i) {
             const float* xi = x.data() + (i * c + ch) * hw;
             const float* dyi = dy.data() + (i * c + ch) * hw;
-            sum_dy.add(dyi, hw, [](float v) { return double{v}; });
-            sum_dy_xhat.add2(dyi, xi, hw, [m_c, s_c](float d, float v) { return double{d} * ((v - m_c) * s_c); });
+            sum_dy.add(dyi, hw, [](float v) { return v; });
+            sum_dy_xhat.add2(dyi, xi, hw, [m_c, s_c](float d, float v) { return d * ((v - m_c) * s_c); });
           }
           dgamma.data()[ch] = static_cast<float>(sum_dy_xhat.total());
           dbeta.data()[ch] = static_cast<float>(sum_dy.total());

@@ -144,14 +144,17 @@ namespace {
 // p, g, m, v are (n). One Adam update of one parameter; the scalars are precomputed by the caller:
 // l2 is Adam's weight decay (0 for AdamW), decay is AdamW's factor 1 - lr * weight_decay (1 for
 // Adam), step_size = lr / (1 - beta1^t), bias2_sqrt = sqrt(1 - beta2^t).
-void adam_update(float* p, const float* g, float* m, float* v, int64_t n, const Adam::Options& o, float l2,
-                 float decay, float step_size, float bias2_sqrt) {
+void adam_update(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v, int64_t n,
+                 const Adam::Options& o, float l2, float decay, float step_size, float bias2_sqrt) {
+  // Options copied into locals: through the reference, every store to p, m or v might change them,
+  // and the loop would neither keep them in registers nor vectorise (it was 11% of convbn's training).
+  const float beta1 = o.beta1, beta2 = o.beta2, eps = o.eps;
 #pragma omp parallel for if (n > (1 << 16))
   for (int64_t i = 0; i < n; ++i) {
     const float gi = g[i] + l2 * p[i];
-    m[i] = o.beta1 * m[i] + (1.f - o.beta1) * gi;
-    v[i] = o.beta2 * v[i] + (1.f - o.beta2) * gi * gi;
-    p[i] = p[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bias2_sqrt + o.eps);
+    m[i] = beta1 * m[i] + (1.f - beta1) * gi;
+    v[i] = beta2 * v[i] + (1.f - beta2) * gi * gi;
+    p[i] = p[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bias2_sqrt + eps);
   }
 }
 
