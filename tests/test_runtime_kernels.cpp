@@ -74,7 +74,10 @@ TEST_CASE("qgemm_s8 and qgemm_s4 are bit-exact with the reference on random shap
   // runs the AMX kernel, smaller N its VNNI fallback.
   const std::vector<GemmShape> shapes = {{1, 1, 1},       {7, 13, 5},    {33, 65, 17},  {6, 16, 16},   {5, 3, 40},
                                          {13, 100, 31},   {64, 784, 25}, {2, 9, 130},   {49, 150, 16}, {3, 0, 5},
-                                         {100, 257, 129}, {32, 64, 32},  {67, 300, 97}, {40, 0, 7}};
+                                         {100, 257, 129}, {32, 64, 32},  {67, 300, 97}, {40, 0, 7},
+                                         // AMX: K in several chunks of 1024 k (3136, 2100), whole 32 × 32 blocks
+                                         // stored straight into y next to partial ones, tasks of 8 panel pairs.
+                                         {96, 3136, 48},  {70, 2100, 290}, {64, 1024, 64}};
   lowbit::Rng rng(42);
   for (const GemmShape& s : shapes) {
     for (const int32_t z : {-128, -1, 0, 37, 127, random_in(rng, -128, 127)}) {

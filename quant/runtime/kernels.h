@@ -5,6 +5,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <span>
 #include <vector>
 
@@ -42,6 +43,18 @@ void qgemm_s4(std::span<const int8_t> x, int32_t x_zero_point, std::span<const i
 // True if the AVX2 kernels can run on this CPU (and OS).
 bool cpu_has_avx2();
 
+// Memory aligned to 64 bytes, a cache line: an AMX tile row (64 bytes) read from it never straddles two lines.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t count) { return static_cast<T*>(::operator new(count * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
+  friend bool operator==(const CacheLineAllocator&, const CacheLineAllocator&) { return true; }
+};
+
 // Weights re-laid-out once for one fast path's GEMM, in panels of kPanelChannels output channels.
 // Each int32 "unit" holds the codes of one channel for a few consecutive k:
 //   Avx2, 8 bits: 2 codes as int16 (low half = even k) — the operand of vpmaddwd;
@@ -57,7 +70,7 @@ struct PackedWeights {
   int64_t codes_per_unit = 2;     // 2 (Avx2, 8 bits) or 4
   int64_t k_units = 0;            // IN / codes_per_unit rounded up (to even for Avx2 4 bits, to 16 for Amx)
   int64_t panels = 0;             // OUT / 16 rounded up (to even for Amx: its C tiles come in pairs)
-  std::vector<int32_t> units;     // (PANELS, K_UNITS, 16)
+  std::vector<int32_t, CacheLineAllocator<int32_t>> units;  // (PANELS, K_UNITS, 16), 64-byte aligned (AMX B tiles)
   std::vector<int32_t> row_sums;  // (PANELS · 16): Σ_k w[o][k], folds the zero point out of the inner loop
 };
 

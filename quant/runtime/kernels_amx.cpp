@@ -19,8 +19,8 @@ namespace lowbit::quant::runtime::detail {
 //
 // The kernel holds a 32 × 32 block of C in tmm0-3 (2 row tiles × 2 panels), loads two A tiles (tmm4-5) and
 // two B tiles (tmm6-7) per 64 k, and runs four tdpbusd on them. pack_weights pads Amx weights to whole
-// B tiles (16 units) and an even number of panels, pack_x_u8 pads x to whole pairs of A tiles (32 rows),
-// with zeros, so every block is full; the epilogue stores only the rows and channels of y.
+// B tiles (16 units) and an even number of panels, pack_x_tiles pads x to whole pairs of A tiles (32 rows),
+// with zeros, so every block is full; only the rows and channels of y are stored.
 // Then y = C + (b − (z_in + 128)·Σ_k w), as in the VNNI kernels.
 
 // AVX-512 for the epilogue; AMX for the tiles. Attributes, not file-wide flags (see kernels_avx512.cpp).
@@ -31,7 +31,6 @@ namespace {
 constexpr int64_t kPanel = PackedWeights::kPanelChannels;  // 16 channels = one C tile's columns
 constexpr int64_t kBlock = 32;                             // a C block: 32 rows × 32 channels
 constexpr int64_t kUnitsPerTile = 16;                      // 64 k per tdpbusd
-constexpr int64_t kPairsPerTask = 8;                       // a task: 32 rows × 256 channels (A stays in L1)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -94,42 +93,6 @@ LOWBIT_AMX void tiles_2x2(int64_t steps, int64_t a_stride, Step step, int32_t* c
   _tile_stored(2, c + 16 * kBlock, 4 * kBlock);
   _tile_stored(3, c + 16 * kBlock + 16, 4 * kBlock);
   compiler_barrier();
-}
-
-// c (32, 32) int32 = Σ over K_UNITS units of x·w for rows [0, 32) of xp (rows K_UNITS units apart) and the two
-// panels w0, w1 ((K_UNITS, 16) units each). K_UNITS is a multiple of 16.
-LOWBIT_AMX void block_kernel(const int32_t* xp, int64_t k_units, const int32_t* w0, const int32_t* w1, int32_t* c) {
-  tiles_2x2(
-      k_units / kUnitsPerTile, 4 * k_units,
-      [&](int64_t s) {
-        const int64_t ku = s * kUnitsPerTile;
-        return TileStep{xp + ku, w0 + ku * kPanel, w1 + ku * kPanel};
-      },
-      c);
-}
-
-// Rows [r0, r0 + 32) ∩ [0, N) × panel pairs [q0, q1) of y.
-LOWBIT_AMX void amx_task(const int32_t* xp, const PackedWeights& w, const int32_t* b, int32_t z_eff, int32_t* y,
-                         int64_t n, int64_t r0, int64_t q0, int64_t q1) {
-  alignas(64) int32_t c[kBlock * kBlock];
-  const int64_t k_units = w.k_units, rows = min_i64(kBlock, n - r0);
-  const int32_t* units = w.units.data();
-  for (int64_t q = q0; q < q1; ++q) {
-    const int64_t p = 2 * q;
-    block_kernel(xp + r0 * k_units, k_units, units + p * k_units * kPanel, units + (p + 1) * k_units * kPanel, c);
-    for (int64_t half = 0; half < 2; ++half) {
-      const int64_t o0 = (p + half) * kPanel, channels = min_i64(kPanel, w.out - o0);
-      if (channels <= 0) break;
-      const auto mask = static_cast<__mmask16>(channels >= 16 ? 0xFFFF : (1u << channels) - 1);
-      const __m512i offset = _mm512_sub_epi32(  // b − z_eff·Σw, wrapping
-          _mm512_maskz_loadu_epi32(mask, b + o0),
-          _mm512_mullo_epi32(_mm512_set1_epi32(z_eff), _mm512_maskz_loadu_epi32(mask, w.row_sums.data() + o0)));
-      for (int64_t r = 0; r < rows; ++r) {
-        const __m512i sums = _mm512_load_si512(c + r * kBlock + half * kPanel);
-        _mm512_mask_storeu_epi32(y + (r0 + r) * w.out + o0, mask, _mm512_add_epi32(sums, offset));
-      }
-    }
-  }
 }
 
 // ---- Convolutions ----
@@ -268,11 +231,148 @@ void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, c
   release_tiles();
 }
 
-void qgemm_amx(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
-               int threads) {
+// ---- The GEMM ----
+//
+// x is packed per call into A tiles (pack_x_tiles): row tile t (rows 16t … 16t + 15) and step s (units 16s …
+// 16s + 15, 64 k) are one tile, 16 rows of 64 bytes, at xt + (t·STEPS + s)·256 int32. Every tileloadd of A,
+// like those of B (a panel's steps are consecutive tiles), then reads 1 KB of consecutive memory. (Rows of x
+// K_UNITS units apart put the 32 rows of a block in few L1 sets when IN is a multiple of 1024: 4 KB apart, all
+// in one set, they evicted each other on every reuse.)
+//
+// A task is 32 rows (two row tiles) × up to kPairsPerTask panel pairs. It walks K in chunks of at most
+// kChunkSteps steps: the chunk of A (32 KB at most) stays in L1 while the B tiles of the task's pairs stream
+// from L2. The C tiles start as b − z_eff·Σw (the offset of their channel in every row: a tileloadd with
+// stride 0), take the chunks' steps, and are stored straight into y when the block is whole (32 rows, 32
+// channels); between chunks, and for the last rows and channels, they go through the task's buffer. The
+// int32 sums wrap, so starting from the offset, or cutting K into chunks, gives the same bits.
+
+namespace {
+
+constexpr int64_t kTileInts = 256;  // one tile: 16 rows × 64 bytes
+constexpr int64_t kChunkSteps = 16;   // a chunk of A: 32 rows × 1024 k = 32 KB
+constexpr int64_t kPairsPerTask = 8;  // a task: 32 rows × 256 channels
+
+inline __mmask64 low_bytes(int64_t count) {
+  return count >= 64 ? ~__mmask64{0} : count <= 0 ? 0 : (__mmask64{1} << count) - 1;
+}
+
+// x (N, IN) codes → xt, ROWS (a multiple of 32) rows of STEPS A tiles; codes past IN and rows past N are 0.
+LOWBIT_AMX void pack_x_tiles(const int8_t* x, int64_t n, int64_t rows, int64_t in, int64_t steps, int32_t* xt,
+                             int threads) {
+  parallel_for(rows, threads, [&](int64_t r) LOWBIT_AMX {
+    const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
+    int32_t* row = xt + r / 16 * steps * kTileInts + r % 16 * 16;
+    for (int64_t s = 0; s < steps; ++s) {
+      const __mmask64 valid = r < n ? low_bytes(in - 64 * s) : 0;
+      const __m512i codes = _mm512_maskz_loadu_epi8(valid, x + r * in + 64 * s);
+      _mm512_store_si512(row + s * kTileInts, _mm512_maskz_mov_epi8(valid, _mm512_xor_si512(codes, bias)));
+    }
+  });
+}
+
+// Where a 32 × 32 block of C starts and ends: its four C tiles are (rows 0-15, 16-31) × (panel 0, 1), tile
+// 2·i + j at c + (2·i + j)·256 of the task's buffer, or at y + 16·i·OUT + 16·j, rows OUT apart.
+struct BlockEnds {
+  const int32_t* offset;  // first chunk: the C tiles start as offset[0 … 31] in every row; else from c
+  int32_t* y;             // last chunk: stored into y (rows y_stride int32 apart); else into c
+  int64_t y_stride;
+};
+
+// A 32 × 32 block of C over COUNT steps: A tiles a0 (rows 0-15) and a1 (rows 16-31), B tiles b0 and b1 (panels
+// 0 and 1), each COUNT consecutive tiles.
+LOWBIT_AMX void gemm_block(const int32_t* a0, const int32_t* a1, const int32_t* b0, const int32_t* b1, int64_t count,
+                           const BlockEnds& ends, int32_t* c) {
+  compiler_barrier();
+  if (ends.offset) {
+    _tile_loadd(0, ends.offset, 0);
+    _tile_loadd(1, ends.offset + 16, 0);
+    _tile_loadd(2, ends.offset, 0);
+    _tile_loadd(3, ends.offset + 16, 0);
+  } else {
+    _tile_loadd(0, c, 64);
+    _tile_loadd(1, c + kTileInts, 64);
+    _tile_loadd(2, c + 2 * kTileInts, 64);
+    _tile_loadd(3, c + 3 * kTileInts, 64);
+  }
+  for (int64_t s = 0; s < count; ++s) {
+    const int64_t at = s * kTileInts;
+    _tile_loadd(4, a0 + at, 64);
+    _tile_loadd(6, b0 + at, 64);
+    _tile_loadd(7, b1 + at, 64);
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_loadd(5, a1 + at, 64);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  if (ends.y) {
+    const int64_t stride = 4 * ends.y_stride;
+    _tile_stored(0, ends.y, stride);
+    _tile_stored(1, ends.y + 16, stride);
+    _tile_stored(2, ends.y + 16 * ends.y_stride, stride);
+    _tile_stored(3, ends.y + 16 * ends.y_stride + 16, stride);
+  } else {
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + kTileInts, 64);
+    _tile_stored(2, c + 2 * kTileInts, 64);
+    _tile_stored(3, c + 3 * kTileInts, 64);
+  }
+  compiler_barrier();
+}
+
+// The rows [r0, N) and channels [o0, OUT) of a block that its four C tiles in c hold, into y.
+LOWBIT_AMX void store_partial_block(const int32_t* c, int32_t* y, int64_t n, int64_t out, int64_t r0, int64_t o0) {
+  const int64_t rows = min_i64(32, n - r0);
+  for (int64_t j = 0; j < 2; ++j) {
+    const int64_t channels = min_i64(kPanel, out - o0 - j * kPanel);
+    if (channels <= 0) break;
+    const auto mask = static_cast<__mmask16>(channels >= 16 ? 0xFFFF : (1u << channels) - 1);
+    for (int64_t r = 0; r < rows; ++r)
+      _mm512_mask_storeu_epi32(y + (r0 + r) * out + o0 + j * kPanel, mask,
+                               _mm512_load_si512(c + (r / 16 * 2 + j) * kTileInts + r % 16 * 16));
+  }
+}
+
+// Rows [r0, r0 + 32) ∩ [0, N) × panel pairs [q0, q1) of y; offset is (PANELS · 16) b − z_eff·Σw.
+LOWBIT_AMX void gemm_task(const int32_t* xt, const PackedWeights& w, const int32_t* offset, int32_t* y, int64_t n,
+                          int64_t r0, int64_t q0, int64_t q1) {
+  alignas(64) int32_t c[kPairsPerTask * 4 * kTileInts];
+  const int64_t steps = w.k_units / kUnitsPerTile, chunks = ceil_div(steps, kChunkSteps), out = w.out;
+  const int32_t* a0 = xt + r0 / 16 * steps * kTileInts;
+  const int32_t* a1 = a0 + steps * kTileInts;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t s0 = steps * chunk / chunks, s1 = steps * (chunk + 1) / chunks;
+    for (int64_t q = q0; q < q1; ++q) {
+      const int32_t* b0 = w.units.data() + (2 * q * w.k_units * kPanel) + s0 * kTileInts;
+      int32_t* cq = c + (q - q0) * 4 * kTileInts;
+      const bool last = chunk == chunks - 1, whole = r0 + 32 <= n && 32 * (q + 1) <= out;
+      const BlockEnds ends{chunk == 0 ? offset + 32 * q : nullptr, last && whole ? y + r0 * out + 32 * q : nullptr,
+                           out};
+      gemm_block(a0 + s0 * kTileInts, a1 + s0 * kTileInts, b0, b0 + w.k_units * kPanel, s1 - s0, ends, cq);
+      if (last && !whole) store_partial_block(cq, y, n, out, r0, 32 * q);
+    }
+  }
+}
+
+}  // namespace
+
+size_t qgemm_amx_workspace_size(int64_t n, const PackedWeights& w) {
+  // A tiles, the offsets, and room to align them to 64 bytes.
+  return static_cast<size_t>(ceil_div(n, kBlock) * kBlock * w.k_units + w.panels * kPanel + 16);
+}
+
+void qgemm_amx(const int8_t* x, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
+               int32_t* workspace, int threads) {
   const int32_t z_eff = x_zero_point + 128;
   const int64_t row_blocks = ceil_div(n, kBlock), pairs = w.panels / 2;
   const int64_t pair_tasks = ceil_div(pairs, kPairsPerTask);
+  int32_t* xt = workspace + (-reinterpret_cast<uintptr_t>(workspace) / 4 % 16);  // 64-byte aligned
+  int32_t* offset = xt + row_blocks * kBlock * w.k_units;
+  for (int64_t o = 0; o < w.panels * kPanel; ++o)  // b − z_eff·Σw, wrapping; 0 past OUT
+    offset[o] = o < w.out ? static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
+                                                 static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]))
+                          : 0;
+  pack_x_tiles(x, n, row_blocks * kBlock, w.in, w.k_units / kUnitsPerTile, xt, threads);
   // Every y element is computed by one task, in a fixed order: the result does not depend on the threads.
   // Each thread configures its tiles before its first task and releases them after its last.
   const int64_t tasks = row_blocks * pair_tasks;
@@ -281,7 +381,7 @@ void qgemm_amx(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, 
     configure_tiles();
     for (int64_t t = tasks * worker / workers; t < tasks * (worker + 1) / workers; ++t) {
       const int64_t rb = t / pair_tasks, q0 = t % pair_tasks * kPairsPerTask;
-      amx_task(xp, w, b, z_eff, y, n, rb * kBlock, q0, min_i64(pairs, q0 + kPairsPerTask));
+      gemm_task(xt, w, offset, y, n, rb * kBlock, q0, min_i64(pairs, q0 + kPairsPerTask));
     }
     release_tiles();
   });

@@ -558,6 +558,7 @@ PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int6
 }
 
 size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
+  if (w.path == KernelPath::Amx) return detail::qgemm_amx_workspace_size(n, w);  // also holds the VNNI rows (N < 32)
   const int64_t mr = detail::uses_avx512(w.path) ? detail::kPackedRowGroup : rows_per_block(ymm_multiply(w));
   return static_cast<size_t>(ceil_div(n, mr) * mr * w.k_units);
 }
@@ -565,12 +566,10 @@ size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads) {
   if (detail::uses_avx512(w.path)) {  // u8 × s8 units of 4 codes for either weight width
-    const bool tiles = w.path == KernelPath::Amx && n >= detail::kAmxMinRows;
-    const int64_t rows = tiles ? ceil_div(n, detail::kPackedRowGroup) * detail::kPackedRowGroup : n;
-    detail::pack_x_u8(x.data(), n, rows, w.in, w.k_units, workspace.data(), threads);
-    if (tiles) {
-      return detail::qgemm_amx(workspace.data(), x_zero_point, w, b.data(), y.data(), n, threads);
+    if (w.path == KernelPath::Amx && n >= detail::kAmxMinRows) {  // packs x into A tiles itself
+      return detail::qgemm_amx(x.data(), x_zero_point, w, b.data(), y.data(), n, workspace.data(), threads);
     }
+    detail::pack_x_u8(x.data(), n, n, w.in, w.k_units, workspace.data(), threads);
     return detail::qgemm_vnni512(workspace.data(), x_zero_point, w, b.data(), y.data(), n, threads);
   }
   const YmmMultiply m = ymm_multiply(w);  // the Avx2 and AvxVnni paths
@@ -975,7 +974,7 @@ PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int
   }
   if (out <= 8) {  // one 8-channel panel: keep the first 8 lanes of each unit row of the 16-channel panel
     pc.panel_channels = 8;
-    std::vector<int32_t>& units = pc.weights.units;
+    auto& units = pc.weights.units;
     for (int64_t ku = 0; ku < pc.weights.k_units; ++ku)
       for (int64_t j = 0; j < 8; ++j)
         units[static_cast<size_t>(ku * 8 + j)] = units[static_cast<size_t>(ku * kPanel + j)];

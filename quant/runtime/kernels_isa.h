@@ -13,7 +13,7 @@ namespace lowbit::quant::runtime::detail {
 // AvxVnni included, must never reach a function of kernels_avx512.cpp: their CPUs may lack AVX-512.
 constexpr bool uses_avx512(KernelPath path) { return path == KernelPath::Vnni512 || path == KernelPath::Amx; }
 
-// Rows of x are packed for the Vnni512 and Amx GEMMs in groups of this many (two AMX A tiles of 16 rows).
+// Rows of x are packed for the Vnni512 GEMM in groups of this many.
 constexpr int64_t kPackedRowGroup = 32;
 // The Amx path runs a GEMM on tiles from this many rows on; fewer rows would leave most of an A tile empty,
 // and go to the Vnni512 kernels.
@@ -123,8 +123,10 @@ int64_t amx_conv_overrun_bytes(const PackedConv& pc);
 void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant* rq,
                    int32_t* acc, int8_t* y, int64_t first, int64_t rows);
 
-// As qgemm_vnni512, with w packed for Amx and N >= kAmxMinRows.
-void qgemm_amx(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
-               int threads);
+// As qgemm_vnni512, with w packed for Amx and N >= kAmxMinRows, but from x (N, IN) codes: it packs x itself, into
+// AMX A tiles in workspace, which holds qgemm_amx_workspace_size(n, w) int32.
+size_t qgemm_amx_workspace_size(int64_t n, const PackedWeights& w);
+void qgemm_amx(const int8_t* x, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
+               int32_t* workspace, int threads);
 
 }  // namespace lowbit::quant::runtime::detail
