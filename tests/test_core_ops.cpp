@@ -478,6 +478,37 @@ TEST_CASE("forward: depthwise conv2d matches a direct loop") {
   CHECK_THROWS_AS(ops::conv2d(randn({1, 4, 3, 3}, 1), randn({4, 1, 1, 1}, 2), Tensor(), 1, 0, 2), lowbit::Error);
 }
 
+TEST_CASE("max_pool2d 2x2: ties and odd sizes, forward and gradient against a loop written here") {
+  // Values in {0, 1, 2} make ties in most windows: the first maximum in row-major order must win, in
+  // the forward's argmax and so in the gradient (the 2 x 2 case has its own branch-free loops).
+  Rng rng(7);
+  for (const auto& [h, w] : {std::pair<int64_t, int64_t>{4, 6}, {5, 7}, {2, 2}, {6, 3}}) {
+    Tensor x = Tensor::empty({2, 3, h, w});
+    for (int64_t i = 0; i < x.numel(); ++i) x.data()[i] = static_cast<float>(static_cast<int>(rng.uniform() * 3.f));
+    Tensor dy = Tensor::empty({2, 3, h / 2, w / 2});
+    for (int64_t i = 0; i < dy.numel(); ++i) dy.data()[i] = static_cast<float>(i + 1);
+    Tensor want_y = Tensor::empty(dy.shape()), want_dx = Tensor::zeros(x.shape());
+    for (int64_t plane = 0; plane < 6; ++plane)
+      for (int64_t oy = 0; oy < h / 2; ++oy)
+        for (int64_t ox = 0; ox < w / 2; ++ox) {
+          int64_t best = plane * h * w + 2 * oy * w + 2 * ox;
+          for (int64_t ki = 0; ki < 2; ++ki)
+            for (int64_t kj = 0; kj < 2; ++kj) {
+              const int64_t i = plane * h * w + (2 * oy + ki) * w + 2 * ox + kj;
+              if (x.data()[i] > x.data()[best]) best = i;
+            }
+          const int64_t o = (plane * (h / 2) + oy) * (w / 2) + ox;
+          want_y.data()[o] = x.data()[best];
+          want_dx.data()[best] += dy.data()[o];
+        }
+    Tensor leaf = x.clone().set_requires_grad(true);
+    const Tensor y = ops::max_pool2d(leaf, 2, 2);
+    check_all_close(y, want_y, 0, 0, "2x2 max with ties");
+    ops::sum(ops::mul(y, dy)).backward();
+    check_all_close(leaf.grad(), want_dx, 0, 0, "2x2 max gradient with ties");
+  }
+}
+
 TEST_CASE("forward: clamp, concat and global_avg_pool2d by hand") {
   const Tensor x = Tensor::from({1, 6}, {-1, 0, 3, 6, 7, 5.5f});
   check_all_close(ops::clamp(x, 0, 6), Tensor::from({1, 6}, {0, 0, 3, 6, 6, 5.5f}), kExactAtol, kExactRtol, "relu6");
