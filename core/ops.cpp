@@ -815,26 +815,20 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
     const int64_t per_plane = g.oh * g.ow;
     const float* pdy = dy.data();
     const int32_t* parg = argmax->data();
-    if (g.k == 2 && g.stride == 2 && g.padding == 0 && g.h % 2 == 0 && g.w % 2 == 0) {
-      // The windows tile the plane: each pixel is written once, dy at its window's maximum, else 0
-      // (no zero fill first, no scattered additions).
+    if (g.k == 2 && g.stride == 2 && g.padding == 0) {
+      // The windows do not overlap: each gets its two rows zeroed while they are in the cache, then dy
+      // stored at its maximum (no zero fill of the whole dx first, no additions).
       Tensor dx = Tensor::empty({g.n, g.c, g.h, g.w});
       float* pdx = dx.data();
 #pragma omp parallel for
-      for (int64_t plane = 0; plane < g.n * g.c; ++plane)
+      for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
+        float* dp = pdx + plane * g.h * g.w;
+        std::fill(dp + 2 * g.oh * g.w, dp + g.h * g.w, 0.f);  // an odd last row
         for (int64_t oy = 0; oy < g.oh; ++oy) {
-          const int64_t top = 2 * oy * g.w, o = (plane * g.oh + oy) * g.ow;
-          float* __restrict r0 = pdx + plane * g.h * g.w + top;
-          float* __restrict r1 = r0 + g.w;
-          for (int64_t ox = 0; ox < g.ow; ++ox) {
-            const int32_t arg = parg[o + ox] - static_cast<int32_t>(top + 2 * ox);  // 0, 1, w or w + 1
-            const float d = pdy[o + ox];
-            r0[2 * ox] = arg == 0 ? d : 0.f;
-            r0[2 * ox + 1] = arg == 1 ? d : 0.f;
-            r1[2 * ox] = arg == g.w ? d : 0.f;
-            r1[2 * ox + 1] = arg == g.w + 1 ? d : 0.f;
-          }
+          std::fill_n(dp + 2 * oy * g.w, 2 * g.w, 0.f);
+          for (int64_t ox = 0; ox < g.ow; ++ox) dp[parg[plane * per_plane + oy * g.ow + ox]] = pdy[plane * per_plane + oy * g.ow + ox];
         }
+      }
       return std::vector<Tensor>{dx};
     }
     Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
