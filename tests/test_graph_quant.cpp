@@ -163,12 +163,15 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
                                    {1, 1, 1, 3, 1, 1},    {16, 16, 16, 3, 1, 1}, {32, 32, 32, 3, 2, 1},
                                    {64, 64, 64, 3, 1, 0}, {20, 20, 20, 7, 1, 3}, {6, 6, 6, 2, 2, 0},
                                    {18, 18, 18, 1, 1, 0}, {3, 3, 3, 9, 1, 4}};
+  // 13 columns: at stride 1 and 2 the one-pass kernel's 4-window groups run (5 or more columns whose
+  // windows read no padding), as do the single windows at the edges.
+  constexpr int64_t kH = 7, kW = 13;
   for (const Case& c : cases) {
     for (const int bits : {8, 4}) {
       CAPTURE(c.channels);
       CAPTURE(c.groups);
       CAPTURE(bits);
-      const rt::ConvShape s{3, c.channels, 7, 6, c.out, c.kernel, c.stride, c.padding, c.groups};
+      const rt::ConvShape s{3, c.channels, kH, kW, c.out, c.kernel, c.stride, c.padding, c.groups};
       const int64_t row = c.channels / c.groups * c.kernel * c.kernel;
       std::vector<int8_t> codes = random_codes(rng, static_cast<size_t>(c.out * row), bits == 8 ? -127 : -8,
                                                bits == 8 ? 127 : 7);
@@ -183,9 +186,9 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
       std::vector<int32_t> bias(static_cast<size_t>(c.out));
       for (int32_t& b : bias) b = random_in(rng, -5000, 5000);
       const int32_t z = random_in(rng, -128, 127);
-      const auto x = random_codes(rng, static_cast<size_t>(s.n * c.channels * 7 * 6));
-      const int64_t ho = rt::pooled_size(7, c.kernel, c.stride, c.padding);
-      const int64_t wo = rt::pooled_size(6, c.kernel, c.stride, c.padding);
+      const auto x = random_codes(rng, static_cast<size_t>(s.n * c.channels * kH * kW));
+      const int64_t ho = rt::pooled_size(kH, c.kernel, c.stride, c.padding);
+      const int64_t wo = rt::pooled_size(kW, c.kernel, c.stride, c.padding);
       std::vector<int32_t> want(static_cast<size_t>(s.n * ho * wo * c.out));
       rt::qconv2d_grouped_ref(x, z, w, bits, bias, want, s);
       // The direct definition, here once more in the plainest form (NCHW, no groups formula shared).
@@ -198,10 +201,10 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
               for (int64_t kh = 0; kh < c.kernel; ++kh)
                 for (int64_t kw = 0; kw < c.kernel; ++kw) {
                   const int64_t ih = p / wo * c.stride - c.padding + kh, iw = p % wo * c.stride - c.padding + kw;
-                  if (ih < 0 || ih >= 7 || iw < 0 || iw >= 6) continue;
+                  if (ih < 0 || ih >= kH || iw < 0 || iw >= kW) continue;
                   const int64_t channel = o / go * gi + ci;
                   sum += int64_t{codes[static_cast<size_t>(o * row + (ci * c.kernel + kh) * c.kernel + kw)]} *
-                         (x[static_cast<size_t>(((i * c.channels + channel) * 7 + ih) * 6 + iw)] - z);
+                         (x[static_cast<size_t>(((i * c.channels + channel) * kH + ih) * kW + iw)] - z);
                 }
             REQUIRE(want[static_cast<size_t>((i * ho * wo + p) * c.out + o)] == sum);
           }
@@ -209,8 +212,9 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
       std::vector<int8_t> nhwc(x.size());
       for (int64_t i = 0; i < s.n; ++i)
         for (int64_t ch = 0; ch < c.channels; ++ch)
-          for (int64_t q = 0; q < 42; ++q)
-            nhwc[static_cast<size_t>((i * 42 + q) * c.channels + ch)] = x[static_cast<size_t>((i * c.channels + ch) * 42 + q)];
+          for (int64_t q = 0; q < kH * kW; ++q)
+            nhwc[static_cast<size_t>((i * kH * kW + q) * c.channels + ch)] =
+                x[static_cast<size_t>((i * c.channels + ch) * kH * kW + q)];
       const rt::GroupedConvWeights packed = rt::pack_grouped_conv(w, bits, s);
       std::vector<rt::KernelPath> all = paths;
       all.push_back(rt::KernelPath::Ref);

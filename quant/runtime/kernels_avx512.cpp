@@ -336,11 +336,10 @@ LOWBIT_AVX512_VNNI void add_requantize_range(const int8_t* a, const int8_t* b, i
 // zeros). Taps over the padding read z_in + 128, so every window has all K² terms and
 //   Σ_t w_t·(x_t − z_in) = Σ_t w_t·(x_t + 128) − (z_in + 128)·Σ_t w_t,
 // the second term folded into the bias once per channel block (wrapping, like the sums: point 3 above).
-// Pixels whose window lies inside the image columns go 4 at a time: 4 independent sums hide vpdpbusd's latency.
 LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t* w, const int32_t* b,
                                         const Requant& rq, int8_t* y, const ConvShape& s, int64_t c0, int64_t row0,
                                         int64_t row1) {
-  constexpr int64_t kPixels = 4;
+  constexpr int64_t kPixels = 4, kMaxKernel = 7;  // K² <= kMaxDepthwiseTaps
   const int64_t k = s.kernel, c = s.channels, taps = k * k, stride = s.stride, padding = s.padding;
   const int64_t ho = pooled_size(s.height, k, stride, padding), wo = pooled_size(s.width, k, stride, padding);
   const __mmask16 mask = low_lanes(c - c0);
@@ -362,9 +361,6 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
         full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(pixel)) : _mm_maskz_loadu_epi8(mask, pixel);
     return _mm512_cvtepu8_epi32(_mm_xor_si128(codes, flip));
   };
-  // Columns ow in [inside_begin, inside_end) read no padding column.
-  const int64_t inside_begin = std::min(wo, ceil_div(padding, stride));
-  const int64_t inside_end = std::max(inside_begin, std::min(wo, (s.width - k + padding) / stride + 1));
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t i = row / ho, oh = row % ho;
     const int8_t* image = x + i * s.height * s.width * c + c0;
@@ -372,38 +368,40 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
     const auto store = [&](int64_t ow, __m512i acc) LOWBIT_AVX512_VNNI {
       _mm512_mask_cvtepi32_storeu_epi8(yr + ow * c, mask, requant16(acc, rc, z_out, lo, hi));
     };
-    const auto one_pixel = [&](int64_t ow) LOWBIT_AVX512_VNNI {  // any column, padding checked per tap
-      __m512i acc = offset;
-      for (int64_t kh = 0; kh < k; ++kh) {
-        const int64_t ih = oh * stride - padding + kh;
-        for (int64_t kw = 0; kw < k; ++kw) {
-          const int64_t iw = ow * stride - padding + kw;
-          const bool inside = ih >= 0 && ih < s.height && iw >= 0 && iw < s.width;
-          acc = _mm512_dpbusd_epi32(acc, inside ? operand(image + (ih * s.width + iw) * c) : pad, wt[kh * k + kw]);
-        }
-      }
-      store(ow, acc);
+    // The taps of input row ih at input column iw: x + 128, or z + 128 in the padding.
+    const auto tap = [&](int64_t ih, int64_t iw) LOWBIT_AVX512_VNNI {
+      return ih >= 0 && ih < s.height && iw >= 0 && iw < s.width ? operand(image + (ih * s.width + iw) * c) : pad;
     };
-    int64_t ow = 0;
-    for (; ow < inside_begin; ++ow) one_pixel(ow);
-    for (; ow + kPixels <= inside_end; ow += kPixels) {
+    if (stride > 2 || wo < kPixels) {  // window by window
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        __m512i acc = offset;
+        for (int64_t kh = 0; kh < k; ++kh)
+          for (int64_t kw = 0; kw < k; ++kw)
+            acc = _mm512_dpbusd_epi32(acc, tap(oh * stride - padding + kh, ow * stride - padding + kw), wt[kh * k + kw]);
+        store(ow, acc);
+      }
+      continue;
+    }
+    // 4 windows at a time (4 independent sums hide vpdpbusd's latency). Along a kernel row they read
+    // (4 − 1)·stride + K input columns, overlapping: each is loaded and widened once (6 for K = 3, stride 1,
+    // not 12). The last group ends at the last column and may compute a few windows again.
+    for (int64_t group = 0; group < wo; group += kPixels) {
+      const int64_t ow = std::min(group, wo - kPixels), columns = (kPixels - 1) * stride + k;
       __m512i acc[kPixels];
       for (auto& a : acc) a = offset;
       for (int64_t kh = 0; kh < k; ++kh) {
         const int64_t ih = oh * stride - padding + kh;
-        const bool row_inside = ih >= 0 && ih < s.height;
-        const int8_t* first = image + (ih * s.width + ow * stride - padding) * c;  // pixel 0's tap kw = 0
+        __m512i column[(kPixels - 1) * 2 + kMaxKernel];
+        for (int64_t j = 0; j < columns; ++j) column[j] = tap(ih, ow * stride - padding + j);
         for (int64_t kw = 0; kw < k; ++kw) {
           const __m512i wv = wt[kh * k + kw];
 #pragma GCC unroll 4
-          for (int64_t p = 0; p < kPixels; ++p)
-            acc[p] = _mm512_dpbusd_epi32(acc[p], row_inside ? operand(first + (p * stride + kw) * c) : pad, wv);
+          for (int64_t p = 0; p < kPixels; ++p) acc[p] = _mm512_dpbusd_epi32(acc[p], column[p * stride + kw], wv);
         }
       }
 #pragma GCC unroll 4
       for (int64_t p = 0; p < kPixels; ++p) store(ow + p, acc[p]);
     }
-    for (; ow < wo; ++ow) one_pixel(ow);
   }
 }
 
