@@ -569,7 +569,6 @@ void col2im(const ConvGeometry& g, const float* cols, float* dx) {
   }
 }
 
-
 // xp is one padded plane, w is (K, K); y (OH, OW) += the convolution.
 void depthwise_forward(const ConvGeometry& g, const float* xp, const float* w, float* __restrict y) {
   const int64_t wp = g.w + 2 * g.padding;
@@ -753,8 +752,9 @@ std::pair<int64_t, int64_t> inside_taps(const PoolGeometry& g, int64_t o, int64_
   return {std::max<int64_t>(0, -start), std::min(g.k, size - start)};
 }
 
+bool is_2x2(const PoolGeometry& g) { return g.k == 2 && g.stride == 2 && g.padding == 0; }
 
-// Window 2 x 2, stride 2, no padding: the common case, the same results as max_pool_windows
+// Window 2 x 2, stride 2, no padding (is_2x2): the common case, the same results as max_pool_windows
 // (the taps in the same order, the first maximum wins) without branches.
 void max_pool_2x2(const PoolGeometry& g, const float* px, float* py, int32_t* parg) {
 #pragma omp parallel for
@@ -807,7 +807,7 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
   const PoolGeometry g = pool_geometry(x, kernel, stride, padding, "max_pool2d");
   Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
   auto argmax = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(y.numel()));  // index within the plane
-  if (g.k == 2 && g.stride == 2 && g.padding == 0)
+  if (is_2x2(g))
     max_pool_2x2(g, x.data(), y.data(), argmax->data());
   else
     max_pool_windows(g, x.data(), y.data(), argmax->data());
@@ -815,7 +815,7 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
     const int64_t per_plane = g.oh * g.ow;
     const float* pdy = dy.data();
     const int32_t* parg = argmax->data();
-    if (g.k == 2 && g.stride == 2 && g.padding == 0) {
+    if (is_2x2(g)) {
       // The windows do not overlap: each gets its two rows zeroed while they are in the cache, then dy
       // stored at its maximum (no zero fill of the whole dx first, no additions).
       Tensor dx = Tensor::empty({g.n, g.c, g.h, g.w});
@@ -826,7 +826,8 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
         std::fill(dp + 2 * g.oh * g.w, dp + g.h * g.w, 0.f);  // an odd last row
         for (int64_t oy = 0; oy < g.oh; ++oy) {
           std::fill_n(dp + 2 * oy * g.w, 2 * g.w, 0.f);
-          for (int64_t ox = 0; ox < g.ow; ++ox) dp[parg[plane * per_plane + oy * g.ow + ox]] = pdy[plane * per_plane + oy * g.ow + ox];
+          for (int64_t ox = 0; ox < g.ow; ++ox)
+            dp[parg[plane * per_plane + oy * g.ow + ox]] = pdy[plane * per_plane + oy * g.ow + ox];
         }
       }
       return std::vector<Tensor>{dx};
@@ -917,8 +918,10 @@ namespace {
 // goes to float lane j % kLanes, so that the loop vectorises in single precision; at the end of the
 // run each lane is added to a double lane, and the double lanes are added in order at the end. A
 // fixed order: the same bits for any thread count. Float partial sums over one plane (a lane holds
-// H*W / kLanes values) lose little; the double lanes keep the sum over the batch accurate.
-// (Double lanes throughout were twice as slow: batch norm was 20% of convbn's training.)
+// H*W / kLanes values) lose little; the double lanes keep the sum over the batch accurate. The terms
+// are computed in float too (batch_norm's (x − mu)² and dy · xhat). Until session 8 the terms and the
+// lanes were double throughout: twice as slow (batch norm was 20% of convbn's training), and the
+// batch statistics differ from those in their last bits.
 constexpr int kLanes = 16;
 struct LaneSum {
   double lane[kLanes] = {};
@@ -987,7 +990,8 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
         for (int64_t ch = c0; ch < c1; ++ch)
           s2[ch - c0].add(x.data() + at(i, ch), hw, [m_c = mu[ch]](float v) { return (v - m_c) * (v - m_c); });
       for (int64_t ch = c0; ch < c1; ++ch) {
-        const double mean_c = s[ch - c0].total() / static_cast<double>(m), var_c = s2[ch - c0].total() / static_cast<double>(m);
+        const double mean_c = s[ch - c0].total() / static_cast<double>(m),
+                     var_c = s2[ch - c0].total() / static_cast<double>(m);
         running_mean.data()[ch] = static_cast<float>((1 - momentum) * running_mean.data()[ch] + momentum * mean_c);
         running_var.data()[ch] =
             static_cast<float>((1 - momentum) * running_var.data()[ch] +
@@ -1010,40 +1014,40 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
       }
   });
 
-  return record(
-      y, "batch_norm", {x, gamma, beta},
-      [x = x.detach(), mu, inv_std, gamma = gamma.detach(), training, n, c, hw, m, at](const Tensor& dy) {
-        Tensor dx = Tensor::empty(x.shape()), dgamma = Tensor::zeros({c}), dbeta = Tensor::zeros({c});
-        for_each_slice(c, [&](int64_t c0, int64_t c1, int) {
-          std::vector<LaneSum> sum_dy(static_cast<size_t>(c1 - c0)), sum_dy_xhat(sum_dy.size());
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t ch = c0; ch < c1; ++ch) {
-              const float m_c = mu[ch], s_c = inv_std[ch];
-              sum_dy[ch - c0].add(dy.data() + at(i, ch), hw, [](float v) { return v; });
-              sum_dy_xhat[ch - c0].add2(dy.data() + at(i, ch), x.data() + at(i, ch), hw,
-                                        [m_c, s_c](float d, float v) { return d * ((v - m_c) * s_c); });
-            }
-          std::vector<float> mean_g(sum_dy.size()), mean_g_xhat(sum_dy.size());
-          for (int64_t ch = c0; ch < c1; ++ch) {
-            const double sd = sum_dy[ch - c0].total(), sdx = sum_dy_xhat[ch - c0].total();
-            dgamma.data()[ch] = static_cast<float>(sdx);
-            dbeta.data()[ch] = static_cast<float>(sd);
-            const float g_c = gamma.data()[ch];
-            mean_g[ch - c0] = training ? static_cast<float>(g_c * sd / static_cast<double>(m)) : 0.f;
-            mean_g_xhat[ch - c0] = training ? static_cast<float>(g_c * sdx / static_cast<double>(m)) : 0.f;
-          }
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t ch = c0; ch < c1; ++ch) {
-              const float m_c = mu[ch], s_c = inv_std[ch], g_c = gamma.data()[ch];
-              const float mg = mean_g[ch - c0], mgx = mean_g_xhat[ch - c0];
-              const float* __restrict xi = x.data() + at(i, ch);
-              const float* __restrict dyi = dy.data() + at(i, ch);
-              float* __restrict dxi = dx.data() + at(i, ch);
-              for (int64_t j = 0; j < hw; ++j) dxi[j] = s_c * (g_c * dyi[j] - mg - ((xi[j] - m_c) * s_c) * mgx);
-            }
-        });
-        return std::vector<Tensor>{dx, dgamma, dbeta};
-      });
+  return record(y, "batch_norm", {x, gamma, beta},
+                [x = x.detach(), mu, inv_std, gamma = gamma.detach(), training, n, c, hw, m, at](const Tensor& dy) {
+                  Tensor dx = Tensor::empty(x.shape()), dgamma = Tensor::zeros({c}), dbeta = Tensor::zeros({c});
+                  for_each_slice(c, [&](int64_t c0, int64_t c1, int) {
+                    std::vector<LaneSum> sum_dy(static_cast<size_t>(c1 - c0)), sum_dy_xhat(sum_dy.size());
+                    for (int64_t i = 0; i < n; ++i)
+                      for (int64_t ch = c0; ch < c1; ++ch) {
+                        const float m_c = mu[ch], s_c = inv_std[ch];
+                        sum_dy[ch - c0].add(dy.data() + at(i, ch), hw, [](float v) { return v; });
+                        sum_dy_xhat[ch - c0].add2(dy.data() + at(i, ch), x.data() + at(i, ch), hw,
+                                                  [m_c, s_c](float d, float v) { return d * ((v - m_c) * s_c); });
+                      }
+                    std::vector<float> mean_g(sum_dy.size()), mean_g_xhat(sum_dy.size());
+                    for (int64_t ch = c0; ch < c1; ++ch) {
+                      const double sd = sum_dy[ch - c0].total(), sdx = sum_dy_xhat[ch - c0].total();
+                      dgamma.data()[ch] = static_cast<float>(sdx);
+                      dbeta.data()[ch] = static_cast<float>(sd);
+                      const float g_c = gamma.data()[ch];
+                      mean_g[ch - c0] = training ? static_cast<float>(g_c * sd / static_cast<double>(m)) : 0.f;
+                      mean_g_xhat[ch - c0] = training ? static_cast<float>(g_c * sdx / static_cast<double>(m)) : 0.f;
+                    }
+                    for (int64_t i = 0; i < n; ++i)
+                      for (int64_t ch = c0; ch < c1; ++ch) {
+                        const float m_c = mu[ch], s_c = inv_std[ch], g_c = gamma.data()[ch];
+                        const float mg = mean_g[ch - c0], mgx = mean_g_xhat[ch - c0];
+                        const float* __restrict xi = x.data() + at(i, ch);
+                        const float* __restrict dyi = dy.data() + at(i, ch);
+                        float* __restrict dxi = dx.data() + at(i, ch);
+                        for (int64_t j = 0; j < hw; ++j)
+                          dxi[j] = s_c * (g_c * dyi[j] - mg - ((xi[j] - m_c) * s_c) * mgx);
+                      }
+                  });
+                  return std::vector<Tensor>{dx, dgamma, dbeta};
+                });
 }
 
 // =============================================================================================

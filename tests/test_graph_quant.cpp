@@ -162,9 +162,11 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
                                    {5, 10, 5, 2, 2, 0},   {33, 33, 33, 3, 1, 1}, {4, 6, 2, 3, 1, 2},
                                    {1, 1, 1, 3, 1, 1},    {16, 16, 16, 3, 1, 1}, {32, 32, 32, 3, 2, 1},
                                    {64, 64, 64, 3, 1, 0}, {20, 20, 20, 7, 1, 3}, {6, 6, 6, 2, 2, 0},
-                                   {18, 18, 18, 1, 1, 0}, {3, 3, 3, 9, 1, 4}};
-  // 13 columns: at stride 1 and 2 the one-pass kernel's 4-window groups run (5 or more columns whose
-  // windows read no padding), as do the single windows at the edges.
+                                   {18, 18, 18, 1, 1, 0}, {3, 3, 3, 9, 1, 4},    {20, 20, 20, 7, 2, 3},
+                                   {8, 8, 8, 3, 3, 1},    {12, 12, 12, 7, 3, 0}};
+  // 13 columns: at stride 1 and 2 the one-pass kernel computes 4 windows at a time, the last group
+  // ending at the last column (K = 7 at stride 2 reads its most columns per kernel row, 13); at stride 3
+  // (and with fewer than 4 output columns) it goes window by window.
   constexpr int64_t kH = 7, kW = 13;
   for (const Case& c : cases) {
     for (const int bits : {8, 4}) {

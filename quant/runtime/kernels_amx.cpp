@@ -20,8 +20,8 @@ namespace lowbit::quant::runtime::detail {
 // The kernel holds a 32 × 32 block of C in tmm0-3 (2 row tiles × 2 panels), loads two A tiles (tmm4-5) and
 // two B tiles (tmm6-7) per 64 k, and runs four tdpbusd on them. pack_weights pads Amx weights to whole
 // B tiles (16 units) and an even number of panels, pack_x_tiles pads x to whole pairs of A tiles (32 rows),
-// with zeros, so every block is full; only the rows and channels of y are stored.
-// Then y = C + (b − (z_in + 128)·Σ_k w), as in the VNNI kernels.
+// with zeros, so every block is full; only the rows and channels of y are stored. The C tiles start as
+// b − (z_in + 128)·Σ_k w (the VNNI kernels' offset, point 2), so that the last tdpbusd leaves y's value.
 
 // AVX-512 for the epilogue; AMX for the tiles. Attributes, not file-wide flags (see kernels_avx512.cpp).
 #define LOWBIT_AMX __attribute__((target("avx2,avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
@@ -61,7 +61,7 @@ LOWBIT_AMX void configure_tiles() {
 
 LOWBIT_AMX void release_tiles() { _tile_release(); }
 
-// The 32 × 32 block of C that the GEMM and the 2-panel convolution compute: c (32, 32) int32 = Σ over steps s
+// The 32 × 32 block of C that the 2-panel convolution computes: c (32, 32) int32 = Σ over steps s
 // of A_s·[B0_s B1_s]. step(s) gives A_s, 32 rows of 64 bytes with row r at a + r·a_stride, and B0_s and B1_s,
 // one B tile (16 units × 16 channels) of each panel.
 struct TileStep {
@@ -248,7 +248,7 @@ void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, c
 
 namespace {
 
-constexpr int64_t kTileInts = 256;  // one tile: 16 rows × 64 bytes
+constexpr int64_t kTileInts = 256;    // one tile: 16 rows × 64 bytes
 constexpr int64_t kChunkSteps = 16;   // a chunk of A: 32 rows × 1024 k = 32 KB
 constexpr int64_t kPairsPerTask = 8;  // a task: 32 rows × 256 channels
 
@@ -262,9 +262,10 @@ LOWBIT_AMX void pack_x_tiles(const int8_t* x, int64_t n, int64_t rows, int64_t i
   parallel_for(rows, threads, [&](int64_t r) LOWBIT_AMX {
     const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
     int32_t* row = xt + r / 16 * steps * kTileInts + r % 16 * 16;
+    const int8_t* src = r < n ? x + r * in : x;  // rows past N load nothing (no pointer past x either)
     for (int64_t s = 0; s < steps; ++s) {
       const __mmask64 valid = r < n ? low_bytes(in - 64 * s) : 0;
-      const __m512i codes = _mm512_maskz_loadu_epi8(valid, x + r * in + 64 * s);
+      const __m512i codes = _mm512_maskz_loadu_epi8(valid, src + 64 * s);
       _mm512_store_si512(row + s * kTileInts, _mm512_maskz_mov_epi8(valid, _mm512_xor_si512(codes, bias)));
     }
   });

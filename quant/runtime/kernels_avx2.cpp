@@ -559,7 +559,8 @@ PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int6
 
 size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
   if (w.path == KernelPath::Amx) return detail::qgemm_amx_workspace_size(n, w);  // also holds the VNNI rows (N < 32)
-  const int64_t mr = detail::uses_avx512(w.path) ? detail::kPackedRowGroup : rows_per_block(ymm_multiply(w));
+  if (detail::uses_avx512(w.path)) return static_cast<size_t>(n * w.k_units);    // the kernels read rows [0, N) only
+  const int64_t mr = rows_per_block(ymm_multiply(w));
   return static_cast<size_t>(ceil_div(n, mr) * mr * w.k_units);
 }
 
@@ -569,7 +570,7 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
     if (w.path == KernelPath::Amx && n >= detail::kAmxMinRows) {  // packs x into A tiles itself
       return detail::qgemm_amx(x.data(), x_zero_point, w, b.data(), y.data(), n, workspace.data(), threads);
     }
-    detail::pack_x_u8(x.data(), n, n, w.in, w.k_units, workspace.data(), threads);
+    detail::pack_x_u8(x.data(), n, w.in, w.k_units, workspace.data(), threads);
     return detail::qgemm_vnni512(workspace.data(), x_zero_point, w, b.data(), y.data(), n, threads);
   }
   const YmmMultiply m = ymm_multiply(w);  // the Avx2 and AvxVnni paths

@@ -339,7 +339,9 @@ LOWBIT_AVX512_VNNI void add_requantize_range(const int8_t* a, const int8_t* b, i
 LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t* w, const int32_t* b,
                                         const Requant& rq, int8_t* y, const ConvShape& s, int64_t c0, int64_t row0,
                                         int64_t row1) {
-  constexpr int64_t kPixels = 4, kMaxKernel = 7;  // K² <= kMaxDepthwiseTaps
+  constexpr int64_t kPixels = 4, kMaxKernel = 7;  // the largest K with K² <= kMaxDepthwiseTaps
+  static_assert(kMaxKernel * kMaxKernel <= kMaxDepthwiseTaps &&
+                (kMaxKernel + 1) * (kMaxKernel + 1) > kMaxDepthwiseTaps);
   const int64_t k = s.kernel, c = s.channels, taps = k * k, stride = s.stride, padding = s.padding;
   const int64_t ho = pooled_size(s.height, k, stride, padding), wo = pooled_size(s.width, k, stride, padding);
   const __mmask16 mask = low_lanes(c - c0);
@@ -377,7 +379,8 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
         __m512i acc = offset;
         for (int64_t kh = 0; kh < k; ++kh)
           for (int64_t kw = 0; kw < k; ++kw)
-            acc = _mm512_dpbusd_epi32(acc, tap(oh * stride - padding + kh, ow * stride - padding + kw), wt[kh * k + kw]);
+            acc =
+                _mm512_dpbusd_epi32(acc, tap(oh * stride - padding + kh, ow * stride - padding + kw), wt[kh * k + kw]);
         store(ow, acc);
       }
       continue;
@@ -473,14 +476,8 @@ void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, in
   });
 }
 
-void pack_x_u8(const int8_t* x, int64_t n, int64_t rows, int64_t in, int64_t k_units, int32_t* xp, int threads) {
-  parallel_for(rows, threads, [&](int64_t row) {
-    if (row < n) {
-      pack_row_u8(x + row * in, in, 4 * k_units, xp + row * k_units);
-    } else {
-      std::memset(xp + row * k_units, 0, static_cast<size_t>(4 * k_units));
-    }
-  });
+void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t* xp, int threads) {
+  parallel_for(n, threads, [&](int64_t row) { pack_row_u8(x + row * in, in, 4 * k_units, xp + row * k_units); });
 }
 
 void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y,

@@ -13,8 +13,6 @@ namespace lowbit::quant::runtime::detail {
 // AvxVnni included, must never reach a function of kernels_avx512.cpp: their CPUs may lack AVX-512.
 constexpr bool uses_avx512(KernelPath path) { return path == KernelPath::Vnni512 || path == KernelPath::Amx; }
 
-// Rows of x are packed for the Vnni512 GEMM in groups of this many.
-constexpr int64_t kPackedRowGroup = 32;
 // The Amx path runs a GEMM on tiles from this many rows on; fewer rows would leave most of an A tile empty,
 // and go to the Vnni512 kernels.
 constexpr int64_t kAmxMinRows = 32;
@@ -67,13 +65,12 @@ void parallel_for(int64_t count, int threads, Body&& body) {
   for (int64_t t = 0; t < count; ++t) body(t);
 }
 
-// x is (N, IN) codes; xp is (ROWS, K_UNITS) units of 4 bytes x + 128 (u8, byte i = k + i), ROWS >= N (the AMX
-// kernel needs N rounded up to kPackedRowGroup); codes past IN and rows past N are 0 (their weights are 0, or
-// the rows are not stored).
-void pack_x_u8(const int8_t* x, int64_t n, int64_t rows, int64_t in, int64_t k_units, int32_t* xp, int threads);
+// x is (N, IN) codes; xp is (N, K_UNITS) units of 4 bytes x + 128 (u8, byte i = k + i); codes past IN are 0
+// (their weights are 0).
+void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t* xp, int threads);
 
 // x is (N, IN) codes, w packed for Vnni512 or Amx, b is (OUT); y is (N, OUT) int32, equal to qgemm_s8_ref's.
-// xp is (ROWS, K_UNITS), already filled by pack_x_u8.
+// xp is (N, K_UNITS), already filled by pack_x_u8.
 void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y,
                    int64_t n, int threads);
 
