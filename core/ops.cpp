@@ -518,6 +518,9 @@ LOWBIT_NO_LIBRARY_COPIES void gather_taps(const ConvGeometry& g, const float* xp
   }
 }
 
+// A 1 x 1 convolution with stride 1 and no padding: its cols are its input.
+bool cols_are_input(const ConvGeometry& g) { return g.k == 1 && g.stride == 1 && g.padding == 0; }
+
 // Floats of scratch that im2col needs: cols, then the group's padded planes.
 int64_t im2col_scratch(const ConvGeometry& g) {
   return g.rows() * g.cols() + (g.padding > 0 ? g.group_c() * g.padded_plane() : 0);
@@ -530,7 +533,7 @@ int64_t im2col_scratch(const ConvGeometry& g) {
 // planes, with a fill for the taps in the padding, was 25% of resnet8's fp32 inference: runs of 7 to
 // 28 floats, three library calls each, and a scalar loop for stride 2.)
 const float* im2col(const ConvGeometry& g, const float* x, float* scratch) {
-  if (g.k == 1 && g.stride == 1 && g.padding == 0) return x;
+  if (cols_are_input(g)) return x;
   const float* xp = x;
   if (g.padding > 0) {
     float* planes = scratch + g.rows() * g.cols();
@@ -636,7 +639,8 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
 
   Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
   for_each_slice(g.n, [&](int64_t first, int64_t last, int) {
-    Tensor scratch = Tensor::empty({g.depthwise() ? g.padded_plane() : im2col_scratch(g)});  // xp, or im2col's
+    Tensor scratch = Tensor::empty(  // xp, or im2col's
+        {g.depthwise() ? g.padded_plane() : cols_are_input(g) ? 0 : im2col_scratch(g)});
     for (int64_t n = first; n < last; ++n) {
       float* yn = y.data() + n * g.out * g.cols();
       if (b.defined() || g.depthwise())  // y[n] = b (or 0), then y[n] += w cols
@@ -815,31 +819,16 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
     const int64_t per_plane = g.oh * g.ow;
     const float* pdy = dy.data();
     const int32_t* parg = argmax->data();
-    if (is_2x2(g)) {
-      // The windows do not overlap: each gets its two rows zeroed while they are in the cache, then dy
-      // stored at its maximum (no zero fill of the whole dx first, no additions).
-      Tensor dx = Tensor::empty({g.n, g.c, g.h, g.w});
-      float* pdx = dx.data();
-#pragma omp parallel for
-      for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
-        float* dp = pdx + plane * g.h * g.w;
-        std::fill(dp + 2 * g.oh * g.w, dp + g.h * g.w, 0.f);  // an odd last row
-        for (int64_t oy = 0; oy < g.oh; ++oy) {
-          std::fill_n(dp + 2 * oy * g.w, 2 * g.w, 0.f);
-          for (int64_t ox = 0; ox < g.ow; ++ox)
-            dp[parg[plane * per_plane + oy * g.ow + ox]] = pdy[plane * per_plane + oy * g.ow + ox];
-        }
-      }
-      return std::vector<Tensor>{dx};
-    }
-    Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
+    // Each plane is zeroed while it is in the cache (not all of dx first), then dy is added at its
+    // windows' maxima.
+    Tensor dx = Tensor::empty({g.n, g.c, g.h, g.w});
     float* pdx = dx.data();
 #pragma omp parallel for
-    for (int64_t plane = 0; plane < g.n * g.c; ++plane)
-      for (int64_t i = 0; i < per_plane; ++i) {
-        const int64_t o = plane * per_plane + i;
-        pdx[plane * g.h * g.w + parg[o]] += pdy[o];
-      }
+    for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
+      float* dp = pdx + plane * g.h * g.w;
+      std::fill_n(dp, g.h * g.w, 0.f);
+      for (int64_t i = plane * per_plane; i < (plane + 1) * per_plane; ++i) dp[parg[i]] += pdy[i];
+    }
     return std::vector<Tensor>{dx};
   });
 }
