@@ -15,6 +15,7 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const ort = require('onnxruntime-node');
+const {kUint8, kInt8, kInt32, valueInfo, initializer, model, median} = require('./onnx_bytes');
 
 const kZeroPoint = 131;  // a_zero_point: any value in 0..255; not 0 or 128, so that a wrong sign shows up
 
@@ -46,39 +47,7 @@ function parseArgs(argv) {
   return args;
 }
 
-// ---- The models, written as protobuf bytes (field numbers are onnx.proto's) -------------------------------------
-// A message or string is a length-delimited field (wire type 2), an integer a varint (wire type 0).
-const varint = n => {
-  const b = [];
-  while (n > 127) { b.push((n % 128) | 128); n = Math.floor(n / 128); }
-  b.push(n);
-  return Buffer.from(b);
-};
-const field = (number, bytes) => Buffer.concat([varint(number * 8 + 2), varint(bytes.length), bytes]);
-const int = (number, n) => Buffer.concat([varint(number * 8), varint(n)]);
-const str = (number, text) => field(number, Buffer.from(text));
-const kUint8 = 2, kInt8 = 3, kInt32 = 6;  // TensorProto.DataType
-
-// ValueInfoProto of a tensor with fixed dims.
-function valueInfo(name, type, dims) {
-  const shape = Buffer.concat(dims.map(d => field(1, int(1, d))));  // TensorShapeProto.dim.dim_value
-  return Buffer.concat([str(1, name), field(2, field(1, Buffer.concat([int(1, type), field(2, shape)])))]);
-}
-
-// TensorProto with raw_data.
-function initializer(name, type, dims, bytes) {
-  return Buffer.concat([...dims.map(d => int(1, d)), int(2, type), str(8, name), field(9, bytes)]);
-}
-
-// graph: {nodes: [[op_type, inputs, outputs]], initializers, inputs, outputs} → ModelProto bytes (opset 13).
-function model({nodes, initializers = [], inputs, outputs}) {
-  const node = ([op, ins, outs]) =>
-    field(1, Buffer.concat([...ins.map(n => str(1, n)), ...outs.map(n => str(2, n)), str(3, op), str(4, op)]));
-  const graph = Buffer.concat([...nodes.map(node), str(2, 'gemm'), ...initializers.map(t => field(5, t)),
-                               ...inputs.map(v => field(11, v)), ...outputs.map(v => field(12, v))]);
-  return new Uint8Array(Buffer.concat([int(1, 7 /* ir_version */), field(7, graph), field(8, int(2, 13))]));
-}
-
+// ---- The model ---------------------------------------------------------------------------------------------------
 // Y = MatMulInteger(A, B[, a_zero_point]): A uint8 (M, K) input, B int8 (K, N) and a_zero_point initializers.
 function gemmModel(m, k, n, b, zeroPoint) {
   const initializers = [initializer('B', kInt8, [k, n], Buffer.from(b.buffer, b.byteOffset, b.byteLength))];
@@ -87,7 +56,7 @@ function gemmModel(m, k, n, b, zeroPoint) {
     initializers.push(initializer('a_zero_point', kUint8, [], Buffer.from([zeroPoint])));
     ins.push('a_zero_point');
   }
-  return model({nodes: [['MatMulInteger', ins, ['Y']]], initializers, inputs: [valueInfo('A', kUint8, [m, k])],
+  return model({name: 'gemm', nodes: [['MatMulInteger', ins, ['Y']]], initializers, inputs: [valueInfo('A', kUint8, [m, k])],
                 outputs: [valueInfo('Y', kInt32, [m, n])]});
 }
 
@@ -120,7 +89,6 @@ function random(seed) {
 
 // ---- Timing -----------------------------------------------------------------------------------------------------
 const nowS = () => Number(process.hrtime.bigint()) / 1e9;
-const median = values => { const s = [...values].sort((x, y) => x - y); return s[Math.floor(s.length / 2)]; };
 
 // Wall seconds of each session.run(feeds): warm-up calls for at least 0.1 s (3 or more), then calls until they add up
 // to `seconds` (5 or more).

@@ -8,6 +8,7 @@
 // with T intra-op threads and one inter-op thread; warm-up calls are not timed. tools/bench.py calls this.
 'use strict';
 const ort = require('onnxruntime-node');
+const {kUint8, valueInfo, model, median} = require('./onnx_bytes');
 
 function usage(message) {
   console.error(`time_ort.js: error: ${message}`);
@@ -33,24 +34,15 @@ function parseArgs(argv) {
   return args;
 }
 
-// A model that returns its input ("image" → Identity → "y"), written as protobuf bytes here: timing it measures
-// what every call costs before any kernel runs (the Node.js binding, tensor wrapping, the session's bookkeeping).
-// Field numbers are onnx.proto's; a message is a length-delimited field, strings too, integers varints.
+// A model that returns its input ("image" → Identity → "y"): timing it measures what every call costs before any
+// kernel runs (the Node.js binding, tensor wrapping, the session's bookkeeping).
 function identityModel([c, h, w]) {
-  const varint = n => { const b = []; while (n > 127) { b.push((n & 127) | 128); n = Math.floor(n / 128); } b.push(n); return b; };
-  const field = (number, bytes) => [...varint(number * 8 + 2), ...varint(bytes.length), ...bytes];
-  const int = (number, n) => [...varint(number * 8), ...varint(n)];
-  const str = (number, text) => field(number, [...Buffer.from(text)]);
-  const dims = [field(1, str(2, 'N')), ...[c, h, w].map(d => field(1, int(1, d)))].flat();
-  const type = field(2, field(1, [...int(1, 2 /* UINT8 */), ...field(2, dims)]));  // TypeProto.tensor_type
-  const value = name => [...str(1, name), ...type];                                 // ValueInfoProto
-  const node = [...str(1, 'image'), ...str(2, 'y'), ...str(3, 'identity'), ...str(4, 'Identity')];
-  const graph = [...field(1, node), ...str(2, 'identity'), ...field(11, value('image')), ...field(12, value('y'))];
-  return Uint8Array.from([...int(1, 7 /* ir_version */), ...field(7, graph), ...field(8, int(2, 13 /* opset */))]);
+  const value = name => valueInfo(name, kUint8, ['N', c, h, w]);
+  return model({name: 'identity', nodes: [['Identity', ['image'], ['y']]], inputs: [value('image')],
+                outputs: [value('y')]});
 }
 
 const nowUs = () => Number(process.hrtime.bigint()) / 1e3;
-const median = values => { const s = [...values].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]; };
 
 async function time(model, args) {
   const session = await ort.InferenceSession.create(model, {
