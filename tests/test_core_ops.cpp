@@ -201,6 +201,7 @@ TEST_CASE("gradcheck 8: conv2d with stride, padding, bias and groups variants") 
       {2, 3, 6, 5, 3, 3, 2, 1, true, 3},   // depthwise, stride 2, pad 1
       {1, 3, 5, 5, 6, 3, 2, 1, false, 3},  // depthwise with two output channels per input channel
       {2, 2, 4, 4, 2, 3, 1, 1, true, 2},   // depthwise, stride 1, pad 1
+      {2, 2, 5, 7, 3, 5, 1, 2, true},      // 5x5 kernel, pad 2: 4 junk columns between wide output rows
   };
   uint64_t seed = 80;
   for (const Case& c : cases) {
@@ -399,6 +400,8 @@ TEST_CASE("forward: conv2d matches a naive direct convolution") {
       {3, 4, 6, 5, 3, 2, 2, 0, false},  // even kernel, remainder rows dropped
       {1, 2, 3, 3, 2, 3, 1, 1, true},   // "same" padding
       {2, 1, 1, 1, 2, 3, 1, 1, false},  // 1x1 image, all but the centre tap in the padding
+      {2, 3, 9, 6, 5, 5, 1, 2, true},   // 5x5, pad 2, stride 1 (wide columns, 4 junk per row)
+      {1, 2, 4, 9, 3, 3, 1, 0, false},  // stride 1, no padding: the planes are the input
   };
   uint64_t seed = 300;
   for (const Case& c : cases) {
