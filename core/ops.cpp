@@ -506,17 +506,6 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
 //   y[n]_gi = w_gi cols + b_gi  ->  (OUT/groups, OH*OW), which is y[n]_gi of (N, OUT, OH, OW) as it is.
 // Backward, with dy[n]_gi (OUT/groups, OH*OW):
 //   dw_gi = sum_n dy[n]_gi cols^T,   db[o] = sum_n sum_pixels dy[n][o],   dx[n]_gi = col2im(w_gi^T dy[n]_gi).
-//
-// Wide columns (stride 1). Pad the input planes to width WP = W + 2 * padding. Tap (ki, kj) of output
-// (oy, ox) is then padded pixel (oy + ki, ox + kj), at offset (oy * WP + ox) + (ki * WP + kj) in the
-// plane. So if cols gives output row oy the columns [oy * WP, oy * WP + OW) instead of [oy * OW, ...),
-// row (ci, ki, kj) of cols is one run of its plane, starting at ki * WP + kj: im2col is one copy per
-// row, col2im one vector add per row. The WP - OW columns between two output rows are junk (they
-// belong to no output); the GEMMs compute them too, (OH - 1) * WP + OW columns instead of OH * OW,
-// and y keeps only the real ones. In the backward the junk columns of dy are 0, so they add nothing
-// to dw, and their columns of w^T dy, which col2im adds to the padded planes, are 0. (Copying runs of
-// OW taps, two to five per row of a 28 x 28 image, took 40% of lenet5's training; the wider GEMMs cost
-// 7 to 40% more multiply-adds, on lenet5's and convbn's shapes.) Strides > 1 keep OW columns per row.
 // The images are split over the threads. A thread reuses one cols buffer (small enough to stay in
 // its cache) and rebuilds cols in the backward rather than keeping all of them; it sums its own
 // dw and db, and those partial sums are added in thread order, so a thread count always gives the
@@ -533,14 +522,9 @@ struct ConvGeometry {
   int64_t group_c() const { return c / groups; }      // input channels per group
   int64_t group_out() const { return out / groups; }  // output channels per group
   int64_t rows() const { return group_c() * k * k; }  // of cols, and the length of a row of w
-  int64_t pixels() const { return oh * ow; }          // of one output plane
-  int64_t padded_w() const { return w + 2 * padding; }
-  // cols keeps output row oy at columns [oy * pitch(), oy * pitch() + OW): wide with stride 1 (see above).
-  int64_t pitch() const { return stride == 1 ? padded_w() : ow; }
-  int64_t span() const { return (oh - 1) * pitch() + ow; }  // columns of cols: the N of the GEMMs
-  bool wide() const { return pitch() != ow; }
+  int64_t cols() const { return oh * ow; }            // of cols
   bool depthwise() const { return group_c() == 1 && groups > 1; }
-  int64_t padded_plane() const { return (h + 2 * padding) * padded_w(); }
+  int64_t padded_plane() const { return (h + 2 * padding) * (w + 2 * padding); }
 };
 
 // The output columns [lo, hi) whose input column ix = ox * stride - padding + kj is inside [0, W).
@@ -555,7 +539,7 @@ std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g, int64_t kj) {
 // Depthwise works on one channel of one image at a time, with its zero padding written out:
 // xp is (H + 2 * padding, W + 2 * padding), so the loops need no bounds and vectorise along ox.
 void pad_plane(const ConvGeometry& g, const float* x, float* xp) {
-  const int64_t wp = g.padded_w();
+  const int64_t wp = g.w + 2 * g.padding;
   std::fill_n(xp, (g.h + 2 * g.padding) * wp, 0.f);
   for (int64_t iy = 0; iy < g.h; ++iy) std::copy_n(x + iy * g.w, g.w, xp + (iy + g.padding) * wp + g.padding);
 }
@@ -568,16 +552,16 @@ void pad_plane(const ConvGeometry& g, const float* x, float* xp) {
 #define LOWBIT_NO_LIBRARY_COPIES
 #endif
 
-// Row (ci, ki, kj) of cols from the group's planes xp, zero-padded when padding > 0 (width wp), for
-// a stride > 1: OH runs of OW taps, `stride` apart. STRIDE is the stride when it is known at compile
-// time (2: the loops then vectorise), 0 otherwise.
+// Row (ci, ki, kj) of cols from the group's planes xp, zero-padded when padding > 0 (width wp): OH runs
+// of OW taps, `stride` apart. STRIDE is the stride when it is known at compile time (1 and 2: the
+// loops then vectorise), 0 otherwise.
 template <int64_t STRIDE>
 LOWBIT_NO_LIBRARY_COPIES void gather_taps(const ConvGeometry& g, const float* xp, int64_t wp, float* __restrict cols) {
   const int64_t stride = STRIDE == 0 ? g.stride : STRIDE, plane = (g.h + 2 * g.padding) * wp;
   for (int64_t row = 0; row < g.rows(); ++row) {
     const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
     const float* __restrict src = xp + ci * plane + ki * wp + kj;  // tap (ki, kj) of output (0, 0)
-    float* __restrict dst = cols + row * g.span();
+    float* __restrict dst = cols + row * g.cols();
     for (int64_t oy = 0; oy < g.oh; ++oy, src += stride * wp, dst += g.ow)
       for (int64_t ox = 0; ox < g.ow; ++ox) dst[ox] = src[ox * stride];
   }
@@ -586,100 +570,60 @@ LOWBIT_NO_LIBRARY_COPIES void gather_taps(const ConvGeometry& g, const float* xp
 // A 1 x 1 convolution with stride 1 and no padding: its cols are its input.
 bool cols_are_input(const ConvGeometry& g) { return g.k == 1 && g.stride == 1 && g.padding == 0; }
 
-// Floats of scratch that im2col needs: cols, then the group's padded planes (col2im's too).
+// Floats of scratch that im2col needs: cols, then the group's padded planes.
 int64_t im2col_scratch(const ConvGeometry& g) {
-  return g.rows() * g.span() + (g.padding > 0 ? g.group_c() * g.padded_plane() : 0);
+  return g.rows() * g.cols() + (g.padding > 0 ? g.group_c() * g.padded_plane() : 0);
 }
 
-// x is (C/groups, H, W), one group of one image; returns its cols (C/groups*K*K, span()). That is x
+// x is (C/groups, H, W), one group of one image; returns its cols (C/groups*K*K, OH*OW). That is x
 // itself for a 1 x 1 convolution with stride 1 and no padding (no copy); otherwise cols is built in
-// scratch (im2col_scratch floats): the planes are first copied into zero-padded ones, so that no
-// copy has bounds to check. With stride 1 (wide columns) each row of cols is then one run of a
-// plane; with a larger stride it is OH runs of OW taps. (Copying run by run from the unpadded planes,
-// with a fill for the taps in the padding, was 25% of resnet8's fp32 inference: runs of 7 to 28
-// floats, three library calls each, and a scalar loop for stride 2.)
+// scratch (im2col_scratch floats): the planes are first copied into zero-padded ones, so that every
+// row of cols is OH runs of OW taps with no bounds to check. (Copying run by run from the unpadded
+// planes, with a fill for the taps in the padding, was 25% of resnet8's fp32 inference: runs of 7 to
+// 28 floats, three library calls each, and a scalar loop for stride 2.)
 const float* im2col(const ConvGeometry& g, const float* x, float* scratch) {
   if (cols_are_input(g)) return x;
   const float* xp = x;
   if (g.padding > 0) {
-    float* planes = scratch + g.rows() * g.span();
+    float* planes = scratch + g.rows() * g.cols();
     for (int64_t ci = 0; ci < g.group_c(); ++ci) pad_plane(g, x + ci * g.h * g.w, planes + ci * g.padded_plane());
     xp = planes;
   }
-  const int64_t wp = g.padded_w(), plane = (g.h + 2 * g.padding) * wp;
-  if (g.stride == 1) {
-    for (int64_t row = 0; row < g.rows(); ++row) {
-      const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
-      std::copy_n(xp + ci * plane + ki * wp + kj, g.span(), scratch + row * g.span());
-    }
-  } else if (g.stride == 2) {
+  const int64_t wp = g.w + 2 * g.padding;
+  if (g.stride == 1)
+    gather_taps<1>(g, xp, wp, scratch);
+  else if (g.stride == 2)
     gather_taps<2>(g, xp, wp, scratch);
-  } else {
+  else
     gather_taps<0>(g, xp, wp, scratch);
-  }
   return scratch;
 }
 
 // The adjoint of im2col: dx = 0, then each entry of cols is added onto the input pixel it came
-// from. cols is (C/groups*K*K, span()); dx is (C/groups, H, W), one group of one image. With stride 1
-// the rows are added onto zero-padded planes (in `planes`, im2col_scratch's second part; dx itself
-// when there is no padding), whose inside is then dx.
-void col2im(const ConvGeometry& g, const float* cols, float* dx, float* planes) {
-  if (g.stride == 1) {
-    const int64_t wp = g.padded_w(), plane = g.padded_plane();
-    float* dxp = g.padding > 0 ? planes : dx;
-    std::fill_n(dxp, g.group_c() * plane, 0.f);
-    for (int64_t row = 0; row < g.rows(); ++row) {
-      const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
-      const float* __restrict src = cols + row * g.span();
-      float* __restrict dst = dxp + ci * plane + ki * wp + kj;
-      for (int64_t t = 0; t < g.span(); ++t) dst[t] += src[t];
-    }
-    if (g.padding > 0)
-      for (int64_t ci = 0; ci < g.group_c(); ++ci)
-        for (int64_t iy = 0; iy < g.h; ++iy)
-          std::copy_n(dxp + ci * plane + (iy + g.padding) * wp + g.padding, g.w, dx + (ci * g.h + iy) * g.w);
-    return;
-  }
+// from. cols is (C/groups*K*K, OH*OW); dx is (C/groups, H, W), one group of one image.
+void col2im(const ConvGeometry& g, const float* cols, float* dx) {
   std::fill_n(dx, g.group_c() * g.h * g.w, 0.f);
   for (int64_t row = 0; row < g.rows(); ++row) {
     const int64_t ci = row / (g.k * g.k), ki = (row / g.k) % g.k, kj = row % g.k;
     const auto [lo, hi] = inside_columns(g, kj);
-    const float* src = cols + row * g.span();
+    const float* src = cols + row * g.cols();
     for (int64_t oy = 0; oy < g.oh; ++oy, src += g.ow) {
       const int64_t iy = oy * g.stride - g.padding + ki;
       if (iy < 0 || iy >= g.h) continue;
       float* dst = dx + (ci * g.h + iy) * g.w;
-      for (int64_t ox = lo; ox < hi; ++ox) dst[ox * g.stride + kj - g.padding] += src[ox];
+      if (g.stride == 1) {  // one run: the same additions, written so that they vectorise
+        float* run = dst + kj - g.padding;
+        for (int64_t ox = lo; ox < hi; ++ox) run[ox] += src[ox];
+      } else {
+        for (int64_t ox = lo; ox < hi; ++ox) dst[ox * g.stride + kj - g.padding] += src[ox];
+      }
     }
   }
-}
-
-// y (OUT/groups, OH*OW) = wide (OUT/groups, span()) without its junk columns, + b if b is not null.
-void drop_junk_columns(const ConvGeometry& g, const float* wide, const float* b, float* y) {
-  for (int64_t o = 0; o < g.group_out(); ++o) {
-    const float bias = b == nullptr ? 0.f : b[o];
-    for (int64_t oy = 0; oy < g.oh; ++oy) {
-      const float* __restrict src = wide + o * g.span() + oy * g.pitch();
-      float* __restrict dst = y + (o * g.oh + oy) * g.ow;
-      for (int64_t ox = 0; ox < g.ow; ++ox) dst[ox] = src[ox] + bias;
-    }
-  }
-}
-
-// The adjoint for dy: wide (OUT/groups, span()) = dy (OUT/groups, OH*OW) with a 0 in every junk column.
-void add_junk_columns(const ConvGeometry& g, const float* dy, float* wide) {
-  for (int64_t o = 0; o < g.group_out(); ++o)
-    for (int64_t oy = 0; oy < g.oh; ++oy) {
-      float* dst = wide + o * g.span() + oy * g.pitch();
-      std::copy_n(dy + (o * g.oh + oy) * g.ow, g.ow, dst);
-      if (oy + 1 < g.oh) std::fill(dst + g.ow, dst + g.pitch(), 0.f);
-    }
 }
 
 // xp is one padded plane, w is (K, K); y (OH, OW) += the convolution.
 void depthwise_forward(const ConvGeometry& g, const float* xp, const float* w, float* __restrict y) {
-  const int64_t wp = g.padded_w();
+  const int64_t wp = g.w + 2 * g.padding;
   for (int64_t oy = 0; oy < g.oh; ++oy, y += g.ow)
     for (int64_t ki = 0; ki < g.k; ++ki)
       for (int64_t kj = 0; kj < g.k; ++kj) {
@@ -697,7 +641,7 @@ void depthwise_forward(const ConvGeometry& g, const float* xp, const float* w, f
 // K*K*OW floats: each tap's sum is kept per ox (so that it vectorises) and added up at the end.
 void depthwise_backward(const ConvGeometry& g, const float* xp, const float* w, const float* __restrict dy, float* dw,
                         float* dxp, float* __restrict partial) {
-  const int64_t wp = g.padded_w();
+  const int64_t wp = g.w + 2 * g.padding;
   std::fill_n(partial, g.k * g.k * g.ow, 0.f);
   for (int64_t oy = 0; oy < g.oh; ++oy, dy += g.ow)
     for (int64_t ki = 0; ki < g.k; ++ki)
@@ -739,40 +683,31 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
     fail("conv2d: kernel {} is larger than the padded input {}", g.k, shape_str(x.shape()));
   g.oh = (g.h + 2 * padding - g.k) / stride + 1;
   g.ow = (g.w + 2 * padding - g.k) / stride + 1;
-  const int64_t x_group = g.group_c() * g.h * g.w, y_group = g.group_out() * g.pixels(),
+  const int64_t x_group = g.group_c() * g.h * g.w, y_group = g.group_out() * g.cols(),
                 w_group = g.group_out() * g.rows();
 
   Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
   for_each_slice(g.n, [&](int64_t first, int64_t last, int) {
-    Tensor scratch = Tensor::empty(  // xp; or im2col's, then the wide product
+    Tensor scratch = Tensor::empty(  // xp, or im2col's
         {g.depthwise()       ? g.padded_plane()
-         : g.wide()          ? im2col_scratch(g) + g.group_out() * g.span()
          : cols_are_input(g) ? 0
                              : im2col_scratch(g)});
     for (int64_t n = first; n < last; ++n) {
-      float* yn = y.data() + n * g.out * g.pixels();
-      if (g.depthwise() || (b.defined() && !g.wide()))  // y[n] = b (or 0), then y[n] += w cols
-        for (int64_t o = 0; o < g.out; ++o)
-          std::fill_n(yn + o * g.pixels(), g.pixels(), b.defined() ? b.data()[o] : 0.f);
+      float* yn = y.data() + n * g.out * g.cols();
+      if (b.defined() || g.depthwise())  // y[n] = b (or 0), then y[n] += w cols
+        for (int64_t o = 0; o < g.out; ++o) std::fill_n(yn + o * g.cols(), g.cols(), b.defined() ? b.data()[o] : 0.f);
       for (int64_t gi = 0; gi < g.groups; ++gi) {
         const float* xg = x.data() + (n * g.groups + gi) * x_group;
         if (g.depthwise()) {
           pad_plane(g, xg, scratch.data());
           for (int64_t o = 0; o < g.group_out(); ++o)
             depthwise_forward(g, scratch.data(), w.data() + (gi * g.group_out() + o) * g.rows(),
-                              yn + gi * y_group + o * g.pixels());
+                              yn + gi * y_group + o * g.cols());
           continue;
         }
         const float* cols = im2col(g, xg, scratch.data());
-        if (!g.wide()) {
-          sgemm(false, false, g.group_out(), g.pixels(), g.rows(), w.data() + gi * w_group, g.rows(), cols, g.pixels(),
-                yn + gi * y_group, g.pixels(), b.defined() ? 1.f : 0.f);
-          continue;
-        }
-        float* wide = scratch.data() + im2col_scratch(g);
-        sgemm(false, false, g.group_out(), g.span(), g.rows(), w.data() + gi * w_group, g.rows(), cols, g.span(), wide,
-              g.span(), 0.f);
-        drop_junk_columns(g, wide, b.defined() ? b.data() + gi * g.group_out() : nullptr, yn + gi * y_group);
+        sgemm(false, false, g.group_out(), g.cols(), g.rows(), w.data() + gi * w_group, g.rows(), cols, g.cols(),
+              yn + gi * y_group, g.cols(), b.defined() ? 1.f : 0.f);
       }
     }
   });
@@ -780,22 +715,21 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
   return record(
       y, "conv2d", {x, w, b},
       [g, x = x.detach(), w = w.detach(), has_bias = b.defined(), need_dx = x.requires_grad()](const Tensor& dy) {
-        const int64_t x_group = g.group_c() * g.h * g.w, y_group = g.group_out() * g.pixels();
+        const int64_t x_group = g.group_c() * g.h * g.w, y_group = g.group_out() * g.cols();
         const int64_t w_group = g.group_out() * g.rows();
         Tensor dx = need_dx ? Tensor::empty(x.shape()) : Tensor();
         std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
         std::vector<std::vector<LaneSum>> db_part(dw_part.size(), std::vector<LaneSum>(has_bias ? g.out : 0));
         for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
-          Tensor scratch = Tensor::empty(  // im2col's (then dcols and col2im's planes), then the wide dy
-              {g.depthwise() ? 0 : im2col_scratch(g) + (g.wide() ? g.group_out() * g.span() : 0)});
+          Tensor scratch = Tensor::empty({g.depthwise() ? 0 : im2col_scratch(g)});  // im2col's, then dcols
           Tensor planes =
               Tensor::empty({g.depthwise() ? 2 * g.padded_plane() + g.k * g.k * g.ow : 0});  // xp, dxp, partial
           Tensor& dw = dw_part[static_cast<size_t>(slice)] = Tensor::zeros(w.shape());
           std::vector<LaneSum>& db = db_part[static_cast<size_t>(slice)];
           for (int64_t n = first; n < last; ++n) {
-            const float* dyn = dy.data() + n * g.out * g.pixels();
+            const float* dyn = dy.data() + n * g.out * g.cols();
             for (int64_t o = 0; o < static_cast<int64_t>(db.size()); ++o)
-              db[static_cast<size_t>(o)].add(dyn + o * g.pixels(), g.pixels(), [](float v) { return v; });
+              db[static_cast<size_t>(o)].add(dyn + o * g.cols(), g.cols(), [](float v) { return v; });
             for (int64_t gi = 0; gi < g.groups; ++gi) {
               const float* xg = x.data() + (n * g.groups + gi) * x_group;
               float* dxg = need_dx ? dx.data() + (n * g.groups + gi) * x_group : nullptr;
@@ -804,26 +738,20 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
                 pad_plane(g, xg, xp);
                 std::fill_n(dxp, g.padded_plane(), 0.f);
                 for (int64_t o = gi * g.group_out(); o < (gi + 1) * g.group_out(); ++o)
-                  depthwise_backward(g, xp, w.data() + o * g.rows(), dyn + o * g.pixels(), dw.data() + o * g.rows(),
+                  depthwise_backward(g, xp, w.data() + o * g.rows(), dyn + o * g.cols(), dw.data() + o * g.rows(),
                                      need_dx ? dxp : nullptr, partial);
                 if (need_dx)  // the inside of the padded plane
                   for (int64_t iy = 0; iy < g.h; ++iy)
-                    std::copy_n(dxp + (iy + g.padding) * g.padded_w() + g.padding, g.w, dxg + iy * g.w);
+                    std::copy_n(dxp + (iy + g.padding) * (g.w + 2 * g.padding) + g.padding, g.w, dxg + iy * g.w);
                 continue;
               }
               const float* cols = im2col(g, xg, scratch.data());  // dw_gi += dy[n]_gi cols^T
-              const float* dyg = dyn + gi * y_group;
-              if (g.wide()) {
-                float* wide = scratch.data() + im2col_scratch(g);
-                add_junk_columns(g, dyg, wide);
-                dyg = wide;
-              }
-              sgemm(false, true, g.group_out(), g.rows(), g.span(), dyg, g.span(), cols, g.span(),
+              sgemm(false, true, g.group_out(), g.rows(), g.cols(), dyn + gi * y_group, g.cols(), cols, g.cols(),
                     dw.data() + gi * w_group, g.rows(), 1.f);
               if (!need_dx) continue;  // dcols = w_gi^T dy[n]_gi;  dx[n]_gi = col2im(dcols)
-              sgemm(true, false, g.rows(), g.span(), g.group_out(), w.data() + gi * w_group, g.rows(), dyg, g.span(),
-                    scratch.data(), g.span(), 0.f);
-              col2im(g, scratch.data(), dxg, scratch.data() + g.rows() * g.span());
+              sgemm(true, false, g.rows(), g.cols(), g.group_out(), w.data() + gi * w_group, g.rows(),
+                    dyn + gi * y_group, g.cols(), scratch.data(), g.cols(), 0.f);
+              col2im(g, scratch.data(), dxg);
             }
           }
         });
