@@ -58,7 +58,7 @@ TEST_CASE("the object files of lowbit_runtime contain no floating-point instruct
   for (const auto& entry : fs::directory_iterator(objects)) {
     if (entry.path().extension() == ".o") files.push_back(entry.path());
   }
-  // graph, executor, cpu, kernels_ref, kernels_avx2, kernels_avxvnni, kernels_avx512, kernels_amx
+  // graph, executor, cpu, kernels_ref, kernels_dispatch, kernels_avx2, kernels_avxvnni, kernels_avx512, kernels_amx
   REQUIRE(files.size() >= 8);
   int offending = 0, undecoded = 0;
   int64_t vnni = 0, amx = 0;  // the instructions the fast paths exist for: proof that their code was read

@@ -1,13 +1,12 @@
-// AVX2 integer GEMMs (vpmaddwd for int8 weights, vpmaddubsw for int4), bit-exact with qgemm_s8_ref / qgemm_s4_ref.
+// AVX2 integer kernels (vpmaddwd for int8 weights, vpmaddubsw for int4), bit-exact with the reference.
+// The GEMM and the implicit-GEMM convolution (their drivers also run the AVX-VNNI and AVX-512 micro-kernels),
+// requantization, pooling, and the inner loops of depthwise Conv2d and Add. kernels_dispatch.cpp packs the
+// weights and calls these through their entry points in kernels_isa.h.
 #include <immintrin.h>
 
-#include <algorithm>
 #include <climits>
 #include <cstring>
-#include <string>
-#include <vector>
 
-#include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
 #include "quant/runtime/kernels_isa.h"
 #include "quant/runtime/requantize.h"
@@ -35,7 +34,7 @@ namespace lowbit::quant::runtime {
 //        The +128 is folded like z_in: y = (b − (z_in + 128)·Σw) + Σ w·(x + 128).
 //      AvxVnni path, either width: x + 128 as u8 quads (as for int4 weights) times units of 4 s8 weights,
 //        by AVX-VNNI's vpdpbusd, which adds the four products in 32 bits: exact, nothing saturates
-//        (kernels_avx512.cpp, point 1). Its micro-kernels are in kernels_avxvnni.cpp; the packing, tiling
+//        (kernels_avx512.cpp, point 1). Its micro-kernels are in kernels_avxvnni.cpp; the packing of x, tiling
 //        and epilogues around them are the ones here.
 // 4. Tiles of (4·MR rows × 128 channels) go to the threads; every y element is computed by exactly one
 //    thread in a fixed order, so results do not depend on the thread count.
@@ -72,9 +71,6 @@ static_assert(detail::kGemmRowsAvxVnni <= kRowsS8);  // run_tiles' sums hold kRo
 inline uint32_t biased_byte(int8_t code, int byte) {
   return static_cast<uint32_t>(static_cast<uint8_t>(code + 128)) << (8 * byte);
 }
-inline uint32_t int16_half(int32_t code, int half) {
-  return static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(code))) << (16 * half);
-}
 
 // ---- AVX2 region: raw pointers only (no std:: templates get instantiated with AVX2 code) ---------------
 #pragma GCC push_options
@@ -103,7 +99,7 @@ void pack_x(const int8_t* x, int64_t n, int64_t in, YmmMultiply m, int64_t k_uni
           store8(dst + ku, _mm256_cvtepi8_epi16(codes));
         }
         for (; ku < full_units; ++ku)
-          dst[ku] = static_cast<int32_t>(int16_half(src[2 * ku], 0) | int16_half(src[2 * ku + 1], 1));
+          dst[ku] = static_cast<int32_t>(detail::int16_half(src[2 * ku], 0) | detail::int16_half(src[2 * ku + 1], 1));
       } else {
         const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
         for (; ku + 8 <= full_units; ku += 8) {                          // 32 codes = 8 units
@@ -121,7 +117,8 @@ void pack_x(const int8_t* x, int64_t n, int64_t in, YmmMultiply m, int64_t k_uni
         for (int64_t i = 0; i < per_unit; ++i) {
           const int64_t k = ku * per_unit + i;
           if (k < in)
-            unit |= int16_pairs ? int16_half(src[k], static_cast<int>(i)) : biased_byte(src[k], static_cast<int>(i));
+            unit |= int16_pairs ? detail::int16_half(src[k], static_cast<int>(i))
+                                : biased_byte(src[k], static_cast<int>(i));
         }
         dst[ku] = static_cast<int32_t>(unit);
       }
@@ -408,6 +405,10 @@ inline void store_codes8(__m256i q, int8_t* y, int64_t count) {
   if (count & 1) *y = static_cast<int8_t>(_mm_extract_epi8(rest, 0));
 }
 
+}  // namespace
+
+namespace detail {
+
 // acc is (N, P, OUT) int32; y is (N, OUT, P) codes — requantize_to_nchw_ref, 8 channels per step.
 // P = 1 is the channels-last case, (ROWS, OUT) to (ROWS, OUT): each row's 8 codes are one 8-byte store.
 void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, const int32_t* shift, int32_t zero_point,
@@ -508,79 +509,23 @@ void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, i
 #pragma GCC pop_options
 // ---- end of the AVX2 region ----------------------------------------------------------------------------
 
-}  // namespace
-
-bool cpu_has_avx2() { return cpu_supports(KernelPath::Avx2); }
-
-namespace {
-
-// Refuses to pack for a path that has no packed kernels or that this CPU cannot run.
-void check_packing_path(KernelPath path, const char* what) {
-  if (path == KernelPath::Ref) {
-    throw RuntimeError(std::string(what) +
-                       ": the reference path has no packed kernels; pack for avx2, avxvnni, vnni or amx");
-  }
-  if (!cpu_supports(path)) (void)parse_kernel_path(kernel_path_name(path));  // throws, naming what the CPU has
-}
-
-}  // namespace
-
-PackedWeights pack_weights(std::span<const int8_t> w, int bits, int64_t in, int64_t out, KernelPath path) {
-  check_packing_path(path, "pack_weights");
-  PackedWeights pw;
-  pw.path = path;
-  pw.bits = bits;
-  pw.in = in;
-  pw.out = out;
-  pw.codes_per_unit = path == KernelPath::Avx2 && bits == 8 ? 2 : 4;
-  pw.k_units = ceil_div(in, pw.codes_per_unit);
-  if (path == KernelPath::Avx2 && bits == 4) pw.k_units += pw.k_units % 2;  // the int4 kernel takes two units per step
-  if (path == KernelPath::Amx) pw.k_units = ceil_div(pw.k_units, 16) * 16;  // whole B tiles of 16 units (64 k)
-  if (pw.k_units == 0) pw.k_units = path == KernelPath::Amx ? 16 : 2;       // IN = 0: zero units, so y = b
-  pw.panels = ceil_div(out, kPanel);
-  if (path == KernelPath::Amx) pw.panels += pw.panels % 2;  // the AMX kernel computes two panels at once
-  const int64_t panels = pw.panels;
-  std::vector<uint32_t> units(static_cast<size_t>(panels * pw.k_units * kPanel), 0);
-  pw.row_sums.assign(static_cast<size_t>(panels * kPanel), 0);
-  const auto row_bytes = static_cast<int64_t>(int4_packed_size(in));
-  for (int64_t o = 0; o < out; ++o) {
-    for (int64_t k = 0; k < in; ++k) {
-      const int32_t code = bits == 8 ? w[o * in + k] : unpack_int4_at(w.subspan(o * row_bytes, row_bytes), k);
-      pw.row_sums[o] += code;
-      const int64_t ku = k / pw.codes_per_unit, i = k % pw.codes_per_unit;
-      uint32_t& unit = units[((o / kPanel) * pw.k_units + ku) * kPanel + o % kPanel];
-      unit |= pw.codes_per_unit == 2 ? int16_half(code, static_cast<int>(i))
-                                     : static_cast<uint32_t>(static_cast<uint8_t>(code)) << (8 * i);
-    }
-  }
-  pw.units.assign(units.begin(), units.end());  // same bits, as int32
-  return pw;
-}
-
-size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w) {
-  if (w.path == KernelPath::Amx) return detail::qgemm_amx_workspace_size(n, w);  // also holds the VNNI rows (N < 32)
-  if (detail::uses_avx512(w.path)) return static_cast<size_t>(n * w.k_units);    // the kernels read rows [0, N) only
+// The GEMM of the Avx2 and AvxVnni paths. Outside the AVX2 region, like the dispatch that calls it: the functions
+// it calls carry their instruction sets.
+size_t qgemm_avx2_workspace_size(int64_t n, const PackedWeights& w) {
   const int64_t mr = rows_per_block(ymm_multiply(w));
   return static_cast<size_t>(ceil_div(n, mr) * mr * w.k_units);
 }
 
-void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
-                  std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads) {
-  if (detail::uses_avx512(w.path)) {  // u8 × s8 units of 4 codes for either weight width
-    if (w.path == KernelPath::Amx && n >= detail::kAmxMinRows) {  // packs x into A tiles itself
-      return detail::qgemm_amx(x.data(), x_zero_point, w, b.data(), y.data(), n, workspace.data(), threads);
-    }
-    detail::pack_x_u8(x.data(), n, w.in, w.k_units, workspace.data(), threads);
-    return detail::qgemm_vnni512(workspace.data(), x_zero_point, w, b.data(), y.data(), n, threads);
-  }
+void qgemm_avx2(const int8_t* x, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
+                int32_t* workspace, int threads) {
   const YmmMultiply m = ymm_multiply(w);  // the Avx2 and AvxVnni paths
-  pack_x(x.data(), n, w.in, m, w.k_units, workspace.data(), threads);
+  pack_x(x, n, w.in, m, w.k_units, workspace, threads);
   const int32_t z_eff = m == YmmMultiply::Madd ? x_zero_point : x_zero_point + 128;
-  if (n == 1)
-    return run_row(workspace.data(), w.units.data(), w.row_sums.data(), m, w.k_units, b.data(), z_eff, y.data(), w.out);
-  run_tiles(workspace.data(), w.units.data(), w.row_sums.data(), m, w.k_units, b.data(), z_eff, y.data(), n, w.out,
-            threads);
+  if (n == 1) return run_row(workspace, w.units.data(), w.row_sums.data(), m, w.k_units, b, z_eff, y, w.out);
+  run_tiles(workspace, w.units.data(), w.row_sums.data(), m, w.k_units, b, z_eff, y, n, w.out, threads);
 }
+
+}  // namespace detail
 
 // ---- Conv2d: an implicit GEMM on channels-last images ------------------------------------------------------
 //
@@ -596,8 +541,6 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
 
 namespace {
 
-// Padded images are followed by this many bytes, which a unit reading past the last kernel row may touch.
-constexpr int64_t kPlaneSlackBytes = 32;
 constexpr int64_t kConvRowBlock = 96;  // GEMM rows per block: their windows stay in L1 while every panel passes
 
 // The x operand of one code as the GEMM reads it: int16 for 8-bit weights, x + 128 as u8 for 4-bit weights.
@@ -635,6 +578,10 @@ void widen_row(const int8_t* src, T* dst, int64_t count) {
   for (; j < count; ++j) dst[j] = widen<T>(src[j]);
 }
 
+}  // namespace
+
+namespace detail {
+
 // x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) operands, the padding set to z_in.
 template <typename T>
 void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, int64_t c, int64_t height, int64_t width,
@@ -655,6 +602,10 @@ void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, i
     }
   }
 }
+
+}  // namespace detail
+
+namespace {
 
 // The conv micro-kernels. x[r] points at the window of GEMM row r (kernel row 0, first code); unit t of a
 // window starts offsets[t] operands further (PackedConv::unit_offsets). wp is (K · SEGMENT, 8·V) units: a panel of 8·V
@@ -774,6 +725,10 @@ PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Req
   return e;
 }
 
+}  // namespace
+
+namespace detail {
+
 // GEMM rows [first, first + rows) of the convolution of planes (operands T), channels last: the int32
 // accumulators into acc (ROWS, OUT) when rq is null, else their codes requantized (eq. 6) into y (ROWS, OUT),
 // straight from the tile while it is in L1. Blocks of kConvRowBlock rows: for each panel of 16 channels,
@@ -862,11 +817,16 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   }
 }
 
+// The two operand types (kernels_isa.h): int16 codes, and x + 128 as u8.
+template void build_planes(const int8_t*, int32_t, int16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+template void build_planes(const int8_t*, int32_t, uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+template void conv_rows(const int16_t*, const PackedConv&, int32_t, const int32_t*, const Requant*, int32_t*, int8_t*,
+                        int64_t, int64_t);
+template void conv_rows(const uint8_t*, const PackedConv&, int32_t, const int32_t*, const Requant*, int32_t*, int8_t*,
+                        int64_t, int64_t);
+
 #pragma GCC pop_options
 
-}  // namespace
-
-namespace detail {
 __attribute__((target("avx2"))) void depthwise_accumulate_avx2(const int8_t* pixel, const int8_t* taps, int32_t zero_point, int32_t* sum,
                                int64_t count) {
   const __m256i z = _mm256_set1_epi32(zero_point);
@@ -914,176 +874,5 @@ __attribute__((target("avx2"))) void add_requantize_avx2(const int8_t* a, const 
                           rq.zero_point, rq.act_min, rq.act_max);
 }
 }  // namespace detail
-
-
-PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t height, int64_t width, int64_t out,
-                             int64_t k, int64_t stride, int64_t padding, KernelPath path) {
-  check_packing_path(path, "pack_conv_weights");
-  const bool amx = path == KernelPath::Amx;
-  if (amx) path = KernelPath::Vnni512;  // the VNNI packing, with the AMX tiles below
-  PackedConv pc;
-  pc.channels = c;
-  pc.height = height;
-  pc.width = width;
-  pc.kernel = k;
-  pc.stride = stride;
-  pc.padding = padding;
-  const int64_t codes_per_unit = path == KernelPath::Avx2 && bits == 8 ? 2 : 4, segment = k * c;
-  pc.segment_units = ceil_div(segment, codes_per_unit);
-  if (path == KernelPath::Avx2 && bits == 4) pc.segment_units += pc.segment_units % 2;  // two units per step
-  const int64_t segment_codes = pc.segment_units * codes_per_unit, row = k * segment_codes, in = c * k * k;
-  // Unit t = kh·SEGMENT + u starts at kernel row kh, code u·codes_per_unit: in operands (int16 elements or
-  // u8 bytes, one per code), kh rows of the padded image further plus u units.
-  const int64_t pitch = (width + 2 * padding) * c;
-  for (int64_t kh = 0; kh < k; ++kh)
-    for (int64_t u = 0; u < pc.segment_units; ++u)
-      pc.unit_offsets.push_back(static_cast<int32_t>(kh * pitch + u * codes_per_unit));
-  // (OUT, C, K, K) codes → (OUT, K, SEGMENT) codes in (kh, kw, c) order, zeros after each kernel row's K·C.
-  std::vector<int8_t> codes(static_cast<size_t>(out * row), 0);
-  const auto packed_row = static_cast<int64_t>(int4_packed_size(in));
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t ci = 0; ci < c; ++ci)
-      for (int64_t kh = 0; kh < k; ++kh)
-        for (int64_t kw = 0; kw < k; ++kw) {
-          const int64_t from = (ci * k + kh) * k + kw;
-          codes[static_cast<size_t>(o * row + kh * segment_codes + kw * c + ci)] =
-              bits == 8 ? w[o * in + from] : unpack_int4_at(w.subspan(o * packed_row, packed_row), from);
-        }
-  if (bits == 8) {
-    pc.weights = pack_weights(codes, 8, row, out, path);
-  } else {
-    const auto row_bytes = static_cast<int64_t>(int4_packed_size(row));
-    std::vector<int8_t> packed(static_cast<size_t>(out * row_bytes));
-    for (int64_t o = 0; o < out; ++o)
-      pack_int4(std::span<const int8_t>(codes).subspan(o * row, row),
-                std::span<int8_t>(packed).subspan(o * row_bytes, row_bytes));
-    pc.weights = pack_weights(packed, 4, row, out, path);
-  }
-  if (amx && pc.segment_units >= detail::kAmxMinSegmentUnits) {
-    // B tiles: tile (p, kh, j) holds units 16·j … 16·j + 15 of kernel row kh for channels 16·p … 16·p + 15.
-    pc.amx_blocks = ceil_div(pc.segment_units, 16);
-    const int64_t panels = ceil_div(out, kPanel) + ceil_div(out, kPanel) % 2, tile = 16 * kPanel;
-    pc.amx_tiles.assign(static_cast<size_t>(panels * k * pc.amx_blocks * tile), 0);
-    for (int64_t o = 0; o < out; ++o)
-      for (int64_t kh = 0; kh < k; ++kh)
-        for (int64_t u = 0; u < pc.segment_units; ++u) {
-          int32_t unit = 0;
-          std::memcpy(&unit, codes.data() + o * row + kh * segment_codes + 4 * u, 4);
-          const int64_t at = ((o / kPanel * k + kh) * pc.amx_blocks + u / 16) * tile + u % 16 * kPanel + o % kPanel;
-          pc.amx_tiles[static_cast<size_t>(at)] = unit;
-        }
-  }
-  if (out <= 8) {  // one 8-channel panel: keep the first 8 lanes of each unit row of the 16-channel panel
-    pc.panel_channels = 8;
-    auto& units = pc.weights.units;
-    for (int64_t ku = 0; ku < pc.weights.k_units; ++ku)
-      for (int64_t j = 0; j < 8; ++j)
-        units[static_cast<size_t>(ku * 8 + j)] = units[static_cast<size_t>(ku * kPanel + j)];
-    units.resize(static_cast<size_t>(pc.weights.k_units * 8));
-  }
-  return pc;
-}
-
-namespace {
-
-// The x operands of a convolution: int16 codes for the AVX2 vpmaddwd kernels (8-bit weights), else x + 128 as u8.
-bool int16_operands(const PackedConv& pc) { return pc.weights.path == KernelPath::Avx2 && pc.weights.bits == 8; }
-
-}  // namespace
-
-size_t conv_planes_size(int64_t n, const PackedConv& pc) {
-  const int64_t padding = pc.padding;
-  const int64_t slack =
-      pc.amx_tiles.empty() ? kPlaneSlackBytes : std::max(kPlaneSlackBytes, detail::amx_conv_overrun_bytes(pc));
-  return static_cast<size_t>(n * (pc.height + 2 * padding) * (pc.width + 2 * padding) * pc.channels +
-                             ceil_div(slack, 2));
-}
-
-void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, const PackedConv& pc, std::span<int16_t> planes,
-                 int64_t n, int threads) {
-  if (int16_operands(pc)) {
-    build_planes<int16_t>(x.data(), x_zero_point, planes.data(), n, pc.channels, pc.height, pc.width, pc.padding,
-                          threads);
-  } else {
-    build_planes<uint8_t>(x.data(), x_zero_point, reinterpret_cast<uint8_t*>(planes.data()), n, pc.channels, pc.height,
-                          pc.width, pc.padding, threads);
-  }
-}
-
-void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
-                  std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows) {
-  if (int16_operands(pc)) {
-    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), nullptr, acc.data(), nullptr, first, rows);
-  } else if (!pc.amx_tiles.empty()) {
-    detail::conv_rows_amx(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), nullptr,
-                          acc.data(), nullptr, first, rows);
-  } else {
-    conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), nullptr,
-                       acc.data(), nullptr, first, rows);
-  }
-}
-
-void qconv2d_rows_requantized(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
-                              std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y, int64_t first,
-                              int64_t rows) {
-  if (int16_operands(pc)) {
-    conv_rows<int16_t>(planes.data(), pc, x_zero_point, b.data(), &rq, nullptr, y.data(), first, rows);
-  } else if (!pc.amx_tiles.empty()) {
-    detail::conv_rows_amx(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), &rq,
-                          nullptr, y.data(), first, rows);
-  } else {
-    conv_rows<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(), &rq, nullptr,
-                       y.data(), first, rows);
-  }
-}
-
-namespace {
-
-void qgemm_fast(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, int bits,
-                std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
-  const PackedWeights pw = pack_weights(w, bits, in, out, kernel_path());
-  std::vector<int32_t> workspace(qgemm_packed_workspace_size(n, pw));
-  qgemm_packed(x, x_zero_point, pw, b, y, n, workspace, threads);
-}
-
-}  // namespace
-
-void qgemm_s8(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, std::span<const int32_t> b,
-              std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
-  if (kernel_path() == KernelPath::Ref) return qgemm_s8_ref(x, x_zero_point, w, b, y, n, in, out, threads);
-  qgemm_fast(x, x_zero_point, w, 8, b, y, n, in, out, threads);
-}
-
-void qgemm_s4(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, std::span<const int32_t> b,
-              std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
-  if (kernel_path() == KernelPath::Ref) return qgemm_s4_ref(x, x_zero_point, w, b, y, n, in, out, threads);
-  qgemm_fast(x, x_zero_point, w, 4, b, y, n, in, out, threads);
-}
-
-void input_lookup_fast(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
-                       KernelPath path, int threads) {
-  const bool vbmi = detail::uses_avx512(path) && cpu_features().avx512_vbmi;
-  if (!vbmi) return input_lookup(images, table, y, threads);
-  detail::input_lookup_vbmi(images.data(), table.data(), y.data(), static_cast<int64_t>(images.size()), threads);
-}
-
-void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
-                             int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads,
-                             KernelPath path) {
-  if (detail::uses_avx512(path) && k == 2 && stride == 2 && padding == 0) {
-    return detail::maxpool2_requantize_avx512(acc.data(), rq, y.data(), n, c, height, width, threads);
-  }
-  maxpool_requantize_avx2(acc.data(), rq, y.data(), n, c, height, width, k, stride, padding, threads);
-}
-
-void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n,
-                        int64_t positions, int64_t out, int threads, KernelPath path) {
-  if (path == KernelPath::Ref || !cpu_has_avx2()) return requantize_to_nchw_ref(acc, rq, y, n, positions, out, threads);
-  if (detail::uses_avx512(path) && positions == 1) {
-    return detail::requantize_rows_avx512(acc.data(), rq, y.data(), n, out, threads);
-  }
-  requantize_to_nchw_avx2(acc.data(), rq.multiplier.data(), rq.shift.data(), rq.zero_point, rq.act_min, rq.act_max,
-                          y.data(), n, positions, out, threads);
-}
 
 }  // namespace lowbit::quant::runtime

@@ -1,5 +1,6 @@
-// Internal to quant/runtime: the entry points of the AVX-VNNI, AVX-512 VNNI and AMX kernel files, which the dispatch
-// in kernels_avx2.cpp calls once the CPU has been checked (cpu.h). Not part of the library's interface.
+// Internal to quant/runtime: the entry points of the AVX2, AVX-VNNI, AVX-512 VNNI and AMX kernel files, which the
+// dispatch in kernels_dispatch.cpp (and kernels_graph.cpp) calls once the CPU has been checked (cpu.h). Not part of
+// the library's interface.
 #pragma once
 
 #include <cstddef>
@@ -22,7 +23,42 @@ constexpr int64_t kAmxMinRows = 32;
 constexpr int64_t kConvPanelsVnni = 4;
 constexpr int64_t conv_rows_vnni(int64_t panels_per_call) { return panels_per_call == 1 ? 12 : 6; }
 
+// The unit of an Avx2 8-bit panel (PackedWeights) holds two codes as int16: code goes to half 0 (low, even k) or 1.
+// pack_weights (kernels_dispatch.cpp) lays out the weights with it, pack_x (kernels_avx2.cpp) the rows of x.
+inline uint32_t int16_half(int32_t code, int half) {
+  return static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(code))) << (16 * half);
+}
+
 // ---- kernels_avx2.cpp ----
+
+// The GEMM of the Avx2 and AvxVnni paths (qgemm_packed): x is (N, IN) codes, w packed for Avx2 or AvxVnni, b is
+// (OUT); y is (N, OUT) int32, equal to qgemm_s8_ref's / qgemm_s4_ref's. It packs x into workspace, which holds
+// qgemm_avx2_workspace_size(n, w) int32.
+size_t qgemm_avx2_workspace_size(int64_t n, const PackedWeights& w);
+void qgemm_avx2(const int8_t* x, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
+                int32_t* workspace, int threads);
+
+// conv_planes for the operands T: int16_t (codes, for Avx2 with 8-bit weights) or uint8_t (x + 128).
+// x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) operands, the padding set to z_in.
+template <typename T>
+void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, int64_t c, int64_t height, int64_t width,
+                  int64_t padding, int threads);
+
+// GEMM rows [first, first + rows) of the convolution of planes (operands T, from build_planes) on the Avx2, AvxVnni
+// or Vnni512 micro-kernels (pc's path; not its amx_tiles): acc (ROWS, OUT) int32 when rq is null, else y (ROWS,
+// OUT) codes (eq. 6). z_eff is z_in for int16 operands, z_in + 128 for u8 ones.
+template <typename T>
+void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant* rq, int32_t* acc,
+               int8_t* y, int64_t first, int64_t rows);
+
+// requantize_to_nchw, 8 channels at a time: acc is (N, P, OUT) int32; y is (N, OUT, P) codes.
+void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, const int32_t* shift, int32_t zero_point,
+                             int32_t act_min, int32_t act_max, int8_t* y, int64_t n, int64_t positions, int64_t out,
+                             int threads);
+
+// maxpool_requantize_nhwc, 8 channels at a time: acc is (N, H, W, C) int32; y is (N, HO, WO, C) codes.
+void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, int64_t n, int64_t c, int64_t height,
+                             int64_t width, int64_t k, int64_t stride, int64_t padding, int threads);
 
 // sum[c] += taps[c]·(pixel[c] − z) for c < count, 8 channels at a time: the depthwise convolution's inner loop.
 void depthwise_accumulate_avx2(const int8_t* pixel, const int8_t* taps, int32_t zero_point, int32_t* sum,
