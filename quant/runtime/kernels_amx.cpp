@@ -196,10 +196,7 @@ void conv_rows_amx(const uint8_t* planes, const PackedConv& pc, int32_t z_eff, c
     for (int64_t h = 0; h < 2; ++h)  // b − z_eff·Σw per channel, wrapping
       for (int64_t j = 0; j < kPanel; ++j) {
         const int64_t o = (2 * q + h) * kPanel + j;
-        offset[h][j] =
-            o < out ? static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
-                                           static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(pc.weights.row_sums[o]))
-                    : 0;
+        offset[h][j] = o < out ? channel_offset(b[o], z_eff, pc.weights.row_sums[o]) : 0;
       }
     for (int64_t i = first / per_image; i * per_image < last; ++i) {
       const int64_t r_begin = std::max(first, i * per_image) - i * per_image;
@@ -252,10 +249,6 @@ constexpr int64_t kTileInts = 256;    // one tile: 16 rows × 64 bytes
 constexpr int64_t kChunkSteps = 16;   // a chunk of A: 32 rows × 1024 k = 32 KB
 constexpr int64_t kPairsPerTask = 8;  // a task: 32 rows × 256 channels
 
-inline __mmask64 low_bytes(int64_t count) {
-  return count >= 64 ? ~__mmask64{0} : count <= 0 ? 0 : (__mmask64{1} << count) - 1;
-}
-
 // x (N, IN) codes → xt, ROWS (a multiple of 32) rows of STEPS A tiles; codes past IN and rows past N are 0.
 LOWBIT_AMX void pack_x_tiles(const int8_t* x, int64_t n, int64_t rows, int64_t in, int64_t steps, int32_t* xt,
                              int threads) {
@@ -264,7 +257,7 @@ LOWBIT_AMX void pack_x_tiles(const int8_t* x, int64_t n, int64_t rows, int64_t i
     int32_t* row = xt + r / 16 * steps * kTileInts + r % 16 * 16;
     const int8_t* src = r < n ? x + r * in : x;  // rows past N load nothing (no pointer past x either)
     for (int64_t s = 0; s < steps; ++s) {
-      const __mmask64 valid = r < n ? low_bytes(in - 64 * s) : 0;
+      const __mmask64 valid = r < n ? low_bits(in - 64 * s) : 0;
       const __m512i codes = _mm512_maskz_loadu_epi8(valid, src + 64 * s);
       _mm512_store_si512(row + s * kTileInts, _mm512_maskz_mov_epi8(valid, _mm512_xor_si512(codes, bias)));
     }
@@ -370,9 +363,7 @@ void qgemm_amx(const int8_t* x, int32_t x_zero_point, const PackedWeights& w, co
   int32_t* xt = workspace + (-reinterpret_cast<uintptr_t>(workspace) / 4 % 16);  // 64-byte aligned
   int32_t* offset = xt + row_blocks * kBlock * w.k_units;
   for (int64_t o = 0; o < w.panels * kPanel; ++o)  // b − z_eff·Σw, wrapping; 0 past OUT
-    offset[o] = o < w.out ? static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
-                                                 static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]))
-                          : 0;
+    offset[o] = o < w.out ? channel_offset(b[o], z_eff, w.row_sums[o]) : 0;
   pack_x_tiles(x, n, row_blocks * kBlock, w.in, w.k_units / kUnitsPerTile, xt, threads);
   // Every y element is computed by one task, in a fixed order: the result does not depend on the threads.
   // Each thread configures its tiles before its first task and releases them after its last.

@@ -248,8 +248,8 @@ void run_row(const int32_t* xp, const int32_t* units, const int32_t* row_sums, Y
       row_kernel<1>(xp, m, wp, panel_stride, k_units, tile);
     }
     for (int64_t o = p0 * kPanel; o < min_i64(out, (p0 + 4) * kPanel); ++o) {
-      y[o] = static_cast<int32_t>(static_cast<uint32_t>(tile[o - p0 * kPanel]) + static_cast<uint32_t>(b[o]) -
-                                  static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(row_sums[o]));
+      y[o] = static_cast<int32_t>(static_cast<uint32_t>(tile[o - p0 * kPanel]) +
+                                  static_cast<uint32_t>(detail::channel_offset(b[o], z_eff, row_sums[o])));
     }
   }
 }
@@ -300,8 +300,7 @@ void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums,
       alignas(32) int32_t offset[kPanel] = {};  // b[o] − z_eff·Σ_k w[o][k], wrapping
       for (int64_t j = 0; j < channels; ++j) {
         const int64_t o = p * kPanel + j;
-        offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
-                                         static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(row_sums[o]));
+        offset[j] = detail::channel_offset(b[o], z_eff, row_sums[o]);
       }
       const __m256i offset0 = load8(offset), offset1 = load8(offset + 8);
       for (int64_t rb = rb0; rb < rb1; ++rb) {
@@ -710,8 +709,7 @@ PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Req
   e.channels = min_i64(panel, w.out - p * panel);
   for (int64_t j = 0; j < e.channels; ++j) {
     const int64_t o = p * panel + j;
-    e.offset[j] = static_cast<int32_t>(static_cast<uint32_t>(b[o]) -
-                                       static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(w.row_sums[o]));
+    e.offset[j] = detail::channel_offset(b[o], z_eff, w.row_sums[o]);
   }
   e.count0 = min_i64(8, e.channels);
   e.count1 = e.channels - e.count0;

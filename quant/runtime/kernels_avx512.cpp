@@ -50,7 +50,6 @@ constexpr int64_t kKBlockUnits = 128;  // ... walking K in blocks of 128 units: 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline uint64_t low_bits(int64_t count) { return count >= 64 ? ~uint64_t{0} : (uint64_t{1} << count) - 1; }
 inline uint16_t low_lanes(int64_t count) { return static_cast<uint16_t>(count >= 16 ? 0xFFFF : (1u << count) - 1); }
 
 // xp holds MR rows of units, row r at xp + r·x_stride; panel v's units at wp + v·panel_stride, (KB, 16) each;
@@ -130,7 +129,7 @@ LOWBIT_AVX512_VNNI void pack_row_u8(const int8_t* src, int64_t in, int64_t row_b
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
   auto* out = reinterpret_cast<uint8_t*>(dst);
   for (int64_t j = 0; j < row_bytes; j += 64) {
-    const __mmask64 valid = low_bits(in - j < 0 ? 0 : in - j), stored = low_bits(row_bytes - j);
+    const __mmask64 valid = low_bits(in - j), stored = low_bits(row_bytes - j);
     const __m512i codes = _mm512_maskz_loadu_epi8(valid, src + j);
     _mm512_mask_storeu_epi8(out + j, stored, _mm512_maskz_mov_epi8(valid, _mm512_xor_si512(codes, bias)));
   }

@@ -29,6 +29,19 @@ inline uint32_t int16_half(int32_t code, int half) {
   return static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(code))) << (16 * half);
 }
 
+// The constant b − z_eff·Σ_k w[o][k] of output channel o, which every row of a GEMM or convolution adds to its sum
+// of raw products: z_eff·Σw takes out what the input zero point (and the +128 that makes int8 codes u8 operands)
+// added. The int32 arithmetic wraps, as the reference's does (point 3 at the top of kernels_avx512.cpp).
+inline int32_t channel_offset(int32_t b, int32_t z_eff, int32_t row_sum) {
+  return static_cast<int32_t>(static_cast<uint32_t>(b) - static_cast<uint32_t>(z_eff) * static_cast<uint32_t>(row_sum));
+}
+
+// The mask of the lowest `count` of 64 bits (0 for count <= 0): which bytes of a 64-byte row, or lanes of a vector,
+// a masked load or store touches (AVX-512 and AMX paths).
+inline uint64_t low_bits(int64_t count) {
+  return count >= 64 ? ~uint64_t{0} : count <= 0 ? 0 : (uint64_t{1} << count) - 1;
+}
+
 // ---- kernels_avx2.cpp ----
 
 // The GEMM of the Avx2 and AvxVnni paths (qgemm_packed): x is (N, IN) codes, w packed for Avx2 or AvxVnni, b is
