@@ -99,8 +99,9 @@ struct PackedConv {
   std::vector<int32_t> unit_offsets;  // (K · SEGMENT): where each unit of a window starts, in operands
   // Amx, when the kernel rows are long enough (kernels_amx.cpp): the weights again as AMX B tiles, (PANELS, K,
   // BLOCKS, 16 units, 16 channels) int32 units, each kernel row's SEGMENT units in BLOCKS blocks of 16 units,
-  // zero-padded, PANELS even. Empty: the convolution runs on the VNNI kernels.
-  std::vector<int32_t> amx_tiles;
+  // zero-padded, PANELS even, 64-byte aligned like PackedWeights::units. Empty: the convolution runs on the VNNI
+  // kernels.
+  std::vector<int32_t, CacheLineAllocator<int32_t>> amx_tiles;
   int64_t amx_blocks = 0;
 };
 
