@@ -12,7 +12,7 @@
 //                                  (grouped, depthwise); im2col + sgemm per group, depthwise by direct loops
 //   9. max_pool2d, avg_pool2d,     square window, stride, zero padding (never the max; counted in the average);
 //      global_avg_pool2d           the mean of each plane, (N, C, H, W) -> (N, C, 1, 1)
-//  10. batch_norm                  per channel (dim 1); batch statistics in training, running ones in eval
+//  10. batch_norm(_relu)           per channel (dim 1); batch statistics in training, running ones in eval
 //  11. dropout                     seeded; identity in eval
 //  12. log_softmax                 along the last axis of a 2-D tensor
 //  13. cross_entropy               fused log-softmax + negative log-likelihood, mean over the batch
@@ -75,6 +75,10 @@ Tensor global_avg_pool2d(const Tensor& x);
 // running = (1 - momentum) * running + momentum * batch (unbiased variance, as PyTorch).
 Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean, Tensor& running_var,
                   bool training, float momentum = 0.1f, float eps = 1e-5f);
+// relu(batch_norm(...)) as one op: the same values and gradients bit for bit, one pass over the data less each way
+// (nn::run_nodes runs a BatchNorm2d whose output only a ReLU reads with it).
+Tensor batch_norm_relu(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
+                       Tensor& running_var, bool training, float momentum = 0.1f, float eps = 1e-5f);
 // 11. Zeroes each value with probability p and scales the rest by 1 / (1 - p).
 Tensor dropout(const Tensor& x, float p, bool training, Rng& rng = global_rng());
 // 12. x is (N, OUT).

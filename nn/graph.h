@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include "nn/kinds.h"
@@ -85,10 +86,23 @@ class Model : public Module {
   std::vector<Node> nodes;
 };
 
+// True when node i is a BatchNorm2d whose output only the ReLU right after it reads: run_nodes then runs the two
+// as one op (ops::batch_norm_relu: the same values and gradients, one pass over the activations less each way).
+// Exact types only: a subclass (a QAT layer, say) may do more than its base.
+template <typename GraphNode>
+bool batch_norm_feeds_relu(const std::vector<GraphNode>& nodes, size_t i) {
+  if (i + 1 >= nodes.size() || nodes[i].last_reader != static_cast<int>(i + 1)) return false;
+  const GraphNode& next = nodes[i + 1];
+  const Module &bn = *nodes[i].module, &relu = *next.module;
+  return next.inputs.size() == 1 && next.inputs[0] == static_cast<int>(i) && typeid(bn) == typeid(BatchNorm2d) &&
+         typeid(relu) == typeid(ReLU);
+}
+
 // Runs graph nodes in order on the input x: node i gets the outputs of nodes[i].inputs (−1 is x). With keep_all
-// false each output is freed after its last reader (Node::last_reader) and only the last node's output is kept;
-// with keep_all true every node's output is returned (for reports). Model and the prepared QatModel both run
-// through this.
+// false each output is freed after its last reader (Node::last_reader) and only the last node's output is kept,
+// and a batch norm followed by a ReLU runs as one op (batch_norm_feeds_relu; the batch norm's output is then
+// never formed); with keep_all true every node runs alone and every output is returned (for reports). Model and
+// the prepared QatModel both run through this.
 template <typename GraphNode>
 std::vector<Tensor> run_nodes(const std::vector<GraphNode>& nodes, const Tensor& x, bool keep_all) {
   std::vector<Tensor> outputs(nodes.size());
@@ -96,11 +110,16 @@ std::vector<Tensor> run_nodes(const std::vector<GraphNode>& nodes, const Tensor&
   for (size_t i = 0; i < nodes.size(); ++i) {
     in.clear();
     for (int j : nodes[i].inputs) in.push_back(j < 0 ? x : outputs[static_cast<size_t>(j)]);
-    outputs[i] = nodes[i].module->forward_inputs(in);
+    const bool fused = !keep_all && batch_norm_feeds_relu(nodes, i);
+    if (fused)
+      outputs[i + 1] = static_cast<BatchNorm2d&>(static_cast<Module&>(*nodes[i].module)).forward_relu(in[0]);
+    else
+      outputs[i] = nodes[i].module->forward_inputs(in);
     if (keep_all) continue;
     for (int j : nodes[i].inputs)  // free what no later node reads
       if (j >= 0 && nodes[static_cast<size_t>(j)].last_reader == static_cast<int>(i))
         outputs[static_cast<size_t>(j)] = Tensor();
+    if (fused) ++i;  // the ReLU has run
   }
   return outputs;
 }

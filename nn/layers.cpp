@@ -129,6 +129,10 @@ Tensor BatchNorm2d::forward(const Tensor& x) {
   return ops::batch_norm(x, weight, bias, running_mean, running_var, is_training(), momentum, eps);
 }
 
+Tensor BatchNorm2d::forward_relu(const Tensor& x) {
+  return ops::batch_norm_relu(x, weight, bias, running_mean, running_var, is_training(), momentum, eps);
+}
+
 std::string BatchNorm2d::describe() const { return fmt::format("BatchNorm2d({})", channels); }
 
 namespace {

@@ -41,6 +41,7 @@ class BatchNorm2d : public Module {
  public:
   explicit BatchNorm2d(int64_t channels, float eps = 1e-5f, float momentum = 0.1f);
   Tensor forward(const Tensor& x) override;
+  Tensor forward_relu(const Tensor& x);  // ReLU(forward(x)) as one op (ops::batch_norm_relu)
   std::string describe() const override;
   int64_t channels;
   float eps, momentum;

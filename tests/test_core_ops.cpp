@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -263,6 +264,64 @@ TEST_CASE("gradcheck 10: batch_norm, training and eval, (N, C) and (N, C, H, W)"
             return ops::batch_norm(in[0], in[1], in[2], rm, rv, training);
           },
           {x, gamma, beta});
+    }
+  }
+}
+
+TEST_CASE("gradcheck 10b: batch_norm_relu, training and eval, (N, C) and (N, C, H, W)") {
+  for (const Shape& x_shape : {Shape{6, 3}, Shape{2, 3, 3, 2}}) {
+    const int64_t c = x_shape[1];
+    const Tensor running_mean = randn({c}, 113), running_var = uniform({c}, 0.5f, 2.f, 114);
+    for (bool training : {true, false}) {
+      INFO("x ", lowbit::shape_str(x_shape), ", training ", training);
+      // The first seed whose pre-activations (batch_norm's outputs) are all at least kKinkMargin from ReLU's kink,
+      // so that x +- eps never crosses it.
+      Tensor x, gamma, beta;
+      for (uint64_t seed = 200;; seed += 10) {
+        x = randn(x_shape, seed), gamma = uniform({c}, 0.5f, 2.f, seed + 1), beta = randn({c}, seed + 2);
+        Tensor rm = running_mean.clone(), rv = running_var.clone();
+        const Tensor pre = ops::batch_norm(x, gamma, beta, rm, rv, training);
+        if (std::all_of(pre.values().begin(), pre.values().end(), [](float v) { return std::abs(v) >= kKinkMargin; }))
+          break;
+      }
+      check_gradients(
+          [&](const std::vector<Tensor>& in) {
+            Tensor rm = running_mean.clone(), rv = running_var.clone();
+            return ops::batch_norm_relu(in[0], in[1], in[2], rm, rv, training);
+          },
+          {x, gamma, beta});
+    }
+  }
+}
+
+TEST_CASE("batch_norm_relu is relu(batch_norm) bit for bit: values, gradients and running statistics") {
+  // Planes of 37 values (not a multiple of the 16 lanes), values around 0 so both sides of the kink occur.
+  for (const Shape& x_shape : {Shape{8, 5}, Shape{3, 4, 5, 7}}) {
+    for (bool training : {true, false}) {
+      INFO("x ", lowbit::shape_str(x_shape), ", training ", training);
+      const int64_t c = x_shape[1];
+      const Tensor x0 = randn(x_shape, 120), gamma0 = uniform({c}, 0.5f, 2.f, 121), beta0 = randn({c}, 122);
+      const Tensor dy = randn(x_shape, 123);
+      std::vector<std::vector<float>> results[2];
+      for (int fused = 0; fused < 2; ++fused) {
+        Tensor x = x0.clone(), gamma = gamma0.clone(), beta = beta0.clone();
+        for (Tensor* t : {&x, &gamma, &beta}) t->set_requires_grad(true);
+        Tensor rm = Tensor::zeros({c}), rv = Tensor::ones({c});
+        const Tensor y = fused ? ops::batch_norm_relu(x, gamma, beta, rm, rv, training)
+                               : ops::relu(ops::batch_norm(x, gamma, beta, rm, rv, training));
+        y.backward(dy);
+        for (const Tensor& t : {y, x.grad(), gamma.grad(), beta.grad(), rm, rv})
+          results[fused].emplace_back(t.values().begin(), t.values().end());
+      }
+      int zeros = 0;
+      for (float v : results[1][0]) zeros += v == 0.f;
+      CHECK(zeros > 0);  // the kink is crossed
+      CHECK(zeros < static_cast<int>(results[1][0].size()));
+      for (size_t k = 0; k < results[0].size(); ++k) {
+        INFO("result ", k, " (y, dx, dgamma, dbeta, running mean, running var)");
+        REQUIRE(results[0][k].size() == results[1][k].size());
+        CHECK(std::memcmp(results[0][k].data(), results[1][k].data(), results[0][k].size() * sizeof(float)) == 0);
+      }
     }
   }
 }

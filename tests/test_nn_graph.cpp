@@ -2,7 +2,10 @@
 // checkpoints that rebuild from the file alone.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "core/ops.h"
@@ -186,4 +189,76 @@ TEST_CASE("a graph model's checkpoint rebuilds from its description alone") {
   again->eval();
   const Tensor a = model->forward(x), b = again->forward(x);
   for (int64_t i = 0; i < a.numel(); ++i) CHECK(a.data()[i] == b.data()[i]);
+}
+
+namespace {
+// The names of the ops in y's backward graph, each node once.
+std::vector<std::string> op_names(const Tensor& y) {
+  std::vector<std::string> names;
+  std::vector<const Node*> todo{y.grad_fn().get()}, seen;
+  while (!todo.empty()) {
+    const Node* node = todo.back();
+    todo.pop_back();
+    if (node == nullptr || std::find(seen.begin(), seen.end(), node) != seen.end()) continue;
+    seen.push_back(node);
+    names.emplace_back(node->name);
+    for (const Tensor& t : node->inputs)
+      if (t.defined()) todo.push_back(t.grad_fn().get());  // an op's optional input may be undefined
+  }
+  return names;
+}
+}  // namespace
+
+TEST_CASE("a batch norm that only a ReLU reads runs fused with it, with the values and gradients of the two") {
+  // bn1 -> relu1 fuses; bn2 is read by relu2 and by the Add (two readers), bn3 by a ReLU6: neither fuses.
+  const std::string text = text_of(R"([
+    {"name": "conv1", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1, "bias": false},
+    {"name": "bn1", "kind": "BatchNorm2d"},
+    {"name": "relu1", "kind": "ReLU"},
+    {"name": "conv2", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1, "bias": false},
+    {"name": "bn2", "kind": "BatchNorm2d"},
+    {"name": "relu2", "kind": "ReLU"},
+    {"name": "add", "kind": "Add", "inputs": ["relu2", "bn2"]},
+    {"name": "bn3", "kind": "BatchNorm2d"},
+    {"name": "relu6", "kind": "ReLU6"},
+    {"name": "pool", "kind": "GlobalAvgPool2d"},
+    {"name": "flat", "kind": "Flatten"},
+    {"name": "fc", "kind": "Linear", "out_features": "classes"}])");
+  auto model = nn::build_model(nn::parse_description(text, "t.json"));
+  model->train();
+  const Tensor x = Tensor::randn({5, 1, 8, 8}), dy = Tensor::randn({5, 3});
+  std::vector<Tensor> start_buffers;
+  for (const auto& [name, t] : model->named_buffers()) start_buffers.push_back(t.clone());
+
+  std::vector<std::vector<float>> results[2];
+  std::vector<std::string> ops[2];
+  for (int keep_all = 0; keep_all < 2; ++keep_all) {  // keep_all runs every node alone
+    size_t b = 0;
+    for (auto& [name, t] : model->named_buffers()) t.copy_from(start_buffers[b++]);
+    model->zero_grad();
+    const Tensor y = keep_all ? nn::run_nodes(model->nodes, x, true).back() : model->forward(x);
+    y.backward(dy);
+    ops[keep_all] = op_names(y);
+    results[keep_all].emplace_back(y.values().begin(), y.values().end());
+    for (const Tensor& p : model->parameters()) {
+      const Tensor g = p.grad();
+      REQUIRE(g.defined());
+      results[keep_all].emplace_back(g.values().begin(), g.values().end());
+    }
+    for (const auto& [name, t] : model->named_buffers())
+      results[keep_all].emplace_back(t.values().begin(), t.values().end());
+  }
+  const auto count = [](const std::vector<std::string>& names, const std::string& op) {
+    return std::count(names.begin(), names.end(), op);
+  };
+  CHECK(count(ops[0], "batch_norm_relu") == 1);
+  CHECK(count(ops[0], "batch_norm") == 2);
+  CHECK(count(ops[1], "batch_norm_relu") == 0);
+  CHECK(count(ops[1], "batch_norm") == 3);
+  REQUIRE(results[0].size() == results[1].size());
+  for (size_t k = 0; k < results[0].size(); ++k) {
+    INFO("result ", k, " (the output, then each parameter's gradient, then each buffer)");
+    REQUIRE(results[0][k].size() == results[1][k].size());
+    CHECK(std::memcmp(results[0][k].data(), results[1][k].data(), results[0][k].size() * sizeof(float)) == 0);
+  }
 }

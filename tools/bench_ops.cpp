@@ -43,6 +43,10 @@ std::vector<Case> cases() {
     Tensor mean = Tensor::zeros({in[1].size(0)}), var = Tensor::ones({in[1].size(0)});
     return ops::batch_norm(in[0], in[1], in[2], mean, var, true);
   };
+  auto batch_norm_relu = [](std::vector<Tensor>& in) {
+    Tensor mean = Tensor::zeros({in[1].size(0)}), var = Tensor::ones({in[1].size(0)});
+    return ops::batch_norm_relu(in[0], in[1], in[2], mean, var, true);
+  };
   auto relu = [](std::vector<Tensor>& in) { return ops::relu(in[0]); };
   auto max_pool = [](std::vector<Tensor>& in) { return ops::max_pool2d(in[0], 2, 2); };
   auto linear = [](std::vector<Tensor>& in) { return ops::add(ops::matmul(in[0], in[1], false, true), in[2]); };
@@ -58,9 +62,12 @@ std::vector<Case> cases() {
       {"convbn conv 1x28x28 -> 32, 3x3 pad 1", {{64, 1, 28, 28}, {32, 1, 3, 3}}, {false, true}, conv(1, 1, false)},
       {"convbn batchnorm 32x28x28", {{64, 32, 28, 28}, {32}, {32}}, {true, true, true}, batch_norm},
       {"convbn relu 32x28x28", {{64, 32, 28, 28}}, {true}, relu},
+      {"convbn batchnorm+relu 32x28x28", {{64, 32, 28, 28}, {32}, {32}}, {true, true, true}, batch_norm_relu},
       {"convbn maxpool 32x28x28", {{64, 32, 28, 28}}, {true}, max_pool},
       {"convbn conv 32x14x14 -> 64, 3x3 pad 1", {{64, 32, 14, 14}, {64, 32, 3, 3}}, {true, true}, conv(1, 1, false)},
       {"convbn batchnorm 64x14x14", {{64, 64, 14, 14}, {64}, {64}}, {true, true, true}, batch_norm},
+      {"convbn relu 64x14x14", {{64, 64, 14, 14}}, {true}, relu},
+      {"convbn batchnorm+relu 64x14x14", {{64, 64, 14, 14}, {64}, {64}}, {true, true, true}, batch_norm_relu},
       {"convbn linear 3136 -> 128", {{64, 3136}, {128, 3136}, {128}}, {true, true, true}, linear},
   };
 }
