@@ -295,7 +295,7 @@ TEST_CASE("gradcheck 10b: batch_norm_relu, training and eval, (N, C) and (N, C, 
 }
 
 TEST_CASE("batch_norm_relu is relu(batch_norm) bit for bit: values, gradients and running statistics") {
-  // Planes of 37 values (not a multiple of the 16 lanes), values around 0 so both sides of the kink occur.
+  // Planes of 35 values (not a multiple of the 16 lanes), values around 0 so both sides of the kink occur.
   for (const Shape& x_shape : {Shape{8, 5}, Shape{3, 4, 5, 7}}) {
     for (bool training : {true, false}) {
       INFO("x ", lowbit::shape_str(x_shape), ", training ", training);
