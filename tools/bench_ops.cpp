@@ -39,14 +39,14 @@ std::vector<Case> cases() {
   auto conv = [](int64_t stride, int64_t padding, bool bias) {
     return [=](std::vector<Tensor>& in) { return ops::conv2d(in[0], in[1], bias ? in[2] : Tensor(), stride, padding); };
   };
-  auto batch_norm = [](std::vector<Tensor>& in) {
-    Tensor mean = Tensor::zeros({in[1].size(0)}), var = Tensor::ones({in[1].size(0)});
-    return ops::batch_norm(in[0], in[1], in[2], mean, var, true);
+  auto batch_norm_op = [](bool with_relu) {  // training mode; running statistics that start at 0 and 1
+    return [=](std::vector<Tensor>& in) {
+      Tensor mean = Tensor::zeros({in[1].size(0)}), var = Tensor::ones({in[1].size(0)});
+      return with_relu ? ops::batch_norm_relu(in[0], in[1], in[2], mean, var, true)
+                       : ops::batch_norm(in[0], in[1], in[2], mean, var, true);
+    };
   };
-  auto batch_norm_relu = [](std::vector<Tensor>& in) {
-    Tensor mean = Tensor::zeros({in[1].size(0)}), var = Tensor::ones({in[1].size(0)});
-    return ops::batch_norm_relu(in[0], in[1], in[2], mean, var, true);
-  };
+  const auto batch_norm = batch_norm_op(false), batch_norm_relu = batch_norm_op(true);
   auto relu = [](std::vector<Tensor>& in) { return ops::relu(in[0]); };
   auto max_pool = [](std::vector<Tensor>& in) { return ops::max_pool2d(in[0], 2, 2); };
   auto linear = [](std::vector<Tensor>& in) { return ops::add(ops::matmul(in[0], in[1], false, true), in[2]); };
