@@ -415,7 +415,7 @@ TEST_CASE("random architectures: prepare → calibrate → QAT → convert → s
     // Every fast path, any thread count: bit for bit the reference.
     for (const rt::KernelPath kernel_path : paths) {
       for (const int threads : {1, 2, 3}) {
-        CAPTURE(rt::kernel_path_name(kernel_path));
+        CAPTURE(std::string(rt::kernel_path_name(kernel_path)));
         CAPTURE(threads);
         rt::Executor fast(loaded.graph, threads, kernel_path);
         const auto got = fast.run(images, n);

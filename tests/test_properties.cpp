@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "core/rng.h"
@@ -108,7 +109,7 @@ TEST_CASE("requantize_to_nchw (fast and reference) equals the exact rounding for
     for (const rt::KernelPath path :
          {rt::KernelPath::Avx2, rt::KernelPath::AvxVnni, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
       if (!rt::cpu_supports(path)) continue;  // (the GEMM property test reports the skipped paths)
-      CAPTURE(rt::kernel_path_name(path));
+      CAPTURE(std::string(rt::kernel_path_name(path)));
       rt::requantize_to_nchw(acc, rq, fast, n, positions, out, 1 + (z & 1), path);
       mismatches += count_mismatches<int8_t>(fast, want, "fast");
       // The same accumulators as N·P channels-last rows (P = 1): the executor's form, AVX-512 on vnni/amx.
@@ -148,7 +149,7 @@ TEST_CASE("qgemm fast, packed and reference agree bit for bit on random shapes, 
     CAPTURE(trial);
     mismatches += count_mismatches<int32_t>(fast, want, "fast");
     for (const rt::KernelPath path : paths) {
-      CAPTURE(rt::kernel_path_name(path));
+      CAPTURE(std::string(rt::kernel_path_name(path)));
       const rt::PackedWeights pw = rt::pack_weights(w, bits, in, out, path);
       std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(n, pw));
       rt::qgemm_packed(x, z, pw, b, packed, n, workspace, threads);
@@ -324,7 +325,7 @@ TEST_CASE(
       for (const int threads : {1, 2, 3}) {
         if (path == rt::KernelPath::Ref && threads == 2) continue;  // time: the reference splits like 3 threads
         rt::Executor executor(g, threads, path);
-        CAPTURE(rt::kernel_path_name(path));
+        CAPTURE(std::string(rt::kernel_path_name(path)));
         const std::span<const int8_t> got = executor.run(images, n);
         CAPTURE(threads);
         mismatches += count_mismatches<int8_t>(got, want, "logits");

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "core/rng.h"
@@ -102,7 +103,7 @@ TEST_CASE("qgemm_s8 and qgemm_s4 are bit-exact with the reference on random shap
         CHECK(count_mismatches(got1, want, "1 thread") == 0);
         CHECK(count_mismatches(got2, want, "2 threads") == 0);
         for (const rt::KernelPath path : paths) {
-          CAPTURE(rt::kernel_path_name(path));
+          CAPTURE(std::string(rt::kernel_path_name(path)));
           const rt::PackedWeights pw = rt::pack_weights(w, bits, s.in, s.out, path);
           std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(s.n, pw));
           for (const int threads : {1, 2, 3}) {
@@ -138,7 +139,7 @@ TEST_CASE("u8-shifted sums that leave int32 on the way still give the exact resu
   std::vector<int32_t> want(n * out), got(n * out);
   rt::qgemm_s8_ref(x, 124, w, b, want, n, in, out, 1);
   for (const rt::KernelPath path : lowbit::test::fast_paths_to_test()) {
-    CAPTURE(rt::kernel_path_name(path));
+    CAPTURE(std::string(rt::kernel_path_name(path)));
     const rt::PackedWeights pw = rt::pack_weights(w, 8, in, out, path);
     std::vector<int32_t> workspace(rt::qgemm_packed_workspace_size(n, pw));
     for (const int64_t rows : {n, int64_t{1}}) {  // AMX from 32 rows on, VNNI below
@@ -217,7 +218,7 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       std::vector<int8_t> want(rows * s.out);
       rt::requantize_to_nchw_ref(acc, rq, want, rows, 1, s.out, 1);
       for (const rt::KernelPath path : paths) {
-        CAPTURE(rt::kernel_path_name(path));
+        CAPTURE(std::string(rt::kernel_path_name(path)));
         const rt::PackedConv pc = rt::pack_conv_weights(w, bits, s.c, s.h, s.w, s.out, s.k, s.stride, s.padding, path);
         // Amx runs a convolution on tiles from kernel rows of 8 units (29 codes) on.
         CHECK(pc.amx_tiles.empty() == (path != rt::KernelPath::Amx || (s.k * s.c + 3) / 4 < 8));
@@ -252,13 +253,13 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
 TEST_CASE("kernel paths: names parse, 'auto' is the best, a path the CPU lacks or a bad name is a clear error") {
   for (const rt::KernelPath path : {rt::KernelPath::Ref, rt::KernelPath::Avx2, rt::KernelPath::AvxVnni,
                                     rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
-    CAPTURE(rt::kernel_path_name(path));
+    CAPTURE(std::string(rt::kernel_path_name(path)));
     if (rt::cpu_supports(path)) {
       CHECK(rt::parse_kernel_path(rt::kernel_path_name(path)) == path);
     } else {
       CHECK_THROWS_AS(rt::parse_kernel_path(rt::kernel_path_name(path)), rt::RuntimeError);
       CHECK_THROWS_AS(rt::set_kernel_path(path), rt::RuntimeError);
-      MESSAGE("this CPU lacks the path ", rt::kernel_path_name(path), ": refused, as it must be");
+      MESSAGE("this CPU lacks the path ", std::string(rt::kernel_path_name(path)), ": refused, as it must be");
     }
   }
   CHECK(rt::parse_kernel_path("auto") == rt::best_kernel_path());
@@ -392,7 +393,7 @@ TEST_CASE("requantize_to_nchw transposes (N, P, OUT) accumulators into (N, OUT, 
   rt::requantize_to_nchw_ref(acc, rq, y, 1, 3, 2, 1);
   CHECK(y == std::vector<int8_t>{5, 10, -2, 10, 20, -3});  // −1.5 → −2: ties away from zero
   for (const rt::KernelPath path : lowbit::test::fast_paths_to_test()) {
-    CAPTURE(rt::kernel_path_name(path));
+    CAPTURE(std::string(rt::kernel_path_name(path)));
     std::fill(y.begin(), y.end(), 0);
     rt::requantize_to_nchw(acc, rq, y, 1, 3, 2, 1, path);
     CHECK(y == std::vector<int8_t>{5, 10, -2, 10, 20, -3});
@@ -429,7 +430,7 @@ TEST_CASE("requantize_to_nchw is bit-exact with the reference on random and extr
     std::vector<int8_t> want_rows(acc.size()), got_rows(acc.size());
     rt::requantize_to_nchw_ref(acc, rq, want_rows, n * positions, 1, out, 1);
     for (const rt::KernelPath path : paths) {
-      CAPTURE(rt::kernel_path_name(path));
+      CAPTURE(std::string(rt::kernel_path_name(path)));
       rt::requantize_to_nchw(acc, rq, got, n, positions, out, 1 + trial % 2, path);
       CHECK(count_mismatches(got, want, "requantize") == 0);
       rt::requantize_to_nchw(acc, rq, got_rows, n * positions, 1, out, 1 + trial % 3, path);
@@ -497,7 +498,7 @@ TEST_CASE("pooling matches real arithmetic, input lookup maps pixels") {
       std::vector<int8_t> want(size), got(size);
       rt::input_lookup(images, table, want, 1);
       for (const int threads : {1, 2, 3}) {
-        CAPTURE(rt::kernel_path_name(path));
+        CAPTURE(std::string(rt::kernel_path_name(path)));
         CAPTURE(size);
         CAPTURE(threads);
         rt::input_lookup_fast(images, table, got, path, threads);
@@ -560,7 +561,7 @@ TEST_CASE("channels-last pooling, input lookup and the fused max pool + requanti
       for (const rt::KernelPath path :
            {rt::KernelPath::Avx2, rt::KernelPath::AvxVnni, rt::KernelPath::Vnni512, rt::KernelPath::Amx}) {
         if (!rt::cpu_supports(path)) continue;  // (fast_paths_to_test reports the skipped paths elsewhere)
-        CAPTURE(rt::kernel_path_name(path));
+        CAPTURE(std::string(rt::kernel_path_name(path)));
         std::fill(fused.begin(), fused.end(), int8_t{0x5A});
         rt::maxpool_requantize_nhwc(acc, rq, fused, n, c, h, w, win.k, win.stride, win.padding, 2, path);
         CHECK(fused == pooled);
