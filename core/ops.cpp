@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 
+#include "core/conv_direct.h"
 #include "core/error.h"
 #include "core/threads.h"
 
@@ -496,7 +497,7 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
 }
 
 // =============================================================================================
-// 8. conv2d: per image and group, im2col + one sgemm; depthwise by a direct loop
+// 8. conv2d: per image and group, im2col + one sgemm; depthwise by a direct loop; stride 1 without im2col
 //
 // The C input channels and OUT output channels are cut into `groups` equal groups; output
 // channel o sees only the C / groups input channels of its group (groups = 1: an ordinary
@@ -515,6 +516,12 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
 // loops over a zero-padded copy of the plane compute the same sums in another order. On dsconv's
 // four depthwise shapes (batch 64, one thread) forward + backward took 70-80 ms in all, against
 // 95-136 ms through im2col + sgemm.
+//
+// Stride 1 with one group, on a CPU with AVX-512, the forward and dx skip im2col: conv_direct
+// (core/conv_direct.h) multiplies straight from zero-padded planes. dx of a stride-1 convolution is one
+// too, of dy padded by K - 1 - padding, with w transposed and turned by 180 degrees. dw stays im2col +
+// sgemm. convbn's second conv at batch 64: forward 4.3 -> 2.9 ms, backward 9.2-10.3 -> 7.3-7.7 ms
+// (tools/bench_ops, minima, old and new build alternated).
 
 namespace {
 struct ConvGeometry {
@@ -687,13 +694,23 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
                 w_group = g.group_out() * g.rows();
 
   Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
+  // Stride 1, K > 1, one group: straight from the padded planes where the CPU has AVX-512 (core/conv_direct.h).
+  const detail::DirectConvShape direct{g.c, g.h, g.w, g.out, g.k, g.padding};
+  const bool use_direct = g.groups == 1 && g.stride == 1 && g.k > 1 && detail::direct_conv_pays(direct);
+  const std::vector<float> packed = use_direct ? detail::pack_direct_weights(w.data(), direct) : std::vector<float>();
   for_each_slice(g.n, [&](int64_t first, int64_t last, int) {
-    Tensor scratch = Tensor::empty(  // xp, or im2col's
+    Tensor scratch = Tensor::empty(  // xp, or conv_direct's, or im2col's
         {g.depthwise()       ? g.padded_plane()
+         : use_direct        ? detail::direct_conv_scratch(direct)
          : cols_are_input(g) ? 0
                              : im2col_scratch(g)});
     for (int64_t n = first; n < last; ++n) {
       float* yn = y.data() + n * g.out * g.cols();
+      if (use_direct) {
+        detail::conv_direct(x.data() + n * g.c * g.h * g.w, packed, b.defined() ? b.data() : nullptr, yn, direct,
+                            scratch.data());
+        continue;
+      }
       if (b.defined() || g.depthwise())  // y[n] = b (or 0), then y[n] += w cols
         for (int64_t o = 0; o < g.out; ++o) std::fill_n(yn + o * g.cols(), g.cols(), b.defined() ? b.data()[o] : 0.f);
       for (int64_t gi = 0; gi < g.groups; ++gi) {
@@ -718,12 +735,29 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
         const int64_t x_group = g.group_c() * g.h * g.w, y_group = g.group_out() * g.cols();
         const int64_t w_group = g.group_out() * g.rows();
         Tensor dx = need_dx ? Tensor::empty(x.shape()) : Tensor();
+        // With stride 1, dx is itself a stride-1 convolution: of dy, padded by K − 1 − padding, with the weights
+        // transposed (OUT <-> C) and turned by 180 degrees, w_t[ci][o][ki][kj] = w[o][ci][K−1−ki][K−1−kj].
+        const detail::DirectConvShape dx_shape{g.out, g.oh, g.ow, g.c, g.k, g.k - 1 - g.padding};
+        const bool dx_direct = need_dx && g.groups == 1 && g.stride == 1 && g.k > 1 && g.padding <= g.k - 1 &&
+                               detail::direct_conv_pays(dx_shape);
+        std::vector<float> w_turned;
+        if (dx_direct) {
+          const int64_t taps = g.k * g.k;
+          std::vector<float> turned(static_cast<size_t>(w.numel()));
+          for (int64_t o = 0; o < g.out; ++o)
+            for (int64_t ci = 0; ci < g.c; ++ci)
+              for (int64_t t = 0; t < taps; ++t)
+                turned[static_cast<size_t>((ci * g.out + o) * taps + t)] =
+                    w.data()[(o * g.c + ci) * taps + taps - 1 - t];
+          w_turned = detail::pack_direct_weights(turned.data(), dx_shape);
+        }
         std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
         std::vector<std::vector<LaneSum>> db_part(dw_part.size(), std::vector<LaneSum>(has_bias ? g.out : 0));
         for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
           Tensor scratch = Tensor::empty({g.depthwise() ? 0 : im2col_scratch(g)});  // im2col's, then dcols
-          Tensor planes =
-              Tensor::empty({g.depthwise() ? 2 * g.padded_plane() + g.k * g.k * g.ow : 0});  // xp, dxp, partial
+          Tensor planes = Tensor::empty({g.depthwise() ? 2 * g.padded_plane() + g.k * g.k * g.ow  // xp, dxp, partial
+                                         : dx_direct   ? detail::direct_conv_scratch(dx_shape)
+                                                       : 0});
           Tensor& dw = dw_part[static_cast<size_t>(slice)] = Tensor::zeros(w.shape());
           std::vector<LaneSum>& db = db_part[static_cast<size_t>(slice)];
           for (int64_t n = first; n < last; ++n) {
@@ -748,6 +782,10 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
               const float* cols = im2col(g, xg, scratch.data());  // dw_gi += dy[n]_gi cols^T
               sgemm(false, true, g.group_out(), g.rows(), g.cols(), dyn + gi * y_group, g.cols(), cols, g.cols(),
                     dw.data() + gi * w_group, g.rows(), 1.f);
+              if (dx_direct) {
+                detail::conv_direct(dyn, w_turned, nullptr, dxg, dx_shape, planes.data());
+                continue;
+              }
               if (!need_dx) continue;  // dcols = w_gi^T dy[n]_gi;  dx[n]_gi = col2im(dcols)
               sgemm(true, false, g.rows(), g.cols(), g.group_out(), w.data() + gi * w_group, g.rows(),
                     dyn + gi * y_group, g.cols(), scratch.data(), g.cols(), 0.f);

@@ -9,7 +9,8 @@
 //   6. reshape                     (flatten is reshape to (N, -1))
 //   7. transpose, concat           transpose 2-D; concat along any axis
 //   8. conv2d                      NCHW, square kernel, stride, zero padding, optional bias, groups
-//                                  (grouped, depthwise); im2col + sgemm per group, depthwise by direct loops
+//                                  (grouped, depthwise); im2col + sgemm per group, depthwise by direct loops,
+//                                  stride 1 with AVX-512 from zero-padded planes (core/conv_direct.h)
 //   9. max_pool2d, avg_pool2d,     square window, stride, zero padding (never the max; counted in the average);
 //      global_avg_pool2d           the mean of each plane, (N, C, H, W) -> (N, C, 1, 1)
 //  10. batch_norm(_relu)           per channel (dim 1); batch statistics in training, running ones in eval

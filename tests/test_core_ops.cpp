@@ -6,8 +6,10 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <string>
 #include <vector>
 
+#include "core/conv_direct.h"
 #include "core/error.h"
 #include "core/ops.h"
 #include "core/rng.h"
@@ -488,6 +490,76 @@ Tensor channel_slice(const Tensor& t, int64_t axis, int64_t first, int64_t count
   for (int64_t o = 0; o < outer; ++o)
     std::copy_n(t.data() + (o * len + first) * inner, count * inner, out.data() + o * count * inner);
   return out;
+}
+
+// The adjoint of the definition: dx[n][c][iy][ix] = sum_{o, ki, kj} w[o][c][ki][kj] * dy[n][o][oy][ox] over the
+// outputs (oy, ox) whose tap (ki, kj) is (iy, ix); one group, stride 1.
+Tensor naive_conv2d_dx(const Tensor& dy, const Tensor& w, const Shape& x_shape, int64_t padding) {
+  const int64_t n = x_shape[0], c = x_shape[1], h = x_shape[2], wd = x_shape[3], out = w.size(0), k = w.size(2);
+  const int64_t oh = dy.size(2), ow = dy.size(3);
+  std::vector<double> dx(static_cast<size_t>(n * c * h * wd), 0.0);
+  for (int64_t ni = 0; ni < n; ++ni)
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t oy = 0; oy < oh; ++oy)
+        for (int64_t ox = 0; ox < ow; ++ox)
+          for (int64_t ci = 0; ci < c; ++ci)
+            for (int64_t ki = 0; ki < k; ++ki)
+              for (int64_t kj = 0; kj < k; ++kj) {
+                const int64_t iy = oy - padding + ki, ix = ox - padding + kj;
+                if (iy < 0 || iy >= h || ix < 0 || ix >= wd) continue;
+                dx[static_cast<size_t>(((ni * c + ci) * h + iy) * wd + ix)] +=
+                    static_cast<double>(w.at({o, ci, ki, kj})) * dy.at({ni, o, oy, ox});
+              }
+  Tensor result = Tensor::empty(x_shape);
+  std::transform(dx.begin(), dx.end(), result.data(), [](double v) { return static_cast<float>(v); });
+  return result;
+}
+
+TEST_CASE("conv2d without im2col (stride 1, AVX-512): forward and dx match the definition") {
+  namespace detail = lowbit::ops::detail;
+  struct Case {
+    int64_t n, c, h, w, out, k, padding;
+  };
+  const std::vector<Case> cases = {
+      {2, 3, 9, 6, 5, 5, 2},      // 5 output channels: a block of 4 and one of 1 (3 zero weights)
+      {1, 16, 28, 28, 16, 3, 1},  // resnet8's first block: 30 x 28 wide outputs, 53 vectors (6 + ... + 5)
+      {2, 6, 14, 14, 16, 5, 0},   // lenet5's second conv; dx pads dy (10 x 10) by 4
+      {1, 2, 4, 9, 3, 3, 0},      // no padding: the planes are a copy of the input
+      {1, 4, 7, 7, 7, 2, 1},      // even kernel
+      {1, 1, 11, 13, 2, 7, 3},    // 7 x 7, one input channel (49 taps)
+      {3, 9, 1, 17, 4, 3, 1},     // one-row images, 17 wide: a vector crosses into the next plane
+  };
+  uint64_t seed = 900;
+  bool ran = false;
+  for (const Case& c : cases) {
+    INFO("x (", c.n, ", ", c.c, ", ", c.h, ", ", c.w, "), w (", c.out, ", ", c.c, ", ", c.k, ", ", c.k, "), padding ",
+         c.padding);
+    const detail::DirectConvShape shape{c.c, c.h, c.w, c.out, c.k, c.padding};
+    const Tensor x = randn({c.n, c.c, c.h, c.w}, seed), w = randn({c.out, c.c, c.k, c.k}, seed + 1);
+    const Tensor b = randn({c.out}, seed + 2);
+    const Tensor want = naive_conv2d(x, w, b, 1, c.padding);
+    if (detail::direct_conv_pays(shape)) {  // the kernel alone, image by image
+      ran = true;
+      const std::vector<float> packed = detail::pack_direct_weights(w.data(), shape);
+      Tensor scratch = Tensor::empty({detail::direct_conv_scratch(shape)}), y = Tensor::empty(want.shape());
+      const int64_t x_image = c.c * c.h * c.w, y_image = y.numel() / c.n;
+      for (int64_t i = 0; i < c.n; ++i)
+        detail::conv_direct(x.data() + i * x_image, packed, b.data(), y.data() + i * y_image, shape, scratch.data());
+      check_all_close(y, want, kSumOrderAtol, kSumOrderRtol, "conv_direct vs naive");
+    }
+    // Through ops::conv2d, which takes the direct path for these shapes where the CPU has AVX-512.
+    Tensor xg = x.clone().set_requires_grad(true);
+    const Tensor y = ops::conv2d(xg, w, b, 1, c.padding);
+    check_all_close(y, want, kSumOrderAtol, kSumOrderRtol, "conv2d vs naive");
+    const Tensor dy = randn(y.shape(), seed + 3);
+    y.backward(dy);
+    check_all_close(xg.grad(), naive_conv2d_dx(dy, w, x.shape(), c.padding), kSumOrderAtol, kSumOrderRtol,
+                    "conv2d dx vs naive");
+    seed += 10;
+  }
+  const std::string path = ran ? "conv_direct ran (this CPU has AVX-512F)"
+                               : "conv_direct skipped: this CPU lacks AVX-512F, conv2d ran im2col + sgemm only";
+  MESSAGE(path);
 }
 
 TEST_CASE("forward: grouped conv2d is the concat of separate convs on channel slices") {

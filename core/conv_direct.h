@@ -1,0 +1,40 @@
+// The forward of a stride-1 convolution without im2col: AVX-512 multiply-adds straight from zero-padded planes.
+// ops::conv2d (core/ops.cpp) uses it where it runs, and im2col + sgemm elsewhere; both compute the same sums
+// (in another order, so the last bits differ), and tests/test_conv_direct.cpp holds it to a plain loop.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace lowbit::ops::detail {
+
+// The sizes of one image's convolution: (C, H, W) in, OUT channels out, K x K kernel, stride 1, zero padding.
+struct DirectConvShape {
+  int64_t c, h, w, out, k, padding;
+  int64_t padded_width() const { return w + 2 * padding; }
+  int64_t padded_height() const { return h + 2 * padding; }
+  int64_t oh() const { return padded_height() - k + 1; }
+  int64_t ow() const { return padded_width() - k + 1; }
+};
+
+// True if this CPU (and OS) runs conv_direct (it has AVX-512F) and conv_direct is the faster way for s: with
+// fewer than 16 taps per output (C·K², e.g. one input channel and 3 x 3) each accumulator gets too few
+// multiply-adds to pay for writing the outputs twice (convbn's first conv, 1 -> 32 channels on 28 x 28, batch 64:
+// 0.37-0.46 ms through im2col + sgemm, 0.60-0.63 ms here; lenet5's 1 -> 6 channels, 5 x 5: 0.34-0.37 ms, here
+// 0.27-0.31).
+bool direct_conv_pays(const DirectConvShape& s);
+
+// The weights (OUT, C, K, K) re-laid out for conv_direct, once per call of conv2d: blocks of kBlockChannels
+// output channels, (C, K, K, kBlockChannels) each, the missing channels of the last block zero.
+inline constexpr int64_t kBlockChannels = 4;
+std::vector<float> pack_direct_weights(const float* w, const DirectConvShape& s);
+
+// Floats of scratch that conv_direct needs.
+int64_t direct_conv_scratch(const DirectConvShape& s);
+
+// One image: x is (C, H, W), packed from pack_direct_weights, b is (OUT) or null; y is (OUT, OH, OW) =
+// the convolution + b. Requires direct_conv_pays(s).
+void conv_direct(const float* x, const std::vector<float>& packed, const float* b, float* y, const DirectConvShape& s,
+                 float* scratch);
+
+}  // namespace lowbit::ops::detail
