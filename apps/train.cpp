@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/common.h"
+#include "core/conv_direct.h"
 #include "core/error.h"
 #include "core/threads.h"
 #include "optim/optimizer.h"
@@ -313,7 +314,7 @@ void run(Settings s, bool model_given) {
   std::cerr << fmt::format("{}: {} parameters; {} training images (normalisation mean {:.4f}, std {:.4f}); {}\n",
                            description.name, model->parameter_count(),
                            train_idx.empty() ? data.train.size() : static_cast<int64_t>(train_idx.size()), norm.mean,
-                           norm.std, blas_description());
+                           norm.std, blas_description() + "; " + ops::detail::direct_conv_description());
 
   // ---- float phase
   const std::string float_path = s.qat ? apps::sibling_path(s.out, "fp32") : s.out;

@@ -61,6 +61,75 @@ using Block = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const f
 constexpr Block kBlocks[kMaxVectors] = {&conv_block<1>, &conv_block<2>, &conv_block<3>,
                                         &conv_block<4>, &conv_block<5>, &conv_block<6>};
 
+// dw as a GEMM whose B operand is read from the padded planes, no im2col: row j = (ci·K + ki)·K + kj of
+// dw_t (C·K·K, OUTP) gets, for the 16·NV output channels [16·v0, ...),
+//   Σ_{oy, ox} xp[ci][(oy + ki)·WP + ox + kj] · dy_t[oy·OW + ox][o]
+// dy_t is dy transposed to (OH·OW, OUTP), so that 16 output channels are one vector. The kernel takes
+// R kernel rows (ci, ki), given as pointers to their first tap, and their K taps each: NV·R·K
+// accumulators (24 at most), NV vector loads and R·K broadcasts per output pixel.
+template <int NV, int R, int K>
+LOWBIT_AVX512F void dw_block(const float* const* rows, const float* dy_t, int64_t outp, int64_t oh, int64_t ow,
+                             int64_t width, float* dw_t) {
+  __m512 acc[NV][R * K];
+  for (auto& vector : acc)
+    for (auto& a : vector) a = _mm512_setzero_ps();
+  const float* row[R];
+  for (int r = 0; r < R; ++r) row[r] = rows[r];
+  for (int64_t oy = 0; oy < oh; ++oy)
+    for (int64_t ox = 0; ox < ow; ++ox) {
+      const float* d = dy_t + (oy * ow + ox) * outp;
+      __m512 dv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) dv[v] = _mm512_loadu_ps(d + kLanes * v);
+      const int64_t at = oy * width + ox;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 5
+        for (int kj = 0; kj < K; ++kj) {
+          const __m512 xv = _mm512_set1_ps(row[r][at + kj]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[v][r * K + kj] = _mm512_fmadd_ps(dv[v], xv, acc[v][r * K + kj]);
+        }
+    }
+  for (int j = 0; j < R * K; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* out = dw_t + j * outp + kLanes * v;
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[v][j]));
+    }
+}
+
+// The kernels for K = 3 and 5 (direct_dw_pays), R as large as 24 accumulators allow.
+using DwBlock = void (*)(const float* const*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
+struct DwKernel {
+  DwBlock run;
+  int64_t rows;  // R
+};
+DwKernel dw_kernel(int64_t k, int64_t vectors) {
+  if (k == 3) {
+    switch (vectors) {
+      case 1:
+        return {&dw_block<1, 8, 3>, 8};
+      case 2:
+        return {&dw_block<2, 4, 3>, 4};
+      case 3:
+        return {&dw_block<3, 2, 3>, 2};
+      default:
+        return {&dw_block<4, 2, 3>, 2};
+    }
+  }
+  switch (vectors) {
+    case 1:
+      return {&dw_block<1, 4, 5>, 4};
+    case 2:
+      return {&dw_block<2, 2, 5>, 2};
+    case 3:
+      return {&dw_block<3, 1, 5>, 1};
+    default:
+      return {&dw_block<4, 1, 5>, 1};
+  }
+}
+
 int64_t wide_outputs(const DirectConvShape& s) {  // OH·WP, rounded up to whole vectors
   return (s.oh() * s.padded_width() + kLanes - 1) / kLanes * kLanes;
 }
@@ -68,11 +137,30 @@ int64_t plane_size(const DirectConvShape& s) { return s.padded_height() * s.padd
 // The last vector of the last output row reads up to K − 1 + 15 floats past the last plane.
 int64_t planes_size(const DirectConvShape& s) { return s.c * plane_size(s) + s.k + kLanes; }
 
+// x (C, H, W) into C zero-padded planes and zero slack: planes_size(s) floats at xp.
+void pad_planes(const float* x, const DirectConvShape& s, float* xp) {
+  const int64_t width = s.padded_width(), plane = plane_size(s);
+  std::fill_n(xp, planes_size(s), 0.f);
+  for (int64_t ci = 0; ci < s.c; ++ci)
+    for (int64_t iy = 0; iy < s.h; ++iy)
+      std::copy_n(x + (ci * s.h + iy) * s.w, s.w, xp + ci * plane + (iy + s.padding) * width + s.padding);
+}
+
+// dw_t's shape: (rows, OUTP), rows = C·K kernel rows rounded up to a multiple of 8 (every R), times K.
+int64_t dw_outputs_padded(const DirectConvShape& s) { return (s.out + kLanes - 1) / kLanes * kLanes; }
+int64_t dw_rows_padded(const DirectConvShape& s) { return (s.c * s.k + 7) / 8 * 8; }
+
+bool cpu_has_avx512f() {
+  static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  return available;
+}
+
 }  // namespace
 
-bool direct_conv_pays(const DirectConvShape& s) {
-  static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  return available && s.c * s.k * s.k >= 16;
+bool direct_conv_pays(const DirectConvShape& s) { return cpu_has_avx512f() && s.c * s.k * s.k >= 16; }
+
+const char* direct_conv_description() {
+  return cpu_has_avx512f() ? "conv2d: direct kernels (AVX-512) where they pay" : "conv2d: im2col + sgemm (no AVX-512)";
 }
 
 std::vector<float> pack_direct_weights(const float* w, const DirectConvShape& s) {
@@ -93,10 +181,7 @@ void conv_direct(const float* x, const std::vector<float>& packed, const float* 
   const int64_t wide = wide_outputs(s), vectors = wide / kLanes, oh = s.oh(), ow = s.ow();
   float* xp = scratch;                   // the zero-padded planes, then slack (zeros: the dropped columns read it)
   float* yw = scratch + planes_size(s);  // (kBlockChannels, wide): the block's outputs, junk columns included
-  std::fill_n(xp, planes_size(s), 0.f);
-  for (int64_t ci = 0; ci < s.c; ++ci)
-    for (int64_t iy = 0; iy < s.h; ++iy)
-      std::copy_n(x + (ci * s.h + iy) * s.w, s.w, xp + ci * plane + (iy + s.padding) * width + s.padding);
+  pad_planes(x, s, xp);
   for (int64_t o0 = 0; o0 < s.out; o0 += kBlockChannels) {
     const float* w = packed.data() + o0 * taps;
     for (int64_t v = 0; v < vectors; v += kMaxVectors) {
@@ -111,6 +196,51 @@ void conv_direct(const float* x, const std::vector<float>& packed, const float* 
         for (int64_t ox = 0; ox < ow; ++ox) dst[oy * ow + ox] = src[oy * width + ox] + bias;
     }
   }
+}
+
+// With fewer than 16 output channels most lanes of each accumulator would be zero padding (lenet5's first conv,
+// 6 channels: its backward 0.35-0.50 ms through im2col + sgemm, 0.87-1.18 ms here); with fewer than 16 taps
+// per output, transposing dy costs more than the multiply-adds (convbn's first conv, one input channel: 0.39-0.59
+// ms through im2col + sgemm, 1.06-1.26 here).
+bool direct_dw_pays(const DirectConvShape& s) {
+  return direct_conv_pays(s) && (s.k == 3 || s.k == 5) && s.out >= kLanes;
+}
+
+int64_t direct_dw_size(const DirectConvShape& s) { return dw_rows_padded(s) * s.k * dw_outputs_padded(s); }
+
+int64_t direct_dw_scratch(const DirectConvShape& s) { return planes_size(s) + s.oh() * s.ow() * dw_outputs_padded(s); }
+
+void conv_direct_dw(const float* x, const float* dy, float* dw_t, const DirectConvShape& s, float* scratch) {
+  const int64_t outp = dw_outputs_padded(s), pixels = s.oh() * s.ow(), plane = plane_size(s);
+  float* xp = scratch;
+  float* dy_t = scratch + planes_size(s);  // (OH·OW, OUTP), the channels past OUT zero
+  pad_planes(x, s, xp);
+  // In blocks of 16 pixels, so that the 16 rows of dy_t being written stay in L1 (the plain transpose,
+  // every store a new cache line, took 7 times as long as dw_block for convbn's first conv).
+  for (int64_t p0 = 0; p0 < pixels; p0 += kLanes) {
+    const int64_t p1 = std::min(pixels, p0 + kLanes);
+    for (int64_t o = 0; o < s.out; ++o)
+      for (int64_t p = p0; p < p1; ++p) dy_t[p * outp + o] = dy[o * pixels + p];
+    for (int64_t p = p0; p < p1; ++p) std::fill(dy_t + p * outp + s.out, dy_t + (p + 1) * outp, 0.f);
+  }
+  for (int64_t v0 = 0; v0 < outp / kLanes; v0 += 4) {
+    const DwKernel kernel = dw_kernel(s.k, std::min<int64_t>(4, outp / kLanes - v0));
+    for (int64_t row0 = 0; row0 < dw_rows_padded(s); row0 += kernel.rows) {
+      const float* rows[8];
+      for (int64_t r = 0; r < kernel.rows; ++r) {  // kernel row (ci, ki); the padding rows read plane 0, unused
+        const int64_t row = row0 + r;
+        rows[r] = row < s.c * s.k ? xp + (row / s.k) * plane + (row % s.k) * s.padded_width() : xp;
+      }
+      kernel.run(rows, dy_t + v0 * kLanes, outp, s.oh(), s.ow(), s.padded_width(),
+                 dw_t + row0 * s.k * outp + v0 * kLanes);
+    }
+  }
+}
+
+void add_direct_dw(const float* dw_t, float* dw, const DirectConvShape& s) {
+  const int64_t taps = s.c * s.k * s.k, outp = dw_outputs_padded(s);
+  for (int64_t o = 0; o < s.out; ++o)
+    for (int64_t j = 0; j < taps; ++j) dw[o * taps + j] += dw_t[j * outp + o];
 }
 
 }  // namespace lowbit::ops::detail

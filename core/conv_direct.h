@@ -1,6 +1,7 @@
-// The forward of a stride-1 convolution without im2col: AVX-512 multiply-adds straight from zero-padded planes.
-// ops::conv2d (core/ops.cpp) uses it where it runs, and im2col + sgemm elsewhere; both compute the same sums
-// (in another order, so the last bits differ), and tests/test_conv_direct.cpp holds it to a plain loop.
+// A stride-1 convolution without im2col: AVX-512 multiply-adds straight from zero-padded planes, for the forward
+// (and dx, which is such a convolution too) and for dw. ops::conv2d (core/ops.cpp) uses them where they run and
+// pay, and im2col + sgemm elsewhere; both compute the same sums (in another order, so the last bits differ), and
+// tests/test_core_ops.cpp holds them to plain loops.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,10 @@ struct DirectConvShape {
 // 0.27-0.31).
 bool direct_conv_pays(const DirectConvShape& s);
 
+// Which way stride-1 convolutions run here, for train's first line and the benchmarks, e.g.
+// "conv2d: direct kernels (AVX-512) where they pay".
+const char* direct_conv_description();
+
 // The weights (OUT, C, K, K) re-laid out for conv_direct, once per call of conv2d: blocks of kBlockChannels
 // output channels, (C, K, K, kBlockChannels) each, the missing channels of the last block zero.
 inline constexpr int64_t kBlockChannels = 4;
@@ -36,5 +41,16 @@ int64_t direct_conv_scratch(const DirectConvShape& s);
 // the convolution + b. Requires direct_conv_pays(s).
 void conv_direct(const float* x, const std::vector<float>& packed, const float* b, float* y, const DirectConvShape& s,
                  float* scratch);
+
+// dw without im2col, for K = 3 and 5 and at least 16 output channels (direct_dw_pays): conv_direct_dw adds one
+// image's
+//   dw[o][ci][ki][kj] = Σ_{oy, ox} dy[o][oy][ox] · x[ci][oy − padding + ki][ox − padding + kj]
+// to dw_t, which holds it transposed and padded (direct_dw_size floats, zeroed by the caller); x is (C, H, W),
+// dy (OUT, OH, OW). add_direct_dw then adds dw_t to dw (OUT, C, K, K).
+bool direct_dw_pays(const DirectConvShape& s);
+int64_t direct_dw_size(const DirectConvShape& s);
+int64_t direct_dw_scratch(const DirectConvShape& s);
+void conv_direct_dw(const float* x, const float* dy, float* dw_t, const DirectConvShape& s, float* scratch);
+void add_direct_dw(const float* dw_t, float* dw, const DirectConvShape& s);
 
 }  // namespace lowbit::ops::detail

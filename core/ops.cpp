@@ -751,13 +751,18 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
                     w.data()[(o * g.c + ci) * taps + taps - 1 - t];
           w_turned = detail::pack_direct_weights(turned.data(), dx_shape);
         }
+        // dw without im2col too (K = 3 and 5), summed per slice in dw_t (transposed) and added to dw at its end.
+        const detail::DirectConvShape dw_shape{g.c, g.h, g.w, g.out, g.k, g.padding};
+        const bool dw_direct = g.groups == 1 && g.stride == 1 && detail::direct_dw_pays(dw_shape);
         std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
         std::vector<std::vector<LaneSum>> db_part(dw_part.size(), std::vector<LaneSum>(has_bias ? g.out : 0));
         for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
           Tensor scratch = Tensor::empty({g.depthwise() ? 0 : im2col_scratch(g)});  // im2col's, then dcols
-          Tensor planes = Tensor::empty({g.depthwise() ? 2 * g.padded_plane() + g.k * g.k * g.ow  // xp, dxp, partial
-                                         : dx_direct   ? detail::direct_conv_scratch(dx_shape)
-                                                       : 0});
+          Tensor planes =
+              Tensor::empty({g.depthwise() ? 2 * g.padded_plane() + g.k * g.k * g.ow  // xp, dxp, partial
+                                           : std::max(dx_direct ? detail::direct_conv_scratch(dx_shape) : 0,
+                                                      dw_direct ? detail::direct_dw_scratch(dw_shape) : 0)});
+          Tensor dw_t = dw_direct ? Tensor::zeros({detail::direct_dw_size(dw_shape)}) : Tensor();
           Tensor& dw = dw_part[static_cast<size_t>(slice)] = Tensor::zeros(w.shape());
           std::vector<LaneSum>& db = db_part[static_cast<size_t>(slice)];
           for (int64_t n = first; n < last; ++n) {
@@ -779,9 +784,13 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
                     std::copy_n(dxp + (iy + g.padding) * (g.w + 2 * g.padding) + g.padding, g.w, dxg + iy * g.w);
                 continue;
               }
-              const float* cols = im2col(g, xg, scratch.data());  // dw_gi += dy[n]_gi cols^T
-              sgemm(false, true, g.group_out(), g.rows(), g.cols(), dyn + gi * y_group, g.cols(), cols, g.cols(),
-                    dw.data() + gi * w_group, g.rows(), 1.f);
+              if (dw_direct) {
+                detail::conv_direct_dw(xg, dyn, dw_t.data(), dw_shape, planes.data());
+              } else {
+                const float* cols = im2col(g, xg, scratch.data());  // dw_gi += dy[n]_gi cols^T
+                sgemm(false, true, g.group_out(), g.rows(), g.cols(), dyn + gi * y_group, g.cols(), cols, g.cols(),
+                      dw.data() + gi * w_group, g.rows(), 1.f);
+              }
               if (dx_direct) {
                 detail::conv_direct(dyn, w_turned, nullptr, dxg, dx_shape, planes.data());
                 continue;
@@ -792,6 +801,7 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
               col2im(g, scratch.data(), dxg);
             }
           }
+          if (dw_direct) detail::add_direct_dw(dw_t.data(), dw.data(), dw_shape);
         });
         Tensor dw = dw_part[0];
         for (size_t s = 1; s < dw_part.size(); ++s)

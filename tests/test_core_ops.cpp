@@ -515,7 +515,30 @@ Tensor naive_conv2d_dx(const Tensor& dy, const Tensor& w, const Shape& x_shape, 
   return result;
 }
 
-TEST_CASE("conv2d without im2col (stride 1, AVX-512): forward and dx match the definition") {
+// The gradient of the weights: dw[o][c][ki][kj] = sum_{n, oy, ox} dy[n][o][oy][ox] * x[n][c][iy][ix], with
+// iy = oy - padding + ki (and likewise ix), x = 0 outside the image; one group, stride 1.
+Tensor naive_conv2d_dw(const Tensor& dy, const Tensor& x, const Shape& w_shape, int64_t padding) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), out = w_shape[0], k = w_shape[2];
+  const int64_t oh = dy.size(2), ow = dy.size(3);
+  Tensor dw = Tensor::empty(w_shape);
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t ci = 0; ci < c; ++ci)
+      for (int64_t ki = 0; ki < k; ++ki)
+        for (int64_t kj = 0; kj < k; ++kj) {
+          double acc = 0;
+          for (int64_t ni = 0; ni < n; ++ni)
+            for (int64_t oy = 0; oy < oh; ++oy)
+              for (int64_t ox = 0; ox < ow; ++ox) {
+                const int64_t iy = oy - padding + ki, ix = ox - padding + kj;
+                if (iy < 0 || iy >= h || ix < 0 || ix >= wd) continue;
+                acc += static_cast<double>(dy.at({ni, o, oy, ox})) * x.at({ni, ci, iy, ix});
+              }
+          dw.at({o, ci, ki, kj}) = static_cast<float>(acc);
+        }
+  return dw;
+}
+
+TEST_CASE("conv2d without im2col (stride 1, AVX-512): forward, dx and dw match the definition") {
   namespace detail = lowbit::ops::detail;
   struct Case {
     int64_t n, c, h, w, out, k, padding;
@@ -528,9 +551,11 @@ TEST_CASE("conv2d without im2col (stride 1, AVX-512): forward and dx match the d
       {1, 4, 7, 7, 7, 2, 1},      // even kernel
       {1, 1, 11, 13, 2, 7, 3},    // 7 x 7, one input channel (49 taps)
       {3, 9, 1, 17, 4, 3, 1},     // one-row images, 17 wide: a vector crosses into the next plane
+      {2, 5, 6, 5, 70, 3, 1},     // 70 output channels: dw in 64 + 16 (6 zero) channels
+      {2, 3, 8, 8, 1, 5, 2},      // one output channel
   };
   uint64_t seed = 900;
-  bool ran = false;
+  bool ran = false, dw_ran = false;
   for (const Case& c : cases) {
     INFO("x (", c.n, ", ", c.c, ", ", c.h, ", ", c.w, "), w (", c.out, ", ", c.c, ", ", c.k, ", ", c.k, "), padding ",
          c.padding);
@@ -547,17 +572,22 @@ TEST_CASE("conv2d without im2col (stride 1, AVX-512): forward and dx match the d
         detail::conv_direct(x.data() + i * x_image, packed, b.data(), y.data() + i * y_image, shape, scratch.data());
       check_all_close(y, want, kSumOrderAtol, kSumOrderRtol, "conv_direct vs naive");
     }
-    // Through ops::conv2d, which takes the direct path for these shapes where the CPU has AVX-512.
-    Tensor xg = x.clone().set_requires_grad(true);
-    const Tensor y = ops::conv2d(xg, w, b, 1, c.padding);
+    // Through ops::conv2d, which takes the direct paths for these shapes where the CPU has AVX-512 (dw for
+    // K = 3 and 5 only).
+    Tensor xg = x.clone().set_requires_grad(true), wg = w.clone().set_requires_grad(true);
+    const Tensor y = ops::conv2d(xg, wg, b, 1, c.padding);
     check_all_close(y, want, kSumOrderAtol, kSumOrderRtol, "conv2d vs naive");
     const Tensor dy = randn(y.shape(), seed + 3);
     y.backward(dy);
     check_all_close(xg.grad(), naive_conv2d_dx(dy, w, x.shape(), c.padding), kSumOrderAtol, kSumOrderRtol,
                     "conv2d dx vs naive");
+    check_all_close(wg.grad(), naive_conv2d_dw(dy, x, w.shape(), c.padding), kSumOrderAtol, kSumOrderRtol,
+                    "conv2d dw vs naive");
+    dw_ran = dw_ran || detail::direct_dw_pays(shape);
     seed += 10;
   }
-  const std::string path = ran ? "conv_direct ran (this CPU has AVX-512F)"
+  CHECK(ran == dw_ran);  // both run where the CPU has AVX-512, on some of these shapes
+  const std::string path = ran ? "conv_direct and conv_direct_dw ran (this CPU has AVX-512F)"
                                : "conv_direct skipped: this CPU lacks AVX-512F, conv2d ran im2col + sgemm only";
   MESSAGE(path);
 }

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "core/conv_direct.h"
 #include "core/ops.h"
 #include "core/tensor.h"
 #include "core/threads.h"
@@ -107,8 +108,8 @@ int main(int argc, char** argv) {
   }
   set_num_threads(threads);
   prepare_blas();
-  std::printf("bench_ops: %d thread(s), %s; ms per batch of 64, min and median of %d runs\n", threads,
-              blas_description().c_str(), reps);
+  std::printf("bench_ops: %d thread(s), %s, %s; ms per batch of 64, min and median of %d runs\n", threads,
+              blas_description().c_str(), ops::detail::direct_conv_description(), reps);
   std::printf("%-40s %9s %9s %9s %9s\n", "op", "fwd min", "fwd med", "bwd min", "bwd med");
   using Clock = std::chrono::steady_clock;
   for (Case& c : cases()) {
