@@ -789,9 +789,14 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
         for (int64_t v = 0; v < g; ++v) {
           const PanelEpilogue& e = ep[v];
           const int64_t o0 = (p0 + v) * panel;
-          if (rq && detail::uses_avx512(w.path)) {  // 16 channels per instruction
-            detail::conv_tile_requantize_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, *rq, o0, e.channels,
-                                                y + (start + r0) * out + o0, out);
+          if (detail::uses_avx512(w.path)) {  // 16 channels per instruction
+            if (rq) {
+              detail::conv_tile_requantize_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, *rq, o0,
+                                                  e.channels, y + (start + r0) * out + o0, out);
+            } else {
+              detail::conv_tile_offset_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, e.channels,
+                                              acc + (start + r0) * out + o0, out);
+            }
             continue;
           }
           for (int64_t r = r0; r < r0 + tile_rows; ++r) {

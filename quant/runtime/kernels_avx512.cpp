@@ -285,6 +285,16 @@ LOWBIT_AVX512_VNNI void requantize_tile_rows(const int32_t* tile, int64_t rows, 
   }
 }
 
+// conv_tile_offset_avx512: rows of 16 sums + offset, stored as they are (a max pool follows).
+LOWBIT_AVX512_VNNI void offset_tile_rows(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
+                                         int64_t count, int32_t* acc, int64_t acc_stride) {
+  const __mmask16 mask = low_lanes(count);
+  const __m512i bias = _mm512_maskz_loadu_epi32(mask, offset);
+  for (int64_t r = 0; r < rows; ++r)
+    _mm512_mask_storeu_epi32(acc + r * acc_stride, mask,
+                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, tile + r * tile_stride), bias));
+}
+
 // add_requantize_avx2 on 8 elements per instruction: eq. 10 as requantize_add computes it (requantize.h), in
 // 64-bit lanes; AVX-512 has the 64-bit abs, min and max that AVX2 lacks. a8 and b8 hold 8 codes in their low
 // 8 bytes; returns the 8 output codes in the low 8 bytes.
@@ -452,6 +462,11 @@ void maxpool2_requantize_avx512(const int32_t* acc, const Requant& rq, int8_t* y
 void conv_tile_requantize_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
                                  const Requant& rq, int64_t first_channel, int64_t count, int8_t* y, int64_t y_stride) {
   requantize_tile_rows(tile, rows, tile_stride, offset, rq, first_channel, count, y, y_stride);
+}
+
+void conv_tile_offset_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
+                             int64_t count, int32_t* acc, int64_t acc_stride) {
+  offset_tile_rows(tile, rows, tile_stride, offset, count, acc, acc_stride);
 }
 
 void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,

@@ -135,6 +135,11 @@ void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t 
 void conv_tile_requantize_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
                                  const Requant& rq, int64_t first_channel, int64_t count, int8_t* y, int64_t y_stride);
 
+// The same epilogue when the accumulators are kept (a max pool follows): tile rows plus offset, the first count
+// (<= 16) int32 of each stored at acc + r·acc_stride.
+void conv_tile_offset_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
+                             int64_t count, int32_t* acc, int64_t acc_stride);
+
 // add_requantize_avx2, 8 elements per instruction.
 void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
                            const Requant& rq);
