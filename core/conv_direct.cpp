@@ -1,4 +1,5 @@
-// The forward of a stride-1 convolution straight from zero-padded planes (core/conv_direct.h).
+// Stride-1 convolutions straight from zero-padded planes (core/conv_direct.h): the forward (conv_block, also
+// dx) and dw (dw_block, further down).
 //
 // im2col + sgemm copies every input pixel K² times into the columns and then reads them again; for the
 // small channel counts of lenet5, convbn and resnet8 that copy costs about as much as the multiply-adds
