@@ -517,11 +517,12 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
 // four depthwise shapes (batch 64, one thread) forward + backward took 70-80 ms in all, against
 // 95-136 ms through im2col + sgemm.
 //
-// Stride 1 with one group, on a CPU with AVX-512, the forward and dx skip im2col: conv_direct
-// (core/conv_direct.h) multiplies straight from zero-padded planes. dx of a stride-1 convolution is one
-// too, of dy padded by K - 1 - padding, with w transposed and turned by 180 degrees. dw stays im2col +
-// sgemm. convbn's second conv at batch 64: forward 4.3 -> 2.9 ms, backward 9.2-10.3 -> 7.3-7.7 ms
-// (tools/bench_ops, minima, old and new build alternated).
+// Stride 1 with one group, on a CPU with AVX-512, the forward, dx and dw skip im2col where that pays
+// (core/conv_direct.h): conv_direct multiplies straight from zero-padded planes, and dx of a stride-1
+// convolution is one too, of dy padded by K - 1 - padding, with w transposed and turned by 180 degrees;
+// conv_direct_dw reads the planes in place as the second operand of dw's GEMM. convbn's second conv at
+// batch 64: forward 4.3 -> 2.9 ms, backward 9.2-10.3 -> 6.0-6.7 ms (tools/bench_ops, minima, old and new
+// build alternated).
 
 namespace {
 struct ConvGeometry {
@@ -757,7 +758,8 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
         std::vector<Tensor> dw_part(static_cast<size_t>(slice_count(g.n)));
         std::vector<std::vector<LaneSum>> db_part(dw_part.size(), std::vector<LaneSum>(has_bias ? g.out : 0));
         for_each_slice(g.n, [&](int64_t first, int64_t last, int slice) {
-          Tensor scratch = Tensor::empty({g.depthwise() ? 0 : im2col_scratch(g)});  // im2col's, then dcols
+          const bool no_cols = g.depthwise() || (dw_direct && (dx_direct || !need_dx));
+          Tensor scratch = Tensor::empty({no_cols ? 0 : im2col_scratch(g)});  // im2col's, then dcols
           Tensor planes =
               Tensor::empty({g.depthwise() ? 2 * g.padded_plane() + g.k * g.k * g.ow  // xp, dxp, partial
                                            : std::max(dx_direct ? detail::direct_conv_scratch(dx_shape) : 0,
