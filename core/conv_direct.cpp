@@ -100,36 +100,21 @@ LOWBIT_AVX512F void dw_block(const float* const* rows, const float* dy_t, int64_
     }
 }
 
-// The kernels for K = 3 and 5 (direct_dw_pays), R as large as 24 accumulators allow.
+// The kernels for K = 3 and 5 (direct_dw_pays): R as many kernel rows as 24 accumulators allow (NV·R·K <= 24),
+// at least one; every R is 8, 4, 2 or 1, so dw_rows_padded's multiple of 8 suits them all.
 using DwBlock = void (*)(const float* const*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
 struct DwKernel {
   DwBlock run;
   int64_t rows;  // R
 };
-DwKernel dw_kernel(int64_t k, int64_t vectors) {
-  if (k == 3) {
-    switch (vectors) {
-      case 1:
-        return {&dw_block<1, 8, 3>, 8};
-      case 2:
-        return {&dw_block<2, 4, 3>, 4};
-      case 3:
-        return {&dw_block<3, 2, 3>, 2};
-      default:
-        return {&dw_block<4, 2, 3>, 2};
-    }
-  }
-  switch (vectors) {
-    case 1:
-      return {&dw_block<1, 4, 5>, 4};
-    case 2:
-      return {&dw_block<2, 2, 5>, 2};
-    case 3:
-      return {&dw_block<3, 1, 5>, 1};
-    default:
-      return {&dw_block<4, 1, 5>, 1};
-  }
-}
+template <int NV, int K>
+constexpr int kDwRows = std::max(1, 24 / (NV * K));
+template <int K>
+constexpr DwKernel kDwKernels[4] = {{&dw_block<1, kDwRows<1, K>, K>, kDwRows<1, K>},
+                                    {&dw_block<2, kDwRows<2, K>, K>, kDwRows<2, K>},
+                                    {&dw_block<3, kDwRows<3, K>, K>, kDwRows<3, K>},
+                                    {&dw_block<4, kDwRows<4, K>, K>, kDwRows<4, K>}};
+DwKernel dw_kernel(int64_t k, int64_t vectors) { return (k == 3 ? kDwKernels<3> : kDwKernels<5>)[vectors - 1]; }
 
 int64_t wide_outputs(const DirectConvShape& s) {  // OH·WP, rounded up to whole vectors
   return (s.oh() * s.padded_width() + kLanes - 1) / kLanes * kLanes;
