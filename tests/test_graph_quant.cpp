@@ -164,9 +164,8 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
                                    {64, 64, 64, 3, 1, 0}, {20, 20, 20, 7, 1, 3}, {6, 6, 6, 2, 2, 0},
                                    {18, 18, 18, 1, 1, 0}, {3, 3, 3, 9, 1, 4},    {20, 20, 20, 7, 2, 3},
                                    {8, 8, 8, 3, 3, 1},    {12, 12, 12, 7, 3, 0}};
-  // 13 columns: at stride 1 and 2 the one-pass kernel computes 4 windows at a time, the last group
-  // ending at the last column (K = 7 at stride 2 reads its most columns per kernel row, 13); at stride 3
-  // (and with fewer than 4 output columns) it goes window by window.
+  // 13 columns: the one-pass kernel computes 4 windows of a row at a time and the rest one by one (K = 7 at
+  // stride 2 reads all 13 columns plus the padding); K = 5 and 7 take two groups of 4 kernel rows, K = 9 none.
   constexpr int64_t kH = 7, kW = 13;
   for (const Case& c : cases) {
     for (const int bits : {8, 4}) {

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 // GCC 12's AVX-512 intrinsic headers pass _mm512_undefined_epi32() as the unused source of unmasked
 // instructions (vpsrlq, vpsllvq, ...), which -Wmaybe-uninitialized reports once inlined (GCC bug 105593,
@@ -339,81 +341,119 @@ LOWBIT_AVX512_VNNI void add_requantize_range(const int8_t* a, const int8_t* b, i
   }
 }
 
-// Output rows [row0, row1) (row = image · HO + oh) of a depthwise convolution, channels [c0, c0 + 16), as
-// depthwise_requantize_avx512 describes. Each tap is one vpdpbusd whose u8 operand has three zero bytes per
-// lane: lane c gets (x + 128)·w, exactly, added to the int32 sum (the sign-extended weight's upper bytes meet
-// zeros). Taps over the padding read z_in + 128, so every window has all K² terms and
+// depthwise_block's operands of one input column: 16 lanes of 4 bytes.
+struct alignas(64) DepthwiseColumn {
+  uint8_t bytes[64];
+};
+constexpr int64_t kMaxDepthwiseKernel = 7;  // the largest K with K² <= kMaxDepthwiseTaps
+static_assert(kMaxDepthwiseKernel * kMaxDepthwiseKernel <= kMaxDepthwiseTaps &&
+              (kMaxDepthwiseKernel + 1) * (kMaxDepthwiseKernel + 1) > kMaxDepthwiseTaps);
+inline int64_t depthwise_row_groups(int64_t kernel) { return (kernel + 3) / 4; }
+// The input columns an output row's windows read, padding included.
+inline int64_t depthwise_columns(const ConvShape& s) {
+  return (pooled_size(s.width, s.kernel, s.stride, s.padding) - 1) * s.stride + s.kernel;
+}
+
+// Channels [c0, c0 + 16) of a depthwise convolution, output rows [row0, row1) (row = image · HO + oh), as
+// depthwise_requantize_avx512 describes. The kernel's rows go in groups of four: lane c of one vpdpbusd
+// multiplies the four bytes x + 128 of rows 4g .. 4g + 3 at one input column with the four weights of those
+// taps, so one instruction adds four taps of 16 channels (rows past K meet zero weights). For each output row
+// `columns` (DepthwiseColumn, (K + 3) / 4 groups × the input columns the windows read) holds these operands,
+// built once and read by the K windows that overlap each column. Taps over the padding read z_in + 128, so
+// every window has all K² terms and
 //   Σ_t w_t·(x_t − z_in) = Σ_t w_t·(x_t + 128) − (z_in + 128)·Σ_t w_t,
 // the second term folded into the bias once per channel block (wrapping, like the sums: point 3 above).
+// Full: all 16 channels exist (c0 + 16 <= C), so the codes are loaded without a mask.
+template <bool Full>
 LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t* w, const int32_t* b,
                                         const Requant& rq, int8_t* y, const ConvShape& s, int64_t c0, int64_t row0,
-                                        int64_t row1) {
-  constexpr int64_t kPixels = 4, kMaxKernel = 7;  // the largest K with K² <= kMaxDepthwiseTaps
-  static_assert(kMaxKernel * kMaxKernel <= kMaxDepthwiseTaps &&
-                (kMaxKernel + 1) * (kMaxKernel + 1) > kMaxDepthwiseTaps);
-  const int64_t k = s.kernel, c = s.channels, taps = k * k, stride = s.stride, padding = s.padding;
+                                        int64_t row1, DepthwiseColumn* columns) {
+  constexpr int64_t kPixels = 4;  // windows per step: 4 independent sums hide vpdpbusd's latency
+  const int64_t k = s.kernel, c = s.channels, stride = s.stride, padding = s.padding;
   const int64_t ho = pooled_size(s.height, k, stride, padding), wo = pooled_size(s.width, k, stride, padding);
+  const int64_t groups = depthwise_row_groups(k), count = depthwise_columns(s);
   const __mmask16 mask = low_lanes(c - c0);
-  const bool full = c - c0 >= 16;
-  __m512i wt[kMaxDepthwiseTaps];
+  const auto load16 = [&](const int8_t* p) LOWBIT_AVX512_VNNI {  // the block's 16 codes at p
+    if constexpr (Full) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm_maskz_loadu_epi8(mask, p);
+  };
+  // Four rows of 16 bytes (rows[r] null: zeros) → lane c holds byte c of each row, row r in byte r. The rows go
+  // to the four 128-bit lanes, vpermd gathers dword c / 4 of each row into lane c / 4, and vpshufb transposes
+  // each lane's 4 × 4 bytes.
+  const __m512i gather = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  const __m512i transpose = _mm512_broadcast_i32x4(_mm_set_epi8(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0));
+  const auto interleave = [&](const __m128i rows[4]) LOWBIT_AVX512_VNNI {
+    __m512i four = _mm512_castsi128_si512(rows[0]);
+    four = _mm512_inserti32x4(four, rows[1], 1);
+    four = _mm512_inserti32x4(four, rows[2], 2);
+    four = _mm512_inserti32x4(four, rows[3], 3);
+    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(gather, four), transpose);
+  };
+  // Weights: wq[g·K + kw] holds the taps (4g + r, kw), r < 4. Their sum by one more vpdpbusd with bytes of 1.
+  __m512i wq[2 * kMaxDepthwiseKernel];
   __m512i wsum = _mm512_setzero_si512();
-  for (int64_t t = 0; t < taps; ++t) {
-    wt[t] = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + t * c + c0));
-    wsum = _mm512_add_epi32(wsum, wt[t]);
-  }
-  const __m512i pad = _mm512_set1_epi32(z + 128);
-  const __m512i offset = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mask, b + c0), _mm512_mullo_epi32(pad, wsum));
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t kw = 0; kw < k; ++kw) {
+      __m128i rows[4];
+      for (int64_t r = 0; r < 4; ++r) {
+        const int64_t kh = 4 * g + r;
+        rows[r] = kh < k ? load16(w + (kh * k + kw) * c + c0) : _mm_setzero_si128();
+      }
+      wq[g * k + kw] = interleave(rows);
+      wsum = _mm512_dpbusd_epi32(wsum, _mm512_set1_epi8(1), wq[g * k + kw]);
+    }
+  const __m512i offset =
+      _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mask, b + c0), _mm512_mullo_epi32(_mm512_set1_epi32(z + 128), wsum));
   const Requant16 rc = requant16_constants(rq.multiplier.data() + c0, rq.shift.data() + c0, mask);
   const __m512i z_out = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
   const __m512i hi = _mm512_set1_epi32(rq.act_max);
-  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));        // x + 128 as u8 is x with bit 7 flipped
-  const auto operand = [&](const int8_t* pixel) LOWBIT_AVX512_VNNI {  // 16 codes → 16 lanes of x + 128
-    const __m128i codes =
-        full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(pixel)) : _mm_maskz_loadu_epi8(mask, pixel);
-    return _mm512_cvtepu8_epi32(_mm_xor_si128(codes, flip));
-  };
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
+  alignas(16) int8_t pad[16];
+  std::memset(pad, z, sizeof pad);
+  const __m512i padding_column = _mm512_set1_epi8(static_cast<char>(z ^ 0x80));  // every byte z_in + 128
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t i = row / ho, oh = row % ho;
     const int8_t* image = x + i * s.height * s.width * c + c0;
-    int8_t* yr = y + row * wo * c + c0;
-    const auto store = [&](int64_t ow, __m512i acc) LOWBIT_AVX512_VNNI {
-      _mm512_mask_cvtepi32_storeu_epi8(yr + ow * c, mask, requant16(acc, rc, z_out, lo, hi));
-    };
-    // The taps of input row ih at input column iw: x + 128, or z + 128 in the padding.
-    const auto tap = [&](int64_t ih, int64_t iw) LOWBIT_AVX512_VNNI {
-      return ih >= 0 && ih < s.height && iw >= 0 && iw < s.width ? operand(image + (ih * s.width + iw) * c) : pad;
-    };
-    if (stride > 2 || wo < kPixels) {  // window by window
-      for (int64_t ow = 0; ow < wo; ++ow) {
-        __m512i acc = offset;
-        for (int64_t kh = 0; kh < k; ++kh)
-          for (int64_t kw = 0; kw < k; ++kw)
-            acc =
-                _mm512_dpbusd_epi32(acc, tap(oh * stride - padding + kh, ow * stride - padding + kw), wt[kh * k + kw]);
-        store(ow, acc);
+    for (int64_t g = 0; g < groups; ++g) {  // the operands of input columns iw = j − padding, j < count
+      DepthwiseColumn* operands = columns + g * count;
+      // Rows over the padding read the 16 codes z_in from `pad` at every column (a step of 0).
+      const int8_t* base[4];
+      int64_t step[4];
+      for (int64_t r = 0; r < 4; ++r) {
+        const int64_t ih = oh * stride - padding + 4 * g + r;
+        const bool inside = ih >= 0 && ih < s.height;
+        base[r] = inside ? image + ih * s.width * c : pad;
+        step[r] = inside ? c : 0;
       }
-      continue;
-    }
-    // 4 windows at a time (4 independent sums hide vpdpbusd's latency). Along a kernel row they read
-    // (4 − 1)·stride + K input columns, overlapping: each is loaded and widened once (6 for K = 3, stride 1,
-    // not 12). The last group ends at the last column and may compute a few windows again.
-    for (int64_t group = 0; group < wo; group += kPixels) {
-      const int64_t ow = std::min(group, wo - kPixels), columns = (kPixels - 1) * stride + k;
-      __m512i acc[kPixels];
-      for (auto& a : acc) a = offset;
-      for (int64_t kh = 0; kh < k; ++kh) {
-        const int64_t ih = oh * stride - padding + kh;
-        __m512i column[(kPixels - 1) * 2 + kMaxKernel];
-        for (int64_t j = 0; j < columns; ++j) column[j] = tap(ih, ow * stride - padding + j);
-        for (int64_t kw = 0; kw < k; ++kw) {
-          const __m512i wv = wt[kh * k + kw];
-#pragma GCC unroll 4
-          for (int64_t p = 0; p < kPixels; ++p) acc[p] = _mm512_dpbusd_epi32(acc[p], column[p * stride + kw], wv);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t iw = j - padding;
+        __m512i operand = padding_column;
+        if (iw >= 0 && iw < s.width) {
+          __m128i rows[4];
+          for (int64_t r = 0; r < 4; ++r) rows[r] = load16(base[r] + iw * step[r]);
+          operand = _mm512_xor_si512(interleave(rows), flip);
         }
+        _mm512_store_si512(operands[j].bytes, operand);
       }
-#pragma GCC unroll 4
-      for (int64_t p = 0; p < kPixels; ++p) store(ow + p, acc[p]);
     }
+    int8_t* yr = y + row * wo * c + c0;
+    const auto window_sums = [&]<int P>(int64_t ow, std::integral_constant<int, P>) LOWBIT_AVX512_VNNI {
+      __m512i acc[P];
+      for (auto& a : acc) a = offset;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t kw = 0; kw < k; ++kw) {
+          const DepthwiseColumn* column = columns + g * count + ow * stride + kw;
+#pragma GCC unroll 4
+          for (int p = 0; p < P; ++p)
+            acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_load_si512(column[p * stride].bytes), wq[g * k + kw]);
+        }
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p)
+        _mm512_mask_cvtepi32_storeu_epi8(yr + (ow + p) * c, mask, requant16(acc[p], rc, z_out, lo, hi));
+    };
+    int64_t ow = 0;
+    for (; ow + kPixels <= wo; ow += kPixels) window_sums(ow, std::integral_constant<int, kPixels>{});
+    for (; ow < wo; ++ow) window_sums(ow, std::integral_constant<int, 1>{});
   }
 }
 
@@ -479,7 +519,11 @@ void depthwise_requantize_avx512(const int8_t* x, int32_t x_zero_point, const in
   const int64_t rows = s.n * pooled_size(s.height, s.kernel, s.stride, s.padding);
   parallel_for(threads, threads, [&](int64_t t) {  // contiguous rows per thread, every channel block on each
     const int64_t row0 = rows * t / threads, row1 = rows * (t + 1) / threads;
-    for (int64_t c0 = 0; c0 < s.channels; c0 += 16) depthwise_block(x, x_zero_point, w, b, rq, y, s, c0, row0, row1);
+    std::vector<DepthwiseColumn> columns(static_cast<size_t>(depthwise_row_groups(s.kernel) * depthwise_columns(s)));
+    for (int64_t c0 = 0; c0 < s.channels; c0 += 16) {
+      const auto block = c0 + 16 <= s.channels ? depthwise_block<true> : depthwise_block<false>;
+      block(x, x_zero_point, w, b, rq, y, s, c0, row0, row1, columns.data());
+    }
   });
 }
 
