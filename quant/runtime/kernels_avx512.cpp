@@ -239,18 +239,29 @@ LOWBIT_AVX512_VBMI void lookup_range(const uint8_t* images, const int8_t* table_
   for (int64_t i = begin; i < end; i += 64) lookup_block(images + i, table, y + i, min_i64(64, end - i));
 }
 
-// requantize() of 16 accumulators (docs/quantization.md eqs. 6-7): kernels_avx2.cpp's requant8 on 16 lanes.
-// Per lane, with the sign taken off first: |acc|·m as an unsigned 64-bit product (vpmuludq on even and odd
-// lanes), + 2^(n−1), >> n, saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max anyway), then
-// the sign put back, z_out added and the result clamped: the reference's single rounding exactly.
+// requantize() of 16 accumulators (docs/quantization.md eqs. 6-7), exactly: with the sign taken off first,
+// round(|acc|·m / 2^n) = (|acc|·m + 2^(n−1)) >> n, then the sign put back, z_out added and the result clamped.
+// |acc|·m < 2^62 is formed as two vpmuludq, on the even and on the odd lanes (64-bit products). Two ways on:
+// - every n >= 33 (M = m·2^−n < 1/4, the usual case; `high`): write |acc|·m = H·2^32 + L with L < 2^32. The
+//   half 2^(n−1) is a multiple of 2^32, so (H·2^32 + L + 2^(n−1)) >> n = (H + 2^(n−33)) >> (n − 32): only the
+//   high halves H < 2^30 are needed, gathered into one vector of 16 int32 and shifted there.
+// - otherwise (kernels_avx2.cpp's requant8 on 16 lanes): the rounding and shift in 64-bit lanes, the result
+//   saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max anyway) before the halves are combined.
 struct Requant16 {
-  __m512i m, shift_even, shift_odd, half_even, half_odd;
+  bool high;                      // every lane's n >= 33
+  __m512i m, m_odd;               // m in every lane; in the low half of each 64-bit lane for the odd lanes
+  __m512i shift_high, half_high;  // high: n − 32 and 2^(n−33) per lane
+  __m512i shift_even, shift_odd, half_even, half_odd;  // otherwise: n and 2^(n−1) per 64-bit lane
 };
 
 LOWBIT_AVX512_VNNI Requant16 requant16_constants(const int32_t* multiplier, const int32_t* shift, __mmask16 mask) {
   const __m512i one = _mm512_set1_epi64(1), shifts = _mm512_maskz_loadu_epi32(mask, shift);
   Requant16 c;
+  c.high = _mm512_mask_cmplt_epi32_mask(mask, shifts, _mm512_set1_epi32(33)) == 0;
   c.m = _mm512_maskz_loadu_epi32(mask, multiplier);
+  c.m_odd = _mm512_srli_epi64(c.m, 32);
+  c.shift_high = _mm512_sub_epi32(shifts, _mm512_set1_epi32(32));
+  c.half_high = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_sub_epi32(shifts, _mm512_set1_epi32(33)));
   c.shift_even = _mm512_and_si512(shifts, _mm512_set1_epi64(0xFFFFFFFF));
   c.shift_odd = _mm512_srli_epi64(shifts, 32);
   c.half_even = _mm512_sllv_epi64(one, _mm512_sub_epi64(c.shift_even, one));  // lanes masked off: 0
@@ -259,15 +270,21 @@ LOWBIT_AVX512_VNNI Requant16 requant16_constants(const int32_t* multiplier, cons
 }
 
 LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c, __m512i z, __m512i lo, __m512i hi) {
-  const __m512i limit = _mm512_set1_epi64(0xFFFF);
-  const __m512i sign = _mm512_srai_epi32(a, 31);
+  const __mmask16 negative = _mm512_cmplt_epi32_mask(a, _mm512_setzero_si512());
   const __m512i magnitude = _mm512_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
-  __m512i even = _mm512_mul_epu32(magnitude, c.m);
-  __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(magnitude, 32), _mm512_srli_epi64(c.m, 32));
-  even = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(even, c.half_even), c.shift_even), limit);
-  odd = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(odd, c.half_odd), c.shift_odd), limit);
-  const __m512i rounded = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  const __m512i q = _mm512_add_epi32(_mm512_sub_epi32(_mm512_xor_si512(rounded, sign), sign), z);
+  const __m512i even = _mm512_mul_epu32(magnitude, c.m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(magnitude, 32), c.m_odd);
+  __m512i rounded;
+  if (c.high) {
+    const __m512i high = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);  // H of each lane
+    rounded = _mm512_srlv_epi32(_mm512_add_epi32(high, c.half_high), c.shift_high);
+  } else {
+    const __m512i limit = _mm512_set1_epi64(0xFFFF);
+    const __m512i e = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(even, c.half_even), c.shift_even), limit);
+    const __m512i o = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(odd, c.half_odd), c.shift_odd), limit);
+    rounded = _mm512_mask_blend_epi32(0xAAAA, e, _mm512_slli_epi64(o, 32));
+  }
+  const __m512i q = _mm512_add_epi32(_mm512_mask_sub_epi32(rounded, negative, _mm512_setzero_si512(), rounded), z);
   return _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
 }
 
