@@ -644,9 +644,11 @@ TEST_CASE("forward: depthwise conv2d matches a direct loop") {
 
 TEST_CASE("max_pool2d 2x2: ties and odd sizes, forward and gradient against a loop written here") {
   // Values in {0, 1, 2} make ties in most windows: the first maximum in row-major order must win, in
-  // the forward's argmax and so in the gradient (the 2 x 2 case has its own branch-free loops).
+  // the forward's argmax and so in the gradient (the 2 x 2 case has its own branch-free loops, and its own
+  // loops without the argmax when no graph is recorded).
   Rng rng(7);
-  for (const auto& [h, w] : {std::pair<int64_t, int64_t>{4, 6}, {5, 7}, {2, 2}, {6, 3}}) {
+  // 28 x 28 and 13 x 37: many windows per plane, so the inference loop's vectors and their tails both run.
+  for (const auto& [h, w] : {std::pair<int64_t, int64_t>{4, 6}, {5, 7}, {2, 2}, {6, 3}, {28, 28}, {13, 37}}) {
     Tensor x = Tensor::empty({2, 3, h, w});
     for (int64_t i = 0; i < x.numel(); ++i) x.data()[i] = static_cast<float>(static_cast<int>(rng.uniform() * 3.f));
     Tensor dy = Tensor::empty({2, 3, h / 2, w / 2});
@@ -670,6 +672,10 @@ TEST_CASE("max_pool2d 2x2: ties and odd sizes, forward and gradient against a lo
     check_all_close(y, want_y, 0, 0, "2x2 max with ties");
     ops::sum(ops::mul(y, dy)).backward();
     check_all_close(leaf.grad(), want_dx, 0, 0, "2x2 max gradient with ties");
+    // Nothing to differentiate (inference): the loop without the argmax, the same maxima.
+    lowbit::NoGradGuard no_grad;
+    check_all_close(ops::max_pool2d(leaf, 2, 2), want_y, 0, 0, "2x2 max without a graph");
+    check_all_close(ops::max_pool2d(x, 2, 2), want_y, 0, 0, "2x2 max of a tensor without gradient");
   }
 }
 

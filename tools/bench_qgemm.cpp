@@ -255,7 +255,10 @@ void bench_convs() {
   const std::vector<Conv> convs = {{"lenet5 conv1 batch 64 (1->6, 5x5)", 64, 1, 28, 6, 5, 2},
                                    {"lenet5 conv2 batch 64 (6->16, 5x5)", 64, 6, 14, 16, 5, 0},
                                    {"convbn conv1 batch 16 (1->32, 3x3)", 16, 1, 28, 32, 3, 1},
-                                   {"convbn conv2 batch 16 (32->64, 3x3)", 16, 32, 14, 64, 3, 1}};
+                                   {"convbn conv2 batch 16 (32->64, 3x3)", 16, 32, 14, 64, 3, 1},
+                                   {"resnet8 b1 conv batch 16 (16->16, 3x3)", 16, 16, 28, 16, 3, 1},
+                                   {"resnet8 b2 conv2 batch 16 (32->32, 3x3)", 16, 32, 14, 32, 3, 1},
+                                   {"dsconv b3 pw batch 16 (128->128, 1x1)", 16, 128, 14, 128, 1, 0}};
   uint64_t state = 3;
   for (const Conv& v : convs) {
     const int64_t ho = rt::pooled_size(v.hw, v.k, 1, v.padding), rows = v.n * ho * ho, row = v.c * v.k * v.k;
