@@ -887,7 +887,7 @@ void max_pool_2x2(const PoolGeometry& g, const float* px, float* py, int32_t* pa
 // columns, which over a whole plane are OH·OW outputs from consecutive pairs (one row of 14 outputs would
 // leave most of each vector to a scalar tail).
 __attribute__((target_clones("avx512f", "avx2", "default"))) void max_pool_2x2_values(const PoolGeometry& g,
-                                                                                       const float* px, float* py) {
+                                                                                      const float* px, float* py) {
 #pragma omp parallel
   {
     std::vector<float> rows(static_cast<size_t>(g.oh * g.w));
