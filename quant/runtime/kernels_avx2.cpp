@@ -745,18 +745,22 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   const __m256i z_out = _mm256_set1_epi32(rq ? rq->zero_point : 0);
   const __m256i lo = _mm256_set1_epi32(rq ? rq->act_min : 0), hi = _mm256_set1_epi32(rq ? rq->act_max : 0);
   int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
+  const auto row_start = [&] { return planes + ((i * hp + oh * stride) * wp) * c; };  // window (i, oh, 0)
+  const T* next = row_start() + ow * stride * c;  // the window of row `start`, then one step of stride·C each
   for (int64_t start = 0; start < rows; start += kConvRowBlock) {
     const int64_t count = min_i64(kConvRowBlock, rows - start);
     const T* window[kConvRowBlock + kConvMaxRows];  // each row's window; the last row repeated up to a whole MR
-    for (int64_t r = 0; r < count; ++r, ++ow) {
-      if (ow == wo) {
+    for (int64_t r = 0; r < count; ++r) {
+      window[r] = next;
+      next += stride * c;
+      if (++ow == wo) {
         ow = 0;
         if (++oh == ho) {
           oh = 0;
           ++i;
         }
+        if (start + r + 1 < rows) next = row_start();  // (never a window past the last image)
       }
-      window[r] = planes + ((i * hp + oh * stride) * wp + ow * stride) * c;
     }
     for (int64_t r = count; r < count + kConvMaxRows; ++r) window[r] = window[count - 1];  // covers any MR
     // Panels go through the micro-kernel `group` at a time (the AVX-512 kernel takes up to 4, reusing each x unit
