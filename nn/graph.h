@@ -73,7 +73,10 @@ class Model : public Module {
   // node: its kind, attributes, inputs (no dangling or duplicate names, no cycle) and shapes; every node
   // must lead to the output. Throws one line naming the node and the problem.
   explicit Model(Description description);
+  // Without a graph to record (NoGradGuard), a batch of more than inference_chunk() images runs through the
+  // graph that many images at a time, each activation of a chunk at most about 1 MB (it stays in the cache).
   Tensor forward(const Tensor& x) override;
+  int64_t inference_chunk() const;
   std::string describe() const override { return name; }
 
   // True when each node reads only the node before it (the first reads the input): a plain chain.

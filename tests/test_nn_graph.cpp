@@ -77,6 +77,50 @@ TEST_CASE("every built-in model builds for its data, runs, and has the documente
   CHECK_FALSE(nn::build_model("resnet8")->is_chain());
 }
 
+TEST_CASE("inference runs a batch through the graph a chunk of images at a time, with the same outputs") {
+  // Recording a graph (parameters need gradients) runs the whole batch node by node; NoGradGuard, in chunks.
+  manual_seed(11);
+  Rng rng(12);
+  for (const std::string& name : nn::model_names()) {
+    auto model = nn::build_model(name);
+    model->eval();
+    const int64_t chunk = model->inference_chunk();
+    const int64_t n = 2 * chunk + 3;  // two whole chunks and a short one
+    CAPTURE(name);
+    CAPTURE(chunk);
+    CHECK(chunk >= 1);
+    CHECK(chunk < (name == "mlp" ? 400 : 64));  // 1 MB of the largest activation: 100 KB per image in convbn
+    Tensor x = Tensor::empty({n, 1, 28, 28});
+    for (float& v : x.values()) v = rng.uniform(-1, 1);
+    const Tensor whole = model->forward(x);
+    REQUIRE(whole.requires_grad());
+    Tensor chunked;
+    {
+      NoGradGuard no_grad;
+      chunked = model->forward(x);
+    }
+    CHECK_FALSE(chunked.requires_grad());
+    REQUIRE(chunked.shape() == whole.shape());
+    int64_t differ = 0;
+    float worst = 0, largest = 0;  // the largest difference, and the largest output
+    for (int64_t i = 0; i < whole.numel(); ++i) {
+      differ += chunked.data()[i] != whole.data()[i];
+      worst = std::max(worst, std::abs(chunked.data()[i] - whole.data()[i]));
+      largest = std::max(largest, std::abs(whole.data()[i]));
+    }
+    worst /= largest;
+    // Linear's sgemm may add in another order for another number of rows (OpenBLAS has kernels for small
+    // matrices): a few values differ in their last bits.
+    MESSAGE(name, ": ", differ, " of ", whole.numel(), " outputs differ, by at most ", worst, " of the largest");
+    CHECK(worst < 1e-5f);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* a = chunked.data() + i * 10;
+      const float* b = whole.data() + i * 10;
+      CHECK(std::max_element(a, a + 10) - a == std::max_element(b, b + 10) - b);
+    }
+  }
+}
+
 TEST_CASE("a graph with a residual branch computes what the hand-written forward computes") {
   manual_seed(3);
   auto model = nn::build_model(nn::parse_description(text_of(kResidual), "t"));
