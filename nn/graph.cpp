@@ -329,7 +329,7 @@ Model::Model(Description d) : name(d.name), description(std::move(d)), layers(st
 // summation order of a Linear's sgemm, which may depend on the number of rows).
 int64_t Model::inference_chunk() const {
   constexpr int64_t kChunkBytes = int64_t{1} << 20;  // the largest activation of a chunk: half of a 2 MB L2
-  int64_t largest = 1;                                // floats per image
+  int64_t largest = 1;                               // floats per image
   for (const Node& node : nodes) largest = std::max(largest, shape_numel(node.output_shape));
   return std::max<int64_t>(num_threads(), kChunkBytes / (largest * static_cast<int64_t>(sizeof(float))));
 }
