@@ -322,7 +322,7 @@ Model::Model(Description d) : name(d.name), description(std::move(d)), layers(st
          shape_str(logits), desc.classes);
 }
 
-// Inference (no graph recorded) on a batch runs the whole graph on a few images at a time, so that each
+// Inference (eval mode, no graph recorded) on a batch runs the whole graph on a few images at a time, so that each
 // activation is still in the core's cache when the next node reads it. Node by node over the whole batch,
 // every activation went out to memory and back: convbn's first one is 100 KB per image, 25 MB for 256 images.
 // Every op computes each image on its own, so the outputs are those of one pass over the batch (up to the
@@ -336,7 +336,8 @@ int64_t Model::inference_chunk() const {
 
 Tensor Model::forward(const Tensor& x) {
   const int64_t n = x.dim() > 0 ? x.size(0) : 0, chunk = inference_chunk();
-  if (grad_enabled() || n <= chunk) return run_nodes(nodes, x, false).back();
+  // In training mode a batch norm's statistics are the batch's, and a chunk's would differ.
+  if (grad_enabled() || is_training() || n <= chunk) return run_nodes(nodes, x, false).back();
   const int64_t image = x.numel() / n, count = (n + chunk - 1) / chunk;  // chunks of equal size, ± 1
   std::vector<Tensor> outputs;
   for (int64_t k = 0; k < count; ++k) {

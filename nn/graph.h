@@ -73,8 +73,9 @@ class Model : public Module {
   // node: its kind, attributes, inputs (no dangling or duplicate names, no cycle) and shapes; every node
   // must lead to the output. Throws one line naming the node and the problem.
   explicit Model(Description description);
-  // Without a graph to record (NoGradGuard), a batch of more than inference_chunk() images runs through the
-  // graph that many images at a time, each activation of a chunk at most about 1 MB (it stays in the cache).
+  // In eval mode without a graph to record (NoGradGuard), a batch of more than inference_chunk() images runs
+  // through the graph that many images at a time, each activation of a chunk at most about 1 MB (it stays in
+  // the cache). In training mode the whole batch runs at once: a batch norm normalises by its statistics.
   Tensor forward(const Tensor& x) override;
   int64_t inference_chunk() const;
   std::string describe() const override { return name; }

@@ -120,6 +120,12 @@ TEST_CASE("QAdd: the AVX2 and AVX-512 kernels == the reference on every path, fo
       const int64_t pick = draw(0, 3);
       r.multipliers.push_back(static_cast<int32_t>(pick == 0 ? 0 : pick == 1 ? cap : draw(0, cap)));
       r.zero_points.push_back(static_cast<int32_t>(draw(-128, 127)));
+      // Every fourth trial: multiples of 2^(n−2), so the sum is a multiple of 2^(n−2) and every other nonzero one
+      // is an exact tie, negative ties included (the AVX-512 kernel's borrow when the low 16 bits are zero).
+      if (trial % 4 == 2 && r.shift >= 2) {
+        const int64_t unit = int64_t{1} << (r.shift - 2);
+        r.multipliers.back() = static_cast<int32_t>(draw(0, std::min<int64_t>(7, INT32_MAX / unit)) * unit);
+      }
     }
     rt::Requant rq;
     rq.zero_point = static_cast<int32_t>(draw(-128, 127));

@@ -118,6 +118,17 @@ TEST_CASE("inference runs a batch through the graph a chunk of images at a time,
       const float* b = whole.data() + i * 10;
       CHECK(std::max_element(a, a + 10) - a == std::max_element(b, b + 10) - b);
     }
+    // In training mode the batch runs whole even without a graph: a batch norm normalises by the batch's
+    // statistics (and updates its running ones once), so the outputs are those of the recorded pass.
+    model->train();
+    std::vector<Tensor> start;
+    for (const auto& [buffer, t] : model->named_buffers()) start.push_back(t.clone());
+    const Tensor trained = model->forward(x);
+    size_t k = 0;
+    for (auto& [buffer, t] : model->named_buffers()) t.copy_from(start[k++]);
+    NoGradGuard no_grad;
+    const Tensor untracked = model->forward(x);
+    CHECK(std::memcmp(trained.data(), untracked.data(), sizeof(float) * static_cast<size_t>(trained.numel())) == 0);
   }
 }
 

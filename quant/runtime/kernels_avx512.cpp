@@ -314,9 +314,10 @@ LOWBIT_AVX512_VNNI void offset_tile_rows(const int32_t* tile, int64_t rows, int6
                              _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, tile + r * tile_stride), bias));
 }
 
-// add_requantize_avx2 on 8 elements per instruction: eq. 10 as requantize_add computes it (requantize.h), in
-// 64-bit lanes; AVX-512 has the 64-bit abs, min and max that AVX2 lacks. a8 and b8 hold 8 codes in their low
-// 8 bytes; returns the 8 output codes in the low 8 bytes.
+// add_requantize_avx2 on 8 elements per instruction, for any shift and multipliers (add_requantize16 below is
+// the usual case): eq. 10 as requantize_add computes it (requantize.h), in 64-bit lanes; AVX-512 has the 64-bit
+// abs, min and max that AVX2 lacks. a8 and b8 hold 8 codes in their low 8 bytes; returns the 8 output codes in
+// the low 8 bytes.
 LOWBIT_AVX512_VNNI __m128i add_requantize8(__m128i a8, __m128i b8, __m512i za, __m512i ma, __m512i zb, __m512i mb,
                                            __m512i half, __m128i shift, __m512i z_out, __m512i lo, __m512i hi) {
   const __m512i xa = _mm512_sub_epi64(_mm512_cvtepi8_epi64(a8), za);
@@ -329,6 +330,54 @@ LOWBIT_AVX512_VNNI __m128i add_requantize8(__m128i a8, __m128i b8, __m512i za, _
   const __m512i out =
       _mm512_add_epi64(_mm512_mask_sub_epi64(rounded, negative, _mm512_setzero_si512(), rounded), z_out);
   return _mm512_cvtepi64_epi8(_mm512_min_epi64(_mm512_max_epi64(out, lo), hi));  // vpmovqb: codes in [−128, 127]
+}
+
+// Eq. 10 on 16 codes per step in 32-bit lanes, when n is in [17, 47] and both multipliers are below
+// 2^31 − 2^15 (add_requantize_range checks; a real Add has n near 31). Split m = m_hi·2^16 + m_lo with m_lo the
+// low 16 bits read as signed, so that both halves fit int16 (m_hi <= 32767). With d = (a − z_a, b − z_b) as int16
+// pairs, two vpmaddwd give
+//   A = m_hi,a·d_a + m_hi,b·d_b  and  B = m_lo,a·d_a + m_lo,b·d_b        (|A|, |B| < 2^24, exact),
+// and the sum S = A·2^16 + B = T·2^16 + B_lo, with T = A + (B >> 16) and B_lo = B mod 2^16 in [0, 2^16): S < 0
+// exactly when T < 0. Rounding half away from zero is floor((S + 2^(n−1) − [S < 0]) / 2^n), and 2^(n−1) is a
+// multiple of 2^16, so
+//   round(S / 2^n) = (T + 2^(n−17) − [T < 0 and B_lo = 0]) >> (n − 16)        (arithmetic shift)
+// (when B_lo = 0, subtracting 1 borrows from T's part; otherwise it stays within B_lo), with |T| + 2^30 < 2^31.
+struct AddSplit {
+  __m512i zero_points, high, low;  // (z_a, z_b), (m_hi,a, m_hi,b) and (m_lo,a, m_lo,b) in every pair of int16
+  __m512i half, shift;             // 2^(n−17) and n − 16 in every int32 lane
+};
+
+bool add_splits(const Rescale& r) {
+  constexpr int64_t kLimit = (int64_t{1} << 31) - (int64_t{1} << 15);
+  return r.shift >= 17 && r.shift <= 47 && r.multipliers[0] < kLimit && r.multipliers[1] < kLimit;
+}
+
+LOWBIT_AVX512_VNNI AddSplit add_split_constants(const Rescale& r) {
+  const auto pair = [](int32_t first, int32_t second) {  // two int16 in one int32 lane, first in the low half
+    return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(first)) |
+                                static_cast<uint32_t>(static_cast<uint16_t>(second)) << 16);
+  };
+  const auto low = [](int32_t m) { return static_cast<int32_t>(static_cast<int16_t>(m & 0xFFFF)); };
+  const auto high = [&](int32_t m) { return (m - low(m)) >> 16; };
+  const int32_t ma = r.multipliers[0], mb = r.multipliers[1];
+  return {_mm512_set1_epi32(pair(r.zero_points[0], r.zero_points[1])), _mm512_set1_epi32(pair(high(ma), high(mb))),
+          _mm512_set1_epi32(pair(low(ma), low(mb))), _mm512_set1_epi32(int32_t{1} << (r.shift - 17)),
+          _mm512_set1_epi32(r.shift - 16)};
+}
+
+// 16 codes of a and b (in the low 16 bytes) → the 16 output codes.
+LOWBIT_AVX512_VNNI __m128i add_requantize16(__m128i a16, __m128i b16, const AddSplit& c, __m512i z_out, __m512i lo,
+                                            __m512i hi) {
+  const __m256i pairs = _mm256_set_m128i(_mm_unpackhi_epi8(a16, b16), _mm_unpacklo_epi8(a16, b16));  // a0 b0 a1 ..
+  const __m512i d = _mm512_sub_epi16(_mm512_cvtepi8_epi16(pairs), c.zero_points);
+  const __m512i high = _mm512_madd_epi16(d, c.high), low = _mm512_madd_epi16(d, c.low);
+  const __m512i t = _mm512_add_epi32(high, _mm512_srai_epi32(low, 16));
+  const __mmask16 negative = _mm512_cmplt_epi32_mask(t, _mm512_setzero_si512());
+  const __mmask16 borrow = _mm512_mask_testn_epi32_mask(negative, low, _mm512_set1_epi32(0xFFFF));
+  __m512i u = _mm512_add_epi32(t, c.half);
+  u = _mm512_mask_sub_epi32(u, borrow, u, _mm512_set1_epi32(1));
+  const __m512i out = _mm512_add_epi32(_mm512_srav_epi32(u, c.shift), z_out);
+  return _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(out, lo), hi));
 }
 
 LOWBIT_AVX512_VNNI void add_requantize_range(const int8_t* a, const int8_t* b, int8_t* y, int64_t count,
@@ -345,6 +394,23 @@ LOWBIT_AVX512_VNNI void add_requantize_range(const int8_t* a, const int8_t* b, i
   // input), and a masked 16-byte store followed by a masked load of the next 8 bytes stalled every step
   // (the load waited for the store to retire), a third of resnet8's time.
   int64_t k = 0;
+  if (add_splits(r)) {
+    const AddSplit c = add_split_constants(r);
+    const __m512i z32 = _mm512_set1_epi32(rq.zero_point), lo32 = _mm512_set1_epi32(rq.act_min);
+    const __m512i hi32 = _mm512_set1_epi32(rq.act_max);
+    for (; k + 16 <= count; k += 16) {
+      const __m128i a16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k));
+      const __m128i b16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + k));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + k), add_requantize16(a16, b16, c, z32, lo32, hi32));
+    }
+    if (k < count) {
+      const __mmask16 mask = low_lanes(count - k);
+      const __m128i out =
+          add_requantize16(_mm_maskz_loadu_epi8(mask, a + k), _mm_maskz_loadu_epi8(mask, b + k), c, z32, lo32, hi32);
+      _mm_mask_storeu_epi8(y + k, mask, out);
+    }
+    return;
+  }
   for (; k + 16 <= count; k += 16) {
     const __m128i a16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k));
     const __m128i b16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + k));
