@@ -136,6 +136,29 @@ void pad_planes(const float* x, const DirectConvShape& s, float* xp) {
 int64_t dw_outputs_padded(const DirectConvShape& s) { return (s.out + kLanes - 1) / kLanes * kLanes; }
 int64_t dw_rows_padded(const DirectConvShape& s) { return (s.c * s.k + 7) / 8 * 8; }
 
+// depthwise_direct's 16 outputs of row y, [ox0, ox0 + count): the taps of each output in the order of
+// ops.cpp's depthwise_forward (ki, then kj), added to what y holds, one FMA per tap and 16 outputs. At stride 2
+// output i reads columns 2i + kj: the 2·count − 1 floats from the window's start, and vpermt2ps keeps the even ones.
+LOWBIT_AVX512F void depthwise_row_block(const float* xp, int64_t wp, const float* w, int64_t k, int64_t stride,
+                                        int64_t oy, int64_t ox0, int64_t count, float* y) {
+  const __mmask16 mask = static_cast<__mmask16>(count >= 16 ? 0xFFFF : (1u << count) - 1);
+  const int64_t span = 2 * count - 1;  // stride 2: floats read per tap
+  const __mmask16 low = static_cast<__mmask16>(span >= 16 ? 0xFFFF : (1u << span) - 1);
+  const __mmask16 high = static_cast<__mmask16>(span > 16 ? (1u << (span - 16)) - 1 : 0);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  __m512 acc = _mm512_maskz_loadu_ps(mask, y + ox0);
+  for (int64_t ki = 0; ki < k; ++ki) {
+    const float* row = xp + (oy * stride + ki) * wp + ox0 * stride;
+    for (int64_t kj = 0; kj < k; ++kj) {
+      const __m512 taps = stride == 1 ? _mm512_maskz_loadu_ps(mask, row + kj)
+                                      : _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(low, row + kj), even,
+                                                               _mm512_maskz_loadu_ps(high, row + kj + 16));
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(w[ki * k + kj]), taps, acc);
+    }
+  }
+  _mm512_mask_storeu_ps(y + ox0, mask, acc);
+}
+
 bool cpu_has_avx512f() {
   static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   return available;
@@ -227,6 +250,15 @@ void add_direct_dw(const float* dw_t, float* dw, const DirectConvShape& s) {
   const int64_t taps = s.c * s.k * s.k, outp = dw_outputs_padded(s);
   for (int64_t o = 0; o < s.out; ++o)
     for (int64_t j = 0; j < taps; ++j) dw[o * taps + j] += dw_t[j * outp + o];
+}
+
+bool depthwise_direct_runs(int64_t stride) { return cpu_has_avx512f() && (stride == 1 || stride == 2); }
+
+void depthwise_direct(const float* xp, int64_t wp, const float* w, int64_t k, int64_t stride, float* y, int64_t oh,
+                      int64_t ow) {
+  for (int64_t oy = 0; oy < oh; ++oy, y += ow)
+    for (int64_t ox0 = 0; ox0 < ow; ox0 += 16)
+      depthwise_row_block(xp, wp, w, k, stride, oy, ox0, std::min<int64_t>(16, ow - ox0), y);
 }
 
 }  // namespace lowbit::ops::detail

@@ -53,4 +53,13 @@ int64_t direct_dw_scratch(const DirectConvShape& s);
 void conv_direct_dw(const float* x, const float* dy, float* dw_t, const DirectConvShape& s, float* scratch);
 void add_direct_dw(const float* dw_t, float* dw, const DirectConvShape& s);
 
+// The depthwise forward (one input channel per group) of one plane on AVX-512, where depthwise_direct_runs
+// (stride 1 or 2): xp is the zero-padded plane, rows wp floats apart, w is (K, K), y (OH, OW) += the convolution
+// (y holds the bias). ops.cpp's depthwise_forward is the same loop in plain C++, for other strides and CPUs;
+// 16 outputs of a row per vector here, each sum in a register over the K² taps (one FMA each, so the last bits
+// differ from the plain loop's separate multiply and add).
+bool depthwise_direct_runs(int64_t stride);
+void depthwise_direct(const float* xp, int64_t wp, const float* w, int64_t k, int64_t stride, float* y, int64_t oh,
+                      int64_t ow);
+
 }  // namespace lowbit::ops::detail

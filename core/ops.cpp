@@ -719,8 +719,13 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
         if (g.depthwise()) {
           pad_plane(g, xg, scratch.data());
           for (int64_t o = 0; o < g.group_out(); ++o)
-            depthwise_forward(g, scratch.data(), w.data() + (gi * g.group_out() + o) * g.rows(),
-                              yn + gi * y_group + o * g.cols());
+            if (detail::depthwise_direct_runs(g.stride))
+              detail::depthwise_direct(scratch.data(), g.w + 2 * g.padding,
+                                       w.data() + (gi * g.group_out() + o) * g.rows(), g.k, g.stride,
+                                       yn + gi * y_group + o * g.cols(), g.oh, g.ow);
+            else
+              depthwise_forward(g, scratch.data(), w.data() + (gi * g.group_out() + o) * g.rows(),
+                                yn + gi * y_group + o * g.cols());
           continue;
         }
         const float* cols = im2col(g, xg, scratch.data());

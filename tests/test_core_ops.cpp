@@ -627,7 +627,15 @@ TEST_CASE("forward: depthwise conv2d matches a direct loop") {
       {1, 2, 5, 5, 6, 3, 1, 0, true},   // three output channels per input channel, no padding
       {1, 3, 9, 9, 3, 5, 3, 2, true},   // big kernel, stride 3, pad 2
       {2, 2, 1, 1, 2, 3, 1, 1, false},  // 1x1 image, all but the centre tap in the padding
+      // Rows of more than 16 outputs (core/conv_direct.h's kernel: vectors of 16, the last one partly empty).
+      {2, 3, 28, 28, 3, 3, 1, 1, true},   // 28 outputs a row: 16 + 12
+      {1, 2, 14, 37, 2, 3, 2, 1, false},  // stride 2, 19 outputs a row, odd width
+      {1, 2, 9, 34, 4, 5, 2, 2, true},    // stride 2, K 5, 17 outputs a row, two outputs per channel
+      {1, 1, 4, 17, 1, 3, 2, 0, true},    // stride 2: the last window ends at the last column of the plane
+      {1, 2, 6, 32, 2, 3, 1, 0, false},   // 30 outputs a row, no padding
   };
+  MESSAGE("depthwise forward on the AVX-512 kernel (stride 1 and 2): ",
+          std::string(lowbit::ops::detail::depthwise_direct_runs(1) ? "yes" : "no, this CPU lacks AVX-512F"));
   uint64_t seed = 380;
   for (const Case& c : cases) {
     INFO("x (", c.n, ", ", c.c, ", ", c.h, ", ", c.w, "), OUT ", c.out, ", K ", c.k, ", stride ", c.stride,
