@@ -1,7 +1,7 @@
 // A stride-1 convolution without im2col: AVX-512 multiply-adds straight from zero-padded planes, for the forward
-// (and dx, which is such a convolution too) and for dw. ops::conv2d (core/ops.cpp) uses them where they run and
-// pay, and im2col + sgemm elsewhere; both compute the same sums (in another order, so the last bits differ), and
-// tests/test_core_ops.cpp holds them to plain loops.
+// (and dx, which is such a convolution too) and for dw; and the depthwise forward at stride 1 and 2. ops::conv2d
+// (core/ops.cpp) uses them where they run and pay, and im2col + sgemm elsewhere; both compute the same sums (in another
+// order, so the last bits differ), and tests/test_core_ops.cpp holds them to plain loops.
 #pragma once
 
 #include <cstdint>

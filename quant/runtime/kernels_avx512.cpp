@@ -460,7 +460,7 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
     if constexpr (Full) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm_maskz_loadu_epi8(mask, p);
   };
-  // Four rows of 16 bytes (rows[r] null: zeros) → lane c holds byte c of each row, row r in byte r. The rows go
+  // Four rows of 16 bytes → lane c holds byte c of each row, row r in byte r. The rows go
   // to the four 128-bit lanes, vpermd gathers dword c / 4 of each row into lane c / 4, and vpshufb transposes
   // each lane's 4 × 4 bytes.
   const __m512i gather = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);

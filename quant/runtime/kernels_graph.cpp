@@ -2,7 +2,7 @@
 // Each has a reference form on (N, C, H, W) codes (the definition) and a channels-last form for the
 // executor's fast path, equal to it bit for bit. The depthwise inner loop runs 8 channels at a time with
 // AVX2 (kernels_avx2.cpp, depthwise_accumulate_avx2); on the AVX-512 paths the whole depthwise conv runs in
-// one pass, 16 channels at a time (kernels_avx512.cpp, depthwise_block), and the Add 8 codes per instruction.
+// one pass, 16 channels at a time (kernels_avx512.cpp, depthwise_block), and the Add 16 codes per step.
 #include <algorithm>
 #include <cstring>
 #include <string>

@@ -140,7 +140,7 @@ void conv_tile_requantize_avx512(const int32_t* tile, int64_t rows, int64_t tile
 void conv_tile_offset_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
                              int64_t count, int32_t* acc, int64_t acc_stride);
 
-// add_requantize_avx2, 8 elements per instruction.
+// add_requantize_avx2 on AVX-512: 16 codes per step in 32-bit lanes for the usual shifts, else 8 in 64-bit lanes.
 void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
                            const Requant& rq);
 
