@@ -167,18 +167,28 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
     int64_t n, c, h, w, out, k, stride, padding;
   };
   const std::vector<ConvShape> shapes = {
-      {2, 1, 28, 28, 6, 5, 1, 2},  {1, 6, 14, 14, 16, 5, 1, 0}, {3, 3, 9, 7, 5, 3, 2, 1}, {1, 2, 5, 5, 3, 1, 1, 0},
-      {2, 4, 6, 6, 17, 3, 1, 1},   {1, 2, 20, 19, 4, 17, 1, 1},  // window rows longer than 32 bytes
-      {2, 9, 7, 8, 3, 1, 3, 0},                                  // 1×1 windows, stride 3
-      {1, 3, 11, 11, 33, 4, 2, 3},                               // even K, padding wider than needed
-      {2, 5, 6, 6, 7, 3, 1, 1},    {1, 1, 8, 8, 2, 3, 1, 0},     // 7 and 2 channels: every partial 8-code store
-      {1, 40, 5, 5, 23, 3, 1, 1},                                // kernel rows of 120 codes, 16 + 7 channels
-      {3, 32, 6, 5, 64, 3, 1, 1},  {5, 3, 9, 9, 9, 2, 1, 0},     // convbn-like conv2; 9 channels, 25 rows a part
-      {2, 5, 6, 7, 70, 3, 1, 1},                                 // 5 panels: a VNNI call of 4, then one of 1
+      {2, 1, 28, 28, 6, 5, 1, 2},
+      {1, 6, 14, 14, 16, 5, 1, 0},
+      {3, 3, 9, 7, 5, 3, 2, 1},
+      {1, 2, 5, 5, 3, 1, 1, 0},
+      {2, 4, 6, 6, 17, 3, 1, 1},
+      {1, 2, 20, 19, 4, 17, 1, 1},  // window rows longer than 32 bytes
+      {2, 9, 7, 8, 3, 1, 3, 0},     // 1×1 windows, stride 3
+      {1, 3, 11, 11, 33, 4, 2, 3},  // even K, padding wider than needed
+      {2, 5, 6, 6, 7, 3, 1, 1},
+      {1, 1, 8, 8, 2, 3, 1, 0},    // 7 and 2 channels: every partial 8-code store
+      {1, 40, 5, 5, 23, 3, 1, 1},  // kernel rows of 120 codes, 16 + 7 channels
+      {3, 32, 6, 5, 64, 3, 1, 1},
+      {5, 3, 9, 9, 9, 2, 1, 0},   // convbn-like conv2; 9 channels, 25 rows a part
+      {2, 5, 6, 7, 70, 3, 1, 1},  // 5 panels: a VNNI call of 4, then one of 1
       // AMX tiles (kernel rows of 8 units or more): stride 2, 1×1 windows, odd panel counts, and images so
       // small that the last A tile reads far past them (into the planes' slack).
-      {2, 16, 9, 9, 32, 3, 2, 1},  {2, 64, 5, 7, 40, 1, 1, 0},  {2, 32, 7, 7, 48, 1, 2, 0},
-      {3, 32, 2, 1, 5, 1, 1, 0},   {1, 16, 3, 3, 17, 3, 1, 1}};
+      {2, 16, 9, 9, 32, 3, 2, 1},
+      {2, 64, 5, 7, 40, 1, 1, 0},
+      {2, 32, 7, 7, 48, 1, 2, 0},
+      {3, 32, 2, 1, 5, 1, 1, 0},
+      {1, 16, 3, 3, 17, 3, 1, 1},
+      {1, 2, 4, 50, 3, 3, 1, 1}};  // two output rows of 50 are more than a block: no fused max pool
   lowbit::Rng rng(5);
   for (const ConvShape& s : shapes) {
     for (const int bits : {8, 4}) {
@@ -217,6 +227,20 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       }
       std::vector<int8_t> want(rows * s.out);
       rt::requantize_to_nchw_ref(acc, rq, want, rows, 1, s.out, 1);
+      // With a 2 × 2 max pool (stride 2) after it: the largest of the four codes (requantization never
+      // decreases), (N, HO/2, WO/2, OUT); a last odd row or column is dropped.
+      const int64_t hp = ho / 2, wp = wo / 2;
+      std::vector<int8_t> want_pooled(s.n * hp * wp * s.out);
+      for (int64_t i = 0; i < s.n; ++i)
+        for (int64_t ph = 0; ph < hp; ++ph)
+          for (int64_t pw = 0; pw < wp; ++pw)
+            for (int64_t o = 0; o < s.out; ++o) {
+              int8_t best = -128;
+              for (int64_t dy = 0; dy < 2; ++dy)
+                for (int64_t dx = 0; dx < 2; ++dx)
+                  best = std::max(best, want[((i * ho + 2 * ph + dy) * wo + 2 * pw + dx) * s.out + o]);
+              want_pooled[((i * hp + ph) * wp + pw) * s.out + o] = best;
+            }
       for (const rt::KernelPath path : paths) {
         CAPTURE(std::string(rt::kernel_path_name(path)));
         const rt::PackedConv pc = rt::pack_conv_weights(w, bits, s.c, s.h, s.w, s.out, s.k, s.stride, s.padding, path);
@@ -244,6 +268,22 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
           }
           CHECK(codes == want);
           CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));  // not constant
+        }
+        // The max pool fused: pooled rows split in 1, 2 or 3 ranges, junk in the scratch and the output beforehand.
+        const bool fusable = pc.amx_tiles.empty() && 2 * wo <= 96 && ho >= 2;
+        CHECK(rt::conv_pool_fusable(pc, 2, 2, 0) == fusable);
+        CHECK(!rt::conv_pool_fusable(pc, 3, 2, 0));
+        CHECK(!rt::conv_pool_fusable(pc, 2, 1, 0));
+        if (!fusable) continue;
+        for (const int parts : {1, 2, 3}) {
+          CAPTURE(parts);
+          std::vector<int8_t> pooled(want_pooled.size(), 0x5A);
+          std::vector<int32_t> scratch(rt::conv_pool_scratch_size(pc), 0x5A5A5A5A);
+          for (int t = 0; t < parts; ++t) {
+            const int64_t begin = s.n * hp * t / parts, end = s.n * hp * (t + 1) / parts;
+            rt::qconv2d_rows_pooled(planes, z, pc, b, rq, scratch, pooled, begin, end - begin);
+          }
+          CHECK(pooled == want_pooled);
         }
       }
     }

@@ -195,6 +195,10 @@ void Executor::plan(int64_t batch) {
       workspace = std::max(workspace, qgemm_packed_workspace_size(rows, packed_[i]));
     }
     acc = std::max(acc, static_cast<size_t>(rows * op.out_channels));
+    if (pool_fused_[i] &&
+        conv_pool_fusable(conv_[i], graph_.ops[i + 1].kernel, graph_.ops[i + 1].stride, graph_.ops[i + 1].padding)) {
+      acc = std::max(acc, static_cast<size_t>(threads_) * conv_pool_scratch_size(conv_[i]));  // one per thread
+    }
   }
   scratch_.resize(static_cast<size_t>(threads_));
   for (Scratch& sc : scratch_) {
@@ -243,14 +247,26 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
       if (pool_fused_[op_index]) {
         // Followed by a max pool: pool the accumulators, then requantize the K² times fewer maxima (equal
         // codes: requantization never decreases). y is the pool's output.
+        const Op& pool = graph_.ops[op_index + 1];
+        const int64_t pooled = shapes_[op_index + 1].size();
+        if (conv_pool_fusable(pc, pool.kernel, pool.stride, pool.padding)) {  // 2 × 2: in one pass, per row pair
+          const int64_t pooled_rows = images * shapes_[op_index + 1].h;
+          const size_t scratch = conv_pool_scratch_size(pc);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+          for (int t = 0; t < threads; ++t) {
+            const int64_t begin = pooled_rows * t / threads, end = pooled_rows * (t + 1) / threads;
+            qconv2d_rows_pooled(sc.planes, op.input_zero_point, pc, op.bias, op.requant,
+                                std::span<int32_t>(sc.acc).subspan(static_cast<size_t>(t) * scratch, scratch),
+                                {y + first * pooled, static_cast<size_t>(images * pooled)}, begin, end - begin);
+          }
+          continue;
+        }
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
         for (int t = 0; t < threads; ++t) {
           const int64_t begin = rows * t / threads, end = rows * (t + 1) / threads;
           qconv2d_rows(sc.planes, op.input_zero_point, pc, op.bias,
                        acc.subspan(static_cast<size_t>(begin * op.out_channels)), begin, end - begin);
         }
-        const Op& pool = graph_.ops[op_index + 1];
-        const int64_t pooled = shapes_[op_index + 1].size();
         maxpool_requantize_nhwc(acc, op.requant, {y + first * pooled, static_cast<size_t>(images * pooled)}, images,
                                 out.c, out.h, out.w, pool.kernel, pool.stride, pool.padding, threads, path_);
         continue;

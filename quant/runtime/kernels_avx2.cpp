@@ -540,7 +540,7 @@ void qgemm_avx2(const int8_t* x, int32_t x_zero_point, const PackedWeights& w, c
 
 namespace {
 
-constexpr int64_t kConvRowBlock = 96;  // GEMM rows per block: their windows stay in L1 while every panel passes
+using detail::kConvRowBlock;
 
 // The x operand of one code as the GEMM reads it: int16 for 8-bit weights, x + 128 as u8 for 4-bit weights.
 template <typename T>
@@ -723,27 +723,100 @@ PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Req
   return e;
 }
 
+// The epilogue constants of every panel of pc for bias b: computed once per call of conv_rows(_pooled).
+std::vector<PanelEpilogue> panel_epilogues(const PackedConv& pc, const int32_t* b, const Requant* rq, int32_t z_eff) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  std::vector<PanelEpilogue> ep(static_cast<size_t>(ceil_div(pc.weights.out, pc.panel_channels)));
+  for (size_t p = 0; p < ep.size(); ++p)
+    ep[p] = panel_epilogue(pc.weights, b, rq, z_eff, static_cast<int64_t>(p), pc.panel_channels, lane);
+  return ep;
+}
+
+// One block of `count` <= kConvRowBlock GEMM rows of the convolution, row r's window at window[r] (the last
+// one repeated up to a whole MR after them): for each panel of 16 channels, every MR-row block of the block in
+// turn; the int32 sums + offset stored into acc (COUNT, OUT) when rq is null, else their codes (eq. 6) into y
+// (COUNT, OUT), straight from the tile while it is in L1.
+template <typename T>
+void conv_block(const T* const* window, int64_t count, const PackedConv& pc, const PanelEpilogue* ep, const Requant* rq,
+                int32_t* acc, int8_t* y) {
+  const PackedWeights& w = pc.weights;
+  const int32_t* offsets = pc.unit_offsets.data();
+  const int64_t panel = pc.panel_channels, out = w.out, panels = ceil_div(out, panel);
+  const int64_t group = detail::uses_avx512(w.path) && panel == 16 ? kConvMaxGroup : 1;
+  const __m256i z_out = _mm256_set1_epi32(rq ? rq->zero_point : 0);
+  const __m256i lo = _mm256_set1_epi32(rq ? rq->act_min : 0), hi = _mm256_set1_epi32(rq ? rq->act_max : 0);
+  // Panels go through the micro-kernel `group` at a time (the AVX-512 kernel takes up to 4, reusing each x unit
+  // it broadcasts 4 times).
+  for (int64_t p0 = 0; p0 < panels; p0 += group) {
+    const int64_t g = min_i64(group, panels - p0);
+    const int64_t mr = conv_rows_per_block(w.path, w.bits, panel, g);
+    const int32_t* wpanel = w.units.data() + p0 * w.k_units * panel;
+    for (int64_t r0 = 0; r0 < count; r0 += mr) {
+      alignas(64) int32_t tile[kConvMaxGroup * kConvMaxRows * kPanel];  // (G, MR, panel)
+      const T* const* xr = window + r0;
+      if constexpr (sizeof(T) == 2) {
+        if (panel == 16) {
+          conv_kernel_s8<6, 2>(xr, offsets, w.k_units, wpanel, tile);
+        } else {
+          conv_kernel_s8<12, 1>(xr, offsets, w.k_units, wpanel, tile);
+        }
+      } else if (detail::uses_avx512(w.path)) {  // Vnni512, and Amx for kernel rows too short for tiles
+        detail::conv_tile_vnni512(xr, offsets, w.k_units, wpanel, panel, g, tile);
+      } else if (w.path == KernelPath::AvxVnni) {
+        detail::conv_tile_avxvnni(xr, offsets, w.k_units, wpanel, panel, tile);
+      } else if (panel == 16) {
+        conv_kernel_s4<4, 2>(xr, offsets, w.k_units, wpanel, tile);
+      } else {
+        conv_kernel_s4<8, 1>(xr, offsets, w.k_units, wpanel, tile);
+      }
+      const int64_t tile_rows = min_i64(count, r0 + mr) - r0;
+      for (int64_t v = 0; v < g; ++v) {
+        const PanelEpilogue& e = ep[p0 + v];
+        const int64_t o0 = (p0 + v) * panel;
+        if (detail::uses_avx512(w.path)) {  // 16 channels per instruction
+          if (rq) {
+            detail::conv_tile_requantize_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, *rq, o0, e.channels,
+                                                y + r0 * out + o0, out);
+          } else {
+            detail::conv_tile_offset_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, e.channels,
+                                            acc + r0 * out + o0, out);
+          }
+          continue;
+        }
+        for (int64_t r = r0; r < r0 + tile_rows; ++r) {
+          const int32_t* tr = tile + (v * mr + r - r0) * panel;
+          const __m256i a0 = _mm256_add_epi32(load8(tr), load8(e.offset));
+          const __m256i a1 =
+              e.count1 > 0 ? _mm256_add_epi32(load8(tr + 8), load8(e.offset + 8)) : _mm256_setzero_si256();
+          if (rq) {
+            int8_t* yr = y + r * out + o0;
+            store_codes8(requant8(a0, e.rq0, z_out, lo, hi), yr, e.count0);
+            if (e.count1 > 0) store_codes8(requant8(a1, e.rq1, z_out, lo, hi), yr + 8, e.count1);
+          } else {
+            int32_t* ar = acc + r * out + o0;
+            store_sums8(a0, ar, e.count0);
+            if (e.count1 > 0) store_sums8(a1, ar + 8, e.count1);
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 namespace detail {
 
 // GEMM rows [first, first + rows) of the convolution of planes (operands T), channels last: the int32
-// accumulators into acc (ROWS, OUT) when rq is null, else their codes requantized (eq. 6) into y (ROWS, OUT),
-// straight from the tile while it is in L1. Blocks of kConvRowBlock rows: for each panel of 16 channels,
-// every MR-row block of the block in turn.
+// accumulators into acc (ROWS, OUT) when rq is null, else their codes requantized (eq. 6) into y (ROWS, OUT).
+// Blocks of kConvRowBlock rows (conv_block).
 template <typename T>
 void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant* rq, int32_t* acc,
                int8_t* y, int64_t first, int64_t rows) {
-  const PackedWeights& w = pc.weights;
-  const int64_t c = pc.channels, k = pc.kernel, stride = pc.stride, padding = pc.padding;
+  const int64_t c = pc.channels, k = pc.kernel, stride = pc.stride, padding = pc.padding, out = pc.weights.out;
   const int64_t height = pc.height, width = pc.width, hp = height + 2 * padding, wp = width + 2 * padding;
-  const int32_t* offsets = pc.unit_offsets.data();
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
-  const int64_t panel = pc.panel_channels, out = w.out, panels = ceil_div(out, panel);
-  const int64_t group = detail::uses_avx512(w.path) && panel == 16 ? kConvMaxGroup : 1;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i z_out = _mm256_set1_epi32(rq ? rq->zero_point : 0);
-  const __m256i lo = _mm256_set1_epi32(rq ? rq->act_min : 0), hi = _mm256_set1_epi32(rq ? rq->act_max : 0);
+  const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, rq, z_eff);
   int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
   const auto row_start = [&] { return planes + ((i * hp + oh * stride) * wp) * c; };  // window (i, oh, 0)
   const T* next = row_start() + ow * stride * c;  // the window of row `start`, then one step of stride·C each
@@ -763,63 +836,38 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
       }
     }
     for (int64_t r = count; r < count + kConvMaxRows; ++r) window[r] = window[count - 1];  // covers any MR
-    // Panels go through the micro-kernel `group` at a time (the AVX-512 kernel takes up to 4, reusing each x unit
-    // it broadcasts 4 times); each panel's epilogue constants are computed once per block.
-    for (int64_t p0 = 0; p0 < panels; p0 += group) {
-      const int64_t g = min_i64(group, panels - p0);
-      const int64_t mr = conv_rows_per_block(w.path, w.bits, panel, g);
-      PanelEpilogue ep[kConvMaxGroup];
-      for (int64_t v = 0; v < g; ++v) ep[v] = panel_epilogue(w, b, rq, z_eff, p0 + v, panel, lane);
-      const int32_t* wpanel = w.units.data() + p0 * w.k_units * panel;
-      for (int64_t r0 = 0; r0 < count; r0 += mr) {
-        alignas(64) int32_t tile[kConvMaxGroup * kConvMaxRows * kPanel];  // (G, MR, panel)
-        const T* const* xr = window + r0;
-        if constexpr (sizeof(T) == 2) {
-          if (panel == 16) {
-            conv_kernel_s8<6, 2>(xr, offsets, w.k_units, wpanel, tile);
-          } else {
-            conv_kernel_s8<12, 1>(xr, offsets, w.k_units, wpanel, tile);
-          }
-        } else if (detail::uses_avx512(w.path)) {  // Vnni512, and Amx for kernel rows too short for tiles
-          detail::conv_tile_vnni512(xr, offsets, w.k_units, wpanel, panel, g, tile);
-        } else if (w.path == KernelPath::AvxVnni) {
-          detail::conv_tile_avxvnni(xr, offsets, w.k_units, wpanel, panel, tile);
-        } else if (panel == 16) {
-          conv_kernel_s4<4, 2>(xr, offsets, w.k_units, wpanel, tile);
-        } else {
-          conv_kernel_s4<8, 1>(xr, offsets, w.k_units, wpanel, tile);
-        }
-        const int64_t tile_rows = min_i64(count, r0 + mr) - r0;
-        for (int64_t v = 0; v < g; ++v) {
-          const PanelEpilogue& e = ep[v];
-          const int64_t o0 = (p0 + v) * panel;
-          if (detail::uses_avx512(w.path)) {  // 16 channels per instruction
-            if (rq) {
-              detail::conv_tile_requantize_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, *rq, o0,
-                                                  e.channels, y + (start + r0) * out + o0, out);
-            } else {
-              detail::conv_tile_offset_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, e.channels,
-                                              acc + (start + r0) * out + o0, out);
-            }
-            continue;
-          }
-          for (int64_t r = r0; r < r0 + tile_rows; ++r) {
-            const int32_t* tr = tile + (v * mr + r - r0) * panel;
-            const __m256i a0 = _mm256_add_epi32(load8(tr), load8(e.offset));
-            const __m256i a1 =
-                e.count1 > 0 ? _mm256_add_epi32(load8(tr + 8), load8(e.offset + 8)) : _mm256_setzero_si256();
-            if (rq) {
-              int8_t* yr = y + (start + r) * out + o0;
-              store_codes8(requant8(a0, e.rq0, z_out, lo, hi), yr, e.count0);
-              if (e.count1 > 0) store_codes8(requant8(a1, e.rq1, z_out, lo, hi), yr + 8, e.count1);
-            } else {
-              int32_t* ar = acc + (start + r) * out + o0;
-              store_sums8(a0, ar, e.count0);
-              if (e.count1 > 0) store_sums8(a1, ar + 8, e.count1);
-            }
-          }
-        }
-      }
+    conv_block(window, count, pc, ep.data(), rq, rq ? nullptr : acc + start * out, rq ? y + start * out : nullptr);
+  }
+}
+
+// Pairs [first, first + pairs) of output rows (pair q: rows 2·(q mod HO/2) and the next of image q div HO/2)
+// through conv_block, as many whole pairs per block as kConvRowBlock holds, their int32 sums into acc; then the
+// 2 × 2 max pool of each pair requantized into y, pooled row q at y + q·(WO/2)·OUT. The sums never leave L1.
+template <typename T>
+void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant& rq,
+                      int32_t* acc, int8_t* y, int64_t first, int64_t pairs) {
+  const int64_t c = pc.channels, k = pc.kernel, stride = pc.stride, padding = pc.padding, out = pc.weights.out;
+  const int64_t hp = pc.height + 2 * padding, wp = pc.width + 2 * padding;
+  const int64_t ho = pooled_size(pc.height, k, stride, padding), wo = pooled_size(pc.width, k, stride, padding);
+  const int64_t pooled_rows = ho / 2, per_block = kConvRowBlock / (2 * wo);
+  const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, nullptr, z_eff);
+  for (int64_t q0 = first; q0 < first + pairs; q0 += per_block) {
+    const int64_t block_pairs = min_i64(per_block, first + pairs - q0), count = block_pairs * 2 * wo;
+    const T* window[kConvRowBlock + kConvMaxRows];
+    const T** next = window;
+    for (int64_t q = q0; q < q0 + block_pairs; ++q) {
+      const int64_t i = q / pooled_rows, oh = q % pooled_rows * 2;
+      for (int64_t r = oh; r < oh + 2; ++r)
+        for (int64_t ow = 0; ow < wo; ++ow) *next++ = planes + ((i * hp + r * stride) * wp + ow * stride) * c;
+    }
+    for (int64_t r = count; r < count + kConvMaxRows; ++r) window[r] = window[count - 1];  // covers any MR
+    conv_block(window, count, pc, ep.data(), nullptr, acc, nullptr);
+    // The pairs of the block are `block_pairs` images of 2 × WO: pooled, each gives one row of y.
+    int8_t* yq = y + q0 * (wo / 2) * out;
+    if (detail::uses_avx512(pc.weights.path)) {
+      detail::maxpool2_requantize_avx512(acc, rq, yq, block_pairs, out, 2, wo, 1);
+    } else {
+      detail::maxpool_requantize_avx2(acc, rq, yq, block_pairs, out, 2, wo, 2, 2, 0, 1);
     }
   }
 }
@@ -831,6 +879,10 @@ template void conv_rows(const int16_t*, const PackedConv&, int32_t, const int32_
                         int64_t, int64_t);
 template void conv_rows(const uint8_t*, const PackedConv&, int32_t, const int32_t*, const Requant*, int32_t*, int8_t*,
                         int64_t, int64_t);
+template void conv_rows_pooled(const int16_t*, const PackedConv&, int32_t, const int32_t*, const Requant&, int32_t*,
+                               int8_t*, int64_t, int64_t);
+template void conv_rows_pooled(const uint8_t*, const PackedConv&, int32_t, const int32_t*, const Requant&, int32_t*,
+                               int8_t*, int64_t, int64_t);
 
 #pragma GCC pop_options
 

@@ -228,6 +228,37 @@ void qconv2d_rows_requantized(std::span<const int16_t> planes, int32_t x_zero_po
   }
 }
 
+namespace {
+
+// Pooled rows per block of qconv2d_rows_pooled: as many as kConvRowBlock conv rows hold, two conv rows each.
+int64_t pooled_rows_per_block(const PackedConv& pc) {
+  return detail::kConvRowBlock / (2 * pooled_size(pc.width, pc.kernel, pc.stride, pc.padding));
+}
+
+}  // namespace
+
+bool conv_pool_fusable(const PackedConv& pc, int64_t kernel, int64_t stride, int64_t padding) {
+  return kernel == 2 && stride == 2 && padding == 0 && pc.amx_tiles.empty() && pooled_rows_per_block(pc) >= 1 &&
+         pooled_size(pc.height, pc.kernel, pc.stride, pc.padding) >= 2;
+}
+
+size_t conv_pool_scratch_size(const PackedConv& pc) {
+  const int64_t wo = pooled_size(pc.width, pc.kernel, pc.stride, pc.padding);
+  return static_cast<size_t>(pooled_rows_per_block(pc) * 2 * wo * pc.weights.out);
+}
+
+void qconv2d_rows_pooled(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
+                         std::span<const int32_t> b, const Requant& rq, std::span<int32_t> scratch, std::span<int8_t> y,
+                         int64_t first, int64_t count) {
+  if (int16_operands(pc)) {
+    detail::conv_rows_pooled<int16_t>(planes.data(), pc, x_zero_point, b.data(), rq, scratch.data(), y.data(), first,
+                                      count);
+  } else {
+    detail::conv_rows_pooled<uint8_t>(reinterpret_cast<const uint8_t*>(planes.data()), pc, x_zero_point + 128, b.data(),
+                                      rq, scratch.data(), y.data(), first, count);
+  }
+}
+
 // ---- The calls without packed weights: the path from kernel_path() or the caller ---------------------------------
 
 namespace {

@@ -19,9 +19,11 @@ constexpr bool uses_avx512(KernelPath path) { return path == KernelPath::Vnni512
 constexpr int64_t kAmxMinRows = 32;
 // The Vnni512 conv micro-kernel takes up to kConvPanelsVnni panels of 16 channels per call, and this many
 // rows: 12 for one panel (or one of 8 channels), 6 for 2-4 panels (24 accumulators at most). Multiples of
-// both divide kernels_avx2.cpp's kConvRowBlock.
+// both divide kConvRowBlock.
 constexpr int64_t kConvPanelsVnni = 4;
 constexpr int64_t conv_rows_vnni(int64_t panels_per_call) { return panels_per_call == 1 ? 12 : 6; }
+// GEMM rows per block of conv_rows (kernels_avx2.cpp): their windows stay in L1 while every panel passes.
+constexpr int64_t kConvRowBlock = 96;
 
 // The unit of an Avx2 8-bit panel (PackedWeights) holds two codes as int16: code goes to half 0 (low, even k) or 1.
 // pack_weights (kernels_dispatch.cpp) lays out the weights with it, pack_x (kernels_avx2.cpp) the rows of x.
@@ -63,6 +65,11 @@ void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, i
 template <typename T>
 void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant* rq, int32_t* acc,
                int8_t* y, int64_t first, int64_t rows);
+// The 2 × 2 max pool (stride 2) of that convolution, fused: pairs [first, first + pairs) of output rows, their
+// pooled codes into y (pooled row q at y + q·(WO/2)·OUT); acc is scratch of conv_pool_scratch_size(pc) int32.
+template <typename T>
+void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant& rq,
+                      int32_t* acc, int8_t* y, int64_t first, int64_t pairs);
 
 // requantize_to_nchw, 8 channels at a time: acc is (N, P, OUT) int32; y is (N, OUT, P) codes.
 void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, const int32_t* shift, int32_t zero_point,
