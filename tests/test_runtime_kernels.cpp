@@ -188,7 +188,8 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       {2, 32, 7, 7, 48, 1, 2, 0},
       {3, 32, 2, 1, 5, 1, 1, 0},
       {1, 16, 3, 3, 17, 3, 1, 1},
-      {1, 2, 4, 50, 3, 3, 1, 1}};  // two output rows of 50 are more than a block: no fused max pool
+      {1, 2, 4, 50, 3, 3, 1, 1},
+      {2, 8, 5, 5, 96, 3, 1, 1}, {1, 3, 6, 6, 48, 3, 1, 1}};  // 4 + 2 panels, 3 panels  // two output rows of 50 are more than a block: no fused max pool
   lowbit::Rng rng(5);
   for (const ConvShape& s : shapes) {
     for (const int bits : {8, 4}) {
@@ -221,10 +222,13 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       rt::Requant rq;  // for the requantizing epilogue
       rq.zero_point = random_in(rng, -128, 127);
       rq.act_min = rng.below(2) == 0 ? -128 : std::max(rq.zero_point, -128);
+      // Shifts of 6-16, of 33-45 (the AVX-512 epilogue's high-half way) or mixed.
+      const int shifts = static_cast<int>(rng.below(3));
       for (int64_t o = 0; o < s.out; ++o) {
         rq.multiplier.push_back(random_in(rng, 1 << 30, std::numeric_limits<int32_t>::max()));
-        rq.shift.push_back(random_in(rng, 6, 16));
+        rq.shift.push_back(shifts == 0 ? random_in(rng, 6, 16) : random_in(rng, shifts == 1 ? 33 : 6, 45));
       }
+      CAPTURE(shifts);
       std::vector<int8_t> want(rows * s.out);
       rt::requantize_to_nchw_ref(acc, rq, want, rows, 1, s.out, 1);
       // With a 2 × 2 max pool (stride 2) after it: the largest of the four codes (requantization never

@@ -120,7 +120,7 @@ void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, const PackedCo
 
 // GEMM rows [first, first + rows) of the convolution, rows ordered (n, oh, ow): acc is (ROWS, OUT) int32,
 // channels last, equal to qconv2d_ref's accumulators. planes from conv_planes with the same pc.
-// Runs pc.weights.path's kernels; allocates nothing.
+// Runs pc.weights.path's kernels; allocates only its panels' epilogue constants.
 void qconv2d_rows(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
                   std::span<const int32_t> b, std::span<int32_t> acc, int64_t first, int64_t rows);
 // The same rows requantized (requantize_to_nchw_ref's codes, eq. 6) as they come out of the micro-kernel:
