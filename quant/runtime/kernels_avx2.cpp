@@ -851,6 +851,30 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
   const int64_t ho = pooled_size(pc.height, k, stride, padding), wo = pooled_size(pc.width, k, stride, padding);
   const int64_t pooled_rows = ho / 2, per_block = kConvRowBlock / (2 * wo);
   const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, nullptr, z_eff);
+  if constexpr (sizeof(T) == 1) {
+    if (detail::uses_avx512(pc.weights.path) && pc.panel_channels == 16) {
+      // The pool in the micro-kernel: the four windows of each pooled output of a pooled row, in turn.
+      std::vector<int32_t> channel_offsets(ep.size() * kPanel);
+      for (size_t p = 0; p < ep.size(); ++p) std::copy_n(ep[p].offset, kPanel, channel_offsets.begin() + p * kPanel);
+      const int64_t pooled = wo / 2;
+      const T* window[kConvRowBlock / 2 + 4 * detail::kMaxPooledPerCall];  // 2·WO <= kConvRowBlock
+      for (int64_t q = first; q < first + pairs; ++q) {
+        const int64_t i = q / pooled_rows, oh = q % pooled_rows * 2;
+        const T* at = planes + (i * hp + oh * stride) * wp * c;  // window (i, oh, 0), then (i, oh, 2·pw)
+        const int64_t right = stride * c, down = stride * wp * c;
+        const T** next = window;
+        for (int64_t pw = 0; pw < pooled; ++pw, at += 2 * right) {  // windows (oh or oh + 1, 2·pw or 2·pw + 1)
+          *next++ = at;
+          *next++ = at + right;
+          *next++ = at + down;
+          *next++ = at + down + right;
+        }
+        for (int64_t r = 4 * pooled; r < 4 * (pooled + detail::kMaxPooledPerCall - 1); ++r) window[r] = window[r - 4];
+        detail::conv_pool_vnni512(window, pooled, pc, channel_offsets.data(), rq, y + q * pooled * out);
+      }
+      return;
+    }
+  }
   for (int64_t q0 = first; q0 < first + pairs; q0 += per_block) {
     const int64_t block_pairs = min_i64(per_block, first + pairs - q0), count = block_pairs * 2 * wo;
     const T* window[kConvRowBlock + kConvMaxRows];

@@ -136,6 +136,14 @@ void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights&
 void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
                        int64_t panel, int64_t panels, int32_t* tile);
 
+// A convolution and the 2 × 2 max pool after it, the pool in the micro-kernel (conv_rows_pooled on Vnni512 with
+// 16-channel panels): `pooled` outputs, output p's four windows at windows[4p .. 4p + 3] (x + 128 as u8; the last
+// output's four repeated after them for kMaxPooledPerCall − 1 more outputs); every channel; the codes of output p at
+// y + p·OUT. channel_offsets is (PANELS, 16): b − z_eff·Σw per channel, 0 past OUT.
+constexpr int64_t kMaxPooledPerCall = 6;
+void conv_pool_vnni512(const uint8_t* const* windows, int64_t pooled, const PackedConv& pc,
+                       const int32_t* channel_offsets, const Requant& rq, int8_t* y);
+
 // The epilogue of conv_tile_vnni512 for one panel: rows [0, rows) of tile, int32 rows tile_stride apart, plus
 // offset[j] (b − z_eff·Σw of channel first_channel + j), requantized (eq. 6) with rq's constants of channels
 // [first_channel, first_channel + count), count <= 16; row r's codes go to y + r·y_stride.
