@@ -840,9 +840,11 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   }
 }
 
-// Pairs [first, first + pairs) of output rows (pair q: rows 2·(q mod HO/2) and the next of image q div HO/2)
-// through conv_block, as many whole pairs per block as kConvRowBlock holds, their int32 sums into acc; then the
-// 2 × 2 max pool of each pair requantized into y, pooled row q at y + q·(WO/2)·OUT. The sums never leave L1.
+// Pairs [first, first + pairs) of output rows (pair q: rows 2·(q mod HO/2) and the next of image q div HO/2),
+// pooled (2 × 2) and requantized into y, pooled row q at y + q·(WO/2)·OUT. On Vnni512 with 16-channel panels the
+// micro-kernel takes the four windows of each pooled output (conv_pool_vnni512). Elsewhere conv_block runs as many
+// whole pairs per block as kConvRowBlock holds, their int32 sums into acc, and each pair is pooled from there: the
+// sums never leave L1.
 template <typename T>
 void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant& rq,
                       int32_t* acc, int8_t* y, int64_t first, int64_t pairs) {
@@ -857,7 +859,7 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
       std::vector<int32_t> channel_offsets(ep.size() * kPanel);
       for (size_t p = 0; p < ep.size(); ++p) std::copy_n(ep[p].offset, kPanel, channel_offsets.begin() + p * kPanel);
       const int64_t pooled = wo / 2;
-      const T* window[kConvRowBlock / 2 + 4 * detail::kMaxPooledPerCall];  // 2·WO <= kConvRowBlock
+      const T* window[kConvRowBlock + 4 * detail::kMaxPooledPerCall];  // 4·(WO/2) <= 2·WO <= kConvRowBlock
       for (int64_t q = first; q < first + pairs; ++q) {
         const int64_t i = q / pooled_rows, oh = q % pooled_rows * 2;
         const T* at = planes + (i * hp + oh * stride) * wp * c;  // window (i, oh, 0), then (i, oh, 2·pw)
