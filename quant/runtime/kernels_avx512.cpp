@@ -137,17 +137,17 @@ LOWBIT_AVX512_VNNI void pack_row_u8(const int8_t* src, int64_t in, int64_t row_b
   }
 }
 
-// The conv micro-kernels, as conv_tile_vnni512 describes: 6 rows × NV panels of 16 channels (zmm), 12 rows × 16
-// channels, 12 rows × 8 channels (ymm).
-template <int NV>
+// The conv micro-kernels, as conv_tile_vnni512 describes: MR rows × NV panels of 16 channels (zmm; 6 rows for
+// conv_rows, 4 per pooled output for conv_pool_vnni512), 12 rows × 16 channels, 12 rows × 8 channels (ymm). The
+// sums go to tile, (NV, MR, 16).
+template <int MR, int NV>
 LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t* const* x, const int32_t* offsets,
                                                                   int64_t k_units, const int32_t* wp, int32_t* tile) {
-  constexpr int MR = 6;
-  static_assert(MR == conv_rows_vnni(2));
+  static_assert(MR * NV <= 24);  // accumulators, with NV weights and a broadcast in 32 registers
   const int64_t panel_stride = k_units * 16;
   __m512i acc[MR][NV];
   const uint8_t* xr[MR];
-#pragma GCC unroll 6
+#pragma GCC unroll 24
   for (int r = 0; r < MR; ++r) {
     xr[r] = x[r];
 #pragma GCC unroll 4
@@ -158,7 +158,7 @@ LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t*
     __m512i w[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wp + v * panel_stride);
-#pragma GCC unroll 6
+#pragma GCC unroll 24
     for (int r = 0; r < MR; ++r) {
       int32_t unit;
       std::memcpy(&unit, xr[r] + at, sizeof unit);
@@ -169,7 +169,7 @@ LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t*
   }
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v)
-#pragma GCC unroll 6
+#pragma GCC unroll 24
     for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tile + (v * MR + r) * 16, acc[r][v]);
 }
 
@@ -221,43 +221,8 @@ LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_8(const uint8_t* cons
   for (int r = 0; r < MR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * 8), acc[r]);
 }
 
-// The conv micro-kernel of conv_pool_vnni512: P pooled outputs × NV panels, pooled output p's four windows at
-// x[4p .. 4p + 3] (MR = 4P rows, 24 accumulators at most); the sums into tile (MR, NV, 16). (Taking the maxima here
-// too made GCC 12 copy every accumulator to another register on every step.)
-template <int NV, int P>
-LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_pool_kernel(const uint8_t* const* x, const int32_t* offsets,
-                                                                int64_t k_units, const int32_t* wp, int32_t* tile) {
-  constexpr int MR = 4 * P;
-  const int64_t panel_stride = k_units * 16;
-  __m512i acc[MR][NV];
-  const uint8_t* xr[MR];
-#pragma GCC unroll 24
-  for (int r = 0; r < MR; ++r) {
-    xr[r] = x[r];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
-  }
-  for (int64_t t = 0; t < k_units; ++t, wp += 16) {
-    const int64_t at = offsets[t];
-    __m512i w[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wp + v * panel_stride);
-#pragma GCC unroll 24
-    for (int r = 0; r < MR; ++r) {
-      int32_t unit;
-      std::memcpy(&unit, xr[r] + at, sizeof unit);
-      const __m512i xv = _mm512_set1_epi32(unit);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xv, w[v]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v)
-#pragma GCC unroll 24
-    for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tile + (r * NV + v) * 16, acc[r][v]);
-}
-
-// Pooled outputs per conv_pool_kernel call for NV panels: 24 accumulators (16 for four panels).
+// Pooled outputs per conv_pool_vnni512 micro-kernel call for NV panels, 4 rows each: 24 accumulators (16 for four
+// panels).
 constexpr int64_t pooled_per_call(int64_t panels) { return panels == 1 ? 6 : panels == 2 ? 3 : panels == 3 ? 2 : 1; }
 
 // 64 pixels → 64 codes. vpermi2b picks, for each byte, entry (index & 127) of a 128-byte table held in two
@@ -606,8 +571,9 @@ LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Re
 LOWBIT_AVX512_VNNI void conv_pool_rows(const uint8_t* const* windows, int64_t pooled, const PackedConv& pc,
                                        const int32_t* channel_offsets, const Requant& rq, int8_t* y) {
   using Kernel = void (*)(const uint8_t* const*, const int32_t*, int64_t, const int32_t*, int32_t*);
-  constexpr Kernel kernels[4] = {&conv_pool_kernel<1, pooled_per_call(1)>, &conv_pool_kernel<2, pooled_per_call(2)>,
-                                 &conv_pool_kernel<3, pooled_per_call(3)>, &conv_pool_kernel<4, pooled_per_call(4)>};
+  constexpr Kernel kernels[4] = {
+      &conv_kernel_panels<4 * pooled_per_call(1), 1>, &conv_kernel_panels<4 * pooled_per_call(2), 2>,
+      &conv_kernel_panels<4 * pooled_per_call(3), 3>, &conv_kernel_panels<4 * pooled_per_call(4), 4>};
   const PackedWeights& w = pc.weights;
   const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
   const __m512i hi = _mm512_set1_epi32(rq.act_max);
@@ -624,16 +590,16 @@ LOWBIT_AVX512_VNNI void conv_pool_rows(const uint8_t* const* windows, int64_t po
     __m512i offsets[kConvPanelsVnni];
     for (int64_t v = 0; v < nv; ++v) offsets[v] = _mm512_loadu_si512(channel_offsets + (p0 + v) * 16);
     for (int64_t o = 0; o < pooled; o += per_call) {
-      alignas(64) int32_t tile[4 * detail::kMaxPooledPerCall * 16];  // (4P, NV, 16) sums; 4P·NV <= 24
+      alignas(64) int32_t tile[4 * detail::kMaxPooledPerCall * 16];  // (NV, 4P, 16) sums; 4P·NV <= 24
       kernels[nv - 1](windows + 4 * o, pc.unit_offsets.data(), w.k_units, wp, tile);
       // Each sum plus its channel offset is the exact accumulator of its window (the adds wrap, point 3): the
       // largest of each output's four, requantized.
       for (int64_t p = 0; p < min_i64(per_call, pooled - o); ++p)
         for (int64_t v = 0; v < nv; ++v) {
-          const int32_t* sums = tile + (4 * p * nv + v) * 16;
+          const int32_t* sums = tile + (v * 4 * per_call + 4 * p) * 16;  // the four windows' sums, one after another
           __m512i best = _mm512_add_epi32(_mm512_load_si512(sums), offsets[v]);
           for (int j = 1; j < 4; ++j)
-            best = _mm512_max_epi32(best, _mm512_add_epi32(_mm512_load_si512(sums + j * nv * 16), offsets[v]));
+            best = _mm512_max_epi32(best, _mm512_add_epi32(_mm512_load_si512(sums + j * 16), offsets[v]));
           _mm512_mask_cvtepi32_storeu_epi8(y + (o + p) * w.out + (p0 + v) * 16, masks[v],
                                            requant16(best, constants[v], z, lo, hi));
         }
@@ -723,11 +689,11 @@ void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t 
     case 1:
       return conv_kernel_16(x, offsets, k_units, wp, tile);
     case 2:
-      return conv_kernel_panels<2>(x, offsets, k_units, wp, tile);
+      return conv_kernel_panels<conv_rows_vnni(2), 2>(x, offsets, k_units, wp, tile);
     case 3:
-      return conv_kernel_panels<3>(x, offsets, k_units, wp, tile);
+      return conv_kernel_panels<conv_rows_vnni(3), 3>(x, offsets, k_units, wp, tile);
     default:
-      return conv_kernel_panels<4>(x, offsets, k_units, wp, tile);
+      return conv_kernel_panels<conv_rows_vnni(4), 4>(x, offsets, k_units, wp, tile);
   }
 }
 
