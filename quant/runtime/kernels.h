@@ -130,8 +130,9 @@ void qconv2d_rows_requantized(std::span<const int16_t> planes, int32_t x_zero_po
                               int64_t rows);
 // The same convolution followed by a max pool of kernel 2, stride 2, no padding, in one pass (when
 // conv_pool_fusable): pooled rows [first, first + count), rows ordered (n, ph), each of (HO/2) pooled positions,
-// their codes (maxpool_requantize_nhwc's) into y ((N, HO/2, WO/2, OUT), channels last). The sums of two conv
-// rows at a time go to scratch, conv_pool_scratch_size(pc) int32 per call, and are pooled while they are in L1.
+// their codes (maxpool_requantize_nhwc's) into y ((N, HO/2, WO/2, OUT), channels last). On Vnni512 the
+// micro-kernel takes the four windows of each pooled output; on the other paths the sums of two conv rows at a
+// time go to scratch (conv_pool_scratch_size(pc) int32 per call) and are pooled while they are in L1.
 bool conv_pool_fusable(const PackedConv& pc, int64_t kernel, int64_t stride, int64_t padding);
 size_t conv_pool_scratch_size(const PackedConv& pc);
 void qconv2d_rows_pooled(std::span<const int16_t> planes, int32_t x_zero_point, const PackedConv& pc,
