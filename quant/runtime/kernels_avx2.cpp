@@ -851,7 +851,7 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
   const int64_t c = pc.channels, k = pc.kernel, stride = pc.stride, padding = pc.padding, out = pc.weights.out;
   const int64_t hp = pc.height + 2 * padding, wp = pc.width + 2 * padding;
   const int64_t ho = pooled_size(pc.height, k, stride, padding), wo = pooled_size(pc.width, k, stride, padding);
-  const int64_t pooled_rows = ho / 2, per_block = kConvRowBlock / (2 * wo);
+  const int64_t pooled_rows = ho / 2;
   const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, nullptr, z_eff);
   if constexpr (sizeof(T) == 1) {
     if (detail::uses_avx512(pc.weights.path) && pc.panel_channels == 16) {
@@ -877,6 +877,7 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
       return;
     }
   }
+  const int64_t per_block = kConvRowBlock / (2 * wo);
   for (int64_t q0 = first; q0 < first + pairs; q0 += per_block) {
     const int64_t block_pairs = min_i64(per_block, first + pairs - q0), count = block_pairs * 2 * wo;
     const T* window[kConvRowBlock + kConvMaxRows];

@@ -137,9 +137,9 @@ LOWBIT_AVX512_VNNI void pack_row_u8(const int8_t* src, int64_t in, int64_t row_b
   }
 }
 
-// The conv micro-kernels, as conv_tile_vnni512 describes: MR rows × NV panels of 16 channels (zmm; 6 rows for
-// conv_rows, 4 per pooled output for conv_pool_vnni512), 12 rows × 16 channels, 12 rows × 8 channels (ymm). The
-// sums go to tile, (NV, MR, 16).
+// The conv micro-kernels, as conv_tile_vnni512 describes: MR rows × NV panels of 16 channels (zmm; for conv_rows
+// conv_rows_vnni(NV) rows, 12 for one panel and 6 for more; 4 per pooled output for conv_pool_vnni512), and 12 rows
+// × 8 channels (ymm). The sums go to tile, (NV, MR, 16).
 template <int MR, int NV>
 LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t* const* x, const int32_t* offsets,
                                                                   int64_t k_units, const int32_t* wp, int32_t* tile) {
@@ -171,30 +171,6 @@ LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t*
   for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 24
     for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tile + (v * MR + r) * 16, acc[r][v]);
-}
-
-LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_16(const uint8_t* const* x, const int32_t* offsets,
-                                                              int64_t k_units, const int32_t* wp, int32_t* tile) {
-  constexpr int MR = conv_rows_vnni(1);
-  __m512i acc[MR];
-  const uint8_t* xr[MR];
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    acc[r] = _mm512_setzero_si512();
-    xr[r] = x[r];
-  }
-  for (int64_t t = 0; t < k_units; ++t, wp += 16) {
-    const int64_t at = offsets[t];
-    const __m512i w = _mm512_loadu_si512(wp);
-#pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r) {
-      int32_t unit;
-      std::memcpy(&unit, xr[r] + at, sizeof unit);
-      acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(unit), w);
-    }
-  }
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(tile + r * 16, acc[r]);
 }
 
 LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_8(const uint8_t* const* x, const int32_t* offsets,
@@ -687,7 +663,7 @@ void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t 
   if (panel == 8) return conv_kernel_8(x, offsets, k_units, wp, tile);
   switch (panels) {
     case 1:
-      return conv_kernel_16(x, offsets, k_units, wp, tile);
+      return conv_kernel_panels<conv_rows_vnni(1), 1>(x, offsets, k_units, wp, tile);
     case 2:
       return conv_kernel_panels<conv_rows_vnni(2), 2>(x, offsets, k_units, wp, tile);
     case 3:
