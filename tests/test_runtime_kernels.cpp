@@ -224,14 +224,19 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
             x_nhwc[(i * s.h * s.w + p) * s.c + c] = x[(i * s.c + c) * s.h * s.w + p];
       rt::Requant rq;  // for the requantizing epilogue
       rq.zero_point = random_in(rng, -128, 127);
-      rq.act_min = rng.below(2) == 0 ? -128 : std::max(rq.zero_point, -128);
-      // Shifts of 6-16, of 33-45 (the AVX-512 epilogue's high-half way) or mixed.
+      // No activation, a folded ReLU (act_min = z_out) or a narrower range; act_max 127 or below (a ReLU6).
+      const int low = static_cast<int>(rng.below(3));
+      rq.act_min = low == 0 ? -128 : low == 1 ? rq.zero_point : random_in(rng, rq.zero_point, 127);
+      rq.act_max = rng.below(2) == 0 ? 127 : random_in(rng, rq.act_min, 127);
+      // Shifts of 6-16, of 33-45 (the AVX-512 epilogue's high-half way; with a folded ReLU, z_out goes into its
+      // rounding) or mixed. Larger shifts leave every code at z_out here: the requantize_to_nchw test has them.
       const int shifts = static_cast<int>(rng.below(3));
       for (int64_t o = 0; o < s.out; ++o) {
         rq.multiplier.push_back(random_in(rng, 1 << 30, std::numeric_limits<int32_t>::max()));
         rq.shift.push_back(shifts == 0 ? random_in(rng, 6, 16) : random_in(rng, shifts == 1 ? 33 : 6, 45));
       }
       CAPTURE(shifts);
+      CAPTURE(low);
       std::vector<int8_t> want(rows * s.out);
       rt::requantize_to_nchw_ref(acc, rq, want, rows, 1, s.out, 1);
       // With a 2 × 2 max pool (stride 2) after it: the largest of the four codes (requantization never
@@ -457,12 +462,17 @@ TEST_CASE("requantize_to_nchw is bit-exact with the reference on random and extr
     rq.act_min = random_in(rng, -128, 127);
     rq.act_max = random_in(rng, rq.act_min, 127);
     rq.zero_point = random_in(rng, rq.act_min, rq.act_max);
+    // Every third trial a folded ReLU (z_out = act_min) with every shift >= 33: the AVX-512 way that folds z_out
+    // into the rounding (up to 54) and needs no sign.
+    const bool relu_high = trial % 3 == 0;
+    if (relu_high) rq.zero_point = rq.act_min;
     for (int64_t o = 0; o < out; ++o) {
       const int kind = random_in(rng, 0, 3);  // edges of the multiplier and shift ranges, or random
       rq.multiplier.push_back(kind == 0   ? rt::kMultiplierMin
                               : kind == 1 ? rt::kMultiplierMax
                                           : random_in(rng, rt::kMultiplierMin, rt::kMultiplierMax));
-      rq.shift.push_back(kind == 2 ? (random_in(rng, 0, 1) ? 1 : 62) : random_in(rng, 1, 62));
+      const int lowest = relu_high ? 33 : 1;
+      rq.shift.push_back(kind == 2 ? (random_in(rng, 0, 1) ? lowest : 62) : random_in(rng, lowest, 62));
     }
     std::vector<int32_t> acc(n * positions * out);
     for (auto& a : acc) {

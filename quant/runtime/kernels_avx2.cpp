@@ -681,15 +681,13 @@ __attribute__((noipa)) void conv_kernel_s4(const uint8_t* const* x, const int32_
     for (int v = 0; v < V; ++v) store8(tile + (r * V + v) * 8, acc[r][v]);
 }
 
-// Rows per conv micro-kernel call, by path, weight bits, panel width and panels per call.
-inline int64_t conv_rows_per_block(KernelPath path, int bits, int64_t panel, int64_t panels_per_call) {
-  if (detail::uses_avx512(path)) return detail::conv_rows_vnni(panels_per_call);
+// Rows per conv micro-kernel call of conv_block (Avx2 and AvxVnni), by path, weight bits and panel width.
+inline int64_t conv_rows_per_block(KernelPath path, int bits, int64_t panel) {
   if (path == KernelPath::AvxVnni) return detail::conv_rows_avxvnni(panel);
   if (bits == 8) return panel == 16 ? 6 : 12;
   return panel == 16 ? 4 : 8;
 }
 constexpr int64_t kConvMaxRows = 12;
-constexpr int64_t kConvMaxGroup = detail::kConvPanelsVnni;  // panels per micro-kernel call, at most
 static_assert(detail::conv_rows_vnni(1) <= kConvMaxRows && kConvRowBlock % detail::conv_rows_vnni(1) == 0 &&
               kConvRowBlock % detail::conv_rows_vnni(2) == 0);
 static_assert(detail::conv_rows_avxvnni(8) <= kConvMaxRows && kConvRowBlock % detail::conv_rows_avxvnni(8) == 0 &&
@@ -700,7 +698,7 @@ static_assert(detail::conv_rows_avxvnni(8) <= kConvMaxRows && kConvRowBlock % de
 struct PanelEpilogue {
   alignas(32) int32_t offset[kPanel];
   int64_t channels, count0, count1;  // channels of the panel, and in each half
-  Requant8 rq0, rq1;                 // not on the AVX-512 paths: their epilogue is conv_tile_requantize_avx512
+  Requant8 rq0, rq1;                 // not on the AVX-512 paths: conv_block_vnni512 makes its own
 };
 
 PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Requant* rq, int32_t z_eff, int64_t p,
@@ -732,27 +730,32 @@ std::vector<PanelEpilogue> panel_epilogues(const PackedConv& pc, const int32_t* 
   return ep;
 }
 
-// One block of `count` <= kConvRowBlock GEMM rows of the convolution, row r's window at window[r] (the last
-// one repeated up to a whole MR after them): for each panel of 16 channels, every MR-row block of the block in
-// turn; the int32 sums + offset stored into acc (COUNT, OUT) when rq is null, else their codes (eq. 6) into y
-// (COUNT, OUT), straight from the tile while it is in L1.
+// The channel offsets of every panel, one after another: (PANELS, PANEL) int32, as conv_block_vnni512 reads them.
+std::vector<int32_t> channel_offsets(const std::vector<PanelEpilogue>& ep, int64_t panel) {
+  std::vector<int32_t> offsets(ep.size() * static_cast<size_t>(panel));
+  for (size_t p = 0; p < ep.size(); ++p) std::copy_n(ep[p].offset, panel, offsets.begin() + p * panel);
+  return offsets;
+}
+
+// One block of `count` <= kConvRowBlock GEMM rows of the convolution on the Avx2 and AvxVnni paths (Vnni512 and Amx:
+// conv_block_vnni512), row r's window at window[r] (the last one repeated up to a whole MR after them): for each
+// panel, every MR-row block of the block in turn; the int32 sums + offset stored into acc (COUNT, OUT) when rq is
+// null, else their codes (eq. 6) into y (COUNT, OUT), straight from the tile while it is in L1.
 template <typename T>
 void conv_block(const T* const* window, int64_t count, const PackedConv& pc, const PanelEpilogue* ep, const Requant* rq,
                 int32_t* acc, int8_t* y) {
   const PackedWeights& w = pc.weights;
   const int32_t* offsets = pc.unit_offsets.data();
   const int64_t panel = pc.panel_channels, out = w.out, panels = ceil_div(out, panel);
-  const int64_t group = detail::uses_avx512(w.path) && panel == 16 ? kConvMaxGroup : 1;
   const __m256i z_out = _mm256_set1_epi32(rq ? rq->zero_point : 0);
   const __m256i lo = _mm256_set1_epi32(rq ? rq->act_min : 0), hi = _mm256_set1_epi32(rq ? rq->act_max : 0);
-  // Panels go through the micro-kernel `group` at a time (the AVX-512 kernel takes up to 4, reusing each x unit
-  // it broadcasts 4 times).
-  for (int64_t p0 = 0; p0 < panels; p0 += group) {
-    const int64_t g = min_i64(group, panels - p0);
-    const int64_t mr = conv_rows_per_block(w.path, w.bits, panel, g);
-    const int32_t* wpanel = w.units.data() + p0 * w.k_units * panel;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t mr = conv_rows_per_block(w.path, w.bits, panel);
+    const int32_t* wpanel = w.units.data() + p * w.k_units * panel;
+    const PanelEpilogue& e = ep[p];
+    const int64_t o0 = p * panel;
     for (int64_t r0 = 0; r0 < count; r0 += mr) {
-      alignas(64) int32_t tile[kConvMaxGroup * kConvMaxRows * kPanel];  // (G, MR, panel)
+      alignas(64) int32_t tile[kConvMaxRows * kPanel];  // (MR, panel)
       const T* const* xr = window + r0;
       if constexpr (sizeof(T) == 2) {
         if (panel == 16) {
@@ -760,8 +763,6 @@ void conv_block(const T* const* window, int64_t count, const PackedConv& pc, con
         } else {
           conv_kernel_s8<12, 1>(xr, offsets, w.k_units, wpanel, tile);
         }
-      } else if (detail::uses_avx512(w.path)) {  // Vnni512, and Amx for kernel rows too short for tiles
-        detail::conv_tile_vnni512(xr, offsets, w.k_units, wpanel, panel, g, tile);
       } else if (w.path == KernelPath::AvxVnni) {
         detail::conv_tile_avxvnni(xr, offsets, w.k_units, wpanel, panel, tile);
       } else if (panel == 16) {
@@ -769,34 +770,18 @@ void conv_block(const T* const* window, int64_t count, const PackedConv& pc, con
       } else {
         conv_kernel_s4<8, 1>(xr, offsets, w.k_units, wpanel, tile);
       }
-      const int64_t tile_rows = min_i64(count, r0 + mr) - r0;
-      for (int64_t v = 0; v < g; ++v) {
-        const PanelEpilogue& e = ep[p0 + v];
-        const int64_t o0 = (p0 + v) * panel;
-        if (detail::uses_avx512(w.path)) {  // 16 channels per instruction
-          if (rq) {
-            detail::conv_tile_requantize_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, *rq, o0, e.channels,
-                                                y + r0 * out + o0, out);
-          } else {
-            detail::conv_tile_offset_avx512(tile + v * mr * panel, tile_rows, panel, e.offset, e.channels,
-                                            acc + r0 * out + o0, out);
-          }
-          continue;
-        }
-        for (int64_t r = r0; r < r0 + tile_rows; ++r) {
-          const int32_t* tr = tile + (v * mr + r - r0) * panel;
-          const __m256i a0 = _mm256_add_epi32(load8(tr), load8(e.offset));
-          const __m256i a1 =
-              e.count1 > 0 ? _mm256_add_epi32(load8(tr + 8), load8(e.offset + 8)) : _mm256_setzero_si256();
-          if (rq) {
-            int8_t* yr = y + r * out + o0;
-            store_codes8(requant8(a0, e.rq0, z_out, lo, hi), yr, e.count0);
-            if (e.count1 > 0) store_codes8(requant8(a1, e.rq1, z_out, lo, hi), yr + 8, e.count1);
-          } else {
-            int32_t* ar = acc + r * out + o0;
-            store_sums8(a0, ar, e.count0);
-            if (e.count1 > 0) store_sums8(a1, ar + 8, e.count1);
-          }
+      for (int64_t r = r0; r < min_i64(count, r0 + mr); ++r) {
+        const int32_t* tr = tile + (r - r0) * panel;
+        const __m256i a0 = _mm256_add_epi32(load8(tr), load8(e.offset));
+        const __m256i a1 = e.count1 > 0 ? _mm256_add_epi32(load8(tr + 8), load8(e.offset + 8)) : _mm256_setzero_si256();
+        if (rq) {
+          int8_t* yr = y + r * out + o0;
+          store_codes8(requant8(a0, e.rq0, z_out, lo, hi), yr, e.count0);
+          if (e.count1 > 0) store_codes8(requant8(a1, e.rq1, z_out, lo, hi), yr + 8, e.count1);
+        } else {
+          int32_t* ar = acc + r * out + o0;
+          store_sums8(a0, ar, e.count0);
+          if (e.count1 > 0) store_sums8(a1, ar + 8, e.count1);
         }
       }
     }
@@ -817,6 +802,8 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   const int64_t height = pc.height, width = pc.width, hp = height + 2 * padding, wp = width + 2 * padding;
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, rq, z_eff);
+  const bool vnni512 = sizeof(T) == 1 && detail::uses_avx512(pc.weights.path);
+  const std::vector<int32_t> offsets = vnni512 ? channel_offsets(ep, pc.panel_channels) : std::vector<int32_t>{};
   int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
   const auto row_start = [&] { return planes + ((i * hp + oh * stride) * wp) * c; };  // window (i, oh, 0)
   const T* next = row_start() + ow * stride * c;  // the window of row `start`, then one step of stride·C each
@@ -836,7 +823,15 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
       }
     }
     for (int64_t r = count; r < count + kConvMaxRows; ++r) window[r] = window[count - 1];  // covers any MR
-    conv_block(window, count, pc, ep.data(), rq, rq ? nullptr : acc + start * out, rq ? y + start * out : nullptr);
+    int32_t* block_acc = rq ? nullptr : acc + start * out;
+    int8_t* block_y = rq ? y + start * out : nullptr;
+    if constexpr (sizeof(T) == 1) {
+      if (vnni512) {
+        detail::conv_block_vnni512(window, count, pc, offsets.data(), rq, block_acc, block_y);
+        continue;
+      }
+    }
+    conv_block(window, count, pc, ep.data(), rq, block_acc, block_y);
   }
 }
 
@@ -853,11 +848,11 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
   const int64_t ho = pooled_size(pc.height, k, stride, padding), wo = pooled_size(pc.width, k, stride, padding);
   const int64_t pooled_rows = ho / 2;
   const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, nullptr, z_eff);
+  const bool vnni512 = sizeof(T) == 1 && detail::uses_avx512(pc.weights.path);
+  const std::vector<int32_t> offsets = vnni512 ? channel_offsets(ep, pc.panel_channels) : std::vector<int32_t>{};
   if constexpr (sizeof(T) == 1) {
-    if (detail::uses_avx512(pc.weights.path) && pc.panel_channels == 16) {
+    if (vnni512 && pc.panel_channels == 16) {
       // The pool in the micro-kernel: the four windows of each pooled output of a pooled row, in turn.
-      std::vector<int32_t> channel_offsets(ep.size() * kPanel);
-      for (size_t p = 0; p < ep.size(); ++p) std::copy_n(ep[p].offset, kPanel, channel_offsets.begin() + p * kPanel);
       const int64_t pooled = wo / 2;
       const T* window[kConvRowBlock + 4 * detail::kMaxPooledPerCall];  // 4·(WO/2) <= 2·WO <= kConvRowBlock
       for (int64_t q = first; q < first + pairs; ++q) {
@@ -872,7 +867,7 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
           *next++ = at + down + right;
         }
         for (int64_t r = 4 * pooled; r < 4 * (pooled + detail::kMaxPooledPerCall - 1); ++r) window[r] = window[r - 4];
-        detail::conv_pool_vnni512(window, pooled, pc, channel_offsets.data(), rq, y + q * pooled * out);
+        detail::conv_pool_vnni512(window, pooled, pc, offsets.data(), rq, y + q * pooled * out);
       }
       return;
     }
@@ -888,7 +883,10 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
         for (int64_t ow = 0; ow < wo; ++ow) *next++ = planes + ((i * hp + r * stride) * wp + ow * stride) * c;
     }
     for (int64_t r = count; r < count + kConvMaxRows; ++r) window[r] = window[count - 1];  // covers any MR
-    conv_block(window, count, pc, ep.data(), nullptr, acc, nullptr);
+    if constexpr (sizeof(T) == 1) {
+      if (vnni512) detail::conv_block_vnni512(window, count, pc, offsets.data(), nullptr, acc, nullptr);
+    }
+    if (!vnni512) conv_block(window, count, pc, ep.data(), nullptr, acc, nullptr);
     // The pairs of the block are `block_pairs` images of 2 × WO: pooled, each gives one row of y.
     int8_t* yq = y + q0 * (wo / 2) * out;
     if (detail::uses_avx512(pc.weights.path)) {

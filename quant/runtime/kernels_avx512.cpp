@@ -137,12 +137,15 @@ LOWBIT_AVX512_VNNI void pack_row_u8(const int8_t* src, int64_t in, int64_t row_b
   }
 }
 
-// The conv micro-kernels, as conv_tile_vnni512 describes: MR rows × NV panels of 16 channels (zmm; for conv_rows
-// conv_rows_vnni(NV) rows, 12 for one panel and 6 for more; 4 per pooled output for conv_pool_vnni512), and 12 rows
-// × 8 channels (ymm). The sums go to tile, (NV, MR, 16).
+// The conv micro-kernels: x[r] points at the window of row r (u8 operands x + 128), unit t of a window starts
+// offsets[t] bytes further; wp is NV consecutive (K_UNITS, 16) s8 unit panels. MR rows × NV panels of 16 channels
+// (zmm; for conv_block_vnni512 conv_rows_vnni(NV) rows, 12 for one panel and 6 for more; 4 per pooled output for
+// conv_pool_vnni512), and 12 rows × 8 channels (ymm). Each sum starts at its channel's init ((NV, 16) int32: the
+// offset b − z_eff·Σw) and goes to tile, (NV, MR, 16): the exact accumulator (the adds wrap, point 3).
 template <int MR, int NV>
 LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t* const* x, const int32_t* offsets,
-                                                                  int64_t k_units, const int32_t* wp, int32_t* tile) {
+                                                                  int64_t k_units, const int32_t* wp,
+                                                                  const int32_t* init, int32_t* tile) {
   static_assert(MR * NV <= 24);  // accumulators, with NV weights and a broadcast in 32 registers
   const int64_t panel_stride = k_units * 16;
   __m512i acc[MR][NV];
@@ -151,7 +154,7 @@ LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t*
   for (int r = 0; r < MR; ++r) {
     xr[r] = x[r];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_si512(init + v * 16);
   }
   for (int64_t t = 0; t < k_units; ++t, wp += 16) {
     const int64_t at = offsets[t];
@@ -174,13 +177,14 @@ LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t*
 }
 
 LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_8(const uint8_t* const* x, const int32_t* offsets,
-                                                             int64_t k_units, const int32_t* wp, int32_t* tile) {
+                                                             int64_t k_units, const int32_t* wp, const int32_t* init,
+                                                             int32_t* tile) {
   constexpr int MR = conv_rows_vnni(1);
   __m256i acc[MR];
   const uint8_t* xr[MR];
 #pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {
-    acc[r] = _mm256_setzero_si256();
+    acc[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(init));
     xr[r] = x[r];
   }
   for (int64_t t = 0; t < k_units; ++t, wp += 8) {
@@ -227,45 +231,81 @@ LOWBIT_AVX512_VBMI void lookup_range(const uint8_t* images, const int8_t* table_
 //   high halves H < 2^30 are needed, gathered into one vector of 16 int32 and shifted there.
 // - otherwise (kernels_avx2.cpp's requant8 on 16 lanes): the rounding and shift in 64-bit lanes, the result
 //   saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max anyway) before the halves are combined.
+// Three shortcuts, each exact, set from the Requant once (they are the same for every lane):
+// - `nonnegative`, act_min >= z_out (a ReLU folded into the layer): a negative acc rounds to z_out or below and
+//   is clamped to act_min whatever its size, which max(acc, 0) gives too (its code is z_out); no sign to carry.
+// - `z_folded`, nonnegative and high with n <= 54: z_out·2^(n−32) is added before the shift instead of z_out
+//   after it, an arithmetic shift: H < 2^30 and |z_out|·2^(n−32) <= 2^29, so the sum stays in int32.
+// - the codes are stored with vpmovsdb, which saturates to [−128, 127]: the clamp to act_min and act_max is only
+//   needed where they are narrower (`clamp_lo`, `clamp_hi`).
 struct Requant16 {
   bool high;                      // every lane's n >= 33
+  bool nonnegative, z_folded, clamp_lo, clamp_hi;
   __m512i m, m_odd;               // m in every lane; in the low half of each 64-bit lane for the odd lanes
-  __m512i shift_high, half_high;  // high: n − 32 and 2^(n−33) per lane
+  __m512i shift_high, half_high;  // high: n − 32 and 2^(n−33) per lane (+ z_out·2^(n−32) when z_folded)
   __m512i shift_even, shift_odd, half_even, half_odd;  // otherwise: n and 2^(n−1) per 64-bit lane
+  __m512i z, lo, hi;                                   // z_out, act_min, act_max in every lane
 };
 
-LOWBIT_AVX512_VNNI Requant16 requant16_constants(const int32_t* multiplier, const int32_t* shift, __mmask16 mask) {
-  const __m512i one = _mm512_set1_epi64(1), shifts = _mm512_maskz_loadu_epi32(mask, shift);
+// The constants of channels [first, first + 16) of rq, lanes past `mask` unused.
+LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, int64_t first, __mmask16 mask) {
+  const __m512i one = _mm512_set1_epi64(1), shifts = _mm512_maskz_loadu_epi32(mask, rq.shift.data() + first);
   Requant16 c;
   c.high = _mm512_mask_cmplt_epi32_mask(mask, shifts, _mm512_set1_epi32(33)) == 0;
-  c.m = _mm512_maskz_loadu_epi32(mask, multiplier);
+  c.nonnegative = rq.act_min >= rq.zero_point;
+  c.z_folded = c.nonnegative && c.high && _mm512_mask_cmpgt_epi32_mask(mask, shifts, _mm512_set1_epi32(54)) == 0;
+  c.clamp_lo = rq.act_min > (c.nonnegative ? rq.zero_point : -128);  // q >= z_out already when nonnegative
+  c.clamp_hi = rq.act_max < 127;
+  c.m = _mm512_maskz_loadu_epi32(mask, rq.multiplier.data() + first);
   c.m_odd = _mm512_srli_epi64(c.m, 32);
   c.shift_high = _mm512_sub_epi32(shifts, _mm512_set1_epi32(32));
   c.half_high = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_sub_epi32(shifts, _mm512_set1_epi32(33)));
+  if (c.z_folded)
+    c.half_high = _mm512_add_epi32(c.half_high, _mm512_sllv_epi32(_mm512_set1_epi32(rq.zero_point), c.shift_high));
   c.shift_even = _mm512_and_si512(shifts, _mm512_set1_epi64(0xFFFFFFFF));
   c.shift_odd = _mm512_srli_epi64(shifts, 32);
   c.half_even = _mm512_sllv_epi64(one, _mm512_sub_epi64(c.shift_even, one));  // lanes masked off: 0
   c.half_odd = _mm512_sllv_epi64(one, _mm512_sub_epi64(c.shift_odd, one));
+  c.z = _mm512_set1_epi32(rq.zero_point);
+  c.lo = _mm512_set1_epi32(rq.act_min);
+  c.hi = _mm512_set1_epi32(rq.act_max);
   return c;
 }
 
-LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c, __m512i z, __m512i lo, __m512i hi) {
-  const __mmask16 negative = _mm512_cmplt_epi32_mask(a, _mm512_setzero_si512());
-  const __m512i magnitude = _mm512_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
+// round(|a|·m / 2^n) per lane, a read as unsigned (|INT32_MIN| = 2^31); with z_out·2^(n−32) inside when z_folded.
+LOWBIT_AVX512_VNNI __m512i rounded_product(__m512i magnitude, const Requant16& c) {
   const __m512i even = _mm512_mul_epu32(magnitude, c.m);
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(magnitude, 32), c.m_odd);
-  __m512i rounded;
-  if (c.high) {
-    const __m512i high = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);  // H of each lane
-    rounded = _mm512_srlv_epi32(_mm512_add_epi32(high, c.half_high), c.shift_high);
-  } else {
-    const __m512i limit = _mm512_set1_epi64(0xFFFF);
-    const __m512i e = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(even, c.half_even), c.shift_even), limit);
-    const __m512i o = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(odd, c.half_odd), c.shift_odd), limit);
-    rounded = _mm512_mask_blend_epi32(0xAAAA, e, _mm512_slli_epi64(o, 32));
+  if (c.high) {  // H of each lane: the odd lanes' are in place, the even lanes' one dword up (vpshufd 1,1,3,3)
+    const __m512i high = _mm512_mask_shuffle_epi32(odd, 0x5555, even, static_cast<_MM_PERM_ENUM>(0xF5));
+    const __m512i sum = _mm512_add_epi32(high, c.half_high);
+    return c.z_folded ? _mm512_srav_epi32(sum, c.shift_high) : _mm512_srlv_epi32(sum, c.shift_high);
   }
-  const __m512i q = _mm512_add_epi32(_mm512_mask_sub_epi32(rounded, negative, _mm512_setzero_si512(), rounded), z);
-  return _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+  const __m512i limit = _mm512_set1_epi64(0xFFFF);
+  const __m512i e = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(even, c.half_even), c.shift_even), limit);
+  const __m512i o = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(odd, c.half_odd), c.shift_odd), limit);
+  return _mm512_mask_blend_epi32(0xAAAA, e, _mm512_slli_epi64(o, 32));
+}
+
+// The 16 codes of a as int32, to be stored with store_codes16 (its saturation is part of the clamp).
+LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c) {
+  __m512i q;
+  if (c.nonnegative) {
+    const __m512i rounded = rounded_product(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
+    q = c.z_folded ? rounded : _mm512_add_epi32(rounded, c.z);
+  } else {
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(a, _mm512_setzero_si512());
+    const __m512i rounded = rounded_product(_mm512_abs_epi32(a), c);
+    q = _mm512_add_epi32(_mm512_mask_sub_epi32(rounded, negative, _mm512_setzero_si512(), rounded), c.z);
+  }
+  if (c.clamp_lo) q = _mm512_max_epi32(q, c.lo);
+  if (c.clamp_hi) q = _mm512_min_epi32(q, c.hi);
+  return q;
+}
+
+// The lanes of `mask` of q, saturated to int8 (vpmovsdb), at y.
+LOWBIT_AVX512_VNNI void store_codes16(int8_t* y, __mmask16 mask, __m512i q) {
+  _mm512_mask_cvtsepi32_storeu_epi8(y, mask, q);
 }
 
 // Rows [0, rows) of (rows, 16) int32 sums with rows `tile_stride` apart (a conv tile, or accumulator rows):
@@ -274,24 +314,12 @@ LOWBIT_AVX512_VNNI void requantize_tile_rows(const int32_t* tile, int64_t rows, 
                                              const int32_t* offset, const Requant& rq, int64_t first_channel,
                                              int64_t count, int8_t* y, int64_t y_stride) {
   const __mmask16 mask = low_lanes(count);
-  const Requant16 c = requant16_constants(rq.multiplier.data() + first_channel, rq.shift.data() + first_channel, mask);
-  const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
-  const __m512i hi = _mm512_set1_epi32(rq.act_max);
+  const Requant16 c = requant16_constants(rq, first_channel, mask);
   const __m512i bias = offset ? _mm512_maskz_loadu_epi32(mask, offset) : _mm512_setzero_si512();
   for (int64_t r = 0; r < rows; ++r) {
     const __m512i a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, tile + r * tile_stride), bias);
-    _mm512_mask_cvtepi32_storeu_epi8(y + r * y_stride, mask, requant16(a, c, z, lo, hi));
+    store_codes16(y + r * y_stride, mask, requant16(a, c));
   }
-}
-
-// conv_tile_offset_avx512: rows of 16 sums + offset, stored as they are (a max pool follows).
-LOWBIT_AVX512_VNNI void offset_tile_rows(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
-                                         int64_t count, int32_t* acc, int64_t acc_stride) {
-  const __mmask16 mask = low_lanes(count);
-  const __m512i bias = _mm512_maskz_loadu_epi32(mask, offset);
-  for (int64_t r = 0; r < rows; ++r)
-    _mm512_mask_storeu_epi32(acc + r * acc_stride, mask,
-                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, tile + r * tile_stride), bias));
 }
 
 // add_requantize_avx2 on 8 elements per instruction, for any shift and multipliers (add_requantize16 below is
@@ -467,9 +495,7 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
     }
   const __m512i offset =
       _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mask, b + c0), _mm512_mullo_epi32(_mm512_set1_epi32(z + 128), wsum));
-  const Requant16 rc = requant16_constants(rq.multiplier.data() + c0, rq.shift.data() + c0, mask);
-  const __m512i z_out = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
-  const __m512i hi = _mm512_set1_epi32(rq.act_max);
+  const Requant16 rc = requant16_constants(rq, c0, mask);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
   alignas(16) int8_t pad[16];
   std::memset(pad, z, sizeof pad);
@@ -511,8 +537,7 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
             acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_load_si512(column[p * stride].bytes), wq[g * k + kw]);
         }
 #pragma GCC unroll 4
-      for (int p = 0; p < P; ++p)
-        _mm512_mask_cvtepi32_storeu_epi8(yr + (ow + p) * c, mask, requant16(acc[p], rc, z_out, lo, hi));
+      for (int p = 0; p < P; ++p) store_codes16(yr + (ow + p) * c, mask, requant16(acc[p], rc));
     };
     int64_t ow = 0;
     for (; ow + kPixels <= wo; ow += kPixels) window_sums(ow, std::integral_constant<int, kPixels>{});
@@ -524,11 +549,9 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
 LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Requant& rq, int8_t* y, int64_t c,
                                                   int64_t height, int64_t width) {
   const int64_t ho = pooled_size(height, 2, 2, 0), wo = pooled_size(width, 2, 2, 0), down = width * c;
-  const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
-  const __m512i hi = _mm512_set1_epi32(rq.act_max);
   for (int64_t o = 0; o < c; o += 16) {
     const __mmask16 mask = low_lanes(c - o);
-    const Requant16 constants = requant16_constants(rq.multiplier.data() + o, rq.shift.data() + o, mask);
+    const Requant16 constants = requant16_constants(rq, o, mask);
     for (int64_t oh = 0; oh < ho; ++oh) {
       const int32_t* row = image + 2 * oh * down + o;
       int8_t* yo = y + oh * wo * c + o;
@@ -537,7 +560,60 @@ LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Re
             _mm512_max_epi32(_mm512_maskz_loadu_epi32(mask, row), _mm512_maskz_loadu_epi32(mask, row + c)),
             _mm512_max_epi32(_mm512_maskz_loadu_epi32(mask, row + down),
                              _mm512_maskz_loadu_epi32(mask, row + down + c)));
-        _mm512_mask_cvtepi32_storeu_epi8(yo, mask, requant16(best, constants, z, lo, hi));
+        store_codes16(yo, mask, requant16(best, constants));
+      }
+    }
+  }
+}
+
+using ConvKernel = void (*)(const uint8_t* const*, const int32_t*, int64_t, const int32_t*, const int32_t*, int32_t*);
+
+// The requantization constants of panels [p0, p0 + nv) and their masks (lanes that are channels).
+LOWBIT_AVX512_VNNI void panel_constants(const PackedWeights& w, const Requant& rq, int64_t p0, int64_t nv,
+                                        Requant16* constants, __mmask16* masks) {
+  for (int64_t v = 0; v < nv; ++v) {
+    masks[v] = low_lanes(w.out - (p0 + v) * 16);
+    constants[v] = requant16_constants(rq, (p0 + v) * 16, masks[v]);
+  }
+}
+
+// conv_block_vnni512: for each group of up to four panels, every MR-row block of the rows in turn; each tile is
+// requantized (or stored) while it is in L1, with the group's constants made once.
+LOWBIT_AVX512_VNNI void conv_block_rows(const uint8_t* const* window, int64_t count, const PackedConv& pc,
+                                        const int32_t* channel_offsets, const Requant* rq, int32_t* acc, int8_t* y) {
+  constexpr ConvKernel kernels[4] = {
+      &conv_kernel_panels<conv_rows_vnni(1), 1>, &conv_kernel_panels<conv_rows_vnni(2), 2>,
+      &conv_kernel_panels<conv_rows_vnni(3), 3>, &conv_kernel_panels<conv_rows_vnni(4), 4>};
+  const PackedWeights& w = pc.weights;
+  const int64_t panel = pc.panel_channels, group = panel == 16 ? kConvPanelsVnni : 1;
+  for (int64_t p0 = 0; p0 < w.panels; p0 += group) {
+    const int64_t nv = min_i64(group, w.panels - p0), mr = conv_rows_vnni(nv);
+    Requant16 constants[kConvPanelsVnni];
+    __mmask16 masks[kConvPanelsVnni];
+    if (rq) panel_constants(w, *rq, p0, nv, constants, masks);
+    const int32_t* wp = w.units.data() + p0 * w.k_units * panel;
+    const int32_t* init = channel_offsets + p0 * panel;
+    for (int64_t r0 = 0; r0 < count; r0 += mr) {
+      alignas(64) int32_t tile[kConvPanelsVnni * conv_rows_vnni(kConvPanelsVnni) * 16];  // (NV, MR, PANEL)
+      if (panel == 8) {
+        conv_kernel_8(window + r0, pc.unit_offsets.data(), w.k_units, wp, init, tile);
+      } else {
+        kernels[nv - 1](window + r0, pc.unit_offsets.data(), w.k_units, wp, init, tile);
+      }
+      const int64_t rows = min_i64(count, r0 + mr) - r0;
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t o0 = (p0 + v) * panel, channels = min_i64(panel, w.out - o0);
+        const int32_t* sums = tile + v * mr * panel;
+        if (!rq) {
+          const __mmask16 mask = low_lanes(channels);
+          for (int64_t r = 0; r < rows; ++r)
+            _mm512_mask_storeu_epi32(acc + (r0 + r) * w.out + o0, mask,
+                                     _mm512_maskz_loadu_epi32(mask, sums + r * panel));
+          continue;
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          store_codes16(y + (r0 + r) * w.out + o0, masks[v],
+                        requant16(_mm512_maskz_loadu_epi32(masks[v], sums + r * panel), constants[v]));
       }
     }
   }
@@ -546,38 +622,26 @@ LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Re
 // conv_pool_vnni512: each group of up to four panels over the outputs, pooled_per_call outputs per kernel call.
 LOWBIT_AVX512_VNNI void conv_pool_rows(const uint8_t* const* windows, int64_t pooled, const PackedConv& pc,
                                        const int32_t* channel_offsets, const Requant& rq, int8_t* y) {
-  using Kernel = void (*)(const uint8_t* const*, const int32_t*, int64_t, const int32_t*, int32_t*);
-  constexpr Kernel kernels[4] = {
+  constexpr ConvKernel kernels[4] = {
       &conv_kernel_panels<4 * pooled_per_call(1), 1>, &conv_kernel_panels<4 * pooled_per_call(2), 2>,
       &conv_kernel_panels<4 * pooled_per_call(3), 3>, &conv_kernel_panels<4 * pooled_per_call(4), 4>};
   const PackedWeights& w = pc.weights;
-  const __m512i z = _mm512_set1_epi32(rq.zero_point), lo = _mm512_set1_epi32(rq.act_min);
-  const __m512i hi = _mm512_set1_epi32(rq.act_max);
-  for (int64_t p0 = 0; p0 < w.panels; p0 += kConvPanelsVnni) {  // up to 4 panels per call, as conv_rows
+  for (int64_t p0 = 0; p0 < w.panels; p0 += kConvPanelsVnni) {  // up to 4 panels per call, as conv_block_rows
     const int64_t nv = min_i64(kConvPanelsVnni, w.panels - p0), per_call = pooled_per_call(nv);
     Requant16 constants[kConvPanelsVnni];
     __mmask16 masks[kConvPanelsVnni];
-    for (int64_t v = 0; v < nv; ++v) {
-      masks[v] = low_lanes(w.out - (p0 + v) * 16);
-      constants[v] =
-          requant16_constants(rq.multiplier.data() + (p0 + v) * 16, rq.shift.data() + (p0 + v) * 16, masks[v]);
-    }
+    panel_constants(w, rq, p0, nv, constants, masks);
     const int32_t* wp = w.units.data() + p0 * w.k_units * 16;
-    __m512i offsets[kConvPanelsVnni];
-    for (int64_t v = 0; v < nv; ++v) offsets[v] = _mm512_loadu_si512(channel_offsets + (p0 + v) * 16);
     for (int64_t o = 0; o < pooled; o += per_call) {
       alignas(64) int32_t tile[4 * detail::kMaxPooledPerCall * 16];  // (NV, 4P, 16) sums; 4P·NV <= 24
-      kernels[nv - 1](windows + 4 * o, pc.unit_offsets.data(), w.k_units, wp, tile);
-      // Each sum plus its channel offset is the exact accumulator of its window (the adds wrap, point 3): the
-      // largest of each output's four, requantized.
+      kernels[nv - 1](windows + 4 * o, pc.unit_offsets.data(), w.k_units, wp, channel_offsets + p0 * 16, tile);
+      // The largest of each output's four accumulators, requantized.
       for (int64_t p = 0; p < min_i64(per_call, pooled - o); ++p)
         for (int64_t v = 0; v < nv; ++v) {
           const int32_t* sums = tile + (v * 4 * per_call + 4 * p) * 16;  // the four windows' sums, one after another
-          __m512i best = _mm512_add_epi32(_mm512_load_si512(sums), offsets[v]);
-          for (int j = 1; j < 4; ++j)
-            best = _mm512_max_epi32(best, _mm512_add_epi32(_mm512_load_si512(sums + j * 16), offsets[v]));
-          _mm512_mask_cvtepi32_storeu_epi8(y + (o + p) * w.out + (p0 + v) * 16, masks[v],
-                                           requant16(best, constants[v], z, lo, hi));
+          __m512i best = _mm512_load_si512(sums);
+          for (int j = 1; j < 4; ++j) best = _mm512_max_epi32(best, _mm512_load_si512(sums + j * 16));
+          store_codes16(y + (o + p) * w.out + (p0 + v) * 16, masks[v], requant16(best, constants[v]));
         }
     }
   }
@@ -605,11 +669,6 @@ void maxpool2_requantize_avx512(const int32_t* acc, const Requant& rq, int8_t* y
 void conv_tile_requantize_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
                                  const Requant& rq, int64_t first_channel, int64_t count, int8_t* y, int64_t y_stride) {
   requantize_tile_rows(tile, rows, tile_stride, offset, rq, first_channel, count, y, y_stride);
-}
-
-void conv_tile_offset_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
-                             int64_t count, int32_t* acc, int64_t acc_stride) {
-  offset_tile_rows(tile, rows, tile_stride, offset, count, acc, acc_stride);
 }
 
 void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
@@ -658,19 +717,9 @@ void conv_pool_vnni512(const uint8_t* const* windows, int64_t pooled, const Pack
   conv_pool_rows(windows, pooled, pc, channel_offsets, rq, y);
 }
 
-void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
-                       int64_t panel, int64_t panels, int32_t* tile) {
-  if (panel == 8) return conv_kernel_8(x, offsets, k_units, wp, tile);
-  switch (panels) {
-    case 1:
-      return conv_kernel_panels<conv_rows_vnni(1), 1>(x, offsets, k_units, wp, tile);
-    case 2:
-      return conv_kernel_panels<conv_rows_vnni(2), 2>(x, offsets, k_units, wp, tile);
-    case 3:
-      return conv_kernel_panels<conv_rows_vnni(3), 3>(x, offsets, k_units, wp, tile);
-    default:
-      return conv_kernel_panels<conv_rows_vnni(4), 4>(x, offsets, k_units, wp, tile);
-  }
+void conv_block_vnni512(const uint8_t* const* window, int64_t count, const PackedConv& pc,
+                        const int32_t* channel_offsets, const Requant* rq, int32_t* acc, int8_t* y) {
+  conv_block_rows(window, count, pc, channel_offsets, rq, acc, y);
 }
 
 }  // namespace lowbit::quant::runtime::detail

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
@@ -185,14 +186,26 @@ void qconcat(std::span<const std::span<const int8_t>> inputs, std::span<const in
 void global_avgpool(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> y, int64_t n, int64_t c,
                     int64_t positions, bool channels_last, int threads) {
   const auto count = static_cast<int32_t>(positions);
+  // Σ_p (q − z) fits int32: validate() allows at most 2^23 positions, and 2^23 · 255 < 2^31. It is Σ_p q − P·z.
+  const auto average = [&](int32_t sum) {
+    return static_cast<int8_t>(
+        std::clamp(zero_point + rounding_divide_half_away(sum - count * zero_point, count), -128, 127));
+  };
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
+    if (channels_last) {  // position by position: each adds one contiguous row of C codes to the C sums
+      std::vector<int32_t> sums(static_cast<size_t>(c), 0);
+      for (int64_t p = 0; p < positions; ++p) {
+        const int8_t* row = x.data() + (i * positions + p) * c;
+        for (int64_t ch = 0; ch < c; ++ch) sums[static_cast<size_t>(ch)] += row[ch];
+      }
+      for (int64_t ch = 0; ch < c; ++ch) y[i * c + ch] = average(sums[static_cast<size_t>(ch)]);
+      continue;
+    }
     for (int64_t ch = 0; ch < c; ++ch) {
-      // Σ (q − z) fits int32: validate() allows at most 2^23 positions, and 2^23 · 255 < 2^31.
       int32_t sum = 0;
-      for (int64_t p = 0; p < positions; ++p)
-        sum += (channels_last ? x[(i * positions + p) * c + ch] : x[(i * c + ch) * positions + p]) - zero_point;
-      y[i * c + ch] = static_cast<int8_t>(std::clamp(zero_point + rounding_divide_half_away(sum, count), -128, 127));
+      for (int64_t p = 0; p < positions; ++p) sum += x[(i * c + ch) * positions + p];
+      y[i * c + ch] = average(sum);
     }
   }
 }

@@ -130,11 +130,14 @@ void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t*
 void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y,
                    int64_t n, int threads);
 
-// The conv micro-kernel: x[r] points at the window of GEMM row r (u8 operands x + 128), unit t of a window
-// starts offsets[t] bytes further; wp is PANELS consecutive (K_UNITS, PANEL) s8 unit panels, PANEL 16 or 8
-// (then PANELS is 1); tile is (PANELS, MR, PANEL) int32 = Σ_t x·w, MR = conv_rows_vnni(PANELS).
-void conv_tile_vnni512(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
-                       int64_t panel, int64_t panels, int32_t* tile);
+// conv_block (kernels_avx2.cpp) on the Vnni512 path, and on Amx for kernel rows too short for tiles: `count` <=
+// kConvRowBlock GEMM rows, row r's window at window[r] (u8 operands x + 128; the last repeated up to a whole MR
+// after them), unit t of a window offsets[t] bytes further. Panels of 16 channels go through the micro-kernel up
+// to kConvPanelsVnni at a time, conv_rows_vnni(PANELS) rows per call, or one of 8 channels (a layer of at most 8).
+// channel_offsets is (PANELS, PANEL): b − z_eff·Σw per channel, 0 past OUT. The codes (eq. 6) go to y (COUNT, OUT),
+// or with rq null the int32 accumulators to acc (COUNT, OUT).
+void conv_block_vnni512(const uint8_t* const* window, int64_t count, const PackedConv& pc,
+                        const int32_t* channel_offsets, const Requant* rq, int32_t* acc, int8_t* y);
 
 // A convolution and the 2 × 2 max pool after it, the pool in the micro-kernel (conv_rows_pooled on Vnni512 with
 // 16-channel panels): `pooled` outputs, output p's four windows at windows[4p .. 4p + 3] (x + 128 as u8; the last
@@ -144,16 +147,11 @@ constexpr int64_t kMaxPooledPerCall = 6;
 void conv_pool_vnni512(const uint8_t* const* windows, int64_t pooled, const PackedConv& pc,
                        const int32_t* channel_offsets, const Requant& rq, int8_t* y);
 
-// The epilogue of conv_tile_vnni512 for one panel: rows [0, rows) of tile, int32 rows tile_stride apart, plus
-// offset[j] (b − z_eff·Σw of channel first_channel + j), requantized (eq. 6) with rq's constants of channels
-// [first_channel, first_channel + count), count <= 16; row r's codes go to y + r·y_stride.
+// The epilogue of a conv tile for one panel (the AMX convolution's): rows [0, rows) of tile, int32 rows tile_stride
+// apart, plus offset[j] (b − z_eff·Σw of channel first_channel + j), requantized (eq. 6) with rq's constants of
+// channels [first_channel, first_channel + count), count <= 16; row r's codes go to y + r·y_stride.
 void conv_tile_requantize_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
                                  const Requant& rq, int64_t first_channel, int64_t count, int8_t* y, int64_t y_stride);
-
-// The same epilogue when the accumulators are kept (a max pool follows): tile rows plus offset, the first count
-// (<= 16) int32 of each stored at acc + r·acc_stride.
-void conv_tile_offset_avx512(const int32_t* tile, int64_t rows, int64_t tile_stride, const int32_t* offset,
-                             int64_t count, int32_t* acc, int64_t acc_stride);
 
 // add_requantize_avx2 on AVX-512: 16 codes per step in 32-bit lanes for the usual shifts, else 8 in 64-bit lanes.
 void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
