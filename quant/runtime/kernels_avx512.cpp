@@ -241,6 +241,7 @@ LOWBIT_AVX512_VBMI void lookup_range(const uint8_t* images, const int8_t* table_
 struct Requant16 {
   bool high;                      // every lane's n >= 33
   bool nonnegative, z_folded, clamp_lo, clamp_hi;
+  bool relu_folded;               // z_folded and not clamp_lo: requant16<true>
   __m512i m, m_odd;               // m in every lane; in the low half of each 64-bit lane for the odd lanes
   __m512i shift_high, half_high;  // high: n − 32 and 2^(n−33) per lane (+ z_out·2^(n−32) when z_folded)
   __m512i shift_even, shift_odd, half_even, half_odd;  // otherwise: n and 2^(n−1) per 64-bit lane
@@ -256,6 +257,7 @@ LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, int64_t firs
   c.z_folded = c.nonnegative && c.high && _mm512_mask_cmpgt_epi32_mask(mask, shifts, _mm512_set1_epi32(54)) == 0;
   c.clamp_lo = rq.act_min > (c.nonnegative ? rq.zero_point : -128);  // q >= z_out already when nonnegative
   c.clamp_hi = rq.act_max < 127;
+  c.relu_folded = c.z_folded && !c.clamp_lo;
   c.m = _mm512_maskz_loadu_epi32(mask, rq.multiplier.data() + first);
   c.m_odd = _mm512_srli_epi64(c.m, 32);
   c.shift_high = _mm512_sub_epi32(shifts, _mm512_set1_epi32(32));
@@ -287,8 +289,13 @@ LOWBIT_AVX512_VNNI __m512i rounded_product(__m512i magnitude, const Requant16& c
   return _mm512_mask_blend_epi32(0xAAAA, e, _mm512_slli_epi64(o, 32));
 }
 
-// The 16 codes of a as int32, to be stored with store_codes16 (its saturation is part of the clamp).
+// The 16 codes of a as int32, to be stored with store_codes16 (its saturation is part of the clamp). ReluFolded:
+// c.relu_folded, the usual layer (a folded ReLU, act_min = z_out, z_out folded into the rounding), as a
+// template argument so that the loops that call it test no flag per vector.
+template <bool ReluFolded>
 LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c) {
+  if constexpr (ReluFolded)
+    return _mm512_min_epi32(rounded_product(_mm512_max_epi32(a, _mm512_setzero_si512()), c), c.hi);
   __m512i q;
   if (c.nonnegative) {
     const __m512i rounded = rounded_product(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
@@ -303,23 +310,39 @@ LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c) {
   return q;
 }
 
+LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c) {
+  return c.relu_folded ? requant16<true>(a, c) : requant16<false>(a, c);
+}
+
 // The lanes of `mask` of q, saturated to int8 (vpmovsdb), at y.
 LOWBIT_AVX512_VNNI void store_codes16(int8_t* y, __mmask16 mask, __m512i q) {
   _mm512_mask_cvtsepi32_storeu_epi8(y, mask, q);
 }
 
-// Rows [0, rows) of (rows, 16) int32 sums with rows `tile_stride` apart (a conv tile, or accumulator rows):
-// + offset (none when null), requantized, the first `count` codes of each row stored at y, rows y_stride apart.
+// Rows [0, rows) of (rows, 16) int32 sums, rows `stride` apart, plus offset (none when null), requantized; the
+// lanes of `mask` of row r stored at y + r·y_stride.
+template <bool ReluFolded>
+LOWBIT_AVX512_VNNI void requantize_rows16(const int32_t* sums, int64_t rows, int64_t stride, const int32_t* offset,
+                                          const Requant16& c, __mmask16 mask, int8_t* y, int64_t y_stride) {
+  const __m512i bias = offset ? _mm512_maskz_loadu_epi32(mask, offset) : _mm512_setzero_si512();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512i a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, sums + r * stride), bias);
+    store_codes16(y + r * y_stride, mask, requant16<ReluFolded>(a, c));
+  }
+}
+
+LOWBIT_AVX512_VNNI void requantize_rows16(const int32_t* sums, int64_t rows, int64_t stride, const int32_t* offset,
+                                          const Requant16& c, __mmask16 mask, int8_t* y, int64_t y_stride) {
+  if (c.relu_folded) return requantize_rows16<true>(sums, rows, stride, offset, c, mask, y, y_stride);
+  requantize_rows16<false>(sums, rows, stride, offset, c, mask, y, y_stride);
+}
+
+// requantize_rows16 with the constants of channels [first_channel, first_channel + count) of rq, count <= 16.
 LOWBIT_AVX512_VNNI void requantize_tile_rows(const int32_t* tile, int64_t rows, int64_t tile_stride,
                                              const int32_t* offset, const Requant& rq, int64_t first_channel,
                                              int64_t count, int8_t* y, int64_t y_stride) {
   const __mmask16 mask = low_lanes(count);
-  const Requant16 c = requant16_constants(rq, first_channel, mask);
-  const __m512i bias = offset ? _mm512_maskz_loadu_epi32(mask, offset) : _mm512_setzero_si512();
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512i a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, tile + r * tile_stride), bias);
-    store_codes16(y + r * y_stride, mask, requant16(a, c));
-  }
+  requantize_rows16(tile, rows, tile_stride, offset, requant16_constants(rq, first_channel, mask), mask, y, y_stride);
 }
 
 // add_requantize_avx2 on 8 elements per instruction, for any shift and multipliers (add_requantize16 below is
@@ -526,7 +549,8 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
       }
     }
     int8_t* yr = y + row * wo * c + c0;
-    const auto window_sums = [&]<int P>(int64_t ow, std::integral_constant<int, P>) LOWBIT_AVX512_VNNI {
+    const auto window_sums = [&]<int P, bool F>(int64_t ow, std::integral_constant<int, P>,
+                                                std::bool_constant<F>) LOWBIT_AVX512_VNNI {
       __m512i acc[P];
       for (auto& a : acc) a = offset;
       for (int64_t g = 0; g < groups; ++g)
@@ -537,11 +561,15 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
             acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_load_si512(column[p * stride].bytes), wq[g * k + kw]);
         }
 #pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) store_codes16(yr + (ow + p) * c, mask, requant16(acc[p], rc));
+      for (int p = 0; p < P; ++p) store_codes16(yr + (ow + p) * c, mask, requant16<F>(acc[p], rc));
     };
     int64_t ow = 0;
-    for (; ow + kPixels <= wo; ow += kPixels) window_sums(ow, std::integral_constant<int, kPixels>{});
-    for (; ow < wo; ++ow) window_sums(ow, std::integral_constant<int, 1>{});
+    const auto sums = [&]<int P>(int64_t at, std::integral_constant<int, P> pixels) LOWBIT_AVX512_VNNI {
+      if (rc.relu_folded) return window_sums(at, pixels, std::true_type{});
+      window_sums(at, pixels, std::false_type{});
+    };
+    for (; ow + kPixels <= wo; ow += kPixels) sums(ow, std::integral_constant<int, kPixels>{});
+    for (; ow < wo; ++ow) sums(ow, std::integral_constant<int, 1>{});
   }
 }
 
@@ -611,9 +639,7 @@ LOWBIT_AVX512_VNNI void conv_block_rows(const uint8_t* const* window, int64_t co
                                      _mm512_maskz_loadu_epi32(mask, sums + r * panel));
           continue;
         }
-        for (int64_t r = 0; r < rows; ++r)
-          store_codes16(y + (r0 + r) * w.out + o0, masks[v],
-                        requant16(_mm512_maskz_loadu_epi32(masks[v], sums + r * panel), constants[v]));
+        requantize_rows16(sums, rows, panel, nullptr, constants[v], masks[v], y + r0 * w.out + o0, w.out);
       }
     }
   }
