@@ -162,14 +162,14 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
     int64_t channels, out, groups, kernel, stride, padding;
   };
   // Depthwise with 1 to 64 channels (16-lane blocks and their tails), K = 1, 2, 3, 5, 7 and 9 (too many taps for
-  // the one-pass kernel: it must refuse).
-  const std::vector<Case> cases = {{7, 7, 7, 3, 1, 1},    {9, 9, 9, 3, 2, 1},    {13, 13, 13, 5, 1, 2},
-                                   {17, 34, 17, 3, 1, 0}, {6, 9, 3, 3, 2, 1},    {8, 4, 2, 1, 1, 0},
-                                   {5, 10, 5, 2, 2, 0},   {33, 33, 33, 3, 1, 1}, {4, 6, 2, 3, 1, 2},
-                                   {1, 1, 1, 3, 1, 1},    {16, 16, 16, 3, 1, 1}, {32, 32, 32, 3, 2, 1},
-                                   {64, 64, 64, 3, 1, 0}, {20, 20, 20, 7, 1, 3}, {6, 6, 6, 2, 2, 0},
-                                   {18, 18, 18, 1, 1, 0}, {3, 3, 3, 9, 1, 4},    {20, 20, 20, 7, 2, 3},
-                                   {8, 8, 8, 3, 3, 1},    {12, 12, 12, 7, 3, 0}};
+  // the one-pass kernel: it must refuse). The one-pass kernel builds one set of operands for 1 to 4 output rows
+  // (K = 5 at stride 1: 4; K = 1 or 5 at stride 2: 2), sets that HO = 7 and the threads' row ranges cut short.
+  const std::vector<Case> cases = {
+      {7, 7, 7, 3, 1, 1},    {9, 9, 9, 3, 2, 1},    {13, 13, 13, 5, 1, 2}, {17, 34, 17, 3, 1, 0}, {6, 9, 3, 3, 2, 1},
+      {8, 4, 2, 1, 1, 0},    {5, 10, 5, 2, 2, 0},   {33, 33, 33, 3, 1, 1}, {4, 6, 2, 3, 1, 2},    {1, 1, 1, 3, 1, 1},
+      {16, 16, 16, 3, 1, 1}, {32, 32, 32, 3, 2, 1}, {64, 64, 64, 3, 1, 0}, {20, 20, 20, 7, 1, 3}, {6, 6, 6, 2, 2, 0},
+      {18, 18, 18, 1, 1, 0}, {3, 3, 3, 9, 1, 4},    {20, 20, 20, 7, 2, 3}, {8, 8, 8, 3, 3, 1},    {12, 12, 12, 7, 3, 0},
+      {19, 19, 19, 1, 2, 0}, {21, 21, 21, 5, 2, 2}};
   // 13 columns: the one-pass kernel computes 4 windows of a row at a time and the rest one by one (K = 7 at
   // stride 2 reads all 13 columns plus the padding); K = 5 and 7 take two groups of 4 kernel rows, K = 9 none.
   constexpr int64_t kH = 7, kW = 13;
@@ -233,15 +233,21 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
         }
       }
       // Requantized in one pass: per-channel multipliers, shifts from 1 to 62 (most where codes land inside
-      // the int8 range), any zero point and clamp.
+      // the int8 range), any zero point and clamp. Every other case a folded ReLU (z_out = act_min) with shifts
+      // of 33-44 only: the AVX-512 kernel's requant16<true>.
+      const bool relu = rng.below(2) == 0;
       rt::Requant rq;
       for (int64_t o = 0; o < c.out; ++o) {
         rq.multiplier.push_back(random_in(rng, int64_t{1} << 30, INT32_MAX));
-        rq.shift.push_back(random_in(rng, 0, 3) == 0 ? random_in(rng, 1, 62) : random_in(rng, 28, 44));
+        rq.shift.push_back(relu                        ? random_in(rng, 33, 44)
+                           : random_in(rng, 0, 3) == 0 ? random_in(rng, 1, 62)
+                                                       : random_in(rng, 28, 44));
       }
       rq.zero_point = random_in(rng, -128, 127);
       rq.act_min = random_in(rng, -128, 0);
       rq.act_max = random_in(rng, rq.act_min, 127);
+      if (relu) rq.zero_point = rq.act_min;
+      CAPTURE(relu);
       std::vector<int8_t> want_codes(want.size());
       for (size_t e = 0; e < want.size(); ++e) {
         const auto o = static_cast<size_t>(static_cast<int64_t>(e) % c.out);

@@ -463,6 +463,16 @@ constexpr int64_t kMaxDepthwiseKernel = 7;  // the largest K with K² <= kMaxDep
 static_assert(kMaxDepthwiseKernel * kMaxDepthwiseKernel <= kMaxDepthwiseTaps &&
               (kMaxDepthwiseKernel + 1) * (kMaxDepthwiseKernel + 1) > kMaxDepthwiseTaps);
 inline int64_t depthwise_row_groups(int64_t kernel) { return (kernel + 3) / 4; }
+// The output rows one set of operands (4·G input rows) serves: row m reads input rows m·stride .. m·stride + K − 1.
+constexpr int64_t depthwise_rows_sharing(int64_t kernel, int64_t stride) {
+  return (4 * ((kernel + 3) / 4) - kernel) / stride + 1;
+}
+constexpr int64_t kMaxDepthwiseWeights = 40;  // sharing · G · K at most: K = 5, stride 1 (4 · 2 · 5)
+static_assert([] {
+  for (int64_t k = 1; k <= kMaxDepthwiseKernel; ++k)
+    if (depthwise_rows_sharing(k, 1) * ((k + 3) / 4) * k > kMaxDepthwiseWeights) return false;
+  return true;
+}());
 // The input columns an output row's windows read, padding included.
 inline int64_t depthwise_columns(const ConvShape& s) {
   return (pooled_size(s.width, s.kernel, s.stride, s.padding) - 1) * s.stride + s.kernel;
@@ -471,9 +481,11 @@ inline int64_t depthwise_columns(const ConvShape& s) {
 // Channels [c0, c0 + 16) of a depthwise convolution, output rows [row0, row1) (row = image · HO + oh), as
 // depthwise_requantize_avx512 describes. The kernel's rows go in groups of four: lane c of one vpdpbusd
 // multiplies the four bytes x + 128 of rows 4g .. 4g + 3 at one input column with the four weights of those
-// taps, so one instruction adds four taps of 16 channels (rows past K meet zero weights). For each output row
-// `columns` (DepthwiseColumn, (K + 3) / 4 groups × the input columns the windows read) holds these operands,
-// built once and read by the K windows that overlap each column. Taps over the padding read z_in + 128, so
+// taps, so one instruction adds four taps of 16 channels (rows past K meet zero weights). For each set of output
+// rows that the same 4·G input rows cover (depthwise_rows_sharing: 2 for K = 3 at stride 1, their weights shifted
+// by a row), `columns` (DepthwiseColumn, G = (K + 3) / 4 groups × the input columns the windows read) holds these
+// operands, built once and read by the K windows of each row that overlap each column. Taps over the padding read
+// z_in + 128, so
 // every window has all K² terms and
 //   Σ_t w_t·(x_t − z_in) = Σ_t w_t·(x_t + 128) − (z_in + 128)·Σ_t w_t,
 // the second term folded into the bias once per channel block (wrapping, like the sums: point 3 above).
@@ -503,19 +515,24 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
     four = _mm512_inserti32x4(four, rows[3], 3);
     return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(gather, four), transpose);
   };
-  // Weights: wq[g·K + kw] holds the taps (4g + r, kw), r < 4. Their sum by one more vpdpbusd with bytes of 1.
-  __m512i wq[2 * kMaxDepthwiseKernel];
+  // One set of operands serves `sharing` output rows: row oh + m reads the input rows m·stride further down, so
+  // its weights sit m·stride bytes later in each lane. wq[(m·G + g)·K + kw] holds, in byte r, the tap
+  // (4g + r − m·stride, kw) (0 where that is no kernel row). Their sum by one more vpdpbusd with bytes of 1.
+  const int64_t sharing = depthwise_rows_sharing(k, stride);
+  __m512i wq[kMaxDepthwiseWeights];
   __m512i wsum = _mm512_setzero_si512();
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t kw = 0; kw < k; ++kw) {
-      __m128i rows[4];
-      for (int64_t r = 0; r < 4; ++r) {
-        const int64_t kh = 4 * g + r;
-        rows[r] = kh < k ? load16(w + (kh * k + kw) * c + c0) : _mm_setzero_si128();
+  for (int64_t m = 0; m < sharing; ++m)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t kw = 0; kw < k; ++kw) {
+        __m128i rows[4];
+        for (int64_t r = 0; r < 4; ++r) {
+          const int64_t kh = 4 * g + r - m * stride;
+          rows[r] = kh >= 0 && kh < k ? load16(w + (kh * k + kw) * c + c0) : _mm_setzero_si128();
+        }
+        const int64_t at = (m * groups + g) * k + kw;
+        wq[at] = interleave(rows);
+        if (m == 0) wsum = _mm512_dpbusd_epi32(wsum, _mm512_set1_epi8(1), wq[at]);
       }
-      wq[g * k + kw] = interleave(rows);
-      wsum = _mm512_dpbusd_epi32(wsum, _mm512_set1_epi8(1), wq[g * k + kw]);
-    }
   const __m512i offset =
       _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mask, b + c0), _mm512_mullo_epi32(_mm512_set1_epi32(z + 128), wsum));
   const Requant16 rc = requant16_constants(rq, c0, mask);
@@ -523,8 +540,8 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
   alignas(16) int8_t pad[16];
   std::memset(pad, z, sizeof pad);
   const __m512i padding_column = _mm512_set1_epi8(static_cast<char>(z ^ 0x80));  // every byte z_in + 128
-  for (int64_t row = row0; row < row1; ++row) {
-    const int64_t i = row / ho, oh = row % ho;
+  for (int64_t row = row0; row < row1;) {
+    const int64_t i = row / ho, oh = row % ho, rows_here = std::min({sharing, ho - oh, row1 - row});
     const int8_t* image = x + i * s.height * s.width * c + c0;
     for (int64_t g = 0; g < groups; ++g) {  // the operands of input columns iw = j − padding, j < count
       DepthwiseColumn* operands = columns + g * count;
@@ -548,28 +565,32 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
         _mm512_store_si512(operands[j].bytes, operand);
       }
     }
-    int8_t* yr = y + row * wo * c + c0;
-    const auto window_sums = [&]<int P, bool F>(int64_t ow, std::integral_constant<int, P>,
-                                                std::bool_constant<F>) LOWBIT_AVX512_VNNI {
-      __m512i acc[P];
-      for (auto& a : acc) a = offset;
-      for (int64_t g = 0; g < groups; ++g)
-        for (int64_t kw = 0; kw < k; ++kw) {
-          const DepthwiseColumn* column = columns + g * count + ow * stride + kw;
+    for (int64_t m = 0; m < rows_here; ++m) {  // output row oh + m
+      int8_t* yr = y + (row + m) * wo * c + c0;
+      const __m512i* wm = wq + m * groups * k;
+      const auto window_sums = [&]<int P, bool F>(int64_t ow, std::integral_constant<int, P>,
+                                                  std::bool_constant<F>) LOWBIT_AVX512_VNNI {
+        __m512i acc[P];
+        for (auto& a : acc) a = offset;
+        for (int64_t g = 0; g < groups; ++g)
+          for (int64_t kw = 0; kw < k; ++kw) {
+            const DepthwiseColumn* column = columns + g * count + ow * stride + kw;
 #pragma GCC unroll 4
-          for (int p = 0; p < P; ++p)
-            acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_load_si512(column[p * stride].bytes), wq[g * k + kw]);
-        }
+            for (int p = 0; p < P; ++p)
+              acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_load_si512(column[p * stride].bytes), wm[g * k + kw]);
+          }
 #pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) store_codes16(yr + (ow + p) * c, mask, requant16<F>(acc[p], rc));
-    };
-    int64_t ow = 0;
-    const auto sums = [&]<int P>(int64_t at, std::integral_constant<int, P> pixels) LOWBIT_AVX512_VNNI {
-      if (rc.relu_folded) return window_sums(at, pixels, std::true_type{});
-      window_sums(at, pixels, std::false_type{});
-    };
-    for (; ow + kPixels <= wo; ow += kPixels) sums(ow, std::integral_constant<int, kPixels>{});
-    for (; ow < wo; ++ow) sums(ow, std::integral_constant<int, 1>{});
+        for (int p = 0; p < P; ++p) store_codes16(yr + (ow + p) * c, mask, requant16<F>(acc[p], rc));
+      };
+      const auto sums = [&]<int P>(int64_t at, std::integral_constant<int, P> pixels) LOWBIT_AVX512_VNNI {
+        if (rc.relu_folded) return window_sums(at, pixels, std::true_type{});
+        window_sums(at, pixels, std::false_type{});
+      };
+      int64_t ow = 0;
+      for (; ow + kPixels <= wo; ow += kPixels) sums(ow, std::integral_constant<int, kPixels>{});
+      for (; ow < wo; ++ow) sums(ow, std::integral_constant<int, 1>{});
+    }
+    row += rows_here;
   }
 }
 
