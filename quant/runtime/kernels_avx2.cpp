@@ -803,7 +803,7 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, rq, z_eff);
   const bool vnni512 = sizeof(T) == 1 && detail::uses_avx512(pc.weights.path);
-  const std::vector<int32_t> offsets = vnni512 ? channel_offsets(ep, pc.panel_channels) : std::vector<int32_t>{};
+  const std::vector<int32_t> offsets_vnni = vnni512 ? channel_offsets(ep, pc.panel_channels) : std::vector<int32_t>{};
   int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
   const auto row_start = [&] { return planes + ((i * hp + oh * stride) * wp) * c; };  // window (i, oh, 0)
   const T* next = row_start() + ow * stride * c;  // the window of row `start`, then one step of stride·C each
@@ -827,7 +827,7 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
     int8_t* block_y = rq ? y + start * out : nullptr;
     if constexpr (sizeof(T) == 1) {
       if (vnni512) {
-        detail::conv_block_vnni512(window, count, pc, offsets.data(), rq, block_acc, block_y);
+        detail::conv_block_vnni512(window, count, pc, offsets_vnni.data(), rq, block_acc, block_y);
         continue;
       }
     }
@@ -849,7 +849,7 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
   const int64_t pooled_rows = ho / 2;
   const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, nullptr, z_eff);
   const bool vnni512 = sizeof(T) == 1 && detail::uses_avx512(pc.weights.path);
-  const std::vector<int32_t> offsets = vnni512 ? channel_offsets(ep, pc.panel_channels) : std::vector<int32_t>{};
+  const std::vector<int32_t> offsets_vnni = vnni512 ? channel_offsets(ep, pc.panel_channels) : std::vector<int32_t>{};
   if constexpr (sizeof(T) == 1) {
     if (vnni512 && pc.panel_channels == 16) {
       // The pool in the micro-kernel: the four windows of each pooled output of a pooled row, in turn.
@@ -867,7 +867,7 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
           *next++ = at + down + right;
         }
         for (int64_t r = 4 * pooled; r < 4 * (pooled + detail::kMaxPooledPerCall - 1); ++r) window[r] = window[r - 4];
-        detail::conv_pool_vnni512(window, pooled, pc, offsets.data(), rq, y + q * pooled * out);
+        detail::conv_pool_vnni512(window, pooled, pc, offsets_vnni.data(), rq, y + q * pooled * out);
       }
       return;
     }
@@ -884,7 +884,7 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
     }
     for (int64_t r = count; r < count + kConvMaxRows; ++r) window[r] = window[count - 1];  // covers any MR
     if constexpr (sizeof(T) == 1) {
-      if (vnni512) detail::conv_block_vnni512(window, count, pc, offsets.data(), nullptr, acc, nullptr);
+      if (vnni512) detail::conv_block_vnni512(window, count, pc, offsets_vnni.data(), nullptr, acc, nullptr);
     }
     if (!vnni512) conv_block(window, count, pc, ep.data(), nullptr, acc, nullptr);
     // The pairs of the block are `block_pairs` images of 2 × WO: pooled, each gives one row of y.
