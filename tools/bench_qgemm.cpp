@@ -2,8 +2,8 @@
 //
 // Run: build/bin/bench_qgemm [threads]
 // Prints the CPU and its instruction sets, the measured peak of vpdpbusd (zmm, ymm) and tdpbusd (tiny unrolled loops),
-// then one line per GEMM shape (1024³ first) and conv shape with the GOP/s of each path, then whole graphs
-// in images/s per path.
+// then one line per GEMM shape (1024³ first) and conv shape with the GOP/s of each path, the graph models' convs
+// requantized in µs per image, then whole graphs in images/s per path.
 //
 // Run: build/bin/bench_qgemm --json [--seconds S] [threads]
 // Prints one JSON object for tools/bench.py --gemm: the CPU, the peaks, and the int8 (s8) GEMM shapes only, on each
@@ -286,6 +286,65 @@ void bench_convs() {
   }
 }
 
+// Microseconds per image of the graph models' convolutions at batch 1 as the executor runs them, requantized
+// (eq. 6; a folded ReLU, the usual layer): the implicit GEMM with its epilogue (qconv2d_rows_requantized) and
+// the depthwise convs (one pass on the AVX-512 paths, else accumulators then requantize_to_nchw). s8 weights,
+// one thread, best of 2000 calls; the padded images are built beforehand.
+void bench_requantized_convs() {
+  struct Conv {
+    const char* what;
+    int64_t c, hw, out, k, stride, padding, groups;
+  };
+  const std::vector<Conv> convs = {{"dsconv stem (1->32, 3x3, 28x28)", 1, 28, 32, 3, 1, 1, 1},
+                                   {"dsconv b1 pw (32->64, 1x1, 28x28)", 32, 28, 64, 1, 1, 0, 1},
+                                   {"dsconv b3 pw (128->128, 1x1, 14x14)", 128, 14, 128, 1, 1, 0, 1},
+                                   {"dsconv b4 pw (128->256, 1x1, 7x7)", 128, 7, 256, 1, 1, 0, 1},
+                                   {"resnet8 b1 conv (16->16, 3x3, 28x28)", 16, 28, 16, 3, 1, 1, 1},
+                                   {"dsconv b1 dw (32, 3x3, 28x28)", 32, 28, 32, 3, 1, 1, 32},
+                                   {"dsconv b2 dw (64, 3x3 s2, 28x28)", 64, 28, 64, 3, 2, 1, 64},
+                                   {"dsconv b3 dw (128, 3x3, 14x14)", 128, 14, 128, 3, 1, 1, 128}};
+  std::printf("%-36s %9s", "us per image, requantized (batch 1)", "");
+  for (const rt::KernelPath path : fast_paths()) std::printf(" %10s", rt::kernel_path_name(path));
+  std::printf("\n");
+  uint64_t state = 5;
+  for (const Conv& v : convs) {
+    const int64_t ho = rt::pooled_size(v.hw, v.k, v.stride, v.padding), rows = ho * ho;
+    std::vector<int8_t> x(v.hw * v.hw * v.c), w(v.out * v.c / v.groups * v.k * v.k), y(rows * v.out);
+    for (auto& q : x) q = static_cast<int8_t>(next(state));
+    for (auto& q : w) q = static_cast<int8_t>(static_cast<int>(next(state) % 255) - 127);
+    std::vector<int32_t> b(v.out), acc(rows * v.out);
+    for (auto& q : b) q = static_cast<int32_t>(next(state) % 2001) - 1000;
+    rt::Requant rq;
+    rq.zero_point = rq.act_min = -128;
+    rq.act_max = 127;
+    for (int64_t o = 0; o < v.out; ++o) {
+      rq.multiplier.push_back(static_cast<int32_t>((int64_t{1} << 30) + static_cast<int64_t>(next(state) % (1 << 29))));
+      rq.shift.push_back(39);
+    }
+    std::printf("%-36s %9s", v.what, "");
+    for (const rt::KernelPath path : fast_paths()) {
+      double seconds = 0;
+      if (v.groups > 1) {
+        const rt::ConvShape s{1, v.c, v.hw, v.hw, v.out, v.k, v.stride, v.padding, v.groups};
+        const rt::GroupedConvWeights gw = rt::pack_grouped_conv(w, 8, s);
+        seconds = best_seconds(2000, [&] {
+          if (rt::depthwise_in_one_pass(s, path))
+            return rt::qconv2d_depthwise_requantized(x, 3, gw, b, rq, y, s, 1, path);
+          rt::qconv2d_grouped_nhwc(x, 3, gw, b, acc, s, 1, path);
+          rt::requantize_to_nchw(acc, rq, y, rows, 1, v.out, 1, path);
+        });
+      } else {
+        const rt::PackedConv pc = rt::pack_conv_weights(w, 8, v.c, v.hw, v.hw, v.out, v.k, v.stride, v.padding, path);
+        std::vector<int16_t> planes(rt::conv_planes_size(1, pc));
+        rt::conv_planes(x, 3, pc, planes, 1);
+        seconds = best_seconds(2000, [&] { rt::qconv2d_rows_requantized(planes, 3, pc, b, rq, y, 0, rows); });
+      }
+      std::printf(" %10.2f", seconds * 1e6);
+    }
+    std::printf("\n");
+  }
+}
+
 // Images per second of whole integer graphs shaped like the canonical models (random weights).
 void bench_models(int threads) {
   uint64_t state = 7;
@@ -462,6 +521,7 @@ int main(int argc, char** argv) {
     std::printf("\n");
   }
   bench_convs();
+  bench_requantized_convs();
   bench_models(threads);
   return 0;
 }
