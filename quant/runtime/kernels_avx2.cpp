@@ -693,12 +693,12 @@ static_assert(detail::conv_rows_vnni(1) <= kConvMaxRows && kConvRowBlock % detai
 static_assert(detail::conv_rows_avxvnni(8) <= kConvMaxRows && kConvRowBlock % detail::conv_rows_avxvnni(8) == 0 &&
               kConvRowBlock % detail::conv_rows_avxvnni(16) == 0);
 
-// The epilogue constants of one panel: offset b − z_eff·Σw per channel (wrapping), which of the two halves of 8
-// channels exist, and their requantization constants.
+// The epilogue constants of one panel for conv_block (Avx2, AvxVnni): offset b − z_eff·Σw per channel (wrapping), which
+// of the two halves of 8 channels exist, and their requantization constants.
 struct PanelEpilogue {
   alignas(32) int32_t offset[kPanel];
   int64_t channels, count0, count1;  // channels of the panel, and in each half
-  Requant8 rq0, rq1;                 // not on the AVX-512 paths: conv_block_vnni512 makes its own
+  Requant8 rq0, rq1;
 };
 
 PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Requant* rq, int32_t z_eff, int64_t p,
@@ -713,7 +713,7 @@ PanelEpilogue panel_epilogue(const PackedWeights& w, const int32_t* b, const Req
   e.count1 = e.channels - e.count0;
   const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count0)), lane);
   const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e.count1)), lane);
-  if (rq && !detail::uses_avx512(w.path)) {
+  if (rq) {
     e.rq0 = requant8_constants(rq->multiplier.data() + p * panel, rq->shift.data() + p * panel, mask0);
     if (e.count1 > 0)
       e.rq1 = requant8_constants(rq->multiplier.data() + p * panel + 8, rq->shift.data() + p * panel + 8, mask1);
@@ -730,10 +730,12 @@ std::vector<PanelEpilogue> panel_epilogues(const PackedConv& pc, const int32_t* 
   return ep;
 }
 
-// The channel offsets of every panel, one after another: (PANELS, PANEL) int32, as conv_block_vnni512 reads them.
-std::vector<int32_t> channel_offsets(const std::vector<PanelEpilogue>& ep, int64_t panel) {
-  std::vector<int32_t> offsets(ep.size() * static_cast<size_t>(panel));
-  for (size_t p = 0; p < ep.size(); ++p) std::copy_n(ep[p].offset, panel, offsets.begin() + p * panel);
+// The channel offsets b − z_eff·Σw of every panel, one after another: (PANELS, PANEL) int32, 0 past OUT, as
+// conv_block_vnni512 and conv_pool_vnni512 read them.
+std::vector<int32_t> channel_offsets(const PackedConv& pc, const int32_t* b, int32_t z_eff) {
+  const PackedWeights& w = pc.weights;
+  std::vector<int32_t> offsets(static_cast<size_t>(ceil_div(w.out, pc.panel_channels) * pc.panel_channels), 0);
+  for (int64_t o = 0; o < w.out; ++o) offsets[o] = detail::channel_offset(b[o], z_eff, w.row_sums[o]);
   return offsets;
 }
 
@@ -801,9 +803,10 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
   const int64_t c = pc.channels, k = pc.kernel, stride = pc.stride, padding = pc.padding, out = pc.weights.out;
   const int64_t height = pc.height, width = pc.width, hp = height + 2 * padding, wp = width + 2 * padding;
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
-  const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, rq, z_eff);
+  // The epilogue constants: for conv_block_vnni512 only the offsets (it makes its own requantization constants).
   const bool vnni512 = sizeof(T) == 1 && detail::uses_avx512(pc.weights.path);
-  const std::vector<int32_t> offsets_vnni = vnni512 ? channel_offsets(ep, pc.panel_channels) : std::vector<int32_t>{};
+  const std::vector<PanelEpilogue> ep = vnni512 ? std::vector<PanelEpilogue>{} : panel_epilogues(pc, b, rq, z_eff);
+  const std::vector<int32_t> offsets_vnni = vnni512 ? channel_offsets(pc, b, z_eff) : std::vector<int32_t>{};
   int64_t i = first / (ho * wo), oh = first / wo % ho, ow = first % wo;  // stepped below: no division per row
   const auto row_start = [&] { return planes + ((i * hp + oh * stride) * wp) * c; };  // window (i, oh, 0)
   const T* next = row_start() + ow * stride * c;  // the window of row `start`, then one step of stride·C each
@@ -847,9 +850,9 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
   const int64_t hp = pc.height + 2 * padding, wp = pc.width + 2 * padding;
   const int64_t ho = pooled_size(pc.height, k, stride, padding), wo = pooled_size(pc.width, k, stride, padding);
   const int64_t pooled_rows = ho / 2;
-  const std::vector<PanelEpilogue> ep = panel_epilogues(pc, b, nullptr, z_eff);
   const bool vnni512 = sizeof(T) == 1 && detail::uses_avx512(pc.weights.path);
-  const std::vector<int32_t> offsets_vnni = vnni512 ? channel_offsets(ep, pc.panel_channels) : std::vector<int32_t>{};
+  const std::vector<PanelEpilogue> ep = vnni512 ? std::vector<PanelEpilogue>{} : panel_epilogues(pc, b, nullptr, z_eff);
+  const std::vector<int32_t> offsets_vnni = vnni512 ? channel_offsets(pc, b, z_eff) : std::vector<int32_t>{};
   if constexpr (sizeof(T) == 1) {
     if (vnni512 && pc.panel_channels == 16) {
       // The pool in the micro-kernel: the four windows of each pooled output of a pooled row, in turn.
