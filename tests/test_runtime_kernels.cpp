@@ -188,11 +188,10 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       {2, 32, 7, 7, 48, 1, 2, 0},
       {3, 32, 2, 1, 5, 1, 1, 0},
       {1, 16, 3, 3, 17, 3, 1, 1},
-      {1, 2, 4, 50, 3, 3, 1, 1},
-      {2, 8, 5, 5, 96, 3, 1, 1},
-      {1, 3, 6, 6, 48, 3, 1, 1},    // 4 + 2 panels, 3 panels
-      {1, 3, 4, 48, 20, 3, 1, 1}};  // the widest rows a fused max pool takes  // two output rows of 50 are more than a
-                                    // block: no fused max pool
+      {1, 2, 4, 50, 3, 3, 1, 1},    // two output rows of 50 are more than a block: no fused max pool
+      {2, 8, 5, 5, 96, 3, 1, 1},    // 4 + 2 panels
+      {1, 3, 6, 6, 48, 3, 1, 1},    // 3 panels
+      {1, 3, 4, 48, 20, 3, 1, 1}};  // the widest rows a fused max pool takes
   lowbit::Rng rng(5);
   for (const ConvShape& s : shapes) {
     for (const int bits : {8, 4}) {
