@@ -674,7 +674,10 @@ void depthwise_backward(const ConvGeometry& g, const float* xp, const float* w, 
 }
 }  // namespace
 
-Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding, int64_t groups) {
+namespace {
+// The checks of conv2d's arguments; returns the geometry (OH, OW set).
+ConvGeometry conv_geometry(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding,
+                           int64_t groups) {
   check_rank(x, 4, "conv2d", "input");
   check_rank(w, 4, "conv2d", "weight");
   if (groups < 1 || x.size(1) % groups != 0 || w.size(0) % groups != 0)
@@ -691,10 +694,16 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
     fail("conv2d: kernel {} is larger than the padded input {}", g.k, shape_str(x.shape()));
   g.oh = (g.h + 2 * padding - g.k) / stride + 1;
   g.ow = (g.w + 2 * padding - g.k) / stride + 1;
+  return g;
+}
+
+// conv2d's forward, y (N, OUT, OH, OW) = the convolution + b, image by image; then finish(n, y[n]) on each
+// image's output while it is still in cache (conv2d_batch_norm normalises it there).
+template <typename Finish>
+void conv2d_forward(const ConvGeometry& g, const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y,
+                    Finish finish) {
   const int64_t x_group = g.group_c() * g.h * g.w, y_group = g.group_out() * g.cols(),
                 w_group = g.group_out() * g.rows();
-
-  Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
   // Stride 1, K > 1, one group: straight from the padded planes where the CPU has AVX-512 (core/conv_direct.h).
   const detail::DirectConvShape direct{g.c, g.h, g.w, g.out, g.k, g.padding};
   const bool use_direct = g.groups == 1 && g.stride == 1 && g.k > 1 && detail::direct_conv_pays(direct);
@@ -710,6 +719,7 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
       if (use_direct) {
         detail::conv_direct(x.data() + n * g.c * g.h * g.w, packed, b.defined() ? b.data() : nullptr, yn, direct,
                             scratch.data());
+        finish(yn);
         continue;
       }
       if (b.defined() || g.depthwise())  // y[n] = b (or 0), then y[n] += w cols
@@ -732,8 +742,16 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride,
         sgemm(false, false, g.group_out(), g.cols(), g.rows(), w.data() + gi * w_group, g.rows(), cols, g.cols(),
               yn + gi * y_group, g.cols(), b.defined() ? 1.f : 0.f);
       }
+      finish(yn);
     }
   });
+}
+}  // namespace
+
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding, int64_t groups) {
+  const ConvGeometry g = conv_geometry(x, w, b, stride, padding, groups);
+  Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
+  conv2d_forward(g, x, w, b, y, [](float*) {});
 
   return record(
       y, "conv2d", {x, w, b},
@@ -1049,15 +1067,40 @@ Tensor global_avg_pool2d(const Tensor& x) {
 // whose batch norms are followed by ReLUs, ReLU was about 8% of a training step).
 
 namespace {
+// One channel's statistics and affine parameters.
+struct ChannelNorm {
+  float mean, inv_std, gamma, beta;
+};
+
+// 1 / sqrt(var + eps) of a running variance (eval mode).
+float running_inv_std(float var, float eps) { return static_cast<float>(1.0 / std::sqrt(double{var} + eps)); }
+
+// One plane of the forward, y = gamma * ((x - mean) * inv_std) + beta, then max(y, 0) if relu; in place when
+// y == x. batch_norm(_relu) and conv2d_batch_norm both run it, so they give the same bits.
+void normalize_plane(const float* x, float* y, int64_t hw, ChannelNorm c, bool relu) {
+  if (relu)
+    for (int64_t j = 0; j < hw; ++j) {
+      const float v = c.gamma * ((x[j] - c.mean) * c.inv_std) + c.beta;
+      y[j] = v > 0.f ? v : 0.f;
+    }
+  else
+    for (int64_t j = 0; j < hw; ++j) y[j] = c.gamma * ((x[j] - c.mean) * c.inv_std) + c.beta;
+}
+
+// The checks of batch norm's parameters against an input of `c` channels.
+void check_norm_parameters(std::initializer_list<const Tensor*> parameters, int64_t c, const Tensor& x) {
+  for (const Tensor* t : parameters)
+    if (t->dim() != 1 || t->size(0) != c)
+      fail("batch_norm: parameter of shape {} does not fit input {} (expected ({},))", shape_str(t->shape()),
+           shape_str(x.shape()), c);
+}
+
 Tensor batch_norm_maybe_relu(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
                              Tensor& running_var, bool training, float momentum, float eps, bool relu) {
   if (x.dim() != 2 && x.dim() != 4)
     fail("batch_norm: input must be (N, C) or (N, C, H, W), got {}", shape_str(x.shape()));
   const int64_t n = x.size(0), c = x.size(1), hw = x.dim() == 4 ? x.size(2) * x.size(3) : 1;
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&gamma, &beta, &running_mean, &running_var})
-    if (t->dim() != 1 || t->size(0) != c)
-      fail("batch_norm: parameter of shape {} does not fit input {} (expected ({},))", shape_str(t->shape()),
-           shape_str(x.shape()), c);
+  check_norm_parameters({&gamma, &beta, &running_mean, &running_var}, c, x);
   const int64_t m = n * hw;
   if (training && m < 2)
     fail("batch_norm: training needs more than one value per channel, got input {}", shape_str(x.shape()));
@@ -1089,23 +1132,14 @@ Tensor batch_norm_maybe_relu(const Tensor& x, const Tensor& gamma, const Tensor&
     } else {
       for (int64_t ch = c0; ch < c1; ++ch) {
         mu[ch] = running_mean.data()[ch];
-        inv_std[ch] = static_cast<float>(1.0 / std::sqrt(double{running_var.data()[ch]} + eps));
+        inv_std[ch] = running_inv_std(running_var.data()[ch], eps);
       }
     }
     // xhat = (x - mu) * inv_std is not kept: the backward recomputes it from x, the same float operations.
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        const float m_c = mu[ch], s_c = inv_std[ch], g_c = gamma.data()[ch], b_c = beta.data()[ch];
-        const float* __restrict src = x.data() + at(i, ch);
-        float* __restrict dst = y.data() + at(i, ch);
-        if (relu)
-          for (int64_t j = 0; j < hw; ++j) {
-            const float v = g_c * ((src[j] - m_c) * s_c) + b_c;
-            dst[j] = v > 0.f ? v : 0.f;
-          }
-        else
-          for (int64_t j = 0; j < hw; ++j) dst[j] = g_c * ((src[j] - m_c) * s_c) + b_c;
-      }
+      for (int64_t ch = c0; ch < c1; ++ch)
+        normalize_plane(x.data() + at(i, ch), y.data() + at(i, ch), hw,
+                        {mu[ch], inv_std[ch], gamma.data()[ch], beta.data()[ch]}, relu);
   });
 
   return record(y, relu ? "batch_norm_relu" : "batch_norm", {x, gamma, beta},
@@ -1173,6 +1207,26 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
 Tensor batch_norm_relu(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
                        Tensor& running_var, bool training, float momentum, float eps) {
   return batch_norm_maybe_relu(x, gamma, beta, running_mean, running_var, training, momentum, eps, true);
+}
+
+Tensor conv2d_batch_norm(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding,
+                         int64_t groups, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                         const Tensor& running_var, float eps, bool relu) {
+  if (grad_enabled())
+    for (const Tensor* t : {&x, &w, &b, &gamma, &beta})
+      if (t->defined() && t->requires_grad())
+        fail("conv2d_batch_norm: computes no gradient, but an input requires one (run it under NoGradGuard)");
+  const ConvGeometry g = conv_geometry(x, w, b, stride, padding, groups);
+  Tensor y = Tensor::empty({g.n, g.out, g.oh, g.ow});
+  check_norm_parameters({&gamma, &beta, &running_mean, &running_var}, g.out, y);
+  std::vector<ChannelNorm> norms;
+  for (int64_t o = 0; o < g.out; ++o)
+    norms.push_back(
+        {running_mean.data()[o], running_inv_std(running_var.data()[o], eps), gamma.data()[o], beta.data()[o]});
+  conv2d_forward(g, x, w, b, y, [&](float* yn) {
+    for (int64_t o = 0; o < g.out; ++o) normalize_plane(yn + o * g.cols(), yn + o * g.cols(), g.cols(), norms[o], relu);
+  });
+  return y;
 }
 
 // =============================================================================================

@@ -13,7 +13,8 @@
 //                                  stride 1 with AVX-512 from zero-padded planes (core/conv_direct.h)
 //   9. max_pool2d, avg_pool2d,     square window, stride, zero padding (never the max; counted in the average);
 //      global_avg_pool2d           the mean of each plane, (N, C, H, W) -> (N, C, 1, 1)
-//  10. batch_norm(_relu)           per channel (dim 1); batch statistics in training, running ones in eval
+//  10. batch_norm(_relu)           per channel (dim 1); batch statistics in training, running ones in eval;
+//      conv2d_batch_norm           conv2d + eval batch norm (+ ReLU) as one pass, for inference
 //  11. dropout                     seeded; identity in eval
 //  12. log_softmax                 along the last axis of a 2-D tensor
 //  13. cross_entropy               fused log-softmax + negative log-likelihood, mean over the batch
@@ -80,6 +81,13 @@ Tensor batch_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tens
 // (nn::run_nodes runs a BatchNorm2d whose output only a ReLU reads with it).
 Tensor batch_norm_relu(const Tensor& x, const Tensor& gamma, const Tensor& beta, Tensor& running_mean,
                        Tensor& running_var, bool training, float momentum = 0.1f, float eps = 1e-5f);
+// Inference only (it records no gradient): batch_norm(_relu)(conv2d(x, w, b, ...), ..., training = false), with
+// each image's batch norm done while its conv output is in cache: the same float operations as the two ops, so
+// the same bits, and one pass over the activations less (nn::run_nodes runs an eval-mode Conv2d -> BatchNorm2d
+// (-> ReLU) with it when no gradient is wanted).
+Tensor conv2d_batch_norm(const Tensor& x, const Tensor& w, const Tensor& b, int64_t stride, int64_t padding,
+                         int64_t groups, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                         const Tensor& running_var, float eps, bool relu);
 // 11. Zeroes each value with probability p and scales the rest by 1 / (1 - p).
 Tensor dropout(const Tensor& x, float p, bool training, Rng& rng = global_rng());
 // 12. x is (N, OUT).

@@ -90,23 +90,48 @@ class Model : public Module {
   std::vector<Node> nodes;
 };
 
-// True when node i is a BatchNorm2d whose output only the ReLU right after it reads: run_nodes then runs the two
-// as one op (ops::batch_norm_relu: the same values and gradients, one pass over the activations less each way).
-// Exact types only: a subclass (a QAT layer, say) may do more than its base.
-template <typename GraphNode>
-bool batch_norm_feeds_relu(const std::vector<GraphNode>& nodes, size_t i) {
+// True when node i + 1 of type Next reads node i's output, which no other node reads. Exact types only: a
+// subclass (a QAT layer, say) may do more than its base.
+template <typename Next, typename GraphNode>
+bool only_next_reads(const std::vector<GraphNode>& nodes, size_t i) {
   if (i + 1 >= nodes.size() || nodes[i].last_reader != static_cast<int>(i + 1)) return false;
   const GraphNode& next = nodes[i + 1];
-  const Module &bn = *nodes[i].module, &relu = *next.module;
-  return next.inputs.size() == 1 && next.inputs[0] == static_cast<int>(i) && typeid(bn) == typeid(BatchNorm2d) &&
-         typeid(relu) == typeid(ReLU);
+  const Module& module = *next.module;
+  return next.inputs.size() == 1 && next.inputs[0] == static_cast<int>(i) && typeid(module) == typeid(Next);
+}
+
+// How many nodes from node i run_nodes runs as one op, and which:
+//  - a BatchNorm2d whose output only the ReLU right after it reads: 2, ops::batch_norm_relu (the same values and
+//    gradients, one pass over the activations less each way);
+//  - with no gradient wanted, an eval-mode Conv2d whose output only the BatchNorm2d right after it reads: 2, or
+//    3 with such a ReLU after that, ops::conv2d_batch_norm (the same values, one pass or two less);
+//  - otherwise 1.
+template <typename GraphNode>
+size_t fused_nodes(const std::vector<GraphNode>& nodes, size_t i) {
+  const Module& module = *nodes[i].module;
+  if (typeid(module) == typeid(BatchNorm2d)) return only_next_reads<ReLU>(nodes, i) ? 2 : 1;
+  if (typeid(module) != typeid(Conv2d) || grad_enabled() || !only_next_reads<BatchNorm2d>(nodes, i) ||
+      nodes[i + 1].module->is_training())
+    return 1;
+  return only_next_reads<ReLU>(nodes, i + 1) ? 3 : 2;
+}
+
+// Node i and the `count` - 1 after it (fused_nodes) as one op on its input x.
+template <typename GraphNode>
+Tensor run_fused(const std::vector<GraphNode>& nodes, size_t i, size_t count, const Tensor& x) {
+  Module& first = *nodes[i].module;
+  if (typeid(first) == typeid(BatchNorm2d)) return static_cast<BatchNorm2d&>(first).forward_relu(x);
+  const auto& conv = static_cast<const Conv2d&>(first);
+  const auto& bn = static_cast<const BatchNorm2d&>(static_cast<const Module&>(*nodes[i + 1].module));
+  return ops::conv2d_batch_norm(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.groups, bn.weight, bn.bias,
+                                bn.running_mean, bn.running_var, bn.eps, count == 3);
 }
 
 // Runs graph nodes in order on the input x: node i gets the outputs of nodes[i].inputs (−1 is x). With keep_all
 // false each output is freed after its last reader (Node::last_reader) and only the last node's output is kept,
-// and a batch norm followed by a ReLU runs as one op (batch_norm_feeds_relu; the batch norm's output is then
-// never formed); with keep_all true every node runs alone and every output is returned (for reports). Model and
-// the prepared QatModel both run through this.
+// and the runs of fused_nodes go as one op (the outputs inside a run are then never formed); with keep_all true
+// every node runs alone and every output is returned (for reports). Model and the prepared QatModel both run
+// through this.
 template <typename GraphNode>
 std::vector<Tensor> run_nodes(const std::vector<GraphNode>& nodes, const Tensor& x, bool keep_all) {
   std::vector<Tensor> outputs(nodes.size());
@@ -114,16 +139,16 @@ std::vector<Tensor> run_nodes(const std::vector<GraphNode>& nodes, const Tensor&
   for (size_t i = 0; i < nodes.size(); ++i) {
     in.clear();
     for (int j : nodes[i].inputs) in.push_back(j < 0 ? x : outputs[static_cast<size_t>(j)]);
-    const bool fused = !keep_all && batch_norm_feeds_relu(nodes, i);
-    if (fused)
-      outputs[i + 1] = static_cast<BatchNorm2d&>(static_cast<Module&>(*nodes[i].module)).forward_relu(in[0]);
+    const size_t count = keep_all ? 1 : fused_nodes(nodes, i);
+    if (count > 1)
+      outputs[i + count - 1] = run_fused(nodes, i, count, in[0]);
     else
       outputs[i] = nodes[i].module->forward_inputs(in);
     if (keep_all) continue;
     for (int j : nodes[i].inputs)  // free what no later node reads
       if (j >= 0 && nodes[static_cast<size_t>(j)].last_reader == static_cast<int>(i))
         outputs[static_cast<size_t>(j)] = Tensor();
-    if (fused) ++i;  // the ReLU has run
+    i += count - 1;  // the fused nodes have run
   }
   return outputs;
 }

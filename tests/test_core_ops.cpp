@@ -296,6 +296,58 @@ TEST_CASE("gradcheck 10b: batch_norm_relu, training and eval, (N, C) and (N, C, 
   }
 }
 
+TEST_CASE("conv2d_batch_norm is batch_norm(conv2d) in eval mode bit for bit, on every way conv2d runs") {
+  struct Case {
+    const char* name;
+    Shape x, w;
+    int64_t stride, padding, groups;
+  };
+  // Planes whose sizes are no multiple of 16 lanes; each conv2d path once (the direct one needs AVX-512).
+  const Case cases[] = {{"3 x 3 stride 1 (direct with AVX-512)", {3, 4, 9, 11}, {6, 4, 3, 3}, 1, 1, 1},
+                        {"3 x 3 stride 2 (im2col + sgemm)", {3, 4, 9, 11}, {6, 4, 3, 3}, 2, 1, 1},
+                        {"1 x 1 (the input is the columns)", {3, 4, 5, 7}, {6, 4, 1, 1}, 1, 0, 1},
+                        {"one input channel (im2col: too few taps for direct)", {3, 1, 9, 9}, {5, 1, 3, 3}, 1, 1, 1},
+                        {"depthwise", {3, 6, 9, 11}, {6, 1, 3, 3}, 1, 1, 6},
+                        {"grouped", {3, 4, 7, 7}, {6, 2, 3, 3}, 1, 1, 2}};
+  lowbit::NoGradGuard no_grad;
+  for (const Case& c : cases)
+    for (bool bias : {false, true})
+      for (bool relu : {false, true}) {
+        INFO(c.name, ", bias ", bias, ", relu ", relu);
+        const int64_t out = c.w[0];
+        const Tensor x = randn(c.x, 130), w = randn(c.w, 131), b = bias ? randn({out}, 132) : Tensor();
+        const Tensor gamma = uniform({out}, 0.5f, 2.f, 133), beta = randn({out}, 134);
+        Tensor rm = randn({out}, 135), rv = uniform({out}, 0.5f, 2.f, 136);
+        const Tensor conv = ops::conv2d(x, w, b, c.stride, c.padding, c.groups);
+        const Tensor two = relu ? ops::batch_norm_relu(conv, gamma, beta, rm, rv, false)
+                                : ops::batch_norm(conv, gamma, beta, rm, rv, false);
+        const Tensor one =
+            ops::conv2d_batch_norm(x, w, b, c.stride, c.padding, c.groups, gamma, beta, rm, rv, 1e-5f, relu);
+        REQUIRE(one.shape() == two.shape());
+        CHECK(std::memcmp(one.data(), two.data(), static_cast<size_t>(one.numel()) * sizeof(float)) == 0);
+      }
+}
+
+TEST_CASE("conv2d_batch_norm refuses wrong parameters, and inputs that want a gradient") {
+  const Tensor x = randn({2, 4, 5, 5}, 140), w = randn({6, 4, 3, 3}, 141), ones = Tensor::ones({6});
+  const Tensor short_gamma = Tensor::ones({5});
+  {
+    lowbit::NoGradGuard no_grad;
+    CHECK_THROWS_AS(ops::conv2d_batch_norm(x, w, Tensor(), 1, 1, 1, short_gamma, ones, ones, ones, 1e-5f, false),
+                    lowbit::Error);
+    CHECK_THROWS_AS(
+        ops::conv2d_batch_norm(x, randn({6, 3, 3, 3}, 142), Tensor(), 1, 1, 1, ones, ones, ones, ones, 1e-5f, false),
+        lowbit::Error);
+  }
+  Tensor wg = w.clone();
+  wg.set_requires_grad(true);
+  CHECK_THROWS_WITH_AS(ops::conv2d_batch_norm(x, wg, Tensor(), 1, 1, 1, ones, ones, ones, ones, 1e-5f, true),
+                       doctest::Contains("NoGradGuard"), lowbit::Error);
+  lowbit::NoGradGuard no_grad;  // the same call without a gradient to compute runs
+  CHECK(ops::conv2d_batch_norm(x, wg, Tensor(), 1, 1, 1, ones, ones, ones, ones, 1e-5f, true).shape() ==
+        Shape{2, 6, 5, 5});
+}
+
 TEST_CASE("batch_norm_relu is relu(batch_norm) bit for bit: values, gradients and running statistics") {
   // Planes of 35 values (not a multiple of the 16 lanes), values around 0 so both sides of the kink occur.
   for (const Shape& x_shape : {Shape{8, 5}, Shape{3, 4, 5, 7}}) {

@@ -264,6 +264,48 @@ std::vector<std::string> op_names(const Tensor& y) {
 }
 }  // namespace
 
+TEST_CASE("without gradients, an eval-mode conv and the batch norm (and ReLU) after it run as one op, same bits") {
+  // conv1 -> bn1 -> relu1 fuses into one op; conv2 -> bn2 without the ReLU (relu2 is not bn2's only reader);
+  // conv3's output has two readers: nothing fuses there. conv1 runs direct with AVX-512 (18 taps), conv2 through
+  // im2col.
+  const std::string text = text_of(R"([
+    {"name": "conv1", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1, "bias": false},
+    {"name": "bn1", "kind": "BatchNorm2d"},
+    {"name": "relu1", "kind": "ReLU"},
+    {"name": "conv2", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "stride": 2, "padding": 1},
+    {"name": "bn2", "kind": "BatchNorm2d"},
+    {"name": "relu2", "kind": "ReLU"},
+    {"name": "add", "kind": "Add", "inputs": ["relu2", "bn2"]},
+    {"name": "conv3", "kind": "Conv2d", "out_channels": 4, "kernel": 1},
+    {"name": "bn3", "kind": "BatchNorm2d"},
+    {"name": "add3", "kind": "Add", "inputs": ["bn3", "conv3"]},
+    {"name": "pool", "kind": "GlobalAvgPool2d"},
+    {"name": "flat", "kind": "Flatten"},
+    {"name": "fc", "kind": "Linear", "out_features": "classes"}])",
+                                   R"("input": {"channels": 2, "height": 9, "width": 9}, "classes": 3)");
+  auto model = nn::build_model(nn::parse_description(text, "t.json"));
+  model->train();
+  {
+    NoGradGuard no_grad;
+    for (int step = 0; step < 3; ++step) model->forward(Tensor::randn({6, 2, 9, 9}));  // running statistics
+  }
+  const auto fused_runs = [&] {  // nodes run as one op from each node on
+    std::vector<size_t> runs;
+    for (size_t i = 0; i < model->nodes.size(); ++i) runs.push_back(nn::fused_nodes(model->nodes, i));
+    return runs;
+  };
+  // In training, or with gradients, only batch norm + ReLU fuses (the previous test).
+  CHECK(fused_runs() == std::vector<size_t>{1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+  model->eval();
+  CHECK(fused_runs() == std::vector<size_t>{1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+  NoGradGuard no_grad;
+  CHECK(fused_runs() == std::vector<size_t>{3, 2, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+  const Tensor x = Tensor::randn({5, 2, 9, 9});
+  const Tensor fused = model->forward(x), alone = nn::run_nodes(model->nodes, x, true).back();
+  REQUIRE(fused.shape() == alone.shape());
+  CHECK(std::memcmp(fused.data(), alone.data(), static_cast<size_t>(fused.numel()) * sizeof(float)) == 0);
+}
+
 TEST_CASE("a batch norm that only a ReLU reads runs fused with it, with the values and gradients of the two") {
   // bn1 -> relu1 fuses; bn2 is read by relu2 and by the Add (two readers), bn3 by a ReLU6: neither fuses.
   const std::string text = text_of(R"([
