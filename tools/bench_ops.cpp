@@ -70,6 +70,20 @@ std::vector<Case> cases() {
       {"convbn relu 64x14x14", {{64, 64, 14, 14}}, {true}, relu},
       {"convbn batchnorm+relu 64x14x14", {{64, 64, 14, 14}, {64}, {64}}, {true, true, true}, batch_norm_relu},
       {"convbn linear 3136 -> 128", {{64, 3136}, {128, 3136}, {128}}, {true, true, true}, linear},
+      {"resnet8 conv 16x28x28 -> 16, 3x3 pad 1", {{64, 16, 28, 28}, {16, 16, 3, 3}}, {true, true}, conv(1, 1, false)},
+      {"resnet8 conv 16x28x28 -> 32, 3x3 s2 pad 1",
+       {{64, 16, 28, 28}, {32, 16, 3, 3}},
+       {true, true},
+       conv(2, 1, false)},
+      {"resnet8 conv 16x28x28 -> 32, 1x1 s2",
+       {{64, 16, 28, 28}, {32, 16, 1, 1}, {32}},
+       {true, true, true},
+       conv(2, 0, true)},
+      {"resnet8 conv 32x14x14 -> 64, 3x3 s2 pad 1",
+       {{64, 32, 14, 14}, {64, 32, 3, 3}},
+       {true, true},
+       conv(2, 1, false)},
+      {"resnet8 conv 64x7x7 -> 64, 3x3 pad 1", {{64, 64, 7, 7}, {64, 64, 3, 3}}, {true, true}, conv(1, 1, false)},
   };
 }
 
