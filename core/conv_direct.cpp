@@ -123,13 +123,21 @@ int64_t plane_size(const DirectConvShape& s) { return s.padded_height() * s.padd
 // The last vector of the last output row reads up to K − 1 + 15 floats past the last plane.
 int64_t planes_size(const DirectConvShape& s) { return s.c * plane_size(s) + s.k + kLanes; }
 
-// x (C, H, W) into C zero-padded planes and zero slack: planes_size(s) floats at xp.
-void pad_planes(const float* x, const DirectConvShape& s, float* xp) {
+// x (C, H, W) into C zero-padded planes and zero slack: planes_size(s) floats at xp. Row by row in vectors (a
+// library copy per row of 7 to 28 floats was 3% of resnet8's fp32 inference).
+LOWBIT_AVX512F void pad_planes(const float* x, const DirectConvShape& s, float* xp) {
   const int64_t width = s.padded_width(), plane = plane_size(s);
   std::fill_n(xp, planes_size(s), 0.f);
   for (int64_t ci = 0; ci < s.c; ++ci)
-    for (int64_t iy = 0; iy < s.h; ++iy)
-      std::copy_n(x + (ci * s.h + iy) * s.w, s.w, xp + ci * plane + (iy + s.padding) * width + s.padding);
+    for (int64_t iy = 0; iy < s.h; ++iy) {
+      const float* src = x + (ci * s.h + iy) * s.w;
+      float* dst = xp + ci * plane + (iy + s.padding) * width + s.padding;
+      for (int64_t j = 0; j < s.w; j += kLanes) {
+        const int64_t left = s.w - j;
+        const auto mask = static_cast<__mmask16>(left >= kLanes ? 0xFFFF : (1u << left) - 1);
+        _mm512_mask_storeu_ps(dst + j, mask, _mm512_maskz_loadu_ps(mask, src + j));
+      }
+    }
 }
 
 // dw_t's shape: (rows, OUTP), rows = C·K kernel rows rounded up to a multiple of 8 (every R), times K.

@@ -544,14 +544,6 @@ std::pair<int64_t, int64_t> inside_columns(const ConvGeometry& g, int64_t kj) {
   return {std::min(lo, hi), hi};
 }
 
-// Depthwise works on one channel of one image at a time, with its zero padding written out:
-// xp is (H + 2 * padding, W + 2 * padding), so the loops need no bounds and vectorise along ox.
-void pad_plane(const ConvGeometry& g, const float* x, float* xp) {
-  const int64_t wp = g.w + 2 * g.padding;
-  std::fill_n(xp, (g.h + 2 * g.padding) * wp, 0.f);
-  for (int64_t iy = 0; iy < g.h; ++iy) std::copy_n(x + iy * g.w, g.w, xp + (iy + g.padding) * wp + g.padding);
-}
-
 // GCC turns a copy loop into a call to memmove, which costs more than the copy for runs of 7 to 28
 // floats as im2col's are; this keeps the loop (vectorised) for the function it marks.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -559,6 +551,18 @@ void pad_plane(const ConvGeometry& g, const float* x, float* xp) {
 #else
 #define LOWBIT_NO_LIBRARY_COPIES
 #endif
+
+// Depthwise works on one channel of one image at a time, with its zero padding written out:
+// xp is (H + 2 * padding, W + 2 * padding), so the loops need no bounds and vectorise along ox.
+LOWBIT_NO_LIBRARY_COPIES void pad_plane(const ConvGeometry& g, const float* x, float* xp) {
+  const int64_t wp = g.w + 2 * g.padding;
+  std::fill_n(xp, (g.h + 2 * g.padding) * wp, 0.f);
+  for (int64_t iy = 0; iy < g.h; ++iy) {
+    const float* __restrict src = x + iy * g.w;
+    float* __restrict dst = xp + (iy + g.padding) * wp + g.padding;
+    for (int64_t ix = 0; ix < g.w; ++ix) dst[ix] = src[ix];
+  }
+}
 
 // Row (ci, ki, kj) of cols from the group's planes xp, zero-padded when padding > 0 (width wp): OH runs
 // of OW taps, `stride` apart. STRIDE is the stride when it is known at compile time (1 and 2: the
