@@ -288,7 +288,7 @@ void bench_convs() {
 
 // Microseconds per image of the graph models' convolutions at batch 1 as the executor runs them, requantized
 // (eq. 6; a folded ReLU, the usual layer): the implicit GEMM with its epilogue (qconv2d_rows_requantized) and
-// the depthwise convs (one pass on the AVX-512 paths, else accumulators then requantize_to_nchw). s8 weights,
+// the depthwise convs (qconv2d_depthwise_requantized, in one pass on every path). s8 weights,
 // one thread, best of 2000 calls; the padded images are built beforehand.
 void bench_requantized_convs() {
   struct Conv {
@@ -327,12 +327,7 @@ void bench_requantized_convs() {
       if (v.groups > 1) {
         const rt::ConvShape s{1, v.c, v.hw, v.hw, v.out, v.k, v.stride, v.padding, v.groups};
         const rt::GroupedConvWeights gw = rt::pack_grouped_conv(w, 8, s);
-        seconds = best_seconds(2000, [&] {
-          if (rt::depthwise_in_one_pass(s, path))
-            return rt::qconv2d_depthwise_requantized(x, 3, gw, b, rq, y, s, 1, path);
-          rt::qconv2d_grouped_nhwc(x, 3, gw, b, acc, s, 1, path);
-          rt::requantize_to_nchw(acc, rq, y, rows, 1, v.out, 1, path);
-        });
+        seconds = best_seconds(2000, [&] { rt::qconv2d_depthwise_requantized(x, 3, gw, b, rq, y, s, 1, path); });
       } else {
         const rt::PackedConv pc = rt::pack_conv_weights(w, 8, v.c, v.hw, v.hw, v.out, v.k, v.stride, v.padding, path);
         std::vector<int16_t> planes(rt::conv_planes_size(1, pc));

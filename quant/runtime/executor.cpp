@@ -231,10 +231,10 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
                                       path_);
         continue;
       }
-      // Grouped, and depthwise on the other paths: direct loops to (ROWS, OUT) accumulators, requantized below.
+      // Grouped: direct loops to (ROWS, OUT) accumulators, requantized below.
       if (fast_) {
         qconv2d_grouped_nhwc(xs, op.input_zero_point, grouped_[op_index], op.bias, acc, conv_shape(op_index, images),
-                             threads, path_);
+                             threads);
       } else {
         qconv2d_grouped_ref(xs, op.input_zero_point, op.weight, op.weight_bits, op.bias, acc,
                             conv_shape(op_index, images), threads);

@@ -228,15 +228,15 @@ struct GroupedConvWeights {
 };
 GroupedConvWeights pack_grouped_conv(std::span<const int8_t> w, int weight_bits, const ConvShape& s);
 
-// The same accumulators from channels-last x (N, H, W, C). Depthwise layers (C/G = OUT/G = 1) run 8 channels
-// at a time with AVX2 on every path but Ref.
+// The same accumulators from channels-last x (N, H, W, C), plain loops (the executor runs grouped convs that are
+// not depthwise with it, and depthwise ones on the Ref path).
 void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,
-                          std::span<const int32_t> b, std::span<int32_t> acc, const ConvShape& s, int threads = 1,
-                          KernelPath path = kernel_path());
+                          std::span<const int32_t> b, std::span<int32_t> acc, const ConvShape& s, int threads = 1);
 
 // A depthwise Conv2d (C = OUT = groups) straight to codes: qconv2d_grouped_nhwc's accumulators requantized
-// (eq. 6), y (N, HO, WO, C), in one pass with AVX-512, each sum in a register over the K² taps. Only where
-// depthwise_in_one_pass(s, path): the Vnni512 and Amx paths, K <= 7.
+// (eq. 6), y (N, HO, WO, C), in one pass, each sum in a register over the K² taps: with AVX-512 16 channels at a
+// time on the Vnni512 and Amx paths (K <= 7), with AVX2 8 at a time otherwise. Only where
+// depthwise_in_one_pass(s, path): every path but Ref that this CPU runs.
 bool depthwise_in_one_pass(const ConvShape& s, KernelPath path);
 void qconv2d_depthwise_requantized(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,
                                    std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y,

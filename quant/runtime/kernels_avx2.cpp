@@ -505,6 +505,94 @@ void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, i
   }
 }
 
+// The depthwise conv requantized in one pass (qconv2d_depthwise_requantized on the Avx2 and AvxVnni paths, and for
+// K > 7 on the AVX-512 ones): per output position, 8 channels at a time, each sum in a register.
+// - The taps go in pairs through vpmaddwd: the codes of two taps as int16, interleaved, times their two weights,
+//   summed in int32 (|x·w| <= 128·128: exact).
+// - z_in is folded into the bias, b − z_in·Σ_t w_t, and a tap in the padding reads a row of z_in codes, which
+//   gives back exactly what the fold took: every sum is b + Σ_t w_t·(x_t − z_in), eq. 5, in wrapping int32 adds
+//   (exact for a sum that fits, point 1 above).
+// - The requantization constants, the folded bias and the weight pairs of every block of 8 channels are made
+//   once per call and loaded per position.
+void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8_t* w, const int32_t* b,
+                               const Requant& rq, int8_t* y, const ConvShape& s, int threads) {
+  const int64_t c = s.channels, k = s.kernel, taps = k * k, pairs = (taps + 1) / 2, blocks = ceil_div(c, 8);
+  const int64_t ho = pooled_size(s.height, k, s.stride, s.padding), wo = pooled_size(s.width, k, s.stride, s.padding);
+  // Block j: weight pairs (PAIRS, 16) int16, lanes 2l and 2l + 1 = taps 2p and 2p + 1 of channel 8j + l (0 past
+  // the last tap and channel); its 8 folded biases; its Requant8 as 5 vectors.
+  std::vector<int16_t> pair_weights(static_cast<size_t>(blocks * pairs * 16), 0);
+  std::vector<int32_t> bias(static_cast<size_t>(blocks * 8), 0);
+  std::vector<int64_t> constants(static_cast<size_t>(blocks * 5 * 4));
+  for (int64_t o = 0; o < c; ++o) {
+    uint32_t folded = static_cast<uint32_t>(b[o]);
+    for (int64_t t = 0; t < taps; ++t) {
+      const int8_t wt = w[t * c + o];  // pack_grouped_conv's (K·K, OUT) codes
+      pair_weights[static_cast<size_t>(((o / 8) * pairs + t / 2) * 16 + (o % 8) * 2 + t % 2)] = wt;
+      folded -= static_cast<uint32_t>(x_zero_point) * static_cast<uint32_t>(static_cast<int32_t>(wt));
+    }
+    bias[static_cast<size_t>(o)] = static_cast<int32_t>(folded);
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t j = 0; j < blocks; ++j) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(min_i64(8, c - 8 * j))), lane);
+    const Requant8 r = requant8_constants(rq.multiplier.data() + 8 * j, rq.shift.data() + 8 * j, mask);
+    __m256i* out = reinterpret_cast<__m256i*>(constants.data() + j * 20);
+    for (const __m256i v : {r.m, r.shift_even, r.shift_odd, r.half_even, r.half_odd}) _mm256_storeu_si256(out++, v);
+  }
+  const std::vector<int8_t> padding_row(static_cast<size_t>(blocks * 8), static_cast<int8_t>(x_zero_point));
+  std::vector<int64_t> tap_offsets;  // tap (kh, kw) from tap (0, 0) of a window, in bytes
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw = 0; kw < k; ++kw) tap_offsets.push_back((kh * s.width + kw) * c);
+  const __m256i z = _mm256_set1_epi32(rq.zero_point), lo = _mm256_set1_epi32(rq.act_min);
+  const __m256i hi = _mm256_set1_epi32(rq.act_max);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t row = 0; row < s.n * ho; ++row) {  // output row (i, oh)
+    const int64_t i = row / ho, oh = row % ho;
+    // Each tap's pixel, or the padding row (also for the odd tap that completes the last pair).
+    std::vector<const int8_t*> tap(static_cast<size_t>(2 * pairs), padding_row.data());
+    const int64_t ih0 = oh * s.stride - s.padding;
+    const bool rows_inside = ih0 >= 0 && ih0 + k <= s.height;
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      const int64_t iw0 = ow * s.stride - s.padding;
+      if (rows_inside && iw0 >= 0 && iw0 + k <= s.width) {                      // the whole window in the image
+        const int8_t* window = x + ((i * s.height + ih0) * s.width + iw0) * c;  // its tap (0, 0)
+        for (int64_t t = 0; t < taps; ++t) tap[static_cast<size_t>(t)] = window + tap_offsets[static_cast<size_t>(t)];
+      } else {
+        for (int64_t kh = 0; kh < k; ++kh)
+          for (int64_t kw = 0; kw < k; ++kw) {
+            const int64_t ih = ih0 + kh, iw = iw0 + kw;
+            const bool inside = ih >= 0 && ih < s.height && iw >= 0 && iw < s.width;
+            tap[static_cast<size_t>(kh * k + kw)] =
+                inside ? x + ((i * s.height + ih) * s.width + iw) * c : padding_row.data();
+          }
+      }
+      int8_t* yp = y + ((i * ho + oh) * wo + ow) * c;
+      for (int64_t j = 0; j < blocks; ++j) {
+        const int64_t count = min_i64(8, c - 8 * j);
+        const auto load = [&](int64_t t) {  // the 8 codes of block j at tap t, as int16
+          const int8_t* p = tap[static_cast<size_t>(t)] + 8 * j;
+          if (count == 8 || p == padding_row.data() + 8 * j)
+            return _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+          int64_t codes = 0;  // the last block of a pixel: no read past its channels
+          std::memcpy(&codes, p, static_cast<size_t>(count));
+          return _mm_cvtepi8_epi16(_mm_cvtsi64_si128(codes));
+        };
+        const int16_t* wp = pair_weights.data() + j * pairs * 16;
+        __m256i acc = load8(bias.data() + 8 * j);
+        for (int64_t p = 0; p < pairs; ++p, wp += 16) {
+          const __m128i a = load(2 * p), bb = load(2 * p + 1);
+          const __m256i x2 = _mm256_set_m128i(_mm_unpackhi_epi16(a, bb), _mm_unpacklo_epi16(a, bb));
+          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))));
+        }
+        const __m256i* cv = reinterpret_cast<const __m256i*>(constants.data() + j * 20);
+        const Requant8 r{_mm256_loadu_si256(cv), _mm256_loadu_si256(cv + 1), _mm256_loadu_si256(cv + 2),
+                         _mm256_loadu_si256(cv + 3), _mm256_loadu_si256(cv + 4)};
+        store_codes8(requant8(acc, r, z, lo, hi), yp + 8 * j, count);
+      }
+    }
+  }
+}
+
 #pragma GCC pop_options
 // ---- end of the AVX2 region ----------------------------------------------------------------------------
 
@@ -913,18 +1001,6 @@ template void conv_rows_pooled(const uint8_t*, const PackedConv&, int32_t, const
                                int8_t*, int64_t, int64_t);
 
 #pragma GCC pop_options
-
-__attribute__((target("avx2"))) void depthwise_accumulate_avx2(const int8_t* pixel, const int8_t* taps, int32_t zero_point, int32_t* sum,
-                               int64_t count) {
-  const __m256i z = _mm256_set1_epi32(zero_point);
-  int64_t c = 0;
-  for (; c + 8 <= count; c += 8) {
-    const __m256i x = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pixel + c)));
-    const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(taps + c)));
-    store8(sum + c, _mm256_add_epi32(load8(sum + c), _mm256_mullo_epi32(w, _mm256_sub_epi32(x, z))));
-  }
-  for (; c < count; ++c) sum[c] += taps[c] * (pixel[c] - zero_point);
-}
 
 __attribute__((target("avx2"))) void add_requantize_avx2(const int8_t* a, const int8_t* b, int8_t* y, int64_t count,
                                                          const Rescale& r, const Requant& rq) {

@@ -1,8 +1,8 @@
 // The kernels of the graph ops: grouped and depthwise Conv2d, Add, Concat, GlobalAvgPool2d and Clamp.
 // Each has a reference form on (N, C, H, W) codes (the definition) and a channels-last form for the
-// executor's fast path, equal to it bit for bit. The depthwise inner loop runs 8 channels at a time with
-// AVX2 (kernels_avx2.cpp, depthwise_accumulate_avx2); on the AVX-512 paths the whole depthwise conv runs in
-// one pass, 16 channels at a time (kernels_avx512.cpp, depthwise_block), and the Add 16 codes per step.
+// executor's fast path, equal to it bit for bit. The depthwise conv runs in one pass, requantized: 16 channels
+// at a time on the AVX-512 paths (kernels_avx512.cpp, depthwise_block), 8 with AVX2 on the others
+// (kernels_avx2.cpp, depthwise_requantize_avx2); the Add 16 codes per step with AVX-512.
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -67,13 +67,11 @@ GroupedConvWeights pack_grouped_conv(std::span<const int8_t> w, int weight_bits,
 }
 
 void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,
-                          std::span<const int32_t> b, std::span<int32_t> acc, const ConvShape& s, int threads,
-                          KernelPath path) {
+                          std::span<const int32_t> b, std::span<int32_t> acc, const ConvShape& s, int threads) {
   const int64_t ho = pooled_size(s.height, s.kernel, s.stride, s.padding);
   const int64_t wo = pooled_size(s.width, s.kernel, s.stride, s.padding);
   const int64_t group_in = s.channels / s.groups, group_out = s.out / s.groups;
   const bool depthwise = group_in == 1 && group_out == 1;
-  const bool avx2 = depthwise && path != KernelPath::Ref && cpu_has_avx2();
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t row = 0; row < s.n * ho * wo; ++row) {
     const int64_t i = row / (ho * wo), oh = row / wo % ho, ow = row % wo;
@@ -87,9 +85,7 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
         if (iw < 0 || iw >= s.width) continue;
         const int8_t* pixel = x.data() + ((i * s.height + ih) * s.width + iw) * s.channels;
         const int8_t* taps = w.codes.data() + (kh * s.kernel + kw) * group_in * s.out;
-        if (avx2) {
-          detail::depthwise_accumulate_avx2(pixel, taps, x_zero_point, sum, s.out);
-        } else if (depthwise) {  // one input channel per output channel: channel c reads channel c
+        if (depthwise) {  // one input channel per output channel: channel c reads channel c
           for (int64_t c = 0; c < s.out; ++c) sum[c] += taps[c] * (pixel[c] - x_zero_point);
         } else {
           for (int64_t ci = 0; ci < group_in; ++ci)
@@ -102,17 +98,19 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
 }
 
 bool depthwise_in_one_pass(const ConvShape& s, KernelPath path) {
-  return detail::uses_avx512(path) && cpu_supports(path) && s.groups == s.channels && s.out == s.channels &&
-         s.kernel * s.kernel <= detail::kMaxDepthwiseTaps;
+  return path != KernelPath::Ref && cpu_supports(path) && s.groups == s.channels && s.out == s.channels;
 }
 
 void qconv2d_depthwise_requantized(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,
                                    std::span<const int32_t> b, const Requant& rq, std::span<int8_t> y,
                                    const ConvShape& s, int threads, KernelPath path) {
   if (!depthwise_in_one_pass(s, path))
-    throw RuntimeError(std::string("qconv2d_depthwise_requantized: not a depthwise conv with K <= 7 on the ") +
-                       kernel_path_name(path) + " path; use qconv2d_grouped_nhwc and requantize_to_nchw");
-  detail::depthwise_requantize_avx512(x.data(), x_zero_point, w.codes.data(), b.data(), rq, y.data(), s, threads);
+    throw RuntimeError(std::string("qconv2d_depthwise_requantized: not a depthwise conv on a fast path (") +
+                       kernel_path_name(path) + "); use qconv2d_grouped_nhwc and requantize_to_nchw");
+  if (detail::uses_avx512(path) && s.kernel * s.kernel <= detail::kMaxDepthwiseTaps)
+    detail::depthwise_requantize_avx512(x.data(), x_zero_point, w.codes.data(), b.data(), rq, y.data(), s, threads);
+  else
+    detail::depthwise_requantize_avx2(x.data(), x_zero_point, w.codes.data(), b.data(), rq, y.data(), s, threads);
 }
 
 // ---- Add and Concat (eq. 10) ----------------------------------------------------------------------------
