@@ -323,37 +323,66 @@ void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums,
   }
 }
 
-// The requantization constants of 8 channels: multiplier, and shift and its rounding half on even and odd lanes.
-struct Requant8 {
-  __m256i m, shift_even, shift_odd, half_even, half_odd;
+// The requantization constants of 8 channels: multiplier; when every lane's n >= 33 (`high`, the usual case),
+// n − 32 and 2^(n−33) per lane, else n and 2^(n−1) on the even and odd 64-bit lanes (the others zero).
+// alignas: this file is compiled without -mavx, and there __m256i (so a struct holding one) is only 16-byte
+// aligned, while the code inside the AVX2 region moves it with 32-byte aligned loads and stores; a
+// std::vector<Requant8> (depthwise_requantize_avx2) then got memory that crashed them.
+struct alignas(32) Requant8 {
+  bool high;
+  __m256i m, shift_high, half_high, shift_even, shift_odd, half_even, half_odd;
 };
 
 inline Requant8 requant8_constants(const int32_t* multiplier, const int32_t* shift, __m256i mask) {
-  const __m256i one = _mm256_set1_epi64x(1);
-  Requant8 c;
-  c.m = _mm256_maskload_epi32(multiplier, mask);
-  c.shift_even = _mm256_and_si256(_mm256_maskload_epi32(shift, mask), _mm256_set1_epi64x(0xFFFFFFFF));
-  c.shift_odd = _mm256_srli_epi64(_mm256_maskload_epi32(shift, mask), 32);
+  const __m256i one = _mm256_set1_epi64x(1), shifts = _mm256_maskload_epi32(shift, mask);
+  const __m256i below_33 = _mm256_and_si256(mask, _mm256_cmpgt_epi32(_mm256_set1_epi32(33), shifts));
+  const __m256i zero = _mm256_setzero_si256();
+  Requant8 c{_mm256_testz_si256(below_33, below_33) != 0,
+             _mm256_maskload_epi32(multiplier, mask),
+             zero,
+             zero,
+             zero,
+             zero,
+             zero,
+             zero};
+  if (c.high) {  // (lanes past mask: a shift of 0, a half of 0, unused)
+    c.shift_high = _mm256_and_si256(mask, _mm256_sub_epi32(shifts, _mm256_set1_epi32(32)));
+    c.half_high = _mm256_and_si256(
+        mask, _mm256_sllv_epi32(_mm256_set1_epi32(1), _mm256_sub_epi32(shifts, _mm256_set1_epi32(33))));
+    return c;
+  }
+  c.shift_even = _mm256_and_si256(shifts, _mm256_set1_epi64x(0xFFFFFFFF));
+  c.shift_odd = _mm256_srli_epi64(shifts, 32);
   c.half_even = _mm256_sllv_epi64(one, _mm256_sub_epi64(c.shift_even, one));
   c.half_odd = _mm256_sllv_epi64(one, _mm256_sub_epi64(c.shift_odd, one));
   return c;
 }
 
 // requantize() of 8 accumulators (docs/quantization.md eqs. 6–7). Per lane, with the sign taken off first:
-//   |acc|·m as an unsigned 64-bit product (vpmuludq on even and odd lanes), + 2^(n−1), >> n (vpsrlvq),
-//   saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max anyway since |z_out| <= 128),
-//   then the sign put back, z_out added and the result clamped: the reference's single rounding exactly.
+//   |acc|·m as an unsigned 64-bit product (vpmuludq on even and odd lanes), + 2^(n−1), >> n, then the sign put
+//   back, z_out added and the result clamped: the reference's single rounding exactly. Two ways to round:
+// - every n >= 33 (`high`): with |acc|·m = H·2^32 + L, L < 2^32, the half 2^(n−1) is a multiple of 2^32, so the
+//   rounded value is (H + 2^(n−33)) >> (n − 32): only the high halves are needed, gathered into one vector of
+//   8 int32 (H < 2^30) and shifted there (requant16's `high` in kernels_avx512.cpp, on 8 lanes);
+// - otherwise in 64-bit lanes (vpsrlvq), saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max
+//   anyway since |z_out| <= 128) before the halves are combined.
 inline __m256i requant8(__m256i a, const Requant8& c, __m256i z, __m256i lo, __m256i hi) {
-  const __m256i limit = _mm256_set1_epi64x(0xFFFF);
   const __m256i sign = _mm256_srai_epi32(a, 31);
   const __m256i magnitude = _mm256_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
   __m256i even = _mm256_mul_epu32(magnitude, c.m);
   __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(magnitude, 32), _mm256_srli_epi64(c.m, 32));
-  even = _mm256_srlv_epi64(_mm256_add_epi64(even, c.half_even), c.shift_even);
-  odd = _mm256_srlv_epi64(_mm256_add_epi64(odd, c.half_odd), c.shift_odd);
-  even = _mm256_blendv_epi8(even, limit, _mm256_cmpgt_epi64(even, limit));
-  odd = _mm256_blendv_epi8(odd, limit, _mm256_cmpgt_epi64(odd, limit));
-  const __m256i rounded = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b10101010);
+  __m256i rounded;
+  if (c.high) {  // H of each lane: the odd lanes' in place, the even lanes' one dword up (vpshufd 1,1,3,3)
+    const __m256i high = _mm256_blend_epi32(_mm256_shuffle_epi32(even, 0xF5), odd, 0b10101010);
+    rounded = _mm256_srlv_epi32(_mm256_add_epi32(high, c.half_high), c.shift_high);
+  } else {
+    const __m256i limit = _mm256_set1_epi64x(0xFFFF);
+    even = _mm256_srlv_epi64(_mm256_add_epi64(even, c.half_even), c.shift_even);
+    odd = _mm256_srlv_epi64(_mm256_add_epi64(odd, c.half_odd), c.shift_odd);
+    even = _mm256_blendv_epi8(even, limit, _mm256_cmpgt_epi64(even, limit));
+    odd = _mm256_blendv_epi8(odd, limit, _mm256_cmpgt_epi64(odd, limit));
+    rounded = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b10101010);
+  }
   const __m256i q = _mm256_add_epi32(_mm256_sub_epi32(_mm256_xor_si256(rounded, sign), sign), z);
   return _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
 }
@@ -522,7 +551,7 @@ void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8
   // the last tap and channel); its 8 folded biases; its Requant8 as 5 vectors.
   std::vector<int16_t> pair_weights(static_cast<size_t>(blocks * pairs * 16), 0);
   std::vector<int32_t> bias(static_cast<size_t>(blocks * 8), 0);
-  std::vector<int64_t> constants(static_cast<size_t>(blocks * 5 * 4));
+  std::vector<Requant8> constants;
   for (int64_t o = 0; o < c; ++o) {
     uint32_t folded = static_cast<uint32_t>(b[o]);
     for (int64_t t = 0; t < taps; ++t) {
@@ -535,9 +564,7 @@ void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t j = 0; j < blocks; ++j) {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(min_i64(8, c - 8 * j))), lane);
-    const Requant8 r = requant8_constants(rq.multiplier.data() + 8 * j, rq.shift.data() + 8 * j, mask);
-    __m256i* out = reinterpret_cast<__m256i*>(constants.data() + j * 20);
-    for (const __m256i v : {r.m, r.shift_even, r.shift_odd, r.half_even, r.half_odd}) _mm256_storeu_si256(out++, v);
+    constants.push_back(requant8_constants(rq.multiplier.data() + 8 * j, rq.shift.data() + 8 * j, mask));
   }
   const std::vector<int8_t> padding_row(static_cast<size_t>(blocks * 8), static_cast<int8_t>(x_zero_point));
   std::vector<int64_t> tap_offsets;  // tap (kh, kw) from tap (0, 0) of a window, in bytes
@@ -584,10 +611,7 @@ void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8
           const __m256i x2 = _mm256_set_m128i(_mm_unpackhi_epi16(a, bb), _mm_unpacklo_epi16(a, bb));
           acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))));
         }
-        const __m256i* cv = reinterpret_cast<const __m256i*>(constants.data() + j * 20);
-        const Requant8 r{_mm256_loadu_si256(cv), _mm256_loadu_si256(cv + 1), _mm256_loadu_si256(cv + 2),
-                         _mm256_loadu_si256(cv + 3), _mm256_loadu_si256(cv + 4)};
-        store_codes8(requant8(acc, r, z, lo, hi), yp + 8 * j, count);
+        store_codes8(requant8(acc, constants[static_cast<size_t>(j)], z, lo, hi), yp + 8 * j, count);
       }
     }
   }
