@@ -382,6 +382,20 @@ Tensor relu(const Tensor& a) {
   });
 }
 
+// relu(add(a, b)) as one op: one pass over the data less each way, the same values and gradients bit for bit
+// (ReLU's mask is taken from the output, which is > 0 exactly where a + b is). nn::run_nodes runs an Add whose
+// output only a ReLU reads with it, as in a residual block.
+Tensor add_relu(const Tensor& a, const Tensor& b) {
+  Tensor out = binary(a, b, "add", [](float x, float y) {
+    const float v = x + y;
+    return v > 0.f ? v : 0.f;
+  });
+  return record(out, "add_relu", {a, b}, [y = out.detach(), sa = a.shape(), sb = b.shape()](const Tensor& g) {
+    const Tensor masked = binary(g, y, "relu", [](float gv, float v) { return v > 0.f ? gv : 0.f; });
+    return std::vector<Tensor>{sum_to(masked, sa), sum_to(masked, sb)};
+  });
+}
+
 // Gradient passes where lo < a < hi, strictly: 0 exactly at lo and at hi, as PyTorch's hardtanh and
 // relu6 (and relu here, at 0). Note that torch.clamp's own backward lets it pass at lo and hi.
 Tensor clamp(const Tensor& a, float lo, float hi) {

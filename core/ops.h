@@ -5,7 +5,7 @@
 //   2. neg, add_scalar, mul_scalar
 //   3. matmul                      2-D, optional transposes, OpenBLAS cblas_sgemm
 //   4. sum, mean                   over everything, or along one axis
-//   5. relu, clamp, exp, log       clamp(x, 0, 6) is ReLU6
+//   5. relu, clamp, exp, log       clamp(x, 0, 6) is ReLU6; add_relu is relu(add(a, b)) as one op
 //   6. reshape                     (flatten is reshape to (N, -1))
 //   7. transpose, concat           transpose 2-D; concat along any axis
 //   8. conv2d                      NCHW, square kernel, stride, zero padding, optional bias, groups
@@ -50,6 +50,9 @@ Tensor mean(const Tensor& a);
 Tensor mean(const Tensor& a, int64_t axis, bool keepdim = false);
 // 5.
 Tensor relu(const Tensor& a);
+// relu(add(a, b)) as one op, broadcasting as add: the same values and gradients bit for bit, one pass over the
+// data less each way (nn::run_nodes runs an Add whose output only a ReLU reads with it).
+Tensor add_relu(const Tensor& a, const Tensor& b);
 // min(max(a, lo), hi); the gradient passes where lo < a < hi (0 at lo and hi, as PyTorch's hardtanh).
 Tensor clamp(const Tensor& a, float lo, float hi);
 Tensor exp(const Tensor& a);

@@ -101,25 +101,28 @@ bool only_next_reads(const std::vector<GraphNode>& nodes, size_t i) {
 }
 
 // How many nodes from node i run_nodes runs as one op, and which:
-//  - a BatchNorm2d whose output only the ReLU right after it reads: 2, ops::batch_norm_relu (the same values and
-//    gradients, one pass over the activations less each way);
+//  - a BatchNorm2d or an Add whose output only the ReLU right after it reads: 2, ops::batch_norm_relu or
+//    ops::add_relu (the same values and gradients, one pass over the activations less each way);
 //  - with no gradient wanted, an eval-mode Conv2d whose output only the BatchNorm2d right after it reads: 2, or
 //    3 with such a ReLU after that, ops::conv2d_batch_norm (the same values, one pass or two less);
 //  - otherwise 1.
 template <typename GraphNode>
 size_t fused_nodes(const std::vector<GraphNode>& nodes, size_t i) {
   const Module& module = *nodes[i].module;
-  if (typeid(module) == typeid(BatchNorm2d)) return only_next_reads<ReLU>(nodes, i) ? 2 : 1;
+  if (typeid(module) == typeid(BatchNorm2d) || typeid(module) == typeid(Add))
+    return only_next_reads<ReLU>(nodes, i) ? 2 : 1;
   if (typeid(module) != typeid(Conv2d) || grad_enabled() || !only_next_reads<BatchNorm2d>(nodes, i) ||
       nodes[i + 1].module->is_training())
     return 1;
   return only_next_reads<ReLU>(nodes, i + 1) ? 3 : 2;
 }
 
-// Node i and the `count` - 1 after it (fused_nodes) as one op on its input x.
+// Node i and the `count` - 1 after it (fused_nodes) as one op on node i's inputs.
 template <typename GraphNode>
-Tensor run_fused(const std::vector<GraphNode>& nodes, size_t i, size_t count, const Tensor& x) {
+Tensor run_fused(const std::vector<GraphNode>& nodes, size_t i, size_t count, std::span<const Tensor> in) {
   Module& first = *nodes[i].module;
+  if (typeid(first) == typeid(Add)) return ops::add_relu(in[0], in[1]);
+  const Tensor& x = in[0];
   if (typeid(first) == typeid(BatchNorm2d)) return static_cast<BatchNorm2d&>(first).forward_relu(x);
   const auto& conv = static_cast<const Conv2d&>(first);
   const auto& bn = static_cast<const BatchNorm2d&>(static_cast<const Module&>(*nodes[i + 1].module));
@@ -141,7 +144,7 @@ std::vector<Tensor> run_nodes(const std::vector<GraphNode>& nodes, const Tensor&
     for (int j : nodes[i].inputs) in.push_back(j < 0 ? x : outputs[static_cast<size_t>(j)]);
     const size_t count = keep_all ? 1 : fused_nodes(nodes, i);
     if (count > 1)
-      outputs[i + count - 1] = run_fused(nodes, i, count, in[0]);
+      outputs[i + count - 1] = run_fused(nodes, i, count, in);
     else
       outputs[i] = nodes[i].module->forward_inputs(in);
     if (keep_all) continue;

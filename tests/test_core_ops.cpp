@@ -296,6 +296,46 @@ TEST_CASE("gradcheck 10b: batch_norm_relu, training and eval, (N, C) and (N, C, 
   }
 }
 
+TEST_CASE("gradcheck 5b: add_relu, same shape and broadcast") {
+  // Values of a + b at least kKinkMargin from ReLU's kink (a seed that gives them), so that +- eps never crosses it.
+  for (const auto& [a_shape, b_shape] : {std::pair<Shape, Shape>{{3, 4}, {3, 4}}, {{2, 3, 2}, {2}}}) {
+    INFO("a ", lowbit::shape_str(a_shape), ", b ", lowbit::shape_str(b_shape));
+    Tensor a, b;
+    for (uint64_t seed = 300;; seed += 10) {
+      a = randn(a_shape, seed), b = randn(b_shape, seed + 1);
+      const Tensor sum = ops::add(a, b);
+      if (std::all_of(sum.values().begin(), sum.values().end(), [](float v) { return std::abs(v) >= kKinkMargin; }))
+        break;
+    }
+    check_gradients([](const std::vector<Tensor>& in) { return ops::add_relu(in[0], in[1]); }, {a, b});
+  }
+}
+
+TEST_CASE("add_relu is relu(add) bit for bit: values and gradients") {
+  for (const auto& [a_shape, b_shape] : {std::pair<Shape, Shape>{{4, 5, 7}, {4, 5, 7}}, {{4, 5, 7}, {7}}}) {
+    INFO("a ", lowbit::shape_str(a_shape), ", b ", lowbit::shape_str(b_shape));
+    const Tensor a0 = randn(a_shape, 150), b0 = randn(b_shape, 151), dy = randn(a_shape, 152);
+    std::vector<std::vector<float>> results[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      Tensor a = a0.clone(), b = b0.clone();
+      a.set_requires_grad(true);
+      b.set_requires_grad(true);
+      const Tensor y = fused ? ops::add_relu(a, b) : ops::relu(ops::add(a, b));
+      y.backward(dy);
+      for (const Tensor& t : {y, a.grad(), b.grad()}) results[fused].emplace_back(t.values().begin(), t.values().end());
+    }
+    int zeros = 0;
+    for (float v : results[1][0]) zeros += v == 0.f;
+    CHECK(zeros > 0);  // the kink is crossed
+    CHECK(zeros < static_cast<int>(results[1][0].size()));
+    for (size_t k = 0; k < results[0].size(); ++k) {
+      INFO("result ", k, " (y, da, db)");
+      REQUIRE(results[0][k].size() == results[1][k].size());
+      CHECK(std::memcmp(results[0][k].data(), results[1][k].data(), results[0][k].size() * sizeof(float)) == 0);
+    }
+  }
+}
+
 TEST_CASE("conv2d_batch_norm is batch_norm(conv2d) in eval mode bit for bit, on every way conv2d runs") {
   struct Case {
     const char* name;

@@ -266,8 +266,8 @@ std::vector<std::string> op_names(const Tensor& y) {
 
 TEST_CASE("without gradients, an eval-mode conv and the batch norm (and ReLU) after it run as one op, same bits") {
   // conv1 -> bn1 -> relu1 fuses into one op; conv2 -> bn2 without the ReLU (relu2 is not bn2's only reader);
-  // conv3's output has two readers: nothing fuses there. conv1 runs direct with AVX-512 (18 taps), conv2 through
-  // im2col.
+  // add -> relu3 fuses always; conv3's output has two readers: nothing fuses there. conv1 runs direct with AVX-512 (18
+  // taps), conv2 through im2col.
   const std::string text = text_of(R"([
     {"name": "conv1", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1, "bias": false},
     {"name": "bn1", "kind": "BatchNorm2d"},
@@ -276,6 +276,7 @@ TEST_CASE("without gradients, an eval-mode conv and the batch norm (and ReLU) af
     {"name": "bn2", "kind": "BatchNorm2d"},
     {"name": "relu2", "kind": "ReLU"},
     {"name": "add", "kind": "Add", "inputs": ["relu2", "bn2"]},
+    {"name": "relu3", "kind": "ReLU"},
     {"name": "conv3", "kind": "Conv2d", "out_channels": 4, "kernel": 1},
     {"name": "bn3", "kind": "BatchNorm2d"},
     {"name": "add3", "kind": "Add", "inputs": ["bn3", "conv3"]},
@@ -294,20 +295,22 @@ TEST_CASE("without gradients, an eval-mode conv and the batch norm (and ReLU) af
     for (size_t i = 0; i < model->nodes.size(); ++i) runs.push_back(nn::fused_nodes(model->nodes, i));
     return runs;
   };
-  // In training, or with gradients, only batch norm + ReLU fuses (the previous test).
-  CHECK(fused_runs() == std::vector<size_t>{1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+  // In training, or with gradients, only batch norm + ReLU and Add + ReLU fuse (the next test).
+  CHECK(fused_runs() == std::vector<size_t>{1, 2, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1});
   model->eval();
-  CHECK(fused_runs() == std::vector<size_t>{1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+  CHECK(fused_runs() == std::vector<size_t>{1, 2, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1});
   NoGradGuard no_grad;
-  CHECK(fused_runs() == std::vector<size_t>{3, 2, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+  CHECK(fused_runs() == std::vector<size_t>{3, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1});
   const Tensor x = Tensor::randn({5, 2, 9, 9});
   const Tensor fused = model->forward(x), alone = nn::run_nodes(model->nodes, x, true).back();
   REQUIRE(fused.shape() == alone.shape());
   CHECK(std::memcmp(fused.data(), alone.data(), static_cast<size_t>(fused.numel()) * sizeof(float)) == 0);
 }
 
-TEST_CASE("a batch norm that only a ReLU reads runs fused with it, with the values and gradients of the two") {
-  // bn1 -> relu1 fuses; bn2 is read by relu2 and by the Add (two readers), bn3 by a ReLU6: neither fuses.
+TEST_CASE(
+    "a batch norm or an Add that only a ReLU reads runs fused with it, with the values and gradients of the two") {
+  // bn1 -> relu1 and add -> relu3 fuse; bn2 is read by relu2 and by the Add (two readers), bn3 by a ReLU6: neither
+  // fuses.
   const std::string text = text_of(R"([
     {"name": "conv1", "kind": "Conv2d", "out_channels": 4, "kernel": 3, "padding": 1, "bias": false},
     {"name": "bn1", "kind": "BatchNorm2d"},
@@ -316,6 +319,7 @@ TEST_CASE("a batch norm that only a ReLU reads runs fused with it, with the valu
     {"name": "bn2", "kind": "BatchNorm2d"},
     {"name": "relu2", "kind": "ReLU"},
     {"name": "add", "kind": "Add", "inputs": ["relu2", "bn2"]},
+    {"name": "relu3", "kind": "ReLU"},
     {"name": "bn3", "kind": "BatchNorm2d"},
     {"name": "relu6", "kind": "ReLU6"},
     {"name": "pool", "kind": "GlobalAvgPool2d"},
@@ -350,8 +354,10 @@ TEST_CASE("a batch norm that only a ReLU reads runs fused with it, with the valu
   };
   CHECK(count(ops[0], "batch_norm_relu") == 1);
   CHECK(count(ops[0], "batch_norm") == 2);
+  CHECK(count(ops[0], "add_relu") == 1);
   CHECK(count(ops[1], "batch_norm_relu") == 0);
   CHECK(count(ops[1], "batch_norm") == 3);
+  CHECK(count(ops[1], "add_relu") == 0);
   REQUIRE(results[0].size() == results[1].size());
   for (size_t k = 0; k < results[0].size(); ++k) {
     INFO("result ", k, " (the output, then each parameter's gradient, then each buffer)");
