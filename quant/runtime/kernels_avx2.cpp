@@ -336,15 +336,9 @@ struct alignas(32) Requant8 {
 inline Requant8 requant8_constants(const int32_t* multiplier, const int32_t* shift, __m256i mask) {
   const __m256i one = _mm256_set1_epi64x(1), shifts = _mm256_maskload_epi32(shift, mask);
   const __m256i below_33 = _mm256_and_si256(mask, _mm256_cmpgt_epi32(_mm256_set1_epi32(33), shifts));
-  const __m256i zero = _mm256_setzero_si256();
-  Requant8 c{_mm256_testz_si256(below_33, below_33) != 0,
-             _mm256_maskload_epi32(multiplier, mask),
-             zero,
-             zero,
-             zero,
-             zero,
-             zero,
-             zero};
+  Requant8 c{};  // every vector 0
+  c.high = _mm256_testz_si256(below_33, below_33) != 0;
+  c.m = _mm256_maskload_epi32(multiplier, mask);
   if (c.high) {  // (lanes past mask: a shift of 0, a half of 0, unused)
     c.shift_high = _mm256_and_si256(mask, _mm256_sub_epi32(shifts, _mm256_set1_epi32(32)));
     c.half_high = _mm256_and_si256(
@@ -548,7 +542,7 @@ void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8
   const int64_t c = s.channels, k = s.kernel, taps = k * k, pairs = (taps + 1) / 2, blocks = ceil_div(c, 8);
   const int64_t ho = pooled_size(s.height, k, s.stride, s.padding), wo = pooled_size(s.width, k, s.stride, s.padding);
   // Block j: weight pairs (PAIRS, 16) int16, lanes 2l and 2l + 1 = taps 2p and 2p + 1 of channel 8j + l (0 past
-  // the last tap and channel); its 8 folded biases; its Requant8 as 5 vectors.
+  // the last tap and channel); its 8 folded biases; its Requant8.
   std::vector<int16_t> pair_weights(static_cast<size_t>(blocks * pairs * 16), 0);
   std::vector<int32_t> bias(static_cast<size_t>(blocks * 8), 0);
   std::vector<Requant8> constants;
