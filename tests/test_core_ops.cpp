@@ -36,6 +36,22 @@ constexpr double kSumOrderRtol = 1e-4;
 constexpr double kHandAtol = 1e-6;
 // Kinks (relu at 0, max-pool ties) are kept this far from every input value: > eps of the gradient check.
 constexpr float kKinkMargin = 0.1f;
+
+// A ReLU fused into the op before it against the two ops: results[f] holds the values of the output, then of the
+// tensors `names` lists after "y", from the fused op (f = 0) and from the two (f = 1). Every value has the same
+// bits, and the output has zeros and non-zeros (the ReLU's kink is crossed).
+void check_same_bits_across_kink(const std::vector<std::vector<float>> (&results)[2], const char* names) {
+  int zeros = 0;
+  for (float v : results[1][0]) zeros += v == 0.f;
+  CHECK(zeros > 0);
+  CHECK(zeros < static_cast<int>(results[1][0].size()));
+  REQUIRE(results[0].size() == results[1].size());
+  for (size_t k = 0; k < results[0].size(); ++k) {
+    INFO("result ", k, " (", names, ")");
+    REQUIRE(results[0][k].size() == results[1][k].size());
+    CHECK(std::memcmp(results[0][k].data(), results[1][k].data(), results[0][k].size() * sizeof(float)) == 0);
+  }
+}
 // Statistical tolerance of the dropout keep fraction over kDropoutSamples draws (~8 standard deviations).
 constexpr int64_t kDropoutSamples = 100000;
 constexpr double kDropoutFractionTol = 0.013;
@@ -324,15 +340,7 @@ TEST_CASE("add_relu is relu(add) bit for bit: values and gradients") {
       y.backward(dy);
       for (const Tensor& t : {y, a.grad(), b.grad()}) results[fused].emplace_back(t.values().begin(), t.values().end());
     }
-    int zeros = 0;
-    for (float v : results[1][0]) zeros += v == 0.f;
-    CHECK(zeros > 0);  // the kink is crossed
-    CHECK(zeros < static_cast<int>(results[1][0].size()));
-    for (size_t k = 0; k < results[0].size(); ++k) {
-      INFO("result ", k, " (y, da, db)");
-      REQUIRE(results[0][k].size() == results[1][k].size());
-      CHECK(std::memcmp(results[0][k].data(), results[1][k].data(), results[0][k].size() * sizeof(float)) == 0);
-    }
+    check_same_bits_across_kink(results, "y, da, db");
   }
 }
 
@@ -407,15 +415,7 @@ TEST_CASE("batch_norm_relu is relu(batch_norm) bit for bit: values, gradients an
         for (const Tensor& t : {y, x.grad(), gamma.grad(), beta.grad(), rm, rv})
           results[fused].emplace_back(t.values().begin(), t.values().end());
       }
-      int zeros = 0;
-      for (float v : results[1][0]) zeros += v == 0.f;
-      CHECK(zeros > 0);  // the kink is crossed
-      CHECK(zeros < static_cast<int>(results[1][0].size()));
-      for (size_t k = 0; k < results[0].size(); ++k) {
-        INFO("result ", k, " (y, dx, dgamma, dbeta, running mean, running var)");
-        REQUIRE(results[0][k].size() == results[1][k].size());
-        CHECK(std::memcmp(results[0][k].data(), results[1][k].data(), results[0][k].size() * sizeof(float)) == 0);
-      }
+      check_same_bits_across_kink(results, "y, dx, dgamma, dbeta, running mean, running var");
     }
   }
 }
