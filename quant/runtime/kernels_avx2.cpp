@@ -529,38 +529,48 @@ void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, i
 }
 
 // The depthwise conv requantized in one pass (qconv2d_depthwise_requantized on the Avx2 and AvxVnni paths, and for
-// K > 7 on the AVX-512 ones): per output position, 8 channels at a time, each sum in a register.
-// - The taps go in pairs through vpmaddwd: the codes of two taps as int16, interleaved, times their two weights,
-//   summed in int32 (|x·w| <= 128·128: exact).
+// K > 7 on the AVX-512 ones): per output position, 16 channels at a time, each sum in a register.
+// - The taps go in pairs through vpmaddwd: the 16 codes of a tap widened to int16 (vpmovsxbw), two taps'
+//   interleaved (vpunpcklwd / vpunpckhwd, which work within each 128-bit half), times their two weights, summed
+//   in int32 (|x·w| <= 128·128: exact). The low interleave holds channels 0-3 and 8-11 of the block, the high one
+//   4-7 and 12-15; the weights, biases and requantization constants are laid out in that order, and packing the
+//   two results' codes (vpackssdw, then vpacksswb) puts the channels back in order.
 // - z_in is folded into the bias, b − z_in·Σ_t w_t, and a tap in the padding reads a row of z_in codes, which
 //   gives back exactly what the fold took: every sum is b + Σ_t w_t·(x_t − z_in), eq. 5, in wrapping int32 adds
 //   (exact for a sum that fits, point 1 above).
-// - The requantization constants, the folded bias and the weight pairs of every block of 8 channels are made
-//   once per call and loaded per position.
+// - The weight pairs, folded biases and requantization constants of every block are made once per call.
 void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8_t* w, const int32_t* b,
                                const Requant& rq, int8_t* y, const ConvShape& s, int threads) {
-  const int64_t c = s.channels, k = s.kernel, taps = k * k, pairs = (taps + 1) / 2, blocks = ceil_div(c, 8);
+  constexpr int64_t kBlock = 16;
+  const int64_t c = s.channels, k = s.kernel, taps = k * k, pairs = (taps + 1) / 2, blocks = ceil_div(c, kBlock);
   const int64_t ho = pooled_size(s.height, k, s.stride, s.padding), wo = pooled_size(s.width, k, s.stride, s.padding);
-  // Block j: weight pairs (PAIRS, 16) int16, lanes 2l and 2l + 1 = taps 2p and 2p + 1 of channel 8j + l (0 past
-  // the last tap and channel); its 8 folded biases; its Requant8.
-  std::vector<int16_t> pair_weights(static_cast<size_t>(blocks * pairs * 16), 0);
-  std::vector<int32_t> bias(static_cast<size_t>(blocks * 8), 0);
+  // Lane l of half h (0: low, 1: high) of a block holds channel ((l / 4)·8 + h·4 + l % 4) of the block.
+  const auto channel_of = [](int64_t h, int64_t l) { return l / 4 * 8 + h * 4 + l % 4; };
+  // Per block and half: weight pairs (PAIRS, 16) int16, lanes 2l and 2l + 1 = taps 2p and 2p + 1 of lane l's
+  // channel (0 past the last tap and channel); 8 folded biases; a Requant8.
+  std::vector<int16_t> pair_weights(static_cast<size_t>(blocks * 2 * pairs * 16), 0);
+  std::vector<int32_t> bias(static_cast<size_t>(blocks * 2 * 8), 0);
   std::vector<Requant8> constants;
-  for (int64_t o = 0; o < c; ++o) {
-    uint32_t folded = static_cast<uint32_t>(b[o]);
-    for (int64_t t = 0; t < taps; ++t) {
-      const int8_t wt = w[t * c + o];  // pack_grouped_conv's (K·K, OUT) codes
-      pair_weights[static_cast<size_t>(((o / 8) * pairs + t / 2) * 16 + (o % 8) * 2 + t % 2)] = wt;
-      folded -= static_cast<uint32_t>(x_zero_point) * static_cast<uint32_t>(static_cast<int32_t>(wt));
+  for (int64_t j = 0; j < blocks; ++j)
+    for (int64_t h = 0; h < 2; ++h) {
+      int32_t multiplier[8] = {}, shift[8] = {}, valid[8] = {};
+      for (int64_t l = 0; l < 8; ++l) {
+        const int64_t o = j * kBlock + channel_of(h, l);
+        if (o >= c) continue;
+        uint32_t folded = static_cast<uint32_t>(b[o]);
+        for (int64_t t = 0; t < taps; ++t) {
+          const int8_t wt = w[t * c + o];  // pack_grouped_conv's (K·K, OUT) codes
+          pair_weights[static_cast<size_t>(((j * 2 + h) * pairs + t / 2) * 16 + l * 2 + t % 2)] = wt;
+          folded -= static_cast<uint32_t>(x_zero_point) * static_cast<uint32_t>(static_cast<int32_t>(wt));
+        }
+        bias[static_cast<size_t>((j * 2 + h) * 8 + l)] = static_cast<int32_t>(folded);
+        multiplier[l] = rq.multiplier[static_cast<size_t>(o)];
+        shift[l] = rq.shift[static_cast<size_t>(o)];
+        valid[l] = -1;
+      }
+      constants.push_back(requant8_constants(multiplier, shift, load8(valid)));
     }
-    bias[static_cast<size_t>(o)] = static_cast<int32_t>(folded);
-  }
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t j = 0; j < blocks; ++j) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(min_i64(8, c - 8 * j))), lane);
-    constants.push_back(requant8_constants(rq.multiplier.data() + 8 * j, rq.shift.data() + 8 * j, mask));
-  }
-  const std::vector<int8_t> padding_row(static_cast<size_t>(blocks * 8), static_cast<int8_t>(x_zero_point));
+  const std::vector<int8_t> padding_row(static_cast<size_t>(blocks * kBlock), static_cast<int8_t>(x_zero_point));
   std::vector<int64_t> tap_offsets;  // tap (kh, kw) from tap (0, 0) of a window, in bytes
   for (int64_t kh = 0; kh < k; ++kh)
     for (int64_t kw = 0; kw < k; ++kw) tap_offsets.push_back((kh * s.width + kw) * c);
@@ -589,23 +599,38 @@ void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8
       }
       int8_t* yp = y + ((i * ho + oh) * wo + ow) * c;
       for (int64_t j = 0; j < blocks; ++j) {
-        const int64_t count = min_i64(8, c - 8 * j);
-        const auto load = [&](int64_t t) {  // the 8 codes of block j at tap t, as int16
-          const int8_t* p = tap[static_cast<size_t>(t)] + 8 * j;
-          if (count == 8 || p == padding_row.data() + 8 * j)
-            return _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-          int64_t codes = 0;  // the last block of a pixel: no read past its channels
-          std::memcpy(&codes, p, static_cast<size_t>(count));
-          return _mm_cvtepi8_epi16(_mm_cvtsi64_si128(codes));
+        const int64_t count = min_i64(kBlock, c - kBlock * j);
+        const auto load = [&](int64_t t) {  // the 16 codes of block j at tap t, as int16
+          const int8_t* p = tap[static_cast<size_t>(t)] + kBlock * j;
+          if (count == kBlock || p == padding_row.data() + kBlock * j)
+            return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          alignas(16) int8_t codes[kBlock] = {};  // the last block of a pixel: no read past its channels
+          std::memcpy(codes, p, static_cast<size_t>(count));
+          return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(codes)));
         };
-        const int16_t* wp = pair_weights.data() + j * pairs * 16;
-        __m256i acc = load8(bias.data() + 8 * j);
-        for (int64_t p = 0; p < pairs; ++p, wp += 16) {
-          const __m128i a = load(2 * p), bb = load(2 * p + 1);
-          const __m256i x2 = _mm256_set_m128i(_mm_unpackhi_epi16(a, bb), _mm_unpacklo_epi16(a, bb));
-          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))));
+        const int16_t* w0 = pair_weights.data() + j * 2 * pairs * 16;
+        const int16_t* w1 = w0 + pairs * 16;
+        __m256i acc0 = load8(bias.data() + j * 16), acc1 = load8(bias.data() + j * 16 + 8);
+        for (int64_t p = 0; p < pairs; ++p) {
+          const __m256i a = load(2 * p), bb = load(2 * p + 1);
+          const auto weights = [&](const int16_t* wh) {
+            return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wh + p * 16));
+          };
+          acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_unpacklo_epi16(a, bb), weights(w0)));
+          acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_unpackhi_epi16(a, bb), weights(w1)));
         }
-        store_codes8(requant8(acc, constants[static_cast<size_t>(j)], z, lo, hi), yp + 8 * j, count);
+        const __m256i q0 = requant8(acc0, constants[static_cast<size_t>(2 * j)], z, lo, hi);
+        const __m256i q1 = requant8(acc1, constants[static_cast<size_t>(2 * j + 1)], z, lo, hi);
+        const __m256i words = _mm256_packs_epi32(q0, q1);  // channels 0-7 | 8-15, as int16
+        const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(words, words), 0b1000);
+        const __m128i codes = _mm256_castsi256_si128(bytes);  // channels 0-15 in order
+        if (count == kBlock) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(yp + kBlock * j), codes);
+        } else {
+          alignas(16) int8_t out[kBlock];
+          _mm_store_si128(reinterpret_cast<__m128i*>(out), codes);
+          std::memcpy(yp + kBlock * j, out, static_cast<size_t>(count));
+        }
       }
     }
   }
