@@ -235,7 +235,7 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
 
 // A depthwise Conv2d (C = OUT = groups) straight to codes: qconv2d_grouped_nhwc's accumulators requantized
 // (eq. 6), y (N, HO, WO, C), in one pass, each sum in a register over the K² taps: with AVX-512 16 channels at a
-// time on the Vnni512 and Amx paths (K <= 7), with AVX2 8 at a time otherwise. Only where
+// time on the Vnni512 and Amx paths (K <= 7), with AVX2 otherwise. Only where
 // depthwise_in_one_pass(s, path): every path but Ref that this CPU runs.
 bool depthwise_in_one_pass(const ConvShape& s, KernelPath path);
 void qconv2d_depthwise_requantized(std::span<const int8_t> x, int32_t x_zero_point, const GroupedConvWeights& w,

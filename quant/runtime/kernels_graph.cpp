@@ -1,7 +1,7 @@
 // The kernels of the graph ops: grouped and depthwise Conv2d, Add, Concat, GlobalAvgPool2d and Clamp.
 // Each has a reference form on (N, C, H, W) codes (the definition) and a channels-last form for the
 // executor's fast path, equal to it bit for bit. The depthwise conv runs in one pass, requantized: 16 channels
-// at a time on the AVX-512 paths (kernels_avx512.cpp, depthwise_block), 8 with AVX2 on the others
+// at a time on the AVX-512 paths (kernels_avx512.cpp, depthwise_block), with AVX2 on the others
 // (kernels_avx2.cpp, depthwise_requantize_avx2); the Add 16 codes per step with AVX-512.
 #include <algorithm>
 #include <cstring>

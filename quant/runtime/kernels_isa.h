@@ -80,8 +80,8 @@ void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, cons
 void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, int64_t n, int64_t c, int64_t height,
                              int64_t width, int64_t k, int64_t stride, int64_t padding, int threads);
 
-// qconv2d_depthwise_requantized on the Avx2 and AvxVnni paths (and for K > 7 on the AVX-512 ones), 8 channels at
-// a time: x (N, H, W, C) codes, w pack_grouped_conv's (K·K, C) codes; y (N, HO, WO, C) codes.
+// qconv2d_depthwise_requantized on the Avx2 and AvxVnni paths (and for K > 7 on the AVX-512 ones), 16 channels
+// at a time: x (N, H, W, C) codes, w pack_grouped_conv's (K·K, C) codes; y (N, HO, WO, C) codes.
 void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8_t* w, const int32_t* b,
                                const Requant& rq, int8_t* y, const ConvShape& s, int threads);
 
