@@ -312,7 +312,7 @@ void bench_requantized_convs() {
     std::vector<int8_t> x(v.hw * v.hw * v.c), w(v.out * v.c / v.groups * v.k * v.k), y(rows * v.out);
     for (auto& q : x) q = static_cast<int8_t>(next(state));
     for (auto& q : w) q = static_cast<int8_t>(static_cast<int>(next(state) % 255) - 127);
-    std::vector<int32_t> b(v.out), acc(rows * v.out);
+    std::vector<int32_t> b(v.out);
     for (auto& q : b) q = static_cast<int32_t>(next(state) % 2001) - 1000;
     rt::Requant rq;
     rq.zero_point = rq.act_min = -128;
