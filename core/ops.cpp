@@ -715,7 +715,7 @@ ConvGeometry conv_geometry(const Tensor& x, const Tensor& w, const Tensor& b, in
   return g;
 }
 
-// conv2d's forward, y (N, OUT, OH, OW) = the convolution + b, image by image; then finish(n, y[n]) on each
+// conv2d's forward, y (N, OUT, OH, OW) = the convolution + b, image by image; then finish(y[n]) on each
 // image's output while it is still in cache (conv2d_batch_norm normalises it there).
 template <typename Finish>
 void conv2d_forward(const ConvGeometry& g, const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y,
