@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/parallel.h"
 #include "quant/runtime/int4.h"
 
 namespace lowbit::quant::runtime {
@@ -252,32 +253,29 @@ void Executor::run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t
         if (conv_pool_fusable(pc, pool.kernel, pool.stride, pool.padding)) {  // 2 × 2: in one pass, per row pair
           const int64_t pooled_rows = images * shapes_[op_index + 1].h;
           const size_t scratch = conv_pool_scratch_size(pc);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-          for (int t = 0; t < threads; ++t) {
+          parallel_for(threads, threads, [&](int64_t t) {
             const int64_t begin = pooled_rows * t / threads, end = pooled_rows * (t + 1) / threads;
             qconv2d_rows_pooled(sc.planes, op.input_zero_point, pc, op.bias, op.requant,
                                 std::span<int32_t>(sc.acc).subspan(static_cast<size_t>(t) * scratch, scratch),
                                 {y + first * pooled, static_cast<size_t>(images * pooled)}, begin, end - begin);
-          }
+          });
           continue;
         }
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-        for (int t = 0; t < threads; ++t) {
+        parallel_for(threads, threads, [&](int64_t t) {
           const int64_t begin = rows * t / threads, end = rows * (t + 1) / threads;
           qconv2d_rows(sc.planes, op.input_zero_point, pc, op.bias,
                        acc.subspan(static_cast<size_t>(begin * op.out_channels)), begin, end - begin);
-        }
+        });
         maxpool_requantize_nhwc(acc, op.requant, {y + first * pooled, static_cast<size_t>(images * pooled)}, images,
                                 out.c, out.h, out.w, pool.kernel, pool.stride, pool.padding, threads, path_);
         continue;
       }
       const std::span<int8_t> yc(y + first * out.size(), static_cast<size_t>(images * out.size()));
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-      for (int t = 0; t < threads; ++t) {
+      parallel_for(threads, threads, [&](int64_t t) {
         const int64_t begin = rows * t / threads, end = rows * (t + 1) / threads;
         qconv2d_rows_requantized(sc.planes, op.input_zero_point, pc, op.bias, op.requant,
                                  yc.subspan(static_cast<size_t>(begin * op.out_channels)), begin, end - begin);
-      }
+      });
       continue;  // requantized as they were computed
     } else if (fast_) {
       qgemm_packed(xs, op.input_zero_point, packed_[op_index], op.bias, acc, rows, sc.workspace, threads);
@@ -318,11 +316,10 @@ std::span<const int8_t> Executor::run(std::span<const uint8_t> images, int64_t b
   } else {
     // One parallel region per call: each thread runs every op on its own images, with one-thread kernels.
     // Images are independent, so the codes are those of any other split.
-#pragma omp parallel for num_threads(count) schedule(static)
-    for (int s = 0; s < count; ++s) {
+    parallel_for(count, count, [&](int64_t s) {
       const int64_t first = batch * s / count, last = batch * (s + 1) / count;
       run_images(images.data(), first, last - first, scratch_[static_cast<size_t>(s)], 1);
-    }
+    });
   }
   if (!keep_outputs_) {  // the logits of each slice's region, in image order
     const size_t output = graph_.ops.size() - 1;

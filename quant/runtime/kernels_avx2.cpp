@@ -87,8 +87,7 @@ void pack_x(const int8_t* x, int64_t n, int64_t in, YmmMultiply m, int64_t k_uni
   const bool int16_pairs = m == YmmMultiply::Madd;
   const int64_t per_unit = int16_pairs ? 2 : 4;
   const int64_t full_units = in / per_unit;  // units with every code inside the row
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
+  parallel_for(rows, threads, [&](int64_t row) {
     int32_t* dst = xp + row * k_units;
     int64_t ku = 0;
     if (row < n) {
@@ -124,7 +123,7 @@ void pack_x(const int8_t* x, int64_t n, int64_t in, YmmMultiply m, int64_t k_uni
       }
     }
     for (; ku < k_units; ++ku) dst[ku] = 0;  // rows past N
-  }
+  });
 }
 
 // xp holds 6 rows of int16-pair units, row r at xp + r·x_stride; wp is (K_UNITS, 16) int16-pair units;
@@ -269,8 +268,7 @@ void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums,
   const int64_t mr = rows_per_block(m);
   const int64_t row_blocks = ceil_div(n, mr), panels = ceil_div(out, kPanel);
   const int64_t row_tiles = ceil_div(row_blocks, kRowBlocksPerTile), panel_tiles = ceil_div(panels, kPanelsPerTile);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t t = 0; t < row_tiles * panel_tiles; ++t) {
+  parallel_for(row_tiles * panel_tiles, threads, [&](int64_t t) {
     const int64_t rt = t / panel_tiles, pt = t % panel_tiles;
     const int64_t rb0 = rt * kRowBlocksPerTile, rb1 = min_i64(row_blocks, rb0 + kRowBlocksPerTile);
     const int64_t p0 = pt * kPanelsPerTile, p1 = min_i64(panels, p0 + kPanelsPerTile);
@@ -320,7 +318,7 @@ void run_tiles(const int32_t* xp, const int32_t* units, const int32_t* row_sums,
         }
       }
     }
-  }
+  });
 }
 
 // The requantization constants of 8 channels: multiplier; when every lane's n >= 33 (`high`, the usual case),
@@ -440,8 +438,7 @@ void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, cons
   const __m256i z = _mm256_set1_epi32(zero_point), lo = _mm256_set1_epi32(act_min), hi = _mm256_set1_epi32(act_max);
   if (positions == 1) {
     const int64_t blocks = ceil_div(n, kRequantPositionBlock);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
+    parallel_for(blocks, threads, [&](int64_t blk) {
       const int64_t i0 = blk * kRequantPositionBlock, i1 = min_i64(n, i0 + kRequantPositionBlock);
       for (int64_t o = 0; o < out; o += 8) {
         const int64_t count = min_i64(8, out - o);
@@ -451,11 +448,10 @@ void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, cons
           store_codes8(requant8(_mm256_maskload_epi32(acc + i * out + o, mask), c, z, lo, hi), y + i * out + o, count);
         }
       }
-    }
+    });
     return;
   }
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, threads, [&](int64_t i) {
     // Blocks of positions: the block's accumulator rows stay in L1 while every channel block reads them
     // (walking all positions per channel block would stream the whole (P, OUT) array OUT / 8 times).
     for (int64_t p0 = 0; p0 < positions; p0 += kRequantPositionBlock) {
@@ -478,7 +474,7 @@ void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, cons
         }
       }
     }
-  }
+  });
 }
 
 // acc is (N, H, W, C) int32; y is (N, HO, WO, C) codes: the max pool of the requantized accumulators,
@@ -492,8 +488,7 @@ void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, i
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i z = _mm256_set1_epi32(rq.zero_point), lo = _mm256_set1_epi32(rq.act_min);
   const __m256i hi = _mm256_set1_epi32(rq.act_max);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, threads, [&](int64_t i) {
     const int32_t* image = acc + i * height * width * c;
     for (int64_t o = 0; o < c; o += 8) {
       const int64_t count = min_i64(8, c - o);
@@ -525,7 +520,7 @@ void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, i
         }
       }
     }
-  }
+  });
 }
 
 // The depthwise conv requantized in one pass (qconv2d_depthwise_requantized on the Avx2 and AvxVnni paths, and for
@@ -576,8 +571,7 @@ void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8
     for (int64_t kw = 0; kw < k; ++kw) tap_offsets.push_back((kh * s.width + kw) * c);
   const __m256i z = _mm256_set1_epi32(rq.zero_point), lo = _mm256_set1_epi32(rq.act_min);
   const __m256i hi = _mm256_set1_epi32(rq.act_max);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t row = 0; row < s.n * ho; ++row) {  // output row (i, oh)
+  parallel_for(s.n * ho, threads, [&](int64_t row) {  // output row (i, oh)
     const int64_t i = row / ho, oh = row % ho;
     // Each tap's pixel, or the padding row (also for the odd tap that completes the last pair).
     std::vector<const int8_t*> tap(static_cast<size_t>(2 * pairs), padding_row.data());
@@ -633,7 +627,7 @@ void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8
         }
       }
     }
-  }
+  });
 }
 
 #pragma GCC pop_options
@@ -712,25 +706,33 @@ void widen_row(const int8_t* src, T* dst, int64_t count) {
 
 namespace detail {
 
+// One image: x is (H, W, C) codes; plane is (H + 2·padding, W + 2·padding, C) operands, the padding set to pad.
+// A function of its own, its sizes in registers: inside parallel_for's lambda, which the compiler does not inline
+// here (another instruction set), every store of a byte could overwrite the captured sizes, and the loops reloaded
+// them per byte instead of becoming vector stores.
+template <typename T>
+void build_plane(const int8_t* x, T pad, T* plane, int64_t c, int64_t height, int64_t width, int64_t padding) {
+  const int64_t hp = height + 2 * padding, line = (width + 2 * padding) * c, border = padding * c;
+  for (int64_t r = 0; r < hp; ++r) {
+    const int64_t ih = r - padding;
+    T* dst = plane + r * line;
+    if (ih < 0 || ih >= height) {
+      for (int64_t j = 0; j < line; ++j) dst[j] = pad;
+      continue;
+    }
+    for (int64_t j = 0; j < border; ++j) dst[j] = dst[line - border + j] = pad;
+    widen_row(x + ih * width * c, dst + border, width * c);
+  }
+}
+
 // x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) operands, the padding set to z_in.
 template <typename T>
 void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, int64_t c, int64_t height, int64_t width,
                   int64_t padding, int threads) {
-  const int64_t hp = height + 2 * padding, line = (width + 2 * padding) * c, border = padding * c;
-  const T pad = widen<T>(x_zero_point);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t r = 0; r < hp; ++r) {
-      const int64_t ih = r - padding;
-      T* dst = planes + (i * hp + r) * line;
-      if (ih < 0 || ih >= height) {
-        for (int64_t j = 0; j < line; ++j) dst[j] = pad;
-        continue;
-      }
-      for (int64_t j = 0; j < border; ++j) dst[j] = dst[line - border + j] = pad;
-      widen_row(x + (i * height + ih) * width * c, dst + border, width * c);
-    }
-  }
+  const int64_t plane = (height + 2 * padding) * (width + 2 * padding) * c;
+  parallel_for(n, threads, [&](int64_t i) {
+    build_plane(x + i * height * width * c, widen<T>(x_zero_point), planes + i * plane, c, height, width, padding);
+  });
 }
 
 }  // namespace detail

@@ -27,8 +27,7 @@ void qconv2d_grouped_ref(std::span<const int8_t> x, int32_t x_zero_point, std::s
   const int64_t wo = pooled_size(s.width, s.kernel, s.stride, s.padding);
   const int64_t group_in = s.channels / s.groups, group_out = s.out / s.groups;
   const int64_t row_length = group_in * s.kernel * s.kernel;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < s.n; ++i) {
+  parallel_for(s.n, threads, [&](int64_t i) {
     for (int64_t p = 0; p < ho * wo; ++p) {
       const int64_t oh = p / wo, ow = p % wo;
       for (int64_t o = 0; o < s.out; ++o) {
@@ -49,7 +48,7 @@ void qconv2d_grouped_ref(std::span<const int8_t> x, int32_t x_zero_point, std::s
         acc[(i * ho * wo + p) * s.out + o] = sum;
       }
     }
-  }
+  });
 }
 #endif  // LOWBIT_EXERCISES
 
@@ -72,8 +71,7 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
   const int64_t wo = pooled_size(s.width, s.kernel, s.stride, s.padding);
   const int64_t group_in = s.channels / s.groups, group_out = s.out / s.groups;
   const bool depthwise = group_in == 1 && group_out == 1;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t row = 0; row < s.n * ho * wo; ++row) {
+  parallel_for(s.n * ho * wo, threads, [&](int64_t row) {
     const int64_t i = row / (ho * wo), oh = row / wo % ho, ow = row % wo;
     int32_t* sum = acc.data() + row * s.out;
     std::copy(b.begin(), b.begin() + s.out, sum);
@@ -94,7 +92,7 @@ void qconv2d_grouped_nhwc(std::span<const int8_t> x, int32_t x_zero_point, const
         }
       }
     }
-  }
+  });
 }
 
 bool depthwise_in_one_pass(const ConvShape& s, KernelPath path) {
@@ -124,15 +122,14 @@ void qadd(std::span<const int8_t> a, std::span<const int8_t> b, const Rescale& r
   if (path != KernelPath::Ref && cpu_has_avx2()) {  // the same formula, 8 (AVX-512) or 4 (AVX2) elements at a time
     const auto kernel = detail::uses_avx512(path) ? detail::add_requantize_avx512 : detail::add_requantize_avx2;
     const int64_t chunk = (size + threads - 1) / threads;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t t = 0; t < threads; ++t) {
+    parallel_for(threads, threads, [&](int64_t t) {
       const int64_t begin = std::min(size, t * chunk), end = std::min(size, begin + chunk);
       kernel(a.data() + begin, b.data() + begin, y.data() + begin, end - begin, r, rq);
-    }
+    });
     return;
   }
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t k = 0; k < size; ++k) y[k] = requantize_add(a[k], za, ma, b[k], zb, mb, shift, z_out, act_min, act_max);
+  parallel_for(size, threads,
+               [&](int64_t k) { y[k] = requantize_add(a[k], za, ma, b[k], zb, mb, shift, z_out, act_min, act_max); });
 }
 
 namespace {
@@ -161,8 +158,7 @@ void qconcat(std::span<const std::span<const int8_t>> inputs, std::span<const in
   int64_t total = 0;
   for (const int64_t c : channels) total += c;
   const auto count = static_cast<int64_t>(inputs.size());
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, threads, [&](int64_t i) {
     int64_t offset = 0;  // the first output channel of input k
     for (int64_t k = 0; k < count; ++k) {
       const int64_t c = channels[k];
@@ -176,7 +172,7 @@ void qconcat(std::span<const std::span<const int8_t>> inputs, std::span<const in
       }
       offset += c;
     }
-  }
+  });
 }
 
 // ---- GlobalAvgPool2d and Clamp -------------------------------------------------------------------------
@@ -189,8 +185,7 @@ void global_avgpool(std::span<const int8_t> x, int32_t zero_point, std::span<int
     return static_cast<int8_t>(
         std::clamp(zero_point + rounding_divide_half_away(sum - count * zero_point, count), -128, 127));
   };
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, threads, [&](int64_t i) {
     if (channels_last) {  // position by position: each adds one contiguous row of C codes to the C sums
       std::vector<int32_t> sums(static_cast<size_t>(c), 0);
       for (int64_t p = 0; p < positions; ++p) {
@@ -198,20 +193,19 @@ void global_avgpool(std::span<const int8_t> x, int32_t zero_point, std::span<int
         for (int64_t ch = 0; ch < c; ++ch) sums[static_cast<size_t>(ch)] += row[ch];
       }
       for (int64_t ch = 0; ch < c; ++ch) y[i * c + ch] = average(sums[static_cast<size_t>(ch)]);
-      continue;
+      return;
     }
     for (int64_t ch = 0; ch < c; ++ch) {
       int32_t sum = 0;
       for (int64_t p = 0; p < positions; ++p) sum += x[(i * c + ch) * positions + p];
       y[i * c + ch] = average(sum);
     }
-  }
+  });
 }
 
 void clamp_codes(std::span<const int8_t> x, int32_t lo, int32_t hi, std::span<int8_t> y, int threads) {
   const auto size = static_cast<int64_t>(y.size());
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t k = 0; k < size; ++k) y[k] = static_cast<int8_t>(std::clamp<int32_t>(x[k], lo, hi));
+  parallel_for(size, threads, [&](int64_t k) { y[k] = static_cast<int8_t>(std::clamp<int32_t>(x[k], lo, hi)); });
 }
 
 }  // namespace lowbit::quant::runtime

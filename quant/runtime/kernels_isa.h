@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/parallel.h"
 #include "quant/runtime/kernels.h"
 
 namespace lowbit::quant::runtime::detail {
@@ -109,18 +110,6 @@ void conv_tile_avxvnni(const uint8_t* const* x, const int32_t* offsets, int64_t 
                        int64_t panel, int32_t* tile);
 
 // ---- kernels_avx512.cpp ----
-
-// body(t) for t in [0, count) on `threads` threads (static schedule). One thread runs a plain loop: an OpenMP
-// region costs a team allocation even with if(false), microseconds per op at batch 1.
-template <typename Body>
-void parallel_for(int64_t count, int threads, Body&& body) {
-  if (threads <= 1) {
-    for (int64_t t = 0; t < count; ++t) body(t);
-    return;
-  }
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < count; ++t) body(t);
-}
 
 // x is (N, IN) codes; xp is (N, K_UNITS) units of 4 bytes x + 128 (u8, byte i = k + i); codes past IN are 0
 // (their weights are 0).

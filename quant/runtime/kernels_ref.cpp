@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/parallel.h"
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
 #include "quant/runtime/requantize.h"
@@ -13,14 +14,13 @@ namespace {
 // x is (N, IN), w is (OUT, IN) of `bits`, b is (OUT); y is (N, OUT). docs/quantization.md eq. 5.
 void qgemm_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<const int8_t> w, int bits,
                std::span<const int32_t> b, std::span<int32_t> y, int64_t n, int64_t in, int64_t out, int threads) {
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, threads, [&](int64_t i) {
     for (int64_t o = 0; o < out; ++o) {
       int32_t acc = b[o];
       for (int64_t k = 0; k < in; ++k) acc += weight_code(w, bits, in, o, k) * (x[i * in + k] - x_zero_point);
       y[i * out + o] = acc;
     }
-  }
+  });
 }
 
 // dst[0, k) = src[0, k). For the usual kernel sides a fixed-length copy beats a call to memmove.
@@ -70,8 +70,7 @@ void qconv2d_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<cons
                  int64_t out, int64_t k, int64_t stride, int64_t padding, int threads) {
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const int64_t row_length = c * k * k;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t no = 0; no < n * out; ++no) {
+  parallel_for(n * out, threads, [&](int64_t no) {
     const int64_t i = no / out, o = no % out;
     for (int64_t oh = 0; oh < ho; ++oh) {
       for (int64_t ow = 0; ow < wo; ++ow) {
@@ -89,7 +88,7 @@ void qconv2d_ref(std::span<const int8_t> x, int32_t x_zero_point, std::span<cons
         y[((i * out + o) * ho + oh) * wo + ow] = acc;
       }
     }
-  }
+  });
 }
 
 void im2col(std::span<const int8_t> x, int32_t x_zero_point, std::span<int8_t> cols, int64_t n, int64_t c,
@@ -97,8 +96,7 @@ void im2col(std::span<const int8_t> x, int32_t x_zero_point, std::span<int8_t> c
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const int64_t row_length = c * k * k;
   const auto pad_code = static_cast<int8_t>(x_zero_point);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t nh = 0; nh < n * ho; ++nh) {
+  parallel_for(n * ho, threads, [&](int64_t nh) {
     const int64_t i = nh / ho, oh = nh % ho;
     for (int64_t ow = 0; ow < wo; ++ow) {
       int8_t* row = cols.data() + (nh * wo + ow) * row_length;
@@ -123,7 +121,7 @@ void im2col(std::span<const int8_t> x, int32_t x_zero_point, std::span<int8_t> c
         }
       }
     }
-  }
+  });
 }
 
 // ---- Requantization, pooling, input ------------------------------------------------------------------
@@ -134,8 +132,7 @@ void requantize_to_nchw_ref(std::span<const int32_t> acc, const Requant& rq, std
   const int32_t* multiplier = rq.multiplier.data();
   const int32_t* shift = rq.shift.data();
   const int32_t zero_point = rq.zero_point, act_min = rq.act_min, act_max = rq.act_max;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, threads, [&](int64_t i) {
     for (int64_t p = 0; p < positions; ++p) {
       const int32_t* a = acc.data() + (i * positions + p) * out;
       int8_t* yp = y.data() + i * out * positions + p;
@@ -143,14 +140,13 @@ void requantize_to_nchw_ref(std::span<const int32_t> acc, const Requant& rq, std
         yp[o * positions] = requantize(a[o], multiplier[o], shift[o], zero_point, act_min, act_max);
       }
     }
-  }
+  });
 }
 
 void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height, int64_t width,
                int64_t k, int64_t stride, int64_t padding, int threads) {
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t plane = 0; plane < n * c; ++plane) {
+  parallel_for(n * c, threads, [&](int64_t plane) {
     const int8_t* xp = x.data() + plane * height * width;
     int8_t* yp = y.data() + plane * ho * wo;
     if (k == 2 && stride == 2 && padding == 0) {  // the common 2×2 pool: no window clipping, 4 codes each
@@ -162,7 +158,7 @@ void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_
               std::max(std::max(top[2 * ow], top[2 * ow + 1]), std::max(bottom[2 * ow], bottom[2 * ow + 1]));
         }
       }
-      continue;
+      return;
     }
     for (int64_t oh = 0; oh < ho; ++oh) {
       const auto [ih0, ih1] = window_range(oh, k, stride, padding, height);
@@ -175,15 +171,14 @@ void maxpool2d(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_
         yp[oh * wo + ow] = best;
       }
     }
-  }
+  });
 }
 
 void avgpool2d(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> y, int64_t n, int64_t c, int64_t height,
                int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const auto count = static_cast<int32_t>(k * k);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t plane = 0; plane < n * c; ++plane) {
+  parallel_for(n * c, threads, [&](int64_t plane) {
     const int8_t* xp = x.data() + plane * height * width;
     for (int64_t oh = 0; oh < ho; ++oh) {
       for (int64_t ow = 0; ow < wo; ++ow) {
@@ -199,14 +194,13 @@ void avgpool2d(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> 
         y[(plane * ho + oh) * wo + ow] = static_cast<int8_t>(std::clamp(code, -128, 127));
       }
     }
-  }
+  });
 }
 
 void input_lookup(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
                   int threads) {
   const auto size = static_cast<int64_t>(images.size());
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < size; ++i) y[i] = table[images[i]];
+  parallel_for(size, threads, [&](int64_t i) { y[i] = table[images[i]]; });
 }
 
 // ---- The same, channels last (the executor's fast path) ------------------------------------------------
@@ -215,8 +209,7 @@ void input_lookup(std::span<const uint8_t> images, const std::array<int8_t, 256>
 void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, int64_t c, int64_t height, int64_t width,
                     int64_t k, int64_t stride, int64_t padding, int threads) {
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, threads, [&](int64_t i) {
     const int8_t* xi = x.data() + i * height * width * c;
     if (k == 2 && stride == 2 && padding == 0) {  // the common 2×2 pool: no clipping, 4 pixels of c codes each
       for (int64_t oh = 0; oh < ho; ++oh) {
@@ -229,7 +222,7 @@ void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, i
           for (int64_t ci = 0; ci < c; ++ci) yp[ci] = std::max(std::max(a[ci], a[c + ci]), std::max(b[ci], b[c + ci]));
         }
       }
-      continue;
+      return;
     }
     for (int64_t oh = 0; oh < ho; ++oh) {
       const auto [ih0, ih1] = window_range(oh, k, stride, padding, height);
@@ -245,15 +238,14 @@ void maxpool2d_nhwc(std::span<const int8_t> x, std::span<int8_t> y, int64_t n, i
         }
       }
     }
-  }
+  });
 }
 
 void avgpool2d_nhwc(std::span<const int8_t> x, int32_t zero_point, std::span<int8_t> y, int64_t n, int64_t c,
                     int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads) {
   const int64_t ho = pooled_size(height, k, stride, padding), wo = pooled_size(width, k, stride, padding);
   const auto count = static_cast<int32_t>(k * k);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, threads, [&](int64_t i) {
     for (int64_t oh = 0; oh < ho; ++oh) {
       const auto [ih0, ih1] = window_range(oh, k, stride, padding, height);
       for (int64_t ow = 0; ow < wo; ++ow) {
@@ -269,19 +261,18 @@ void avgpool2d_nhwc(std::span<const int8_t> x, int32_t zero_point, std::span<int
         }
       }
     }
-  }
+  });
 }
 
 void input_lookup_nhwc(std::span<const uint8_t> images, const std::array<int8_t, 256>& table, std::span<int8_t> y,
                        int64_t n, int64_t c, int64_t positions, int threads) {
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, threads, [&](int64_t i) {
     for (int64_t ci = 0; ci < c; ++ci) {
       const uint8_t* plane = images.data() + (i * c + ci) * positions;
       int8_t* yi = y.data() + i * positions * c + ci;
       for (int64_t p = 0; p < positions; ++p) yi[p * c] = table[plane[p]];
     }
-  }
+  });
 }
 
 }  // namespace lowbit::quant::runtime
