@@ -87,7 +87,7 @@ size_t qgemm_packed_workspace_size(int64_t n, const PackedWeights& w);
 void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedWeights& w, std::span<const int32_t> b,
                   std::span<int32_t> y, int64_t n, std::span<int32_t> workspace, int threads = 1);
 
-// Conv2d on channels-last images as an implicit GEMM (kernels_avx2.cpp explains it): the executor's fast
+// Conv2d on channels-last images as an implicit GEMM (kernels_conv.cpp explains it): the executor's fast
 // path keeps activations (N, H, W, C). The weights are re-laid out once: each output channel's codes in
 // (kh, kw, c) order, every kernel row's K·C codes padded with zero weights to SEGMENT whole units.
 struct PackedConv {
@@ -171,8 +171,8 @@ void requantize_to_nchw(std::span<const int32_t> acc, const Requant& rq, std::sp
 
 // acc is (N, H, W, C) int32 accumulators of a Conv2d; y is (N, HO, WO, C) codes: the codes of
 // requantize_to_nchw_ref followed by maxpool2d (channels last), computed as requantize(max(acc)) — equal,
-// because requantization never decreases (kernels_avx2.cpp). Requires cpu_has_avx2(); on the Vnni512 and Amx
-// paths the 2×2 pool runs 16 channels at a time (AVX-512).
+// because requantization never decreases (kernels_avx2.cpp, maxpool_requantize_avx2). Requires cpu_has_avx2(); on the
+// Vnni512 and Amx paths the 2×2 pool runs 16 channels at a time (AVX-512).
 void maxpool_requantize_nhwc(std::span<const int32_t> acc, const Requant& rq, std::span<int8_t> y, int64_t n, int64_t c,
                              int64_t height, int64_t width, int64_t k, int64_t stride, int64_t padding, int threads = 1,
                              KernelPath path = kernel_path());

@@ -97,7 +97,7 @@ LOWBIT_AMX void tiles_2x2(int64_t steps, int64_t a_stride, Step step, int32_t* c
 
 // ---- Convolutions ----
 //
-// An implicit GEMM, as conv_rows on the VNNI kernels (kernels_avx2.cpp), with A tiles read straight from the
+// An implicit GEMM, as conv_rows on the VNNI kernels (kernels_conv.cpp), with A tiles read straight from the
 // padded image (channels last, x + 128 as u8). Count an image's output positions over the padded width,
 // v = oh·WP + ow with ow < WP: position v's window then starts v·stride·C bytes after the image's first byte,
 // so the 16 rows of an A tile are 16 consecutive positions exactly stride·C bytes apart, across output rows

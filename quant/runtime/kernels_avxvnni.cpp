@@ -11,8 +11,8 @@ namespace lowbit::quant::runtime::detail {
 // The AvxVnni path computes eq. 5 exactly as the Vnni512 path does (kernels_avx512.cpp, points 1-3): the same
 // u8 × s8 units of 4 codes, x + 128 as the u8 operand, the weights packed once for both (pack_weights), the
 // zero point and the +128 folded into the bias. Only the register width differs: a panel of 16 channels is two
-// ymm halves. The drivers (tiling, threads, epilogues) are kernels_avx2.cpp's, so this file holds only the
-// loops that multiply.
+// ymm halves. The drivers (tiling, threads, epilogues) are kernels_avx2.cpp's (the GEMM) and kernels_conv.cpp's
+// (the convolution), so this file holds only the loops that multiply.
 
 // Every function here carries this attribute, rather than the file being compiled with -mavxvnni, for the
 // reason given at the top of kernels_avx512.cpp. No AVX-512 feature is enabled, so the compiler can emit only

@@ -7,9 +7,9 @@
 // 2. pack_weights and pack_conv_weights refuse Ref and any path this CPU cannot run (check_packing_path), and
 //    record the path in PackedWeights::path. qgemm_packed, conv_planes and qconv2d_rows* then run that path's
 //    kernels without checking again:
-//      Avx2, AvxVnni  kernels_avx2.cpp (qgemm_avx2, build_planes, conv_rows), with the multiplies of
-//                     kernels_avxvnni.cpp on AvxVnni
-//      Vnni512        kernels_avx512.cpp (a convolution: conv_rows with its micro-kernel)
+//      Avx2, AvxVnni  kernels_avx2.cpp (qgemm_avx2) and kernels_conv.cpp (build_planes, conv_rows), with the
+//                     multiplies of kernels_avxvnni.cpp on AvxVnni
+//      Vnni512        kernels_avx512.cpp (a convolution: kernels_conv.cpp's conv_rows with its micro-kernel)
 //      Amx            kernels_amx.cpp for GEMMs of at least 32 rows and convolutions packed with amx_tiles,
 //                     else as Vnni512
 // 3. The calls without packed weights take their path as an argument or from kernel_path(): qgemm_s8/s4 pack on
@@ -102,7 +102,7 @@ void qgemm_packed(std::span<const int8_t> x, int32_t x_zero_point, const PackedW
   detail::qgemm_avx2(x.data(), x_zero_point, w, b.data(), y.data(), n, workspace.data(), threads);
 }
 
-// ---- Conv2d: the implicit GEMM on channels-last images (kernels_avx2.cpp explains it) -------------------------
+// ---- Conv2d: the implicit GEMM on channels-last images (kernels_conv.cpp explains it) -------------------------
 
 PackedConv pack_conv_weights(std::span<const int8_t> w, int bits, int64_t c, int64_t height, int64_t width, int64_t out,
                              int64_t k, int64_t stride, int64_t padding, KernelPath path) {

@@ -23,7 +23,7 @@ constexpr int64_t kAmxMinRows = 32;
 // both divide kConvRowBlock.
 constexpr int64_t kConvPanelsVnni = 4;
 constexpr int64_t conv_rows_vnni(int64_t panels_per_call) { return panels_per_call == 1 ? 12 : 6; }
-// GEMM rows per block of conv_rows (kernels_avx2.cpp): their windows stay in L1 while every panel passes.
+// GEMM rows per block of conv_rows (kernels_conv.cpp): their windows stay in L1 while every panel passes.
 constexpr int64_t kConvRowBlock = 96;
 
 // The unit of an Avx2 8-bit panel (PackedWeights) holds two codes as int16: code goes to half 0 (low, even k) or 1.
@@ -45,14 +45,7 @@ inline uint64_t low_bits(int64_t count) {
   return count >= 64 ? ~uint64_t{0} : count <= 0 ? 0 : (uint64_t{1} << count) - 1;
 }
 
-// ---- kernels_avx2.cpp ----
-
-// The GEMM of the Avx2 and AvxVnni paths (qgemm_packed): x is (N, IN) codes, w packed for Avx2 or AvxVnni, b is
-// (OUT); y is (N, OUT) int32, equal to qgemm_s8_ref's / qgemm_s4_ref's. It packs x into workspace, which holds
-// qgemm_avx2_workspace_size(n, w) int32.
-size_t qgemm_avx2_workspace_size(int64_t n, const PackedWeights& w);
-void qgemm_avx2(const int8_t* x, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
-                int32_t* workspace, int threads);
+// ---- kernels_conv.cpp ----
 
 // conv_planes for the operands T: int16_t (codes, for Avx2 with 8-bit weights) or uint8_t (x + 128).
 // x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) operands, the padding set to z_in.
@@ -71,6 +64,15 @@ void conv_rows(const T* planes, const PackedConv& pc, int32_t z_eff, const int32
 template <typename T>
 void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, const int32_t* b, const Requant& rq,
                       int32_t* acc, int8_t* y, int64_t first, int64_t pairs);
+
+// ---- kernels_avx2.cpp ----
+
+// The GEMM of the Avx2 and AvxVnni paths (qgemm_packed): x is (N, IN) codes, w packed for Avx2 or AvxVnni, b is
+// (OUT); y is (N, OUT) int32, equal to qgemm_s8_ref's / qgemm_s4_ref's. It packs x into workspace, which holds
+// qgemm_avx2_workspace_size(n, w) int32.
+size_t qgemm_avx2_workspace_size(int64_t n, const PackedWeights& w);
+void qgemm_avx2(const int8_t* x, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y, int64_t n,
+                int32_t* workspace, int threads);
 
 // requantize_to_nchw, 8 channels at a time: acc is (N, P, OUT) int32; y is (N, OUT, P) codes.
 void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, const int32_t* shift, int32_t zero_point,
@@ -120,7 +122,7 @@ void pack_x_u8(const int8_t* x, int64_t n, int64_t in, int64_t k_units, int32_t*
 void qgemm_vnni512(const int32_t* xp, int32_t x_zero_point, const PackedWeights& w, const int32_t* b, int32_t* y,
                    int64_t n, int threads);
 
-// conv_block (kernels_avx2.cpp) on the Vnni512 path, and on Amx for kernel rows too short for tiles: `count` <=
+// conv_block (kernels_conv.cpp) on the Vnni512 path, and on Amx for kernel rows too short for tiles: `count` <=
 // kConvRowBlock GEMM rows, row r's window at window[r] (u8 operands x + 128; the last repeated up to a whole MR
 // after them), unit t of a window offsets[t] bytes further. Panels of 16 channels go through the micro-kernel up
 // to kConvPanelsVnni at a time, conv_rows_vnni(PANELS) rows per call, or one of 8 channels (a layer of at most 8).
