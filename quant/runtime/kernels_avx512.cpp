@@ -462,21 +462,6 @@ struct alignas(64) DepthwiseColumn {
 constexpr int64_t kMaxDepthwiseKernel = 7;  // the largest K with K² <= kMaxDepthwiseTaps
 static_assert(kMaxDepthwiseKernel * kMaxDepthwiseKernel <= kMaxDepthwiseTaps &&
               (kMaxDepthwiseKernel + 1) * (kMaxDepthwiseKernel + 1) > kMaxDepthwiseTaps);
-inline int64_t depthwise_row_groups(int64_t kernel) { return (kernel + 3) / 4; }
-// The output rows one set of operands (4·G input rows) serves: row m reads input rows m·stride .. m·stride + K − 1.
-constexpr int64_t depthwise_rows_sharing(int64_t kernel, int64_t stride) {
-  return (4 * ((kernel + 3) / 4) - kernel) / stride + 1;
-}
-constexpr int64_t kMaxDepthwiseWeights = 40;  // sharing · G · K at most: K = 5, stride 1 (4 · 2 · 5)
-static_assert([] {
-  for (int64_t k = 1; k <= kMaxDepthwiseKernel; ++k)
-    if (depthwise_rows_sharing(k, 1) * ((k + 3) / 4) * k > kMaxDepthwiseWeights) return false;
-  return true;
-}());
-// The input columns an output row's windows read, padding included.
-inline int64_t depthwise_columns(const ConvShape& s) {
-  return (pooled_size(s.width, s.kernel, s.stride, s.padding) - 1) * s.stride + s.kernel;
-}
 
 // Channels [c0, c0 + 16) of a depthwise convolution, output rows [row0, row1) (row = image · HO + oh), as
 // depthwise_requantize_avx512 describes. The kernel's rows go in groups of four: lane c of one vpdpbusd
@@ -545,15 +530,9 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
     const int8_t* image = x + i * s.height * s.width * c + c0;
     for (int64_t g = 0; g < groups; ++g) {  // the operands of input columns iw = j − padding, j < count
       DepthwiseColumn* operands = columns + g * count;
-      // Rows over the padding read the 16 codes z_in from `pad` at every column (a step of 0).
       const int8_t* base[4];
       int64_t step[4];
-      for (int64_t r = 0; r < 4; ++r) {
-        const int64_t ih = oh * stride - padding + 4 * g + r;
-        const bool inside = ih >= 0 && ih < s.height;
-        base[r] = inside ? image + ih * s.width * c : pad;
-        step[r] = inside ? c : 0;
-      }
+      depthwise_group_rows(image, pad, s, oh, g, base, step);
       for (int64_t j = 0; j < count; ++j) {
         const int64_t iw = j - padding;
         __m512i operand = padding_column;

@@ -1,8 +1,9 @@
 // The kernels of the graph ops: grouped and depthwise Conv2d, Add, Concat, GlobalAvgPool2d and Clamp.
 // Each has a reference form on (N, C, H, W) codes (the definition) and a channels-last form for the
 // executor's fast path, equal to it bit for bit. The depthwise conv runs in one pass, requantized: 16 channels
-// at a time on the AVX-512 paths (kernels_avx512.cpp, depthwise_block), with AVX2 on the others
-// (kernels_avx2.cpp, depthwise_requantize_avx2); the Add 16 codes per step with AVX-512.
+// at a time on the AVX-512 paths (kernels_avx512.cpp, depthwise_block), 8 on AvxVnni (kernels_avxvnni.cpp,
+// depthwise_block8), with AVX2 on the Avx2 path and for K > 7 (kernels_avx2.cpp, depthwise_requantize_avx2); the
+// Add 16 codes per step with AVX-512.
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -105,8 +106,11 @@ void qconv2d_depthwise_requantized(std::span<const int8_t> x, int32_t x_zero_poi
   if (!depthwise_in_one_pass(s, path))
     throw RuntimeError(std::string("qconv2d_depthwise_requantized: not a depthwise conv on a fast path (") +
                        kernel_path_name(path) + "); use qconv2d_grouped_nhwc and requantize_to_nchw");
-  if (detail::uses_avx512(path) && s.kernel * s.kernel <= detail::kMaxDepthwiseTaps)
+  const bool small = s.kernel * s.kernel <= detail::kMaxDepthwiseTaps;
+  if (detail::uses_avx512(path) && small)
     detail::depthwise_requantize_avx512(x.data(), x_zero_point, w.codes.data(), b.data(), rq, y.data(), s, threads);
+  else if (path == KernelPath::AvxVnni && small)
+    detail::depthwise_requantize_avxvnni(x.data(), x_zero_point, w.codes.data(), b.data(), rq, y.data(), s, threads);
   else
     detail::depthwise_requantize_avx2(x.data(), x_zero_point, w.codes.data(), b.data(), rq, y.data(), s, threads);
 }

@@ -111,6 +111,11 @@ constexpr int64_t conv_rows_avxvnni(int64_t panel) { return panel == 16 ? 6 : 12
 void conv_tile_avxvnni(const uint8_t* const* x, const int32_t* offsets, int64_t k_units, const int32_t* wp,
                        int64_t panel, int32_t* tile);
 
+// qconv2d_depthwise_requantized on the AvxVnni path for K² <= kMaxDepthwiseTaps: depthwise_requantize_avx512's
+// scheme (four kernel rows per vpdpbusd, each column's operands built once) on 8 channels per ymm.
+void depthwise_requantize_avxvnni(const int8_t* x, int32_t x_zero_point, const int8_t* w, const int32_t* b,
+                                  const Requant& rq, int8_t* y, const ConvShape& s, int threads);
+
 // ---- kernels_avx512.cpp ----
 
 // x is (N, IN) codes; xp is (N, K_UNITS) units of 4 bytes x + 128 (u8, byte i = k + i); codes past IN are 0
@@ -156,6 +161,35 @@ void add_requantize_avx512(const int8_t* a, const int8_t* b, int8_t* y, int64_t 
 constexpr int64_t kMaxDepthwiseTaps = 49;
 void depthwise_requantize_avx512(const int8_t* x, int32_t x_zero_point, const int8_t* w, const int32_t* b,
                                  const Requant& rq, int8_t* y, const ConvShape& s, int threads);
+
+// The shapes of that scheme, which depthwise_requantize_avxvnni shares. The kernel's rows go in G groups of four
+// (four bytes per vpdpbusd lane); one set of operands (4·G input rows) serves depthwise_rows_sharing output rows, row
+// m reading the input rows m·stride further down; an output row's windows read depthwise_columns input columns,
+// padding included; sharing · G · K weight vectors at most.
+constexpr int64_t depthwise_row_groups(int64_t kernel) { return (kernel + 3) / 4; }
+constexpr int64_t depthwise_rows_sharing(int64_t kernel, int64_t stride) {
+  return (4 * depthwise_row_groups(kernel) - kernel) / stride + 1;
+}
+inline int64_t depthwise_columns(const ConvShape& s) {
+  return (pooled_size(s.width, s.kernel, s.stride, s.padding) - 1) * s.stride + s.kernel;
+}
+// The four input rows of group g for output row oh, image at `image`: row r's codes at input column iw are at
+// base[r] + iw·step[r]; a row over the padding reads the codes z_in at `pad` at every column (a step of 0).
+inline void depthwise_group_rows(const int8_t* image, const int8_t* pad, const ConvShape& s, int64_t oh, int64_t g,
+                                 const int8_t* base[4], int64_t step[4]) {
+  for (int64_t r = 0; r < 4; ++r) {
+    const int64_t ih = oh * s.stride - s.padding + 4 * g + r;
+    const bool inside = ih >= 0 && ih < s.height;
+    base[r] = inside ? image + ih * s.width * s.channels : pad;
+    step[r] = inside ? s.channels : 0;
+  }
+}
+constexpr int64_t kMaxDepthwiseWeights = 40;  // K = 5 at stride 1: 4 · 2 · 5
+static_assert([] {
+  for (int64_t k = 1; k * k <= kMaxDepthwiseTaps; ++k)
+    if (depthwise_rows_sharing(k, 1) * depthwise_row_groups(k) * k > kMaxDepthwiseWeights) return false;
+  return true;
+}());
 
 // y[i] = table[images[i]] for i < size (input_lookup), with two-table byte permutes. Needs AVX-512 VBMI.
 void input_lookup_vbmi(const uint8_t* images, const int8_t* table, int8_t* y, int64_t size, int threads);
