@@ -362,22 +362,35 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
   const std::vector<int32_t> offsets_vnni = vnni512 ? channel_offsets(pc, b, z_eff) : std::vector<int32_t>{};
   if constexpr (sizeof(T) == 1) {
     if (vnni512 && pc.panel_channels == 16) {
-      // The pool in the micro-kernel: the four windows of each pooled output of a pooled row, in turn.
-      const int64_t pooled = wo / 2;
-      const T* window[kConvRowBlock + 4 * detail::kMaxPooledPerCall];  // 4·(WO/2) <= 2·WO <= kConvRowBlock
-      for (int64_t q = first; q < first + pairs; ++q) {
-        const int64_t i = q / pooled_rows, oh = q % pooled_rows * 2;
-        const T* at = planes + (i * hp + oh * stride) * wp * c;  // window (i, oh, 0), then (i, oh, 2·pw)
-        const int64_t right = stride * c, down = stride * wp * c;
+      // The pool in the micro-kernel: the four windows of each pooled output, kPooledPerCall outputs per call
+      // (several pooled rows of a small layer: its requantization constants are made once per call).
+      constexpr int64_t kPooledPerCall = 64;
+      const int64_t pooled = wo / 2, right = stride * c, down = stride * wp * c;
+      const T* window[4 * (kPooledPerCall + detail::kMaxPooledPerCall - 1)];
+      // Window (i, oh, 0) of pooled row q: image i = q div (HO/2), conv row oh = 2·(q mod (HO/2)).
+      const auto row_start = [&](int64_t q) {
+        return planes + (q / pooled_rows * hp + q % pooled_rows * 2 * stride) * wp * c;
+      };
+      if (pairs <= 0) return;
+      int64_t q = first, pw = 0;  // the next output: pooled row q, column pw, its first window at `at`
+      const T* at = row_start(q);
+      for (int64_t o0 = first * pooled; o0 < (first + pairs) * pooled; o0 += kPooledPerCall) {
+        const int64_t count = min_i64(kPooledPerCall, (first + pairs) * pooled - o0);
         const T** next = window;
-        for (int64_t pw = 0; pw < pooled; ++pw, at += 2 * right) {  // windows (oh or oh + 1, 2·pw or 2·pw + 1)
+        for (int64_t o = 0; o < count; ++o) {  // windows (oh or oh + 1, 2·pw or 2·pw + 1)
           *next++ = at;
           *next++ = at + right;
           *next++ = at + down;
           *next++ = at + down + right;
+          if (++pw < pooled) {
+            at += 2 * right;
+          } else {
+            pw = 0;
+            if (++q < first + pairs) at = row_start(q);  // (never a window past the last image)
+          }
         }
-        for (int64_t r = 4 * pooled; r < 4 * (pooled + detail::kMaxPooledPerCall - 1); ++r) window[r] = window[r - 4];
-        detail::conv_pool_vnni512(window, pooled, pc, offsets_vnni.data(), rq, y + q * pooled * out);
+        for (int64_t r = 4 * count; r < 4 * (count + detail::kMaxPooledPerCall - 1); ++r) window[r] = window[r - 4];
+        detail::conv_pool_vnni512(window, count, pc, offsets_vnni.data(), rq, y + o0 * out);
       }
       return;
     }
