@@ -1,13 +1,17 @@
-// OpenBLAS runs kernels that use the CPU's vector instructions, not its generic fallback, and OpenMP threads do not
-// spin long (core/threads.h).
+// OpenBLAS runs kernels that use the CPU's vector instructions, not its generic fallback, OpenMP threads do not
+// spin long (core/threads.h), and parallel_for runs no OpenMP region on one thread (core/parallel.h).
 #include <cblas.h>
 #include <doctest/doctest.h>
+#include <omp.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "core/ops.h"
+#include "core/parallel.h"
 #include "core/threads.h"
 
 using namespace lowbit;
@@ -52,4 +56,28 @@ TEST_CASE("unless the user chose a wait policy, a lowbit program restarts itself
     REQUIRE((started_with("OMP_WAIT_POLICY=") || started_with("GOMP_SPINCOUNT=")));
     CHECK(openmp_wait_description().find("lowbit's default") == std::string::npos);
   }
+}
+
+TEST_CASE("parallel_for runs every index once, on the threads asked for, and no OpenMP region on one thread") {
+  for (const int threads : {1, 2, 3})
+    for (const int64_t count : {0, 1, 2, 7, 100}) {
+      CAPTURE(threads);
+      CAPTURE(count);
+      std::vector<std::atomic<int>> runs(static_cast<size_t>(count));
+      std::atomic<int> inside_region{0}, team_max{0};
+      parallel_for(count, threads, [&](int64_t i) {
+        runs[static_cast<size_t>(i)] += 1;
+        inside_region += omp_get_level() > 0 ? 1 : 0;  // counts inactive regions (an if(false) one) too
+        int team = omp_get_num_threads(), seen = team_max.load();
+        while (team > seen && !team_max.compare_exchange_weak(seen, team)) {
+        }
+      });
+      for (const auto& r : runs) CHECK(r.load() == 1);
+      if (threads == 1 || count <= 1) {
+        CHECK(inside_region.load() == 0);  // a plain loop: libgomp starts no team
+      } else {
+        CHECK(inside_region.load() == count);
+        CHECK(team_max.load() <= threads);
+      }
+    }
 }
