@@ -10,6 +10,7 @@
 
 #include "core/conv_direct.h"
 #include "core/error.h"
+#include "core/parallel.h"
 #include "core/threads.h"
 
 namespace lowbit::ops {
@@ -23,13 +24,15 @@ int slice_count(int64_t n) {
   return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(num_threads(), n), 1, std::numeric_limits<int>::max()));
 }
 
+// Threads for an elementwise loop over n values: one (a plain loop) unless n is large enough to share.
+int elementwise_threads(int64_t n) { return n > (1 << 16) ? num_threads() : 1; }
+
 // Cuts [0, n) into slice_count(n) contiguous slices, in order, and runs body(first, last, slice)
 // for each on its own thread.
 template <typename Body>
 void for_each_slice(int64_t n, Body body) {
   const int slices = slice_count(n);
-#pragma omp parallel for schedule(static, 1) num_threads(slices) if (slices > 1)
-  for (int s = 0; s < slices; ++s) body(n * s / slices, n * (s + 1) / slices, s);
+  parallel_for(slices, slices, [&](int64_t s) { body(n * s / slices, n * (s + 1) / slices, static_cast<int>(s)); });
 }
 
 // C = op(A) op(B) + beta * C on the calling thread; row-major with leading dimensions lda, ldb, ldc;
@@ -188,8 +191,7 @@ Tensor binary(const Tensor& a, const Tensor& b, const char* name, F f) {
     const float *pa = a.data(), *pb = b.data();
     float* po = out.data();
     const int64_t n = a.numel();
-#pragma omp parallel for if (n > (1 << 16))
-    for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], pb[i]);
+    parallel_for(n, elementwise_threads(n), [&](int64_t i) { po[i] = f(pa[i], pb[i]); });
     return out;
   }
   Tensor out = Tensor::empty(broadcast_shape(a.shape(), b.shape(), name));
@@ -216,8 +218,7 @@ Tensor unary(const Tensor& a, F f) {
   const float* pa = a.data();
   float* po = out.data();
   const int64_t n = a.numel();
-#pragma omp parallel for if (n > (1 << 16))
-  for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i]);
+  parallel_for(n, elementwise_threads(n), [&](int64_t i) { po[i] = f(pa[i]); });
   return out;
 }
 
@@ -903,8 +904,7 @@ bool is_2x2(const PoolGeometry& g) { return g.k == 2 && g.stride == 2 && g.paddi
 // Window 2 x 2, stride 2, no padding (is_2x2): the common case, the same results as max_pool_windows
 // (the taps in the same order, the first maximum wins) without branches.
 void max_pool_2x2(const PoolGeometry& g, const float* px, float* py, int32_t* parg) {
-#pragma omp parallel for
-  for (int64_t plane = 0; plane < g.n * g.c; ++plane)
+  parallel_for(g.n * g.c, num_threads(), [&](int64_t plane) {
     for (int64_t oy = 0; oy < g.oh; ++oy) {
       const int64_t top = 2 * oy * g.w;  // index of tap (0, 0) of window (oy, 0) within the plane
       const float* __restrict r0 = px + plane * g.h * g.w + top;
@@ -921,6 +921,7 @@ void max_pool_2x2(const PoolGeometry& g, const float* px, float* py, int32_t* pa
         arg[ox] = static_cast<int32_t>(top + 2 * ox) + (tap & 1) + (tap >> 1) * static_cast<int32_t>(g.w);
       }
     }
+  });
 }
 
 // max_pool_2x2 when no graph is recorded (inference): the maxima only, in two passes per plane that the
@@ -954,8 +955,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void max_pool_2x2_v
 
 // Any window, stride and padding; parg gets each maximum's index within its plane.
 void max_pool_windows(const PoolGeometry& g, const float* px, float* py, int32_t* parg) {
-#pragma omp parallel for
-  for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
+  parallel_for(g.n * g.c, num_threads(), [&](int64_t plane) {
     const float* src = px + plane * g.h * g.w;
     for (int64_t oy = 0; oy < g.oh; ++oy) {
       const auto [ki0, ki1] = inside_taps(g, oy, g.h);
@@ -974,7 +974,7 @@ void max_pool_windows(const PoolGeometry& g, const float* px, float* py, int32_t
         parg[o] = static_cast<int32_t>(best);
       }
     }
-  }
+  });
 }
 }  // namespace
 
@@ -998,12 +998,11 @@ Tensor max_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
     // windows' maxima.
     Tensor dx = Tensor::empty({g.n, g.c, g.h, g.w});
     float* pdx = dx.data();
-#pragma omp parallel for
-    for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
+    parallel_for(g.n * g.c, num_threads(), [&](int64_t plane) {
       float* dp = pdx + plane * g.h * g.w;
       std::fill_n(dp, g.h * g.w, 0.f);
       for (int64_t i = plane * per_plane; i < (plane + 1) * per_plane; ++i) dp[parg[i]] += pdy[i];
-    }
+    });
     return std::vector<Tensor>{dx};
   });
 }
@@ -1012,8 +1011,7 @@ Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
   const PoolGeometry g = pool_geometry(x, kernel, stride, padding, "avg_pool2d");
   const float inv = 1.f / static_cast<float>(g.k * g.k);
   Tensor y = Tensor::empty({g.n, g.c, g.oh, g.ow});
-#pragma omp parallel for
-  for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
+  parallel_for(g.n * g.c, num_threads(), [&](int64_t plane) {
     const float* src = x.data() + plane * g.h * g.w;
     for (int64_t oy = 0; oy < g.oh; ++oy) {
       const auto [ki0, ki1] = inside_taps(g, oy, g.h);
@@ -1026,11 +1024,10 @@ Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
         y.data()[(plane * g.oh + oy) * g.ow + ox] = acc * inv;
       }
     }
-  }
+  });
   return record(y, "avg_pool2d", {x}, [g, inv](const Tensor& dy) {
     Tensor dx = Tensor::zeros({g.n, g.c, g.h, g.w});
-#pragma omp parallel for
-    for (int64_t plane = 0; plane < g.n * g.c; ++plane) {
+    parallel_for(g.n * g.c, num_threads(), [&](int64_t plane) {
       float* dst = dx.data() + plane * g.h * g.w;
       for (int64_t oy = 0; oy < g.oh; ++oy) {
         const auto [ki0, ki1] = inside_taps(g, oy, g.h);
@@ -1042,7 +1039,7 @@ Tensor avg_pool2d(const Tensor& x, int64_t kernel, int64_t stride, int64_t paddi
             for (int64_t kj = kj0; kj < kj1; ++kj) dst[corner + ki * g.w + kj] += share;
         }
       }
-    }
+    });
     return std::vector<Tensor>{dx};
   });
 }
