@@ -1,7 +1,8 @@
 // Internal to quant/runtime: the AVX2 building blocks that kernels_avx2.cpp (the GEMM, requantization, pools,
 // depthwise conv) and kernels_conv.cpp (the implicit-GEMM convolution) share: loads and stores of 8 lanes, and
 // requant8, the requantization of 8 accumulators (eqs. 6-7). Every function here is compiled for AVX2 (the
-// region below) and only ever called from code that is.
+// attribute, not a `#pragma GCC target` region: clang, which builds the fuzz targets, ignores those) and only
+// ever called from code that is.
 #pragma once
 
 #include <immintrin.h>
@@ -11,11 +12,10 @@
 
 namespace lowbit::quant::runtime::detail {
 
-#pragma GCC push_options
-#pragma GCC target("avx2")
+#define LOWBIT_AVX2 __attribute__((target("avx2")))
 
-inline __m256i load8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline void store8(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+LOWBIT_AVX2 inline __m256i load8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+LOWBIT_AVX2 inline void store8(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
 // The requantization constants of 8 channels: multiplier; when every lane's n >= 33 (`high`, the usual case),
 // n − 32 and 2^(n−33) per lane, else n and 2^(n−1) on the even and odd 64-bit lanes (the others zero).
@@ -27,7 +27,7 @@ struct alignas(32) Requant8 {
   __m256i m, shift_high, half_high, shift_even, shift_odd, half_even, half_odd;
 };
 
-inline Requant8 requant8_constants(const int32_t* multiplier, const int32_t* shift, __m256i mask) {
+LOWBIT_AVX2 inline Requant8 requant8_constants(const int32_t* multiplier, const int32_t* shift, __m256i mask) {
   const __m256i one = _mm256_set1_epi64x(1), shifts = _mm256_maskload_epi32(shift, mask);
   const __m256i below_33 = _mm256_and_si256(mask, _mm256_cmpgt_epi32(_mm256_set1_epi32(33), shifts));
   Requant8 c{};  // every vector 0
@@ -54,7 +54,7 @@ inline Requant8 requant8_constants(const int32_t* multiplier, const int32_t* shi
 //   8 int32 (H < 2^30) and shifted there (requant16's `high` in kernels_avx512.cpp, on 8 lanes);
 // - otherwise in 64-bit lanes (vpsrlvq), saturated to 2^16 − 1 (larger magnitudes clamp to act_min/act_max
 //   anyway since |z_out| <= 128) before the halves are combined.
-inline __m256i requant8(__m256i a, const Requant8& c, __m256i z, __m256i lo, __m256i hi) {
+LOWBIT_AVX2 inline __m256i requant8(__m256i a, const Requant8& c, __m256i z, __m256i lo, __m256i hi) {
   const __m256i sign = _mm256_srai_epi32(a, 31);
   const __m256i magnitude = _mm256_abs_epi32(a);  // |INT32_MIN| = 2^31 read as unsigned
   __m256i even = _mm256_mul_epu32(magnitude, c.m);
@@ -77,7 +77,7 @@ inline __m256i requant8(__m256i a, const Requant8& c, __m256i z, __m256i lo, __m
 
 // Stores the first count (1..8) int32 lanes of v at y: 4 + 2 + 1 lanes as count needs them (vpmaskmovd
 // would do it in one instruction, but a masked store is microcoded on AMD and took 80% of a small conv).
-inline void store_sums8(__m256i v, int32_t* y, int64_t count) {
+LOWBIT_AVX2 inline void store_sums8(__m256i v, int32_t* y, int64_t count) {
   if (count == 8) {
     store8(y, v);
     return;
@@ -97,7 +97,7 @@ inline void store_sums8(__m256i v, int32_t* y, int64_t count) {
 }
 
 // Stores 8 codes (int32 lanes in [−128, 127]) as count bytes at y.
-inline void store_codes8(__m256i q, int8_t* y, int64_t count) {
+LOWBIT_AVX2 inline void store_codes8(__m256i q, int8_t* y, int64_t count) {
   const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
   const __m128i codes = _mm_packs_epi16(words, words);  // the 8 codes in the low 8 bytes
   if (count == 8) {
@@ -121,6 +121,6 @@ inline void store_codes8(__m256i q, int8_t* y, int64_t count) {
   if (count & 1) *y = static_cast<int8_t>(_mm_extract_epi8(rest, 0));
 }
 
-#pragma GCC pop_options
+#undef LOWBIT_AVX2
 
 }  // namespace lowbit::quant::runtime::detail
