@@ -32,9 +32,6 @@ constexpr int64_t kPanel = PackedWeights::kPanelChannels;  // 16 channels = one 
 constexpr int64_t kBlock = 32;                             // a C block: 32 rows × 32 channels
 constexpr int64_t kUnitsPerTile = 16;                      // 64 k per tdpbusd
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // The tile configuration (palette 1), as ldtilecfg reads it: 64 bytes.
 struct TileConfig {
   uint8_t palette = 1;

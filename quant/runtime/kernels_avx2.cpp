@@ -50,11 +50,8 @@ constexpr int64_t kPanelsPerTile = 8;                      // ... by 8 panels (1
 constexpr int64_t kKBlockUnits = 256;                      // units of K per pass (even, for the int4 kernel)
 constexpr int64_t kRequantPositionBlock = 32;              // positions per block in requantize_to_nchw
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-using detail::load8, detail::store8, detail::Requant8, detail::requant8_constants, detail::requant8,
-    detail::store_sums8, detail::store_codes8;  // avx2_helpers.h
+using detail::ceil_div, detail::min_i64, detail::load8, detail::store8, detail::Requant8, detail::requant8_constants,
+    detail::requant8, detail::store_sums8, detail::store_codes8;  // avx2_helpers.h
 
 // The multiply of the ymm GEMM micro-kernels that run_tiles and run_row drive, fixed by how w was packed:
 //   Madd     Avx2, 8 bits: vpmaddwd on int16 pairs (micro_kernel_s8)
@@ -420,8 +417,8 @@ void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, i
   });
 }
 
-// The depthwise conv requantized in one pass (qconv2d_depthwise_requantized on the Avx2 and AvxVnni paths, and for
-// K > 7 on the AVX-512 ones): per output position, 16 channels at a time, each sum in a register.
+// The depthwise conv requantized in one pass (qconv2d_depthwise_requantized on the Avx2 path, and for K > 7 on the
+// others): per output position, 16 channels at a time, each sum in a register.
 // - The taps go in pairs through vpmaddwd: the 16 codes of a tap widened to int16 (vpmovsxbw), two taps'
 //   interleaved (vpunpcklwd / vpunpckhwd, which work within each 128-bit half), times their two weights, summed
 //   in int32 (|x·w| <= 128·128: exact). The low interleave holds channels 0-3 and 8-11 of the block, the high one

@@ -50,8 +50,6 @@ constexpr int64_t kTaskRows = kRows * kRowBlocksPerTask;
 constexpr int64_t kTaskChannels = kVectors * kPanel;
 constexpr int64_t kKBlockUnits = 128;  // ... walking K in blocks of 128 units: 64 channels × 512 k = 32 KB in L1
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline uint16_t low_lanes(int64_t count) { return static_cast<uint16_t>(count >= 16 ? 0xFFFF : (1u << count) - 1); }
 
 // xp holds MR rows of units, row r at xp + r·x_stride; panel v's units at wp + v·panel_stride, (KB, 16) each;
@@ -461,9 +459,6 @@ LOWBIT_AVX512_VNNI void add_requantize_range(const int8_t* a, const int8_t* b, i
 struct alignas(64) DepthwiseColumn {
   uint8_t bytes[64];
 };
-constexpr int64_t kMaxDepthwiseKernel = 7;  // the largest K with K² <= kMaxDepthwiseTaps
-static_assert(kMaxDepthwiseKernel * kMaxDepthwiseKernel <= kMaxDepthwiseTaps &&
-              (kMaxDepthwiseKernel + 1) * (kMaxDepthwiseKernel + 1) > kMaxDepthwiseTaps);
 
 // Channels [c0, c0 + 16) of a depthwise convolution, output rows [row0, row1) (row = image · HO + oh), as
 // depthwise_requantize_avx512 describes. The kernel's rows go in groups of four: lane c of one vpdpbusd

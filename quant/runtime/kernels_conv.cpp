@@ -17,11 +17,8 @@ namespace {
 
 constexpr int64_t kPanel = PackedWeights::kPanelChannels;  // 16 output channels: 2 ymm of int32
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-using detail::load8, detail::store8, detail::Requant8, detail::requant8_constants, detail::requant8,
-    detail::store_sums8, detail::store_codes8;  // avx2_helpers.h
+using detail::ceil_div, detail::min_i64, detail::load8, detail::store8, detail::Requant8, detail::requant8_constants,
+    detail::requant8, detail::store_sums8, detail::store_codes8;  // avx2_helpers.h
 
 }  // namespace
 

@@ -34,7 +34,7 @@ namespace {
 
 constexpr int64_t kPanel = PackedWeights::kPanelChannels;  // 16 output channels
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using detail::ceil_div;
 
 // Refuses to pack for a path that has no packed kernels or that this CPU cannot run.
 void check_packing_path(KernelPath path, const char* what) {

@@ -11,6 +11,9 @@
 
 namespace lowbit::quant::runtime::detail {
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 // The paths that run AVX-512 kernels (Amx runs everything but its tile GEMMs on the Vnni512 ones). The others,
 // AvxVnni included, must never reach a function of kernels_avx512.cpp: their CPUs may lack AVX-512.
 constexpr bool uses_avx512(KernelPath path) { return path == KernelPath::Vnni512 || path == KernelPath::Amx; }
@@ -83,8 +86,8 @@ void requantize_to_nchw_avx2(const int32_t* acc, const int32_t* multiplier, cons
 void maxpool_requantize_avx2(const int32_t* acc, const Requant& rq, int8_t* y, int64_t n, int64_t c, int64_t height,
                              int64_t width, int64_t k, int64_t stride, int64_t padding, int threads);
 
-// qconv2d_depthwise_requantized on the Avx2 and AvxVnni paths (and for K > 7 on the AVX-512 ones), 16 channels
-// at a time: x (N, H, W, C) codes, w pack_grouped_conv's (K·K, C) codes; y (N, HO, WO, C) codes.
+// qconv2d_depthwise_requantized on the Avx2 path (and for K > 7 on the others), 16 channels at a time: x (N, H, W, C)
+// codes, w pack_grouped_conv's (K·K, C) codes; y (N, HO, WO, C) codes.
 void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8_t* w, const int32_t* b,
                                const Requant& rq, int8_t* y, const ConvShape& s, int threads);
 
