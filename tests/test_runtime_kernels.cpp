@@ -181,6 +181,7 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       {3, 32, 6, 5, 64, 3, 1, 1},
       {5, 3, 9, 9, 9, 2, 1, 0},   // convbn-like conv2; 9 channels, 25 rows a part
       {2, 5, 6, 7, 70, 3, 1, 1},  // 5 panels: a VNNI call of 4, then one of 1
+      {2, 8, 6, 5, 61, 3, 1, 1},  // 4 panels, the last of 13 channels
       // AMX tiles (kernel rows of 8 units or more): stride 2, 1×1 windows, odd panel counts, and images so
       // small that the last A tile reads far past them (into the planes' slack).
       {2, 16, 9, 9, 32, 3, 2, 1},
@@ -221,80 +222,91 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
         for (int64_t c = 0; c < s.c; ++c)
           for (int64_t p = 0; p < s.h * s.w; ++p)
             x_nhwc[(i * s.h * s.w + p) * s.c + c] = x[(i * s.c + c) * s.h * s.w + p];
-      rt::Requant rq;  // for the requantizing epilogue
-      rq.zero_point = random_in(rng, -128, 127);
-      // No activation, a folded ReLU (act_min = z_out) or a narrower range; act_max 127 or below (a ReLU6).
-      const int low = static_cast<int>(rng.below(3));
-      rq.act_min = low == 0 ? -128 : low == 1 ? rq.zero_point : random_in(rng, rq.zero_point, 127);
-      rq.act_max = rng.below(2) == 0 ? 127 : random_in(rng, rq.act_min, 127);
-      // Shifts of 6-16, of 33-45 (the AVX-512 epilogue's high-half way; with a folded ReLU, z_out goes into its
-      // rounding) or mixed. Larger shifts leave every code at z_out here: the requantize_to_nchw test has them.
-      const int shifts = static_cast<int>(rng.below(3));
-      for (int64_t o = 0; o < s.out; ++o) {
-        rq.multiplier.push_back(random_in(rng, 1 << 30, std::numeric_limits<int32_t>::max()));
-        rq.shift.push_back(shifts == 0 ? random_in(rng, 6, 16) : random_in(rng, shifts == 1 ? 33 : 6, 45));
-      }
-      CAPTURE(shifts);
-      CAPTURE(low);
-      std::vector<int8_t> want(rows * s.out);
-      rt::requantize_to_nchw_ref(acc, rq, want, rows, 1, s.out, 1);
-      // With a 2 × 2 max pool (stride 2) after it: the largest of the four codes (requantization never
-      // decreases), (N, HO/2, WO/2, OUT); a last odd row or column is dropped.
-      const int64_t hp = ho / 2, wp = wo / 2;
-      std::vector<int8_t> want_pooled(s.n * hp * wp * s.out);
-      for (int64_t i = 0; i < s.n; ++i)
-        for (int64_t ph = 0; ph < hp; ++ph)
-          for (int64_t pw = 0; pw < wp; ++pw)
-            for (int64_t o = 0; o < s.out; ++o) {
-              int8_t best = -128;
-              for (int64_t dy = 0; dy < 2; ++dy)
-                for (int64_t dx = 0; dx < 2; ++dx)
-                  best = std::max(best, want[((i * ho + 2 * ph + dy) * wo + 2 * pw + dx) * s.out + o]);
-              want_pooled[((i * hp + ph) * wp + pw) * s.out + o] = best;
+      // Twice: a random form of requantization, then the usual layer's (relu_folded in the AVX-512 epilogue).
+      for (const bool usual : {false, true}) {
+        CAPTURE(usual);
+        rt::Requant rq;  // for the requantizing epilogue
+        rq.zero_point = usual ? random_in(rng, -128, -64) : random_in(rng, -128, 127);
+        // No activation, a folded ReLU (act_min = z_out) or a narrower range; act_max 127 or below (a ReLU6).
+        const int low = usual ? 1 : static_cast<int>(rng.below(3));
+        rq.act_min = low == 0 ? -128 : low == 1 ? rq.zero_point : random_in(rng, rq.zero_point, 127);
+        rq.act_max = rng.below(2) == 0 ? 127 : random_in(rng, usual ? 0 : rq.act_min, 127);
+        // Shifts of 6-16, of 33-45 (the AVX-512 epilogue's high-half way; with a folded ReLU, z_out goes into its
+        // rounding) or mixed. Larger shifts leave every code at z_out here: the requantize_to_nchw test has them.
+        const int shifts = usual ? 1 : static_cast<int>(rng.below(3));
+        for (int64_t o = 0; o < s.out; ++o) {
+          rq.multiplier.push_back(random_in(rng, 1 << 30, std::numeric_limits<int32_t>::max()));
+          rq.shift.push_back(shifts == 0 ? random_in(rng, 6, 16) : random_in(rng, shifts == 1 ? 33 : 6, 45));
+        }
+        CAPTURE(shifts);
+        CAPTURE(low);
+        std::vector<int8_t> want(rows * s.out);
+        rt::requantize_to_nchw_ref(acc, rq, want, rows, 1, s.out, 1);
+        // With a 2 × 2 max pool (stride 2) after it: the largest of the four codes (requantization never
+        // decreases), (N, HO/2, WO/2, OUT); a last odd row or column is dropped.
+        const int64_t hp = ho / 2, wp = wo / 2;
+        std::vector<int8_t> want_pooled(s.n * hp * wp * s.out);
+        for (int64_t i = 0; i < s.n; ++i)
+          for (int64_t ph = 0; ph < hp; ++ph)
+            for (int64_t pw = 0; pw < wp; ++pw)
+              for (int64_t o = 0; o < s.out; ++o) {
+                int8_t best = -128;
+                for (int64_t dy = 0; dy < 2; ++dy)
+                  for (int64_t dx = 0; dx < 2; ++dx)
+                    best = std::max(best, want[((i * ho + 2 * ph + dy) * wo + 2 * pw + dx) * s.out + o]);
+                want_pooled[((i * hp + ph) * wp + pw) * s.out + o] = best;
+              }
+        for (const rt::KernelPath path : paths) {
+          CAPTURE(std::string(rt::kernel_path_name(path)));
+          const rt::PackedConv pc =
+              rt::pack_conv_weights(w, bits, s.c, s.h, s.w, s.out, s.k, s.stride, s.padding, path);
+          // Amx runs a convolution on tiles from kernel rows of 8 units (29 codes) on.
+          CHECK(pc.amx_tiles.empty() == (path != rt::KernelPath::Amx || (s.k * s.c + 3) / 4 < 8));
+          std::vector<int16_t> planes(rt::conv_planes_size(s.n, pc), 0x5A5A);
+          rt::conv_planes(x_nhwc, z, pc, planes, s.n, 2);
+          for (const int parts : {1, 2, 3}) {
+            CAPTURE(parts);
+            std::vector<int32_t> fast(rows * s.out, 0x5A5A5A5A);
+            for (int t = 0; t < parts; ++t) {
+              const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
+              rt::qconv2d_rows(planes, z, pc, b, std::span<int32_t>(fast).subspan(begin * s.out), begin, end - begin);
             }
-      for (const rt::KernelPath path : paths) {
-        CAPTURE(std::string(rt::kernel_path_name(path)));
-        const rt::PackedConv pc = rt::pack_conv_weights(w, bits, s.c, s.h, s.w, s.out, s.k, s.stride, s.padding, path);
-        // Amx runs a convolution on tiles from kernel rows of 8 units (29 codes) on.
-        CHECK(pc.amx_tiles.empty() == (path != rt::KernelPath::Amx || (s.k * s.c + 3) / 4 < 8));
-        std::vector<int16_t> planes(rt::conv_planes_size(s.n, pc), 0x5A5A);
-        rt::conv_planes(x_nhwc, z, pc, planes, s.n, 2);
-        for (const int parts : {1, 2, 3}) {
-          CAPTURE(parts);
-          std::vector<int32_t> fast(rows * s.out, 0x5A5A5A5A);
-          for (int t = 0; t < parts; ++t) {
-            const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
-            rt::qconv2d_rows(planes, z, pc, b, std::span<int32_t>(fast).subspan(begin * s.out), begin, end - begin);
+            CHECK(count_mismatches(rows_to_nchw(fast, s.n, ho * wo, s.out), direct, "qconv2d_rows") == 0);
           }
-          CHECK(count_mismatches(rows_to_nchw(fast, s.n, ho * wo, s.out), direct, "qconv2d_rows") == 0);
-        }
-        // Requantized in the epilogue: the codes requantize_to_nchw_ref gives for the same accumulators.
-        for (const int parts : {1, 3}) {
-          CAPTURE(parts);
-          std::vector<int8_t> codes(rows * s.out, 0x5A);
-          for (int t = 0; t < parts; ++t) {
-            const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
-            rt::qconv2d_rows_requantized(planes, z, pc, b, rq, std::span<int8_t>(codes).subspan(begin * s.out), begin,
-                                         end - begin);
+          // Requantized in the epilogue: the codes requantize_to_nchw_ref gives for the same accumulators.
+          for (const int parts : {1, 3}) {
+            CAPTURE(parts);
+            // The ranges last to first, 64 guard bytes after the end: a range that stores past its own rows (a
+            // masked channel block stored whole) shows as a mismatch there.
+            std::vector<int8_t> codes(rows * s.out + 64, 0x5A);
+            for (int t = parts - 1; t >= 0; --t) {
+              const int64_t begin = rows * t / parts, end = rows * (t + 1) / parts;
+              rt::qconv2d_rows_requantized(planes, z, pc, b, rq,
+                                           std::span<int8_t>(codes).subspan(begin * s.out, (end - begin) * s.out),
+                                           begin, end - begin);
+            }
+            CHECK(std::equal(want.begin(), want.end(), codes.begin()));
+            CHECK(std::all_of(codes.begin() + rows * s.out, codes.end(), [](int8_t q) { return q == 0x5A; }));
+            if (usual)
+              CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));  // not constant
           }
-          CHECK(codes == want);
-          CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));  // not constant
-        }
-        // The max pool fused: pooled rows split in 1, 2 or 3 ranges, junk in the scratch and the output beforehand.
-        const bool fusable = pc.amx_tiles.empty() && 2 * wo <= 96 && ho >= 2;
-        CHECK(rt::conv_pool_fusable(pc, 2, 2, 0) == fusable);
-        CHECK(!rt::conv_pool_fusable(pc, 3, 2, 0));
-        CHECK(!rt::conv_pool_fusable(pc, 2, 1, 0));
-        if (!fusable) continue;
-        for (const int parts : {1, 2, 3}) {
-          CAPTURE(parts);
-          std::vector<int8_t> pooled(want_pooled.size(), 0x5A);
-          std::vector<int32_t> scratch(rt::conv_pool_scratch_size(pc), 0x5A5A5A5A);
-          for (int t = 0; t < parts; ++t) {
-            const int64_t begin = s.n * hp * t / parts, end = s.n * hp * (t + 1) / parts;
-            rt::qconv2d_rows_pooled(planes, z, pc, b, rq, scratch, pooled, begin, end - begin);
+          // The max pool fused: pooled rows split in 1, 2 or 3 ranges, junk in the scratch and the output beforehand.
+          const bool fusable = pc.amx_tiles.empty() && 2 * wo <= 96 && ho >= 2;
+          CHECK(rt::conv_pool_fusable(pc, 2, 2, 0) == fusable);
+          CHECK(!rt::conv_pool_fusable(pc, 3, 2, 0));
+          CHECK(!rt::conv_pool_fusable(pc, 2, 1, 0));
+          if (!fusable) continue;
+          for (const int parts : {1, 2, 3}) {
+            CAPTURE(parts);
+            std::vector<int8_t> pooled(want_pooled.size() + 64, 0x5A);  // guard bytes, ranges last to first, as above
+            std::vector<int32_t> scratch(rt::conv_pool_scratch_size(pc), 0x5A5A5A5A);
+            for (int t = parts - 1; t >= 0; --t) {
+              const int64_t begin = s.n * hp * t / parts, end = s.n * hp * (t + 1) / parts;
+              rt::qconv2d_rows_pooled(planes, z, pc, b, rq, scratch, pooled, begin, end - begin);
+            }
+            CHECK(std::equal(want_pooled.begin(), want_pooled.end(), pooled.begin()));
+            CHECK(std::all_of(pooled.begin() + want_pooled.size(), pooled.end(), [](int8_t q) { return q == 0x5A; }));
           }
-          CHECK(pooled == want_pooled);
         }
       }
     }

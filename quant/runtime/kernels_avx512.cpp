@@ -319,6 +319,60 @@ LOWBIT_AVX512_VNNI void store_codes16(int8_t* y, __mmask16 mask, __m512i q) {
   _mm512_mask_cvtsepi32_storeu_epi8(y, mask, q);
 }
 
+// requant16<true> without its clamp to act_max: relu_folded's codes before pack_codes64 clamps them as bytes.
+LOWBIT_AVX512_VNNI __m512i relu_codes16(__m512i a, const Requant16& c) {
+  return rounded_product(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
+}
+
+// Four vectors of 16 codes as int32 → their 64 codes as bytes, q[v] in bytes 16v .. 16v + 15, saturated to int8
+// and clamped to hi (act_max in every byte). Four store_codes16 and their clamps take 12 instructions on the two
+// vector ports (vpmovsdb is two); this takes 5. Saturating to int16 and then to int8 is saturating to int8.
+// vpacksswb leaves, in 128-bit lane L, dword v = lanes 4L .. 4L + 3 of q[v]; vpermd puts them in order.
+LOWBIT_AVX512_VNNI __m512i pack_codes64(const __m512i q[4], __m512i hi) {
+  const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_min_epi8(_mm512_permutexvar_epi32(order, bytes), hi);
+}
+
+// Rows [0, rows) of a conv tile ((NV, MR, 16) sums, MR = mr) of a relu_folded layer requantized and stored, four
+// vectors of 16 codes per pack_codes64: a row's four panels, which one store of 64 bytes takes; or 4 / NV rows of
+// NV panels, each 16 bytes stored from a buffer (GCC stores them with vextracti32x4 to memory, a plain store;
+// extracting into a register first takes the shuffle port). Rows left over go one vector at a time.
+template <int NV>
+LOWBIT_AVX512_VNNI void store_tile_packed(const int32_t* tile, int64_t mr, int64_t rows, const Requant16* constants,
+                                          const __mmask16* masks, int32_t act_max, int8_t* y, int64_t y_stride) {
+  constexpr int kRowsPerPack = 4 / NV;
+  const __m512i hi = _mm512_set1_epi8(static_cast<char>(act_max));
+  int64_t r = 0;
+  for (; r + kRowsPerPack <= rows; r += kRowsPerPack) {
+    __m512i q[4];
+    for (int i = 0; i < kRowsPerPack; ++i)
+      for (int v = 0; v < NV; ++v)
+        q[i * NV + v] = relu_codes16(_mm512_load_si512(tile + (v * mr + r + i) * 16), constants[v]);
+    if constexpr (NV == 4) {
+      const __mmask64 mask = masks[0] | uint64_t{masks[1]} << 16 | uint64_t{masks[2]} << 32 | uint64_t{masks[3]} << 48;
+      _mm512_mask_storeu_epi8(y + r * y_stride, mask, pack_codes64(q, hi));
+    } else {
+      alignas(64) int8_t codes[64];
+      _mm512_store_si512(codes, pack_codes64(q, hi));
+      for (int i = 0; i < kRowsPerPack; ++i)
+        for (int v = 0; v < NV; ++v) {
+          int8_t* at = y + (r + i) * y_stride + v * 16;
+          const int8_t* piece = codes + 16 * (i * NV + v);
+          if (masks[v] == 0xFFFF) {
+            std::memcpy(at, piece, 16);
+          } else {
+            _mm_mask_storeu_epi8(at, masks[v], _mm_load_si128(reinterpret_cast<const __m128i*>(piece)));
+          }
+        }
+    }
+  }
+  for (; r < rows; ++r)
+    for (int v = 0; v < NV; ++v)
+      store_codes16(y + r * y_stride + v * 16, masks[v],
+                    requant16<true>(_mm512_load_si512(tile + (v * mr + r) * 16), constants[v]));
+}
+
 // Rows [0, rows) of (rows, 16) int32 sums, rows `stride` apart, plus offset (none when null), requantized; the
 // lanes of `mask` of row r stored at y + r·y_stride.
 template <bool ReluFolded>
@@ -518,6 +572,7 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
   const __m512i offset =
       _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mask, b + c0), _mm512_mullo_epi32(_mm512_set1_epi32(z + 128), wsum));
   const Requant16 rc = requant16_constants(rq, c0, mask);
+  const __m512i hi = _mm512_set1_epi8(static_cast<char>(rq.act_max));
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
   alignas(16) int8_t pad[16];
   std::memset(pad, z, sizeof pad);
@@ -555,6 +610,15 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
             for (int p = 0; p < P; ++p)
               acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_load_si512(column[p * stride].bytes), wm[g * k + kw]);
           }
+        if constexpr (P == 4 && F && Full) {  // the four pixels' codes packed, then stored 16 bytes each
+          __m512i q[4];
+          for (int p = 0; p < 4; ++p) q[p] = relu_codes16(acc[p], rc);
+          // Through a buffer, as in store_tile_packed (GCC made register extracts of _mm512_extracti32x4_epi32).
+          alignas(64) int8_t codes[64];
+          _mm512_store_si512(codes, pack_codes64(q, hi));
+          for (int p = 0; p < 4; ++p) std::memcpy(yr + (ow + p) * c, codes + 16 * p, 16);
+          return;
+        }
 #pragma GCC unroll 4
         for (int p = 0; p < P; ++p) store_codes16(yr + (ow + p) * c, mask, requant16<F>(acc[p], rc));
       };
@@ -616,6 +680,8 @@ LOWBIT_AVX512_VNNI void conv_block_rows(const uint8_t* const* window, int64_t co
     Requant16 constants[kConvPanelsVnni];
     __mmask16 masks[kConvPanelsVnni];
     if (rq) panel_constants(w, *rq, p0, nv, constants, masks);
+    const bool packed = rq && panel == 16 && nv != 3 &&
+                        std::all_of(constants, constants + nv, [](const Requant16& c) { return c.relu_folded; });
     const int32_t* wp = w.units.data() + p0 * w.k_units * panel;
     const int32_t* init = channel_offsets + p0 * panel;
     for (int64_t r0 = 0; r0 < count; r0 += mr) {
@@ -626,6 +692,13 @@ LOWBIT_AVX512_VNNI void conv_block_rows(const uint8_t* const* window, int64_t co
         kernels[nv - 1](window + r0, pc.unit_offsets.data(), w.k_units, wp, init, tile);
       }
       const int64_t rows = min_i64(count, r0 + mr) - r0;
+      if (packed) {
+        int8_t* yr = y + r0 * w.out + p0 * 16;
+        if (nv == 1) store_tile_packed<1>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
+        if (nv == 2) store_tile_packed<2>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
+        if (nv == 4) store_tile_packed<4>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
+        continue;
+      }
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t o0 = (p0 + v) * panel, channels = min_i64(panel, w.out - o0);
         const int32_t* sums = tile + v * mr * panel;
