@@ -161,16 +161,19 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
   struct Case {
     int64_t channels, out, groups, kernel, stride, padding;
   };
-  // Depthwise with 1 to 64 channels (16- and 8-lane blocks and their tails), K = 1, 2, 3, 5, 7 and 9 (too many
+  // Depthwise with 1 to 136 channels (the AVX-512 kernel's blocks of 64 and 16 channels, the 8-lane blocks of the
+  // others, and their tails), K = 1, 2, 3, 5, 7 and 9 (too many
   // taps for the AVX-512 kernel: the AVX2 one runs it on every path). The one-pass kernel builds one set of operands
   // for 1 to 4 output rows (K = 5 at stride 1: 4; K = 1 or 5 at stride 2: 2), sets that HO = 7 and the threads' row
   // ranges cut short.
   const std::vector<Case> cases = {
-      {7, 7, 7, 3, 1, 1},    {9, 9, 9, 3, 2, 1},    {13, 13, 13, 5, 1, 2}, {17, 34, 17, 3, 1, 0}, {6, 9, 3, 3, 2, 1},
-      {8, 4, 2, 1, 1, 0},    {5, 10, 5, 2, 2, 0},   {33, 33, 33, 3, 1, 1}, {4, 6, 2, 3, 1, 2},    {1, 1, 1, 3, 1, 1},
-      {16, 16, 16, 3, 1, 1}, {32, 32, 32, 3, 2, 1}, {64, 64, 64, 3, 1, 0}, {20, 20, 20, 7, 1, 3}, {6, 6, 6, 2, 2, 0},
-      {18, 18, 18, 1, 1, 0}, {3, 3, 3, 9, 1, 4},    {20, 20, 20, 7, 2, 3}, {8, 8, 8, 3, 3, 1},    {12, 12, 12, 7, 3, 0},
-      {19, 19, 19, 1, 2, 0}, {21, 21, 21, 5, 2, 2}};
+      {7, 7, 7, 3, 1, 1},       {9, 9, 9, 3, 2, 1},    {13, 13, 13, 5, 1, 2}, {17, 34, 17, 3, 1, 0},
+      {6, 9, 3, 3, 2, 1},       {8, 4, 2, 1, 1, 0},    {5, 10, 5, 2, 2, 0},   {33, 33, 33, 3, 1, 1},
+      {4, 6, 2, 3, 1, 2},       {1, 1, 1, 3, 1, 1},    {16, 16, 16, 3, 1, 1}, {32, 32, 32, 3, 2, 1},
+      {64, 64, 64, 3, 1, 0},    {20, 20, 20, 7, 1, 3}, {6, 6, 6, 2, 2, 0},    {18, 18, 18, 1, 1, 0},
+      {3, 3, 3, 9, 1, 4},       {20, 20, 20, 7, 2, 3}, {8, 8, 8, 3, 3, 1},    {12, 12, 12, 7, 3, 0},
+      {19, 19, 19, 1, 2, 0},    {21, 21, 21, 5, 2, 2}, {80, 80, 80, 3, 2, 1}, {136, 136, 136, 5, 1, 2},
+      {128, 128, 128, 1, 1, 0}, {64, 64, 64, 7, 2, 3}};
   // 13 columns: the one-pass kernel computes 4 windows of a row at a time and the rest one by one (K = 7 at
   // stride 2 reads all 13 columns plus the padding); K = 5 and 7 take two groups of 4 kernel rows, K = 9 none.
   constexpr int64_t kH = 7, kW = 13;

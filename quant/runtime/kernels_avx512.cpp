@@ -249,8 +249,10 @@ struct Requant16 {
 };
 
 // The constants of channels [first, first + 16) of rq, lanes past `mask` unused.
-LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, int64_t first, __mmask16 mask) {
-  const __m512i one = _mm512_set1_epi64(1), shifts = _mm512_maskz_loadu_epi32(mask, rq.shift.data() + first);
+// multiplier and shift: the 16 lanes' (rq's from `first` on, or another order of them).
+LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, const int32_t* multiplier, const int32_t* shift,
+                                                 __mmask16 mask) {
+  const __m512i one = _mm512_set1_epi64(1), shifts = _mm512_maskz_loadu_epi32(mask, shift);
   Requant16 c;
   c.high = _mm512_mask_cmplt_epi32_mask(mask, shifts, _mm512_set1_epi32(33)) == 0;
   c.nonnegative = rq.act_min >= rq.zero_point;
@@ -258,7 +260,7 @@ LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, int64_t firs
   c.clamp_lo = rq.act_min > (c.nonnegative ? rq.zero_point : -128);  // q >= z_out already when nonnegative
   c.clamp_hi = rq.act_max < 127;
   c.relu_folded = c.z_folded && !c.clamp_lo;
-  c.m = _mm512_maskz_loadu_epi32(mask, rq.multiplier.data() + first);
+  c.m = _mm512_maskz_loadu_epi32(mask, multiplier);
   c.m_odd = _mm512_srli_epi64(c.m, 32);
   c.shift_high = _mm512_sub_epi32(shifts, _mm512_set1_epi32(32));
   c.half_high = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_sub_epi32(shifts, _mm512_set1_epi32(33)));
@@ -272,6 +274,10 @@ LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, int64_t firs
   c.lo = _mm512_set1_epi32(rq.act_min);
   c.hi = _mm512_set1_epi32(rq.act_max);
   return c;
+}
+
+LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, int64_t first, __mmask16 mask) {
+  return requant16_constants(rq, rq.multiplier.data() + first, rq.shift.data() + first, mask);
 }
 
 // round(|a|·m / 2^n) per lane, a read as unsigned (|INT32_MIN| = 2^31); with z_out·2^(n−32) inside when z_folded.
@@ -634,6 +640,128 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
   }
 }
 
+// depthwise_block on 64 channels [c0, c0 + 64) at once (c0 + 64 <= C), the same sums in another order. The four
+// rows' 64 codes at one input column are interleaved by two rounds of unpacks instead of depthwise_block's inserts
+// and permutes: vpunpck{l,h}bw pairs rows 0 and 1, and rows 2 and 3, then vpunpck{l,h}wd pairs the pairs, so
+// vector j holds in dword i of 128-bit lane L the four rows' bytes of channel 16L + 4j + i. The weights, the bias
+// and the requantization constants are taken in that order too (`lane_order`). Packing the four vectors' codes
+// (vpackssdw, vpacksswb: pack_codes64 without its vpermd) puts channel 16L + 4j + i at byte 16L + 4j + i, so the
+// 64 codes come out in order and go out in one store.
+struct alignas(64) DepthwiseColumn64 {
+  __m512i vectors[4];
+};
+
+LOWBIT_AVX512_VNNI void interleave64(const __m512i rows[4], __m512i out[4]) {
+  const __m512i low01 = _mm512_unpacklo_epi8(rows[0], rows[1]), high01 = _mm512_unpackhi_epi8(rows[0], rows[1]);
+  const __m512i low23 = _mm512_unpacklo_epi8(rows[2], rows[3]), high23 = _mm512_unpackhi_epi8(rows[2], rows[3]);
+  out[0] = _mm512_unpacklo_epi16(low01, low23);
+  out[1] = _mm512_unpackhi_epi16(low01, low23);
+  out[2] = _mm512_unpacklo_epi16(high01, high23);
+  out[3] = _mm512_unpackhi_epi16(high01, high23);
+}
+
+// Lane (j, L, i), at 16j + 4L + i, holds channel 16L + 4j + i of a block of 64.
+constexpr int64_t lane_order(int64_t lane) { return (lane % 16) / 4 * 16 + lane / 16 * 4 + lane % 4; }
+
+LOWBIT_AVX512_VNNI void depthwise_block64(const int8_t* x, int32_t z, const int8_t* w, const int32_t* b,
+                                          const Requant& rq, int8_t* y, const ConvShape& s, int64_t c0, int64_t row0,
+                                          int64_t row1, DepthwiseColumn64* columns) {
+  constexpr int64_t kPixels = 4;
+  const int64_t k = s.kernel, c = s.channels, stride = s.stride, padding = s.padding;
+  const int64_t ho = pooled_size(s.height, k, stride, padding), wo = pooled_size(s.width, k, stride, padding);
+  const int64_t groups = depthwise_row_groups(k), count = depthwise_columns(s);
+  const int64_t sharing = depthwise_rows_sharing(k, stride);
+  DepthwiseColumn64 wq[kMaxDepthwiseWeights];  // as depthwise_block's wq, four vectors each
+  __m512i wsum[4] = {};
+  for (int64_t m = 0; m < sharing; ++m)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t kw = 0; kw < k; ++kw) {
+        __m512i rows[4];
+        for (int64_t r = 0; r < 4; ++r) {
+          const int64_t kh = 4 * g + r - m * stride;
+          rows[r] = kh >= 0 && kh < k ? _mm512_loadu_si512(w + (kh * k + kw) * c + c0) : _mm512_setzero_si512();
+        }
+        const int64_t at = (m * groups + g) * k + kw;
+        interleave64(rows, wq[at].vectors);
+        if (m == 0)
+          for (int j = 0; j < 4; ++j) wsum[j] = _mm512_dpbusd_epi32(wsum[j], _mm512_set1_epi8(1), wq[at].vectors[j]);
+      }
+  alignas(64) int32_t bias[64], multiplier[64], shift[64];
+  for (int64_t lane = 0; lane < 64; ++lane) {
+    const int64_t channel = c0 + lane_order(lane);
+    bias[lane] = b[channel];
+    multiplier[lane] = rq.multiplier[static_cast<size_t>(channel)];
+    shift[lane] = rq.shift[static_cast<size_t>(channel)];
+  }
+  __m512i offset[4];
+  Requant16 rc[4];
+  for (int j = 0; j < 4; ++j) {
+    offset[j] =
+        _mm512_sub_epi32(_mm512_load_si512(bias + 16 * j), _mm512_mullo_epi32(_mm512_set1_epi32(z + 128), wsum[j]));
+    rc[j] = requant16_constants(rq, multiplier + 16 * j, shift + 16 * j, 0xFFFF);
+  }
+  const bool relu_folded = rc[0].relu_folded && rc[1].relu_folded && rc[2].relu_folded && rc[3].relu_folded;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  alignas(64) int8_t pad[64];
+  std::memset(pad, z, sizeof pad);
+  const __m512i padding_column = _mm512_set1_epi8(static_cast<char>(z ^ 0x80));
+  for (int64_t row = row0; row < row1;) {
+    const int64_t i = row / ho, oh = row % ho, rows_here = std::min({sharing, ho - oh, row1 - row});
+    const int8_t* image = x + i * s.height * s.width * c + c0;
+    for (int64_t g = 0; g < groups; ++g) {
+      DepthwiseColumn64* operands = columns + g * count;
+      const int8_t* base[4];
+      int64_t step[4];
+      depthwise_group_rows(image, pad, s, oh, g, base, step);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t iw = j - padding;
+        if (iw >= 0 && iw < s.width) {
+          __m512i rows[4];
+          for (int64_t r = 0; r < 4; ++r) rows[r] = _mm512_xor_si512(_mm512_loadu_si512(base[r] + iw * step[r]), flip);
+          interleave64(rows, operands[j].vectors);
+        } else {
+          for (auto& v : operands[j].vectors) v = padding_column;
+        }
+      }
+    }
+    for (int64_t m = 0; m < rows_here; ++m) {  // output row oh + m
+      int8_t* yr = y + (row + m) * wo * c + c0;
+      const DepthwiseColumn64* wm = wq + m * groups * k;
+      const auto window_sums = [&]<int P, bool F>(int64_t ow, std::integral_constant<int, P>,
+                                                  std::bool_constant<F>) LOWBIT_AVX512_VNNI {
+        __m512i acc[P][4];
+        for (auto& a : acc)
+          for (int j = 0; j < 4; ++j) a[j] = offset[j];
+        for (int64_t g = 0; g < groups; ++g)
+          for (int64_t kw = 0; kw < k; ++kw) {
+            const DepthwiseColumn64* column = columns + g * count + ow * stride + kw;
+            const DepthwiseColumn64& weights = wm[g * k + kw];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 4
+              for (int p = 0; p < P; ++p)
+                acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], column[p * stride].vectors[j], weights.vectors[j]);
+          }
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) {
+          __m512i q[4];
+          for (int j = 0; j < 4; ++j) q[j] = requant16<F>(acc[p][j], rc[j]);
+          const __m512i codes = _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+          _mm512_storeu_si512(yr + (ow + p) * c, codes);
+        }
+      };
+      const auto sums = [&]<int P>(int64_t at, std::integral_constant<int, P> pixels) LOWBIT_AVX512_VNNI {
+        if (relu_folded) return window_sums(at, pixels, std::true_type{});
+        window_sums(at, pixels, std::false_type{});
+      };
+      int64_t ow = 0;
+      for (; ow + kPixels <= wo; ow += kPixels) sums(ow, std::integral_constant<int, kPixels>{});
+      for (; ow < wo; ++ow) sums(ow, std::integral_constant<int, 1>{});
+    }
+    row += rows_here;
+  }
+}
+
 // Image i of maxpool2_requantize_avx512.
 LOWBIT_AVX512_VNNI void maxpool2_requantize_image(const int32_t* image, const Requant& rq, int8_t* y, int64_t c,
                                                   int64_t height, int64_t width) {
@@ -777,8 +905,15 @@ void depthwise_requantize_avx512(const int8_t* x, int32_t x_zero_point, const in
   const int64_t rows = s.n * pooled_size(s.height, s.kernel, s.stride, s.padding);
   parallel_for(threads, threads, [&](int64_t t) {  // contiguous rows per thread, every channel block on each
     const int64_t row0 = rows * t / threads, row1 = rows * (t + 1) / threads;
-    std::vector<DepthwiseColumn> columns(static_cast<size_t>(depthwise_row_groups(s.kernel) * depthwise_columns(s)));
-    for (int64_t c0 = 0; c0 < s.channels; c0 += 16) {
+    const auto column_count = static_cast<size_t>(depthwise_row_groups(s.kernel) * depthwise_columns(s));
+    std::vector<DepthwiseColumn> columns(column_count);
+    int64_t c0 = 0;
+    if (s.channels >= 64) {
+      std::vector<DepthwiseColumn64> columns64(column_count);
+      for (; c0 + 64 <= s.channels; c0 += 64)
+        depthwise_block64(x, x_zero_point, w, b, rq, y, s, c0, row0, row1, columns64.data());
+    }
+    for (; c0 < s.channels; c0 += 16) {
       const auto block = c0 + 16 <= s.channels ? depthwise_block<true> : depthwise_block<false>;
       block(x, x_zero_point, w, b, rq, y, s, c0, row0, row1, columns.data());
     }
