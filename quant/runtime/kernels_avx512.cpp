@@ -281,13 +281,17 @@ LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, int64_t firs
 }
 
 // round(|a|·m / 2^n) per lane, a read as unsigned (|INT32_MIN| = 2^31); with z_out·2^(n−32) inside when z_folded.
+// ReluFolded: c.relu_folded holds (so c.high and c.z_folded do), passed by the callers that know it so that no
+// flag is tested per vector.
+template <bool ReluFolded = false>
 LOWBIT_AVX512_VNNI __m512i rounded_product(__m512i magnitude, const Requant16& c) {
   const __m512i even = _mm512_mul_epu32(magnitude, c.m);
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(magnitude, 32), c.m_odd);
-  if (c.high) {  // H of each lane: the odd lanes' are in place, the even lanes' one dword up (vpshufd 1,1,3,3)
+  if (ReluFolded ||
+      c.high) {  // H of each lane: the odd lanes' are in place, the even lanes' one dword up (vpshufd 1,1,3,3)
     const __m512i high = _mm512_mask_shuffle_epi32(odd, 0x5555, even, static_cast<_MM_PERM_ENUM>(0xF5));
     const __m512i sum = _mm512_add_epi32(high, c.half_high);
-    return c.z_folded ? _mm512_srav_epi32(sum, c.shift_high) : _mm512_srlv_epi32(sum, c.shift_high);
+    return ReluFolded || c.z_folded ? _mm512_srav_epi32(sum, c.shift_high) : _mm512_srlv_epi32(sum, c.shift_high);
   }
   const __m512i limit = _mm512_set1_epi64(0xFFFF);
   const __m512i e = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(even, c.half_even), c.shift_even), limit);
@@ -301,7 +305,7 @@ LOWBIT_AVX512_VNNI __m512i rounded_product(__m512i magnitude, const Requant16& c
 template <bool ReluFolded>
 LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c) {
   if constexpr (ReluFolded)
-    return _mm512_min_epi32(rounded_product(_mm512_max_epi32(a, _mm512_setzero_si512()), c), c.hi);
+    return _mm512_min_epi32(rounded_product<true>(_mm512_max_epi32(a, _mm512_setzero_si512()), c), c.hi);
   __m512i q;
   if (c.nonnegative) {
     const __m512i rounded = rounded_product(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
@@ -327,7 +331,7 @@ LOWBIT_AVX512_VNNI void store_codes16(int8_t* y, __mmask16 mask, __m512i q) {
 
 // requant16<true> without its clamp to act_max: relu_folded's codes before pack_codes64 clamps them as bytes.
 LOWBIT_AVX512_VNNI __m512i relu_codes16(__m512i a, const Requant16& c) {
-  return rounded_product(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
+  return rounded_product<true>(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
 }
 
 // Four vectors of 16 codes as int32 → their 64 codes as bytes, q[v] in bytes 16v .. 16v + 15, saturated to int8
