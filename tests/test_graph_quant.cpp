@@ -235,13 +235,15 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
         CHECK(got == want);
       }
       // Requantized in one pass: per-channel multipliers, shifts from 1 to 62 (most where codes land inside
-      // the int8 range), any zero point and clamp. Every other case a folded ReLU (z_out = act_min) with shifts
-      // of 33-44 only: the AVX-512 kernel's requant16<true>.
-      const bool relu = rng.below(2) == 0;
+      // the int8 range), any zero point and clamp; or, a third of the cases each, a folded ReLU (z_out = act_min)
+      // and no activation (act_min = -128), with shifts of 33-44 only: the AVX-512 kernels' Form::ReluFolded and
+      // Form::Signed.
+      const int kind = static_cast<int>(rng.below(3));
+      const bool relu = kind == 1, plain = kind == 2;
       rt::Requant rq;
       for (int64_t o = 0; o < c.out; ++o) {
         rq.multiplier.push_back(random_in(rng, int64_t{1} << 30, INT32_MAX));
-        rq.shift.push_back(relu                        ? random_in(rng, 33, 44)
+        rq.shift.push_back(relu || plain               ? random_in(rng, 33, 44)
                            : random_in(rng, 0, 3) == 0 ? random_in(rng, 1, 62)
                                                        : random_in(rng, 28, 44));
       }
@@ -249,7 +251,8 @@ TEST_CASE("grouped and depthwise conv: channels-last kernels == reference, every
       rq.act_min = random_in(rng, -128, 0);
       rq.act_max = random_in(rng, rq.act_min, 127);
       if (relu) rq.zero_point = rq.act_min;
-      CAPTURE(relu);
+      if (plain) rq.act_min = -128;
+      CAPTURE(kind);
       std::vector<int8_t> want_codes(want.size());
       for (size_t e = 0; e < want.size(); ++e) {
         const auto o = static_cast<size_t>(static_cast<int64_t>(e) % c.out);

@@ -238,10 +238,15 @@ LOWBIT_AVX512_VBMI void lookup_range(const uint8_t* images, const int8_t* table_
 //   after it, an arithmetic shift: H < 2^30 and |z_out|·2^(n−32) <= 2^29, so the sum stays in int32.
 // - the codes are stored with vpmovsdb, which saturates to [−128, 127]: the clamp to act_min and act_max is only
 //   needed where they are narrower (`clamp_lo`, `clamp_hi`).
+// Two forms are common enough to get loops of their own (a template argument, so that they test no flag per
+// vector): `ReluFolded`, a layer with a folded ReLU (z_folded and not clamp_lo), and `Signed`, a layer without
+// one (not nonnegative, every lane high, no clamp_lo: a conv before a residual Add, or a shortcut).
+enum class Form { General, ReluFolded, Signed };
+
 struct Requant16 {
   bool high;                      // every lane's n >= 33
   bool nonnegative, z_folded, clamp_lo, clamp_hi;
-  bool relu_folded;               // z_folded and not clamp_lo: requant16<true>
+  Form form;
   __m512i m, m_odd;               // m in every lane; in the low half of each 64-bit lane for the odd lanes
   __m512i shift_high, half_high;  // high: n − 32 and 2^(n−33) per lane (+ z_out·2^(n−32) when z_folded)
   __m512i shift_even, shift_odd, half_even, half_odd;  // otherwise: n and 2^(n−1) per 64-bit lane
@@ -259,7 +264,9 @@ LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, const int32_
   c.z_folded = c.nonnegative && c.high && _mm512_mask_cmpgt_epi32_mask(mask, shifts, _mm512_set1_epi32(54)) == 0;
   c.clamp_lo = rq.act_min > (c.nonnegative ? rq.zero_point : -128);  // q >= z_out already when nonnegative
   c.clamp_hi = rq.act_max < 127;
-  c.relu_folded = c.z_folded && !c.clamp_lo;
+  c.form = c.z_folded && !c.clamp_lo                 ? Form::ReluFolded
+           : !c.nonnegative && c.high && !c.clamp_lo ? Form::Signed
+                                                     : Form::General;
   c.m = _mm512_maskz_loadu_epi32(mask, multiplier);
   c.m_odd = _mm512_srli_epi64(c.m, 32);
   c.shift_high = _mm512_sub_epi32(shifts, _mm512_set1_epi32(32));
@@ -281,17 +288,18 @@ LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, int64_t firs
 }
 
 // round(|a|·m / 2^n) per lane, a read as unsigned (|INT32_MIN| = 2^31); with z_out·2^(n−32) inside when z_folded.
-// ReluFolded: c.relu_folded holds (so c.high and c.z_folded do), passed by the callers that know it so that no
-// flag is tested per vector.
-template <bool ReluFolded = false>
+// F: c.form, when the caller knows it (ReluFolded: c.high and c.z_folded; Signed: c.high, not c.z_folded).
+template <Form F = Form::General>
 LOWBIT_AVX512_VNNI __m512i rounded_product(__m512i magnitude, const Requant16& c) {
   const __m512i even = _mm512_mul_epu32(magnitude, c.m);
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(magnitude, 32), c.m_odd);
-  if (ReluFolded ||
-      c.high) {  // H of each lane: the odd lanes' are in place, the even lanes' one dword up (vpshufd 1,1,3,3)
+  if (F != Form::General || c.high) {
+    // H of each lane: the odd lanes' are in place, the even lanes' one dword up (vpshufd 1,1,3,3)
     const __m512i high = _mm512_mask_shuffle_epi32(odd, 0x5555, even, static_cast<_MM_PERM_ENUM>(0xF5));
     const __m512i sum = _mm512_add_epi32(high, c.half_high);
-    return ReluFolded || c.z_folded ? _mm512_srav_epi32(sum, c.shift_high) : _mm512_srlv_epi32(sum, c.shift_high);
+    if constexpr (F == Form::ReluFolded) return _mm512_srav_epi32(sum, c.shift_high);
+    if constexpr (F == Form::Signed) return _mm512_srlv_epi32(sum, c.shift_high);
+    return c.z_folded ? _mm512_srav_epi32(sum, c.shift_high) : _mm512_srlv_epi32(sum, c.shift_high);
   }
   const __m512i limit = _mm512_set1_epi64(0xFFFF);
   const __m512i e = _mm512_min_epu64(_mm512_srlv_epi64(_mm512_add_epi64(even, c.half_even), c.shift_even), limit);
@@ -299,13 +307,20 @@ LOWBIT_AVX512_VNNI __m512i rounded_product(__m512i magnitude, const Requant16& c
   return _mm512_mask_blend_epi32(0xAAAA, e, _mm512_slli_epi64(o, 32));
 }
 
-// The 16 codes of a as int32, to be stored with store_codes16 (its saturation is part of the clamp). ReluFolded:
-// c.relu_folded, the usual layer (a folded ReLU, act_min = z_out, z_out folded into the rounding), as a
-// template argument so that the loops that call it test no flag per vector.
-template <bool ReluFolded>
+// The codes of the two common forms before the clamp to act_max (which pack_codes64 does on bytes).
+template <Form F>
+LOWBIT_AVX512_VNNI __m512i codes16(__m512i a, const Requant16& c) {
+  static_assert(F != Form::General);
+  if constexpr (F == Form::ReluFolded) return rounded_product<F>(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
+  const __mmask16 negative = _mm512_cmplt_epi32_mask(a, _mm512_setzero_si512());
+  const __m512i rounded = rounded_product<F>(_mm512_abs_epi32(a), c);
+  return _mm512_add_epi32(_mm512_mask_sub_epi32(rounded, negative, _mm512_setzero_si512(), rounded), c.z);
+}
+
+// The 16 codes of a as int32, to be stored with store_codes16 (its saturation is part of the clamp). F: c.form.
+template <Form F>
 LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c) {
-  if constexpr (ReluFolded)
-    return _mm512_min_epi32(rounded_product<true>(_mm512_max_epi32(a, _mm512_setzero_si512()), c), c.hi);
+  if constexpr (F != Form::General) return _mm512_min_epi32(codes16<F>(a, c), c.hi);
   __m512i q;
   if (c.nonnegative) {
     const __m512i rounded = rounded_product(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
@@ -321,17 +336,14 @@ LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c) {
 }
 
 LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c) {
-  return c.relu_folded ? requant16<true>(a, c) : requant16<false>(a, c);
+  if (c.form == Form::ReluFolded) return requant16<Form::ReluFolded>(a, c);
+  if (c.form == Form::Signed) return requant16<Form::Signed>(a, c);
+  return requant16<Form::General>(a, c);
 }
 
 // The lanes of `mask` of q, saturated to int8 (vpmovsdb), at y.
 LOWBIT_AVX512_VNNI void store_codes16(int8_t* y, __mmask16 mask, __m512i q) {
   _mm512_mask_cvtsepi32_storeu_epi8(y, mask, q);
-}
-
-// requant16<true> without its clamp to act_max: relu_folded's codes before pack_codes64 clamps them as bytes.
-LOWBIT_AVX512_VNNI __m512i relu_codes16(__m512i a, const Requant16& c) {
-  return rounded_product<true>(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
 }
 
 // Four vectors of 16 codes as int32 → their 64 codes as bytes, q[v] in bytes 16v .. 16v + 15, saturated to int8
@@ -344,11 +356,11 @@ LOWBIT_AVX512_VNNI __m512i pack_codes64(const __m512i q[4], __m512i hi) {
   return _mm512_min_epi8(_mm512_permutexvar_epi32(order, bytes), hi);
 }
 
-// Rows [0, rows) of a conv tile ((NV, MR, 16) sums, MR = mr) of a relu_folded layer requantized and stored, four
+// Rows [0, rows) of a conv tile ((NV, MR, 16) sums, MR = mr) of a layer of form F requantized and stored, four
 // vectors of 16 codes per pack_codes64: a row's four panels, which one store of 64 bytes takes; or 4 / NV rows of
 // NV panels, each 16 bytes stored from a buffer (GCC stores them with vextracti32x4 to memory, a plain store;
 // extracting into a register first takes the shuffle port). Rows left over go one vector at a time.
-template <int NV>
+template <int NV, Form F>
 LOWBIT_AVX512_VNNI void store_tile_packed(const int32_t* tile, int64_t mr, int64_t rows, const Requant16* constants,
                                           const __mmask16* masks, int32_t act_max, int8_t* y, int64_t y_stride) {
   constexpr int kRowsPerPack = 4 / NV;
@@ -358,7 +370,7 @@ LOWBIT_AVX512_VNNI void store_tile_packed(const int32_t* tile, int64_t mr, int64
     __m512i q[4];
     for (int i = 0; i < kRowsPerPack; ++i)
       for (int v = 0; v < NV; ++v)
-        q[i * NV + v] = relu_codes16(_mm512_load_si512(tile + (v * mr + r + i) * 16), constants[v]);
+        q[i * NV + v] = codes16<F>(_mm512_load_si512(tile + (v * mr + r + i) * 16), constants[v]);
     if constexpr (NV == 4) {
       const __mmask64 mask = masks[0] | uint64_t{masks[1]} << 16 | uint64_t{masks[2]} << 32 | uint64_t{masks[3]} << 48;
       _mm512_mask_storeu_epi8(y + r * y_stride, mask, pack_codes64(q, hi));
@@ -380,25 +392,27 @@ LOWBIT_AVX512_VNNI void store_tile_packed(const int32_t* tile, int64_t mr, int64
   for (; r < rows; ++r)
     for (int v = 0; v < NV; ++v)
       store_codes16(y + r * y_stride + v * 16, masks[v],
-                    requant16<true>(_mm512_load_si512(tile + (v * mr + r) * 16), constants[v]));
+                    requant16<F>(_mm512_load_si512(tile + (v * mr + r) * 16), constants[v]));
 }
 
 // Rows [0, rows) of (rows, 16) int32 sums, rows `stride` apart, plus offset (none when null), requantized; the
 // lanes of `mask` of row r stored at y + r·y_stride.
-template <bool ReluFolded>
+template <Form F>
 LOWBIT_AVX512_VNNI void requantize_rows16(const int32_t* sums, int64_t rows, int64_t stride, const int32_t* offset,
                                           const Requant16& c, __mmask16 mask, int8_t* y, int64_t y_stride) {
   const __m512i bias = offset ? _mm512_maskz_loadu_epi32(mask, offset) : _mm512_setzero_si512();
   for (int64_t r = 0; r < rows; ++r) {
     const __m512i a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, sums + r * stride), bias);
-    store_codes16(y + r * y_stride, mask, requant16<ReluFolded>(a, c));
+    store_codes16(y + r * y_stride, mask, requant16<F>(a, c));
   }
 }
 
 LOWBIT_AVX512_VNNI void requantize_rows16(const int32_t* sums, int64_t rows, int64_t stride, const int32_t* offset,
                                           const Requant16& c, __mmask16 mask, int8_t* y, int64_t y_stride) {
-  if (c.relu_folded) return requantize_rows16<true>(sums, rows, stride, offset, c, mask, y, y_stride);
-  requantize_rows16<false>(sums, rows, stride, offset, c, mask, y, y_stride);
+  if (c.form == Form::ReluFolded)
+    return requantize_rows16<Form::ReluFolded>(sums, rows, stride, offset, c, mask, y, y_stride);
+  if (c.form == Form::Signed) return requantize_rows16<Form::Signed>(sums, rows, stride, offset, c, mask, y, y_stride);
+  requantize_rows16<Form::General>(sums, rows, stride, offset, c, mask, y, y_stride);
 }
 
 // requantize_rows16 with the constants of channels [first_channel, first_channel + count) of rq, count <= 16.
@@ -609,8 +623,8 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
     for (int64_t m = 0; m < rows_here; ++m) {  // output row oh + m
       int8_t* yr = y + (row + m) * wo * c + c0;
       const __m512i* wm = wq + m * groups * k;
-      const auto window_sums = [&]<int P, bool F>(int64_t ow, std::integral_constant<int, P>,
-                                                  std::bool_constant<F>) LOWBIT_AVX512_VNNI {
+      const auto window_sums = [&]<int P, Form F>(int64_t ow, std::integral_constant<int, P>,
+                                                  std::integral_constant<Form, F>) LOWBIT_AVX512_VNNI {
         __m512i acc[P];
         for (auto& a : acc) a = offset;
         for (int64_t g = 0; g < groups; ++g)
@@ -620,9 +634,9 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
             for (int p = 0; p < P; ++p)
               acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_load_si512(column[p * stride].bytes), wm[g * k + kw]);
           }
-        if constexpr (P == 4 && F && Full) {  // the four pixels' codes packed, then stored 16 bytes each
+        if constexpr (P == 4 && F != Form::General && Full) {  // four pixels' codes packed, stored 16 bytes each
           __m512i q[4];
-          for (int p = 0; p < 4; ++p) q[p] = relu_codes16(acc[p], rc);
+          for (int p = 0; p < 4; ++p) q[p] = codes16<F>(acc[p], rc);
           // Through a buffer, as in store_tile_packed (GCC made register extracts of _mm512_extracti32x4_epi32).
           alignas(64) int8_t codes[64];
           _mm512_store_si512(codes, pack_codes64(q, hi));
@@ -633,8 +647,10 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
         for (int p = 0; p < P; ++p) store_codes16(yr + (ow + p) * c, mask, requant16<F>(acc[p], rc));
       };
       const auto sums = [&]<int P>(int64_t at, std::integral_constant<int, P> pixels) LOWBIT_AVX512_VNNI {
-        if (rc.relu_folded) return window_sums(at, pixels, std::true_type{});
-        window_sums(at, pixels, std::false_type{});
+        if (rc.form == Form::ReluFolded)
+          return window_sums(at, pixels, std::integral_constant<Form, Form::ReluFolded>{});
+        if (rc.form == Form::Signed) return window_sums(at, pixels, std::integral_constant<Form, Form::Signed>{});
+        window_sums(at, pixels, std::integral_constant<Form, Form::General>{});
       };
       int64_t ow = 0;
       for (; ow + kPixels <= wo; ow += kPixels) sums(ow, std::integral_constant<int, kPixels>{});
@@ -704,7 +720,8 @@ LOWBIT_AVX512_VNNI void depthwise_block64(const int8_t* x, int32_t z, const int8
         _mm512_sub_epi32(_mm512_load_si512(bias + 16 * j), _mm512_mullo_epi32(_mm512_set1_epi32(z + 128), wsum[j]));
     rc[j] = requant16_constants(rq, multiplier + 16 * j, shift + 16 * j, 0xFFFF);
   }
-  const bool relu_folded = rc[0].relu_folded && rc[1].relu_folded && rc[2].relu_folded && rc[3].relu_folded;
+  const bool same = rc[1].form == rc[0].form && rc[2].form == rc[0].form && rc[3].form == rc[0].form;
+  const Form form = same ? rc[0].form : Form::General;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   alignas(64) int8_t pad[64];
   std::memset(pad, z, sizeof pad);
@@ -731,8 +748,8 @@ LOWBIT_AVX512_VNNI void depthwise_block64(const int8_t* x, int32_t z, const int8
     for (int64_t m = 0; m < rows_here; ++m) {  // output row oh + m
       int8_t* yr = y + (row + m) * wo * c + c0;
       const DepthwiseColumn64* wm = wq + m * groups * k;
-      const auto window_sums = [&]<int P, bool F>(int64_t ow, std::integral_constant<int, P>,
-                                                  std::bool_constant<F>) LOWBIT_AVX512_VNNI {
+      const auto window_sums = [&]<int P, Form F>(int64_t ow, std::integral_constant<int, P>,
+                                                  std::integral_constant<Form, F>) LOWBIT_AVX512_VNNI {
         __m512i acc[P][4];
         for (auto& a : acc)
           for (int j = 0; j < 4; ++j) a[j] = offset[j];
@@ -755,8 +772,9 @@ LOWBIT_AVX512_VNNI void depthwise_block64(const int8_t* x, int32_t z, const int8
         }
       };
       const auto sums = [&]<int P>(int64_t at, std::integral_constant<int, P> pixels) LOWBIT_AVX512_VNNI {
-        if (relu_folded) return window_sums(at, pixels, std::true_type{});
-        window_sums(at, pixels, std::false_type{});
+        if (form == Form::ReluFolded) return window_sums(at, pixels, std::integral_constant<Form, Form::ReluFolded>{});
+        if (form == Form::Signed) return window_sums(at, pixels, std::integral_constant<Form, Form::Signed>{});
+        window_sums(at, pixels, std::integral_constant<Form, Form::General>{});
       };
       int64_t ow = 0;
       for (; ow + kPixels <= wo; ow += kPixels) sums(ow, std::integral_constant<int, kPixels>{});
@@ -812,8 +830,9 @@ LOWBIT_AVX512_VNNI void conv_block_rows(const uint8_t* const* window, int64_t co
     Requant16 constants[kConvPanelsVnni];
     __mmask16 masks[kConvPanelsVnni];
     if (rq) panel_constants(w, *rq, p0, nv, constants, masks);
-    const bool packed = rq && panel == 16 && nv != 3 &&
-                        std::all_of(constants, constants + nv, [](const Requant16& c) { return c.relu_folded; });
+    const bool same =
+        std::all_of(constants, constants + nv, [&](const Requant16& c) { return c.form == constants[0].form; });
+    const Form form = rq && panel == 16 && nv != 3 && same ? constants[0].form : Form::General;
     const int32_t* wp = w.units.data() + p0 * w.k_units * panel;
     const int32_t* init = channel_offsets + p0 * panel;
     for (int64_t r0 = 0; r0 < count; r0 += mr) {
@@ -824,11 +843,15 @@ LOWBIT_AVX512_VNNI void conv_block_rows(const uint8_t* const* window, int64_t co
         kernels[nv - 1](window + r0, pc.unit_offsets.data(), w.k_units, wp, init, tile);
       }
       const int64_t rows = min_i64(count, r0 + mr) - r0;
-      if (packed) {
+      if (form != Form::General) {
         int8_t* yr = y + r0 * w.out + p0 * 16;
-        if (nv == 1) store_tile_packed<1>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
-        if (nv == 2) store_tile_packed<2>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
-        if (nv == 4) store_tile_packed<4>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
+        const auto store = [&]<Form F>(std::integral_constant<Form, F>) LOWBIT_AVX512_VNNI {
+          if (nv == 1) store_tile_packed<1, F>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
+          if (nv == 2) store_tile_packed<2, F>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
+          if (nv == 4) store_tile_packed<4, F>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
+        };
+        if (form == Form::ReluFolded) store(std::integral_constant<Form, Form::ReluFolded>{});
+        if (form == Form::Signed) store(std::integral_constant<Form, Form::Signed>{});
         continue;
       }
       for (int64_t v = 0; v < nv; ++v) {
