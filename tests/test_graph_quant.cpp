@@ -131,7 +131,7 @@ TEST_CASE("QAdd: the AVX2 and AVX-512 kernels == the reference on every path, fo
     rq.zero_point = static_cast<int32_t>(draw(-128, 127));
     rq.act_min = static_cast<int32_t>(draw(-128, 0));
     rq.act_max = static_cast<int32_t>(draw(rq.act_min, 127));
-    const auto size = static_cast<size_t>(draw(0, 70));  // lengths that are not multiples of 4, 8 or 16
+    const auto size = static_cast<size_t>(draw(0, 200));  // lengths that are not multiples of 4, 8, 16 or 64
     const auto a = random_codes(rng, size), b = random_codes(rng, size);
     std::vector<int8_t> want(size);
     rt::qadd(a, b, r, rq, want, 1, rt::KernelPath::Ref);
