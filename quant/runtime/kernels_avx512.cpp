@@ -609,18 +609,12 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
   const int64_t sharing = depthwise_rows_sharing(k, stride);
   __m512i wq[kMaxDepthwiseWeights];
   __m512i wsum = _mm512_setzero_si512();
-  for (int64_t m = 0; m < sharing; ++m)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t kw = 0; kw < k; ++kw) {
-        __m128i rows[4];
-        for (int64_t r = 0; r < 4; ++r) {
-          const int64_t kh = 4 * g + r - m * stride;
-          rows[r] = kh >= 0 && kh < k ? load16(w + (kh * k + kw) * c + c0) : _mm_setzero_si128();
-        }
-        const int64_t at = (m * groups + g) * k + kw;
-        wq[at] = interleave(rows);
-        if (m == 0) wsum = _mm512_dpbusd_epi32(wsum, _mm512_set1_epi8(1), wq[at]);
-      }
+  depthwise_weight_vectors(k, stride, [&](int64_t at, int64_t m, const int64_t taps[4]) LOWBIT_AVX512_VNNI {
+    __m128i rows[4];
+    for (int64_t r = 0; r < 4; ++r) rows[r] = taps[r] >= 0 ? load16(w + taps[r] * c + c0) : _mm_setzero_si128();
+    wq[at] = interleave(rows);
+    if (m == 0) wsum = _mm512_dpbusd_epi32(wsum, _mm512_set1_epi8(1), wq[at]);
+  });
   const __m512i offset =
       _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mask, b + c0), _mm512_mullo_epi32(_mm512_set1_epi32(z + 128), wsum));
   const Requant16 rc = requant16_constants(rq, c0, mask);
@@ -721,19 +715,14 @@ LOWBIT_AVX512_VNNI void depthwise_block64(const int8_t* x, int32_t z, const int8
   const int64_t sharing = depthwise_rows_sharing(k, stride);
   DepthwiseColumn64 wq[kMaxDepthwiseWeights];  // as depthwise_block's wq, four vectors each
   __m512i wsum[4] = {};
-  for (int64_t m = 0; m < sharing; ++m)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t kw = 0; kw < k; ++kw) {
-        __m512i rows[4];
-        for (int64_t r = 0; r < 4; ++r) {
-          const int64_t kh = 4 * g + r - m * stride;
-          rows[r] = kh >= 0 && kh < k ? _mm512_loadu_si512(w + (kh * k + kw) * c + c0) : _mm512_setzero_si512();
-        }
-        const int64_t at = (m * groups + g) * k + kw;
-        interleave64(rows, wq[at].vectors);
-        if (m == 0)
-          for (int j = 0; j < 4; ++j) wsum[j] = _mm512_dpbusd_epi32(wsum[j], _mm512_set1_epi8(1), wq[at].vectors[j]);
-      }
+  depthwise_weight_vectors(k, stride, [&](int64_t at, int64_t m, const int64_t taps[4]) LOWBIT_AVX512_VNNI {
+    __m512i rows[4];
+    for (int64_t r = 0; r < 4; ++r)
+      rows[r] = taps[r] >= 0 ? _mm512_loadu_si512(w + taps[r] * c + c0) : _mm512_setzero_si512();
+    interleave64(rows, wq[at].vectors);
+    if (m == 0)
+      for (int j = 0; j < 4; ++j) wsum[j] = _mm512_dpbusd_epi32(wsum[j], _mm512_set1_epi8(1), wq[at].vectors[j]);
+  });
   alignas(64) int32_t bias[64], multiplier[64], shift[64];
   for (int64_t lane = 0; lane < 64; ++lane) {
     const int64_t channel = c0 + lane_order(lane);

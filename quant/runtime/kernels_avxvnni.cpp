@@ -177,20 +177,14 @@ LOWBIT_AVX_VNNI void depthwise_block8(const int8_t* x, int32_t z, const int8_t* 
     return _mm_cvtsi64_si128(codes);
   };
   const int64_t sharing = depthwise_rows_sharing(k, stride);
-  __m256i wq[kMaxDepthwiseWeights];  // wq[(m·G + g)·K + kw]: byte r holds tap (4g + r − m·stride, kw), or 0
+  __m256i wq[kMaxDepthwiseWeights];  // depthwise_weight_vectors
   __m256i wsum = _mm256_setzero_si256();
-  for (int64_t m = 0; m < sharing; ++m)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t kw = 0; kw < k; ++kw) {
-        __m128i rows[4];
-        for (int64_t r = 0; r < 4; ++r) {
-          const int64_t kh = 4 * g + r - m * stride;
-          rows[r] = kh >= 0 && kh < k ? load_codes(w + (kh * k + kw) * c + c0) : _mm_setzero_si128();
-        }
-        const int64_t at = (m * groups + g) * k + kw;
-        wq[at] = interleave8(rows);
-        if (m == 0) wsum = _mm256_dpbusd_avx_epi32(wsum, _mm256_set1_epi8(1), wq[at]);
-      }
+  depthwise_weight_vectors(k, stride, [&](int64_t at, int64_t m, const int64_t taps[4]) LOWBIT_AVX_VNNI {
+    __m128i rows[4];
+    for (int64_t r = 0; r < 4; ++r) rows[r] = taps[r] >= 0 ? load_codes(w + taps[r] * c + c0) : _mm_setzero_si128();
+    wq[at] = interleave8(rows);
+    if (m == 0) wsum = _mm256_dpbusd_avx_epi32(wsum, _mm256_set1_epi8(1), wq[at]);
+  });
   alignas(32) int32_t bias[8] = {}, lanes[8] = {};
   for (int64_t j = 0; j < channels; ++j) {
     bias[j] = b[c0 + j];

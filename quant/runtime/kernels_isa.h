@@ -187,6 +187,24 @@ inline void depthwise_group_rows(const int8_t* image, const int8_t* pad, const C
     step[r] = inside ? s.channels : 0;
   }
 }
+// The weight vectors of that scheme, wq[(m·G + g)·K + kw] for output row m of a set, group g and kernel column kw:
+// byte r of each lane holds the weight of tap (4g + r − m·stride, kw), or 0 where that is no kernel row.
+// f(at, m, taps) for each, at = (m·G + g)·K + kw and taps[r] the offset of byte r's tap in the (K·K, C) weights, or
+// −1 for none.
+template <typename F>
+void depthwise_weight_vectors(int64_t kernel, int64_t stride, F&& f) {
+  const int64_t groups = depthwise_row_groups(kernel);
+  for (int64_t m = 0; m < depthwise_rows_sharing(kernel, stride); ++m)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t kw = 0; kw < kernel; ++kw) {
+        int64_t taps[4];
+        for (int64_t r = 0; r < 4; ++r) {
+          const int64_t kh = 4 * g + r - m * stride;
+          taps[r] = kh >= 0 && kh < kernel ? kh * kernel + kw : -1;
+        }
+        f((m * groups + g) * kernel + kw, m, taps);
+      }
+}
 constexpr int64_t kMaxDepthwiseWeights = 40;  // K = 5 at stride 1: 4 · 2 · 5
 static_assert([] {
   for (int64_t k = 1; k * k <= kMaxDepthwiseTaps; ++k)
