@@ -289,10 +289,14 @@ LOWBIT_AVX512_VNNI Requant16 requant16_constants(const Requant& rq, int64_t firs
 
 // round(|a|·m / 2^n) per lane, a read as unsigned (|INT32_MIN| = 2^31); with z_out·2^(n−32) inside when z_folded.
 // F: c.form, when the caller knows it (ReluFolded: c.high and c.z_folded; Signed: c.high, not c.z_folded).
+// ReluFolded takes a itself as `magnitude`, read as signed (vpmuldq), and gives ⌊(a·m + 2^(n−1)) / 2^n⌋ + z_out:
+// the same for a >= 0; for a < 0 at most z_out, which the clamp to act_min = z_out then makes exact (codes16).
 template <Form F = Form::General>
 LOWBIT_AVX512_VNNI __m512i rounded_product(__m512i magnitude, const Requant16& c) {
-  const __m512i even = _mm512_mul_epu32(magnitude, c.m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(magnitude, 32), c.m_odd);
+  const __m512i odd_lanes = _mm512_srli_epi64(magnitude, 32);
+  const __m512i even = F == Form::ReluFolded ? _mm512_mul_epi32(magnitude, c.m) : _mm512_mul_epu32(magnitude, c.m);
+  const __m512i odd =
+      F == Form::ReluFolded ? _mm512_mul_epi32(odd_lanes, c.m_odd) : _mm512_mul_epu32(odd_lanes, c.m_odd);
   if (F != Form::General || c.high) {
     // H of each lane: the odd lanes' are in place, the even lanes' one dword up (vpshufd 1,1,3,3)
     const __m512i high = _mm512_mask_shuffle_epi32(odd, 0x5555, even, static_cast<_MM_PERM_ENUM>(0xF5));
@@ -307,11 +311,13 @@ LOWBIT_AVX512_VNNI __m512i rounded_product(__m512i magnitude, const Requant16& c
   return _mm512_mask_blend_epi32(0xAAAA, e, _mm512_slli_epi64(o, 32));
 }
 
-// The codes of the two common forms before the clamp to act_max (which pack_codes64 does on bytes).
+// The codes of the two common forms before the clamp to [act_min, act_max] (which pack_codes64 does on bytes):
+// a folded ReLU's below act_min where a < 0 (rounded_product), the Signed form's within [−128, 127] after
+// saturation, act_min being −128.
 template <Form F>
 LOWBIT_AVX512_VNNI __m512i codes16(__m512i a, const Requant16& c) {
   static_assert(F != Form::General);
-  if constexpr (F == Form::ReluFolded) return rounded_product<F>(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
+  if constexpr (F == Form::ReluFolded) return rounded_product<F>(a, c);
   const __mmask16 negative = _mm512_cmplt_epi32_mask(a, _mm512_setzero_si512());
   const __m512i rounded = rounded_product<F>(_mm512_abs_epi32(a), c);
   return _mm512_add_epi32(_mm512_mask_sub_epi32(rounded, negative, _mm512_setzero_si512(), rounded), c.z);
@@ -320,7 +326,7 @@ LOWBIT_AVX512_VNNI __m512i codes16(__m512i a, const Requant16& c) {
 // The 16 codes of a as int32, to be stored with store_codes16 (its saturation is part of the clamp). F: c.form.
 template <Form F>
 LOWBIT_AVX512_VNNI __m512i requant16(__m512i a, const Requant16& c) {
-  if constexpr (F != Form::General) return _mm512_min_epi32(codes16<F>(a, c), c.hi);
+  if constexpr (F != Form::General) return _mm512_min_epi32(_mm512_max_epi32(codes16<F>(a, c), c.lo), c.hi);
   __m512i q;
   if (c.nonnegative) {
     const __m512i rounded = rounded_product(_mm512_max_epi32(a, _mm512_setzero_si512()), c);
@@ -347,13 +353,14 @@ LOWBIT_AVX512_VNNI void store_codes16(int8_t* y, __mmask16 mask, __m512i q) {
 }
 
 // Four vectors of 16 codes as int32 → their 64 codes as bytes, q[v] in bytes 16v .. 16v + 15, saturated to int8
-// and clamped to hi (act_max in every byte). Four store_codes16 and their clamps take 12 instructions on the two
-// vector ports (vpmovsdb is two); this takes 5. Saturating to int16 and then to int8 is saturating to int8.
-// vpacksswb leaves, in 128-bit lane L, dword v = lanes 4L .. 4L + 3 of q[v]; vpermd puts them in order.
-LOWBIT_AVX512_VNNI __m512i pack_codes64(const __m512i q[4], __m512i hi) {
+// and clamped to [lo, hi] (act_min and act_max in every byte). Four store_codes16 and their clamps take 12 or
+// more instructions on the two vector ports (vpmovsdb is two); this takes 6. Saturating to int16 and then to
+// int8 is saturating to int8. vpacksswb leaves, in 128-bit lane L, dword v = lanes 4L .. 4L + 3 of q[v]; vpermd
+// puts them in order.
+LOWBIT_AVX512_VNNI __m512i pack_codes64(const __m512i q[4], __m512i lo, __m512i hi) {
   const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_min_epi8(_mm512_permutexvar_epi32(order, bytes), hi);
+  return _mm512_min_epi8(_mm512_max_epi8(_mm512_permutexvar_epi32(order, bytes), lo), hi);
 }
 
 // Rows [0, rows) of a conv tile ((NV, MR, 16) sums, MR = mr) of a layer of form F requantized and stored, four
@@ -362,9 +369,10 @@ LOWBIT_AVX512_VNNI __m512i pack_codes64(const __m512i q[4], __m512i hi) {
 // extracting into a register first takes the shuffle port). Rows left over go one vector at a time.
 template <int NV, Form F>
 LOWBIT_AVX512_VNNI void store_tile_packed(const int32_t* tile, int64_t mr, int64_t rows, const Requant16* constants,
-                                          const __mmask16* masks, int32_t act_max, int8_t* y, int64_t y_stride) {
+                                          const __mmask16* masks, const Requant& rq, int8_t* y, int64_t y_stride) {
   constexpr int kRowsPerPack = 4 / NV;
-  const __m512i hi = _mm512_set1_epi8(static_cast<char>(act_max));
+  const __m512i lo = _mm512_set1_epi8(static_cast<char>(rq.act_min)),
+                hi = _mm512_set1_epi8(static_cast<char>(rq.act_max));
   int64_t r = 0;
   for (; r + kRowsPerPack <= rows; r += kRowsPerPack) {
     __m512i q[4];
@@ -373,10 +381,10 @@ LOWBIT_AVX512_VNNI void store_tile_packed(const int32_t* tile, int64_t mr, int64
         q[i * NV + v] = codes16<F>(_mm512_load_si512(tile + (v * mr + r + i) * 16), constants[v]);
     if constexpr (NV == 4) {
       const __mmask64 mask = masks[0] | uint64_t{masks[1]} << 16 | uint64_t{masks[2]} << 32 | uint64_t{masks[3]} << 48;
-      _mm512_mask_storeu_epi8(y + r * y_stride, mask, pack_codes64(q, hi));
+      _mm512_mask_storeu_epi8(y + r * y_stride, mask, pack_codes64(q, lo, hi));
     } else {
       alignas(64) int8_t codes[64];
-      _mm512_store_si512(codes, pack_codes64(q, hi));
+      _mm512_store_si512(codes, pack_codes64(q, lo, hi));
       for (int i = 0; i < kRowsPerPack; ++i)
         for (int v = 0; v < NV; ++v) {
           int8_t* at = y + (r + i) * y_stride + v * 16;
@@ -618,7 +626,8 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
   const __m512i offset =
       _mm512_sub_epi32(_mm512_maskz_loadu_epi32(mask, b + c0), _mm512_mullo_epi32(_mm512_set1_epi32(z + 128), wsum));
   const Requant16 rc = requant16_constants(rq, c0, mask);
-  const __m512i hi = _mm512_set1_epi8(static_cast<char>(rq.act_max));
+  const __m512i lo = _mm512_set1_epi8(static_cast<char>(rq.act_min)),
+                hi = _mm512_set1_epi8(static_cast<char>(rq.act_max));
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // x + 128 as u8 is x with bit 7 flipped
   alignas(16) int8_t pad[16];
   std::memset(pad, z, sizeof pad);
@@ -661,7 +670,7 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
           for (int p = 0; p < 4; ++p) q[p] = codes16<F>(acc[p], rc);
           // Through a buffer, as in store_tile_packed (GCC made register extracts of _mm512_extracti32x4_epi32).
           alignas(64) int8_t codes[64];
-          _mm512_store_si512(codes, pack_codes64(q, hi));
+          _mm512_store_si512(codes, pack_codes64(q, lo, hi));
           for (int p = 0; p < 4; ++p) std::memcpy(yr + (ow + p) * c, codes + 16 * p, 16);
           return;
         }
@@ -863,9 +872,9 @@ LOWBIT_AVX512_VNNI void conv_block_rows(const uint8_t* const* window, int64_t co
       if (form != Form::General) {
         int8_t* yr = y + r0 * w.out + p0 * 16;
         const auto store = [&]<Form F>(std::integral_constant<Form, F>) LOWBIT_AVX512_VNNI {
-          if (nv == 1) store_tile_packed<1, F>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
-          if (nv == 2) store_tile_packed<2, F>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
-          if (nv == 4) store_tile_packed<4, F>(tile, mr, rows, constants, masks, rq->act_max, yr, w.out);
+          if (nv == 1) store_tile_packed<1, F>(tile, mr, rows, constants, masks, *rq, yr, w.out);
+          if (nv == 2) store_tile_packed<2, F>(tile, mr, rows, constants, masks, *rq, yr, w.out);
+          if (nv == 4) store_tile_packed<4, F>(tile, mr, rows, constants, masks, *rq, yr, w.out);
         };
         if (form == Form::ReluFolded) store(std::integral_constant<Form, Form::ReluFolded>{});
         if (form == Form::Signed) store(std::integral_constant<Form, Form::Signed>{});
