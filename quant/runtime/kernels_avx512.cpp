@@ -352,13 +352,17 @@ LOWBIT_AVX512_VNNI void store_codes16(int8_t* y, __mmask16 mask, __m512i q) {
   _mm512_mask_cvtsepi32_storeu_epi8(y, mask, q);
 }
 
-// Four vectors of 16 codes as int32 → their 64 codes as bytes, q[v] in bytes 16v .. 16v + 15, saturated to int8
-// and clamped to [lo, hi] (act_min and act_max in every byte). Four store_codes16 and their clamps take 12 or
-// more instructions on the two vector ports (vpmovsdb is two); this takes 6. Saturating to int16 and then to
-// int8 is saturating to int8. vpacksswb leaves, in 128-bit lane L, dword v = lanes 4L .. 4L + 3 of q[v]; vpermd
-// puts them in order.
+// Four vectors of 16 codes as int32 → 64 bytes, saturated to int8 (saturating to int16 and then to int8 is
+// saturating to int8): vpacksswb leaves, in 128-bit lane L, dword v = lanes 4L .. 4L + 3 of q[v].
+LOWBIT_AVX512_VNNI __m512i pack_lanes(const __m512i q[4]) {
+  return _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+}
+
+// pack_lanes in order, q[v] in bytes 16v .. 16v + 15 (vpermd), clamped to [lo, hi] (act_min and act_max in every
+// byte). Four store_codes16 and their clamps take 12 or more instructions on the two vector ports (vpmovsdb is
+// two); this takes 6.
 LOWBIT_AVX512_VNNI __m512i pack_codes64(const __m512i q[4], __m512i lo, __m512i hi) {
-  const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+  const __m512i bytes = pack_lanes(q);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_min_epi8(_mm512_max_epi8(_mm512_permutexvar_epi32(order, bytes), lo), hi);
 }
@@ -696,7 +700,7 @@ LOWBIT_AVX512_VNNI void depthwise_block(const int8_t* x, int32_t z, const int8_t
 // and permutes: vpunpck{l,h}bw pairs rows 0 and 1, and rows 2 and 3, then vpunpck{l,h}wd pairs the pairs, so
 // vector j holds in dword i of 128-bit lane L the four rows' bytes of channel 16L + 4j + i. The weights, the bias
 // and the requantization constants are taken in that order too (`lane_order`). Packing the four vectors' codes
-// (vpackssdw, vpacksswb: pack_codes64 without its vpermd) puts channel 16L + 4j + i at byte 16L + 4j + i, so the
+// (pack_lanes: pack_codes64 without its vpermd) puts channel 16L + 4j + i at byte 16L + 4j + i, so the
 // 64 codes come out in order and go out in one store.
 struct alignas(64) DepthwiseColumn64 {
   __m512i vectors[4];
@@ -746,7 +750,7 @@ LOWBIT_AVX512_VNNI void depthwise_block64(const int8_t* x, int32_t z, const int8
         _mm512_sub_epi32(_mm512_load_si512(bias + 16 * j), _mm512_mullo_epi32(_mm512_set1_epi32(z + 128), wsum[j]));
     rc[j] = requant16_constants(rq, multiplier + 16 * j, shift + 16 * j, 0xFFFF);
   }
-  const bool same = rc[1].form == rc[0].form && rc[2].form == rc[0].form && rc[3].form == rc[0].form;
+  const bool same = std::all_of(rc, rc + 4, [&](const Requant16& r) { return r.form == rc[0].form; });
   const Form form = same ? rc[0].form : Form::General;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   alignas(64) int8_t pad[64];
@@ -793,8 +797,7 @@ LOWBIT_AVX512_VNNI void depthwise_block64(const int8_t* x, int32_t z, const int8
         for (int p = 0; p < P; ++p) {
           __m512i q[4];
           for (int j = 0; j < 4; ++j) q[j] = requant16<F>(acc[p][j], rc[j]);
-          const __m512i codes = _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
-          _mm512_storeu_si512(yr + (ow + p) * c, codes);
+          _mm512_storeu_si512(yr + (ow + p) * c, pack_lanes(q));
         }
       };
       const auto sums = [&]<int P>(int64_t at, std::integral_constant<int, P> pixels) LOWBIT_AVX512_VNNI {
@@ -856,9 +859,10 @@ LOWBIT_AVX512_VNNI void conv_block_rows(const uint8_t* const* window, int64_t co
     Requant16 constants[kConvPanelsVnni];
     __mmask16 masks[kConvPanelsVnni];
     if (rq) panel_constants(w, *rq, p0, nv, constants, masks);
-    const bool same =
-        std::all_of(constants, constants + nv, [&](const Requant16& c) { return c.form == constants[0].form; });
-    const Form form = rq && panel == 16 && nv != 3 && same ? constants[0].form : Form::General;
+    const auto same = [&] {
+      return std::all_of(constants, constants + nv, [&](const Requant16& c) { return c.form == constants[0].form; });
+    };
+    const Form form = rq && panel == 16 && nv != 3 && same() ? constants[0].form : Form::General;  // constants: rq only
     const int32_t* wp = w.units.data() + p0 * w.k_units * panel;
     const int32_t* init = channel_offsets + p0 * panel;
     for (int64_t r0 = 0; r0 < count; r0 += mr) {
