@@ -33,9 +33,10 @@ inline Outcome idx_input(std::span<const uint8_t> bytes) {
   Outcome outcome = Outcome::Refused;
   try {
     const data::IdxImages images = data::parse_idx_images(bytes, "fuzz.idx");
-    if (images.rows < 1 || images.cols < 1 || images.count < 0) broken("images with an empty or negative dimension");
-    if (images.pixels.size() != static_cast<size_t>(images.count * images.rows * images.cols)) {
-      broken("pixel count differs from count * rows * cols");
+    if (images.rows < 1 || images.cols < 1 || images.channels < 1 || images.count < 0)
+      broken("images with an empty or negative dimension");
+    if (images.pixels.size() != static_cast<size_t>(images.count * images.image_size())) {  // rank 4: channels too
+      broken("pixel count differs from count * channels * rows * cols");
     }
     outcome = Outcome::Loaded;
   } catch (const Error&) {
