@@ -269,25 +269,28 @@ IdxFile read_idx(ByteSource& source, const std::string& path, uint32_t expected_
          fmt::join(file.dims.begin() + 1, file.dims.end(), "x"));
   }
 
-  // Size of the data, overflow-checked, and capped before anything is allocated.
-  uint64_t data_bytes = 1;
-  for (uint32_t dim : file.dims) {
-    if (__builtin_mul_overflow(data_bytes, uint64_t{dim}, &data_bytes)) {
+  // Size of one item (channels * rows * cols for images) and of the data, overflow-checked, and capped before
+  // anything is allocated. The item's size on its own too: a header with 0 items may claim any dimensions.
+  uint64_t item_bytes = 1, data_bytes = file.dims[0];
+  for (size_t d = 1; d < rank; ++d) {
+    if (__builtin_mul_overflow(item_bytes, uint64_t{file.dims[d]}, &item_bytes)) {
       fail("'{}': header dimensions {} overflow a 64-bit byte count (corrupt header?)", path,
            fmt::join(file.dims, " x "));
     }
   }
-  uint64_t item_bytes = 1;  // channels * rows * cols for images: at most data_bytes, checked above
-  for (size_t d = 1; d < rank; ++d) item_bytes *= file.dims[d];
+  if (__builtin_mul_overflow(data_bytes, item_bytes, &data_bytes)) {
+    fail("'{}': header dimensions {} overflow a 64-bit byte count (corrupt header?)", path,
+         fmt::join(file.dims, " x "));
+  }
   const std::string described =
       rank >= 3 ? fmt::format("{} images of {}", file.dims[0], fmt::join(file.dims.begin() + 1, file.dims.end(), "x"))
                 : fmt::format("{} labels", file.dims[0]);
   const char* noun = rank >= 3 ? "images" : "labels";
-  if (data_bytes > kMaxIdxDataBytes) {
+  if (std::max(data_bytes, item_bytes) > kMaxIdxDataBytes) {
     fail(
         "'{}': header says {} = {} bytes, over lowbit's resource limit of {} bytes; refusing to "
         "allocate (corrupt header, or a data set too large to load at once)",
-        path, described, data_bytes, kMaxIdxDataBytes);
+        path, described, std::max(data_bytes, item_bytes), kMaxIdxDataBytes);
   }
   if (!source.gzipped()) {
     const uint64_t available = source.input_size() - header_bytes;
