@@ -262,6 +262,41 @@ TEST_CASE("Executor: fast kernels equal the reference on a LeNet-5 shaped graph,
   }
 }
 
+TEST_CASE("Executor: a batch larger than a tile runs tile by tile, with the codes of the whole batch at once") {
+  // Input(1, 96, 96) → Conv2d(1→16) → AvgPool2d(2) → Conv2d(16→8) → AvgPool2d(2) → Flatten → Linear(4608→10):
+  // about 190 KB of activations per image, so a tile (Executor::tile_images) holds a few images and every slice
+  // of 21 images runs several tiles, the last one smaller.
+  lowbit::Rng rng(300);
+  rt::Graph g;
+  g.in_height = g.in_width = 96;
+  std::vector<int8_t> unused;
+  g.ops.push_back(input_op());
+  g.ops.push_back(weighted_op(rng, rt::OpKind::Conv2d, "c1", 8, 1, 16, 3, 1, -128, -128, true, unused));
+  g.ops.push_back(window_op(rt::OpKind::AvgPool2d, "p1", 2, 2, -128));
+  g.ops.push_back(weighted_op(rng, rt::OpKind::Conv2d, "c2", 8, 16, 8, 3, 1, -128, -128, true, unused));
+  g.ops.push_back(window_op(rt::OpKind::AvgPool2d, "p2", 2, 2, -128));
+  g.ops.push_back(flatten_op());
+  g.ops.push_back(weighted_op(rng, rt::OpKind::Linear, "f", 8, 8 * 24 * 24, 10, 1, 0, -128, 3, false, unused));
+  rt::chain_inputs(g);
+  const int64_t batch = 21;
+  const auto images = random_images(rng, batch * 96 * 96);
+  rt::Executor reference(g, 1, rt::Executor::Kernels::Reference);
+  reference.keep_all_outputs();  // every op's output of the whole batch in its own buffer: no tiles to mix up
+  const std::vector<int8_t> want(reference.run(images, batch).begin(), reference.run(images, batch).end());
+  CHECK(std::count(want.begin(), want.end(), want[0]) < static_cast<int64_t>(want.size()));
+  for (const auto kernels : {rt::Executor::Kernels::Fastest, rt::Executor::Kernels::Reference}) {
+    for (const int threads : {1, 2, 3}) {
+      CAPTURE(threads);
+      CAPTURE(kernels == rt::Executor::Kernels::Fastest);
+      rt::Executor planned(g, threads, kernels);
+      REQUIRE(planned.tile_images() * 3 <= batch / 2);  // at least three tiles per slice
+      CHECK(count_mismatches(planned.run(images, batch), want) == 0);
+      CHECK(count_mismatches(planned.run(std::span(images).first(7 * 96 * 96), 7),
+                             std::span(want).first(7 * 10)) == 0);  // a smaller batch in the same arenas
+    }
+  }
+}
+
 TEST_CASE("Executor refuses images of the wrong size") {
   const TinyGraph t = tiny_graph(8, 3);
   rt::Executor executor(t.graph);

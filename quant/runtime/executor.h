@@ -26,11 +26,13 @@ class Executor {
   // valid until the next call. Buffers are planned on the first call and grow only with the batch:
   // later calls with a batch no larger allocate nothing.
   //
-  // Activations live in one arena laid out by plan_graph_arena (memory_plan.h, the exporter's planner): an
+  // Activations live in arenas laid out by plan_graph_arena (memory_plan.h, the exporter's planner): an
   // op's output shares bytes with outputs that are dead by the time it is written; a Flatten shares its input's
   // bytes; an Add or Clamp writes over an input that dies with it. Each slice of the batch (one per thread)
-  // has its own region of slice images · arena_bytes_per_image() bytes, in which op i's codes start at
-  // offsets[i] · slice images.
+  // runs its images a tile at a time: a tile of B images goes through every op before the next starts, in the
+  // slice's arena of B · arena_bytes_per_image() bytes, op i's codes at offsets[i] · B. A tile is as many
+  // images as fit in tile_images(): their activations stay in the core's L2 cache from op to op, where a
+  // whole batch of 256 would stream through memory at every op.
   std::span<const int8_t> run(std::span<const uint8_t> images, int64_t batch);
 
   // Keep every op's output of the last run for op_output (inspection, tests): each op gets a buffer of its own
@@ -40,6 +42,8 @@ class Executor {
   const ArenaPlan& memory_plan() const { return plan_; }
   // The peak activation memory the planned run needs per image: the arena of one image, in bytes.
   int64_t arena_bytes_per_image() const { return plan_.arena_bytes; }
+  // The images of one tile: as many as kTileBytes of arena hold, at least 1.
+  int64_t tile_images() const;
 
   int64_t num_classes() const;
   // The (N, C, H, W) codes that ops[op_index] produced in the last run, and its per-image shape. Needs
@@ -65,14 +69,15 @@ class Executor {
     std::vector<int32_t> acc;        // int32 accumulators of one chunk, (ROWS, OUT)
     std::vector<int32_t> workspace;  // packed x of one chunk for qgemm_packed (Linear)
     std::vector<int16_t> planes;     // padded channels-last images of one chunk for qconv2d_rows
+    std::vector<int8_t> arena;       // the activations of one tile (unless keep_all_outputs)
   };
   int threads_for(int64_t work, int max_threads) const;  // threads worth starting for this much work
   int slices(int64_t batch) const;                       // how many threads split the batch between them
   void plan(int64_t batch);
   void run_images(const uint8_t* pixels, int64_t first, int64_t batch, Scratch& sc, int max_threads);
-  // Where op j's codes of images [first, first + batch) live: its own buffer (keep_all_outputs) or the slice's
-  // region of the arena. batch is the slice's.
-  int8_t* codes_at(size_t j, int64_t first, int64_t batch);
+  // Where op j's codes of images [first, first + batch) live: its own buffer (keep_all_outputs) or the arena
+  // of the slice whose scratch is sc. batch is the tile's.
+  int8_t* codes_at(size_t j, int64_t first, int64_t batch, Scratch& sc);
   void run_weighted(size_t op_index, const int8_t* x, int8_t* y, int64_t batch, Scratch& sc, int max_threads);
 
   Graph graph_;
@@ -86,11 +91,10 @@ class Executor {
   std::vector<bool> pool_fused_;             // ops[i] is a Conv2d run together with the MaxPool2d ops[i + 1]
   int64_t capacity_ = 0;                     // the batch the buffers are sized for
   int64_t batch_ = 0;                        // the batch of the last run
-  bool keep_outputs_ = false;                // keep_all_outputs(): outputs_ instead of arena_
+  bool keep_outputs_ = false;                // keep_all_outputs(): outputs_ instead of the arenas
   ArenaPlan plan_;                           // plan_graph_arena of one image, with the fusions the kernels make
   // (N, shapes_[i]) codes of every op: (N, C, H, W) on the reference kernels, (N, H, W, C) on the fast ones
   std::vector<std::vector<int8_t>> outputs_;  // keep_all_outputs(): one buffer per op
-  std::vector<int8_t> arena_;                 // otherwise: N · arena_bytes_per_image() bytes
   std::vector<int8_t> logits_;                // the last op's codes of every slice, gathered by run()
   mutable std::vector<int8_t> view_;          // op_output's channels-first copy
   std::vector<Scratch> scratch_;              // one per thread
