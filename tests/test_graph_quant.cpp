@@ -341,6 +341,39 @@ TEST_CASE("Concat, GlobalAvgPool2d and Clamp: both layouts agree, within one LSB
   for (size_t k = 0; k < x.size(); ++k) CHECK(clamped[k] == std::clamp<int>(x[k], -100, 20));
 }
 
+TEST_CASE("GlobalAvgPool2d channels last (AVX2 channel sums) == channels first, any width, up to 600 positions") {
+  // The channels-last form runs on the fast paths only, which all have AVX2.
+  if (!rt::cpu_supports(rt::KernelPath::Avx2)) {
+    MESSAGE("skipped: this CPU lacks AVX2");
+    return;
+  }
+  Rng rng(17);
+  int64_t cases = 0;
+  for (const int64_t c : {1, 15, 16, 17, 130, 256, 300})
+    for (const int64_t positions : {1, 7, 49, 256, 257, 600})
+      for (const int fill : {0, -128, 127}) {  // random codes, or every code at one end (the int16 sums' bounds)
+        CAPTURE(c);
+        CAPTURE(positions);
+        CAPTURE(fill);
+        const int64_t n = 2;
+        auto x = random_codes(rng, static_cast<size_t>(n * c * positions));
+        if (fill != 0) std::fill(x.begin(), x.end(), static_cast<int8_t>(fill));
+        const auto z = static_cast<int32_t>(rng.below(256)) - 128;
+        std::vector<int8_t> want(static_cast<size_t>(n * c)), got(want.size());
+        rt::global_avgpool(x, z, want, n, c, positions, false);
+        std::vector<int8_t> x_last(x.size());
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t ch = 0; ch < c; ++ch)
+            for (int64_t p = 0; p < positions; ++p)
+              x_last[static_cast<size_t>((i * positions + p) * c + ch)] =
+                  x[static_cast<size_t>((i * c + ch) * positions + p)];
+        rt::global_avgpool(x_last, z, got, n, c, positions, true, 2);
+        CHECK(got == want);
+        ++cases;
+      }
+  CHECK(cases == 7 * 6 * 3);
+}
+
 // ---- random architectures ------------------------------------------------------------------------------
 
 namespace {

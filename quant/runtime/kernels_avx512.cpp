@@ -963,16 +963,16 @@ void depthwise_requantize_avx512(const int8_t* x, int32_t x_zero_point, const in
   parallel_for(threads, threads, [&](int64_t t) {  // contiguous rows per thread, every channel block on each
     const int64_t row0 = rows * t / threads, row1 = rows * (t + 1) / threads;
     const auto column_count = static_cast<size_t>(depthwise_row_groups(s.kernel) * depthwise_columns(s));
-    std::vector<DepthwiseColumn> columns(column_count);
     int64_t c0 = 0;
     if (s.channels >= 64) {
-      std::vector<DepthwiseColumn64> columns64(column_count);
+      DepthwiseColumn64* columns64 = thread_buffer<DepthwiseColumn64>(column_count);
       for (; c0 + 64 <= s.channels; c0 += 64)
-        depthwise_block64(x, x_zero_point, w, b, rq, y, s, c0, row0, row1, columns64.data());
+        depthwise_block64(x, x_zero_point, w, b, rq, y, s, c0, row0, row1, columns64);
     }
+    DepthwiseColumn* columns = thread_buffer<DepthwiseColumn>(column_count);
     for (; c0 < s.channels; c0 += 16) {
       const auto block = c0 + 16 <= s.channels ? depthwise_block<true> : depthwise_block<false>;
-      block(x, x_zero_point, w, b, rq, y, s, c0, row0, row1, columns.data());
+      block(x, x_zero_point, w, b, rq, y, s, c0, row0, row1, columns);
     }
   });
 }

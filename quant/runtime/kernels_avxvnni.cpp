@@ -250,10 +250,11 @@ void depthwise_requantize_avxvnni(const int8_t* x, int32_t x_zero_point, const i
   const int64_t rows = s.n * pooled_size(s.height, s.kernel, s.stride, s.padding);
   parallel_for(threads, threads, [&](int64_t t) {  // contiguous rows per thread, every channel block on each
     const int64_t row0 = rows * t / threads, row1 = rows * (t + 1) / threads;
-    std::vector<DepthwiseColumn8> columns(static_cast<size_t>(depthwise_row_groups(s.kernel) * depthwise_columns(s)));
+    DepthwiseColumn8* columns =
+        thread_buffer<DepthwiseColumn8>(static_cast<size_t>(depthwise_row_groups(s.kernel) * depthwise_columns(s)));
     for (int64_t c0 = 0; c0 < s.channels; c0 += 8) {
       const auto block = c0 + 8 <= s.channels ? depthwise_block8<true> : depthwise_block8<false>;
-      block(x, x_zero_point, w, b, rq, y, s, c0, row0, row1, columns.data());
+      block(x, x_zero_point, w, b, rq, y, s, c0, row0, row1, columns);
     }
   });
 }

@@ -3,7 +3,7 @@
 // executor's fast path, equal to it bit for bit. The depthwise conv runs in one pass, requantized: 16 channels
 // at a time on the AVX-512 paths (kernels_avx512.cpp, depthwise_block), 8 on AvxVnni (kernels_avxvnni.cpp,
 // depthwise_block8), with AVX2 on the Avx2 path and for K > 7 (kernels_avx2.cpp, depthwise_requantize_avx2); the
-// Add 16 codes per step with AVX-512.
+// Add 16 codes per step with AVX-512; GlobalAvgPool2d sums its channels with AVX2 (channel_sums_avx2).
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -190,12 +190,9 @@ void global_avgpool(std::span<const int8_t> x, int32_t zero_point, std::span<int
         std::clamp(zero_point + rounding_divide_half_away(sum - count * zero_point, count), -128, 127));
   };
   parallel_for(n, threads, [&](int64_t i) {
-    if (channels_last) {  // position by position: each adds one contiguous row of C codes to the C sums
-      std::vector<int32_t> sums(static_cast<size_t>(c), 0);
-      for (int64_t p = 0; p < positions; ++p) {
-        const int8_t* row = x.data() + (i * positions + p) * c;
-        for (int64_t ch = 0; ch < c; ++ch) sums[static_cast<size_t>(ch)] += row[ch];
-      }
+    if (channels_last) {  // the fast paths (all have AVX2): position by position, each row of C codes added at once
+      std::vector<int32_t> sums(static_cast<size_t>(c));
+      detail::channel_sums_avx2(x.data() + i * positions * c, positions, c, sums.data());
       for (int64_t ch = 0; ch < c; ++ch) y[i * c + ch] = average(sums[static_cast<size_t>(ch)]);
       return;
     }

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "core/parallel.h"
 #include "quant/runtime/kernels.h"
@@ -13,6 +14,15 @@ namespace lowbit::quant::runtime::detail {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// The calling thread's buffer of at least n T's (contents unspecified): it grows and is never freed, so a kernel
+// that runs once per image and op allocates once per thread, not once per call.
+template <typename T>
+T* thread_buffer(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
 
 // The paths that run AVX-512 kernels (Amx runs everything but its tile GEMMs on the Vnni512 ones). The others,
 // AvxVnni included, must never reach a function of kernels_avx512.cpp: their CPUs may lack AVX-512.
@@ -94,6 +104,10 @@ void depthwise_requantize_avx2(const int8_t* x, int32_t x_zero_point, const int8
 // y[k] = the Add of a[k] and b[k] (eq. 10, requantize_add) for k < count, 4 at a time: qadd's inner loop.
 void add_requantize_avx2(const int8_t* a, const int8_t* b, int8_t* y, int64_t count, const Rescale& r,
                          const Requant& rq);
+
+// sums[ch] = Σ_p x[p·c + ch] for ch < c: the channel sums of one channels-last image of `positions` positions
+// (global_avgpool's inner loop).
+void channel_sums_avx2(const int8_t* x, int64_t positions, int64_t c, int32_t* sums);
 
 // ---- kernels_avxvnni.cpp ----
 
