@@ -73,6 +73,22 @@ void widen_row(const int8_t* src, T* dst, int64_t count) {
   for (; j < count; ++j) dst[j] = widen<T>(src[j]);
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,bmi2")
+
+// widen_row<uint8_t> 64 codes at a time, the tail masked (twice as fast as 16 at a time on 25 KB planes).
+void flip_row_avx512(const int8_t* src, uint8_t* dst, int64_t count) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t j = 0;
+  for (; j + 64 <= count; j += 64) _mm512_storeu_si512(dst + j, _mm512_xor_si512(_mm512_loadu_si512(src + j), flip));
+  if (j < count) {
+    const __mmask64 mask = detail::low_bits(count - j);
+    _mm512_mask_storeu_epi8(dst + j, mask, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, src + j), flip));
+  }
+}
+
+#pragma GCC pop_options
+
 }  // namespace
 
 namespace detail {
@@ -82,7 +98,15 @@ namespace detail {
 // here (another instruction set), every store of a byte could overwrite the captured sizes, and the loops reloaded
 // them per byte instead of becoming vector stores.
 template <typename T>
-void build_plane(const int8_t* x, T pad, T* plane, int64_t c, int64_t height, int64_t width, int64_t padding) {
+void build_plane(const int8_t* x, T pad, T* plane, int64_t c, int64_t height, int64_t width, int64_t padding,
+                 bool avx512) {
+  const auto copy = [avx512](const int8_t* src, T* dst, int64_t count) {  // dst[j] = widen<T>(src[j])
+    if constexpr (sizeof(T) == 1) {
+      if (avx512) return flip_row_avx512(src, dst, count);
+    }
+    widen_row(src, dst, count);
+  };
+  if (padding == 0) return copy(x, plane, height * width * c);  // the rows follow one another in both
   const int64_t hp = height + 2 * padding, line = (width + 2 * padding) * c, border = padding * c;
   for (int64_t r = 0; r < hp; ++r) {
     const int64_t ih = r - padding;
@@ -92,17 +116,18 @@ void build_plane(const int8_t* x, T pad, T* plane, int64_t c, int64_t height, in
       continue;
     }
     for (int64_t j = 0; j < border; ++j) dst[j] = dst[line - border + j] = pad;
-    widen_row(x + ih * width * c, dst + border, width * c);
+    copy(x + ih * width * c, dst + border, width * c);
   }
 }
 
 // x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) operands, the padding set to z_in.
 template <typename T>
 void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, int64_t c, int64_t height, int64_t width,
-                  int64_t padding, int threads) {
+                  int64_t padding, bool avx512, int threads) {
   const int64_t plane = (height + 2 * padding) * (width + 2 * padding) * c;
   parallel_for(n, threads, [&](int64_t i) {
-    build_plane(x + i * height * width * c, widen<T>(x_zero_point), planes + i * plane, c, height, width, padding);
+    build_plane(x + i * height * width * c, widen<T>(x_zero_point), planes + i * plane, c, height, width, padding,
+                avx512);
   });
 }
 
@@ -418,8 +443,8 @@ void conv_rows_pooled(const T* planes, const PackedConv& pc, int32_t z_eff, cons
 }
 
 // The two operand types (kernels_isa.h): int16 codes, and x + 128 as u8.
-template void build_planes(const int8_t*, int32_t, int16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
-template void build_planes(const int8_t*, int32_t, uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+template void build_planes(const int8_t*, int32_t, int16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int);
+template void build_planes(const int8_t*, int32_t, uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int);
 template void conv_rows(const int16_t*, const PackedConv&, int32_t, const int32_t*, const Requant*, int32_t*, int8_t*,
                         int64_t, int64_t);
 template void conv_rows(const uint8_t*, const PackedConv&, int32_t, const int32_t*, const Requant*, int32_t*, int8_t*,

@@ -194,10 +194,10 @@ void conv_planes(std::span<const int8_t> x, int32_t x_zero_point, const PackedCo
                  int64_t n, int threads) {
   if (int16_operands(pc)) {
     detail::build_planes<int16_t>(x.data(), x_zero_point, planes.data(), n, pc.channels, pc.height, pc.width,
-                                  pc.padding, threads);
+                                  pc.padding, false, threads);
   } else {
     detail::build_planes<uint8_t>(x.data(), x_zero_point, reinterpret_cast<uint8_t*>(planes.data()), n, pc.channels,
-                                  pc.height, pc.width, pc.padding, threads);
+                                  pc.height, pc.width, pc.padding, detail::uses_avx512(pc.weights.path), threads);
   }
 }
 

@@ -62,9 +62,10 @@ inline uint64_t low_bits(int64_t count) {
 
 // conv_planes for the operands T: int16_t (codes, for Avx2 with 8-bit weights) or uint8_t (x + 128).
 // x is (N, H, W, C) codes; planes is (N, H + 2·padding, W + 2·padding, C) operands, the padding set to z_in.
+// avx512: the path has AVX-512 (uses_avx512), and u8 operands are made 64 at a time.
 template <typename T>
 void build_planes(const int8_t* x, int32_t x_zero_point, T* planes, int64_t n, int64_t c, int64_t height, int64_t width,
-                  int64_t padding, int threads);
+                  int64_t padding, bool avx512, int threads);
 
 // GEMM rows [first, first + rows) of the convolution of planes (operands T, from build_planes) on the Avx2, AvxVnni
 // or Vnni512 micro-kernels (pc's path; not its amx_tiles): acc (ROWS, OUT) int32 when rq is null, else y (ROWS,
