@@ -156,6 +156,10 @@ LOWBIT_AVX512_VNNI __attribute__((noipa)) void conv_kernel_panels(const uint8_t*
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_si512(init + v * 16);
   }
+  // Two units per iteration: the loop's own instructions (the offset, the pointers GCC keeps in xmm registers)
+  // then cost half as much per vpdpbusd. Measured: the pointwise convs of dsconv 3–4% faster, resnet8's 16 → 16
+  // conv 2%; a pooled conv of one input channel (3 units) 3% slower.
+#pragma GCC unroll 2
   for (int64_t t = 0; t < k_units; ++t, wp += 16) {
     const int64_t at = offsets[t];
     __m512i w[NV];
