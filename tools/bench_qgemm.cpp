@@ -287,13 +287,15 @@ void bench_convs() {
 }
 
 // Microseconds per image of the graph models' convolutions at batch 1 as the executor runs them, requantized
-// (eq. 6; a folded ReLU, the usual layer): the implicit GEMM with its epilogue (qconv2d_rows_requantized) and
-// the depthwise convs (qconv2d_depthwise_requantized, in one pass on every path). s8 weights,
-// one thread, best of 2000 calls; the padded images are built beforehand.
+// (eq. 6; a folded ReLU, the usual layer): the implicit GEMM with its epilogue (qconv2d_rows_requantized), the
+// convs fused with the 2 × 2 max pool after them (qconv2d_rows_pooled) and the depthwise convs
+// (qconv2d_depthwise_requantized, in one pass on every path). s8 weights, one thread, best of 2000 calls; the
+// padded images are built beforehand.
 void bench_requantized_convs() {
   struct Conv {
     const char* what;
     int64_t c, hw, out, k, stride, padding, groups;
+    bool pooled = false;
   };
   const std::vector<Conv> convs = {{"dsconv stem (1->32, 3x3, 28x28)", 1, 28, 32, 3, 1, 1, 1},
                                    {"dsconv b1 pw (32->64, 1x1, 28x28)", 32, 28, 64, 1, 1, 0, 1},
@@ -302,7 +304,9 @@ void bench_requantized_convs() {
                                    {"resnet8 b1 conv (16->16, 3x3, 28x28)", 16, 28, 16, 3, 1, 1, 1},
                                    {"dsconv b1 dw (32, 3x3, 28x28)", 32, 28, 32, 3, 1, 1, 32},
                                    {"dsconv b2 dw (64, 3x3 s2, 28x28)", 64, 28, 64, 3, 2, 1, 64},
-                                   {"dsconv b3 dw (128, 3x3, 14x14)", 128, 14, 128, 3, 1, 1, 128}};
+                                   {"dsconv b3 dw (128, 3x3, 14x14)", 128, 14, 128, 3, 1, 1, 128},
+                                   {"convbn c1+pool (1->32, 3x3, 28x28)", 1, 28, 32, 3, 1, 1, 1, true},
+                                   {"convbn c2+pool (32->64, 3x3, 14x14)", 32, 14, 64, 3, 1, 1, 1, true}};
   std::printf("%-36s %9s", "us per image, requantized (batch 1)", "");
   for (const rt::KernelPath path : fast_paths()) std::printf(" %10s", rt::kernel_path_name(path));
   std::printf("\n");
@@ -332,7 +336,12 @@ void bench_requantized_convs() {
         const rt::PackedConv pc = rt::pack_conv_weights(w, 8, v.c, v.hw, v.hw, v.out, v.k, v.stride, v.padding, path);
         std::vector<int16_t> planes(rt::conv_planes_size(1, pc));
         rt::conv_planes(x, 3, pc, planes, 1);
-        seconds = best_seconds(2000, [&] { rt::qconv2d_rows_requantized(planes, 3, pc, b, rq, y, 0, rows); });
+        if (v.pooled) {  // ho / 2 pairs of conv rows, each pooled into one row of outputs
+          std::vector<int32_t> scratch(rt::conv_pool_scratch_size(pc));
+          seconds = best_seconds(2000, [&] { rt::qconv2d_rows_pooled(planes, 3, pc, b, rq, scratch, y, 0, ho / 2); });
+        } else {
+          seconds = best_seconds(2000, [&] { rt::qconv2d_rows_requantized(planes, 3, pc, b, rq, y, 0, rows); });
+        }
       }
       std::printf(" %10.2f", seconds * 1e6);
     }
