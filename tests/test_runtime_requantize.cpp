@@ -92,6 +92,37 @@ TEST_CASE("rounding_divide_half_away matches the exact quotient") {
   }
 }
 
+TEST_CASE("HalfAwayDivider == rounding_divide_half_away for every count up to 4096 and up to 2^23 sampled") {
+  lowbit::Rng rng(23);
+  std::vector<int32_t> counts;
+  for (int32_t count = 1; count <= 4096; ++count) counts.push_back(count);
+  for (int k = 0; k < 2000; ++k) counts.push_back(1 + static_cast<int32_t>(rng.below(uint64_t{1} << 23)));
+  for (const int32_t count : {(1 << 23) - 1, 1 << 23, (1 << 22) + 1, 3 << 21}) counts.push_back(count);
+  int64_t mismatches = 0, checked = 0;
+  for (const int32_t count : counts) {
+    const rt::HalfAwayDivider divide(count);
+    // Sums near multiples of count and of count/2 (the ties), the int32 ends, and random ones.
+    std::vector<int64_t> sums = {INT32_MIN, INT32_MIN + 1, INT32_MAX, INT32_MAX - 1, 0, 1, -1};
+    for (const int64_t j : {1, 2, 3, 255, 1000}) {
+      for (int64_t d = -2; d <= 2; ++d) {
+        sums.push_back(j * count + d);
+        sums.push_back(-j * count + d);
+        sums.push_back(j * count + count / 2 + d);
+        sums.push_back(-(j * count + count / 2) + d);
+      }
+    }
+    for (int k = 0; k < 8; ++k) sums.push_back(static_cast<int32_t>(rng.next_u64()));
+    for (const int64_t wide : sums) {
+      if (wide < INT32_MIN || wide > INT32_MAX) continue;
+      const auto sum = static_cast<int32_t>(wide);
+      mismatches += divide(sum) != rt::rounding_divide_half_away(sum, count);
+      ++checked;
+    }
+  }
+  CHECK(mismatches == 0);
+  CHECK(checked > 6000 * 40);
+}
+
 TEST_CASE("requantize matches a long double reference on random sweeps and edges") {
   const std::vector<int32_t> accs = {INT32_MIN, INT32_MIN + 1, -1, 0, 1, INT32_MAX - 1, INT32_MAX};
   const std::vector<int32_t> multipliers = {rt::kMultiplierMin, rt::kMultiplierMin + 1, INT32_MAX - 1, INT32_MAX};

@@ -193,7 +193,10 @@ void global_avgpool(std::span<const int8_t> x, int32_t zero_point, std::span<int
     if (channels_last) {  // the fast paths (all have AVX2): position by position, each row of C codes added at once
       std::vector<int32_t> sums(static_cast<size_t>(c));
       detail::channel_sums_avx2(x.data() + i * positions * c, positions, c, sums.data());
-      for (int64_t ch = 0; ch < c; ++ch) y[i * c + ch] = average(sums[static_cast<size_t>(ch)]);
+      const HalfAwayDivider divide(count);
+      for (int64_t ch = 0; ch < c; ++ch)
+        y[i * c + ch] = static_cast<int8_t>(
+            std::clamp(zero_point + divide(sums[static_cast<size_t>(ch)] - count * zero_point), -128, 127));
       return;
     }
     for (int64_t ch = 0; ch < c; ++ch) {
