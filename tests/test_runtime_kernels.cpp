@@ -14,6 +14,7 @@
 #include "kernel_paths.h"
 #include "quant/runtime/int4.h"
 #include "quant/runtime/kernels.h"
+#include "quant/runtime/kernels_isa.h"
 #include "quant/runtime/requantize.h"
 #include "random_codes.h"
 
@@ -189,10 +190,10 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
       {2, 32, 7, 7, 48, 1, 2, 0},
       {3, 32, 2, 1, 5, 1, 1, 0},
       {1, 16, 3, 3, 17, 3, 1, 1},
-      {1, 2, 4, 50, 3, 3, 1, 1},    // two output rows of 50 are more than a block: no fused max pool
+      {1, 2, 4, 97, 3, 3, 1, 1},    // two output rows of 97 are more than a block: no fused max pool
       {2, 8, 5, 5, 96, 3, 1, 1},    // 4 + 2 panels
       {1, 3, 6, 6, 48, 3, 1, 1},    // 3 panels
-      {1, 3, 4, 48, 20, 3, 1, 1}};  // the widest rows a fused max pool takes
+      {1, 3, 4, 96, 20, 3, 1, 1}};  // the widest rows a fused max pool takes
   lowbit::Rng rng(5);
   int usual_cases = 0, constant_cases = 0;  // the usual forms' codes vary, but for a few small shapes
   for (const ConvShape& s : shapes) {
@@ -296,7 +297,7 @@ TEST_CASE("im2col then GEMM, and the channels-last implicit GEMM on every path, 
             }
           }
           // The max pool fused: pooled rows split in 1, 2 or 3 ranges, junk in the scratch and the output beforehand.
-          const bool fusable = pc.amx_tiles.empty() && 2 * wo <= 96 && ho >= 2;
+          const bool fusable = pc.amx_tiles.empty() && 2 * wo <= rt::detail::kConvRowBlock && ho >= 2;
           CHECK(rt::conv_pool_fusable(pc, 2, 2, 0) == fusable);
           CHECK(!rt::conv_pool_fusable(pc, 3, 2, 0));
           CHECK(!rt::conv_pool_fusable(pc, 2, 1, 0));
