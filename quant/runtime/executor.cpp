@@ -19,8 +19,8 @@ constexpr int64_t kChunkRows = 1024;  // GEMM rows (output positions) per chunk:
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 19;
 constexpr int64_t kMinImagesPerSlice = 8;  // smaller batches split each op over the threads instead
 // The arena bytes of one tile of images (Executor::run): a quarter of the Xeon's 2 MiB L2, leaving room for the
-// weights and a conv's planes and accumulators. Measured on dsconv, resnet8 and convbn at batch 256, tiles of
-// 256 KiB to 1 MiB ran at the same speed, 8–20% faster than the whole batch op by op (docs/benchmarks.md).
+// weights and a conv's planes and accumulators. Measured at batch 256, tiles of 256 KiB to 1 MiB ran at the same
+// speed: dsconv and convbn 8–20% faster than the whole batch op by op, resnet8 the same (docs/benchmarks.md).
 constexpr int64_t kTileBytes = int64_t{1} << 19;
 
 bool is_weighted(const Op& op) { return op.kind == OpKind::Conv2d || op.kind == OpKind::Linear; }
