@@ -584,8 +584,8 @@ __attribute__((target("avx2"))) void channel_sums_avx2(const int8_t* x, int64_t 
   constexpr int64_t kBlock = 128, kFlush = 256;
   std::fill(sums, sums + c, 0);
   int64_t c0 = 0;
-  for (; c0 + 16 <= c; c0 += kBlock) {
-    const int64_t vectors = std::min<int64_t>(kBlock, c - c0) / 16;  // whole vectors of 16 channels
+  for (int64_t vectors; (vectors = std::min<int64_t>(kBlock, c - c0) / 16) > 0; c0 += 16 * vectors) {
+    // channels [c0, c0 + 16·vectors): up to 8 whole vectors of 16
     for (int64_t p0 = 0; p0 < positions; p0 += kFlush) {
       __m256i acc[kBlock / 16];
       for (auto& a : acc) a = _mm256_setzero_si256();
@@ -605,10 +605,6 @@ __attribute__((target("avx2"))) void channel_sums_avx2(const int8_t* x, int64_t 
         store8(out, _mm256_add_epi32(load8(out), low));
         store8(out + 8, _mm256_add_epi32(load8(out + 8), high));
       }
-    }
-    if (vectors < kBlock / 16) {  // the channels after the last whole vector
-      c0 += 16 * vectors;
-      break;
     }
   }
   for (int64_t p = 0; p < positions; ++p)  // the last c % 16 channels

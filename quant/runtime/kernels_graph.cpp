@@ -185,24 +185,23 @@ void global_avgpool(std::span<const int8_t> x, int32_t zero_point, std::span<int
                     int64_t positions, bool channels_last, int threads) {
   const auto count = static_cast<int32_t>(positions);
   // Σ_p (q − z) fits int32: validate() allows at most 2^23 positions, and 2^23 · 255 < 2^31. It is Σ_p q − P·z.
-  const auto average = [&](int32_t sum) {
-    return static_cast<int8_t>(
-        std::clamp(zero_point + rounding_divide_half_away(sum - count * zero_point, count), -128, 127));
+  // divide(d) is d / P rounded half away from zero: rounding_divide_half_away (the reference), or HalfAwayDivider.
+  const auto average = [&](int32_t sum, const auto& divide) {
+    return static_cast<int8_t>(std::clamp(zero_point + divide(sum - count * zero_point), -128, 127));
   };
+  const HalfAwayDivider fast_divide(count);
+  const auto reference_divide = [count](int32_t d) { return rounding_divide_half_away(d, count); };
   parallel_for(n, threads, [&](int64_t i) {
     if (channels_last) {  // the fast paths (all have AVX2): position by position, each row of C codes added at once
       std::vector<int32_t> sums(static_cast<size_t>(c));
       detail::channel_sums_avx2(x.data() + i * positions * c, positions, c, sums.data());
-      const HalfAwayDivider divide(count);
-      for (int64_t ch = 0; ch < c; ++ch)
-        y[i * c + ch] = static_cast<int8_t>(
-            std::clamp(zero_point + divide(sums[static_cast<size_t>(ch)] - count * zero_point), -128, 127));
+      for (int64_t ch = 0; ch < c; ++ch) y[i * c + ch] = average(sums[static_cast<size_t>(ch)], fast_divide);
       return;
     }
     for (int64_t ch = 0; ch < c; ++ch) {
       int32_t sum = 0;
       for (int64_t p = 0; p < positions; ++p) sum += x[(i * c + ch) * positions + p];
-      y[i * c + ch] = average(sum);
+      y[i * c + ch] = average(sum, reference_divide);
     }
   });
 }
